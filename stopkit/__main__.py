@@ -1,0 +1,3 @@
+from stopkit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,311 @@
+"""The native ops of stopkit: the only Python that calls compiled code.
+
+Every function validates its tensors (device, dtype, shape, strides, index ranges) and raises
+``ValueError`` / ``TypeError`` naming the argument before any native code runs, then dispatches to
+``stopkit._C`` (CPU) or ``stopkit._C_cuda`` (CUDA, on the tensors' current stream). The pure-torch
+oracle of each op lives in :mod:`stopkit.reference`. Layouts: DESIGN.md section 3.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from types import ModuleType
+
+import torch
+
+from stopkit import _C
+
+__all__ = ["paged_attention", "write_kv", "copy_blocks", "stop_score", "cuda_available",
+           "check_block_table", "MAX_Q_LEN"]
+
+MAX_Q_LEN = 16
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_ACTIVATIONS = {None: 0, "none": 0, "gelu": 1, "relu": 2, "silu": 3, "tanh": 4}
+
+try:  # built only where nvcc was found
+    from stopkit import _C_cuda  # type: ignore[attr-defined]
+except ImportError:
+    _C_cuda = None
+
+_C.set_num_threads(max(1, torch.get_num_threads()))
+
+
+def cuda_available() -> bool:
+    """True when stopkit was built with its CUDA kernels and torch sees a GPU."""
+    return _C_cuda is not None and torch.cuda.is_available()
+
+
+def _backend(device: torch.device) -> tuple[ModuleType, dict]:
+    if device.type == "cpu":
+        return _C, {}
+    if device.type == "cuda":
+        if _C_cuda is None:
+            raise RuntimeError("stopkit was built without CUDA kernels (nvcc was not found at build "
+                               "time, or STOPKIT_CUDA=0); reinstall with STOPKIT_CUDA=1")
+        return _C_cuda, {"stream": torch.cuda.current_stream(device).cuda_stream}
+    raise ValueError(f"stopkit ops run on cpu or cuda tensors, got device {device}")
+
+
+def _addr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _tensor(name: str, t, *, ndim: int | None = None, dtype=None, device=None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtype is not None:
+        allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+        if t.dtype not in allowed:
+            names = " or ".join(str(d).replace("torch.", "") for d in allowed)
+            raise TypeError(f"{name} must be {names}, got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} like q, got {t.device}")
+    return t
+
+
+def _shape(name: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A dense row-major tensor with the same values (no copy when already dense)."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _dense_cache(name: str, t: torch.Tensor) -> torch.Tensor:
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (a cache is written and read in place; "
+                         f"got strides {t.stride()})")
+    return t
+
+
+def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                      num_blocks: int) -> None:
+    """Raise ValueError unless every block a row uses (``ceil(seq_lens[b] / block_size)`` entries of
+    ``block_table[b]``) lies in ``[0, num_blocks)``. One reduction; syncs once on CUDA."""
+    max_blocks = block_table.shape[1]
+    used = (seq_lens.to(torch.int64) + block_size - 1) // block_size  # [B]
+    cols = torch.arange(max_blocks, device=block_table.device)
+    in_use = cols[None, :] < used[:, None]
+    bad = in_use & ((block_table < 0) | (block_table >= num_blocks))
+    if bool(bad.any()):
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is in use by row {b} "
+                         f"(seq_lens[{b}] = {int(seq_lens[b])}) but must lie in [0, {num_blocks})")
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                    suffix_k: torch.Tensor | None = None, suffix_v: torch.Tensor | None = None,
+                    scale: float | None = None, sinks: torch.Tensor | None = None,
+                    window: int | None = None, return_lse: bool = False,
+                    check_indices: bool = True):
+    """Attention of a few queries per row against that row's paged KV cache (and a causal suffix).
+
+    q ``[B, S, H, D]`` (S in 1..16); k_cache, v_cache ``[num_blocks, block_size, Hkv, D]``;
+    block_table int32 ``[B, max_blocks]``; seq_lens int32 ``[B]``; suffix_k, suffix_v
+    ``[B, S, Hkv, D]``. Query s of row b attends to cached positions ``[0, seq_lens[b])`` and, with
+    a suffix, to suffix positions ``0..s``; without one every query sees all cached positions.
+    sinks: float32 ``[H]`` extra softmax logit per head (gpt-oss); window: attend only to the last
+    ``window`` positions (the query's own included). Returns out ``[B, S, H, D]`` (q's dtype) and,
+    with return_lse, float32 ``[B, S, H]``: the natural log of the softmax normaliser (sink
+    included); ``-inf`` for a query that sees no position and has no sink.
+    ``check_indices=False`` skips the block-table range check (the caller did it already, e.g. once
+    per decode step); the kernels still never read outside the cache.
+    """
+    q = _tensor("q", q, ndim=4, dtype=tuple(_DTYPE_CODES))
+    device, dtype = q.device, q.dtype
+    B, S, H, D = q.shape
+    k_cache = _tensor("k_cache", k_cache, ndim=4, dtype=dtype, device=device)
+    v_cache = _tensor("v_cache", v_cache, ndim=4, dtype=dtype, device=device)
+    num_blocks, block_size, Hkv, Dk = k_cache.shape
+    _shape("v_cache", v_cache, tuple(k_cache.shape))
+    if not 1 <= S <= MAX_Q_LEN:
+        raise ValueError(f"q_len (q.shape[1]) must be in 1..{MAX_Q_LEN}, got {S}")
+    if Dk != D:
+        raise ValueError(f"k_cache head_dim (shape[3]) must equal q's head_dim {D}, got {Dk}")
+    if D % 16 != 0 or not 32 <= D <= 256:
+        raise ValueError(f"head_dim must be a multiple of 16 in 32..256, got {D}")
+    if block_size < 8 or block_size > 256 or block_size & (block_size - 1):
+        raise ValueError(f"block_size (k_cache.shape[1]) must be a power of two in 8..256, got {block_size}")
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(f"num_heads (q.shape[2] = {H}) must be a multiple of num_kv_heads "
+                         f"(k_cache.shape[2] = {Hkv})")
+    block_table = _tensor("block_table", block_table, ndim=2, dtype=torch.int32, device=device)
+    seq_lens = _tensor("seq_lens", seq_lens, ndim=1, dtype=torch.int32, device=device)
+    if block_table.shape[0] != B:
+        raise ValueError(f"block_table must have one row per batch row ({B}), got {block_table.shape[0]}")
+    _shape("seq_lens", seq_lens, (B,))
+    if (suffix_k is None) != (suffix_v is None):
+        raise ValueError("suffix_k and suffix_v must be given together")
+    if suffix_k is not None:
+        suffix_k = _dense(_tensor("suffix_k", suffix_k, ndim=4, dtype=dtype, device=device))
+        suffix_v = _dense(_tensor("suffix_v", suffix_v, ndim=4, dtype=dtype, device=device))
+        _shape("suffix_k", suffix_k, (B, S, Hkv, D))
+        _shape("suffix_v", suffix_v, (B, S, Hkv, D))
+    if sinks is not None:
+        sinks = _dense(_tensor("sinks", sinks, ndim=1, dtype=torch.float32, device=device))
+        _shape("sinks", sinks, (H,))
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    max_blocks = block_table.shape[1]
+    if B > 0:
+        lo, hi = (int(x) for x in torch.aminmax(seq_lens))
+        if lo < 0:
+            raise ValueError(f"seq_lens must be >= 0, got a minimum of {lo}")
+        if hi > max_blocks * block_size:
+            raise ValueError(f"seq_lens must be <= max_blocks_per_row * block_size = "
+                             f"{max_blocks * block_size}, got {hi}")
+        if check_indices:
+            check_block_table(block_table, seq_lens, block_size, num_blocks)
+    k_cache = _dense_cache("k_cache", k_cache)
+    v_cache = _dense_cache("v_cache", v_cache)
+    q, block_table, seq_lens = _dense(q), _dense(block_table), _dense(seq_lens)
+
+    out = torch.empty_like(q)
+    lse = torch.empty((B, S, H), dtype=torch.float32, device=device) if return_lse else None
+    if B > 0:
+        backend, extra = _backend(device)
+        backend.paged_attention(
+            out=_addr(out), lse=_addr(lse), q=_addr(q), k_cache=_addr(k_cache),
+            v_cache=_addr(v_cache), block_table=_addr(block_table), seq_lens=_addr(seq_lens),
+            suffix_k=_addr(suffix_k), suffix_v=_addr(suffix_v), sinks=_addr(sinks), batch=B,
+            q_len=S, num_heads=H, num_kv_heads=Hkv, head_dim=D, block_size=block_size,
+            num_blocks=num_blocks, max_blocks_per_row=max_blocks, scale=float(scale),
+            window=int(window or 0), dtype=_DTYPE_CODES[dtype], **extra)
+    return (out, lse) if return_lse else out
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write k, v ``[T, Hkv, D]`` into the caches ``[num_blocks, block_size, Hkv, D]`` in place.
+
+    slot_mapping int64 ``[T]``: token t goes to slot ``slot_mapping[t]`` (block
+    ``slot // block_size``, offset ``slot % block_size``); -1 skips the token.
+    """
+    k_cache = _tensor("k_cache", k_cache, ndim=4, dtype=tuple(_DTYPE_CODES))
+    device, dtype = k_cache.device, k_cache.dtype
+    v_cache = _tensor("v_cache", v_cache, ndim=4, dtype=dtype, device=device)
+    _shape("v_cache", v_cache, tuple(k_cache.shape))
+    num_blocks, block_size, Hkv, D = k_cache.shape
+    k = _tensor("k", k, ndim=3, dtype=dtype, device=device)
+    T = k.shape[0]
+    v = _tensor("v", v, ndim=3, dtype=dtype, device=device)
+    _shape("k", k, (T, Hkv, D))
+    _shape("v", v, (T, Hkv, D))
+    slot_mapping = _tensor("slot_mapping", slot_mapping, ndim=1, dtype=torch.int64, device=device)
+    _shape("slot_mapping", slot_mapping, (T,))
+    if T == 0:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(slot_mapping))
+    if lo < -1 or hi >= num_blocks * block_size:
+        raise ValueError(f"slot_mapping entries must be -1 or in [0, {num_blocks * block_size}), "
+                         f"got values in [{lo}, {hi}]")
+    k_cache, v_cache = _dense_cache("k_cache", k_cache), _dense_cache("v_cache", v_cache)
+    k, v, slot_mapping = _dense(k), _dense(v), _dense(slot_mapping)
+    backend, extra = _backend(device)
+    backend.write_kv(k=_addr(k), v=_addr(v), k_cache=_addr(k_cache), v_cache=_addr(v_cache),
+                     slot_mapping=_addr(slot_mapping), num_tokens=T, num_kv_heads=Hkv,
+                     head_dim=D, block_size=block_size, num_blocks=num_blocks,
+                     dtype=_DTYPE_CODES[dtype], **extra)
+
+
+def copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *,
+                block_dim: int = -4) -> None:
+    """Copy block ``src[i]`` to block ``dst[i]`` in place, in every plane of ``cache``.
+
+    cache: ``[..., num_blocks, block_size, Hkv, D]`` (dense; e.g. PagedKVCache's
+    ``[layers, 2, num_blocks, ...]`` storage, so one call copies a block in every layer, K and V);
+    ``block_dim`` names the blocks dimension. src, dst: int64 ``[P]`` in ``[0, num_blocks)``; the
+    dst entries must be distinct and none may also be a src.
+    """
+    cache = _tensor("cache", cache)
+    device = cache.device
+    if cache.dim() < 2:
+        raise ValueError(f"cache must have a blocks dimension and per-block data, got shape {tuple(cache.shape)}")
+    block_dim = block_dim % cache.dim()
+    num_blocks = cache.shape[block_dim]
+    src = _tensor("src", src, ndim=1, dtype=torch.int64, device=device)
+    dst = _tensor("dst", dst, ndim=1, dtype=torch.int64, device=device)
+    _shape("dst", dst, tuple(src.shape))
+    cache = _dense_cache("cache", cache)
+    P = src.shape[0]
+    if P == 0:
+        return
+    both = torch.cat([src, dst])
+    lo, hi = (int(x) for x in torch.aminmax(both))
+    if lo < 0 or hi >= num_blocks:
+        raise ValueError(f"src and dst must lie in [0, {num_blocks}), got values in [{lo}, {hi}]")
+    if torch.unique(both).numel() != 2 * P:
+        raise ValueError("dst entries must be distinct and disjoint from src "
+                         "(a block cannot be both read and written)")
+    src, dst = _dense(src), _dense(dst)
+    num_planes = math.prod(cache.shape[:block_dim])
+    block_bytes = math.prod(cache.shape[block_dim + 1:]) * cache.element_size()
+    backend, extra = _backend(device)
+    backend.copy_blocks(cache=_addr(cache), src=_addr(src), dst=_addr(dst), num_pairs=P,
+                        num_planes=num_planes, num_blocks=num_blocks, block_bytes=block_bytes,
+                        **extra)
+
+
+def stop_score(hidden: torch.Tensor, head_weight: torch.Tensor,
+               head_bias: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None,
+               eps: float = 1e-6, hidden_weight: torch.Tensor | None = None,
+               hidden_bias: torch.Tensor | None = None, activation: str | None = "gelu") -> torch.Tensor:
+    """STOP score head in one native call: optional RMSNorm (``norm_weight`` ``[d]``) ->
+    optional hidden layer (``hidden_weight`` ``[h, d]``, ``hidden_bias`` ``[h]``) + activation
+    (gelu (erf), relu, silu, tanh) -> Linear (``head_weight`` ``[2, h or d]``, ``head_bias`` ``[2]``)
+    -> softmax. hidden ``[B, d]``. Returns float32 ``[B]``: the probability of class 1.
+    All weights share one dtype (float32, float16 or bfloat16); hidden may differ."""
+    hidden = _tensor("hidden", hidden, ndim=2, dtype=tuple(_DTYPE_CODES))
+    device = hidden.device
+    B, d = hidden.shape
+    head_weight = _tensor("head_weight", head_weight, ndim=2, dtype=tuple(_DTYPE_CODES), device=device)
+    wdtype = head_weight.dtype
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of gelu, relu, silu, tanh, none; got {activation!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    if (hidden_weight is None) != (hidden_bias is None) and hidden_bias is not None:
+        raise ValueError("hidden_bias needs hidden_weight")
+    h = 0
+    if norm_weight is not None:
+        norm_weight = _dense(_tensor("norm_weight", norm_weight, ndim=1, dtype=wdtype, device=device))
+        _shape("norm_weight", norm_weight, (d,))
+    if hidden_weight is not None:
+        hidden_weight = _dense(_tensor("hidden_weight", hidden_weight, ndim=2, dtype=wdtype, device=device))
+        h = hidden_weight.shape[0]
+        if h < 1:
+            raise ValueError("hidden_weight must have at least one output row")
+        _shape("hidden_weight", hidden_weight, (h, d))
+        if hidden_bias is not None:
+            hidden_bias = _dense(_tensor("hidden_bias", hidden_bias, ndim=1, dtype=wdtype, device=device))
+            _shape("hidden_bias", hidden_bias, (h,))
+    _shape("head_weight", head_weight, (2, h or d))
+    if head_bias is not None:
+        head_bias = _dense(_tensor("head_bias", head_bias, ndim=1, dtype=wdtype, device=device))
+        _shape("head_bias", head_bias, (2,))
+    hidden, head_weight = _dense(hidden), _dense(head_weight)
+    out = torch.empty(B, dtype=torch.float32, device=device)
+    if B == 0:
+        return out
+    backend, extra = _backend(device)
+    backend.stop_score(out=_addr(out), hidden=_addr(hidden), norm_weight=_addr(norm_weight),
+                       hidden_weight=_addr(hidden_weight), hidden_bias=_addr(hidden_bias),
+                       head_weight=_addr(head_weight), head_bias=_addr(head_bias), batch=B,
+                       dim=d, hidden_dim=h, eps=float(eps), activation=_ACTIVATIONS[activation],
+                       hidden_dtype=_DTYPE_CODES[hidden.dtype], weight_dtype=_DTYPE_CODES[wdtype],
+                       **extra)
+    return out
+
+
+if os.environ.get("STOPKIT_CPU_ISA"):  # force an instruction-set build (benchmarks, tests)
+    _C.set_isa(os.environ["STOPKIT_CPU_ISA"])

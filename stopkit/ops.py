@@ -61,8 +61,10 @@ def _tensor(name: str, t, *, ndim: int | None = None, dtype=None, device=None) -
         if t.dtype not in allowed:
             names = " or ".join(str(d).replace("torch.", "") for d in allowed)
             raise TypeError(f"{name} must be {names}, got {str(t.dtype).replace('torch.', '')}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be on a cpu or cuda device, got {t.device}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name} must be on {device} like q, got {t.device}")
+        raise ValueError(f"{name} must be on {device} like the other tensors, got {t.device}")
     return t
 
 
@@ -231,6 +233,9 @@ def copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *,
     device = cache.device
     if cache.dim() < 2:
         raise ValueError(f"cache must have a blocks dimension and per-block data, got shape {tuple(cache.shape)}")
+    if not (isinstance(block_dim, int) and -cache.dim() <= block_dim < cache.dim()):
+        raise ValueError(f"block_dim must be an int in [{-cache.dim()}, {cache.dim()}) for a cache of "
+                         f"shape {tuple(cache.shape)}, got {block_dim!r}")
     block_dim = block_dim % cache.dim()
     num_blocks = cache.shape[block_dim]
     src = _tensor("src", src, ndim=1, dtype=torch.int64, device=device)

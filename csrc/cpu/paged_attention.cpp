@@ -1,10 +1,14 @@
 // paged_attention on the CPU. Built once per instruction set (STOPKIT_ISA = generic | avx2 |
-// avx512, see CMakeLists.txt); the inner loops are plain C++ written for the auto-vectoriser.
+// avx512, see CMakeLists.txt) from the same source: the inner loops use native-width vector types
+// (csrc/include/stopkit/cpu/vec.h) that the compiler lowers for each build.
 //
 // Work item = (row, kv head, context split). An item reads each KV page once for all G query heads
-// of its group and all q_len queries (M = G * q_len rows), converts the page to float32 once, and
-// runs an online softmax over the pages. When rows x kv heads are fewer than the threads, the
-// context is split and the partial results are merged by their log-sum-exp.
+// of its group and all q_len queries: the M = G * q_len queries sit in the vector lanes (Q is kept
+// transposed, [D][M]), so a tile of keys costs broadcast-FMAs with no horizontal reductions:
+//   S[t][m]   = sum_d K[t][d] * Qt[d][m]              (keys of the tile, converted to float32)
+//   Ot[d][m] += sum_t V[t][d] * P[t][m]               (online softmax, one running max per lane)
+// When rows x kv heads are fewer than the threads, the context is split and the partial results
+// are merged by their log-sum-exp.
 #include <omp.h>
 
 #include <algorithm>
@@ -14,6 +18,7 @@
 
 #include "stopkit/cpu/convert.h"
 #include "stopkit/cpu/kernels.h"
+#include "stopkit/cpu/vec.h"
 
 #ifndef STOPKIT_ISA
 #error "STOPKIT_ISA must name the instruction-set build (generic, avx2, avx512)"
@@ -23,80 +28,200 @@ namespace stopkit::cpu::STOPKIT_ISA {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kMasked = -1e30f;  // running max of a lane that has seen nothing yet
+constexpr int kTile = 16;          // keys per tile (never crosses a page: block_size >= 8)
+constexpr int kMaxVecs = 4;        // queries per pass: up to kMaxVecs * kLanes
+// Vector registers: 32 zmm with AVX-512, else 16 (ymm, xmm; NEON has 32 but 16 is plenty).
+#if defined(__AVX512F__)
+constexpr int kVecRegs = 32;
+#else
+constexpr int kVecRegs = 16;
+#endif
 
-// Loads n rows of D elements, `stride` elements apart, as dense float32 [n][D].
+// How many keys (or dims) to block over so blocks x MV accumulators + MV operands stay in registers.
+constexpr int register_block(int mv) {
+  int fit = (kVecRegs - mv) / mv;
+  fit = fit < 1 ? 1 : (fit > 8 ? 8 : fit);
+  int pow2 = 1;
+  while (pow2 * 2 <= fit) pow2 *= 2;
+  return pow2;
+}
+
+// Converts n rows of D elements, `stride` elements apart, to dense float32 [n][D].
 template <DType DT, int kD>
-inline const float* rows_to_float(const typename Elem<DT>::T* src, int64_t stride, int64_t n,
-                                  int64_t D, float* buf) {
-  if constexpr (DT == DType::kFloat32) {
-    if (stride == D) return src;  // already dense float32: read in place
-  }
+inline void rows_to_float(const typename Elem<DT>::T* src, int64_t stride, int64_t n, int64_t D,
+                          float* dst) {
   const int64_t d = kD ? kD : D;
   for (int64_t t = 0; t < n; ++t) {
     const auto* s = src + t * stride;
-    float* o = buf + t * d;
+    float* o = dst + t * d;
 #pragma omp simd
     for (int64_t i = 0; i < d; ++i) o[i] = Elem<DT>::load(s[i]);
   }
-  return buf;
 }
 
-template <int kD>
-inline float dot(const float* a, const float* b, int64_t D) {
-  const int64_t d = kD ? kD : D;
-  float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < d; ++i) acc += a[i] * b[i];
-  return acc;
-}
-
-// Per-thread state of one work item.
-struct Tile {
-  std::vector<float> q, acc, k, v, s, m, l;
-  void resize(int64_t M, int64_t D, int64_t T) {
-    q.resize(M * D);
-    acc.resize(M * D);
-    k.resize(T * D);
-    v.resize(T * D);
-    s.resize(M * T);
-    m.resize(M);
-    l.resize(M);
-  }
+// State of one pass over the queries [m0, m0 + MV*kLanes) of a work item.
+template <int MV>
+struct Pass {
+  std::vector<vfloat> qt, ot;  // [D][MV]
+  vfloat m[MV], l[MV], lower[MV], qidx[MV];
+  vfloat s[kTile][MV];
 };
 
-// Online-softmax update of M accumulators with T keys/values (float32, dense [T][D]).
-// visible(mi, t) says whether query row mi sees key t.
-template <int kD, typename Visible>
-inline void attend(Tile& w, const float* k, const float* v, int64_t M, int64_t T, int64_t D,
-                   Visible&& visible) {
-  const int64_t d = kD ? kD : D;
-  for (int64_t mi = 0; mi < M; ++mi) {
-    const float* q = w.q.data() + mi * d;
-    float* s = w.s.data();
-    float tile_max = kNegInf;
-    for (int64_t t = 0; t < T; ++t) {
-      s[t] = visible(mi, t) ? dot<kD>(q, k + t * d, d) : kNegInf;
-      tile_max = std::max(tile_max, s[t]);
+// One tile of n keys at positions pos0 .. pos0+n-1. suffix: the tile holds suffix tokens, query
+// lane with suffix index s sees tile key t only when t <= s. masked: a window or suffix applies.
+template <int MV, int kD>
+inline void attend_tile(Pass<MV>& w, const float* k, const float* v, int64_t n, int64_t D,
+                        float pos0, bool masked, bool suffix) {
+  const int64_t d_len = kD ? kD : D;
+  constexpr int TB = register_block(MV);
+  // S = K Qt, TB keys at a time so each Qt load feeds TB FMAs.
+  int64_t t = 0;
+  for (; t + TB <= n; t += TB) {
+    vfloat acc[TB][MV];
+    for (int b = 0; b < TB; ++b)
+      for (int j = 0; j < MV; ++j) acc[b][j] = vfloat{};
+    for (int64_t d = 0; d < d_len; ++d) {
+      vfloat q[MV];
+      for (int j = 0; j < MV; ++j) q[j] = w.qt[d * MV + j];
+      for (int b = 0; b < TB; ++b) {
+        const float kb = k[(t + b) * d_len + d];
+        for (int j = 0; j < MV; ++j) acc[b][j] += kb * q[j];
+      }
     }
-    if (tile_max == kNegInf) continue;  // nothing visible to this query in the tile
-    const float m_new = std::max(w.m[mi], tile_max);
-    const float correction = std::exp(w.m[mi] - m_new);  // exp(-inf) = 0 on the first tile
-    float* acc = w.acc.data() + mi * d;
-    if (correction != 1.0f) {
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) acc[i] *= correction;
+    for (int b = 0; b < TB; ++b)
+      for (int j = 0; j < MV; ++j) w.s[t + b][j] = acc[b][j];
+  }
+  for (; t < n; ++t) {
+    vfloat acc[MV];
+    for (int j = 0; j < MV; ++j) acc[j] = vfloat{};
+    for (int64_t d = 0; d < d_len; ++d) {
+      const float kb = k[t * d_len + d];
+      for (int j = 0; j < MV; ++j) acc[j] += kb * w.qt[d * MV + j];
     }
-    float l = w.l[mi] * correction;
-    for (int64_t t = 0; t < T; ++t) {
-      if (s[t] == kNegInf) continue;
-      const float p = std::exp(s[t] - m_new);
-      l += p;
-      const float* vt = v + t * d;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) acc[i] += p * vt[i];
+    for (int j = 0; j < MV; ++j) w.s[t][j] = acc[j];
+  }
+
+  // Masks, the tile's max per lane, new running max.
+  vfloat m_new[MV], corr[MV];
+  bool changed = false;
+  for (int j = 0; j < MV; ++j) {
+    vfloat tmax = vbroadcast(kMasked);
+    for (int64_t tt = 0; tt < n; ++tt) {
+      if (masked) {
+        const float pos = pos0 + static_cast<float>(tt);
+        auto ok = pos >= w.lower[j];
+        if (suffix) ok = ok & (static_cast<float>(tt) <= w.qidx[j]);
+        w.s[tt][j] = ok ? w.s[tt][j] : vbroadcast(kNegInf);
+      }
+      tmax = vmax(tmax, w.s[tt][j]);
     }
-    w.m[mi] = m_new;
-    w.l[mi] = l;
+    m_new[j] = vmax(w.m[j], tmax);
+    corr[j] = vexp(w.m[j] - m_new[j]);
+    changed |= vreduce_max(m_new[j] - w.m[j]) > 0.0f;
+  }
+  // P = exp(S - m_new) (0 where masked), l = l * corr + sum P.
+  for (int j = 0; j < MV; ++j) {
+    vfloat lsum = w.l[j] * corr[j];
+    for (int64_t tt = 0; tt < n; ++tt) {
+      const vfloat sv = w.s[tt][j];
+      const vfloat p = sv > kMasked ? vexp(sv - m_new[j]) : vfloat{};
+      w.s[tt][j] = p;
+      lsum += p;
+    }
+    w.l[j] = lsum;
+    w.m[j] = m_new[j];
+  }
+  // Ot = Ot * corr + V^T P, DB dims at a time (DB * MV register accumulators).
+  constexpr int DB = register_block(MV);  // divides D: D is a multiple of 16
+  for (int64_t d = 0; d < d_len; d += DB) {
+    vfloat acc[DB][MV];
+    for (int b = 0; b < DB; ++b)
+      for (int j = 0; j < MV; ++j)
+        acc[b][j] = changed ? w.ot[(d + b) * MV + j] * corr[j] : w.ot[(d + b) * MV + j];
+    for (int64_t tt = 0; tt < n; ++tt) {
+      vfloat p[MV];
+      for (int j = 0; j < MV; ++j) p[j] = w.s[tt][j];
+      const float* vt = v + tt * d_len + d;
+      for (int b = 0; b < DB; ++b) {
+        const float vb = vt[b];
+        for (int j = 0; j < MV; ++j) acc[b][j] += vb * p[j];
+      }
+    }
+    for (int b = 0; b < DB; ++b)
+      for (int j = 0; j < MV; ++j) w.ot[(d + b) * MV + j] = acc[b][j];
+  }
+}
+
+struct Item {
+  int64_t b, kh, blk_lo, blk_hi;
+  bool last;
+};
+
+// Runs queries [m0, m0 + MV*kLanes) of one work item; writes unnormalised acc [M][D] rows, m and l.
+template <DType DT, int kD, int MV>
+void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, Pass<MV>& w,
+              std::vector<float>& kbuf, std::vector<float>& vbuf, float* acc_out, float* m_out,
+              float* l_out) {
+  using T = typename Elem<DT>::T;
+  const int64_t S = p.q_len, H = p.num_heads, Hkv = p.num_kv_heads, G = H / Hkv, M = G * S;
+  const int64_t D = kD ? kD : p.head_dim, bs = p.block_size;
+  const int64_t L = p.seq_lens[it.b];
+  const bool has_suffix = p.suffix_k != nullptr;
+  const int64_t tok_stride = Hkv * D;
+  const auto* q = static_cast<const T*>(p.q);
+
+  // Qt[d][lane] = scale * q of query m0 + lane (zero in padding lanes).
+  w.qt.assign(D * MV, vfloat{});
+  w.ot.assign(D * MV, vfloat{});
+  float lowest = std::numeric_limits<float>::max(), highest = kNegInf;  // window lower bounds
+  for (int j = 0; j < MV; ++j) {
+    w.m[j] = vbroadcast(kMasked);
+    w.l[j] = vfloat{};
+    w.lower[j] = vbroadcast(kNegInf);
+    w.qidx[j] = vfloat{};
+  }
+  for (int64_t lane = 0; lane < MV * kLanes && m0 + lane < M; ++lane) {
+    const int64_t mi = m0 + lane, g = mi / S, s = mi % S;
+    const T* src = q + ((it.b * S + s) * H + it.kh * G + g) * D;
+    float* qt = reinterpret_cast<float*>(w.qt.data());
+    for (int64_t d = 0; d < D; ++d) qt[(d * MV + lane / kLanes) * kLanes + lane % kLanes] = Elem<DT>::load(src[d]) * p.scale;
+    const float lo = p.window > 0 ? static_cast<float>(query_position(L, s, has_suffix) - p.window + 1) : kNegInf;
+    w.lower[lane / kLanes][lane % kLanes] = lo;
+    w.qidx[lane / kLanes][lane % kLanes] = static_cast<float>(s);
+    lowest = std::min(lowest, lo);
+    highest = std::max(highest, lo);
+  }
+  const bool windowed = p.window > 0;
+
+  for (int64_t j = it.blk_lo; j < it.blk_hi; ++j) {
+    const int64_t start = j * bs, n_blk = std::min(bs, L - start);
+    if (windowed && static_cast<float>(start + n_blk) <= lowest) continue;  // outside every window
+    const int64_t blk = p.block_table[it.b * p.max_blocks_per_row + j];
+    for (int64_t off = 0; off < n_blk; off += kTile) {
+      const int64_t n = std::min<int64_t>(kTile, n_blk - off);
+      const int64_t row0 = (blk * bs + off) * Hkv + it.kh;
+      rows_to_float<DT, kD>(static_cast<const T*>(p.k_cache) + row0 * D, tok_stride, n, D, kbuf.data());
+      rows_to_float<DT, kD>(static_cast<const T*>(p.v_cache) + row0 * D, tok_stride, n, D, vbuf.data());
+      const bool masked = windowed && static_cast<float>(start + off) < highest;
+      attend_tile<MV, kD>(w, kbuf.data(), vbuf.data(), n, D, static_cast<float>(start + off), masked, false);
+    }
+  }
+  if (has_suffix && it.last) {
+    const int64_t row0 = it.b * S * Hkv + it.kh;
+    rows_to_float<DT, kD>(static_cast<const T*>(p.suffix_k) + row0 * D, tok_stride, S, D, kbuf.data());
+    rows_to_float<DT, kD>(static_cast<const T*>(p.suffix_v) + row0 * D, tok_stride, S, D, vbuf.data());
+    attend_tile<MV, kD>(w, kbuf.data(), vbuf.data(), S, D, static_cast<float>(L), true, true);
+  }
+
+  const float* ot = reinterpret_cast<const float*>(w.ot.data());
+  for (int64_t lane = 0; lane < MV * kLanes && m0 + lane < M; ++lane) {
+    const int64_t mi = m0 + lane, j = lane / kLanes, e = lane % kLanes;
+    float* dst = acc_out + mi * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = ot[(d * MV + j) * kLanes + e];
+    const bool seen = w.l[j][e] > 0.0f;
+    m_out[mi] = seen ? w.m[j][e] : kNegInf;
+    l_out[mi] = seen ? w.l[j][e] : 0.0f;
   }
 }
 
@@ -105,14 +230,6 @@ void run(const PagedAttentionParams& p) {
   using T = typename Elem<DT>::T;
   const int64_t B = p.batch, S = p.q_len, H = p.num_heads, Hkv = p.num_kv_heads;
   const int64_t D = kD ? kD : p.head_dim, bs = p.block_size, G = H / Hkv, M = G * S;
-  const bool has_suffix = p.suffix_k != nullptr;
-  const auto* q = static_cast<const T*>(p.q);
-  const auto* kc = static_cast<const T*>(p.k_cache);
-  const auto* vc = static_cast<const T*>(p.v_cache);
-  const auto* sk = static_cast<const T*>(p.suffix_k);
-  const auto* sv = static_cast<const T*>(p.suffix_v);
-  auto* out = static_cast<T*>(p.out);
-  const int64_t tok_stride = Hkv * D;  // elements between consecutive tokens of one kv head
 
   // Indices are checked here too (ops.py checks first): never read outside the cache.
   int64_t max_used = 0;
@@ -135,119 +252,78 @@ void run(const PagedAttentionParams& p) {
   const int64_t pairs = B * Hkv;
   int64_t splits = 1;
   if (pairs < threads && max_used > 1) splits = std::min<int64_t>(max_used, (2 * threads + pairs - 1) / pairs);
-  // Partial results of split items: acc [items][M][D], m and l [items][M].
-  std::vector<float> part_acc, part_ml;
-  if (splits > 1) {
-    part_acc.resize(pairs * splits * M * D);
-    part_ml.resize(pairs * splits * M * 2);
-  }
+  // Unnormalised partial results of every item: acc [items][M][D], m and l [items][M].
+  const bool direct = splits == 1;
+  std::vector<float> part_acc(direct ? 0 : pairs * splits * M * D), part_m(direct ? 0 : pairs * splits * M),
+      part_l(direct ? 0 : pairs * splits * M);
 
-  // Output row of query mi (= g * S + s) of kv head kh in batch row b.
-  auto out_index = [&](int64_t b, int64_t kh, int64_t mi) {
-    const int64_t g = mi / S, s = mi % S;
-    return ((b * S + s) * H + kh * G + g);
-  };
+  auto* out = static_cast<T*>(p.out);
   auto finish = [&](int64_t b, int64_t kh, int64_t mi, const float* acc, float m, float l) {
-    const int64_t h = kh * G + mi / S;
+    const int64_t h = kh * G + mi / S, row = (b * S + mi % S) * H + h;
+    float rescale = 1.0f;
     if (p.sinks) {
       const float sink = p.sinks[h];
       const float m_all = std::max(m, sink);
-      l = l * std::exp(m - m_all) + std::exp(sink - m_all);
-      const float rescale = std::exp(m - m_all);
+      rescale = std::exp(m - m_all);
+      l = l * rescale + std::exp(sink - m_all);
       m = m_all;
-      const float inv = l > 0.0f ? rescale / l : 0.0f;
-      T* o = out + out_index(b, kh, mi) * D;
-      for (int64_t i = 0; i < D; ++i) o[i] = Elem<DT>::store(acc[i] * inv);
-    } else {
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-      T* o = out + out_index(b, kh, mi) * D;
-#pragma omp simd
-      for (int64_t i = 0; i < D; ++i) o[i] = Elem<DT>::store(acc[i] * inv);
     }
-    if (p.lse) p.lse[out_index(b, kh, mi)] = l > 0.0f ? m + std::log(l) : kNegInf;
+    const float inv = l > 0.0f ? rescale / l : 0.0f;
+    T* o = out + row * D;
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) o[i] = Elem<DT>::store(acc[i] * inv);
+    if (p.lse) p.lse[row] = l > 0.0f ? m + std::log(l) : kNegInf;
   };
 
 #pragma omp parallel
   {
-    Tile w;
-    w.resize(M, D, std::max(bs, S));
+    std::vector<float> kbuf(std::max<int64_t>(kTile, S) * D), vbuf(kbuf.size());
+    std::vector<float> acc(direct ? M * D : 0), ms(direct ? M : 0), ls(direct ? M : 0);
+    Pass<1> w1;
+    Pass<2> w2;
+    Pass<3> w3;
+    Pass<4> w4;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < pairs * splits; ++item) {
       const int64_t b = item / (Hkv * splits), kh = (item / splits) % Hkv, split = item % splits;
-      const int64_t L = p.seq_lens[b];
-      const int64_t nblk = (L + bs - 1) / bs;
-      const int64_t per = (nblk + splits - 1) / splits;
-      const int64_t blk_lo = std::min(nblk, split * per), blk_hi = std::min(nblk, blk_lo + per);
-      const bool last = split == splits - 1;
-
-      // Queries, pre-scaled, as float32 [M][D]; lowest visible position of each query.
-      int64_t lowest_needed = std::numeric_limits<int64_t>::max();
-      std::vector<int64_t> lower(M, 0);
-      for (int64_t mi = 0; mi < M; ++mi) {
-        const int64_t g = mi / S, s = mi % S;
-        const T* src = q + ((b * S + s) * H + kh * G + g) * D;
-        float* dst = w.q.data() + mi * D;
-        for (int64_t i = 0; i < D; ++i) dst[i] = Elem<DT>::load(src[i]) * p.scale;
-        if (p.window > 0) lower[mi] = query_position(L, s, has_suffix) - p.window + 1;
-        lowest_needed = std::min(lowest_needed, lower[mi]);
-        w.m[mi] = kNegInf;
-        w.l[mi] = 0.0f;
-      }
-      std::fill(w.acc.begin(), w.acc.end(), 0.0f);
-
-      for (int64_t j = blk_lo; j < blk_hi; ++j) {
-        const int64_t start = j * bs, n = std::min(bs, L - start);
-        if (start + n <= lowest_needed) continue;  // the whole page is outside every window
-        const int64_t blk = p.block_table[b * p.max_blocks_per_row + j];
-        const T* kp = kc + (blk * bs * Hkv + kh) * D;
-        const T* vp = vc + (blk * bs * Hkv + kh) * D;
-        const float* kf = rows_to_float<DT, kD>(kp, tok_stride, n, D, w.k.data());
-        const float* vf = rows_to_float<DT, kD>(vp, tok_stride, n, D, w.v.data());
-        attend<kD>(w, kf, vf, M, n, D, [&](int64_t mi, int64_t t) { return start + t >= lower[mi]; });
-      }
-      if (has_suffix && last) {
-        const T* kp = sk + (b * S * Hkv + kh) * D;
-        const T* vp = sv + (b * S * Hkv + kh) * D;
-        const float* kf = rows_to_float<DT, kD>(kp, tok_stride, S, D, w.k.data());
-        const float* vf = rows_to_float<DT, kD>(vp, tok_stride, S, D, w.v.data());
-        attend<kD>(w, kf, vf, M, S, D, [&](int64_t mi, int64_t t) {
-          return t <= mi % S && L + t >= lower[mi];
-        });
-      }
-
-      if (splits == 1) {
-        for (int64_t mi = 0; mi < M; ++mi) finish(b, kh, mi, w.acc.data() + mi * D, w.m[mi], w.l[mi]);
-      } else {
-        std::copy(w.acc.begin(), w.acc.begin() + M * D, part_acc.begin() + item * M * D);
-        for (int64_t mi = 0; mi < M; ++mi) {
-          part_ml[(item * M + mi) * 2] = w.m[mi];
-          part_ml[(item * M + mi) * 2 + 1] = w.l[mi];
+      const int64_t nblk = (p.seq_lens[b] + bs - 1) / bs, per = (nblk + splits - 1) / splits;
+      const int64_t lo = std::min(nblk, split * per);
+      const Item it{b, kh, lo, std::min(nblk, lo + per), split == splits - 1};
+      float* acc_out = direct ? acc.data() : part_acc.data() + item * M * D;
+      float* m_out = direct ? ms.data() : part_m.data() + item * M;
+      float* l_out = direct ? ls.data() : part_l.data() + item * M;
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxVecs * kLanes) {
+        const int64_t vecs = std::min<int64_t>(kMaxVecs, (M - m0 + kLanes - 1) / kLanes);
+        switch (vecs) {
+          case 1: run_pass<DT, kD, 1>(p, it, m0, w1, kbuf, vbuf, acc_out, m_out, l_out); break;
+          case 2: run_pass<DT, kD, 2>(p, it, m0, w2, kbuf, vbuf, acc_out, m_out, l_out); break;
+          case 3: run_pass<DT, kD, 3>(p, it, m0, w3, kbuf, vbuf, acc_out, m_out, l_out); break;
+          default: run_pass<DT, kD, 4>(p, it, m0, w4, kbuf, vbuf, acc_out, m_out, l_out); break;
         }
       }
+      if (direct)
+        for (int64_t mi = 0; mi < M; ++mi) finish(b, kh, mi, acc_out + mi * D, m_out[mi], l_out[mi]);
     }
 
-    if (splits > 1) {
-      std::vector<float> acc(D);
+    if (!direct) {
+      std::vector<float> merged(D);
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < pairs * M; ++r) {
         const int64_t pair = r / M, mi = r % M;
         float m = kNegInf;
-        for (int64_t sp = 0; sp < splits; ++sp) m = std::max(m, part_ml[((pair * splits + sp) * M + mi) * 2]);
-        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t sp = 0; sp < splits; ++sp) m = std::max(m, part_m[(pair * splits + sp) * M + mi]);
+        std::fill(merged.begin(), merged.end(), 0.0f);
         float l = 0.0f;
-        if (m != kNegInf) {
-          for (int64_t sp = 0; sp < splits; ++sp) {
-            const int64_t it = pair * splits + sp;
-            const float mi_s = part_ml[(it * M + mi) * 2];
-            if (mi_s == kNegInf) continue;
-            const float c = std::exp(mi_s - m);
-            l += part_ml[(it * M + mi) * 2 + 1] * c;
-            const float* pa = part_acc.data() + (it * M + mi) * D;
+        for (int64_t sp = 0; sp < splits && m != kNegInf; ++sp) {
+          const int64_t at = (pair * splits + sp) * M + mi;
+          if (part_m[at] == kNegInf) continue;
+          const float c = std::exp(part_m[at] - m);
+          l += part_l[at] * c;
+          const float* pa = part_acc.data() + at * D;
 #pragma omp simd
-            for (int64_t i = 0; i < D; ++i) acc[i] += c * pa[i];
-          }
+          for (int64_t i = 0; i < D; ++i) merged[i] += c * pa[i];
         }
-        finish(pair / Hkv, pair % Hkv, mi, acc.data(), m, l);
+        finish(pair / Hkv, pair % Hkv, mi, merged.data(), m, l);
       }
     }
   }
@@ -260,6 +336,8 @@ void paged_attention(const PagedAttentionParams& p) {
                 "paged_attention: num_heads must be a multiple of num_kv_heads");
   STOPKIT_CHECK(p.head_dim % 16 == 0 && p.head_dim >= 32 && p.head_dim <= 256,
                 "paged_attention: head_dim must be a multiple of 16 in 32..256");
+  STOPKIT_CHECK(p.block_size >= 8 && (p.block_size & (p.block_size - 1)) == 0,
+                "paged_attention: block_size must be a power of two >= 8");
   dispatch_dtype(p.dtype, [&](auto tag) {
     constexpr DType DT = decltype(tag)::value;
     switch (p.head_dim) {

@@ -1,10 +1,40 @@
-"""stopkit: early path pruning (STOP) for parallel LLM reasoning, on fused paged-KV kernels."""
+"""stopkit: early path pruning (STOP) for parallel LLM reasoning, on fused paged-KV kernels.
 
+``import stopkit`` loads only the native ops; the higher layers (which import transformers) load
+on first use of their names: ``stopkit.Engine``, ``stopkit.StopScorer``, ``stopkit.ParallelReasoner``...
+"""
+
+import importlib
 import logging
 
 from stopkit import ops, reference
+from stopkit.cache import CacheFullError, PagedKVCache
+# Imported eagerly: importing the submodule stopkit.prune later would otherwise rebind the package
+# attribute `prune` to the module, hiding the function.
+from stopkit.prune import PruneResult, prune
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "__version__"]
+
+_LAZY = {
+    "Engine": "stopkit.engine", "Session": "stopkit.engine",
+    "StopScorer": "stopkit.stop",
+    "ParallelReasoner": "stopkit.reasoner", "Solution": "stopkit.reasoner", "Path": "stopkit.reasoner",
+    "plan": "stopkit.planner", "Plan": "stopkit.planner",
+}
+__all__ = ["ops", "reference", "__version__", "PagedKVCache", "CacheFullError", "prune",
+           "PruneResult", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'stopkit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -227,7 +227,7 @@ def copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *,
     cache: ``[..., num_blocks, block_size, Hkv, D]`` (dense; e.g. PagedKVCache's
     ``[layers, 2, num_blocks, ...]`` storage, so one call copies a block in every layer, K and V);
     ``block_dim`` names the blocks dimension. src, dst: int64 ``[P]`` in ``[0, num_blocks)``; the
-    dst entries must be distinct and none may also be a src.
+    dst entries must be distinct and none may also be a src (a src may repeat).
     """
     cache = _tensor("cache", cache)
     device = cache.device
@@ -249,9 +249,9 @@ def copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *,
     lo, hi = (int(x) for x in torch.aminmax(both))
     if lo < 0 or hi >= num_blocks:
         raise ValueError(f"src and dst must lie in [0, {num_blocks}), got values in [{lo}, {hi}]")
-    if torch.unique(both).numel() != 2 * P:
+    if torch.unique(dst).numel() != P or bool(torch.isin(dst, src).any()):
         raise ValueError("dst entries must be distinct and disjoint from src "
-                         "(a block cannot be both read and written)")
+                         "(a block cannot be both read and written; a src may repeat)")
     src, dst = _dense(src), _dense(dst)
     num_planes = math.prod(cache.shape[:block_dim])
     block_bytes = math.prod(cache.shape[block_dim + 1:]) * cache.element_size()

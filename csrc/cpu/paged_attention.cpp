@@ -60,6 +60,17 @@ inline void rows_to_float(const typename Elem<DT>::T* src, int64_t stride, int64
   }
 }
 
+constexpr int64_t kPrefetchBlocks = 1;  // pages ahead to prefetch
+
+template <typename T>
+inline void prefetch_rows(const T* src, int64_t stride, int64_t n, int64_t D) {
+  const int64_t bytes = D * static_cast<int64_t>(sizeof(T));
+  for (int64_t t = 0; t < n; ++t) {
+    const char* row = reinterpret_cast<const char*>(src + t * stride);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 1);
+  }
+}
+
 // State of one pass over the queries [m0, m0 + MV*kLanes) of a work item.
 template <int MV>
 struct Pass {
@@ -198,6 +209,13 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, Pass<MV
     const int64_t start = j * bs, n_blk = std::min(bs, L - start);
     if (windowed && static_cast<float>(start + n_blk) <= lowest) continue;  // outside every window
     const int64_t blk = p.block_table[it.b * p.max_blocks_per_row + j];
+    if (j + kPrefetchBlocks < it.blk_hi) {
+      // Pages are scattered, so the hardware prefetcher cannot guess the next one: ask for it.
+      const int64_t next = p.block_table[it.b * p.max_blocks_per_row + j + kPrefetchBlocks];
+      const int64_t n_next = std::min(bs, L - (j + kPrefetchBlocks) * bs);
+      prefetch_rows(static_cast<const T*>(p.k_cache) + (next * bs * Hkv + it.kh) * D, tok_stride, n_next, D);
+      prefetch_rows(static_cast<const T*>(p.v_cache) + (next * bs * Hkv + it.kh) * D, tok_stride, n_next, D);
+    }
     for (int64_t off = 0; off < n_blk; off += kTile) {
       const int64_t n = std::min<int64_t>(kTile, n_blk - off);
       const int64_t row0 = (blk * bs + off) * Hkv + it.kh;

@@ -1,0 +1,333 @@
+"""Paged KV cache: one storage tensor of fixed-size blocks, a refcounted block allocator and the
+per-row block tables the attention kernels read (layouts: DESIGN.md section 3).
+
+A row is one live sequence. Forked rows share blocks (reference counts, no KV copied); the only
+shared block a row can write is a partially filled last block, and :meth:`PagedKVCache.extend`
+copies it first (copy-on-write). Allocator state lives on the CPU in numpy arrays (a decode step's
+bookkeeping is a few dozen small array ops); ``block_table`` and ``seq_lens`` are device tensors
+rebuilt only after they changed.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from stopkit import ops
+
+__all__ = ["PagedKVCache", "CacheFullError"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class CacheFullError(RuntimeError):
+    """Not enough free blocks for a reservation. Raised before any state changes."""
+
+
+def _index(name: str, value, *, low: int = 0) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _int_array(name: str, values) -> np.ndarray:
+    """A 1-D int64 array from a sequence of ints or a 1-D integer tensor."""
+    if isinstance(values, torch.Tensor):
+        if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got {values.dtype}")
+        if values.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(values.shape)}")
+        return values.detach().cpu().numpy().astype(np.int64)
+    if not isinstance(values, Iterable) or isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of ints or a 1-D integer tensor, "
+                        f"got {type(values).__name__}")
+    return np.array([_index(f"{name}[{i}]", v, low=-(1 << 62)) for i, v in enumerate(values)],
+                    dtype=np.int64)
+
+
+def _cdiv(x, d: int):
+    return -(-x // d)
+
+
+class PagedKVCache:
+    """K/V of every layer in ``num_blocks`` blocks of ``block_size`` tokens, shared by the rows.
+
+    storage ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``; ``k_cache(l)`` /
+    ``v_cache(l)`` are its ``[num_blocks, block_size, num_kv_heads, head_dim]`` views. Row b holds
+    ``seq_lens[b]`` tokens; token t lives in block ``block_table[b, t // block_size]``. A row always
+    owns exactly ``ceil(seq_lens[b] / block_size)`` blocks.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, num_blocks: int,
+                 block_size: int = 16, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> None:
+        shape = [_index(name, value, low=1) for name, value in (
+            ("num_layers", num_layers), ("num_blocks", num_blocks), ("block_size", block_size),
+            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim))]
+        if dtype not in _DTYPES:
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        shape.insert(1, 2)
+        # zeros, not empty: kernels may load a whole block even past a row's last token
+        self.storage = torch.zeros(shape, dtype=dtype, device=device)
+        self.device = self.storage.device
+        self._ref = np.zeros(num_blocks, dtype=np.int32)  # rows holding each block
+        # free-block stack, popped from the end (lowest ids first on a fresh cache)
+        self._free = np.arange(num_blocks - 1, -1, -1, dtype=np.int64)
+        self._num_free = num_blocks
+        self._table = np.zeros((0, 1), dtype=np.int32)  # [batch, column capacity]
+        self._lens = np.zeros(0, dtype=np.int64)        # [batch]
+        self._dev_table: torch.Tensor | None = None
+        self._dev_lens: torch.Tensor | None = None
+
+    @classmethod
+    def for_model(cls, config, *, num_blocks: int | None = None, memory_bytes: int | None = None,
+                  block_size: int = 16, dtype: torch.dtype | None = None,
+                  device: str | torch.device = "cpu") -> PagedKVCache:
+        """A cache shaped for a transformers config (its text config for multimodal wrappers):
+        num_hidden_layers, num_key_value_heads (default num_attention_heads), head_dim (default
+        hidden_size // num_attention_heads). Give exactly one of num_blocks and memory_bytes (the
+        storage budget; the cache takes as many whole blocks as fit). dtype defaults to the
+        config's dtype when it is float32/float16/bfloat16, else float32."""
+        if (num_blocks is None) == (memory_bytes is None):
+            raise ValueError("give exactly one of num_blocks and memory_bytes")
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        for attr in ("num_hidden_layers", "num_attention_heads"):
+            if not isinstance(getattr(config, attr, None), int):
+                raise ValueError(f"config must have an int {attr}, got {getattr(config, attr, None)!r}")
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if dtype is None:
+            dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+            if isinstance(dtype, str):
+                dtype = getattr(torch, dtype, None)
+            dtype = dtype if dtype in _DTYPES else torch.float32
+        elif dtype not in _DTYPES:
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        if memory_bytes is not None:
+            memory_bytes = _index("memory_bytes", memory_bytes, low=1)
+            per_block = (config.num_hidden_layers * 2 * _index("block_size", block_size, low=1)
+                         * kv_heads * head_dim * dtype.itemsize)
+            num_blocks = memory_bytes // per_block
+            if num_blocks < 1:
+                raise ValueError(f"memory_bytes = {memory_bytes} is less than one block "
+                                 f"({per_block} bytes for this config)")
+        return cls(config.num_hidden_layers, kv_heads, head_dim, num_blocks=num_blocks,
+                   block_size=block_size, dtype=dtype, device=device)
+
+    # ---- shape and state -------------------------------------------------------------------
+    num_layers = property(lambda self: self.storage.shape[0])
+    num_blocks = property(lambda self: self.storage.shape[2])
+    block_size = property(lambda self: self.storage.shape[3])
+    num_kv_heads = property(lambda self: self.storage.shape[4])
+    head_dim = property(lambda self: self.storage.shape[5])
+    dtype = property(lambda self: self.storage.dtype)
+
+    @property
+    def batch_size(self) -> int:
+        """Number of live rows."""
+        return self._lens.shape[0]
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no row holds."""
+        return self._num_free
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of KV storage."""
+        return self.storage.numel() * self.storage.element_size()
+
+    def k_cache(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s keys, a view ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+        return self.storage[self._layer(layer), 0]
+
+    def v_cache(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s values, a view ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+        return self.storage[self._layer(layer), 1]
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        """int32 ``[batch, max blocks any row uses (at least 1)]`` on the cache's device; entries
+        past a row's blocks are padding (0). Rebuilt only after rows or blocks changed; treat it as
+        read-only."""
+        if self._dev_table is None:
+            width = max(1, _cdiv(int(self._lens.max()), self.block_size)) if self.batch_size else 1
+            table = torch.from_numpy(self._table[:, :width])
+            self._dev_table = torch.empty(table.shape, dtype=torch.int32, device=self.device).copy_(table)
+        return self._dev_table
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        """int32 ``[batch]`` on the cache's device: tokens reserved in each row. Read-only."""
+        if self._dev_lens is None:
+            self._dev_lens = torch.empty(self.batch_size, dtype=torch.int32,
+                                         device=self.device).copy_(torch.from_numpy(self._lens))
+        return self._dev_lens
+
+    # ---- rows ------------------------------------------------------------------------------
+    def add(self, n: int = 1) -> list[int]:
+        """Append ``n`` empty rows; returns their indices."""
+        n = _index("n", n)
+        first = self.batch_size
+        self._set_rows(np.concatenate([self._table, np.zeros((n, self._table.shape[1]), np.int32)]),
+                       np.concatenate([self._lens, np.zeros(n, np.int64)]))
+        return list(range(first, first + n))
+
+    def fork(self, row: int, n: int = 1) -> list[int]:
+        """Append ``n`` rows sharing every block of ``row`` (same seq_len, no KV copied); returns
+        their indices."""
+        row = self._row(row)
+        n = _index("n", n)
+        first = self.batch_size
+        self._ref[self._table[row, :_cdiv(int(self._lens[row]), self.block_size)]] += n  # held once
+        self._set_rows(np.concatenate([self._table, np.repeat(self._table[row:row + 1], n, 0)]),
+                       np.concatenate([self._lens, np.repeat(self._lens[row:row + 1], n)]))
+        return list(range(first, first + n))
+
+    def free(self, rows) -> int:
+        """Drop ``rows`` (ints or a 1-D integer tensor), release blocks no row holds any more and
+        compact the surviving rows to 0..k-1 in their original order (metadata only). Returns the
+        number of blocks released."""
+        rows = self._rows(rows)
+        keep = np.ones(self.batch_size, dtype=bool)
+        keep[rows] = False
+        used = np.arange(self._table.shape[1]) < _cdiv(self._lens[rows], self.block_size)[:, None]
+        held = self._table[rows][used]
+        drops = np.bincount(held, minlength=self.num_blocks)
+        self._ref -= drops.astype(np.int32)
+        freed = np.flatnonzero((drops > 0) & (self._ref == 0))
+        self._free[self._num_free:self._num_free + freed.size] = freed
+        self._num_free += freed.size
+        self._set_rows(self._table[keep], self._lens[keep])
+        return int(freed.size)
+
+    def extend(self, num_tokens, *, rows=None) -> torch.Tensor:
+        """Reserve the next ``num_tokens`` positions of every row (or of ``rows``) and return their
+        slots, int64 ``[len(rows), T]`` on the cache's device, for :func:`stopkit.ops.write_kv`.
+
+        num_tokens: an int (T = num_tokens) or one count per row (T = the largest; a row's slots
+        past its count are -1, which write_kv skips). Allocates blocks as rows need them; a shared,
+        partially filled last block about to be written is copied first (one holder keeps it when
+        every holder is written). Raises CacheFullError, changing nothing, when the blocks do not
+        fit. Write the reserved slots before forking the row.
+        """
+        rows = np.arange(self.batch_size) if rows is None else self._rows(rows)
+        R = rows.size
+        if isinstance(num_tokens, Iterable) and not (isinstance(num_tokens, torch.Tensor)
+                                                     and num_tokens.dim() == 0):
+            counts = _int_array("num_tokens", num_tokens)
+            if counts.size != R:
+                raise ValueError(f"num_tokens must have one count per row ({R}), got {counts.size}")
+            if R and counts.min() < 0:
+                raise ValueError(f"num_tokens must be >= 0, got {int(counts.min())}")
+            T = int(counts.max()) if R else 0
+        else:
+            T = _index("num_tokens", num_tokens)
+            counts = np.full(R, T, dtype=np.int64)
+        bs = self.block_size
+        old = self._lens[rows]
+        old_blocks = _cdiv(old, bs)
+        grow = _cdiv(old + counts, bs) - old_blocks
+        cow_rows, cow_cols, cow_src = self._cow_plan(rows, counts, old, old_blocks)
+        num_new = int(grow.sum())
+        needed = num_new + len(cow_rows)
+        if needed > self._num_free:
+            raise CacheFullError(f"the KV cache needs {needed} blocks ({num_new} new, {len(cow_rows)} "
+                                 f"copy-on-write) but only {self._num_free} of {self.num_blocks} "
+                                 f"are free")
+        # nothing below can fail: state changes start here
+        fresh = self._free[self._num_free - needed:self._num_free][::-1].copy()
+        self._num_free -= needed
+        self._ref[fresh] = 1
+        if cow_rows:
+            dst = fresh[:len(cow_rows)]
+            self._copy_blocks(cow_src, dst)
+            self._ref -= np.bincount(cow_src, minlength=self.num_blocks).astype(np.int32)
+            self._table[cow_rows, cow_cols] = dst
+        if num_new:
+            width = int((old_blocks + grow).max())
+            if width > self._table.shape[1]:
+                extra = max(width, 2 * self._table.shape[1]) - self._table.shape[1]
+                self._table = np.pad(self._table, ((0, 0), (0, extra)))
+            offset = np.arange(num_new) - np.repeat(np.cumsum(grow) - grow, grow)
+            self._table[np.repeat(rows, grow), np.repeat(old_blocks, grow) + offset] = \
+                fresh[len(cow_rows):]
+        if needed:
+            self._dev_table = None
+        self._lens[rows] = old + counts
+        self._dev_lens = None
+
+        step = np.arange(T)
+        pos = old[:, None] + step
+        cols = np.minimum(pos // bs, self._table.shape[1] - 1)
+        slots = self._table[rows[:, None], cols].astype(np.int64) * bs + pos % bs
+        slots[step >= counts[:, None]] = -1
+        return torch.from_numpy(slots).to(self.device)
+
+    # ---- internals -------------------------------------------------------------------------
+    def _cow_plan(self, rows, counts, old, old_blocks) -> tuple[list[int], list[int], list[int]]:
+        """(rows, columns, source blocks) of the copies extend must make: rows about to write a
+        partially filled last block that other rows hold too. When every holder writes, the first
+        keeps the block and only the others copy."""
+        partial = (counts > 0) & (old % self.block_size != 0)
+        if not partial.any():
+            return [], [], []
+        rows, cols = rows[partial], old_blocks[partial] - 1
+        last = self._table[rows, cols]
+        refs = self._ref[last]
+        shared = refs > 1
+        if not shared.any():
+            return [], [], []
+        writers = Counter(last[shared].tolist())
+        kept_in_place: set[int] = set()
+        plan: tuple[list[int], list[int], list[int]] = ([], [], [])
+        for r, c, b, n in zip(*(a[shared].tolist() for a in (rows, cols, last, refs))):
+            if writers[b] == n and b not in kept_in_place:
+                kept_in_place.add(b)
+                continue
+            for out, x in zip(plan, (r, c, b)):
+                out.append(x)
+        return plan
+
+    def _copy_blocks(self, src: list[int], dst: np.ndarray) -> None:
+        """Copy block src[i] to dst[i] in every layer, K and V: one native call."""
+        ops.copy_blocks(self.storage, torch.tensor(src, dtype=torch.int64, device=self.device),
+                        torch.from_numpy(dst.astype(np.int64)).to(self.device))
+
+    def _set_rows(self, table: np.ndarray, lens: np.ndarray) -> None:
+        self._table, self._lens = table, lens
+        self._dev_table = self._dev_lens = None
+
+    def _layer(self, layer: int) -> int:
+        layer = _index("layer", layer)
+        if layer >= self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        return layer
+
+    def _row(self, row: int) -> int:
+        row = _index("row", row)
+        if row >= self.batch_size:
+            raise ValueError(f"row must be in [0, {self.batch_size}), got {row}")
+        return row
+
+    def _rows(self, rows) -> np.ndarray:
+        rows = _int_array("rows", rows)
+        if rows.size:
+            lo, hi = int(rows.min()), int(rows.max())
+            if lo < 0 or hi >= self.batch_size:
+                raise ValueError(f"rows must lie in [0, {self.batch_size}), got values in [{lo}, {hi}]")
+            if np.unique(rows).size != rows.size:
+                raise ValueError(f"rows must be distinct, got {rows.tolist()}")
+        return rows

@@ -1,0 +1,82 @@
+"""stopkit.prune: keep the best-scoring rows of a PagedKVCache, free the others, compact."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from stopkit.cache import PagedKVCache, _index
+
+__all__ = ["prune", "PruneResult"]
+
+
+class PruneResult(NamedTuple):
+    """kept, dropped: int64 CPU tensors of old row indices, ascending; freed_blocks: blocks
+    released. Kept row ``kept[i]`` is row i of the cache afterwards."""
+
+    kept: torch.Tensor
+    dropped: torch.Tensor
+    freed_blocks: int
+
+
+def _scores(scores, batch: int) -> torch.Tensor:
+    if isinstance(scores, torch.Tensor):
+        if scores.dtype.is_complex or scores.dtype == torch.bool:
+            raise TypeError(f"scores must be real numbers, got {scores.dtype}")
+        scores = scores.detach().to("cpu", torch.float64)
+    else:
+        try:
+            scores = torch.as_tensor(scores, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"scores must be a 1-D tensor or a list of numbers: {e}") from None
+    if scores.shape != (batch,):
+        raise ValueError(f"scores must have shape ({batch},), one per cache row, got {tuple(scores.shape)}")
+    return scores
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def prune(cache: PagedKVCache, scores, *, keep: int | None = None, ratio: float | None = None,
+          threshold: float | None = None, min_keep: int = 1) -> PruneResult:
+    """Keep the best rows of ``cache`` by ``scores`` (tensor or list ``[batch]``, higher is better,
+    any real dtype and device), free the others' blocks and compact the kept rows to 0..k-1 in
+    their original order (metadata only: no KV is copied).
+
+    Exactly one criterion: ``keep`` rows (all when keep > batch); ``ratio`` in (0, 1] keeps
+    ceil(ratio * batch) rows; ``threshold`` keeps rows scoring at least it. At least ``min_keep``
+    rows are kept (all when the batch is smaller), the best-ranked first. NaN ranks last; ties keep
+    the lower row index. Every argument is checked before the cache changes.
+    """
+    if not isinstance(cache, PagedKVCache):
+        raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
+    batch = cache.batch_size
+    scores = _scores(scores, batch)
+    if sum(x is not None for x in (keep, ratio, threshold)) != 1:
+        raise ValueError("give exactly one of keep, ratio and threshold")
+    min_keep = _index("min_keep", min_keep)
+    if keep is not None:
+        k = _index("keep", keep, low=1)
+    elif ratio is not None:
+        ratio = _real("ratio", ratio)
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        k = math.ceil(round(ratio * batch, 9))  # round: 0.1 * 30 is 3.0000000000000004
+    else:
+        threshold = _real("threshold", threshold)
+        if math.isnan(threshold):
+            raise ValueError("threshold must not be NaN")
+        k = int((scores >= threshold).sum())
+    k = min(batch, max(k, min_keep))
+
+    nan = scores.isnan()
+    order = torch.sort(scores.masked_fill(nan, -math.inf), descending=True, stable=True).indices
+    order = order[torch.sort(nan[order].to(torch.uint8), stable=True).indices]  # NaN last
+    kept, dropped = order[:k].sort().values, order[k:].sort().values
+    return PruneResult(kept, dropped, cache.free(dropped))

@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", default=None, help="pytest -k expression selecting benchmarks")
     p.add_argument("--json", default=None, help="write pytest-benchmark JSON here")
     p.set_defaults(func=_cmd_bench)
+
+    from stopkit import evaluate, train  # noqa: PLC0415 (heavy: transformers)
+    from stopkit.toy import demo
+
+    demo.add_cli(sub)      # demo
+    train.add_cli(sub)     # label, train
+    evaluate.add_cli(sub)  # eval, solve, plan
     return parser
 
 

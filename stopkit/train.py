@@ -1,0 +1,529 @@
+"""Monte-Carlo labelling and training of a StopScorer (``stopkit label``, ``stopkit train``).
+
+Labelling (DESIGN.md section 1): for each problem, sample ``traces`` reasoning traces and cut each
+at ``prefix_tokens`` generated tokens (traces that end earlier are skipped: at inference they go
+straight to the vote and are never scored); from each prefix sample ``rollouts`` continuations
+through the engine, with the prompt + prefix prefilled once and its cache blocks shared by all
+rollouts (forked rows); the label is the fraction of rollouts whose final answer is correct. One
+JSONL record per prefix, with the authors' field names::
+
+    {"id": problem id, "question": ..., "answer": ..., "trace": j,
+     "prefix_token_ids": prompt ids + the first prefix_tokens generated ids (what the [STOP]
+                         tokens follow), "prompt_len": len(prompt ids),
+     "soft_label": n_correct / n_rollouts, "n_correct": ..., "n_rollouts": ...}
+
+Records of a problem are written together after it is done, so a rerun on the same output file
+skips finished problem ids (a problem whose traces all ended inside the prefix leaves no record
+and is sampled again, with the same seed-derived streams).
+
+Training: soft-label cross-entropy (targets ``[1 - p, p]``) on the scorer's logits, AdamW (lr 1e-4,
+no schedule), mini-batches with gradient accumulation; the prefix pass runs without the adapter
+and without gradients (:meth:`stopkit.stop.StopScorer.forward`). After every epoch the validation
+MSE (score vs soft label), AUROC and accuracy (binary target ``label >= 0.5``, prediction
+``score >= 0.5``) are logged and the checkpoint with the best validation MSE is saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from stopkit.answers import Checker, check_answer, load_checker
+from stopkit.stop import StopScorer
+
+__all__ = ["auroc", "metrics", "load_labels", "split_by_problem", "evaluate_scorer", "train_scorer",
+           "encode_question", "label_problems", "add_cli"]
+
+log = logging.getLogger(__name__)
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+def auroc(scores, targets) -> float:
+    """Area under the ROC curve of ``scores`` ``[N]`` for boolean ``targets`` ``[N]`` (rank
+    statistic, ties count one half). NaN when only one class is present."""
+    s = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    y = torch.as_tensor(targets).reshape(-1).bool()
+    if s.shape != y.shape:
+        raise ValueError(f"scores and targets must have the same length, got {s.numel()} and {y.numel()}")
+    n_pos = int(y.sum())
+    n_neg = y.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = (ends - (counts.double() - 1) / 2)[inverse]  # 1-based, ties averaged
+    u = float(ranks[y].sum()) - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def metrics(scores, labels) -> dict[str, float]:
+    """{"mse", "auroc", "accuracy"} of scores ``[N]`` against soft labels ``[N]`` (binary target
+    ``label >= 0.5``; a prediction is positive when ``score >= 0.5``)."""
+    s = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    p = torch.as_tensor(labels, dtype=torch.float64).reshape(-1)
+    if s.shape != p.shape or s.numel() == 0:
+        raise ValueError(f"scores and labels must be non-empty and of one length, got {s.numel()} "
+                         f"and {p.numel()}")
+    y = p >= 0.5
+    return {"mse": float(((s - p) ** 2).mean()), "auroc": auroc(s, y),
+            "accuracy": float(((s >= 0.5) == y).double().mean())}
+
+
+# ---- label data ----------------------------------------------------------------------------------
+def _read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file at {path}")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON: {e}") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: each line must be a JSON object")
+            out.append((lineno, rec))
+    return out
+
+
+def _check_record(rec: dict, where: str) -> dict:
+    ids = rec.get("prefix_token_ids")
+    if (not isinstance(ids, list) or not ids
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
+        raise ValueError(f"{where}: prefix_token_ids must be a non-empty list of token ids >= 0")
+    p = rec.get("soft_label")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"{where}: soft_label must be a number in [0, 1], got {p!r}")
+    return {"id": rec.get("id", rec.get("problem_id")), "prefix_token_ids": ids,
+            "soft_label": float(p)}
+
+
+def load_labels(path: str | Path) -> list[dict]:
+    """Training records from a ``stopkit label`` JSONL (or any JSONL with ``prefix_token_ids`` and
+    ``soft_label`` in [0, 1]; ``id`` optional, default the line number). Returns dicts with
+    ``id``, ``prefix_token_ids``, ``soft_label``. Raises ValueError naming the line of a bad record."""
+    path = Path(path)
+    records = []
+    for lineno, rec in _read_jsonl(path, "label"):
+        rec = _check_record(rec, f"{path}:{lineno}")
+        if rec["id"] is None:
+            rec["id"] = lineno
+        records.append(rec)
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    return records
+
+
+def split_by_problem(records: list[dict], val_fraction: float, seed: int = 0
+                     ) -> tuple[list[dict], list[dict]]:
+    """(train, val): a seeded random ``val_fraction`` of the problem ids (at least one when the
+    fraction is > 0 and there are two ids or more) goes to validation, so no problem's prefixes are
+    on both sides."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    ids = sorted({str(r["id"]) for r in records})
+    random.Random(seed).shuffle(ids)
+    n_val = min(len(ids) - 1, math.ceil(val_fraction * len(ids))) if val_fraction > 0 else 0
+    val_ids = set(ids[:n_val])
+    return ([r for r in records if str(r["id"]) not in val_ids],
+            [r for r in records if str(r["id"]) in val_ids])
+
+
+def _check_fits(records: list[dict], vocab_size: int, name: str) -> None:
+    for i, r in enumerate(records):
+        _check_record(r, f"{name}[{i}]")
+        if max(r["prefix_token_ids"]) >= vocab_size:
+            raise ValueError(f"{name}[{i}]: prefix_token_ids must lie in [0, {vocab_size}) (the "
+                             f"model's vocabulary), got {max(r['prefix_token_ids'])}")
+
+
+# ---- training ------------------------------------------------------------------------------------
+def _batches(records: list[dict], batch_size: int) -> list[list[dict]]:
+    return [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+
+
+@torch.no_grad()
+def evaluate_scorer(scorer: StopScorer, records: list[dict], *, batch_size: int = 8,
+                    progress: bool = False) -> dict[str, float]:
+    """Validation metrics (:func:`metrics`) of ``scorer`` on label records, computed with the
+    training forward in eval mode (no dropout)."""
+    was_training = scorer.training
+    scorer.eval()
+    try:
+        scores = [torch.softmax(scorer([r["prefix_token_ids"] for r in batch]), dim=-1)[:, 1].cpu()
+                  for batch in tqdm(_batches(records, batch_size), desc="validate", leave=False,
+                                    disable=not progress)]
+    finally:
+        scorer.train(was_training)
+    return metrics(torch.cat(scores), [r["soft_label"] for r in records])
+
+
+def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
+                 out: str | Path | None = None, epochs: int = 3, batch_size: int = 8,
+                 grad_accum: int = 1, lr: float = 1e-4, weight_decay: float = 0.01,
+                 seed: int = 0, progress: bool = True) -> list[dict]:
+    """Train ``scorer`` (token, LoRA, head; the model stays frozen) on label records.
+
+    Each optimizer step sees ``batch_size * grad_accum`` records. Returns the history: one dict
+    per epoch (epoch 0 = before training) with ``train_loss`` (mean soft-label cross-entropy of
+    the epoch) and the validation ``mse``, ``auroc``, ``accuracy``. With ``out``, the epoch with the
+    best validation MSE is saved there (:meth:`StopScorer.save`) with ``metrics.json``; without
+    validation records, the last epoch is saved.
+    """
+    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
+                             ("grad_accum", grad_accum, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if not (isinstance(weight_decay, (int, float)) and 0 <= weight_decay < math.inf):
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    if not train:
+        raise ValueError("train must hold at least one record")
+    vocab = scorer.model.get_input_embeddings().weight.shape[0]
+    _check_fits(train, vocab, "train")
+    _check_fits(val, vocab, "val")
+    out = Path(out) if out is not None else None
+    model = scorer.model
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:  # no gradient buffers for the base model; restored below
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=weight_decay)
+    rng = random.Random(seed)
+    history = [{"epoch": 0, "train_loss": math.nan,
+                **(evaluate_scorer(scorer, val, batch_size=batch_size) if val else {})}]
+    log.info("epoch 0 (untrained): %s", _fmt(history[0]))
+    best = {"mse": math.inf}
+    try:
+        for epoch in range(1, epochs + 1):
+            order = list(train)
+            rng.shuffle(order)
+            batches = _batches(order, batch_size)
+            scorer.train()
+            total, seen = 0.0, 0
+            optimizer.zero_grad(set_to_none=True)
+            bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=not progress)
+            for i, batch in enumerate(bar):
+                logits = scorer([r["prefix_token_ids"] for r in batch])
+                p = torch.tensor([r["soft_label"] for r in batch], device=logits.device)
+                loss = F.cross_entropy(logits, torch.stack([1 - p, p], dim=1))
+                # weight by records so an uneven last group counts like the others
+                group = batches[i - i % grad_accum: i - i % grad_accum + grad_accum]
+                (loss * len(batch) / sum(len(b) for b in group)).backward()
+                if i % grad_accum == grad_accum - 1 or i == len(batches) - 1:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                total += loss.item() * len(batch)
+                seen += len(batch)
+                bar.set_postfix(loss=f"{total / seen:.4f}")
+            scorer.eval()
+            row = {"epoch": epoch, "train_loss": total / seen,
+                   **(evaluate_scorer(scorer, val, batch_size=batch_size) if val else {})}
+            history.append(row)
+            improved = not val or row["mse"] < best["mse"]
+            log.info("epoch %d: %s%s", epoch, _fmt(row), " (best)" if improved and val else "")
+            if improved:
+                best = row
+                if out is not None:
+                    scorer.save(out)
+            if out is not None:
+                (out / "metrics.json").write_text(json.dumps(
+                    {"best": best, "history": history}, indent=2) + "\n")
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        scorer.eval()
+    return history
+
+
+def _fmt(row: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch")
+
+
+# ---- labelling -----------------------------------------------------------------------------------
+def encode_question(tokenizer, question) -> list[int]:
+    """Prompt token ids of a question, exactly as the reasoner builds them: a list of ids is taken
+    as is; a str goes through the tokenizer's chat template (one user turn, generation prompt)
+    when it has one, else is encoded plainly."""
+    if isinstance(question, list):
+        if not question or not all(isinstance(t, int) and not isinstance(t, bool) for t in question):
+            raise ValueError("a question given as token ids must be a non-empty list of ints")
+        return list(question)
+    if not isinstance(question, str):
+        raise TypeError(f"question must be a str or a list of token ids, got {type(question).__name__}")
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                             tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(question)["input_ids"])
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32(":".join(str(p) for p in parts).encode())
+
+
+def _finished_ids(out: Path) -> set[str]:
+    """Problem ids already in ``out``; a truncated last line (an interrupted write) is cut off."""
+    if not out.is_file():
+        return set()
+    done, good = set(), 0
+    with out.open("rb") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s: dropping an incomplete last record (interrupted run)", out)
+                break
+            done.add(str(rec.get("id")))
+            good += len(line)
+    if good != out.stat().st_size:
+        with out.open("r+b") as f:
+            f.truncate(good)
+    return done
+
+
+def label_problems(model, tokenizer, problems: Sequence[dict], out: str | Path, *,
+                   prefix_tokens: int, rollouts: int = 32, traces: int = 1,
+                   max_new_tokens: int = 8192, temperature: float = 0.6, top_p: float = 0.95,
+                   top_k: int = 0, seed: int = 0, checker: Checker = check_answer,
+                   engine=None, progress: bool = True) -> dict[str, int]:
+    """Monte-Carlo labels of reasoning prefixes, appended to the JSONL ``out`` (module docstring).
+
+    problems: dicts with ``question`` (str or prompt ids), ``answer`` and optional ``id`` (default
+    the index). Traces are sampled for ``prefix_tokens`` new tokens; each surviving prefix gets
+    ``rollouts`` continuations of up to ``max_new_tokens - prefix_tokens`` tokens; ``checker(text,
+    answer)`` judges each (text = the decoded prefix + continuation, prompt excluded). Sampling
+    streams derive from ``(seed, problem id)``, so a resumed run reproduces a fresh one. Returns
+    counts: problems done / skipped (already in ``out``), records written, traces that ended
+    inside the prefix.
+    """
+    from stopkit.engine import Engine
+
+    for name, value, low in (("prefix_tokens", prefix_tokens, 1), ("rollouts", rollouts, 1),
+                             ("traces", traces, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if max_new_tokens <= prefix_tokens:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) must exceed prefix_tokens "
+                         f"({prefix_tokens}): rollouts continue after the prefix")
+    if not callable(checker):
+        raise TypeError("checker must be a callable (text, answer) -> bool")
+    items = []
+    for i, prob in enumerate(problems):
+        if not isinstance(prob, dict) or "question" not in prob or "answer" not in prob:
+            raise ValueError(f"problems[{i}] must be a dict with 'question' and 'answer'")
+        items.append((prob.get("id", i), prob, encode_question(tokenizer, prob["question"])))
+    ids = [str(pid) for pid, _, _ in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"problem ids must be unique (resuming skips by id), got duplicates "
+                         f"{sorted({x for x in ids if ids.count(x) > 1})[:5]}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = _finished_ids(out)
+    engine = engine if engine is not None else Engine(model)
+    # EOS as the reasoner ends paths: the model's own, else the tokenizer's
+    has_eos = (getattr(getattr(model, "generation_config", None), "eos_token_id", None) is not None
+               or getattr(model.config, "eos_token_id", None) is not None)
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
+                "eos_token_id": None if has_eos else getattr(tokenizer, "eos_token_id", None)}
+    stats = {"problems": 0, "skipped": 0, "records": 0, "ended_in_prefix": 0}
+    with out.open("a", encoding="utf-8") as f:
+        for pid, prob, prompt in tqdm(items, desc="label", unit="problem", disable=not progress):
+            if str(pid) in done:
+                stats["skipped"] += 1
+                continue
+            answer = str(prob["answer"])
+            with engine.start([prompt], n=traces, max_new_tokens=prefix_tokens,
+                              seed=_seed(seed, pid, "traces"), **sampling) as session:
+                while session.rows:
+                    session.step(prefix_tokens)
+                rows = session.all_rows
+            prefixes = [r.tokens for r in rows if r.finish_reason == "length"]
+            stats["ended_in_prefix"] += len(rows) - len(prefixes)
+            lines = []
+            if prefixes:
+                conts = engine.generate([prompt + p for p in prefixes], n=rollouts,
+                                        max_new_tokens=max_new_tokens - prefix_tokens,
+                                        seed=_seed(seed, pid, "rollouts"), **sampling)
+                for j, (prefix, samples) in enumerate(zip(prefixes, conts)):
+                    correct = sum(bool(checker(tokenizer.decode(prefix + c, skip_special_tokens=True),
+                                               answer)) for c in samples)
+                    lines.append(json.dumps({
+                        "id": pid, "question": prob["question"], "answer": prob["answer"],
+                        "trace": j, "prefix_token_ids": prompt + prefix, "prompt_len": len(prompt),
+                        "soft_label": correct / rollouts, "n_correct": correct,
+                        "n_rollouts": rollouts}))
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            stats["problems"] += 1
+            stats["records"] += len(lines)
+    log.info("labelled %d problems (%d skipped as done): %d records, %d traces ended inside the "
+             "prefix", stats["problems"], stats["skipped"], stats["records"], stats["ended_in_prefix"])
+    return stats
+
+
+# ---- command line --------------------------------------------------------------------------------
+_LABEL_EXAMPLES = """examples:
+  stopkit label --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --problems train.jsonl \\
+      --out labels.jsonl --prefix-tokens 2048 --rollouts 32 --traces 4 --max-new-tokens 16384
+  stopkit label --model stopkit/toy/assets/model --problems toy.jsonl --out toy_labels.jsonl \\
+      --prefix-tokens 24 --rollouts 16 --max-new-tokens 100 --temperature 1.0
+  # rerunning the same command resumes: problem ids already in --out are skipped
+
+problems JSONL: one {"question": ..., "answer": ..., "id": optional} per line. Output JSONL: one
+record per prefix with prefix_token_ids (prompt + prefix), soft_label, n_correct, n_rollouts,
+id, question, answer, trace, prompt_len.
+"""
+
+_TRAIN_EXAMPLES = """examples:
+  stopkit train --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --data labels.jsonl \\
+      --out stop-adapter --epochs 3 --batch-size 8 --grad-accum 4 --device cuda --dtype bfloat16
+  stopkit train --model stopkit/toy/assets/model --data toy_labels.jsonl --out toy-adapter \\
+      --lora-rank 16 --init-token "[STOP]" --val-fraction 0.2
+  stopkit train ... --val-data val_labels.jsonl        # a fixed validation file
+
+Loss: cross-entropy with soft targets [1-p, p]; AdamW, no schedule. After each epoch the
+validation MSE, AUROC and accuracy are logged; the best-MSE checkpoint is written to --out
+(stopkit layout, loadable with StopScorer.load) with metrics.json.
+"""
+
+
+def _load_model(name: str, dtype: str, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype).to(device).eval()
+    return model, tokenizer
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local path or hub id of a causal LM")
+    p.add_argument("--dtype", default="auto", choices=_DTYPES, help="model dtype (default: auto)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    problems = [dict(rec, id=rec.get("id", lineno))
+                for lineno, rec in _read_jsonl(Path(args.problems), "problems")]
+    for rec in problems:
+        if "question" not in rec or "answer" not in rec:
+            raise SystemExit(f"{args.problems}: every line needs 'question' and 'answer' "
+                             f"(problem {rec['id']})")
+    if args.limit is not None:
+        problems = problems[:args.limit]
+    model, tokenizer = _load_model(args.model, args.dtype, args.device)
+    stats = label_problems(model, tokenizer, problems, args.out, prefix_tokens=args.prefix_tokens,
+                           rollouts=args.rollouts, traces=args.traces,
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                           checker=load_checker(args.checker))
+    print(json.dumps(stats))
+    return 0
+
+
+def _init_token(value: str | None, tokenizer) -> int | None:
+    if value is None:
+        return None
+    if value.isdigit():
+        return int(value)
+    token_id = tokenizer.convert_tokens_to_ids(value)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise SystemExit(f"--init-token {value!r} is not a token of the tokenizer")
+    return token_id
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    records = load_labels(args.data)
+    if args.val_data:
+        train, val = records, load_labels(args.val_data)
+    else:
+        train, val = split_by_problem(records, args.val_fraction, args.seed)
+    log.info("%d training and %d validation records", len(train), len(val))
+    model, tokenizer = _load_model(args.model, args.dtype, args.device)
+    if args.init:
+        scorer = StopScorer.load(args.init, model)
+    else:
+        scorer = StopScorer.new(model, num_tokens=args.num_tokens, lora_rank=args.lora_rank,
+                                lora_alpha=args.lora_alpha,
+                                targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+                                seed=args.seed, lora_dropout=args.lora_dropout,
+                                token_id=_init_token(args.init_token, tokenizer),
+                                head_hidden=args.head_hidden)
+    history = train_scorer(scorer, train, val, out=args.out, epochs=args.epochs,
+                           batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                           weight_decay=args.weight_decay, seed=args.seed)
+    print(json.dumps(history[-1]))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register the ``label`` and ``train`` subcommands on an argparse subparsers object (each sets
+    ``func`` to its command function, which takes the parsed Namespace)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = subparsers.add_parser("label", help="Monte-Carlo labels of reasoning prefixes (JSONL)",
+                              description="Sample traces, cut them at --prefix-tokens, sample "
+                              "--rollouts continuations per prefix and label each prefix with the "
+                              "fraction of correct continuations.", epilog=_LABEL_EXAMPLES,
+                              formatter_class=fmt)
+    _add_model_args(p)
+    p.add_argument("--problems", required=True, help="JSONL of problems: question, answer (id optional)")
+    p.add_argument("--out", required=True, help="output JSONL (appended to; finished ids are skipped)")
+    p.add_argument("--prefix-tokens", type=int, required=True, help="prefix length l_p in generated tokens")
+    p.add_argument("--rollouts", type=int, default=32, help="continuations per prefix (default 32)")
+    p.add_argument("--traces", type=int, default=1, help="prefixes sampled per problem (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=8192,
+                   help="generated tokens per trace at most, prefix included (default 8192)")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default 0.6)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (default 0)")
+    p.add_argument("--checker", default=None,
+                   help="answer checker 'module:function' (text, answer) -> bool (default: built-in)")
+    p.add_argument("--limit", type=int, default=None, help="only the first LIMIT problems")
+    p.set_defaults(func=_cmd_label)
+
+    p = subparsers.add_parser("train", help="train a StopScorer on Monte-Carlo labels",
+                              description="Train the [STOP] token, LoRA adapter and head on "
+                              "soft labels; keep the best-validation-MSE checkpoint.",
+                              epilog=_TRAIN_EXAMPLES, formatter_class=fmt)
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="label JSONL (prefix_token_ids, soft_label)")
+    p.add_argument("--out", required=True, help="checkpoint directory (best validation MSE)")
+    p.add_argument("--val-data", default=None, help="validation label JSONL (default: split --data)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of problem ids held out for validation when no --val-data (default 0.1)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training data (default 3)")
+    p.add_argument("--batch-size", type=int, default=8, help="records per forward (default 8)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="forwards per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--init", default=None, help="start from this StopScorer checkpoint")
+    p.add_argument("--num-tokens", type=int, default=4, help="[STOP] tokens K (default 4)")
+    p.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (default 64)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    p.add_argument("--targets", default="q_proj,v_proj",
+                   help="comma-separated Linear names that get LoRA (default q_proj,v_proj)")
+    p.add_argument("--head-hidden", type=int, default=None,
+                   help="width of a one-hidden-layer MLP head (default: a Linear head)")
+    p.add_argument("--init-token", default=None,
+                   help="token (string or id) whose embedding starts the [STOP] vector "
+                        "(default: the mean embedding)")
+    p.set_defaults(func=_cmd_train)

@@ -1,0 +1,357 @@
+"""Answer checking, metrics, label files, training (lowers validation MSE; gradient accumulation;
+frozen base model), Monte-Carlo labelling (against greedy transformers generation; resumable) and
+the label/train commands."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from stopkit.answers import (answers_equal, check_answer, extract_answer, load_checker,
+                             normalize_answer)
+from stopkit.stop import StopScorer
+from stopkit.train import (add_cli, auroc, encode_question, evaluate_scorer, label_problems,
+                           load_labels, metrics, split_by_problem, train_scorer)
+
+STOP_TOKEN = "[STOP]"
+
+
+def word_tokenizer(eos_token: str | None = None):
+    """A word-level tokenizer: specials (with a spare [STOP]), a few words, the numbers 0..99; no
+    EOS token unless given (the tiny models have none either)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ("<pad>", "<s>", "</s>", "<unk>", STOP_TOKEN, "+", "-", "*", "=", "?", "mod", "answer:",
+             *map(str, range(100)))
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=eos_token,
+                                   pad_token="<pad>", unk_token="<unk>",
+                                   additional_special_tokens=[STOP_TOKEN])
+
+
+TOKENIZER = word_tokenizer()
+VOCAB = len(TOKENIZER)
+
+
+def tiny_model(vocab: int = VOCAB) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                         intermediate_size=96, max_position_embeddings=256,
+                         tie_word_embeddings=False, eos_token_id=None,
+                         bos_token_id=None, pad_token_id=None)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+# ---- answers -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,expected", [
+    (r"so the result is \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
+    (r"\boxed{1} then \boxed{\sqrt{x^{2}}} end", r"\sqrt{x^{2}}"),  # last box, nested braces
+    (r"\boxed{3} and a cut \boxed{4", "3"),                         # unbalanced last box skipped
+    ("17 * 7 = 22 , answer: 20", "20"),
+    ("**Final Answer:** 42.", "42"),
+    ("Thus the final answer is $-3$.\nDone", "$-3$"),
+    ("no answer at all", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("a,b,equal", [
+    ("1,000", "1000", True), ("+5", "5", True), ("5.0", "5", True), ("0.50", r"\frac{1}{2}", True),
+    ("2/4", r"\dfrac{1}{2}", True), (r"-\frac{3}{6}", "-1/2", True), ("x = 7", "7", True),
+    (r"\text{(B)}", "B", True), ("$12$", "12", True), ("1/3", "0.333", False), ("12", "21", False),
+    (r"\sqrt{2}", r"\sqrt{ 2 }", True), ("1,2", "12", False), ("1/0", "1/0", True),
+])
+def test_answers_equal(a, b, equal):
+    assert answers_equal(a, b) is equal
+    assert (normalize_answer(a) == normalize_answer(b)) is equal
+
+
+def test_check_answer_and_checkers():
+    assert check_answer(r"... \boxed{0.5}", "1/2")
+    assert not check_answer("answer: 3", "4")
+    assert not check_answer("nothing here", "4")
+    assert load_checker(None) is check_answer
+    assert load_checker("stopkit.answers:check_answer") is check_answer
+    with pytest.raises(ValueError, match="module:function"):
+        load_checker("no_colon")
+    with pytest.raises(ValueError, match="cannot import"):
+        load_checker("stopkit.answers:nope")
+    with pytest.raises(TypeError):
+        check_answer(3, "3")
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+def test_auroc_matches_pairwise_definition():
+    scores = torch.randint(0, 6, (40,)).double() / 5  # many ties
+    targets = torch.rand(40) < 0.4
+    pos, neg = scores[targets], scores[~targets]
+    pairs = [(p > n) + 0.5 * (p == n) for p, n in itertools.product(pos.tolist(), neg.tolist())]
+    assert auroc(scores, targets) == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
+    assert auroc([0.1, 0.2, 0.9], [0, 0, 1]) == 1.0
+    assert auroc([0.9, 0.2], [0, 1]) == 0.0
+    assert auroc([0.3, 0.4], [1, 1]) != auroc([0.3, 0.4], [1, 1])  # NaN: one class only
+
+
+def test_metrics():
+    m = metrics([0.9, 0.2, 0.6, 0.4], [1.0, 0.0, 0.25, 0.75])
+    assert m["mse"] == pytest.approx((0.01 + 0.04 + 0.1225 + 0.1225) / 4)
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["auroc"] == pytest.approx(0.75)  # positives {0.9, 0.4} vs negatives {0.2, 0.6}
+
+
+# ---- label files ---------------------------------------------------------------------------------
+def test_load_labels_and_bad_labels(tmp_path):
+    good = [{"id": "a", "prefix_token_ids": [1, 2, 3], "soft_label": 0.25},
+            {"prefix_token_ids": [4], "soft_label": 1}]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + "\n")
+    records = load_labels(path)
+    assert [r["id"] for r in records] == ["a", 2] and records[1]["soft_label"] == 1.0
+    for bad in (1.5, -0.1, float("nan"), "0.5", None):
+        path.write_text(json.dumps(good[0]) + "\n" + json.dumps(dict(good[1], soft_label=bad)) + "\n")
+        with pytest.raises(ValueError, match=r"labels.jsonl:2: soft_label must be a number in \[0, 1\]"):
+            load_labels(path)
+    path.write_text(json.dumps({"prefix_token_ids": [], "soft_label": 0.5}) + "\n")
+    with pytest.raises(ValueError, match="prefix_token_ids"):
+        load_labels(path)
+    with pytest.raises(FileNotFoundError):
+        load_labels(tmp_path / "missing.jsonl")
+
+
+def test_split_by_problem():
+    records = [{"id": i // 3, "prefix_token_ids": [1], "soft_label": 0.5} for i in range(30)]
+    train, val = split_by_problem(records, 0.2, seed=1)
+    assert len(train) + len(val) == 30 and len(val) == 6
+    assert not {r["id"] for r in train} & {r["id"] for r in val}
+    assert split_by_problem(records, 0.0)[1] == []
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_by_problem(records, 1.0)
+
+
+# ---- training ------------------------------------------------------------------------------------
+def synthetic(model, n: int, first_id: int = 0) -> list[dict]:
+    """Prefixes drawn from one of two halves of the vocabulary, split by the projection of the
+    model's embedding rows on a fixed direction (a rule the scorer can learn), labelled 0.9 / 0.1."""
+    emb = model.get_input_embeddings().weight.detach()
+    proj = emb @ torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(0))
+    halves = (proj <= proj.median()).nonzero()[:, 0], (proj > proj.median()).nonzero()[:, 0]
+    out = []
+    for i in range(n):
+        pool = halves[i % 2]
+        ids = pool[torch.randint(0, len(pool), (int(torch.randint(4, 13, ())),))].tolist()
+        out.append({"id": first_id + i, "prefix_token_ids": ids, "soft_label": 0.9 - 0.8 * (i % 2)})
+    return out
+
+
+def test_training_lowers_validation_mse(tmp_path):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scorer = StopScorer.new(model, lora_rank=8, seed=0,
+                            token_id=TOKENIZER.convert_tokens_to_ids(STOP_TOKEN))
+    train, val = synthetic(model, 48), synthetic(model, 16, first_id=100)
+    history = train_scorer(scorer, train, val, out=tmp_path / "best", epochs=8, batch_size=8,
+                           lr=1e-2, progress=False)
+    assert [h["epoch"] for h in history] == list(range(9))
+    best = min(history[1:], key=lambda h: h["mse"])
+    assert best["mse"] < 0.4 * history[0]["mse"] and best["auroc"] > 0.9, history
+    # the base model is frozen and untouched; its requires_grad flags are restored
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    # the saved checkpoint is the best-MSE epoch
+    saved = json.loads((tmp_path / "best" / "metrics.json").read_text())
+    assert saved["best"] == best and len(saved["history"]) == len(history)
+    loaded = StopScorer.load(tmp_path / "best", model)
+    assert evaluate_scorer(loaded, val)["mse"] == pytest.approx(best["mse"], abs=1e-6)
+
+
+def test_gradient_accumulation_matches_larger_batches():
+    model = tiny_model()
+    records = synthetic(model, 8)
+
+    def trained(batch_size, grad_accum, data, epochs=1):
+        scorer = StopScorer.new(model, lora_rank=4, seed=3, lora_dropout=0.0)
+        train_scorer(scorer, data, [], epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+                     lr=1e-2, progress=False)
+        return torch.cat([p.detach().reshape(-1) for p in scorer.parameters()])
+
+    # (Adam divides by the gradient's scale, so a parameter with a near-zero gradient can move
+    # by rounding alone: compare at 2e-5, well below the lr 1e-2 steps)
+    # two optimizer steps of 4 records each
+    torch.testing.assert_close(trained(2, 2, records), trained(4, 1, records), atol=2e-5, rtol=0)
+    # uneven micro-batches (4 + 2) per step, two epochs
+    torch.testing.assert_close(trained(4, 2, records[:6], 2), trained(6, 1, records[:6], 2),
+                               atol=2e-5, rtol=0)
+    assert not torch.allclose(trained(2, 1, records), trained(4, 1, records), atol=1e-3)
+
+
+def test_train_rejects_bad_input():
+    model = tiny_model()
+    scorer = StopScorer.new(model, lora_rank=4)
+    good = synthetic(model, 4)
+    with pytest.raises(ValueError, match=r"train\[1\]: soft_label must be a number in \[0, 1\]"):
+        train_scorer(scorer, [good[0], dict(good[1], soft_label=1.2)], [], progress=False)
+    with pytest.raises(ValueError, match=r"val\[0\]: soft_label"):
+        train_scorer(scorer, good, [dict(good[0], soft_label=-1)], progress=False)
+    with pytest.raises(ValueError, match="vocabulary"):
+        train_scorer(scorer, [dict(good[0], prefix_token_ids=[VOCAB])], [], progress=False)
+    for kw in ({"epochs": 0}, {"batch_size": 0}, {"grad_accum": 0}, {"lr": 0.0},
+               {"weight_decay": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            train_scorer(scorer, good, [], progress=False, **kw)
+    with pytest.raises(ValueError, match="at least one record"):
+        train_scorer(scorer, [], [], progress=False)
+
+
+# ---- labelling -----------------------------------------------------------------------------------
+QUESTIONS = ["3 + 4 mod 97 ?", "5 * 6 - 2 mod 97 ?", "7 - 9 mod 13 ?"]
+
+
+def last_word(text: str, answer: str) -> bool:
+    return text.split()[-1] == answer
+
+
+def greedy(model, prompt: list[int], new: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new,
+                         min_new_tokens=new, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_label_matches_greedy_generation_and_resumes(tmp_path):
+    model = tiny_model()
+    P, M = 5, 12
+    conts = [greedy(model, encode_question(TOKENIZER, q), M) for q in QUESTIONS]
+    texts = [TOKENIZER.decode(c, skip_special_tokens=True) for c in conts]
+    # problem 0 and 2 answered right (their greedy text's last word), problem 1 wrong
+    problems = [{"id": f"p{i}", "question": q, "answer": texts[i].split()[-1] if i != 1 else "no"}
+                for i, q in enumerate(QUESTIONS)]
+    out = tmp_path / "labels.jsonl"
+    kw = dict(prefix_tokens=P, rollouts=3, traces=2, max_new_tokens=M, temperature=0.0,
+              checker=last_word, progress=False)
+    stats = label_problems(model, TOKENIZER, problems, out, **kw)
+    assert stats == {"problems": 3, "skipped": 0, "records": 6, "ended_in_prefix": 0}
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    for rec in records:
+        i = int(rec["id"][1])
+        prompt = encode_question(TOKENIZER, QUESTIONS[i])
+        assert rec["prefix_token_ids"] == prompt + conts[i][:P]
+        assert rec["prompt_len"] == len(prompt) and rec["question"] == QUESTIONS[i]
+        assert rec["n_rollouts"] == 3 and rec["n_correct"] == (0 if i == 1 else 3)
+        assert rec["soft_label"] == rec["n_correct"] / 3
+    assert [(r["id"], r["trace"]) for r in records] == [(f"p{i}", j) for i in range(3) for j in range(2)]
+    text = out.read_text()
+
+    # rerun: everything is skipped, nothing written
+    assert label_problems(model, TOKENIZER, problems, out, **kw)["skipped"] == 3
+    assert out.read_text() == text
+    # an interrupted run: the last problem's records lost, a half-written line left behind
+    lines = text.splitlines(keepends=True)
+    out.write_text("".join(lines[:4]) + lines[4][:20])
+    stats = label_problems(model, TOKENIZER, problems, out, **kw)
+    assert stats["skipped"] == 2 and stats["problems"] == 1
+    assert out.read_text() == text
+
+
+@pytest.mark.parametrize("eos_from", ["model", "tokenizer"])
+def test_label_skips_traces_that_end_in_the_prefix(tmp_path, eos_from):
+    """EOS as the reasoner has it: the model's, else the tokenizer's."""
+    model = tiny_model()
+    prompt = encode_question(TOKENIZER, QUESTIONS[0])
+    eos = greedy(model, prompt, 3)[2]  # greedy decoding ends at step 3
+    tokenizer = TOKENIZER
+    if eos_from == "model":
+        model.generation_config.eos_token_id = eos
+    else:
+        tokenizer = word_tokenizer(eos_token=TOKENIZER.convert_ids_to_tokens(eos))
+    stats = label_problems(model, tokenizer, [{"question": QUESTIONS[0], "answer": "1"}],
+                           tmp_path / "l.jsonl", prefix_tokens=5, rollouts=2, traces=2,
+                           max_new_tokens=9, temperature=0.0, progress=False)
+    assert stats == {"problems": 1, "skipped": 0, "records": 0, "ended_in_prefix": 2}
+
+
+def test_label_sampling_is_reproducible(tmp_path):
+    """Each problem's samples derive from (seed, problem id): the order of the problems (or a
+    resumed run) does not change them; another seed does."""
+    model = tiny_model()
+    problems = [{"id": name, "question": q, "answer": "3"} for name, q in zip("ab", QUESTIONS)]
+    kw = dict(prefix_tokens=4, rollouts=8, traces=3, max_new_tokens=10, temperature=1.0,
+              top_p=1.0, checker=lambda text, answer: "3" in text.split(), progress=False)
+    runs = {}
+    for name, order, seed in (("a", problems, 7), ("b", problems[::-1], 7), ("c", problems, 8)):
+        label_problems(model, TOKENIZER, order, tmp_path / name, seed=seed, **kw)
+        runs[name] = sorted((tmp_path / name).read_text().splitlines())
+    assert runs["a"] == runs["b"] and runs["a"] != runs["c"]
+    recs = [json.loads(x) for x in runs["a"]]
+    assert len({tuple(r["prefix_token_ids"]) for r in recs}) == len(recs)  # traces differ
+
+
+def test_label_rejects_bad_input(tmp_path):
+    model = tiny_model()
+    good = [{"question": QUESTIONS[0], "answer": "1"}]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        label_problems(model, TOKENIZER, good, tmp_path / "x", prefix_tokens=8, max_new_tokens=8)
+    with pytest.raises(ValueError, match="rollouts"):
+        label_problems(model, TOKENIZER, good, tmp_path / "x", prefix_tokens=2, rollouts=0)
+    with pytest.raises(ValueError, match="question"):
+        label_problems(model, TOKENIZER, [{"answer": "1"}], tmp_path / "x", prefix_tokens=2)
+    with pytest.raises(ValueError, match="unique"):
+        label_problems(model, TOKENIZER, [dict(good[0], id=3), dict(good[0], id="3")],
+                       tmp_path / "x", prefix_tokens=2)
+    assert not (tmp_path / "x").exists()
+
+
+# ---- command line --------------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stopkit")
+    add_cli(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+@pytest.mark.parametrize("command", ["label", "train"])
+def test_help_has_examples(command, capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args([command, "--help"])
+    text = capsys.readouterr().out
+    assert "examples:" in text and f"stopkit {command} --model" in text
+
+
+def test_cli_label_then_train(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    TOKENIZER.save_pretrained(model_dir)
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"id": i, "question": q, "answer": "3"}) + "\n"
+                                for i, q in enumerate(QUESTIONS)))
+    labels = tmp_path / "labels.jsonl"
+    args = parser().parse_args(["label", "--model", str(model_dir), "--problems", str(problems),
+                                "--out", str(labels), "--prefix-tokens", "4", "--rollouts", "4",
+                                "--traces", "2", "--max-new-tokens", "10", "--temperature", "1.0"])
+    assert args.func(args) == 0
+    records = load_labels(labels)
+    assert len(records) == 6 and {r["id"] for r in records} == {0, 1, 2}
+    random.Random(0).shuffle(records)  # labels of a random model are mostly 0: add spread
+    for i, r in enumerate(records):
+        r["soft_label"] = (i % 4) / 3
+    labels.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "adapter"
+    args = parser().parse_args(["train", "--model", str(model_dir), "--data", str(labels),
+                                "--out", str(out), "--epochs", "1", "--batch-size", "2",
+                                "--grad-accum", "2", "--lora-rank", "4", "--num-tokens", "2",
+                                "--init-token", STOP_TOKEN, "--val-fraction", "0.34"])
+    assert args.func(args) == 0
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["best"]["epoch"] == 1 and 0 <= saved["best"]["mse"] <= 1
+    scorer = StopScorer.load(out, LlamaForCausalLM.from_pretrained(model_dir))
+    assert scorer.num_tokens == 2 and scorer.loras[0].A.shape[0] == 4

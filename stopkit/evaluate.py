@@ -27,6 +27,7 @@ from pathlib import Path as FsPath
 
 from tqdm.auto import tqdm
 
+from stopkit.loading import DTYPES, load_model, load_problems
 from stopkit.planner import plan
 
 log = logging.getLogger(__name__)
@@ -35,36 +36,6 @@ __all__ = ["evaluate", "load_problems", "write_results", "plot_accuracy_vs_token
            "load_model", "format_table", "METRICS"]
 
 METRICS = ("vote_accuracy", "kept_accuracy", "tokens", "scoring_tokens", "seconds")
-
-
-def load_problems(path: str | FsPath) -> list[dict]:
-    """Problems from a JSONL file: one object per line with ``question`` (str, or a list of prompt
-    token ids) and ``answer`` (kept as given; numbers become strings); ``id`` optional (default the
-    line number). Blank lines are skipped."""
-    path = FsPath(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no problems file at {path} (expected JSONL with 'question' and "
-                                "'answer' fields)")
-    problems = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON: {e}") from None
-            if not isinstance(rec, dict) or "question" not in rec or "answer" not in rec:
-                raise ValueError(f"{path}:{lineno}: each line must be an object with 'question' "
-                                 f"and 'answer', got {line.strip()[:80]!r}")
-            answer = rec["answer"]
-            if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-                answer = str(answer)
-            problems.append({"id": rec.get("id", lineno), "question": rec["question"],
-                             "answer": answer})
-    if not problems:
-        raise ValueError(f"{path} holds no problems")
-    return problems
 
 
 def _field(problem, name: str):
@@ -248,7 +219,6 @@ def format_table(results: dict) -> str:
 
 # ---- command line ------------------------------------------------------------------------------
 
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 _EVAL_EXAMPLES = """examples:
   stopkit eval --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --adapter ckpt/stop \\
@@ -278,20 +248,6 @@ largest n that fits the budget.
 """
 
 
-def load_model(model: str, *, dtype: str = "auto", device: str = "cpu"):
-    """(model, tokenizer) from a local path or hub id with AutoModelForCausalLM / AutoTokenizer,
-    in eval mode on ``device``. dtype: "auto" (the checkpoint's), "float32", "float16", "bfloat16"."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(device).eval()
-    return lm, tokenizer
-
-
 def _reasoner(args: argparse.Namespace):
     from stopkit.reasoner import ParallelReasoner
 
@@ -314,7 +270,7 @@ def _int_list(text: str) -> list[int]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local path or hub id of a causal LM")
     p.add_argument("--adapter", default=None, help="StopScorer checkpoint dir (needed by method stop)")
-    p.add_argument("--dtype", default="auto", choices=_DTYPES, help="model dtype (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (default: auto)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 

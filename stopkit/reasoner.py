@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from stopkit.answers import extract_answer, normalize_answer
 from stopkit.engine import Engine
+from stopkit.loading import eos_token_id, prompt_ids
 
 __all__ = ["ParallelReasoner", "Solution", "Path", "METHODS", "VOTES", "vote", "check_solve_args",
            "confidence_score", "entropy_score", "default_extractor"]
@@ -276,30 +277,12 @@ class ParallelReasoner:
         self.model, self.tokenizer, self.scorer = model, tokenizer, scorer
         self.confidence_window = _int_arg("confidence_window", confidence_window, 1)
         self.confidence_top_k = _int_arg("confidence_top_k", confidence_top_k, 1)
-        gen = getattr(model, "generation_config", None)
-        has_eos = (getattr(gen, "eos_token_id", None) is not None
-                   or getattr(model.config, "eos_token_id", None) is not None)
-        # the model's EOS wins (the engine's default); the tokenizer's only when the model has none
-        self._eos = None if has_eos else getattr(tokenizer, "eos_token_id", None)
+        self._eos = eos_token_id(model, tokenizer)
 
     # ---- inputs --------------------------------------------------------------------------------
     def prompt_ids(self, question: str | Sequence[int]) -> list[int]:
-        """Prompt token ids of a question: a str goes through the chat template (a single user
-        turn, generation prompt added) when the tokenizer has one, else is tokenised as is; a
-        sequence of ints is used as given."""
-        if isinstance(question, str):
-            tok = self.tokenizer
-            if getattr(tok, "chat_template", None):
-                text = tok.apply_chat_template([{"role": "user", "content": question}],
-                                               tokenize=False, add_generation_prompt=True)
-                return list(tok(text, add_special_tokens=False)["input_ids"])
-            return list(tok(question)["input_ids"])
-        if isinstance(question, torch.Tensor):
-            question = question.tolist()
-        if isinstance(question, (bytes, dict)) or not isinstance(question, Sequence) or \
-                not all(isinstance(t, Integral) and not isinstance(t, bool) for t in question):
-            raise TypeError(f"question must be a str or a list of token ids, got {question!r:.80}")
-        return [int(t) for t in question]
+        """Prompt token ids of a question (:func:`stopkit.loading.prompt_ids`)."""
+        return prompt_ids(self.tokenizer, question)
 
     def check_args(self, **kwargs) -> _Plan:
         """Validate solve's arguments (see :func:`check_solve_args`) for this reasoner (method

@@ -39,14 +39,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from stopkit.answers import Checker, check_answer, load_checker
+from stopkit.loading import DTYPES, eos_token_id, load_model, load_problems, prompt_ids
 from stopkit.stop import StopScorer
 
 __all__ = ["auroc", "metrics", "load_labels", "split_by_problem", "evaluate_scorer", "train_scorer",
-           "encode_question", "label_problems", "add_cli"]
+           "label_problems", "add_cli"]
 
 log = logging.getLogger(__name__)
 
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -255,23 +255,6 @@ def _fmt(row: dict) -> str:
 
 
 # ---- labelling -----------------------------------------------------------------------------------
-def encode_question(tokenizer, question) -> list[int]:
-    """Prompt token ids of a question, exactly as the reasoner builds them: a list of ids is taken
-    as is; a str goes through the tokenizer's chat template (one user turn, generation prompt)
-    when it has one, else is encoded plainly."""
-    if isinstance(question, list):
-        if not question or not all(isinstance(t, int) and not isinstance(t, bool) for t in question):
-            raise ValueError("a question given as token ids must be a non-empty list of ints")
-        return list(question)
-    if not isinstance(question, str):
-        raise TypeError(f"question must be a str or a list of token ids, got {type(question).__name__}")
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                             tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(question)["input_ids"])
-
-
 def _seed(*parts) -> int:
     return zlib.crc32(":".join(str(p) for p in parts).encode())
 
@@ -326,7 +309,7 @@ def label_problems(model, tokenizer, problems: Sequence[dict], out: str | Path, 
     for i, prob in enumerate(problems):
         if not isinstance(prob, dict) or "question" not in prob or "answer" not in prob:
             raise ValueError(f"problems[{i}] must be a dict with 'question' and 'answer'")
-        items.append((prob.get("id", i), prob, encode_question(tokenizer, prob["question"])))
+        items.append((prob.get("id", i), prob, prompt_ids(tokenizer, prob["question"])))
     ids = [str(pid) for pid, _, _ in items]
     if len(set(ids)) != len(ids):
         raise ValueError(f"problem ids must be unique (resuming skips by id), got duplicates "
@@ -335,11 +318,8 @@ def label_problems(model, tokenizer, problems: Sequence[dict], out: str | Path, 
     out.parent.mkdir(parents=True, exist_ok=True)
     done = _finished_ids(out)
     engine = engine if engine is not None else Engine(model)
-    # EOS as the reasoner ends paths: the model's own, else the tokenizer's
-    has_eos = (getattr(getattr(model, "generation_config", None), "eos_token_id", None) is not None
-               or getattr(model.config, "eos_token_id", None) is not None)
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
-                "eos_token_id": None if has_eos else getattr(tokenizer, "eos_token_id", None)}
+                "eos_token_id": eos_token_id(model, tokenizer)}  # as the reasoner ends paths
     stats = {"problems": 0, "skipped": 0, "records": 0, "ended_in_prefix": 0}
     with out.open("a", encoding="utf-8") as f:
         for pid, prob, prompt in tqdm(items, desc="label", unit="problem", disable=not progress):
@@ -402,32 +382,18 @@ validation MSE, AUROC and accuracy are logged; the best-MSE checkpoint is writte
 """
 
 
-def _load_model(name: str, dtype: str, device: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype).to(device).eval()
-    return model, tokenizer
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local path or hub id of a causal LM")
-    p.add_argument("--dtype", default="auto", choices=_DTYPES, help="model dtype (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (default: auto)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
 def _cmd_label(args: argparse.Namespace) -> int:
-    problems = [dict(rec, id=rec.get("id", lineno))
-                for lineno, rec in _read_jsonl(Path(args.problems), "problems")]
-    for rec in problems:
-        if "question" not in rec or "answer" not in rec:
-            raise SystemExit(f"{args.problems}: every line needs 'question' and 'answer' "
-                             f"(problem {rec['id']})")
+    problems = load_problems(args.problems)
     if args.limit is not None:
         problems = problems[:args.limit]
-    model, tokenizer = _load_model(args.model, args.dtype, args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     stats = label_problems(model, tokenizer, problems, args.out, prefix_tokens=args.prefix_tokens,
                            rollouts=args.rollouts, traces=args.traces,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -455,7 +421,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         train, val = split_by_problem(records, args.val_fraction, args.seed)
     log.info("%d training and %d validation records", len(train), len(val))
-    model, tokenizer = _load_model(args.model, args.dtype, args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.init:
         scorer = StopScorer.load(args.init, model)
     else:

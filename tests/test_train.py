@@ -16,7 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from stopkit.answers import (answers_equal, check_answer, extract_answer, load_checker,
                              normalize_answer)
 from stopkit.stop import StopScorer
-from stopkit.train import (add_cli, auroc, encode_question, evaluate_scorer, label_problems,
+from stopkit.loading import prompt_ids
+from stopkit.train import (add_cli, auroc, evaluate_scorer, label_problems,
                            load_labels, metrics, split_by_problem, train_scorer)
 
 STOP_TOKEN = "[STOP]"
@@ -232,7 +233,7 @@ def greedy(model, prompt: list[int], new: int) -> list[int]:
 def test_label_matches_greedy_generation_and_resumes(tmp_path):
     model = tiny_model()
     P, M = 5, 12
-    conts = [greedy(model, encode_question(TOKENIZER, q), M) for q in QUESTIONS]
+    conts = [greedy(model, prompt_ids(TOKENIZER, q), M) for q in QUESTIONS]
     texts = [TOKENIZER.decode(c, skip_special_tokens=True) for c in conts]
     # problem 0 and 2 answered right (their greedy text's last word), problem 1 wrong
     problems = [{"id": f"p{i}", "question": q, "answer": texts[i].split()[-1] if i != 1 else "no"}
@@ -245,7 +246,7 @@ def test_label_matches_greedy_generation_and_resumes(tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     for rec in records:
         i = int(rec["id"][1])
-        prompt = encode_question(TOKENIZER, QUESTIONS[i])
+        prompt = prompt_ids(TOKENIZER, QUESTIONS[i])
         assert rec["prefix_token_ids"] == prompt + conts[i][:P]
         assert rec["prompt_len"] == len(prompt) and rec["question"] == QUESTIONS[i]
         assert rec["n_rollouts"] == 3 and rec["n_correct"] == (0 if i == 1 else 3)
@@ -268,7 +269,7 @@ def test_label_matches_greedy_generation_and_resumes(tmp_path):
 def test_label_skips_traces_that_end_in_the_prefix(tmp_path, eos_from):
     """EOS as the reasoner has it: the model's, else the tokenizer's."""
     model = tiny_model()
-    prompt = encode_question(TOKENIZER, QUESTIONS[0])
+    prompt = prompt_ids(TOKENIZER, QUESTIONS[0])
     eos = greedy(model, prompt, 3)[2]  # greedy decoding ends at step 3
     tokenizer = TOKENIZER
     if eos_from == "model":

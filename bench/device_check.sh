@@ -178,7 +178,7 @@ BENCH_FILES=()
 for f in bench/test_bench_paged_attention.py bench/test_bench_ops.py; do
   if [[ -f $f ]]; then BENCH_FILES+=("$f"); fi
 done
-stage bench 200 $PY -m pytest "${BENCH_FILES[@]}" -k cuda --bench-devices cuda -p no:cacheprovider -q \
+stage bench 220 $PY -m pytest "${BENCH_FILES[@]}" -k cuda --bench-devices cuda -p no:cacheprovider -q \
   --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds
 stage tests_all 240 $PY -m pytest tests -x -q -p no:cacheprovider
 

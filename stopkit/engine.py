@@ -186,8 +186,8 @@ class Row:
     logprobs: list[float] = field(default_factory=list)
     entropies: list[float] = field(default_factory=list)
     finish_reason: str | None = None
-    _top_values: list[torch.Tensor] = field(default_factory=list, repr=False)
-    _top_ids: list[torch.Tensor] = field(default_factory=list, repr=False)
+    _top_values: list[torch.Tensor] = field(default_factory=list, repr=False, init=False)
+    _top_ids: list[torch.Tensor] = field(default_factory=list, repr=False, init=False)
 
     @property
     def live(self) -> bool:
@@ -388,14 +388,16 @@ class Session:
             return inputs_embeds.new_empty(inputs_embeds.shape)
         step = engine._step("suffix", differentiable=torch.is_grad_enabled())
         positions = step.seq_lens.long()[:, None] + torch.arange(K, device=engine.device)
-        captured: list[torch.Tensor] = []
-        hook = engine._norm.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+        captured: list[torch.Tensor] = []  # the final norm's input: the last layer's output
+        hook = None if final_norm else engine._norm.register_forward_pre_hook(
+            lambda mod, args: captured.append(args[0]))
         try:
             with ctx:
                 out = engine._run(engine._backbone, step, inputs_embeds=inputs_embeds,
                                   position_ids=positions)
         finally:
-            hook.remove()
+            if hook is not None:
+                hook.remove()
         return out.last_hidden_state if final_norm else captured[-1]
 
     # ---- lifetime ------------------------------------------------------------------------------
@@ -479,11 +481,11 @@ class Engine:
                  seed: int | None = None, eos_token_id: int | Sequence[int] | None = None
                  ) -> list[list[list[int]]]:
         """Sample ``n`` continuations of each prompt (token-id lists, or a 2-D tensor ``[P, L]``).
-        Returns, per prompt and per
-        sample, the new tokens up to and including EOS (at most max_new_tokens). temperature 0 is
-        greedy; top_k 0 and top_p 1 disable those filters. eos_token_id None takes the model's
-        (generation_config, then config); an empty list disables EOS. With a fixed num_blocks the
-        worst case must fit (CacheFullError before any work otherwise)."""
+        Returns, per prompt and per sample, the new tokens up to and including EOS (at most
+        max_new_tokens). temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+        eos_token_id None takes the model's (generation_config, then config); an empty list
+        disables EOS. With a fixed num_blocks the worst case must fit (CacheFullError before any
+        work otherwise)."""
         max_new_tokens = _int("max_new_tokens", max_new_tokens, low=1)
         prompts, n, sampling = self._validate(prompts, n=n, max_new_tokens=max_new_tokens,
                                               temperature=temperature, top_p=top_p, top_k=top_k,

@@ -74,8 +74,11 @@ def _shape(name: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
-    """A dense row-major tensor with the same values (no copy when already dense)."""
-    return t if t.is_contiguous() else t.contiguous()
+    """A dense row-major, 16-byte-aligned tensor (the CUDA kernels' vector loads need it) with the
+    same values; no copy when it already is one."""
+    if t.is_contiguous() and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _dense_cache(name: str, t: torch.Tensor) -> torch.Tensor:

@@ -230,10 +230,17 @@ def test_split_context(backend, num_threads, shape, extras, dtype):
     exact, exact_lse = reference.paged_attention(**upcast(inputs), **kw, return_lse=True)
     torch_half = None if dtype == torch.float32 else reference.paged_attention(**inputs, **kw)
     results = []
-    for threads in (1, 2, 7) if backend.type == "cpu" else (None,):
-        if threads is not None:
+    for threads in (1, 2, 7):
+        if backend.type == "cpu":
             _C.set_num_threads(threads)
-        out, lse = ops.paged_attention(**inputs, **kw, return_lse=True)
+        else:  # the CUDA kernel's split count, forced
+            from stopkit import _C_cuda
+            _C_cuda.set_num_splits(threads)
+        try:
+            out, lse = ops.paged_attention(**inputs, **kw, return_lse=True)
+        finally:
+            if backend.type == "cuda":
+                _C_cuda.set_num_splits(0)
         assert_close_to_reference(out, exact, torch_half)
         assert_lse_close(lse, exact_lse)
         results.append((out, lse))
@@ -372,3 +379,12 @@ def test_block_ids_past_the_used_range_are_ignored():
     kw["block_table"][1, 1:] = 1 << 30
     out = ops.paged_attention(**kw)
     assert_close_to_reference(out, reference.paged_attention(**upcast(kw)))
+
+
+@pytest.mark.skipif(not ops.cuda_available(), reason="needs stopkit's CUDA kernels and a GPU")
+def test_cuda_skips_out_of_range_block_ids():
+    """check_indices=False with an in-use id past the cache: the CUDA kernel masks that page."""
+    kw = make_inputs(Case(batch=2, seq_lens=(20, 9), suffix=False), torch.device("cuda"))
+    kw["block_table"][1, 0] = kw["k_cache"].shape[0] + 100   # row 1's only page
+    out, lse = ops.paged_attention(**kw, check_indices=False, return_lse=True)
+    assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()

@@ -71,19 +71,22 @@ inline void prefetch_rows(const T* src, int64_t stride, int64_t n, int64_t D) {
   }
 }
 
-// State of one pass over the queries [m0, m0 + MV*kLanes) of a work item.
-template <int MV>
+// State of one pass over the queries [m0, m0 + MV*W) of a work item: W lanes per vector.
+template <int W, int MV>
 struct Pass {
-  std::vector<vfloat> qt, ot;  // [D][MV]
-  vfloat m[MV], l[MV], lower[MV], qidx[MV];
-  vfloat s[kTile][MV];
+  using vf = typename Vec<W>::f;
+  std::vector<vf> qt, ot;  // [D][MV]
+  vf m[MV], l[MV], lower[MV], qidx[MV];
+  vf s[kTile][MV];
 };
 
 // One tile of n keys at positions pos0 .. pos0+n-1. suffix: the tile holds suffix tokens, query
 // lane with suffix index s sees tile key t only when t <= s. masked: a window or suffix applies.
-template <int MV, int kD>
-inline void attend_tile(Pass<MV>& w, const float* k, const float* v, int64_t n, int64_t D,
+template <int W, int MV, int kD>
+inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t n, int64_t D,
                         float pos0, bool masked, bool suffix) {
+  using V = Vec<W>;
+  using vfloat = typename V::f;
   const int64_t d_len = kD ? kD : D;
   constexpr int TB = register_block(MV);
   // S = K Qt, TB keys at a time so each Qt load feeds TB FMAs.
@@ -117,26 +120,26 @@ inline void attend_tile(Pass<MV>& w, const float* k, const float* v, int64_t n, 
   vfloat m_new[MV], corr[MV];
   bool changed = false;
   for (int j = 0; j < MV; ++j) {
-    vfloat tmax = vbroadcast(kMasked);
+    vfloat tmax = V::broadcast(kMasked);
     for (int64_t tt = 0; tt < n; ++tt) {
       if (masked) {
         const float pos = pos0 + static_cast<float>(tt);
         auto ok = pos >= w.lower[j];
         if (suffix) ok = ok & (static_cast<float>(tt) <= w.qidx[j]);
-        w.s[tt][j] = ok ? w.s[tt][j] : vbroadcast(kNegInf);
+        w.s[tt][j] = ok ? w.s[tt][j] : V::broadcast(kNegInf);
       }
-      tmax = vmax(tmax, w.s[tt][j]);
+      tmax = V::max(tmax, w.s[tt][j]);
     }
-    m_new[j] = vmax(w.m[j], tmax);
-    corr[j] = vexp(w.m[j] - m_new[j]);
-    changed |= vreduce_max(m_new[j] - w.m[j]) > 0.0f;
+    m_new[j] = V::max(w.m[j], tmax);
+    corr[j] = V::exp(w.m[j] - m_new[j]);
+    changed |= V::reduce_max(m_new[j] - w.m[j]) > 0.0f;
   }
   // P = exp(S - m_new) (0 where masked), l = l * corr + sum P.
   for (int j = 0; j < MV; ++j) {
     vfloat lsum = w.l[j] * corr[j];
     for (int64_t tt = 0; tt < n; ++tt) {
       const vfloat sv = w.s[tt][j];
-      const vfloat p = sv > kMasked ? vexp(sv - m_new[j]) : vfloat{};
+      const vfloat p = sv > kMasked ? V::exp(sv - m_new[j]) : vfloat{};
       w.s[tt][j] = p;
       lsum += p;
     }
@@ -169,12 +172,14 @@ struct Item {
   bool last;
 };
 
-// Runs queries [m0, m0 + MV*kLanes) of one work item; writes unnormalised acc [M][D] rows, m and l.
-template <DType DT, int kD, int MV>
-void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, Pass<MV>& w,
+// Runs queries [m0, m0 + MV*W) of one work item; writes unnormalised acc [M][D] rows, m and l.
+template <DType DT, int kD, int W, int MV>
+void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, Pass<W, MV>& w,
               std::vector<float>& kbuf, std::vector<float>& vbuf, float* acc_out, float* m_out,
               float* l_out) {
   using T = typename Elem<DT>::T;
+  using V = Vec<W>;
+  using vfloat = typename V::f;
   const int64_t S = p.q_len, H = p.num_heads, Hkv = p.num_kv_heads, G = H / Hkv, M = G * S;
   const int64_t D = kD ? kD : p.head_dim, bs = p.block_size;
   const int64_t L = p.seq_lens[it.b];
@@ -187,19 +192,19 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, Pass<MV
   w.ot.assign(D * MV, vfloat{});
   float lowest = std::numeric_limits<float>::max(), highest = kNegInf;  // window lower bounds
   for (int j = 0; j < MV; ++j) {
-    w.m[j] = vbroadcast(kMasked);
+    w.m[j] = V::broadcast(kMasked);
     w.l[j] = vfloat{};
-    w.lower[j] = vbroadcast(kNegInf);
+    w.lower[j] = V::broadcast(kNegInf);
     w.qidx[j] = vfloat{};
   }
-  for (int64_t lane = 0; lane < MV * kLanes && m0 + lane < M; ++lane) {
+  for (int64_t lane = 0; lane < MV * W && m0 + lane < M; ++lane) {
     const int64_t mi = m0 + lane, g = mi / S, s = mi % S;
     const T* src = q + ((it.b * S + s) * H + it.kh * G + g) * D;
     float* qt = reinterpret_cast<float*>(w.qt.data());
-    for (int64_t d = 0; d < D; ++d) qt[(d * MV + lane / kLanes) * kLanes + lane % kLanes] = Elem<DT>::load(src[d]) * p.scale;
+    for (int64_t d = 0; d < D; ++d) qt[(d * MV + lane / W) * W + lane % W] = Elem<DT>::load(src[d]) * p.scale;
     const float lo = p.window > 0 ? static_cast<float>(query_position(L, s, has_suffix) - p.window + 1) : kNegInf;
-    w.lower[lane / kLanes][lane % kLanes] = lo;
-    w.qidx[lane / kLanes][lane % kLanes] = static_cast<float>(s);
+    w.lower[lane / W][lane % W] = lo;
+    w.qidx[lane / W][lane % W] = static_cast<float>(s);
     lowest = std::min(lowest, lo);
     highest = std::max(highest, lo);
   }
@@ -222,21 +227,21 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, Pass<MV
       rows_to_float<DT, kD>(static_cast<const T*>(p.k_cache) + row0 * D, tok_stride, n, D, kbuf.data());
       rows_to_float<DT, kD>(static_cast<const T*>(p.v_cache) + row0 * D, tok_stride, n, D, vbuf.data());
       const bool masked = windowed && static_cast<float>(start + off) < highest;
-      attend_tile<MV, kD>(w, kbuf.data(), vbuf.data(), n, D, static_cast<float>(start + off), masked, false);
+      attend_tile<W, MV, kD>(w, kbuf.data(), vbuf.data(), n, D, static_cast<float>(start + off), masked, false);
     }
   }
   if (has_suffix && it.last) {
     const int64_t row0 = it.b * S * Hkv + it.kh;
     rows_to_float<DT, kD>(static_cast<const T*>(p.suffix_k) + row0 * D, tok_stride, S, D, kbuf.data());
     rows_to_float<DT, kD>(static_cast<const T*>(p.suffix_v) + row0 * D, tok_stride, S, D, vbuf.data());
-    attend_tile<MV, kD>(w, kbuf.data(), vbuf.data(), S, D, static_cast<float>(L), true, true);
+    attend_tile<W, MV, kD>(w, kbuf.data(), vbuf.data(), S, D, static_cast<float>(L), true, true);
   }
 
   const float* ot = reinterpret_cast<const float*>(w.ot.data());
-  for (int64_t lane = 0; lane < MV * kLanes && m0 + lane < M; ++lane) {
-    const int64_t mi = m0 + lane, j = lane / kLanes, e = lane % kLanes;
+  for (int64_t lane = 0; lane < MV * W && m0 + lane < M; ++lane) {
+    const int64_t mi = m0 + lane, j = lane / W, e = lane % W;
     float* dst = acc_out + mi * D;
-    for (int64_t d = 0; d < D; ++d) dst[d] = ot[(d * MV + j) * kLanes + e];
+    for (int64_t d = 0; d < D; ++d) dst[d] = ot[(d * MV + j) * W + e];
     const bool seen = w.l[j][e] > 0.0f;
     m_out[mi] = seen ? w.m[j][e] : kNegInf;
     l_out[mi] = seen ? w.l[j][e] : 0.0f;
@@ -293,14 +298,22 @@ void run(const PagedAttentionParams& p) {
     if (p.lse) p.lse[row] = l > 0.0f ? m + std::log(l) : kNegInf;
   };
 
-#pragma omp parallel
+  // Tiny calls (short contexts, small batches) run on the calling thread: waking the team costs
+  // more than the work, and much more on a busy machine.
+  int64_t work = 0;
+  for (int64_t b = 0; b < B; ++b) work += p.seq_lens[b] + S;
+  work *= Hkv * M * D;
+#pragma omp parallel if (work > (int64_t{1} << 20))
   {
     std::vector<float> kbuf(std::max<int64_t>(kTile, S) * D), vbuf(kbuf.size());
     std::vector<float> acc(direct ? M * D : 0), ms(direct ? M : 0), ls(direct ? M : 0);
-    Pass<1> w1;
-    Pass<2> w2;
-    Pass<3> w3;
-    Pass<4> w4;
+    // Few queries (decode: G * q_len is often 1..8) use narrower vectors than the native width.
+    Pass<4, 1> narrow4;
+    Pass<(kLanes >= 8 ? 8 : 4), 1> narrow8;
+    Pass<kLanes, 1> w1;
+    Pass<kLanes, 2> w2;
+    Pass<kLanes, 3> w3;
+    Pass<kLanes, 4> w4;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < pairs * splits; ++item) {
       const int64_t b = item / (Hkv * splits), kh = (item / splits) % Hkv, split = item % splits;
@@ -311,12 +324,18 @@ void run(const PagedAttentionParams& p) {
       float* m_out = direct ? ms.data() : part_m.data() + item * M;
       float* l_out = direct ? ls.data() : part_l.data() + item * M;
       for (int64_t m0 = 0; m0 < M; m0 += kMaxVecs * kLanes) {
-        const int64_t vecs = std::min<int64_t>(kMaxVecs, (M - m0 + kLanes - 1) / kLanes);
-        switch (vecs) {
-          case 1: run_pass<DT, kD, 1>(p, it, m0, w1, kbuf, vbuf, acc_out, m_out, l_out); break;
-          case 2: run_pass<DT, kD, 2>(p, it, m0, w2, kbuf, vbuf, acc_out, m_out, l_out); break;
-          case 3: run_pass<DT, kD, 3>(p, it, m0, w3, kbuf, vbuf, acc_out, m_out, l_out); break;
-          default: run_pass<DT, kD, 4>(p, it, m0, w4, kbuf, vbuf, acc_out, m_out, l_out); break;
+        const int64_t rest = M - m0, vecs = std::min<int64_t>(kMaxVecs, (rest + kLanes - 1) / kLanes);
+        if (rest <= 4 && kLanes > 4) {
+          run_pass<DT, kD>(p, it, m0, narrow4, kbuf, vbuf, acc_out, m_out, l_out);
+        } else if (rest <= 8 && kLanes > 8) {
+          run_pass<DT, kD>(p, it, m0, narrow8, kbuf, vbuf, acc_out, m_out, l_out);
+        } else {
+          switch (vecs) {
+            case 1: run_pass<DT, kD>(p, it, m0, w1, kbuf, vbuf, acc_out, m_out, l_out); break;
+            case 2: run_pass<DT, kD>(p, it, m0, w2, kbuf, vbuf, acc_out, m_out, l_out); break;
+            case 3: run_pass<DT, kD>(p, it, m0, w3, kbuf, vbuf, acc_out, m_out, l_out); break;
+            default: run_pass<DT, kD>(p, it, m0, w4, kbuf, vbuf, acc_out, m_out, l_out); break;
+          }
         }
       }
       if (direct)

@@ -103,7 +103,7 @@ __device__ __forceinline__ void finish4(float (&o)[4], float lse2, const float* 
 }
 
 template <typename T, int DMAX, bool EXACT>
-__global__ void __launch_bounds__(kThreads) paged_attention_kernel(const Launch a) {
+__global__ void __launch_bounds__(kThreads, 2) paged_attention_kernel(const Launch a) {
   using C = Cfg<T, DMAX>;
   constexpr int TILE = C::TILE, LD = C::LD, E16 = C::kElems16;
   constexpr int KSTEPS = DMAX / 16;

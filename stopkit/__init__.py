@@ -16,7 +16,7 @@ from stopkit.prune import PruneResult, prune
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Engine": "stopkit.engine", "Session": "stopkit.engine",
+    "Engine": "stopkit.engine", "Session": "stopkit.engine", "Row": "stopkit.engine",
     "StopScorer": "stopkit.stop",
     "ParallelReasoner": "stopkit.reasoner", "Solution": "stopkit.reasoner", "Path": "stopkit.reasoner",
     "plan": "stopkit.planner", "Plan": "stopkit.planner",

@@ -32,7 +32,7 @@ void run(const StopScoreParams& p) {
   const auto* w = static_cast<const typename W::T*>(p.head_weight);
   const auto* b = static_cast<const typename W::T*>(p.head_bias);
   const int64_t d = p.dim, h = p.hidden_dim, in = h > 0 ? h : d;
-#pragma omp parallel
+#pragma omp parallel if (p.batch * p.dim * (p.hidden_dim + 2) > (1 << 18))
   {
     std::vector<float> x(d), y(h);
 #pragma omp for schedule(static)

@@ -2,13 +2,15 @@
 // avx512, see CMakeLists.txt) from the same source: the inner loops use native-width vector types
 // (csrc/include/stopkit/cpu/vec.h) that the compiler lowers for each build.
 //
-// Work item = (row, kv head, context split). An item reads each KV page once for all G query heads
-// of its group and all q_len queries: the M = G * q_len queries sit in the vector lanes (Q is kept
-// transposed, [D][M]), so a tile of keys costs broadcast-FMAs with no horizontal reductions:
+// Work item = (row, context split). An item walks the row's pages in order and, while a page is in
+// cache, runs every kv head over it (a page's [block_size, Hkv, D] keys are one contiguous range,
+// prefetched a page ahead). Each kv head reads the page once for all G query heads of its group and
+// all q_len queries: the M = G * q_len queries sit in the vector lanes (Q is kept transposed,
+// [D][M]), so a tile of keys costs broadcast-FMAs with no horizontal reductions:
 //   S[t][m]   = sum_d K[t][d] * Qt[d][m]              (keys of the tile, converted to float32)
 //   Ot[d][m] += sum_t V[t][d] * P[t][m]               (online softmax, one running max per lane)
-// When rows x kv heads are fewer than the threads, the context is split and the partial results
-// are merged by their log-sum-exp.
+// When rows are fewer than the threads, the context is split and the partial results are merged
+// by their log-sum-exp.
 #include <omp.h>
 
 #include <algorithm>
@@ -63,12 +65,9 @@ inline void rows_to_float(const typename Elem<DT>::T* src, int64_t stride, int64
 constexpr int64_t kPrefetchBlocks = 1;  // pages ahead to prefetch
 
 template <typename T>
-inline void prefetch_rows(const T* src, int64_t stride, int64_t n, int64_t D) {
-  const int64_t bytes = D * static_cast<int64_t>(sizeof(T));
-  for (int64_t t = 0; t < n; ++t) {
-    const char* row = reinterpret_cast<const char*>(src + t * stride);
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 1);
-  }
+inline void prefetch_range(const T* src, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(src);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(bytes + b, 0, 1);
 }
 
 // State of one pass over the queries [m0, m0 + MV*W) of a work item: W lanes per vector.
@@ -168,13 +167,16 @@ inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t 
 }
 
 struct Item {
-  int64_t b, kh, blk_lo, blk_hi;
-  bool last;
+  int64_t b, blk_lo, blk_hi;  // row and its pages [blk_lo, blk_hi)
+  bool last;                  // holds the row's last pages (and so its suffix)
 };
 
-// Runs queries [m0, m0 + MV*W) of one work item; writes unnormalised acc [M][D] rows, m and l.
+// Runs queries [m0, m0 + MV*W) of every kv head of one work item (ws[kh] holds head kh's state).
+// Pages are read in order and each page is used by all kv heads while it is in cache: a page's
+// [block_size, Hkv, D] K (and V) is one contiguous range the prefetcher can stream. Writes the
+// unnormalised acc [Hkv][M][D], m and l [Hkv][M].
 template <DType DT, int kD, int W, int MV>
-void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, Pass<W, MV>& w,
+void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::vector<Pass<W, MV>>& ws,
               std::vector<float>& kbuf, std::vector<float>& vbuf, float* acc_out, float* m_out,
               float* l_out) {
   using T = typename Elem<DT>::T;
@@ -183,33 +185,39 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, Pass<W,
   const int64_t S = p.q_len, H = p.num_heads, Hkv = p.num_kv_heads, G = H / Hkv, M = G * S;
   const int64_t D = kD ? kD : p.head_dim, bs = p.block_size;
   const int64_t L = p.seq_lens[it.b];
-  const bool has_suffix = p.suffix_k != nullptr;
+  const bool has_suffix = p.suffix_k != nullptr, windowed = p.window > 0;
   const int64_t tok_stride = Hkv * D;
   const auto* q = static_cast<const T*>(p.q);
+  const auto* kc = static_cast<const T*>(p.k_cache);
+  const auto* vc = static_cast<const T*>(p.v_cache);
 
-  // Qt[d][lane] = scale * q of query m0 + lane (zero in padding lanes).
-  w.qt.assign(D * MV, vfloat{});
-  w.ot.assign(D * MV, vfloat{});
-  float lowest = std::numeric_limits<float>::max(), highest = kNegInf;  // window lower bounds
-  for (int j = 0; j < MV; ++j) {
-    w.m[j] = V::broadcast(kMasked);
-    w.l[j] = vfloat{};
-    w.lower[j] = V::broadcast(kNegInf);
-    w.qidx[j] = vfloat{};
-  }
-  for (int64_t lane = 0; lane < MV * W && m0 + lane < M; ++lane) {
-    const int64_t mi = m0 + lane, g = mi / S, s = mi % S;
-    const T* src = q + ((it.b * S + s) * H + it.kh * G + g) * D;
+  // Qt[d][lane] = scale * q of query m0 + lane (zero in padding lanes); window lower bounds (the
+  // same for every kv head).
+  float lowest = std::numeric_limits<float>::max(), highest = kNegInf;
+  for (int64_t kh = 0; kh < Hkv; ++kh) {
+    Pass<W, MV>& w = ws[kh];
+    w.qt.assign(D * MV, vfloat{});
+    w.ot.assign(D * MV, vfloat{});
+    for (int j = 0; j < MV; ++j) {
+      w.m[j] = V::broadcast(kMasked);
+      w.l[j] = vfloat{};
+      w.lower[j] = V::broadcast(kNegInf);
+      w.qidx[j] = vfloat{};
+    }
     float* qt = reinterpret_cast<float*>(w.qt.data());
-    for (int64_t d = 0; d < D; ++d) qt[(d * MV + lane / W) * W + lane % W] = Elem<DT>::load(src[d]) * p.scale;
-    const float lo = p.window > 0 ? static_cast<float>(query_position(L, s, has_suffix) - p.window + 1) : kNegInf;
-    w.lower[lane / W][lane % W] = lo;
-    w.qidx[lane / W][lane % W] = static_cast<float>(s);
-    lowest = std::min(lowest, lo);
-    highest = std::max(highest, lo);
+    for (int64_t lane = 0; lane < MV * W && m0 + lane < M; ++lane) {
+      const int64_t mi = m0 + lane, g = mi / S, s = mi % S;
+      const T* src = q + ((it.b * S + s) * H + kh * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) qt[(d * MV + lane / W) * W + lane % W] = Elem<DT>::load(src[d]) * p.scale;
+      const float lo = windowed ? static_cast<float>(query_position(L, s, has_suffix) - p.window + 1) : kNegInf;
+      w.lower[lane / W][lane % W] = lo;
+      w.qidx[lane / W][lane % W] = static_cast<float>(s);
+      lowest = std::min(lowest, lo);
+      highest = std::max(highest, lo);
+    }
   }
-  const bool windowed = p.window > 0;
 
+  const int64_t page_elems = bs * Hkv * D;
   for (int64_t j = it.blk_lo; j < it.blk_hi; ++j) {
     const int64_t start = j * bs, n_blk = std::min(bs, L - start);
     if (windowed && static_cast<float>(start + n_blk) <= lowest) continue;  // outside every window
@@ -217,34 +225,39 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, Pass<W,
     if (j + kPrefetchBlocks < it.blk_hi) {
       // Pages are scattered, so the hardware prefetcher cannot guess the next one: ask for it.
       const int64_t next = p.block_table[it.b * p.max_blocks_per_row + j + kPrefetchBlocks];
-      const int64_t n_next = std::min(bs, L - (j + kPrefetchBlocks) * bs);
-      prefetch_rows(static_cast<const T*>(p.k_cache) + (next * bs * Hkv + it.kh) * D, tok_stride, n_next, D);
-      prefetch_rows(static_cast<const T*>(p.v_cache) + (next * bs * Hkv + it.kh) * D, tok_stride, n_next, D);
+      const int64_t n_next = std::min(bs, L - (j + kPrefetchBlocks) * bs) * tok_stride;
+      prefetch_range(kc + next * page_elems, n_next);
+      prefetch_range(vc + next * page_elems, n_next);
     }
-    for (int64_t off = 0; off < n_blk; off += kTile) {
-      const int64_t n = std::min<int64_t>(kTile, n_blk - off);
-      const int64_t row0 = (blk * bs + off) * Hkv + it.kh;
-      rows_to_float<DT, kD>(static_cast<const T*>(p.k_cache) + row0 * D, tok_stride, n, D, kbuf.data());
-      rows_to_float<DT, kD>(static_cast<const T*>(p.v_cache) + row0 * D, tok_stride, n, D, vbuf.data());
-      const bool masked = windowed && static_cast<float>(start + off) < highest;
-      attend_tile<W, MV, kD>(w, kbuf.data(), vbuf.data(), n, D, static_cast<float>(start + off), masked, false);
+    for (int64_t kh = 0; kh < Hkv; ++kh) {
+      for (int64_t off = 0; off < n_blk; off += kTile) {
+        const int64_t n = std::min<int64_t>(kTile, n_blk - off);
+        const int64_t row0 = (blk * bs + off) * Hkv + kh;
+        rows_to_float<DT, kD>(kc + row0 * D, tok_stride, n, D, kbuf.data());
+        rows_to_float<DT, kD>(vc + row0 * D, tok_stride, n, D, vbuf.data());
+        const bool masked = windowed && static_cast<float>(start + off) < highest;
+        attend_tile<W, MV, kD>(ws[kh], kbuf.data(), vbuf.data(), n, D, static_cast<float>(start + off),
+                               masked, false);
+      }
     }
   }
-  if (has_suffix && it.last) {
-    const int64_t row0 = it.b * S * Hkv + it.kh;
-    rows_to_float<DT, kD>(static_cast<const T*>(p.suffix_k) + row0 * D, tok_stride, S, D, kbuf.data());
-    rows_to_float<DT, kD>(static_cast<const T*>(p.suffix_v) + row0 * D, tok_stride, S, D, vbuf.data());
-    attend_tile<W, MV, kD>(w, kbuf.data(), vbuf.data(), S, D, static_cast<float>(L), true, true);
-  }
-
-  const float* ot = reinterpret_cast<const float*>(w.ot.data());
-  for (int64_t lane = 0; lane < MV * W && m0 + lane < M; ++lane) {
-    const int64_t mi = m0 + lane, j = lane / W, e = lane % W;
-    float* dst = acc_out + mi * D;
-    for (int64_t d = 0; d < D; ++d) dst[d] = ot[(d * MV + j) * W + e];
-    const bool seen = w.l[j][e] > 0.0f;
-    m_out[mi] = seen ? w.m[j][e] : kNegInf;
-    l_out[mi] = seen ? w.l[j][e] : 0.0f;
+  for (int64_t kh = 0; kh < Hkv; ++kh) {
+    Pass<W, MV>& w = ws[kh];
+    if (has_suffix && it.last) {
+      const int64_t row0 = it.b * S * Hkv + kh;
+      rows_to_float<DT, kD>(static_cast<const T*>(p.suffix_k) + row0 * D, tok_stride, S, D, kbuf.data());
+      rows_to_float<DT, kD>(static_cast<const T*>(p.suffix_v) + row0 * D, tok_stride, S, D, vbuf.data());
+      attend_tile<W, MV, kD>(w, kbuf.data(), vbuf.data(), S, D, static_cast<float>(L), true, true);
+    }
+    const float* ot = reinterpret_cast<const float*>(w.ot.data());
+    for (int64_t lane = 0; lane < MV * W && m0 + lane < M; ++lane) {
+      const int64_t mi = kh * M + m0 + lane, j = lane / W, e = lane % W;
+      float* dst = acc_out + mi * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = ot[(d * MV + j) * W + e];
+      const bool seen = w.l[j][e] > 0.0f;
+      m_out[mi] = seen ? w.m[j][e] : kNegInf;
+      l_out[mi] = seen ? w.l[j][e] : 0.0f;
+    }
   }
 }
 
@@ -271,14 +284,15 @@ void run(const PagedAttentionParams& p) {
     }
   }
 
+  // Work item = (row, context split); each item runs every kv head of its row.
   const int threads = omp_get_max_threads();
-  const int64_t pairs = B * Hkv;
+  const int64_t HM = Hkv * M;  // query rows of one item
   int64_t splits = 1;
-  if (pairs < threads && max_used > 1) splits = std::min<int64_t>(max_used, (2 * threads + pairs - 1) / pairs);
-  // Unnormalised partial results of every item: acc [items][M][D], m and l [items][M].
+  if (B < threads && max_used > 1) splits = std::min<int64_t>(max_used, (2 * threads + B - 1) / B);
+  // Unnormalised partial results of every item: acc [items][HM][D], m and l [items][HM].
   const bool direct = splits == 1;
-  std::vector<float> part_acc(direct ? 0 : pairs * splits * M * D), part_m(direct ? 0 : pairs * splits * M),
-      part_l(direct ? 0 : pairs * splits * M);
+  std::vector<float> part_acc(direct ? 0 : B * splits * HM * D), part_m(direct ? 0 : B * splits * HM),
+      part_l(direct ? 0 : B * splits * HM);
 
   auto* out = static_cast<T*>(p.out);
   auto finish = [&](int64_t b, int64_t kh, int64_t mi, const float* acc, float m, float l) {
@@ -306,23 +320,23 @@ void run(const PagedAttentionParams& p) {
 #pragma omp parallel if (work > (int64_t{1} << 20))
   {
     std::vector<float> kbuf(std::max<int64_t>(kTile, S) * D), vbuf(kbuf.size());
-    std::vector<float> acc(direct ? M * D : 0), ms(direct ? M : 0), ls(direct ? M : 0);
+    std::vector<float> acc(direct ? HM * D : 0), ms(direct ? HM : 0), ls(direct ? HM : 0);
     // Few queries (decode: G * q_len is often 1..8) use narrower vectors than the native width.
-    Pass<4, 1> narrow4;
-    Pass<(kLanes >= 8 ? 8 : 4), 1> narrow8;
-    Pass<kLanes, 1> w1;
-    Pass<kLanes, 2> w2;
-    Pass<kLanes, 3> w3;
-    Pass<kLanes, 4> w4;
+    std::vector<Pass<4, 1>> narrow4(Hkv);
+    std::vector<Pass<(kLanes >= 8 ? 8 : 4), 1>> narrow8(Hkv);
+    std::vector<Pass<kLanes, 1>> w1(Hkv);
+    std::vector<Pass<kLanes, 2>> w2(Hkv);
+    std::vector<Pass<kLanes, 3>> w3(Hkv);
+    std::vector<Pass<kLanes, 4>> w4(Hkv);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < pairs * splits; ++item) {
-      const int64_t b = item / (Hkv * splits), kh = (item / splits) % Hkv, split = item % splits;
+    for (int64_t item = 0; item < B * splits; ++item) {
+      const int64_t b = item / splits, split = item % splits;
       const int64_t nblk = (p.seq_lens[b] + bs - 1) / bs, per = (nblk + splits - 1) / splits;
       const int64_t lo = std::min(nblk, split * per);
-      const Item it{b, kh, lo, std::min(nblk, lo + per), split == splits - 1};
-      float* acc_out = direct ? acc.data() : part_acc.data() + item * M * D;
-      float* m_out = direct ? ms.data() : part_m.data() + item * M;
-      float* l_out = direct ? ls.data() : part_l.data() + item * M;
+      const Item it{b, lo, std::min(nblk, lo + per), split == splits - 1};
+      float* acc_out = direct ? acc.data() : part_acc.data() + item * HM * D;
+      float* m_out = direct ? ms.data() : part_m.data() + item * HM;
+      float* l_out = direct ? ls.data() : part_l.data() + item * HM;
       for (int64_t m0 = 0; m0 < M; m0 += kMaxVecs * kLanes) {
         const int64_t rest = M - m0, vecs = std::min<int64_t>(kMaxVecs, (rest + kLanes - 1) / kLanes);
         if (rest <= 4 && kLanes > 4) {
@@ -339,20 +353,20 @@ void run(const PagedAttentionParams& p) {
         }
       }
       if (direct)
-        for (int64_t mi = 0; mi < M; ++mi) finish(b, kh, mi, acc_out + mi * D, m_out[mi], l_out[mi]);
+        for (int64_t r = 0; r < HM; ++r) finish(b, r / M, r % M, acc_out + r * D, m_out[r], l_out[r]);
     }
 
     if (!direct) {
       std::vector<float> merged(D);
 #pragma omp for schedule(static)
-      for (int64_t r = 0; r < pairs * M; ++r) {
-        const int64_t pair = r / M, mi = r % M;
+      for (int64_t r = 0; r < B * HM; ++r) {
+        const int64_t b = r / HM, hm = r % HM;
         float m = kNegInf;
-        for (int64_t sp = 0; sp < splits; ++sp) m = std::max(m, part_m[(pair * splits + sp) * M + mi]);
+        for (int64_t sp = 0; sp < splits; ++sp) m = std::max(m, part_m[(b * splits + sp) * HM + hm]);
         std::fill(merged.begin(), merged.end(), 0.0f);
         float l = 0.0f;
         for (int64_t sp = 0; sp < splits && m != kNegInf; ++sp) {
-          const int64_t at = (pair * splits + sp) * M + mi;
+          const int64_t at = (b * splits + sp) * HM + hm;
           if (part_m[at] == kNegInf) continue;
           const float c = std::exp(part_m[at] - m);
           l += part_l[at] * c;
@@ -360,7 +374,7 @@ void run(const PagedAttentionParams& p) {
 #pragma omp simd
           for (int64_t i = 0; i < D; ++i) merged[i] += c * pa[i];
         }
-        finish(pair / Hkv, pair % Hkv, mi, merged.data(), m, l);
+        finish(b, hm / M, hm % M, merged.data(), m, l);
       }
     }
   }

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DTYPES", "load_model", "prompt_ids", "eos_token_id", "load_problems"]
+__all__ = ["DTYPES", "load_model", "prompt_ids", "eos_token_id", "read_jsonl", "load_problems"]
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -60,15 +60,13 @@ def eos_token_id(model, tokenizer) -> int | None:
     return getattr(tokenizer, "eos_token_id", None)
 
 
-def load_problems(path: str | Path) -> list[dict]:
-    """Problems from a JSONL file: one object per line with ``question`` (str, or a list of prompt
-    token ids) and ``answer`` (kept as given; numbers become strings); ``id`` optional (default the
-    line number). Blank lines are skipped."""
+def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; ValueError naming the line
+    of anything that is not a JSON object, FileNotFoundError (naming ``what``) for a missing file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no problems file at {path} (expected JSONL with 'question' and "
-                                "'answer' fields)")
-    problems = []
+        raise FileNotFoundError(f"no {what} file at {path}")
+    records = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -77,13 +75,25 @@ def load_problems(path: str | Path) -> list[dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON: {e}") from None
-            if not isinstance(rec, dict) or "question" not in rec or "answer" not in rec:
-                raise ValueError(f"{path}:{lineno}: each line must be an object with 'question' "
-                                 f"and 'answer', got {line.strip()[:80]!r}")
-            answer = rec["answer"]
-            if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-                answer = str(answer)
-            problems.append({**rec, "id": rec.get("id", lineno), "answer": answer})
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: each line must be a JSON object")
+            records.append((lineno, rec))
+    return records
+
+
+def load_problems(path: str | Path) -> list[dict]:
+    """Problems from a JSONL file: one object per line with ``question`` (str, or a list of prompt
+    token ids) and ``answer`` (kept as given; numbers become strings); ``id`` optional (default the
+    line number). Blank lines are skipped."""
+    problems = []
+    for lineno, rec in read_jsonl(path, "problems (JSONL with 'question' and 'answer' fields)"):
+        if "question" not in rec or "answer" not in rec:
+            raise ValueError(f"{path}:{lineno}: each line must be an object with 'question' "
+                             f"and 'answer', got keys {sorted(rec)[:8]}")
+        answer = rec["answer"]
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        problems.append({**rec, "id": rec.get("id", lineno), "answer": answer})
     if not problems:
         raise ValueError(f"{path} holds no problems")
     return problems

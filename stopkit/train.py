@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from stopkit.answers import Checker, check_answer, load_checker
-from stopkit.loading import DTYPES, eos_token_id, load_model, load_problems, prompt_ids
+from stopkit.loading import DTYPES, eos_token_id, load_model, load_problems, prompt_ids, read_jsonl
 from stopkit.stop import StopScorer
 
 __all__ = ["auroc", "metrics", "load_labels", "split_by_problem", "evaluate_scorer", "train_scorer",
@@ -82,24 +82,6 @@ def metrics(scores, labels) -> dict[str, float]:
 
 
 # ---- label data ----------------------------------------------------------------------------------
-def _read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"no {what} file at {path}")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON: {e}") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: each line must be a JSON object")
-            out.append((lineno, rec))
-    return out
-
-
 def _check_record(rec: dict, where: str) -> dict:
     ids = rec.get("prefix_token_ids")
     if (not isinstance(ids, list) or not ids
@@ -118,7 +100,7 @@ def load_labels(path: str | Path) -> list[dict]:
     ``id``, ``prefix_token_ids``, ``soft_label``. Raises ValueError naming the line of a bad record."""
     path = Path(path)
     records = []
-    for lineno, rec in _read_jsonl(path, "label"):
+    for lineno, rec in read_jsonl(path, "label"):
         rec = _check_record(rec, f"{path}:{lineno}")
         if rec["id"] is None:
             rec["id"] = lineno

@@ -17,6 +17,8 @@ from stopkit.toy.tokenizer import STOP_TOKEN, build_tokenizer
 def _solve_from_text(question: str) -> list[int]:
     """Independent solver: parse the question text and apply its operations left to right."""
     m = re.fullmatch(r"(\d+) (.*) mod (\d+) \?", question)
+    marks = re.findall(r"#(\d+)", question)
+    assert marks == [str(i) for i in range(1, len(marks) + 1)]
     assert m, question
     x, p = int(m.group(1)), int(m.group(3))
     out = []
@@ -103,7 +105,7 @@ def test_checker_right_wrong_malformed(seed):
     assert task.check(p.solution, p.answer)
     assert task.check(f"so \\boxed{{{p.answer}}}", p.answer)
     assert not task.check(p.solution.rsplit("answer:", 1)[0] + f"answer: {wrong}", p.answer)
-    assert not task.check(p.solution.rsplit(" , answer:", 1)[0], p.answer)  # no final line
+    assert not task.check(p.solution.rsplit(" answer:", 1)[0], p.answer)  # no final line
     assert not task.check("answer: banana", p.answer)
     assert not task.check("", p.answer)
     assert task.extract_answer(f"answer: {wrong} , answer: {p.answer}") == p.answer  # last one wins
@@ -133,7 +135,7 @@ def test_tokenizer_round_trip(tmp_path, seed):
     stop = tok.convert_tokens_to_ids(STOP_TOKEN)
     assert stop not in (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     assert tok.decode([stop]) == STOP_TOKEN and STOP_TOKEN in tok.all_special_tokens
-    batch = tok(["1 + 2 mod 97 ?", "1 + 2 * 3 mod 97 ?"], padding=True)["input_ids"]
+    batch = tok(["1 #1 + 2 mod 31 ?", "1 #1 + 2 #2 * 3 mod 31 ?"], padding=True)["input_ids"]
     assert batch[0][0] == tok.pad_token_id  # left padding, for batched generation
 
 
@@ -187,5 +189,5 @@ def test_first_slip_finds_the_first_wrong_step(seed):
         wrong = [i for i, ((x, op, c, y), v) in enumerate(zip(task.extract_steps(text), p.values))
                  if y != v]
         assert first_slip(p, text) == (wrong[0] if wrong else None)
-        cut = p.solution.split(" , ")
-        assert first_slip(p, " , ".join(cut[:3])) == 3  # stops early: a slip at the missing step
+        cut = p.solution.split(" #4 ")[0]
+        assert first_slip(p, cut) == 3  # stops early: a slip at the missing step

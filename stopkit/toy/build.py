@@ -1,0 +1,218 @@
+"""Build the demo's checkpoint: ``python -m stopkit.toy.build --stage base``.
+
+Stage ``base`` trains a tiny LlamaForCausalLM from scratch on CPU on fresh ``train``-split problems
+(loss on the solution tokens only), saves it with its tokenizer under ``--out`` (default: the
+package assets), then samples held-out ``test`` problems with plain ``model.generate`` and logs how
+often it slips (written to ``report.json`` beside the model). Deterministic given ``--seed`` and
+``--threads``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from stopkit.toy import MODEL_DIR
+from stopkit.toy.task import Problem, extract_answer, extract_steps, generate, slip_rate
+from stopkit.toy.tokenizer import build_tokenizer
+
+log = logging.getLogger("stopkit.toy.build")
+
+TEMPERATURE = 1.0  # sampling temperature the demo uses (saved in generation_config.json)
+MAX_NEW_TOKENS = 100  # a 14-step solution is 87 tokens with eos
+
+
+def model_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    """The toy architecture: 4 layers, hidden 256, 4 query / 2 key-value heads of 64, MLP 512."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, intermediate_size=512, max_position_embeddings=256,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+
+
+def make_batch(problems: list[Problem], tokenizer: PreTrainedTokenizerBase,
+               rng: random.Random) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``/``attention_mask``/``labels`` [B, T] of slipping traces
+    (``Problem.sample_solution``); labels only on the solution and eos."""
+    rows, starts = [], []
+    for p in problems:
+        q = tokenizer(p.question)["input_ids"]
+        s = tokenizer(p.sample_solution(rng), add_special_tokens=False)["input_ids"]
+        rows.append(q + s + [tokenizer.eos_token_id])
+        starts.append(len(q))
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (r, s) in enumerate(zip(rows, starts)):
+        ids[i, :len(r)] = torch.tensor(r)
+        labels[i, s:len(r)] = ids[i, s:len(r)]
+        mask[i, :len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def train_base(steps: int, batch_size: int, lr: float, seed: int, log_every: int = 50):
+    """Train the toy model from scratch; returns (model, tokenizer)."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(model_config(tokenizer))
+    log.info("toy model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    eq_id = tokenizer.convert_tokens_to_ids("=")
+    model.train()
+    bar = tqdm(range(steps), desc="train base", unit="step")
+    for step in bar:
+        k = 2 * (seed * 1_000_003 + step)
+        batch = make_batch(generate(batch_size, seed=k), tokenizer, random.Random(k + 1))
+        out = model(**batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % log_every == 0 or step == steps - 1:
+            with torch.no_grad():  # loss on the result tokens (after "=") and on all the others
+                nll = torch.nn.functional.cross_entropy(
+                    out.logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none")
+                is_res = batch["input_ids"][:, :-1] == eq_id
+                is_tgt = batch["labels"][:, 1:] >= 0
+                res = (nll[is_res & is_tgt].mean().item(), nll[~is_res & is_tgt].mean().item())
+            bar.set_postfix(result_loss=f"{res[0]:.3f}", other_loss=f"{res[1]:.3f}")
+            log.info("step %d loss %.4f result_loss %.4f other_loss %.4f lr %.2e", step,
+                     out.loss.item(), *res, sched.get_last_lr()[0])
+    return model.eval(), tokenizer
+
+
+def first_slip(problem: Problem, text: str) -> int | None:
+    """Index of the first step of ``text`` that differs from the reference chain, None if none."""
+    ref, x = [], problem.start
+    for (op, c), y in zip(problem.ops, problem.values):
+        ref.append((x, op, c, y))
+        x = y
+    got = extract_steps(text)
+    for i, r in enumerate(ref):
+        if i >= len(got) or got[i] != r:
+            return i
+    return len(ref) if len(got) > len(ref) else None
+
+
+@torch.no_grad()
+def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
+             problems: list[Problem], *,
+             n: int = 16, temperature: float = TEMPERATURE, seed: int = 0,
+             problems_per_batch: int = 16) -> dict[str, float]:
+    """Sample ``n`` paths per problem with ``model.generate``; per-path and majority-vote accuracy,
+    mean tokens per path, and how often a path that slipped in its first third still ends right."""
+    torch.manual_seed(seed)
+    correct, votes_right, tokens, early, early_right, per_problem = 0, 0, 0, 0, 0, []
+    for i in tqdm(range(0, len(problems), problems_per_batch), desc=f"eval T={temperature}",
+                  unit="batch"):
+        chunk = problems[i:i + problems_per_batch]
+        enc = tokenizer([p.question for p in chunk], return_tensors="pt", padding=True)
+        out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+                             num_return_sequences=n, max_new_tokens=MAX_NEW_TOKENS,
+                             eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        new = out[:, enc["input_ids"].shape[1]:]
+        for j, p in enumerate(chunk):
+            answers, right = [], 0
+            for row in new[j * n:(j + 1) * n]:
+                length = int((row != tokenizer.pad_token_id).sum())
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                a = extract_answer(text)
+                ok = a == p.answer
+                answers.append(a)
+                right += ok
+                tokens += length
+                slip = first_slip(p, text)
+                if slip is not None and slip < math.ceil(len(p.ops) / 3):
+                    early += 1
+                    early_right += ok
+            correct += right
+            per_problem.append(right / n)
+            top = Counter(a for a in answers if a is not None).most_common(1)
+            votes_right += bool(top) and top[0][0] == p.answer
+    paths = len(problems) * n
+    return {
+        "temperature": temperature, "problems": len(problems), "n": n,
+        "path_accuracy": correct / paths,
+        "vote_accuracy": votes_right / len(problems),
+        "mean_tokens_per_path": tokens / paths,
+        "early_slip_rate": early / paths,
+        "early_slip_still_right": early_right / max(1, early),
+        "problems_all_right": sum(a == 1.0 for a in per_problem) / len(problems),
+        "problems_all_wrong": sum(a == 0.0 for a in per_problem) / len(problems),
+        # what a model that slips exactly as its training traces do would score per path
+        "trace_path_accuracy": sum(math.prod(1 - slip_rate(op, c) for op, c in p.ops)
+                                   for p in problems) / len(problems),
+    }
+
+
+def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """Write config, float32 safetensors, tokenizer and generation config to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        do_sample=True, temperature=TEMPERATURE, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    model.to(torch.float32).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m stopkit.toy.build", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", required=True, choices=["base"], help="what to build")
+    ap.add_argument("--out", type=Path, default=MODEL_DIR,
+                    help="output folder (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads; the result depends on it (1 suits a shared machine)")
+    ap.add_argument("--eval-problems", type=int, default=128, help="held-out problems to sample")
+    ap.add_argument("--eval-n", type=int, default=16, help="paths sampled per problem")
+    args = ap.parse_args(argv)
+    for name in ("steps", "batch_size", "threads", "eval_problems", "eval_n"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+
+    t0 = time.perf_counter()
+    model, tokenizer = train_base(args.steps, args.batch_size, args.lr, args.seed)
+    train_s = time.perf_counter() - t0
+    save(model, tokenizer, args.out)
+    log.info("trained in %.0f s, saved to %s", train_s, args.out)
+
+    test = generate(args.eval_problems, seed=args.seed, split="test")
+    report = {"train_seconds": round(train_s, 1), "eval": [],
+              **{k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "threads")}}
+    for t in (TEMPERATURE, 0.7):
+        r = evaluate(model, tokenizer, test, n=args.eval_n, temperature=t, seed=args.seed)
+        report["eval"].append(r)
+        log.info("eval %s", json.dumps(r))
+    (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The demo task: chained arithmetic modulo a prime, solved step by step.
+
+A problem is a start value and 8-14 numbered operations (``+ c``, ``- c``, ``* c``) applied left
+to right, each result reduced modulo ``P``. The chain of thought writes every intermediate result,
+one numbered step per operation, so a single slip changes every later value and the answer::
+
+    question:  17 #1 * 7 #2 + 3 #3 - 5 mod 31 ?
+    solution:  #1 17 * 7 = 26 #2 26 + 3 = 29 #3 29 - 5 = 24 answer: 24
+
+(The step markers ``#i`` let a small model find operation i by matching one token.)
+
+Slips. The model learns from traces that slip on purpose: each step writes a wrong result (uniform
+over the other residues) with probability ``slip_rate(op, c)``, and the trace then continues
+faithfully from the wrong value. Every operation is a bijection mod the prime (``* c`` never takes
+``c = 0``), so a slipped trace ends wrong unless a later slip happens to land back on the right
+value. A model trained on them slips at about those rates when sampled at temperature 1, which gives
+the demo a real, irreversible slip rate. Difficulty varies with the number of steps (8-14) and the
+operand range (``c`` up to 6, or up to P - 1): slips are rare on small sums and common on large
+products, so easy problems are solved by most paths and hard ones by few.
+
+Splits. Every problem belongs to exactly one split, decided by a hash of its question text:
+``"test"`` (1 in 8 of all problems, the held-out set used by evaluation and the demo) or
+``"train"`` (the rest: base-model training and STOP labelling). ``generate`` keeps drawing until
+it has ``n`` problems of the requested split, so held-out problems can never appear in training,
+whatever seeds are used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["P", "OPS", "MIN_STEPS", "MAX_STEPS", "Problem", "generate", "split_of", "slip_rate",
+           "extract_answer", "extract_steps", "check", "write_jsonl"]
+
+P = 31
+OPS = ("+", "-", "*")
+MIN_STEPS, MAX_STEPS = 8, 14
+SMALL = 6  # operands up to SMALL are "small"
+OPERAND_LIMITS = (SMALL, P - 1)  # per-problem operand range
+# probability that a training trace writes a wrong result, by (op is "*", operand > SMALL)
+SLIP_RATES = {(False, False): 0.005, (False, True): 0.06, (True, False): 0.02, (True, True): 0.2}
+SPLITS = ("train", "test")
+_TEST_BUCKETS = 1  # of 8
+
+_ANSWER_RE = re.compile(r"answer:\s*(-?\d+)")
+_BOXED_RE = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
+_STEP_RE = re.compile(r"(?<![#\d])(-?\d+)\s*([+*-])\s*(-?\d+)\s*=\s*(-?\d+)")
+
+
+def _apply(x: int, op: str, c: int) -> int:
+    if op == "+":
+        return (x + c) % P
+    if op == "-":
+        return (x - c) % P
+    return (x * c) % P
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A start value and a tuple of ``(op, operand)`` operations, applied left to right mod P."""
+
+    start: int
+    ops: tuple[tuple[str, int], ...]
+
+    @property
+    def values(self) -> list[int]:
+        """The intermediate results, one per operation; the last one is the answer."""
+        out, x = [], self.start
+        for op, c in self.ops:
+            x = _apply(x, op, c)
+            out.append(x)
+        return out
+
+    @property
+    def answer(self) -> int:
+        return self.values[-1]
+
+    @property
+    def question(self) -> str:
+        ops = " ".join(f"#{i} {op} {c}" for i, (op, c) in enumerate(self.ops, 1))
+        return f"{self.start} {ops} mod {P} ?"
+
+    @property
+    def solution(self) -> str:
+        """The reference chain of thought and final line, one ``#i prev op c = result`` per step."""
+        steps, x = [], self.start
+        for i, ((op, c), y) in enumerate(zip(self.ops, self.values), 1):
+            steps.append(f"#{i} {x} {op} {c} = {y}")
+            x = y
+        return " ".join(steps) + f" answer: {self.answer}"
+
+    def sample_solution(self, rng: random.Random) -> str:
+        """A solution that slips at ``slip_rate`` per step and carries on from what it wrote."""
+        steps, x = [], self.start
+        for i, (op, c) in enumerate(self.ops, 1):
+            y = _apply(x, op, c)
+            if rng.random() < slip_rate(op, c):
+                y = (y + rng.randrange(1, P)) % P
+            steps.append(f"#{i} {x} {op} {c} = {y}")
+            x = y
+        return " ".join(steps) + f" answer: {x}"
+
+    @property
+    def text(self) -> str:
+        """Question then reference solution (the tokenizer adds bos; training appends eos)."""
+        return f"{self.question} {self.solution}"
+
+    @property
+    def split(self) -> str:
+        return split_of(self.question)
+
+
+def split_of(question: str) -> str:
+    """The split (``"train"`` or ``"test"``) a question belongs to, by a stable hash of its text."""
+    bucket = hashlib.blake2b(question.encode(), digest_size=8).digest()[0] % 8
+    return "test" if bucket < _TEST_BUCKETS else "train"
+
+
+def slip_rate(op: str, c: int) -> float:
+    """Probability that a training trace writes a wrong result for the step ``x op c``."""
+    return SLIP_RATES[op == "*", c > SMALL]
+
+
+def _draw(rng: random.Random, min_steps: int, max_steps: int) -> Problem:
+    limit = rng.choice(OPERAND_LIMITS)
+    ops = []
+    for _ in range(rng.randint(min_steps, max_steps)):
+        op = rng.choice(OPS)
+        # * 0 would erase every earlier step (a slip before it could not matter), * 1 is a no-op
+        ops.append((op, rng.randint(2 if op == "*" else 1, limit)))
+    return Problem(rng.randrange(P), tuple(ops))
+
+
+def generate(n: int, seed: int, split: str = "train", *, min_steps: int = MIN_STEPS,
+             max_steps: int = MAX_STEPS) -> list[Problem]:
+    """``n`` problems of ``split`` drawn with ``random.Random(seed)``; same arguments, same list."""
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not (isinstance(min_steps, int) and isinstance(max_steps, int)
+            and 1 <= min_steps <= max_steps):
+        raise ValueError(f"min_steps and max_steps must be ints with 1 <= min_steps <= max_steps, "
+                         f"got {min_steps!r}, {max_steps!r}")
+    rng = random.Random(seed)
+    out: list[Problem] = []
+    while len(out) < n:
+        p = _draw(rng, min_steps, max_steps)
+        if p.split == split:
+            out.append(p)
+    return out
+
+
+def extract_answer(text: str) -> int | None:
+    """The final answer written in ``text`` (last ``answer: N`` or ``\\boxed{N}``), else None."""
+    found = [(m.start(), m.group(1)) for r in (_ANSWER_RE, _BOXED_RE) for m in r.finditer(text)]
+    if not found:
+        return None
+    return int(max(found)[1])
+
+
+def extract_steps(text: str) -> list[tuple[int, str, int, int]]:
+    """Every ``x op c = y`` step written in ``text``, in order, as ``(x, op, c, y)``."""
+    return [(int(a), op, int(c), int(y)) for a, op, c, y in _STEP_RE.findall(text)]
+
+
+def check(text: str, answer: int) -> bool:
+    """True when the final answer written in ``text`` equals ``answer``."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    got = extract_answer(text)
+    return got is not None and got == int(answer)
+
+
+def write_jsonl(problems: Iterable[Problem], path: str | Path) -> Path:
+    """Write one ``{"question", "answer"}`` object per line (the format ``stopkit label`` reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for p in problems:
+            f.write(json.dumps({"question": p.question, "answer": str(p.answer)}) + "\n")
+    return path

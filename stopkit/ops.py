@@ -137,7 +137,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"head_dim must be a multiple of 16 in 32..256, got {D}")
     if block_size < 8 or block_size > 256 or block_size & (block_size - 1):
         raise ValueError(f"block_size (k_cache.shape[1]) must be a power of two in 8..256, got {block_size}")
-    if Hkv < 1 or H % Hkv != 0:
+    if Hkv < 1 or H < 1 or H % Hkv != 0:
         raise ValueError(f"num_heads (q.shape[2] = {H}) must be a multiple of num_kv_heads "
                          f"(k_cache.shape[2] = {Hkv})")
     block_table = _tensor("block_table", block_table, ndim=2, dtype=torch.int32, device=device)
@@ -155,11 +155,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if sinks is not None:
         sinks = _dense(_tensor("sinks", sinks, ndim=1, dtype=torch.float32, device=device))
         _shape("sinks", sinks, (H,))
-    if window is not None and (not isinstance(window, int) or window < 1):
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    elif not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+    elif isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite float, got {scale!r}")
     max_blocks = block_table.shape[1]
     if B > 0:
@@ -282,8 +282,10 @@ def stop_score(hidden: torch.Tensor, head_weight: torch.Tensor,
         raise ValueError(f"activation must be one of gelu, relu, silu, tanh, none; got {activation!r}")
     if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
-    if (hidden_weight is None) != (hidden_bias is None) and hidden_bias is not None:
+    if hidden_bias is not None and hidden_weight is None:
         raise ValueError("hidden_bias needs hidden_weight")
+    if d < 1:
+        raise ValueError(f"hidden must have at least one feature (shape[1] >= 1), got {tuple(hidden.shape)}")
     h = 0
     if norm_weight is not None:
         norm_weight = _dense(_tensor("norm_weight", norm_weight, ndim=1, dtype=wdtype, device=device))

@@ -231,3 +231,18 @@ def test_stop_score_bad_input(rule):
     change(kw)
     with pytest.raises(exc, match=pattern):
         ops.stop_score(**kw)
+
+
+def test_bool_window_scale_and_empty_heads_are_rejected():
+    q = torch.randn(1, 1, 4, 32)
+    kc = torch.randn(2, 8, 2, 32)
+    bt = torch.zeros(1, 1, dtype=torch.int32)
+    sl = torch.ones(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="window"):
+        ops.paged_attention(q, kc, kc, bt, sl, window=True)
+    with pytest.raises(ValueError, match="scale"):
+        ops.paged_attention(q, kc, kc, bt, sl, scale=True)
+    with pytest.raises(ValueError, match="num_heads"):
+        ops.paged_attention(q[:, :, :0], kc, kc, bt, sl)
+    with pytest.raises(ValueError, match="hidden"):
+        ops.stop_score(torch.randn(3, 0), torch.randn(2, 0))

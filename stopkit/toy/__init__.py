@@ -13,12 +13,13 @@ import torch
 from stopkit.toy.task import (MAX_STEPS, MIN_STEPS, OPS, P, Problem, check, extract_answer,
                               extract_steps, generate, slip_rate, split_of, write_jsonl)
 
-__all__ = ["ASSETS", "MODEL_DIR", "load_model", "P", "OPS", "MIN_STEPS", "MAX_STEPS", "Problem",
+__all__ = ["ASSETS", "MODEL_DIR", "ADAPTER_DIR", "load_model", "P", "OPS", "MIN_STEPS", "MAX_STEPS", "Problem",
            "generate", "split_of", "slip_rate", "extract_answer", "extract_steps", "check",
            "write_jsonl"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL_DIR = ASSETS / "model"
+ADAPTER_DIR = ASSETS / "adapter"
 
 
 def load_model(dtype: torch.dtype = torch.float32, path: str | Path | None = None):

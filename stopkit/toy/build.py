@@ -1,10 +1,14 @@
-"""Build the demo's checkpoint: ``python -m stopkit.toy.build --stage base``.
+"""Build the demo's checkpoints: ``python -m stopkit.toy.build --stage base``, then ``--stage adapter``.
 
 Stage ``base`` trains a tiny LlamaForCausalLM from scratch on CPU on fresh ``train``-split problems
 (loss on the solution tokens only), saves it with its tokenizer under ``--out`` (default: the
 package assets), then samples held-out ``test`` problems with plain ``model.generate`` and logs how
 often it slips (written to ``report.json`` beside the model). Deterministic given ``--seed`` and
 ``--threads``.
+
+Stage ``adapter`` labels train-split prefixes with Monte-Carlo rollouts and trains the STOP scorer
+on them, through the same functions as ``stopkit label`` and ``stopkit train``, and saves it under
+the package assets beside the model (with ``report.json``).
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from stopkit.toy import MODEL_DIR
-from stopkit.toy.task import Problem, extract_answer, extract_steps, generate, slip_rate
+from stopkit.toy import ADAPTER_DIR, MODEL_DIR
+from stopkit.toy.task import Problem, check, extract_answer, extract_steps, generate, slip_rate
 from stopkit.toy.tokenizer import build_tokenizer
 
 log = logging.getLogger("stopkit.toy.build")
 
 TEMPERATURE = 1.0  # sampling temperature the demo uses (saved in generation_config.json)
+PREFIX_TOKENS = 16  # l_p: tokens decoded before the [STOP] check (labels and demo)
 MAX_NEW_TOKENS = 100  # a 14-step solution is 87 tokens with eos
 
 
@@ -177,13 +182,74 @@ def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path)
     tokenizer.save_pretrained(out)
 
 
+def build_adapter(model_dir: Path, out: Path, *, label_seeds: list[int], problems: int,
+                  prefix_tokens: int, rollouts: int, traces: int, epochs: int, lr: float,
+                  lora_rank: int, batch_size: int, seed: int, work_dir: Path) -> dict:
+    """Stage ``adapter``: Monte-Carlo labels and a trained STOP scorer for the model at ``model_dir``,
+    through the code behind ``stopkit label`` and ``stopkit train`` (stopkit.train). For each of
+    ``label_seeds``, ``problems`` train-split problems drawn with that seed are labelled into
+    ``work_dir/labels.jsonl`` (problem ids ``"{seed}-{i}"``; resumable, and each shard's samples
+    depend only on its seed, so shards may also be labelled by parallel runs and concatenated);
+    the best-validation-MSE scorer is saved to ``out``."""
+    from stopkit.stop import StopScorer
+    from stopkit.toy import load_model
+    from stopkit.toy.tokenizer import STOP_TOKEN
+    from stopkit.train import label_problems, load_labels, split_by_problem, train_scorer
+
+    model, tokenizer = load_model(path=model_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    labels = work_dir / "labels.jsonl"
+    t0 = time.perf_counter()
+    stats = {}
+    for shard in label_seeds:
+        shard_problems = [{"id": f"{shard}-{i}", "question": p.question, "answer": p.answer}
+                          for i, p in enumerate(generate(problems, seed=shard, split="train"))]
+        stats[shard] = label_problems(
+            model, tokenizer, shard_problems, labels, prefix_tokens=prefix_tokens,
+            rollouts=rollouts, traces=traces, max_new_tokens=MAX_NEW_TOKENS,
+            temperature=TEMPERATURE, top_p=1.0, seed=shard,
+            checker=lambda text, answer: check(text, int(answer)))
+    label_s = time.perf_counter() - t0
+    records = load_labels(labels)
+    train, val = split_by_problem(records, 0.15, seed)
+    soft = [r["soft_label"] for r in records]
+    log.info("labelled %d prefixes of %d problems in %.0f s: mean label %.3f, %.0f%% at 0, %.0f%% at 1",
+             len(records), problems * len(label_seeds), label_s, sum(soft) / len(soft),
+             100 * sum(s == 0 for s in soft) / len(soft), 100 * sum(s == 1 for s in soft) / len(soft))
+    scorer = StopScorer.new(model, lora_rank=lora_rank, lora_alpha=2 * lora_rank, seed=seed,
+                            token_id=tokenizer.convert_tokens_to_ids(STOP_TOKEN))
+    t0 = time.perf_counter()
+    history = train_scorer(scorer, train, val, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
+                           seed=seed)
+    best = min(history[1:], key=lambda h: h["mse"])
+    report = {"label_seconds": round(label_s, 1), "train_seconds": round(time.perf_counter() - t0, 1),
+              "label_stats": stats, "records": len(records), "mean_label": sum(soft) / len(soft),
+              "prefix_tokens": prefix_tokens, "rollouts": rollouts, "traces": traces,
+              "epochs": epochs, "lr": lr, "lora_rank": lora_rank, "history": history, "best": best}
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    log.info("adapter: best validation %s, saved to %s", json.dumps(best), out)
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m stopkit.toy.build", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", required=True, choices=["base"], help="what to build")
-    ap.add_argument("--out", type=Path, default=MODEL_DIR,
-                    help="output folder (default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--stage", required=True, choices=["base", "adapter"],
+                    help="base: the model; adapter: its STOP scorer (needs the base model)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"output folder (default: {MODEL_DIR} for base, {ADAPTER_DIR} for adapter)")
+    ap.add_argument("--model", type=Path, default=MODEL_DIR, help="adapter stage: the base model")
+    ap.add_argument("--work-dir", type=Path, default=Path("toy-build"),
+                    help="adapter stage: where labels.jsonl goes (resumable)")
+    ap.add_argument("--label-seeds", default="2,3", help="adapter stage: one shard of problems per seed")
+    ap.add_argument("--label-problems", type=int, default=700, help="adapter stage: problems per shard")
+    ap.add_argument("--prefix-tokens", type=int, default=PREFIX_TOKENS, help="adapter stage: l_p")
+    ap.add_argument("--rollouts", type=int, default=8, help="adapter stage: continuations per prefix")
+    ap.add_argument("--traces", type=int, default=4, help="adapter stage: prefixes per problem")
+    ap.add_argument("--epochs", type=int, default=8, help="adapter stage")
+    ap.add_argument("--adapter-lr", type=float, default=5e-4, help="adapter stage: AdamW learning rate")
+    ap.add_argument("--lora-rank", type=int, default=64, help="adapter stage")
+    ap.add_argument("--steps", type=int, default=1500, help="base stage: optimizer steps")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -198,11 +264,20 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
 
+    if args.stage == "adapter":
+        build_adapter(args.model, args.out or ADAPTER_DIR,
+                      label_seeds=[int(x) for x in args.label_seeds.split(",")],
+                      problems=args.label_problems, prefix_tokens=args.prefix_tokens,
+                      rollouts=args.rollouts, traces=args.traces, epochs=args.epochs,
+                      lr=args.adapter_lr, lora_rank=args.lora_rank, batch_size=args.batch_size // 2,
+                      seed=args.seed, work_dir=args.work_dir)
+        return
+    out = args.out or MODEL_DIR
     t0 = time.perf_counter()
     model, tokenizer = train_base(args.steps, args.batch_size, args.lr, args.seed)
     train_s = time.perf_counter() - t0
-    save(model, tokenizer, args.out)
-    log.info("trained in %.0f s, saved to %s", train_s, args.out)
+    save(model, tokenizer, out)
+    log.info("trained in %.0f s, saved to %s", train_s, out)
 
     test = generate(args.eval_problems, seed=args.seed, split="test")
     report = {"train_seconds": round(train_s, 1), "eval": [],
@@ -211,7 +286,9 @@ def main(argv: list[str] | None = None) -> None:
         r = evaluate(model, tokenizer, test, n=args.eval_n, temperature=t, seed=args.seed)
         report["eval"].append(r)
         log.info("eval %s", json.dumps(r))
-    (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
 
 
 if __name__ == "__main__":

@@ -28,11 +28,11 @@ class DemoConfig:
     """What the demo runs. Defaults: the README's table."""
 
     problems: int = 64        # held-out problems
-    n: int = 16               # paths per problem
-    keep: int = 4             # paths resumed after the check
+    n: int = 32               # paths per problem
+    keep: int = 6             # paths resumed after the check (N*l_p + k*(T-l_p) ~ 38% of N*T)
     prefix_tokens: int = PREFIX_TOKENS  # l_p: tokens decoded before the check (the adapter's)
     seeds: tuple[int, ...] = (0,)
-    batch_size: int = 16      # problems decoded together in one engine session
+    batch_size: int = 8       # problems decoded together in one engine session
     data_seed: int = 1234     # which held-out problems
     methods: tuple[str, ...] = METHODS
     threads: int = 1          # torch threads: a 2.4M-parameter model gains nothing from more

@@ -48,6 +48,14 @@ def _visible(seq_lens: torch.Tensor, total: int, S: int, has_suffix: bool,
     return visible.expand(B, S, total)
 
 
+def _keys_values(k_cache, v_cache, block_table, suffix_k, suffix_v):
+    """Every row's gathered pages, then its suffix: k, v ``[B, M*block_size (+ S), Hkv, D]``."""
+    k, v = gather_pages(k_cache, block_table), gather_pages(v_cache, block_table)
+    if suffix_k is not None:
+        k, v = torch.cat([k, suffix_k], dim=1), torch.cat([v, suffix_v], dim=1)
+    return k, v
+
+
 def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, suffix_k=None, suffix_v=None,
                     scale=None, sinks=None, window=None, return_lse=False, check_indices=True):
     """Oracle of :func:`stopkit.ops.paged_attention` (explicit softmax in q's dtype)."""
@@ -55,12 +63,8 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, suffix_k=None
     Hkv = k_cache.shape[2]
     G = H // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    k = gather_pages(k_cache, block_table)
-    v = gather_pages(v_cache, block_table)
+    k, v = _keys_values(k_cache, v_cache, block_table, suffix_k, suffix_v)
     has_suffix = suffix_k is not None
-    if has_suffix:
-        k = torch.cat([k, suffix_k], dim=1)
-        v = torch.cat([v, suffix_v], dim=1)
     total = k.shape[1]
     k = k.repeat_interleave(G, dim=2)  # [B, T, H, D]
     v = v.repeat_interleave(G, dim=2)
@@ -85,13 +89,8 @@ def paged_attention_sdpa(q, k_cache, v_cache, block_table, seq_lens, *, suffix_k
     """The usual torch baseline: gather the pages, then ``F.scaled_dot_product_attention`` with
     ``enable_gqa`` and a boolean mask (no sinks, no LSE). Same semantics otherwise."""
     S = q.shape[1]
-    k = gather_pages(k_cache, block_table)
-    v = gather_pages(v_cache, block_table)
-    has_suffix = suffix_k is not None
-    if has_suffix:
-        k = torch.cat([k, suffix_k], dim=1)
-        v = torch.cat([v, suffix_v], dim=1)
-    visible = _visible(seq_lens, k.shape[1], S, has_suffix, window)[:, None]
+    k, v = _keys_values(k_cache, v_cache, block_table, suffix_k, suffix_v)
+    visible = _visible(seq_lens, k.shape[1], S, suffix_k is not None, window)[:, None]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=visible, scale=scale, enable_gqa=True)
     return out.transpose(1, 2).nan_to_num(0.0)

@@ -49,16 +49,23 @@ constexpr int register_block(int mv) {
   return pow2;
 }
 
-// Converts n rows of D elements, `stride` elements apart, to dense float32 [n][D].
+// n rows of D elements, `stride` elements apart, as float32 rows `stride` apart: float32 input is
+// read in place; other dtypes are converted into dst (and the stride becomes D).
 template <DType DT, int kD>
-inline void rows_to_float(const typename Elem<DT>::T* src, int64_t stride, int64_t n, int64_t D,
-                          float* dst) {
-  const int64_t d = kD ? kD : D;
-  for (int64_t t = 0; t < n; ++t) {
-    const auto* s = src + t * stride;
-    float* o = dst + t * d;
+inline const float* rows_as_float(const typename Elem<DT>::T* src, int64_t& stride, int64_t n,
+                                  int64_t D, float* dst) {
+  if constexpr (DT == DType::kFloat32) {
+    return src;
+  } else {
+    const int64_t d = kD ? kD : D;
+    for (int64_t t = 0; t < n; ++t) {
+      const auto* s = src + t * stride;
+      float* o = dst + t * d;
 #pragma omp simd
-    for (int64_t i = 0; i < d; ++i) o[i] = Elem<DT>::load(s[i]);
+      for (int64_t i = 0; i < d; ++i) o[i] = Elem<DT>::load(s[i]);
+    }
+    stride = d;
+    return dst;
   }
 }
 
@@ -79,11 +86,12 @@ struct Pass {
   vf s[kTile][MV];
 };
 
-// One tile of n keys at positions pos0 .. pos0+n-1. suffix: the tile holds suffix tokens, query
-// lane with suffix index s sees tile key t only when t <= s. masked: a window or suffix applies.
+// One tile of n keys at positions pos0 .. pos0+n-1, rows of k and v `rs` floats apart. suffix: the
+// tile holds suffix tokens, query lane with suffix index s sees tile key t only when t <= s.
+// masked: a window or suffix applies.
 template <int W, int MV, int kD>
-inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t n, int64_t D,
-                        float pos0, bool masked, bool suffix) {
+inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t rs, int64_t n,
+                        int64_t D, float pos0, bool masked, bool suffix) {
   using V = Vec<W>;
   using vfloat = typename V::f;
   const int64_t d_len = kD ? kD : D;
@@ -98,7 +106,7 @@ inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t 
       vfloat q[MV];
       for (int j = 0; j < MV; ++j) q[j] = w.qt[d * MV + j];
       for (int b = 0; b < TB; ++b) {
-        const float kb = k[(t + b) * d_len + d];
+        const float kb = k[(t + b) * rs + d];
         for (int j = 0; j < MV; ++j) acc[b][j] += kb * q[j];
       }
     }
@@ -109,7 +117,7 @@ inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t 
     vfloat acc[MV];
     for (int j = 0; j < MV; ++j) acc[j] = vfloat{};
     for (int64_t d = 0; d < d_len; ++d) {
-      const float kb = k[t * d_len + d];
+      const float kb = k[t * rs + d];
       for (int j = 0; j < MV; ++j) acc[j] += kb * w.qt[d * MV + j];
     }
     for (int j = 0; j < MV; ++j) w.s[t][j] = acc[j];
@@ -155,7 +163,7 @@ inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t 
     for (int64_t tt = 0; tt < n; ++tt) {
       vfloat p[MV];
       for (int j = 0; j < MV; ++j) p[j] = w.s[tt][j];
-      const float* vt = v + tt * d_len + d;
+      const float* vt = v + tt * rs + d;
       for (int b = 0; b < DB; ++b) {
         const float vb = vt[b];
         for (int j = 0; j < MV; ++j) acc[b][j] += vb * p[j];
@@ -233,10 +241,12 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
       for (int64_t off = 0; off < n_blk; off += kTile) {
         const int64_t n = std::min<int64_t>(kTile, n_blk - off);
         const int64_t row0 = (blk * bs + off) * Hkv + kh;
-        rows_to_float<DT, kD>(kc + row0 * D, tok_stride, n, D, kbuf.data());
-        rows_to_float<DT, kD>(vc + row0 * D, tok_stride, n, D, vbuf.data());
+        int64_t rs = tok_stride;
+        const float* kf = rows_as_float<DT, kD>(kc + row0 * D, rs, n, D, kbuf.data());
+        rs = tok_stride;
+        const float* vf = rows_as_float<DT, kD>(vc + row0 * D, rs, n, D, vbuf.data());
         const bool masked = windowed && static_cast<float>(start + off) < highest;
-        attend_tile<W, MV, kD>(ws[kh], kbuf.data(), vbuf.data(), n, D, static_cast<float>(start + off),
+        attend_tile<W, MV, kD>(ws[kh], kf, vf, rs, n, D, static_cast<float>(start + off),
                                masked, false);
       }
     }
@@ -245,9 +255,11 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
     Pass<W, MV>& w = ws[kh];
     if (has_suffix && it.last) {
       const int64_t row0 = it.b * S * Hkv + kh;
-      rows_to_float<DT, kD>(static_cast<const T*>(p.suffix_k) + row0 * D, tok_stride, S, D, kbuf.data());
-      rows_to_float<DT, kD>(static_cast<const T*>(p.suffix_v) + row0 * D, tok_stride, S, D, vbuf.data());
-      attend_tile<W, MV, kD>(w, kbuf.data(), vbuf.data(), S, D, static_cast<float>(L), true, true);
+      int64_t rs = tok_stride;
+      const float* kf = rows_as_float<DT, kD>(static_cast<const T*>(p.suffix_k) + row0 * D, rs, S, D, kbuf.data());
+      rs = tok_stride;
+      const float* vf = rows_as_float<DT, kD>(static_cast<const T*>(p.suffix_v) + row0 * D, rs, S, D, vbuf.data());
+      attend_tile<W, MV, kD>(w, kf, vf, rs, S, D, static_cast<float>(L), true, true);
     }
     const float* ot = reinterpret_cast<const float*>(w.ot.data());
     for (int64_t lane = 0; lane < MV * W && m0 + lane < M; ++lane) {

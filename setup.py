@@ -1,7 +1,7 @@
 """Builds stopkit's native modules with CMake (see CMakeLists.txt).
 
 STOPKIT_CUDA=auto|0|1 selects the CUDA build (auto: when nvcc is found on PATH or in CUDA_HOME);
-STOPKIT_DEBUG=1 turns on full index checks inside the kernels; MAX_JOBS caps parallel compiles.
+STOPKIT_DEBUG=1 makes the CUDA kernels trap on a bad index (the CPU kernels always check); MAX_JOBS caps parallel compiles.
 """
 
 import os

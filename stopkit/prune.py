@@ -10,7 +10,7 @@ import torch
 
 from stopkit.cache import PagedKVCache, _index
 
-__all__ = ["prune", "PruneResult"]
+__all__ = ["prune", "PruneResult", "ranking"]
 
 
 class PruneResult(NamedTuple):
@@ -41,6 +41,14 @@ def _real(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
+
+
+def ranking(scores: torch.Tensor) -> torch.Tensor:
+    """Row indices best first (int64 ``[batch]``) for float scores ``[batch]``: higher first, NaN
+    last, ties to the lower index. The order stopkit.prune keeps rows in."""
+    nan = scores.isnan()
+    order = torch.sort(scores.masked_fill(nan, -math.inf), descending=True, stable=True).indices
+    return order[torch.sort(nan[order].to(torch.uint8), stable=True).indices]
 
 
 def prune(cache: PagedKVCache, scores, *, keep: int | None = None, ratio: float | None = None,
@@ -75,8 +83,6 @@ def prune(cache: PagedKVCache, scores, *, keep: int | None = None, ratio: float 
         k = int((scores >= threshold).sum())
     k = min(batch, max(k, min_keep))
 
-    nan = scores.isnan()
-    order = torch.sort(scores.masked_fill(nan, -math.inf), descending=True, stable=True).indices
-    order = order[torch.sort(nan[order].to(torch.uint8), stable=True).indices]  # NaN last
+    order = ranking(scores)
     kept, dropped = order[:k].sort().values, order[k:].sort().values
     return PruneResult(kept, dropped, cache.free(dropped))

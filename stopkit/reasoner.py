@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from stopkit.answers import extract_answer, normalize_answer
 from stopkit.engine import Engine
 from stopkit.loading import eos_token_id, prompt_ids
+from stopkit.prune import ranking
 
 __all__ = ["ParallelReasoner", "Solution", "Path", "METHODS", "VOTES", "vote", "check_solve_args",
            "confidence_score", "entropy_score", "default_extractor"]
@@ -172,13 +173,6 @@ def vote(answers: Sequence[Hashable | None], weights: Sequence[float]) -> tuple[
     winner = max(totals, key=lambda a: (totals[a], counts[a], -order[a]))
     return winner, totals
 
-
-
-def _rank(scores: list[float]) -> list[int]:
-    """Indices best first: higher score first, NaN last, ties to the lower index (stopkit.prune's
-    order)."""
-    return sorted(range(len(scores)),
-                  key=lambda i: (1, 0.0, i) if math.isnan(scores[i]) else (0, -scores[i], i))
 
 
 def _int_arg(name: str, value, low: int) -> int:
@@ -446,7 +440,7 @@ class _Run:
             by_question.setdefault(row.prompt_index, []).append(i)
         drop = []
         for idx in by_question.values():
-            order = _rank([scores[i] for i in idx])
+            order = ranking(torch.tensor([scores[i] for i in idx], dtype=torch.float64)).tolist()
             drop += [idx[j] for j in order[keep:]]
         self.pruned.update(session.rows[i] for i in drop)
         if drop:

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface, Cache, PretrainedConfig, PreTrainedModel
 
 from stopkit import ops, reference
+from stopkit._checks import check_int
 from stopkit.cache import CacheFullError, PagedKVCache
 from stopkit.prune import PruneResult, prune
 from stopkit.sampling import sample, sample_key, uniforms
@@ -132,14 +133,6 @@ AttentionInterface.register(ATTENTION_NAME, _attention)
 
 
 # ---- validation helpers ------------------------------------------------------------------------
-def _int(name: str, value, *, low: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return int(value)
-
-
 def _real(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -243,7 +236,7 @@ class Session:
         Returns the number of tokens generated. Raises CacheFullError when the cache cannot hold
         the next token; rows that finished in that step are recorded, the others are unchanged."""
         self._check_open()
-        max_tokens = _int("max_tokens", max_tokens, low=1)
+        max_tokens = check_int("max_tokens", max_tokens, low=1)
         produced = 0
         for _ in range(max_tokens):
             if not self.rows:
@@ -330,7 +323,7 @@ class Session:
         self._check_open()
         if isinstance(rows, torch.Tensor):
             rows = rows.tolist()
-        rows = sorted({_int("rows[i]", r, low=0) for r in rows})
+        rows = sorted({check_int("rows[i]", r, low=0) for r in rows})
         if rows and rows[-1] >= len(self.rows):
             raise ValueError(f"rows must lie in [0, {len(self.rows)}), got {rows[-1]}")
         freed = self.engine.cache.free(rows)
@@ -449,11 +442,11 @@ class Engine:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {model_type!r}: stopkit.Engine supports "
                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-        self.block_size = _int("block_size", block_size, low=1)
+        self.block_size = check_int("block_size", block_size, low=1)
         if block_size < 8 or block_size > 256 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two in 8..256, got {block_size}")
         if num_blocks is not None:
-            num_blocks = _int("num_blocks", num_blocks, low=1)
+            num_blocks = check_int("num_blocks", num_blocks, low=1)
         self.model = model
         self._backbone = getattr(model, model.base_model_prefix)
         self._norm = self._backbone.norm
@@ -486,7 +479,7 @@ class Engine:
         eos_token_id None takes the model's (generation_config, then config); an empty list
         disables EOS. With a fixed num_blocks the worst case must fit (CacheFullError before any
         work otherwise)."""
-        max_new_tokens = _int("max_new_tokens", max_new_tokens, low=1)
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
         prompts, n, sampling = self._validate(prompts, n=n, max_new_tokens=max_new_tokens,
                                               temperature=temperature, top_p=top_p, top_k=top_k,
                                               min_p=min_p, seed=seed, eos_token_id=eos_token_id,
@@ -520,7 +513,7 @@ class Engine:
         largest log-probabilities per token (see :class:`Row`). Closes the engine's previous
         session. Raises CacheFullError before any work when the prompts do not fit."""
         if max_new_tokens is not None:
-            max_new_tokens = _int("max_new_tokens", max_new_tokens, low=1)
+            max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
         prompts, n, sampling = self._validate(
             prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, min_p=min_p, seed=seed, eos_token_id=eos_token_id,
@@ -555,19 +548,19 @@ class Engine:
                 raise TypeError(f"prompts[{i}] must be a list of token ids, got {type(p).__name__}")
             if len(p) == 0:
                 raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
-            p = [_int(f"prompts[{i}][j]", t) for t in p]
+            p = [check_int(f"prompts[{i}][j]", t) for t in p]
             if min(p) < 0 or max(p) >= V:
                 raise ValueError(f"prompts[{i}] token ids must lie in [0, {V}), got values in "
                                  f"[{min(p)}, {max(p)}]")
             clean.append(p)
-        n = _int("n", n, low=1)
+        n = check_int("n", n, low=1)
         temperature = _real("temperature", temperature, 0.0, math.inf)
         top_p = _real("top_p", top_p, 0.0, 1.0, lo_open=True)
-        top_k = _int("top_k", top_k, low=0)
+        top_k = check_int("top_k", top_k, low=0)
         min_p = _real("min_p", min_p, 0.0, 1.0)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
-        seed = _int("seed", seed)
+        seed = check_int("seed", seed)
         if eos_token_id is None:
             eos_token_id = getattr(getattr(self.model, "generation_config", None), "eos_token_id",
                                    None)
@@ -578,12 +571,12 @@ class Engine:
         elif isinstance(eos_token_id, numbers.Integral) and not isinstance(eos_token_id, bool):
             eos = (int(eos_token_id),)
         else:
-            eos = tuple(_int("eos_token_id[i]", e) for e in eos_token_id)
+            eos = tuple(check_int("eos_token_id[i]", e) for e in eos_token_id)
         if any(not 0 <= e < V for e in eos):
             raise ValueError(f"eos_token_id must lie in [0, {V}), got {list(eos)}")
         if not isinstance(record_logprobs, bool):
             raise TypeError(f"record_logprobs must be a bool, got {type(record_logprobs).__name__}")
-        top_logprobs = _int("top_logprobs", top_logprobs, low=0)
+        top_logprobs = check_int("top_logprobs", top_logprobs, low=0)
         if top_logprobs > V:
             raise ValueError(f"top_logprobs must be <= vocab_size {V}, got {top_logprobs}")
         return clean, n, _Sampling(temperature, top_p, top_k, min_p, seed, eos, max_new_tokens,

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Real
+
+from stopkit._checks import check_int
 
 __all__ = ["Plan", "plan"]
 
@@ -26,14 +28,6 @@ class Plan:
     n: int
     keep: int
     expected_tokens: int
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
 
 
 def _expected(n: int, keep: int, prefix: int, task: int) -> int:
@@ -64,16 +58,16 @@ def plan(budget_tokens: int, prefix_tokens: int, task_tokens: int, *,
     Raises ValueError when prefix_tokens > task_tokens, when both or neither of keep and ratio are
     given, or when the budget cannot pay for even the smallest plan (N = keep, or N = 1 for ratio).
     """
-    budget = _positive_int("budget_tokens", budget_tokens)
-    prefix = _positive_int("prefix_tokens", prefix_tokens)
-    task = _positive_int("task_tokens", task_tokens)
+    budget = check_int("budget_tokens", budget_tokens, 1)
+    prefix = check_int("prefix_tokens", prefix_tokens, 1)
+    task = check_int("task_tokens", task_tokens, 1)
     if prefix > task:
         raise ValueError(f"prefix_tokens ({prefix}) must be <= task_tokens ({task})")
     if (keep is None) == (ratio is None):
         raise ValueError("give exactly one of keep (paths resumed) or ratio (fraction resumed), "
                          f"got keep={keep!r}, ratio={ratio!r}")
     if keep is not None:
-        keep = _positive_int("keep", keep)
+        keep = check_int("keep", keep, 1)
         n = (budget - keep * (task - prefix)) // prefix
         if n < keep:
             raise ValueError(

@@ -48,12 +48,13 @@ import math
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from numbers import Integral, Real
+from numbers import Real
 
 import torch
 from tqdm.auto import tqdm
 
 from stopkit.answers import extract_answer, normalize_answer
+from stopkit._checks import check_int
 from stopkit.engine import Engine
 from stopkit.loading import eos_token_id, prompt_ids
 from stopkit.prune import ranking
@@ -175,14 +176,6 @@ def vote(answers: Sequence[Hashable | None], weights: Sequence[float]) -> tuple[
 
 
 
-def _int_arg(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return int(value)
-
-
 @dataclass(frozen=True)
 class _Plan:
     """Validated arguments of a solve: the check rounds [(prefix, keep or None for full)]."""
@@ -202,8 +195,8 @@ def check_solve_args(*, n: int = 64, keep: int = 8, prefix_tokens: int = 2048,
                      has_scorer: bool = True) -> _Plan:
     """Validate solve's arguments (ValueError/TypeError naming the argument) and return the
     check rounds. has_scorer: whether a StopScorer is there (method ``"stop"`` needs one)."""
-    n = _int_arg("n", n, 1)
-    max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, 2)
+    n = check_int("n", n, 1)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 2)
     if isinstance(method, str):
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)} or a callable "
@@ -219,10 +212,10 @@ def check_solve_args(*, n: int = 64, keep: int = 8, prefix_tokens: int = 2048,
         raise ValueError("vote 'score' weighs paths by their score, which must be >= 0; method "
                          "'entropy' scores are minus entropies: use vote='entropy'")
     if early_stop is not None:
-        early_stop = _int_arg("early_stop", early_stop, 1)
+        early_stop = check_int("early_stop", early_stop, 1)
     if schedule is None:
-        rounds = [(_int_arg("prefix_tokens", prefix_tokens, 1),
-                   None if method == "full" else _int_arg("keep", keep, 1))]
+        rounds = [(check_int("prefix_tokens", prefix_tokens, 1),
+                   None if method == "full" else check_int("keep", keep, 1))]
     else:
         if method == "full":
             raise ValueError("method 'full' does not prune; a schedule needs a pruning method")
@@ -233,8 +226,8 @@ def check_solve_args(*, n: int = 64, keep: int = 8, prefix_tokens: int = 2048,
         for i, item in enumerate(schedule):
             if not isinstance(item, Sequence) or len(item) != 2:
                 raise TypeError(f"schedule[{i}] must be a (prefix_tokens, keep) pair, got {item!r}")
-            rounds.append((_int_arg(f"schedule[{i}] prefix_tokens", item[0], 1),
-                           _int_arg(f"schedule[{i}] keep", item[1], 1)))
+            rounds.append((check_int(f"schedule[{i}] prefix_tokens", item[0], 1),
+                           check_int(f"schedule[{i}] keep", item[1], 1)))
         for i in range(1, len(rounds)):
             if rounds[i][0] <= rounds[i - 1][0] or rounds[i][1] > rounds[i - 1][1]:
                 raise ValueError(f"schedule must have strictly increasing prefix_tokens and "
@@ -269,8 +262,8 @@ class ParallelReasoner:
             raise ValueError("scorer must be bound to the reasoner's model (StopScorer.new/load "
                              "with this model)")
         self.model, self.tokenizer, self.scorer = model, tokenizer, scorer
-        self.confidence_window = _int_arg("confidence_window", confidence_window, 1)
-        self.confidence_top_k = _int_arg("confidence_top_k", confidence_top_k, 1)
+        self.confidence_window = check_int("confidence_window", confidence_window, 1)
+        self.confidence_top_k = check_int("confidence_top_k", confidence_top_k, 1)
         self._eos = eos_token_id(model, tokenizer)
 
     # ---- inputs --------------------------------------------------------------------------------
@@ -310,7 +303,7 @@ class ParallelReasoner:
                                early_stop=early_stop, schedule=schedule)
         if isinstance(questions, (str, bytes)) or not isinstance(questions, Sequence) or not questions:
             raise TypeError("questions must be a non-empty list of questions (str or token ids)")
-        seed = _int_arg("seed", seed, 0)
+        seed = check_int("seed", seed, 0)
         if extractor is not None and not callable(extractor):
             raise TypeError(f"extractor must be a callable text -> answer, got {type(extractor).__name__}")
         prompts = [self.prompt_ids(q) for q in questions]

@@ -53,6 +53,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stopkit import ops
+from stopkit._checks import check_int
 
 # transformers, peft and stopkit.engine are imported where they are used: the CLI imports this
 # module (through stopkit.train) just to build its parser.
@@ -73,15 +74,6 @@ AUTHORS_LAYOUT = ("assess_token_config.json, assess_token_embedding.pth (input_e
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False}
-
-
-def _int(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        bound = f"in {low}..{high}" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return int(value)
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -125,7 +117,7 @@ class StopScorer(nn.Module):
         super().__init__()
         object.__setattr__(self, "_model", model)  # referenced, not a submodule
         object.__setattr__(self, "_backbone", _backbone(model))
-        self.num_tokens = _int("num_tokens", num_tokens, 1, ops.MAX_Q_LEN)
+        self.num_tokens = check_int("num_tokens", num_tokens, 1, ops.MAX_Q_LEN)
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}, got {activation!r}")
         self.activation = activation
@@ -155,7 +147,7 @@ class StopScorer(nn.Module):
         drawn from ``seed``; torch's global RNG is left untouched.
         """
         embed = _embeddings(model)
-        lora_rank = _int("lora_rank", lora_rank, 1)
+        lora_rank = check_int("lora_rank", lora_rank, 1)
         if lora_alpha is None:
             lora_alpha = 2 * lora_rank
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or lora_alpha <= 0:
@@ -164,12 +156,12 @@ class StopScorer(nn.Module):
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
             raise TypeError(f"targets must be a non-empty sequence of module names, got {targets!r}")
-        seed = _int("seed", seed, 0)
+        seed = check_int("seed", seed, 0)
         d = embed.weight.shape[1]
         if token_id is not None:
-            token_id = _int("token_id", token_id, 0, embed.weight.shape[0] - 1)
+            token_id = check_int("token_id", token_id, 0, embed.weight.shape[0] - 1)
         if head_hidden is not None:
-            head_hidden = _int("head_hidden", head_hidden, 1)
+            head_hidden = check_int("head_hidden", head_hidden, 1)
         found = [(name, m) for name, m in model.named_modules()
                  if isinstance(m, nn.Linear) and name.split(".")[-1] in targets]
         missing = set(targets) - {name.split(".")[-1] for name, _ in found}
@@ -353,7 +345,7 @@ class StopScorer(nn.Module):
             raise ValueError("session runs a different model than the one this scorer is bound to")
         B = len(session.rows)
         if rows is not None:
-            rows = [_int(f"rows[{i}]", r, 0, B - 1) for i, r in enumerate(rows)]
+            rows = [check_int(f"rows[{i}]", r, 0, B - 1) for i, r in enumerate(rows)]
         hidden = session.forward_suffix(self.suffix_embeds(B), adapter=self.adapter)  # [B, K, d]
         weight, eps = engine.final_norm_params()
         scores = self._fused_score(hidden[:, -1], weight, eps)
@@ -382,7 +374,7 @@ class StopScorer(nn.Module):
                 p = p.tolist()
             if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) == 0:
                 raise ValueError(f"prefixes[{i}] must be a non-empty list of token ids")
-            p = [_int(f"prefixes[{i}][j]", t, 0) for t in p]
+            p = [check_int(f"prefixes[{i}][j]", t, 0) for t in p]
             if max(p) >= V:
                 raise ValueError(f"prefixes[{i}] token ids must lie in [0, {V}), got {max(p)}")
             out.append(p)

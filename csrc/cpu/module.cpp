@@ -2,6 +2,9 @@
 // stopkit._C_cuda), plus the choice of instruction-set build and the OpenMP thread count.
 #include <pybind11/pybind11.h>
 #include <omp.h>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 
 #include <string>
 
@@ -21,8 +24,20 @@ PagedAttentionFn g_paged_attention = &cpu::generic::paged_attention;
 void select_isa() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#if defined(STOPKIT_HAVE_AVX512BF16)
+  // AVX512_BF16 is cpuid leaf 7 subleaf 1, EAX bit 5 (older compilers lack its
+  // __builtin_cpu_supports name).
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  const bool bf16 = __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax >> 5 & 1u);
+  if (avx512 && bf16) {
+    g_isa = "avx512bf16";
+    g_paged_attention = &cpu::avx512bf16::paged_attention;
+    return;
+  }
+#endif
+  if (avx512) {
     g_isa = "avx512";
     g_paged_attention = &cpu::avx512::paged_attention;
   } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -31,6 +46,17 @@ void select_isa() {
     g_paged_attention = &cpu::avx2::paged_attention;
   }
 #endif
+}
+
+std::string built_isas() {
+  std::string isas = "generic";
+#if defined(__x86_64__)
+  isas += ", avx2, avx512";
+#endif
+#if defined(__x86_64__) && defined(STOPKIT_HAVE_AVX512BF16)
+  isas += ", avx512bf16";
+#endif
+  return isas;
 }
 
 struct CpuBackend {  // the stream argument is for the CUDA module's sake
@@ -53,7 +79,10 @@ PYBIND11_MODULE(_C, m) {
     else if (isa == "avx2") { g_paged_attention = &cpu::avx2::paged_attention; }
     else if (isa == "avx512") { g_paged_attention = &cpu::avx512::paged_attention; }
 #endif
-    else { throw std::invalid_argument("isa must be one this build has: generic, avx2, avx512; got " + isa); }
+#if defined(__x86_64__) && defined(STOPKIT_HAVE_AVX512BF16)
+    else if (isa == "avx512bf16") { g_paged_attention = &cpu::avx512bf16::paged_attention; }
+#endif
+    else { throw std::invalid_argument("isa must be one this build has: " + built_isas() + "; got " + isa); }
     g_isa = isa;
   }, py::arg("isa"), "Force one instruction-set build (tests; must be supported by the processor).");
   m.def("num_threads", [] { return omp_get_max_threads(); });

@@ -1,6 +1,6 @@
 // paged_attention on the CPU. Built once per instruction set (STOPKIT_ISA = generic | avx2 |
-// avx512, see CMakeLists.txt) from the same source: the inner loops use native-width vector types
-// (csrc/include/stopkit/cpu/vec.h) that the compiler lowers for each build.
+// avx512 | avx512bf16, see CMakeLists.txt) from the same source: the inner loops use native-width
+// vector types (csrc/include/stopkit/cpu/vec.h) that the compiler lowers for each build.
 //
 // Work item = (row, context split). An item walks the row's pages in order and, while a page is in
 // cache, runs every kv head over it (a page's [block_size, Hkv, D] keys are one contiguous range,
@@ -11,6 +11,14 @@
 //   Ot[d][m] += sum_t V[t][d] * P[t][m]               (online softmax, one running max per lane)
 // When rows are fewer than the threads, the context is split and the partial results are merged
 // by their log-sum-exp.
+//
+// bfloat16 caches in the avx512bf16 build do not convert keys: vdpbf16ps multiplies bf16 pairs
+// read straight from the page and accumulates in float32. On current cores it runs at the float32
+// FMA FLOP rate but on fewer ports, so P V stays float32 FMAs, with lanes over dims (every lane
+// useful whatever the number of queries):
+//   S[t][m]   = scale * sum_p K[t][2p:2p+2] . Qp[p][m]   (Qp: Q as bf16 pairs, lanes over queries)
+//   O[m][d'] += sum_t P[t][m] * V[t][d']                 (V unpacked to float32, dims d' permuted
+//                                                         inside each 32, undone on output)
 #include <omp.h>
 
 #include <algorithm>
@@ -22,8 +30,12 @@
 #include "stopkit/cpu/kernels.h"
 #include "stopkit/cpu/vec.h"
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 #ifndef STOPKIT_ISA
-#error "STOPKIT_ISA must name the instruction-set build (generic, avx2, avx512)"
+#error "STOPKIT_ISA must name the instruction-set build (generic, avx2, avx512, avx512bf16)"
 #endif
 
 namespace stopkit::cpu::STOPKIT_ISA {
@@ -77,26 +89,43 @@ inline void prefetch_range(const T* src, int64_t n) {
   for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(bytes + b, 0, 1);
 }
 
+#if defined(__AVX512BF16__)
+constexpr bool kHasBf16Dot = true;
+#else
+constexpr bool kHasBf16Dot = false;
+#endif
+// bf16 caches take the vdpbf16ps path where the build has it.
+template <DType DT>
+constexpr bool kBf16Dot = kHasBf16Dot && DT == DType::kBFloat16;
+
 // State of one pass over the queries [m0, m0 + MV*W) of a work item: W lanes per vector.
 template <int W, int MV>
 struct Pass {
   using vf = typename Vec<W>::f;
-  std::vector<vf> qt, ot;  // [D][MV]
+  using vi = typename Vec<W>::i;
+  // Float path: qt = scale * Q and ot = O, both [D][MV] (lanes over queries).
+  // bf16 dot path: q_pairs = Q as bf16 pairs [D/2][MV]; ot is O as float32 [MV*W][D'] (lanes over
+  // dims, permuted: unpacked_dim).
+  std::vector<vf> qt, ot;
+  std::vector<vi> q_pairs;
   vf m[MV], l[MV], lower[MV], qidx[MV];
   vf s[kTile][MV];
 };
 
-// One tile of n keys at positions pos0 .. pos0+n-1, rows of k and v `rs` floats apart. suffix: the
-// tile holds suffix tokens, query lane with suffix index s sees tile key t only when t <= s.
-// masked: a window or suffix applies.
+// Per-thread buffers of one tile (the suffix is a tile too: q_len <= 16 = kTile keys): its keys
+// and values as float32 where the cache holds 16-bit values (bf16 dot path: values only).
+struct TileBuffers {
+  std::vector<float> k, v;
+  explicit TileBuffers(int64_t D) : k(kTile * D), v(kTile * D) {}
+};
+
+// S = K Qt for a tile of n keys, rows `rs` floats apart.
 template <int W, int MV, int kD>
-inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t rs, int64_t n,
-                        int64_t D, float pos0, bool masked, bool suffix) {
-  using V = Vec<W>;
-  using vfloat = typename V::f;
+inline void scores(Pass<W, MV>& w, const float* k, int64_t rs, int64_t n, int64_t D) {
+  using vfloat = typename Vec<W>::f;
   const int64_t d_len = kD ? kD : D;
   constexpr int TB = register_block(MV);
-  // S = K Qt, TB keys at a time so each Qt load feeds TB FMAs.
+  // TB keys at a time so each Qt load feeds TB FMAs.
   int64_t t = 0;
   for (; t + TB <= n; t += TB) {
     vfloat acc[TB][MV];
@@ -122,9 +151,18 @@ inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t 
     }
     for (int j = 0; j < MV; ++j) w.s[t][j] = acc[j];
   }
+}
 
-  // Masks, the tile's max per lane, new running max.
-  vfloat m_new[MV], corr[MV];
+// Online softmax over the tile's scores w.s (keys at positions pos0 .. pos0+n-1): masks (masked: a
+// window or suffix applies; suffix: query lane with suffix index s sees tile key t only when
+// t <= s), new running max, w.s becomes P = exp(S - m_new) (0 where masked), l = l * corr + sum P.
+// Returns whether any running max moved (else corr is all ones).
+template <int W, int MV>
+inline bool softmax_tile(Pass<W, MV>& w, int64_t n, float pos0, bool masked, bool suffix,
+                         typename Vec<W>::f (&corr)[MV]) {
+  using V = Vec<W>;
+  using vfloat = typename V::f;
+  vfloat m_new[MV];
   bool changed = false;
   for (int j = 0; j < MV; ++j) {
     vfloat tmax = V::broadcast(kMasked);
@@ -141,7 +179,6 @@ inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t 
     corr[j] = V::exp(w.m[j] - m_new[j]);
     changed |= V::reduce_max(m_new[j] - w.m[j]) > 0.0f;
   }
-  // P = exp(S - m_new) (0 where masked), l = l * corr + sum P.
   for (int j = 0; j < MV; ++j) {
     vfloat lsum = w.l[j] * corr[j];
     for (int64_t tt = 0; tt < n; ++tt) {
@@ -153,6 +190,18 @@ inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t 
     w.l[j] = lsum;
     w.m[j] = m_new[j];
   }
+  return changed;
+}
+
+// One tile of n keys at positions pos0 .. pos0+n-1, float32 rows of k and v `rs` floats apart.
+template <int W, int MV, int kD>
+inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t rs, int64_t n,
+                        int64_t D, float pos0, bool masked, bool suffix) {
+  using vfloat = typename Vec<W>::f;
+  const int64_t d_len = kD ? kD : D;
+  scores<W, MV, kD>(w, k, rs, n, D);
+  vfloat corr[MV];
+  const bool changed = softmax_tile(w, n, pos0, masked, suffix, corr);
   // Ot = Ot * corr + V^T P, DB dims at a time (DB * MV register accumulators).
   constexpr int DB = register_block(MV);  // divides D: D is a multiple of 16
   for (int64_t d = 0; d < d_len; d += DB) {
@@ -174,6 +223,148 @@ inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t 
   }
 }
 
+// The dim that slot s of an unpacked value row holds (values_as_float): unpacklo/unpackhi of
+// 16-bit elements work inside 128-bit lanes, so each 32 dims (16 at a tail) come out as the low 4
+// of every 8, then the high 4.
+inline int64_t unpacked_dim(int64_t s, int64_t D) {
+  const int64_t base = s & ~int64_t{31}, r = s & 31, half = base + 32 <= D ? 16 : 8;
+  return base + (r < half ? (r / 4) * 8 + r % 4 : ((r - half) / 4) * 8 + 4 + r % 4);
+}
+
+#if defined(__AVX512BF16__)
+template <int W>
+inline typename Vec<W>::f dot_bf16_pairs(typename Vec<W>::f acc, typename Vec<W>::i a,
+                                         typename Vec<W>::i b) {
+  using vfloat = typename Vec<W>::f;
+  if constexpr (W == 16) return (vfloat)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
+  else if constexpr (W == 8) return (vfloat)_mm256_dpbf16_ps((__m256)acc, (__m256bh)a, (__m256bh)b);
+  else return (vfloat)_mm_dpbf16_ps((__m128)acc, (__m128bh)a, (__m128bh)b);
+}
+
+// S = scale * K Qt for a tile of n bf16 keys, rows `rs` elements apart, read from the page.
+template <int W, int MV, int kD>
+inline void scores_bf16(Pass<W, MV>& w, const uint16_t* k, int64_t rs, int64_t n, int64_t D,
+                        float scale) {
+  using vfloat = typename Vec<W>::f;
+  using vint = typename Vec<W>::i;
+  const int64_t pairs = (kD ? kD : D) / 2;
+  constexpr int TB = register_block(MV);
+  auto key_pair = [&](int64_t t, int64_t pr) {
+    int32_t x;
+    std::memcpy(&x, k + t * rs + 2 * pr, 4);
+    return vint{} + x;
+  };
+  int64_t t = 0;
+  for (; t + TB <= n; t += TB) {
+    vfloat acc[TB][MV];
+    for (int b = 0; b < TB; ++b)
+      for (int j = 0; j < MV; ++j) acc[b][j] = vfloat{};
+    for (int64_t pr = 0; pr < pairs; ++pr) {
+      vint q[MV];
+      for (int j = 0; j < MV; ++j) q[j] = w.q_pairs[pr * MV + j];
+      for (int b = 0; b < TB; ++b) {
+        const vint kb = key_pair(t + b, pr);
+        for (int j = 0; j < MV; ++j) acc[b][j] = dot_bf16_pairs<W>(acc[b][j], kb, q[j]);
+      }
+    }
+    for (int b = 0; b < TB; ++b)
+      for (int j = 0; j < MV; ++j) w.s[t + b][j] = acc[b][j] * scale;
+  }
+  for (; t < n; ++t) {
+    vfloat acc[MV];
+    for (int j = 0; j < MV; ++j) acc[j] = vfloat{};
+    for (int64_t pr = 0; pr < pairs; ++pr) {
+      const vint kb = key_pair(t, pr);
+      for (int j = 0; j < MV; ++j) acc[j] = dot_bf16_pairs<W>(acc[j], kb, w.q_pairs[pr * MV + j]);
+    }
+    for (int j = 0; j < MV; ++j) w.s[t][j] = acc[j] * scale;
+  }
+}
+
+// n bf16 value rows, `rs` elements apart, as float32 rows [n][D'] (a bf16 is the top half of a
+// float32: one unpack with zero per 16 values); slot s holds dim unpacked_dim(s, D).
+inline void values_as_float(const uint16_t* v, int64_t rs, int64_t n, int64_t D, float* out) {
+  for (int64_t t = 0; t < n; ++t) {
+    const uint16_t* row = v + t * rs;
+    float* o = out + t * D;
+    int64_t d = 0;
+    for (; d + 32 <= D; d += 32) {
+      const __m512i x = _mm512_loadu_si512(row + d), zero = _mm512_setzero_si512();
+      _mm512_storeu_si512(o + d, _mm512_unpacklo_epi16(zero, x));
+      _mm512_storeu_si512(o + d + 16, _mm512_unpackhi_epi16(zero, x));
+    }
+    if (d < D) {  // 16 dims left
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d));
+      const __m256i zero = _mm256_setzero_si256();
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d), _mm256_unpacklo_epi16(zero, x));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d + 8), _mm256_unpackhi_epi16(zero, x));
+    }
+  }
+}
+
+// O[m][c : c + 16*DC] = O * corr[m] + sum_t P[t][m] * V[t][c : c + 16*DC] for MQ queries: DC * MQ
+// accumulators in registers (enough independent chains to hide the FMA latency).
+template <int DC, int MQ>
+inline void pv_span(float* o, int64_t d_len, int64_t c, const float* p, int64_t p_stride,
+                    const float* v, int64_t n, const float* corr, bool changed) {
+  __m512 acc[DC][MQ];
+  for (int i = 0; i < MQ; ++i)
+    for (int h = 0; h < DC; ++h) {
+      acc[h][i] = _mm512_loadu_ps(o + i * d_len + c + 16 * h);
+      if (changed) acc[h][i] = _mm512_mul_ps(acc[h][i], _mm512_set1_ps(corr[i]));
+    }
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 vt[DC];
+    for (int h = 0; h < DC; ++h) vt[h] = _mm512_loadu_ps(v + t * d_len + c + 16 * h);
+    for (int i = 0; i < MQ; ++i) {
+      const __m512 pt = _mm512_set1_ps(p[t * p_stride + i]);
+      for (int h = 0; h < DC; ++h) acc[h][i] = _mm512_fmadd_ps(pt, vt[h], acc[h][i]);
+    }
+  }
+  for (int i = 0; i < MQ; ++i)
+    for (int h = 0; h < DC; ++h) _mm512_storeu_ps(o + i * d_len + c + 16 * h, acc[h][i]);
+}
+
+template <int kD, int MQ>
+inline void pv(float* o, int64_t D, const float* p, int64_t p_stride, const float* v, int64_t n,
+               const float* corr, bool changed) {
+  const int64_t d_len = kD ? kD : D;
+  constexpr int DC = MQ <= 4 ? 4 : (MQ <= 8 ? 2 : 1);  // 16-dim vectors per span
+  int64_t c = 0;
+  for (; c + 16 * DC <= d_len; c += 16 * DC) pv_span<DC, MQ>(o, d_len, c, p, p_stride, v, n, corr, changed);
+  for (; c < d_len; c += 16) pv_span<1, MQ>(o, d_len, c, p, p_stride, v, n, corr, changed);
+}
+
+constexpr int kPvQueries = 8;  // queries per pv call
+
+template <int kD, int MQ = kPvQueries>
+inline void pv_rest(int64_t rest, float* o, int64_t D, const float* p, int64_t p_stride,
+                    const float* v, int64_t n, const float* corr, bool changed) {
+  if constexpr (MQ > 1) {
+    if (rest < MQ) return pv_rest<kD, MQ - 1>(rest, o, D, p, p_stride, v, n, corr, changed);
+  }
+  pv<kD, MQ>(o, D, p, p_stride, v, n, corr, changed);
+}
+
+// One tile of n bf16 keys at positions pos0 .. pos0+n-1 (rows `rs` elements apart, read in place)
+// and its values as float32 rows (values_as_float), for the first `active` query lanes.
+template <int W, int MV, int kD>
+inline void attend_tile_bf16(Pass<W, MV>& w, const uint16_t* k, const float* v, int64_t rs,
+                             int64_t n, int64_t D, float scale, float pos0, bool masked, bool suffix,
+                             int64_t active) {
+  scores_bf16<W, MV, kD>(w, k, rs, n, D, scale);
+  typename Vec<W>::f corr[MV];
+  const bool changed = softmax_tile(w, n, pos0, masked, suffix, corr);
+  const int64_t d_len = kD ? kD : D;
+  float* o = reinterpret_cast<float*>(w.ot.data());
+  const float* p = reinterpret_cast<const float*>(w.s);
+  const float* corr_f = reinterpret_cast<const float*>(corr);
+  for (int64_t m = 0; m < active; m += kPvQueries)
+    pv_rest<kD>(std::min<int64_t>(kPvQueries, active - m), o + m * d_len, D, p + m, MV * W, v, n,
+                corr_f + m, changed);
+}
+#endif
+
 struct Item {
   int64_t b, blk_lo, blk_hi;  // row and its pages [blk_lo, blk_hi)
   bool last;                  // holds the row's last pages (and so its suffix)
@@ -185,26 +376,29 @@ struct Item {
 // unnormalised acc [Hkv][M][D], m and l [Hkv][M].
 template <DType DT, int kD, int W, int MV>
 void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::vector<Pass<W, MV>>& ws,
-              std::vector<float>& kbuf, std::vector<float>& vbuf, float* acc_out, float* m_out,
-              float* l_out) {
+              TileBuffers& buf, float* acc_out, float* m_out, float* l_out) {
   using T = typename Elem<DT>::T;
   using V = Vec<W>;
   using vfloat = typename V::f;
+  using vint = typename V::i;
+  constexpr bool kDot = kBf16Dot<DT>;
   const int64_t S = p.q_len, H = p.num_heads, Hkv = p.num_kv_heads, G = H / Hkv, M = G * S;
   const int64_t D = kD ? kD : p.head_dim, bs = p.block_size;
   const int64_t L = p.seq_lens[it.b];
+  const int64_t active = std::min<int64_t>(MV * W, M - m0);  // query lanes in use
   const bool has_suffix = p.suffix_k != nullptr, windowed = p.window > 0;
   const int64_t tok_stride = Hkv * D;
   const auto* q = static_cast<const T*>(p.q);
   const auto* kc = static_cast<const T*>(p.k_cache);
   const auto* vc = static_cast<const T*>(p.v_cache);
 
-  // Qt[d][lane] = scale * q of query m0 + lane (zero in padding lanes); window lower bounds (the
-  // same for every kv head).
+  // Q of query m0 + lane in lane `lane` (zero in padding lanes): Qt = scale * Q, or Q as bf16
+  // pairs; window lower bounds (the same for every kv head).
   float lowest = std::numeric_limits<float>::max(), highest = kNegInf;
   for (int64_t kh = 0; kh < Hkv; ++kh) {
     Pass<W, MV>& w = ws[kh];
-    w.qt.assign(D * MV, vfloat{});
+    if constexpr (kDot) w.q_pairs.assign(D / 2 * MV, vint{});
+    else w.qt.assign(D * MV, vfloat{});
     w.ot.assign(D * MV, vfloat{});
     for (int j = 0; j < MV; ++j) {
       w.m[j] = V::broadcast(kMasked);
@@ -212,18 +406,40 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
       w.lower[j] = V::broadcast(kNegInf);
       w.qidx[j] = vfloat{};
     }
-    float* qt = reinterpret_cast<float*>(w.qt.data());
-    for (int64_t lane = 0; lane < MV * W && m0 + lane < M; ++lane) {
-      const int64_t mi = m0 + lane, g = mi / S, s = mi % S;
+    for (int64_t lane = 0; lane < active; ++lane) {
+      const int64_t mi = m0 + lane, g = mi / S, s = mi % S, j = lane / W, e = lane % W;
       const T* src = q + ((it.b * S + s) * H + kh * G + g) * D;
-      for (int64_t d = 0; d < D; ++d) qt[(d * MV + lane / W) * W + lane % W] = Elem<DT>::load(src[d]) * p.scale;
+      if constexpr (kDot) {
+        for (int64_t pr = 0; pr < D / 2; ++pr)
+          w.q_pairs[pr * MV + j][e] = static_cast<int32_t>(src[2 * pr] | (uint32_t{src[2 * pr + 1]} << 16));
+      } else {
+        for (int64_t d = 0; d < D; ++d) w.qt[d * MV + j][e] = Elem<DT>::load(src[d]) * p.scale;
+      }
       const float lo = windowed ? static_cast<float>(query_position(L, s, has_suffix) - p.window + 1) : kNegInf;
-      w.lower[lane / W][lane % W] = lo;
-      w.qidx[lane / W][lane % W] = static_cast<float>(s);
+      w.lower[j][e] = lo;
+      w.qidx[j][e] = static_cast<float>(s);
       lowest = std::min(lowest, lo);
       highest = std::max(highest, lo);
     }
   }
+
+  // One tile of n keys whose first row is `row0` of k and v (rows tok_stride elements apart).
+  auto attend = [&](Pass<W, MV>& w, const T* k, const T* v, int64_t n, float pos0, bool masked,
+                    bool suffix) {
+#if defined(__AVX512BF16__)
+    if constexpr (kDot) {
+      values_as_float(v, tok_stride, n, D, buf.v.data());
+      attend_tile_bf16<W, MV, kD>(w, k, buf.v.data(), tok_stride, n, D, p.scale, pos0, masked,
+                                  suffix, active);
+      return;
+    }
+#endif
+    int64_t rs = tok_stride;
+    const float* kf = rows_as_float<DT, kD>(k, rs, n, D, buf.k.data());
+    rs = tok_stride;
+    const float* vf = rows_as_float<DT, kD>(v, rs, n, D, buf.v.data());
+    attend_tile<W, MV, kD>(w, kf, vf, rs, n, D, pos0, masked, suffix);
+  };
 
   const int64_t page_elems = bs * Hkv * D;
   for (int64_t j = it.blk_lo; j < it.blk_hi; ++j) {
@@ -241,13 +457,8 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
       for (int64_t off = 0; off < n_blk; off += kTile) {
         const int64_t n = std::min<int64_t>(kTile, n_blk - off);
         const int64_t row0 = (blk * bs + off) * Hkv + kh;
-        int64_t rs = tok_stride;
-        const float* kf = rows_as_float<DT, kD>(kc + row0 * D, rs, n, D, kbuf.data());
-        rs = tok_stride;
-        const float* vf = rows_as_float<DT, kD>(vc + row0 * D, rs, n, D, vbuf.data());
         const bool masked = windowed && static_cast<float>(start + off) < highest;
-        attend_tile<W, MV, kD>(ws[kh], kf, vf, rs, n, D, static_cast<float>(start + off),
-                               masked, false);
+        attend(ws[kh], kc + row0 * D, vc + row0 * D, n, static_cast<float>(start + off), masked, false);
       }
     }
   }
@@ -255,17 +466,18 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
     Pass<W, MV>& w = ws[kh];
     if (has_suffix && it.last) {
       const int64_t row0 = it.b * S * Hkv + kh;
-      int64_t rs = tok_stride;
-      const float* kf = rows_as_float<DT, kD>(static_cast<const T*>(p.suffix_k) + row0 * D, rs, S, D, kbuf.data());
-      rs = tok_stride;
-      const float* vf = rows_as_float<DT, kD>(static_cast<const T*>(p.suffix_v) + row0 * D, rs, S, D, vbuf.data());
-      attend_tile<W, MV, kD>(w, kf, vf, rs, S, D, static_cast<float>(L), true, true);
+      attend(w, static_cast<const T*>(p.suffix_k) + row0 * D, static_cast<const T*>(p.suffix_v) + row0 * D,
+             S, static_cast<float>(L), true, true);
     }
     const float* ot = reinterpret_cast<const float*>(w.ot.data());
-    for (int64_t lane = 0; lane < MV * W && m0 + lane < M; ++lane) {
+    for (int64_t lane = 0; lane < active; ++lane) {
       const int64_t mi = kh * M + m0 + lane, j = lane / W, e = lane % W;
       float* dst = acc_out + mi * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = ot[(d * MV + j) * W + e];
+      if constexpr (kDot) {
+        for (int64_t s = 0; s < D; ++s) dst[unpacked_dim(s, D)] = ot[lane * D + s];
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d] = ot[(d * MV + j) * W + e];
+      }
       const bool seen = w.l[j][e] > 0.0f;
       m_out[mi] = seen ? w.m[j][e] : kNegInf;
       l_out[mi] = seen ? w.l[j][e] : 0.0f;
@@ -331,7 +543,7 @@ void run(const PagedAttentionParams& p) {
   work *= Hkv * M * D;
 #pragma omp parallel if (work > (int64_t{1} << 20))
   {
-    std::vector<float> kbuf(std::max<int64_t>(kTile, S) * D), vbuf(kbuf.size());
+    TileBuffers buf(D);
     std::vector<float> acc(direct ? HM * D : 0), ms(direct ? HM : 0), ls(direct ? HM : 0);
     // Few queries (decode: G * q_len is often 1..8) use narrower vectors than the native width.
     std::vector<Pass<4, 1>> narrow4(Hkv);
@@ -352,15 +564,15 @@ void run(const PagedAttentionParams& p) {
       for (int64_t m0 = 0; m0 < M; m0 += kMaxVecs * kLanes) {
         const int64_t rest = M - m0, vecs = std::min<int64_t>(kMaxVecs, (rest + kLanes - 1) / kLanes);
         if (rest <= 4 && kLanes > 4) {
-          run_pass<DT, kD>(p, it, m0, narrow4, kbuf, vbuf, acc_out, m_out, l_out);
+          run_pass<DT, kD>(p, it, m0, narrow4, buf, acc_out, m_out, l_out);
         } else if (rest <= 8 && kLanes > 8) {
-          run_pass<DT, kD>(p, it, m0, narrow8, kbuf, vbuf, acc_out, m_out, l_out);
+          run_pass<DT, kD>(p, it, m0, narrow8, buf, acc_out, m_out, l_out);
         } else {
           switch (vecs) {
-            case 1: run_pass<DT, kD>(p, it, m0, w1, kbuf, vbuf, acc_out, m_out, l_out); break;
-            case 2: run_pass<DT, kD>(p, it, m0, w2, kbuf, vbuf, acc_out, m_out, l_out); break;
-            case 3: run_pass<DT, kD>(p, it, m0, w3, kbuf, vbuf, acc_out, m_out, l_out); break;
-            default: run_pass<DT, kD>(p, it, m0, w4, kbuf, vbuf, acc_out, m_out, l_out); break;
+            case 1: run_pass<DT, kD>(p, it, m0, w1, buf, acc_out, m_out, l_out); break;
+            case 2: run_pass<DT, kD>(p, it, m0, w2, buf, acc_out, m_out, l_out); break;
+            case 3: run_pass<DT, kD>(p, it, m0, w3, buf, acc_out, m_out, l_out); break;
+            default: run_pass<DT, kD>(p, it, m0, w4, buf, acc_out, m_out, l_out); break;
           }
         }
       }

@@ -19,8 +19,8 @@ and is sampled again, with the same seed-derived streams).
 Training: soft-label cross-entropy (targets ``[1 - p, p]``) on the scorer's logits, AdamW (lr 1e-4,
 no schedule), mini-batches with gradient accumulation; the prefix pass runs without the adapter
 and without gradients (:meth:`stopkit.stop.StopScorer.forward`). After every epoch the validation
-MSE (score vs soft label), AUROC and accuracy (binary target ``label >= 0.5``, prediction
-``score >= 0.5``) are logged and the checkpoint with the best validation MSE is saved.
+MSE (score vs soft label), AUROC, accuracy (binary target ``label >= 0.5``, prediction
+``score >= 0.5``) and the within-problem pair accuracy (:func:`pair_accuracy`) are logged and the checkpoint with the best validation MSE is saved.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from stopkit.answers import Checker, check_answer, load_checker
 from stopkit.loading import DTYPES, eos_token_id, load_model, load_problems, prompt_ids, read_jsonl
 from stopkit.stop import StopScorer
 
-__all__ = ["auroc", "metrics", "load_labels", "split_by_problem", "evaluate_scorer", "train_scorer",
+__all__ = ["auroc", "pair_accuracy", "metrics", "load_labels", "split_by_problem", "evaluate_scorer", "train_scorer",
            "label_problems", "add_cli"]
 
 log = logging.getLogger(__name__)
@@ -68,17 +68,39 @@ def auroc(scores, targets) -> float:
     return u / (n_pos * n_neg)
 
 
-def metrics(scores, labels) -> dict[str, float]:
+def pair_accuracy(scores, labels, groups, *, margin: float = 0.25) -> float:
+    """How often ``scores`` order two prefixes of the same group (problem) as their soft labels
+    do, over the pairs whose labels differ by more than ``margin`` (ties count one half). This is
+    what pruning needs: it ranks the paths of one question. NaN when there is no such pair."""
+    s = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    p = torch.as_tensor(labels, dtype=torch.float64).reshape(-1)
+    index: dict[str, int] = {}
+    g = torch.as_tensor([index.setdefault(str(x), len(index)) for x in groups], dtype=torch.int64)
+    if not s.shape == p.shape == g.shape:
+        raise ValueError(f"scores, labels and groups must have one length, got {s.numel()}, "
+                         f"{p.numel()} and {g.numel()}")
+    pairs = (g[:, None] == g[None, :]) & (p[:, None] - p[None, :] > margin)  # row i better than j
+    if not pairs.any():
+        return math.nan
+    ds = (s[:, None] - s[None, :])[pairs]
+    return float(((ds > 0).double() + 0.5 * (ds == 0).double()).mean())
+
+
+def metrics(scores, labels, groups=None) -> dict[str, float]:
     """{"mse", "auroc", "accuracy"} of scores ``[N]`` against soft labels ``[N]`` (binary target
-    ``label >= 0.5``; a prediction is positive when ``score >= 0.5``)."""
+    ``label >= 0.5``; a prediction is positive when ``score >= 0.5``), and with ``groups`` ``[N]``
+    (problem ids) the within-problem ``pair_accuracy``."""
     s = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
     p = torch.as_tensor(labels, dtype=torch.float64).reshape(-1)
     if s.shape != p.shape or s.numel() == 0:
         raise ValueError(f"scores and labels must be non-empty and of one length, got {s.numel()} "
                          f"and {p.numel()}")
     y = p >= 0.5
-    return {"mse": float(((s - p) ** 2).mean()), "auroc": auroc(s, y),
-            "accuracy": float(((s >= 0.5) == y).double().mean())}
+    out = {"mse": float(((s - p) ** 2).mean()), "auroc": auroc(s, y),
+           "accuracy": float(((s >= 0.5) == y).double().mean())}
+    if groups is not None:
+        out["pair_accuracy"] = pair_accuracy(s, p, groups)
+    return out
 
 
 # ---- label data ----------------------------------------------------------------------------------
@@ -151,7 +173,7 @@ def evaluate_scorer(scorer: StopScorer, records: list[dict], *, batch_size: int 
                                     disable=not progress)]
     finally:
         scorer.train(was_training)
-    return metrics(torch.cat(scores), [r["soft_label"] for r in records])
+    return metrics(torch.cat(scores), [r["soft_label"] for r in records], [r["id"] for r in records])
 
 
 def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
@@ -162,7 +184,7 @@ def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
 
     Each optimizer step sees ``batch_size * grad_accum`` records. Returns the history: one dict
     per epoch (epoch 0 = before training) with ``train_loss`` (mean soft-label cross-entropy of
-    the epoch) and the validation ``mse``, ``auroc``, ``accuracy``. With ``out``, the epoch with the
+    the epoch) and the validation ``mse``, ``auroc``, ``accuracy``, ``pair_accuracy``. With ``out``, the epoch with the
     best validation MSE is saved there (:meth:`StopScorer.save`) with ``metrics.json``; without
     validation records, the last epoch is saved.
     """

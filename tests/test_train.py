@@ -18,7 +18,7 @@ from stopkit.answers import (answers_equal, check_answer, extract_answer, load_c
 from stopkit.stop import StopScorer
 from stopkit.loading import prompt_ids
 from stopkit.train import (add_cli, auroc, evaluate_scorer, label_problems,
-                           load_labels, metrics, split_by_problem, train_scorer)
+                           load_labels, metrics, pair_accuracy, split_by_problem, train_scorer)
 
 STOP_TOKEN = "[STOP]"
 
@@ -111,6 +111,25 @@ def test_metrics():
     assert m["mse"] == pytest.approx((0.01 + 0.04 + 0.1225 + 0.1225) / 4)
     assert m["accuracy"] == pytest.approx(0.5)
     assert m["auroc"] == pytest.approx(0.75)  # positives {0.9, 0.4} vs negatives {0.2, 0.6}
+    assert "pair_accuracy" not in m
+
+
+def test_pair_accuracy_counts_only_pairs_within_a_problem():
+    torch.manual_seed(1)
+    scores, labels = torch.rand(30), torch.rand(30)
+    groups = [i % 4 for i in range(30)]
+    want = []
+    for i, j in itertools.permutations(range(30), 2):
+        if groups[i] == groups[j] and labels[i] - labels[j] > 0.25:
+            want.append(float(scores[i] > scores[j]) + 0.5 * float(scores[i] == scores[j]))
+    assert pair_accuracy(scores, labels, groups) == pytest.approx(sum(want) / len(want), abs=1e-12)
+    # across problems nothing counts, however well or badly the scores order them
+    assert pair_accuracy([0.9, 0.1], [0.0, 1.0], ["a", "b"]) != pair_accuracy([0.9, 0.1], [0.0, 1.0], ["a", "b"])
+    assert pair_accuracy([0.9, 0.1, 0.5], [1.0, 0.0, 0.5], ["a", "a", "b"]) == 1.0
+    assert pair_accuracy([0.3, 0.3], [1.0, 0.0], ["a", "a"]) == 0.5
+    assert metrics([0.2, 0.8], [0.0, 1.0], ["a", "a"])["pair_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="one length"):
+        pair_accuracy([0.1, 0.2], [0.1, 0.2], ["a"])
 
 
 # ---- label files ---------------------------------------------------------------------------------
@@ -173,7 +192,7 @@ def test_training_lowers_validation_mse(tmp_path):
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
     # the saved checkpoint is the best-MSE epoch
     saved = json.loads((tmp_path / "best" / "metrics.json").read_text())
-    assert saved["best"] == best and len(saved["history"]) == len(history)
+    assert json.dumps(saved["best"]) == json.dumps(best) and len(saved["history"]) == len(history)
     loaded = StopScorer.load(tmp_path / "best", model)
     assert evaluate_scorer(loaded, val)["mse"] == pytest.approx(best["mse"], abs=1e-6)
 

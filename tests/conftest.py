@@ -3,7 +3,8 @@ per-test random seed (fresh random inputs that still reproduce: the seed depends
 
 ``device``  -- "cpu" always, "cuda" when stopkit's CUDA kernels and a GPU are present.
 ``backend`` -- a torch.device for each paged_attention backend: every CPU instruction-set build
-               this processor runs (generic, avx2, avx512, avx512bf16; restored afterwards) and CUDA.
+               this processor runs (generic, avx2, avx512, avx512bf16, amx; restored
+               afterwards) and CUDA.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from stopkit import _C, ops
 
-ISAS = ("generic", "avx2", "avx512", "avx512bf16")  # ordered: a processor running one runs those before it
+ISAS = ("generic", "avx2", "avx512", "avx512bf16", "amx")  # ordered: a processor running one runs those before it
 _NO_CUDA = "needs stopkit's CUDA kernels and a GPU"
 
 # The torch oracles run on tiny tensors, where intra-op threads only cost (tenfold on a busy 2-core

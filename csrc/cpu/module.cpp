@@ -5,6 +5,10 @@
 #if defined(__x86_64__)
 #include <cpuid.h>
 #endif
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <string>
 
@@ -21,6 +25,20 @@ using PagedAttentionFn = void (*)(const PagedAttentionParams&);
 std::string g_isa = "generic";
 PagedAttentionFn g_paged_attention = &cpu::generic::paged_attention;
 
+// Linux hands out AMX tile state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); true when this process may use the tiles.
+bool request_amx() {
+#if defined(__x86_64__) && defined(__linux__) && defined(STOPKIT_HAVE_AMX)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  const bool cpu = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx >> 22 & 1u) &&
+                   (edx >> 24 & 1u);  // AMX-BF16, AMX-TILE
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return cpu && syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 void select_isa() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
@@ -31,6 +49,13 @@ void select_isa() {
   // __builtin_cpu_supports name).
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   const bool bf16 = __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax >> 5 & 1u);
+#if defined(STOPKIT_HAVE_AMX)
+  if (avx512 && bf16 && request_amx()) {
+    g_isa = "amx";
+    g_paged_attention = &cpu::amx::paged_attention;
+    return;
+  }
+#endif
   if (avx512 && bf16) {
     g_isa = "avx512bf16";
     g_paged_attention = &cpu::avx512bf16::paged_attention;
@@ -55,6 +80,9 @@ std::string built_isas() {
 #endif
 #if defined(__x86_64__) && defined(STOPKIT_HAVE_AVX512BF16)
   isas += ", avx512bf16";
+#endif
+#if defined(__x86_64__) && defined(STOPKIT_HAVE_AMX)
+  isas += ", amx";
 #endif
   return isas;
 }
@@ -81,6 +109,12 @@ PYBIND11_MODULE(_C, m) {
 #endif
 #if defined(__x86_64__) && defined(STOPKIT_HAVE_AVX512BF16)
     else if (isa == "avx512bf16") { g_paged_attention = &cpu::avx512bf16::paged_attention; }
+#endif
+#if defined(__x86_64__) && defined(STOPKIT_HAVE_AMX)
+    else if (isa == "amx") {
+      STOPKIT_CHECK(request_amx(), "isa amx: this processor or kernel does not grant AMX tiles");
+      g_paged_attention = &cpu::amx::paged_attention;
+    }
 #endif
     else { throw std::invalid_argument("isa must be one this build has: " + built_isas() + "; got " + isa); }
     g_isa = isa;

@@ -1,6 +1,7 @@
 // paged_attention on the CPU. Built once per instruction set (STOPKIT_ISA = generic | avx2 |
-// avx512 | avx512bf16, see CMakeLists.txt) from the same source: the inner loops use native-width
-// vector types (csrc/include/stopkit/cpu/vec.h) that the compiler lowers for each build.
+// avx512 | avx512bf16 | amx, see CMakeLists.txt) from the same source: the inner loops use
+// native-width vector types (csrc/include/stopkit/cpu/vec.h) that the compiler lowers for each
+// build.
 //
 // Work item = (row, context split). An item walks the row's pages in order and, while a page is in
 // cache, runs every kv head over it (a page's [block_size, Hkv, D] keys are one contiguous range,
@@ -19,11 +20,14 @@
 //   S[t][m]   = scale * sum_p K[t][2p:2p+2] . Qp[p][m]   (Qp: Q as bf16 pairs, lanes over queries)
 //   O[m][d'] += sum_t P[t][m] * V[t][d']                 (V unpacked to float32, dims d' permuted
 //                                                         inside each 32, undone on output)
+// The amx build (avx512bf16 + AMX-BF16) computes S on AMX tiles instead (16 keys x 16 queries per
+// tile, K rows loaded from the page), when head_dim is a multiple of 32.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "stopkit/cpu/convert.h"
@@ -35,7 +39,7 @@
 #endif
 
 #ifndef STOPKIT_ISA
-#error "STOPKIT_ISA must name the instruction-set build (generic, avx2, avx512, avx512bf16)"
+#error "STOPKIT_ISA must name the instruction-set build (generic, avx2, avx512, avx512bf16, amx)"
 #endif
 
 namespace stopkit::cpu::STOPKIT_ISA {
@@ -97,6 +101,16 @@ constexpr bool kHasBf16Dot = false;
 // bf16 caches take the vdpbf16ps path where the build has it.
 template <DType DT>
 constexpr bool kBf16Dot = kHasBf16Dot && DT == DType::kBFloat16;
+#if defined(__AMX_BF16__)
+constexpr bool kHasAmx = true;
+#else
+constexpr bool kHasAmx = false;
+#endif
+// ... and their scores run on AMX tiles in the amx build, when head_dim is a multiple of 32 (a
+// tile row is 32 bf16), with 16 query lanes per vector (a tile row of S).
+inline bool amx_scores(DType dtype, int64_t D) {
+  return kHasAmx && dtype == DType::kBFloat16 && D % 32 == 0;
+}
 
 // State of one pass over the queries [m0, m0 + MV*W) of a work item: W lanes per vector.
 template <int W, int MV>
@@ -116,7 +130,9 @@ struct Pass {
 // and values as float32 where the cache holds 16-bit values (bf16 dot path: values only).
 struct TileBuffers {
   std::vector<float> k, v;
-  explicit TileBuffers(int64_t D) : k(kTile * D), v(kTile * D) {}
+  std::vector<uint16_t> padded_keys;  // amx: a short tile's keys, zero-padded to 16 rows
+  explicit TileBuffers(int64_t D)
+      : k(kTile * D), v(kTile * D), padded_keys(kHasAmx ? kTile * D : 0) {}
 };
 
 // S = K Qt for a tile of n keys, rows `rs` floats apart.
@@ -281,6 +297,90 @@ inline void scores_bf16(Pass<W, MV>& w, const uint16_t* k, int64_t rs, int64_t n
   }
 }
 
+#if defined(__AMX_BF16__)
+// amx build: S of a tile of 16 keys on AMX tiles, 16 x 16 float32 per 16 queries (tiles 0..3),
+// from K rows of 32 dims (tile 4) and Q pairs of those 32 dims (tiles 5 and 6, alternating).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+constexpr TileConfig tile_config() {
+  TileConfig cfg;
+  for (int i = 0; i < 7; ++i) {
+    cfg.rows[i] = 16;
+    cfg.colsb[i] = 64;
+  }
+  return cfg;
+}
+
+// Tile shapes are per thread: each OpenMP thread configures them before its first tile. (A
+// constant, not a local: GCC 12 drops stores to a local that only ldtilecfg reads.)
+inline void configure_tiles() {
+  static constexpr TileConfig kConfig = tile_config();
+  _tile_loadconfig(&kConfig);
+}
+
+// The tile intrinsics take literal tile numbers: C tile j (0..3) of the pass, through these.
+template <int J>
+inline void c_tile_zero() {
+  if constexpr (J == 0) _tile_zero(0);
+  else if constexpr (J == 1) _tile_zero(1);
+  else if constexpr (J == 2) _tile_zero(2);
+  else _tile_zero(3);
+}
+// C_J += K tile (4) . Q pairs at q, rows `stride` bytes apart (into tile 5 or 6).
+template <int J>
+inline void c_tile_dot(const void* q, int64_t stride) {
+  if constexpr (J == 0) { _tile_loadd(5, q, stride); _tile_dpbf16ps(0, 4, 5); }
+  else if constexpr (J == 1) { _tile_loadd(6, q, stride); _tile_dpbf16ps(1, 4, 6); }
+  else if constexpr (J == 2) { _tile_loadd(5, q, stride); _tile_dpbf16ps(2, 4, 5); }
+  else { _tile_loadd(6, q, stride); _tile_dpbf16ps(3, 4, 6); }
+}
+template <int J>
+inline void c_tile_store(void* dst, int64_t stride) {
+  if constexpr (J == 0) _tile_stored(0, dst, stride);
+  else if constexpr (J == 1) _tile_stored(1, dst, stride);
+  else if constexpr (J == 2) _tile_stored(2, dst, stride);
+  else _tile_stored(3, dst, stride);
+}
+
+// f(std::integral_constant<int, j>{}) for each C tile j < MV.
+template <typename F, int... J>
+inline void each_c_tile(F&& f, std::integer_sequence<int, J...>) {
+  (f(std::integral_constant<int, J>{}), ...);
+}
+template <int MV, typename F>
+inline void each_c_tile(F&& f) {
+  each_c_tile(f, std::make_integer_sequence<int, MV>{});
+}
+
+// S = scale * K Qt for a tile of n <= 16 bf16 keys, rows `rs` elements apart, D % 32 == 0. Short
+// tiles go through `padded` (16 rows of D) so the tile never reads past the page.
+template <int MV, int kD>
+inline void scores_amx(Pass<16, MV>& w, const uint16_t* k, int64_t rs, int64_t n, int64_t D,
+                       float scale, uint16_t* padded) {
+  static_assert(MV <= 4, "C tiles 0..3");
+  const int64_t d_len = kD ? kD : D;
+  if (n < 16) {
+    for (int64_t t = 0; t < 16; ++t)
+      for (int64_t d = 0; d < d_len; ++d) padded[t * d_len + d] = t < n ? k[t * rs + d] : 0;
+    k = padded;
+    rs = d_len;
+  }
+  each_c_tile<MV>([](auto j) { c_tile_zero<j()>(); });
+  for (int64_t c = 0; c < d_len; c += 32) {
+    _tile_loadd(4, k + c, rs * 2);
+    const auto* q = &w.q_pairs[(c / 2) * MV];  // rows: 16 dim pairs, MV vectors apart
+    each_c_tile<MV>([&](auto j) { c_tile_dot<j()>(q + j(), MV * 64); });
+  }
+  each_c_tile<MV>([&](auto j) { c_tile_store<j()>(&w.s[0][j()], MV * 64); });
+  for (int64_t t = 0; t < n; ++t)
+    for (int j = 0; j < MV; ++j) w.s[t][j] *= scale;
+}
+#endif
+
 // n bf16 value rows, `rs` elements apart, as float32 rows [n][D'] (a bf16 is the top half of a
 // float32: one unpack with zero per 16 values); slot s holds dim unpacked_dim(s, D).
 inline void values_as_float(const uint16_t* v, int64_t rs, int64_t n, int64_t D, float* out) {
@@ -348,11 +448,21 @@ inline void pv_rest(int64_t rest, float* o, int64_t D, const float* p, int64_t p
 
 // One tile of n bf16 keys at positions pos0 .. pos0+n-1 (rows `rs` elements apart, read in place)
 // and its values as float32 rows (values_as_float), for the first `active` query lanes.
+// amx: S on AMX tiles (amx build, W == 16, D % 32 == 0), `padded` a 16-row key buffer for them.
 template <int W, int MV, int kD>
 inline void attend_tile_bf16(Pass<W, MV>& w, const uint16_t* k, const float* v, int64_t rs,
                              int64_t n, int64_t D, float scale, float pos0, bool masked, bool suffix,
-                             int64_t active) {
+                             int64_t active, bool amx, uint16_t* padded) {
+#if defined(__AMX_BF16__)
+  if constexpr (W == 16) {
+    if (amx) scores_amx<MV, kD>(w, k, rs, n, D, scale, padded);
+    else scores_bf16<W, MV, kD>(w, k, rs, n, D, scale);
+  } else {
+    scores_bf16<W, MV, kD>(w, k, rs, n, D, scale);
+  }
+#else
   scores_bf16<W, MV, kD>(w, k, rs, n, D, scale);
+#endif
   typename Vec<W>::f corr[MV];
   const bool changed = softmax_tile(w, n, pos0, masked, suffix, corr);
   const int64_t d_len = kD ? kD : D;
@@ -364,6 +474,23 @@ inline void attend_tile_bf16(Pass<W, MV>& w, const uint16_t* k, const float* v, 
                 corr_f + m, changed);
 }
 #endif
+
+// This thread's AMX tile configuration, held while alive (amx build; `on`: amx_scores).
+struct AmxTiles {
+  bool on;
+  explicit AmxTiles(bool use) : on(use) {
+#if defined(__AMX_BF16__)
+    if (on) configure_tiles();
+#endif
+  }
+  ~AmxTiles() {
+#if defined(__AMX_BF16__)
+    if (on) _tile_release();
+#endif
+  }
+  AmxTiles(const AmxTiles&) = delete;
+  AmxTiles& operator=(const AmxTiles&) = delete;
+};
 
 struct Item {
   int64_t b, blk_lo, blk_hi;  // row and its pages [blk_lo, blk_hi)
@@ -430,7 +557,7 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
     if constexpr (kDot) {
       values_as_float(v, tok_stride, n, D, buf.v.data());
       attend_tile_bf16<W, MV, kD>(w, k, buf.v.data(), tok_stride, n, D, p.scale, pos0, masked,
-                                  suffix, active);
+                                  suffix, active, amx_scores(DT, D), buf.padded_keys.data());
       return;
     }
 #endif
@@ -541,8 +668,10 @@ void run(const PagedAttentionParams& p) {
   int64_t work = 0;
   for (int64_t b = 0; b < B; ++b) work += p.seq_lens[b] + S;
   work *= Hkv * M * D;
+  const bool amx = amx_scores(DT, D);
 #pragma omp parallel if (work > (int64_t{1} << 20))
   {
+    const AmxTiles tiles(amx);
     TileBuffers buf(D);
     std::vector<float> acc(direct ? HM * D : 0), ms(direct ? HM : 0), ls(direct ? HM : 0);
     // Few queries (decode: G * q_len is often 1..8) use narrower vectors than the native width.
@@ -563,9 +692,9 @@ void run(const PagedAttentionParams& p) {
       float* l_out = direct ? ls.data() : part_l.data() + item * HM;
       for (int64_t m0 = 0; m0 < M; m0 += kMaxVecs * kLanes) {
         const int64_t rest = M - m0, vecs = std::min<int64_t>(kMaxVecs, (rest + kLanes - 1) / kLanes);
-        if (rest <= 4 && kLanes > 4) {
+        if (rest <= 4 && kLanes > 4 && !amx) {  // AMX: 16-lane passes only (a tile row of S)
           run_pass<DT, kD>(p, it, m0, narrow4, buf, acc_out, m_out, l_out);
-        } else if (rest <= 8 && kLanes > 8) {
+        } else if (rest <= 8 && kLanes > 8 && !amx) {
           run_pass<DT, kD>(p, it, m0, narrow8, buf, acc_out, m_out, l_out);
         } else {
           switch (vecs) {

@@ -18,6 +18,9 @@ STOPKIT_DECLARE_ISA(avx512)
 #if defined(__x86_64__) && defined(STOPKIT_HAVE_AVX512BF16)  // the compiler could build it
 STOPKIT_DECLARE_ISA(avx512bf16)
 #endif
+#if defined(__x86_64__) && defined(STOPKIT_HAVE_AMX)
+STOPKIT_DECLARE_ISA(amx)
+#endif
 #undef STOPKIT_DECLARE_ISA
 
 void write_kv(const WriteKVParams& p);

@@ -17,7 +17,8 @@ import torch
 
 from stopkit import _C, ops
 
-ISAS = ("generic", "avx2", "avx512", "avx512bf16", "amx")  # ordered: a processor running one runs those before it
+# Ordered: a processor running one runs those before it.
+ISAS = ("generic", "avx2", "avx512", "avx512bf16", "amx")
 _NO_CUDA = "needs stopkit's CUDA kernels and a GPU"
 
 # The torch oracles run on tiny tensors, where intra-op threads only cost (tenfold on a busy 2-core

@@ -164,6 +164,11 @@ class PagedKVCache:
         read-only."""
         if self._dev_table is None:
             width = max(1, _cdiv(int(self._lens.max()), self.block_size)) if self.batch_size else 1
+            used = np.arange(width)[None, :] < -(-self._lens[:, None] // self.block_size)
+            ids = self._table[:, :width][used]
+            if ids.size and (ids.min() < 0 or ids.max() >= self.num_blocks):  # the kernels trust it
+                raise RuntimeError(f"PagedKVCache bug: a block id in use lies outside [0, "
+                                   f"{self.num_blocks})")
             table = torch.from_numpy(self._table[:, :width])
             self._dev_table = torch.empty(table.shape, dtype=torch.int32, device=self.device).copy_(table)
         return self._dev_table

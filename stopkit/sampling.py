@@ -11,6 +11,7 @@ is then drawn by inverse-CDF over the filtered distribution, which is the same d
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["sample_key", "uniforms", "sample", "filter_logits"]
@@ -48,9 +49,28 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _mix32_numpy(x: np.ndarray) -> np.ndarray:
+    """:func:`_mix32` on uint32 arrays, whose multiplication wraps modulo 2**32 by itself."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
 def uniforms(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """keys int64 ``[B, 2]`` (from :func:`sample_key`), counters int64 ``[B]`` (token index within
     the sample) -> float64 ``[B]`` uniform in (0, 1), one independent number per (key, counter)."""
+    if keys.device.type == "cpu":  # the same hash in a few numpy calls instead of ~50 torch ops
+        k, c = keys.numpy().astype(np.uint32), counters.numpy()
+        x = _mix32_numpy(c.astype(np.uint32) ^ k[:, 0])
+        x = _mix32_numpy(x ^ k[:, 1])
+        x = _mix32_numpy(x ^ (c >> 32).astype(np.uint32))
+        return (torch.from_numpy(x).double() + 0.5) * (1.0 / 4294967296.0)
+    return _uniforms_torch(keys, counters)
+
+
+def _uniforms_torch(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     x = _mix32((counters & _M32) ^ keys[:, 0])
     x = _mix32(x ^ keys[:, 1])
     x = _mix32(x ^ (counters >> 32))

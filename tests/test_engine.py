@@ -171,6 +171,15 @@ def test_sampler_draws_the_filtered_distribution(vocab, kw):
     assert abs(float(torch.corrcoef(torch.stack([u, u2]))[0, 1])) < 0.03
 
 
+def test_uniforms_numpy_and_torch_paths_agree():
+    keys = torch.tensor([sampling.sample_key(s, s % 3, s * 7) for s in range(500)])
+    counters = torch.randint(0, 2**40, (500,))
+    counters[:10] = torch.arange(10)
+    u = sampling.uniforms(keys, counters)
+    assert torch.equal(u, sampling._uniforms_torch(keys, counters))
+    assert torch.equal(sampling.uniforms(keys[::2], counters[::2]), u[::2])  # strided views
+
+
 # ---- logprobs and EOS ----------------------------------------------------------------------------
 def test_logprobs_entropies_and_top_logprobs():
     model = _model("qwen3")

@@ -161,8 +161,9 @@ def test_grid(backend, params):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", range(32, 257, 16))
-def test_every_head_dim(backend, head_dim, dtype):
-    check(Case(batch=2, q_len=3, heads=(4, 2), head_dim=head_dim, block_size=8, dtype=dtype,
+@pytest.mark.parametrize("q_len", [1, 3])  # 2 or 6 queries per kv head: both CPU query layouts
+def test_every_head_dim(backend, head_dim, dtype, q_len):
+    check(Case(batch=2, q_len=q_len, heads=(4, 2), head_dim=head_dim, block_size=8, dtype=dtype,
                sinks=True, seq_lens=(13, 24)), backend)
 
 

@@ -10,6 +10,9 @@
 // [D][M]), so a tile of keys costs broadcast-FMAs with no horizontal reductions:
 //   S[t][m]   = sum_d K[t][d] * Qt[d][m]              (keys of the tile, converted to float32)
 //   Ot[d][m] += sum_t V[t][d] * P[t][m]               (online softmax, one running max per lane)
+// With few queries per kv head (M <= kLanes / 4: decode with a small GQA group), the lanes run along
+// head_dim instead (DotPass): S[m][t] = q_m . k_t as FMAs over dims, W keys' sums at once by a
+// transpose-add tree, and O[m] += P[m][t] v_t.
 // When rows are fewer than the threads, the context is split and the partial results are merged
 // by their log-sum-exp.
 //
@@ -26,6 +29,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -470,8 +474,9 @@ inline void attend_tile_bf16(Pass<W, MV>& w, const uint16_t* k, const float* v, 
   const float* p = reinterpret_cast<const float*>(w.s);
   const float* corr_f = reinterpret_cast<const float*>(corr);
   for (int64_t m = 0; m < active; m += kPvQueries)
-    pv_rest<kD>(std::min<int64_t>(kPvQueries, active - m), o + m * d_len, D, p + m, MV * W, v, n,
-                corr_f + m, changed);
+    pv_rest<kD, std::min(kPvQueries, MV * W)>(std::min<int64_t>(kPvQueries, active - m), o + m * d_len,
+                                              D, p + m, MV * W, v, n,
+                                              corr_f + m, changed);
 }
 #endif
 
@@ -492,15 +497,177 @@ struct AmxTiles {
   AmxTiles& operator=(const AmxTiles&) = delete;
 };
 
+// ---- Few queries per kv head: lanes along head_dim ----------------------------------------------
+// Decode with a small GQA group (M = G * q_len of 1..kLanes/4) would leave most lanes of a query
+// vector empty. There the lanes run along head_dim instead: S[m][t] = q_m . k_t is D/W FMAs and a
+// horizontal sum, done for W keys at once by a transpose-add tree; O[m] += P[m][t] v_t is D/W FMAs.
+
+// Lane l of the result sums lanes l and l + H of a (first H lanes of each 2H block) or lanes l - H
+// and l of b (the other H): one stage of the tree.
+template <int W, int H, int... L>
+inline typename Vec<W>::f fold_pair(typename Vec<W>::f a, typename Vec<W>::f b,
+                                    std::integer_sequence<int, L...>) {
+  return __builtin_shufflevector(a, b, ((L % (2 * H)) < H ? L : W + L - H)...) +
+         __builtin_shufflevector(a, b, ((L % (2 * H)) < H ? L + H : W + L)...);
+}
+
+// x[0..2H) -> x[0], whose lane i is the sum of the lanes of input x[i] (H = W / 2 at the top).
+template <int W, int H>
+inline void fold_lanes(typename Vec<W>::f* x) {
+  for (int i = 0; i < H; ++i) x[i] = fold_pair<W, H>(x[i], x[i + H], std::make_integer_sequence<int, W>{});
+  if constexpr (H > 1) fold_lanes<W, H / 2>(x);
+}
+
+// State of the MP queries [m0, m0 + MP) of one kv head (MP a power of two; pad queries are zero).
+template <int MP>
+struct DotPass {
+  std::vector<float> q, o;  // [MP][D]
+  float m[MP], l[MP], lower[MP], qidx[MP];
+  float p[MP][kTile];       // scores, then probabilities, of the current tile
+};
+
+template <int MP, int kD>
+inline void dot_tile(DotPass<MP>& w, const float* k, const float* v, int64_t rs, int64_t n,
+                     int64_t D, float pos0, bool masked, bool suffix) {
+  constexpr int W = kLanes;
+  using V = Vec<W>;
+  using vfloat = typename V::f;
+  const int64_t dv_len = (kD ? kD : D) / W;
+  const int64_t d_len = dv_len * W;
+  auto load = [](const float* x) { vfloat r; std::memcpy(&r, x, sizeof(r)); return r; };
+
+  // S: W keys at a time; x[t] holds the per-lane partial dot products of key t, folded into one
+  // vector of W scores, sv[j][g] for keys g*W .. g*W+W-1 (lanes past n are masked below).
+  constexpr int NV = kTile / W;
+  vfloat sv[MP][NV];
+  for (int g = 0; g < NV; ++g) {
+    const int64_t t0 = g * W, nt = std::max<int64_t>(0, std::min<int64_t>(W, n - t0));
+    if (nt == 0) {
+      for (int j = 0; j < MP; ++j) sv[j][g] = vfloat{};
+      continue;
+    }
+    vfloat x[MP][W];
+    for (int64_t t = 0; t < W; ++t) {
+      vfloat acc[MP] = {};
+      if (t < nt) {
+        const float* kt = k + (t0 + t) * rs;
+        for (int64_t dv = 0; dv < dv_len; ++dv) {
+          const vfloat kv = load(kt + dv * W);
+          for (int j = 0; j < MP; ++j) acc[j] += load(w.q.data() + j * d_len + dv * W) * kv;
+        }
+      }
+      for (int j = 0; j < MP; ++j) x[j][t] = acc[j];
+    }
+    for (int j = 0; j < MP; ++j) {
+      if constexpr (W > 1) fold_lanes<W, W / 2>(x[j]);
+      sv[j][g] = x[j][0];
+    }
+  }
+  // Online softmax per query over the tile, W keys per vector.
+  vfloat lane;
+  for (int i = 0; i < W; ++i) lane[i] = static_cast<float>(i);
+  for (int j = 0; j < MP; ++j) {
+    vfloat tmax = V::broadcast(kMasked);
+    for (int g = 0; g < NV; ++g) {
+      const vfloat t = lane + static_cast<float>(g * W);
+      auto ok = t < static_cast<float>(n);
+      if (masked) {
+        ok = ok & (t + pos0 >= w.lower[j]);
+        if (suffix) ok = ok & (t <= w.qidx[j]);
+      }
+      sv[j][g] = ok ? sv[j][g] : V::broadcast(kNegInf);
+      tmax = V::max(tmax, sv[j][g]);
+    }
+    const float m_new = std::max(w.m[j], V::reduce_max(tmax)), corr = std::exp(w.m[j] - m_new);
+    vfloat lsum{};
+    for (int g = 0; g < NV; ++g) {
+      const vfloat e = sv[j][g] > kMasked ? V::exp(sv[j][g] - m_new) : vfloat{};
+      std::memcpy(&w.p[j][g * W], &e, sizeof(e));
+      lsum += e;
+    }
+    float l = w.l[j] * corr;
+    for (int i = 0; i < W; ++i) l += lsum[i];
+    w.l[j] = l;
+    if (m_new != w.m[j]) {
+      float* o = w.o.data() + j * d_len;
+#pragma omp simd
+      for (int64_t d = 0; d < d_len; ++d) o[d] *= corr;
+    }
+    w.m[j] = m_new;
+  }
+  // O += P V, DB vectors of dims at a time (MP * DB register accumulators).
+  constexpr int DB = MP >= 4 ? 4 : 8;
+  int64_t dv = 0;
+  auto pv = [&](auto db_tag) {
+    constexpr int B = decltype(db_tag)::value;
+    vfloat acc[MP][B];
+    for (int j = 0; j < MP; ++j)
+      for (int b = 0; b < B; ++b) acc[j][b] = load(w.o.data() + j * d_len + (dv + b) * W);
+    for (int64_t t = 0; t < n; ++t) {
+      vfloat vt[B];
+      for (int b = 0; b < B; ++b) vt[b] = load(v + t * rs + (dv + b) * W);
+      for (int j = 0; j < MP; ++j) {
+        const float pj = w.p[j][t];
+        for (int b = 0; b < B; ++b) acc[j][b] += pj * vt[b];
+      }
+    }
+    for (int j = 0; j < MP; ++j)
+      for (int b = 0; b < B; ++b) std::memcpy(w.o.data() + j * d_len + (dv + b) * W, &acc[j][b], sizeof(vfloat));
+  };
+  for (; dv + DB <= dv_len; dv += DB) pv(std::integral_constant<int, DB>{});
+  for (; dv < dv_len; ++dv) pv(std::integral_constant<int, 1>{});
+}
+
 struct Item {
   int64_t b, blk_lo, blk_hi;  // row and its pages [blk_lo, blk_hi)
   bool last;                  // holds the row's last pages (and so its suffix)
 };
 
-// Runs queries [m0, m0 + MV*W) of every kv head of one work item (ws[kh] holds head kh's state).
-// Pages are read in order and each page is used by all kv heads while it is in cache: a page's
-// [block_size, Hkv, D] K (and V) is one contiguous range the prefetcher can stream. Writes the
-// unnormalised acc [Hkv][M][D], m and l [Hkv][M].
+// Walks the pages of a work item in order and, while a page is in cache, runs
+// attend(kh, k, v, n, pos0, masked, suffix) on each tile of n <= kTile keys of every kv head (a
+// page's [block_size, Hkv, D] K and V are contiguous ranges, prefetched a page ahead; k and v
+// point at the tile's first row, rows Hkv * D elements apart); then, for the row's last item, on
+// each kv head's suffix. Pages entirely below every query's window (lowest) are skipped; tiles
+// starting below the highest window bound are masked.
+template <typename T, typename Attend>
+inline void walk_pages(const PagedAttentionParams& p, const Item& it, float lowest, float highest,
+                       Attend&& attend) {
+  const int64_t Hkv = p.num_kv_heads, D = p.head_dim, bs = p.block_size, S = p.q_len;
+  const int64_t L = p.seq_lens[it.b], tok_stride = Hkv * D, page_elems = bs * tok_stride;
+  const bool windowed = p.window > 0;
+  const auto* kc = static_cast<const T*>(p.k_cache);
+  const auto* vc = static_cast<const T*>(p.v_cache);
+  for (int64_t j = it.blk_lo; j < it.blk_hi; ++j) {
+    const int64_t start = j * bs, n_blk = std::min(bs, L - start);
+    if (windowed && static_cast<float>(start + n_blk) <= lowest) continue;  // outside every window
+    const int64_t blk = p.block_table[it.b * p.max_blocks_per_row + j];
+    if (j + kPrefetchBlocks < it.blk_hi) {
+      // Pages are scattered, so the hardware prefetcher cannot guess the next one: ask for it.
+      const int64_t next = p.block_table[it.b * p.max_blocks_per_row + j + kPrefetchBlocks];
+      const int64_t n_next = std::min(bs, L - (j + kPrefetchBlocks) * bs) * tok_stride;
+      prefetch_range(kc + next * page_elems, n_next);
+      prefetch_range(vc + next * page_elems, n_next);
+    }
+    for (int64_t kh = 0; kh < Hkv; ++kh) {
+      for (int64_t off = 0; off < n_blk; off += kTile) {
+        const int64_t n = std::min<int64_t>(kTile, n_blk - off);
+        const int64_t row0 = (blk * bs + off) * Hkv + kh;
+        const bool masked = windowed && static_cast<float>(start + off) < highest;
+        attend(kh, kc + row0 * D, vc + row0 * D, n, static_cast<float>(start + off), masked, false);
+      }
+    }
+  }
+  if (p.suffix_k != nullptr && it.last) {
+    for (int64_t kh = 0; kh < Hkv; ++kh) {
+      const int64_t row0 = it.b * S * Hkv + kh;
+      attend(kh, static_cast<const T*>(p.suffix_k) + row0 * D,
+             static_cast<const T*>(p.suffix_v) + row0 * D, S, static_cast<float>(L), true, true);
+    }
+  }
+}
+
+// Runs queries [m0, m0 + MV*W) of every kv head of one work item (ws[kh] holds head kh's state)
+// over its pages (walk_pages). Writes the unnormalised acc [Hkv][M][D], m and l [Hkv][M].
 template <DType DT, int kD, int W, int MV>
 void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::vector<Pass<W, MV>>& ws,
               TileBuffers& buf, float* acc_out, float* m_out, float* l_out) {
@@ -510,14 +677,12 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
   using vint = typename V::i;
   constexpr bool kDot = kBf16Dot<DT>;
   const int64_t S = p.q_len, H = p.num_heads, Hkv = p.num_kv_heads, G = H / Hkv, M = G * S;
-  const int64_t D = kD ? kD : p.head_dim, bs = p.block_size;
+  const int64_t D = kD ? kD : p.head_dim;
   const int64_t L = p.seq_lens[it.b];
   const int64_t active = std::min<int64_t>(MV * W, M - m0);  // query lanes in use
   const bool has_suffix = p.suffix_k != nullptr, windowed = p.window > 0;
   const int64_t tok_stride = Hkv * D;
   const auto* q = static_cast<const T*>(p.q);
-  const auto* kc = static_cast<const T*>(p.k_cache);
-  const auto* vc = static_cast<const T*>(p.v_cache);
 
   // Q of query m0 + lane in lane `lane` (zero in padding lanes): Qt = scale * Q, or Q as bf16
   // pairs; window lower bounds (the same for every kv head).
@@ -550,9 +715,9 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
     }
   }
 
-  // One tile of n keys whose first row is `row0` of k and v (rows tok_stride elements apart).
-  auto attend = [&](Pass<W, MV>& w, const T* k, const T* v, int64_t n, float pos0, bool masked,
-                    bool suffix) {
+  walk_pages<T>(p, it, lowest, highest, [&](int64_t kh, const T* k, const T* v, int64_t n,
+                                           float pos0, bool masked, bool suffix) {
+    Pass<W, MV>& w = ws[kh];
 #if defined(__AVX512BF16__)
     if constexpr (kDot) {
       values_as_float(v, tok_stride, n, D, buf.v.data());
@@ -566,36 +731,9 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
     rs = tok_stride;
     const float* vf = rows_as_float<DT, kD>(v, rs, n, D, buf.v.data());
     attend_tile<W, MV, kD>(w, kf, vf, rs, n, D, pos0, masked, suffix);
-  };
-
-  const int64_t page_elems = bs * Hkv * D;
-  for (int64_t j = it.blk_lo; j < it.blk_hi; ++j) {
-    const int64_t start = j * bs, n_blk = std::min(bs, L - start);
-    if (windowed && static_cast<float>(start + n_blk) <= lowest) continue;  // outside every window
-    const int64_t blk = p.block_table[it.b * p.max_blocks_per_row + j];
-    if (j + kPrefetchBlocks < it.blk_hi) {
-      // Pages are scattered, so the hardware prefetcher cannot guess the next one: ask for it.
-      const int64_t next = p.block_table[it.b * p.max_blocks_per_row + j + kPrefetchBlocks];
-      const int64_t n_next = std::min(bs, L - (j + kPrefetchBlocks) * bs) * tok_stride;
-      prefetch_range(kc + next * page_elems, n_next);
-      prefetch_range(vc + next * page_elems, n_next);
-    }
-    for (int64_t kh = 0; kh < Hkv; ++kh) {
-      for (int64_t off = 0; off < n_blk; off += kTile) {
-        const int64_t n = std::min<int64_t>(kTile, n_blk - off);
-        const int64_t row0 = (blk * bs + off) * Hkv + kh;
-        const bool masked = windowed && static_cast<float>(start + off) < highest;
-        attend(ws[kh], kc + row0 * D, vc + row0 * D, n, static_cast<float>(start + off), masked, false);
-      }
-    }
-  }
+  });
   for (int64_t kh = 0; kh < Hkv; ++kh) {
     Pass<W, MV>& w = ws[kh];
-    if (has_suffix && it.last) {
-      const int64_t row0 = it.b * S * Hkv + kh;
-      attend(w, static_cast<const T*>(p.suffix_k) + row0 * D, static_cast<const T*>(p.suffix_v) + row0 * D,
-             S, static_cast<float>(L), true, true);
-    }
     const float* ot = reinterpret_cast<const float*>(w.ot.data());
     for (int64_t lane = 0; lane < active; ++lane) {
       const int64_t mi = kh * M + m0 + lane, j = lane / W, e = lane % W;
@@ -608,6 +746,58 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
       const bool seen = w.l[j][e] > 0.0f;
       m_out[mi] = seen ? w.m[j][e] : kNegInf;
       l_out[mi] = seen ? w.l[j][e] : 0.0f;
+    }
+  }
+}
+
+// run_pass for the head_dim-lane layout: all M <= MP queries of every kv head of one work item.
+template <DType DT, int kD, int MP>
+void run_pass_dot(const PagedAttentionParams& p, const Item& it, std::vector<DotPass<MP>>& ws,
+                  TileBuffers& buf, float* acc_out, float* m_out, float* l_out) {
+  using T = typename Elem<DT>::T;
+  const int64_t S = p.q_len, H = p.num_heads, Hkv = p.num_kv_heads, G = H / Hkv, M = G * S;
+  const int64_t D = kD ? kD : p.head_dim, L = p.seq_lens[it.b], tok_stride = Hkv * D;
+  const bool has_suffix = p.suffix_k != nullptr, windowed = p.window > 0;
+  const auto* q = static_cast<const T*>(p.q);
+
+  float lowest = std::numeric_limits<float>::max(), highest = kNegInf;
+  for (int64_t kh = 0; kh < Hkv; ++kh) {
+    DotPass<MP>& w = ws[kh];
+    w.q.assign(MP * D, 0.0f);
+    w.o.assign(MP * D, 0.0f);
+    for (int j = 0; j < MP; ++j) {
+      w.m[j] = kMasked;
+      w.l[j] = 0.0f;
+      w.lower[j] = kNegInf;
+      w.qidx[j] = 0.0f;
+    }
+    for (int64_t j = 0; j < M; ++j) {
+      const int64_t g = j / S, s = j % S;
+      const T* src = q + ((it.b * S + s) * H + kh * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) w.q[j * D + d] = Elem<DT>::load(src[d]) * p.scale;
+      const float lo = windowed ? static_cast<float>(query_position(L, s, has_suffix) - p.window + 1) : kNegInf;
+      w.lower[j] = lo;
+      w.qidx[j] = static_cast<float>(s);
+      lowest = std::min(lowest, lo);
+      highest = std::max(highest, lo);
+    }
+  }
+  walk_pages<T>(p, it, lowest, highest, [&](int64_t kh, const T* k, const T* v, int64_t n,
+                                           float pos0, bool masked, bool suffix) {
+    int64_t rs = tok_stride;
+    const float* kf = rows_as_float<DT, kD>(k, rs, n, D, buf.k.data());
+    rs = tok_stride;
+    const float* vf = rows_as_float<DT, kD>(v, rs, n, D, buf.v.data());
+    dot_tile<MP, kD>(ws[kh], kf, vf, rs, n, D, pos0, masked, suffix);
+  });
+  for (int64_t kh = 0; kh < Hkv; ++kh) {
+    const DotPass<MP>& w = ws[kh];
+    for (int64_t j = 0; j < M; ++j) {
+      const int64_t mi = kh * M + j;
+      std::copy(w.o.begin() + j * D, w.o.begin() + (j + 1) * D, acc_out + mi * D);
+      const bool seen = w.l[j] > 0.0f;
+      m_out[mi] = seen ? w.m[j] : kNegInf;
+      l_out[mi] = seen ? w.l[j] : 0.0f;
     }
   }
 }
@@ -669,6 +859,9 @@ void run(const PagedAttentionParams& p) {
   for (int64_t b = 0; b < B; ++b) work += p.seq_lens[b] + S;
   work *= Hkv * M * D;
   const bool amx = amx_scores(DT, D);
+  // Up to a quarter of a vector of queries: lanes along head_dim instead (DotPass). The bf16 dot
+  // builds keep their own path.
+  const bool dot_layout = 4 * M <= kLanes && !kBf16Dot<DT>;
 #pragma omp parallel if (work > (int64_t{1} << 20))
   {
     const AmxTiles tiles(amx);
@@ -681,6 +874,9 @@ void run(const PagedAttentionParams& p) {
     std::vector<Pass<kLanes, 2>> w2(Hkv);
     std::vector<Pass<kLanes, 3>> w3(Hkv);
     std::vector<Pass<kLanes, 4>> w4(Hkv);
+    std::vector<DotPass<1>> dot1(Hkv);
+    std::vector<DotPass<2>> dot2(Hkv);
+    std::vector<DotPass<4>> dot4(Hkv);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < B * splits; ++item) {
       const int64_t b = item / splits, split = item % splits;
@@ -690,7 +886,12 @@ void run(const PagedAttentionParams& p) {
       float* acc_out = direct ? acc.data() : part_acc.data() + item * HM * D;
       float* m_out = direct ? ms.data() : part_m.data() + item * HM;
       float* l_out = direct ? ls.data() : part_l.data() + item * HM;
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxVecs * kLanes) {
+      if (dot_layout) {
+        if (M == 1) run_pass_dot<DT, kD>(p, it, dot1, buf, acc_out, m_out, l_out);
+        else if (M == 2) run_pass_dot<DT, kD>(p, it, dot2, buf, acc_out, m_out, l_out);
+        else run_pass_dot<DT, kD>(p, it, dot4, buf, acc_out, m_out, l_out);
+      }
+      for (int64_t m0 = 0; !dot_layout && m0 < M; m0 += kMaxVecs * kLanes) {
         const int64_t rest = M - m0, vecs = std::min<int64_t>(kMaxVecs, (rest + kLanes - 1) / kLanes);
         if (rest <= 4 && kLanes > 4 && !amx) {  // AMX: 16-lane passes only (a tile row of S)
           run_pass<DT, kD>(p, it, m0, narrow4, buf, acc_out, m_out, l_out);

@@ -9,6 +9,9 @@
 #include "stopkit/common.h"
 
 namespace stopkit::cpu {
+// Internal linkage: each instruction-set build of paged_attention.cpp compiles these with its own
+// -m flags, and the linker must not pick one build's copy for another's calls.
+namespace {
 
 #if defined(__aarch64__)
 using half_t = __fp16;
@@ -103,4 +106,5 @@ inline void dispatch_dtype(DType d, F&& f) {
   }
 }
 
+}  // namespace
 }  // namespace stopkit::cpu

@@ -9,6 +9,9 @@
 #include <cstring>
 
 namespace stopkit::cpu {
+// Internal linkage: each instruction-set build of paged_attention.cpp compiles these with its own
+// -m flags, and the linker must not pick one build's copy for another's calls.
+namespace {
 
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
@@ -72,4 +75,5 @@ struct Vec {
   }
 };
 
+}  // namespace
 }  // namespace stopkit::cpu

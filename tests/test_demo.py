@@ -47,10 +47,15 @@ def test_build_adapter_stage_runs_the_label_and_train_pipeline(tmp_path):
     from stopkit.toy import MODEL_DIR, load_model
     from stopkit.toy.build import build_adapter
 
-    report = build_adapter(MODEL_DIR, tmp_path / "adapter", label_seeds=[5], problems=2,
-                           prefix_tokens=8, rollouts=2, traces=1, epochs=1, lr=1e-3, lora_rank=4,
-                           batch_size=2, seed=0, work_dir=tmp_path / "work")
-    assert report["records"] == 2 and (tmp_path / "work" / "labels.jsonl").is_file()
+    kw = dict(label_seeds=[5, 6], problems=1, prefix_tokens=8, rollouts=2, traces=1, epochs=1,
+              lr=1e-3, lora_rank=4, batch_size=2, seed=0)
+    report = build_adapter(MODEL_DIR, tmp_path / "adapter", work_dir=tmp_path / "work", **kw)
+    assert report["records"] == 2
+    # shards labelled by parallel processes hold the same records
+    build_adapter(MODEL_DIR, tmp_path / "adapter2", work_dir=tmp_path / "work2", jobs=2, **kw)
+    for shard in (5, 6):
+        name = f"labels-{shard}.jsonl"
+        assert (tmp_path / "work" / name).read_text() == (tmp_path / "work2" / name).read_text()
     model, _ = load_model()
     scorer = StopScorer.load(tmp_path / "adapter", model)
     assert scorer.num_tokens == 4

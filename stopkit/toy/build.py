@@ -27,7 +27,8 @@ from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from stopkit.toy import ADAPTER_DIR, MODEL_DIR
-from stopkit.toy.task import Problem, check, extract_answer, extract_steps, generate, slip_rate
+from stopkit.toy.task import (Problem, apply_op, check, extract_answer, extract_steps, generate,
+                              slip_rate)
 from stopkit.toy.tokenizer import build_tokenizer
 
 log = logging.getLogger("stopkit.toy.build")
@@ -125,9 +126,11 @@ def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
              n: int = 16, temperature: float = TEMPERATURE, seed: int = 0,
              problems_per_batch: int = 16) -> dict[str, float]:
     """Sample ``n`` paths per problem with ``model.generate``; per-path and majority-vote accuracy,
-    mean tokens per path, and how often a path that slipped in its first third still ends right."""
+    mean tokens per path, how often a path that slipped in its first third still ends right, and
+    how often the steps after a path's first slip slip too."""
     torch.manual_seed(seed)
     correct, votes_right, tokens, early, early_right, per_problem = 0, 0, 0, 0, 0, []
+    after_slip = [0, 0]  # steps written after a path's first slip: wrong ones, all
     for i in tqdm(range(0, len(problems), problems_per_batch), desc=f"eval T={temperature}",
                   unit="batch"):
         chunk = problems[i:i + problems_per_batch]
@@ -151,6 +154,10 @@ def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
                 if slip is not None and slip < math.ceil(len(p.ops) / 3):
                     early += 1
                     early_right += ok
+                if slip is not None:
+                    later = [y != apply_op(x, op, c) for x, op, c, y in extract_steps(text)[slip + 1:]]
+                    after_slip[0] += sum(later)
+                    after_slip[1] += len(later)
             correct += right
             per_problem.append(right / n)
             top = Counter(a for a in answers if a is not None).most_common(1)
@@ -163,6 +170,9 @@ def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
         "mean_tokens_per_path": tokens / paths,
         "early_slip_rate": early / paths,
         "early_slip_still_right": early_right / max(1, early),
+        # how often a step slips once the path has slipped: a model whose states know that a slip
+        # happened could change it (the training traces keep slip_rate)
+        "slip_rate_after_a_slip": after_slip[0] / max(1, after_slip[1]),
         "problems_all_right": sum(a == 1.0 for a in per_problem) / len(problems),
         "problems_all_wrong": sum(a == 0.0 for a in per_problem) / len(problems),
         # what a model that slips exactly as its training traces do would score per path
@@ -182,41 +192,61 @@ def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path)
     tokenizer.save_pretrained(out)
 
 
+def _label_shard(model_dir: Path, labels: Path, shard: int, problems: int, prefix_tokens: int,
+                 rollouts: int, traces: int, threads: int) -> dict:
+    """Label the ``problems`` train-split problems drawn with seed ``shard`` into ``labels``."""
+    from stopkit.toy import load_model
+    from stopkit.train import label_problems
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model(path=model_dir)
+    shard_problems = [{"id": f"{shard}-{i}", "question": p.question, "answer": p.answer}
+                      for i, p in enumerate(generate(problems, seed=shard, split="train"))]
+    return label_problems(
+        model, tokenizer, shard_problems, labels, prefix_tokens=prefix_tokens, rollouts=rollouts,
+        traces=traces, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0,
+        seed=shard, checker=lambda text, answer: check(text, int(answer)))
+
+
 def build_adapter(model_dir: Path, out: Path, *, label_seeds: list[int], problems: int,
                   prefix_tokens: int, rollouts: int, traces: int, epochs: int, lr: float,
-                  lora_rank: int, batch_size: int, seed: int, work_dir: Path) -> dict:
+                  lora_rank: int, batch_size: int, seed: int, work_dir: Path, jobs: int = 1,
+                  targets: tuple[str, ...] = ("q_proj", "v_proj"), head_hidden: int | None = None
+                  ) -> dict:
     """Stage ``adapter``: Monte-Carlo labels and a trained STOP scorer for the model at ``model_dir``,
     through the code behind ``stopkit label`` and ``stopkit train`` (stopkit.train). For each of
     ``label_seeds``, ``problems`` train-split problems drawn with that seed are labelled into
-    ``work_dir/labels.jsonl`` (problem ids ``"{seed}-{i}"``; resumable, and each shard's samples
-    depend only on its seed, so shards may also be labelled by parallel runs and concatenated);
-    the best-validation-MSE scorer is saved to ``out``."""
+    ``work_dir/labels-{seed}.jsonl`` (problem ids ``"{seed}-{i}"``; resumable; a shard's samples
+    depend only on its seed, so ``jobs`` processes of one torch thread each label shards in
+    parallel with the same result); the best-validation-MSE scorer is saved to ``out``."""
     from stopkit.stop import StopScorer
     from stopkit.toy import load_model
     from stopkit.toy.tokenizer import STOP_TOKEN
-    from stopkit.train import label_problems, load_labels, split_by_problem, train_scorer
+    from stopkit.train import load_labels, split_by_problem, train_scorer
 
-    model, tokenizer = load_model(path=model_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    labels = work_dir / "labels.jsonl"
+    files = [work_dir / f"labels-{shard}.jsonl" for shard in label_seeds]
+    args = [(model_dir, f, shard, problems, prefix_tokens, rollouts, traces, 1 if jobs > 1 else
+             torch.get_num_threads()) for f, shard in zip(files, label_seeds)]
     t0 = time.perf_counter()
-    stats = {}
-    for shard in label_seeds:
-        shard_problems = [{"id": f"{shard}-{i}", "question": p.question, "answer": p.answer}
-                          for i, p in enumerate(generate(problems, seed=shard, split="train"))]
-        stats[shard] = label_problems(
-            model, tokenizer, shard_problems, labels, prefix_tokens=prefix_tokens,
-            rollouts=rollouts, traces=traces, max_new_tokens=MAX_NEW_TOKENS,
-            temperature=TEMPERATURE, top_p=1.0, seed=shard,
-            checker=lambda text, answer: check(text, int(answer)))
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            stats = dict(zip(label_seeds, pool.map(_label_shard, *zip(*args))))
+    else:
+        stats = {shard: _label_shard(*a) for shard, a in zip(label_seeds, args)}
+    model, tokenizer = load_model(path=model_dir)
     label_s = time.perf_counter() - t0
-    records = load_labels(labels)
+    records = [r for f in files for r in load_labels(f)]
     train, val = split_by_problem(records, 0.15, seed)
     soft = [r["soft_label"] for r in records]
     log.info("labelled %d prefixes of %d problems in %.0f s: mean label %.3f, %.0f%% at 0, %.0f%% at 1",
              len(records), problems * len(label_seeds), label_s, sum(soft) / len(soft),
              100 * sum(s == 0 for s in soft) / len(soft), 100 * sum(s == 1 for s in soft) / len(soft))
     scorer = StopScorer.new(model, lora_rank=lora_rank, lora_alpha=2 * lora_rank, seed=seed,
+                            targets=targets, head_hidden=head_hidden,
                             token_id=tokenizer.convert_tokens_to_ids(STOP_TOKEN))
     t0 = time.perf_counter()
     history = train_scorer(scorer, train, val, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -225,7 +255,8 @@ def build_adapter(model_dir: Path, out: Path, *, label_seeds: list[int], problem
     report = {"label_seconds": round(label_s, 1), "train_seconds": round(time.perf_counter() - t0, 1),
               "label_stats": stats, "records": len(records), "mean_label": sum(soft) / len(soft),
               "prefix_tokens": prefix_tokens, "rollouts": rollouts, "traces": traces,
-              "epochs": epochs, "lr": lr, "lora_rank": lora_rank, "history": history, "best": best}
+              "epochs": epochs, "lr": lr, "lora_rank": lora_rank, "targets": list(targets),
+              "head_hidden": head_hidden, "history": history, "best": best}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     log.info("adapter: best validation %s, saved to %s", json.dumps(best), out)
     return report
@@ -240,15 +271,21 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"output folder (default: {MODEL_DIR} for base, {ADAPTER_DIR} for adapter)")
     ap.add_argument("--model", type=Path, default=MODEL_DIR, help="adapter stage: the base model")
     ap.add_argument("--work-dir", type=Path, default=Path("toy-build"),
-                    help="adapter stage: where labels.jsonl goes (resumable)")
+                    help="adapter stage: where the labels-SEED.jsonl files go (resumable)")
     ap.add_argument("--label-seeds", default="2,3", help="adapter stage: one shard of problems per seed")
     ap.add_argument("--label-problems", type=int, default=700, help="adapter stage: problems per shard")
+    ap.add_argument("--label-jobs", type=int, default=1,
+                    help="adapter stage: shards labelled in parallel, one process and thread each")
     ap.add_argument("--prefix-tokens", type=int, default=PREFIX_TOKENS, help="adapter stage: l_p")
     ap.add_argument("--rollouts", type=int, default=8, help="adapter stage: continuations per prefix")
     ap.add_argument("--traces", type=int, default=4, help="adapter stage: prefixes per problem")
     ap.add_argument("--epochs", type=int, default=8, help="adapter stage")
     ap.add_argument("--adapter-lr", type=float, default=5e-4, help="adapter stage: AdamW learning rate")
     ap.add_argument("--lora-rank", type=int, default=64, help="adapter stage")
+    ap.add_argument("--lora-targets", default="q_proj,v_proj",
+                    help="adapter stage: comma-separated Linear names that get LoRA")
+    ap.add_argument("--head-hidden", type=int, default=None,
+                    help="adapter stage: hidden width of an MLP scoring head (default: linear)")
     ap.add_argument("--steps", type=int, default=1500, help="base stage: optimizer steps")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -258,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-problems", type=int, default=128, help="held-out problems to sample")
     ap.add_argument("--eval-n", type=int, default=16, help="paths sampled per problem")
     args = ap.parse_args(argv)
-    for name in ("steps", "batch_size", "threads", "eval_problems", "eval_n"):
+    for name in ("steps", "batch_size", "threads", "eval_problems", "eval_n", "label_jobs"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -270,7 +307,8 @@ def main(argv: list[str] | None = None) -> None:
                       problems=args.label_problems, prefix_tokens=args.prefix_tokens,
                       rollouts=args.rollouts, traces=args.traces, epochs=args.epochs,
                       lr=args.adapter_lr, lora_rank=args.lora_rank, batch_size=args.batch_size // 2,
-                      seed=args.seed, work_dir=args.work_dir)
+                      seed=args.seed, work_dir=args.work_dir, jobs=args.label_jobs,
+                      targets=tuple(args.lora_targets.split(",")), head_hidden=args.head_hidden)
         return
     out = args.out or MODEL_DIR
     t0 = time.perf_counter()

@@ -35,8 +35,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["P", "OPS", "MIN_STEPS", "MAX_STEPS", "Problem", "generate", "split_of", "slip_rate",
-           "extract_answer", "extract_steps", "check", "write_jsonl"]
+__all__ = ["P", "OPS", "MIN_STEPS", "MAX_STEPS", "Problem", "apply_op", "generate", "split_of",
+           "slip_rate", "extract_answer", "extract_steps", "check", "write_jsonl"]
 
 P = 31
 OPS = ("+", "-", "*")
@@ -53,7 +53,8 @@ _BOXED_RE = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
 _STEP_RE = re.compile(r"(?<![#\d])(-?\d+)\s*([+*-])\s*(-?\d+)\s*=\s*(-?\d+)")
 
 
-def _apply(x: int, op: str, c: int) -> int:
+def apply_op(x: int, op: str, c: int) -> int:
+    """``x op c`` reduced modulo P."""
     if op == "+":
         return (x + c) % P
     if op == "-":
@@ -73,7 +74,7 @@ class Problem:
         """The intermediate results, one per operation; the last one is the answer."""
         out, x = [], self.start
         for op, c in self.ops:
-            x = _apply(x, op, c)
+            x = apply_op(x, op, c)
             out.append(x)
         return out
 
@@ -99,7 +100,7 @@ class Problem:
         """A solution that slips at ``slip_rate`` per step and carries on from what it wrote."""
         steps, x = [], self.start
         for i, (op, c) in enumerate(self.ops, 1):
-            y = _apply(x, op, c)
+            y = apply_op(x, op, c)
             if rng.random() < slip_rate(op, c):
                 y = (y + rng.randrange(1, P)) % P
             steps.append(f"#{i} {x} {op} {c} = {y}")

@@ -119,8 +119,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     ``window`` positions (the query's own included). Returns out ``[B, S, H, D]`` (q's dtype) and,
     with return_lse, float32 ``[B, S, H]``: the natural log of the softmax normaliser (sink
     included); ``-inf`` for a query that sees no position and has no sink.
-    ``check_indices=False`` skips the block-table range check (the caller did it already, e.g. once
-    per decode step); the kernels still never read outside the cache.
+    ``check_indices=False`` skips the checks that read seq_lens and block_table (a device sync
+    each; the caller made sure, e.g. once per decode step for every layer); the kernels still never
+    read outside the cache (CPU: they raise; CUDA: a length is clamped, a bad page masked).
     """
     q = _tensor("q", q, ndim=4, dtype=tuple(_DTYPE_CODES))
     device, dtype = q.device, q.dtype
@@ -162,15 +163,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     elif isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite float, got {scale!r}")
     max_blocks = block_table.shape[1]
-    if B > 0:
+    if B > 0 and check_indices:
         lo, hi = (int(x) for x in torch.aminmax(seq_lens))
         if lo < 0:
             raise ValueError(f"seq_lens must be >= 0, got a minimum of {lo}")
         if hi > max_blocks * block_size:
             raise ValueError(f"seq_lens must be <= max_blocks_per_row * block_size = "
                              f"{max_blocks * block_size}, got {hi}")
-        if check_indices:
-            check_block_table(block_table, seq_lens, block_size, num_blocks)
+        check_block_table(block_table, seq_lens, block_size, num_blocks)
     k_cache = _dense_cache("k_cache", k_cache)
     v_cache = _dense_cache("v_cache", v_cache)
     q, block_table, seq_lens = _dense(q), _dense(block_table), _dense(seq_lens)

@@ -293,6 +293,15 @@ def test_native_checks_block_ids():
         ops.paged_attention(**inputs, check_indices=False)
 
 
+@pytest.mark.parametrize("bad", [-1, 10_000])
+def test_native_checks_seq_lens(bad):
+    """With check_indices=False the kernel itself still refuses a length the block table cannot hold."""
+    inputs = make_inputs(Case(batch=2, seq_lens=(20, 9)), torch.device("cpu"))
+    inputs["seq_lens"][1] = bad
+    with pytest.raises(ValueError, match="seq_lens"):
+        ops.paged_attention(**inputs, check_indices=False)
+
+
 # ---- bad input: each rule of the foundation issue, the exception type, and the argument named ----
 
 def _set(**changes):

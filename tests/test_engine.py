@@ -279,10 +279,14 @@ def test_forward_suffix_equals_transformers_and_leaves_the_cache(family, device)
             pre = s.forward_suffix(emb, adapter=lora)
             post = s.forward_suffix(emb, adapter=lambda: lora, final_norm=True)
             assert not lora.handles  # the adapter was switched off again
+            # Two float32 runs of the whole model that round differently: here the prefix was
+            # decoded token by token through our kernels, there in one pass through torch's
+            # (float64 is not an option: gpt-oss's experts run grouped_mm). The kernels themselves
+            # are held to 1e-5 against float64 oracles in test_paged_attention.py.
             for b, row in enumerate(s.rows):
                 ref = _two_stage(model, row.prompt + row.tokens, emb[b], lora)
-                torch.testing.assert_close(post[b], ref, rtol=1e-5, atol=1e-5)
-                torch.testing.assert_close(engine.final_norm(pre[b]), ref, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(post[b], ref, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(engine.final_norm(pre[b]), ref, rtol=1e-4, atol=1e-4)
         assert torch.equal(engine.cache.storage, storage)
         assert torch.equal(engine.cache.block_table, table) and torch.equal(engine.cache.seq_lens, lens)
         s.step(30)

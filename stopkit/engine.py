@@ -91,7 +91,8 @@ class _PagedCache(Cache):
             B, Hkv, S, D = key_states.shape
             ops.write_kv(key_states.transpose(1, 2).reshape(B * S, Hkv, D),
                          value_states.transpose(1, 2).reshape(B * S, Hkv, D),
-                         step.k_caches[layer_idx], step.v_caches[layer_idx], step.slots)
+                         step.k_caches[layer_idx], step.v_caches[layer_idx], step.slots,
+                         check_indices=False)  # the cache handed out these slots
         return key_states, value_states
 
 

@@ -190,11 +190,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, *, check_indices: bool = True) -> None:
     """Write k, v ``[T, Hkv, D]`` into the caches ``[num_blocks, block_size, Hkv, D]`` in place.
 
     slot_mapping int64 ``[T]``: token t goes to slot ``slot_mapping[t]`` (block
     ``slot // block_size``, offset ``slot % block_size``); -1 skips the token.
+    ``check_indices=False`` skips the range check of slot_mapping (a device sync; the caller made
+    sure, e.g. once per step for every layer); the kernels still never write outside the cache
+    (CPU: they raise; CUDA: an out-of-range slot is skipped).
     """
     k_cache = _tensor("k_cache", k_cache, ndim=4, dtype=tuple(_DTYPE_CODES))
     device, dtype = k_cache.device, k_cache.dtype
@@ -210,7 +213,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     _shape("slot_mapping", slot_mapping, (T,))
     if T == 0:
         return
-    lo, hi = (int(x) for x in torch.aminmax(slot_mapping))
+    lo, hi = (int(x) for x in torch.aminmax(slot_mapping)) if check_indices else (-1, -1)
     if lo < -1 or hi >= num_blocks * block_size:
         raise ValueError(f"slot_mapping entries must be -1 or in [0, {num_blocks * block_size}), "
                          f"got values in [{lo}, {hi}]")

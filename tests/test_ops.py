@@ -89,6 +89,22 @@ WRITE_BAD = {
 }
 
 
+@pytest.mark.parametrize("bad", [-2, 6 * 8])
+def test_write_kv_native_checks_slots(bad):
+    """With check_indices=False the CPU kernel itself refuses a bad slot, before writing anything;
+    good slots are written exactly as with the check."""
+    kw = _write_inputs(10, torch.float32, "cpu")
+    expected = {n: kw[n].clone() for n in ("k_cache", "v_cache")}
+    ops.write_kv(**{**kw, **expected})
+    ops.write_kv(**kw, check_indices=False)
+    assert all(torch.equal(kw[n], expected[n]) for n in expected)
+    kw["slot_mapping"][4] = bad
+    before = [kw[n].clone() for n in ("k_cache", "v_cache")]
+    with pytest.raises(ValueError, match="slot_mapping"):
+        ops.write_kv(**kw, check_indices=False)
+    assert all(torch.equal(kw[n], b) for n, b in zip(("k_cache", "v_cache"), before))
+
+
 @pytest.mark.parametrize("rule", WRITE_BAD)
 def test_write_kv_bad_input(rule):
     kw = _write_inputs(10, torch.float32, "cpu")

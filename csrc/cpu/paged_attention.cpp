@@ -518,7 +518,7 @@ inline void fold_lanes(typename Vec<W>::f* x) {
   if constexpr (H > 1) fold_lanes<W, H / 2>(x);
 }
 
-// State of the MP queries [m0, m0 + MP) of one kv head (MP a power of two; pad queries are zero).
+// State of the M <= MP queries of one kv head (MP a power of two; the pad queries are zero).
 template <int MP>
 struct DotPass {
   std::vector<float> q, o;  // [MP][D]
@@ -559,7 +559,7 @@ inline void dot_tile(DotPass<MP>& w, const float* k, const float* v, int64_t rs,
       for (int j = 0; j < MP; ++j) x[j][t] = acc[j];
     }
     for (int j = 0; j < MP; ++j) {
-      if constexpr (W > 1) fold_lanes<W, W / 2>(x[j]);
+      fold_lanes<W, W / 2>(x[j]);
       sv[j][g] = x[j][0];
     }
   }

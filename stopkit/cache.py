@@ -164,8 +164,7 @@ class PagedKVCache:
         read-only."""
         if self._dev_table is None:
             width = max(1, _cdiv(int(self._lens.max()), self.block_size)) if self.batch_size else 1
-            used = np.arange(width)[None, :] < -(-self._lens[:, None] // self.block_size)
-            ids = self._table[:, :width][used]
+            ids = self._blocks_in_use(slice(None))
             if ids.size and (ids.min() < 0 or ids.max() >= self.num_blocks):  # the kernels trust it
                 raise RuntimeError(f"PagedKVCache bug: a block id in use lies outside [0, "
                                    f"{self.num_blocks})")
@@ -208,8 +207,7 @@ class PagedKVCache:
         rows = self._rows(rows)
         keep = np.ones(self.batch_size, dtype=bool)
         keep[rows] = False
-        used = np.arange(self._table.shape[1]) < _cdiv(self._lens[rows], self.block_size)[:, None]
-        held = self._table[rows][used]
+        held = self._blocks_in_use(rows)
         drops = np.bincount(held, minlength=self.num_blocks)
         self._ref -= drops.astype(np.int32)
         freed = np.flatnonzero((drops > 0) & (self._ref == 0))
@@ -310,6 +308,12 @@ class PagedKVCache:
         """Copy block src[i] to dst[i] in every layer, K and V: one native call."""
         ops.copy_blocks(self.storage, torch.tensor(src, dtype=torch.int64, device=self.device),
                         torch.from_numpy(dst.astype(np.int64)).to(self.device))
+
+    def _blocks_in_use(self, rows) -> np.ndarray:
+        """The block ids ``rows`` (an index array or slice) hold: each row's first
+        ``ceil(len / block_size)`` table entries."""
+        used = np.arange(self._table.shape[1]) < _cdiv(self._lens[rows], self.block_size)[:, None]
+        return self._table[rows][used]
 
     def _set_rows(self, table: np.ndarray, lens: np.ndarray) -> None:
         self._table, self._lens = table, lens

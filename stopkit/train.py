@@ -20,7 +20,8 @@ Training: soft-label cross-entropy (targets ``[1 - p, p]``) on the scorer's logi
 no schedule), mini-batches with gradient accumulation; the prefix pass runs without the adapter
 and without gradients (:meth:`stopkit.stop.StopScorer.forward`). After every epoch the validation
 MSE (score vs soft label), AUROC, accuracy (binary target ``label >= 0.5``, prediction
-``score >= 0.5``) and the within-problem pair accuracy (:func:`pair_accuracy`) are logged and the checkpoint with the best validation MSE is saved.
+``score >= 0.5``) and the within-problem pair accuracy (:func:`pair_accuracy`) are logged and the
+checkpoint with the best validation MSE is saved.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from stopkit.answers import Checker, check_answer, load_checker
 from stopkit.loading import DTYPES, eos_token_id, load_model, load_problems, prompt_ids, read_jsonl
 from stopkit.stop import StopScorer
 
-__all__ = ["auroc", "pair_accuracy", "metrics", "load_labels", "split_by_problem", "evaluate_scorer", "train_scorer",
-           "label_problems", "add_cli"]
+__all__ = ["auroc", "pair_accuracy", "metrics", "load_labels", "split_by_problem", "evaluate_scorer",
+           "train_scorer", "label_problems", "add_cli"]
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,15 @@ def pair_accuracy(scores, labels, groups, *, margin: float = 0.25) -> float:
     if not s.shape == p.shape == g.shape:
         raise ValueError(f"scores, labels and groups must have one length, got {s.numel()}, "
                          f"{p.numel()} and {g.numel()}")
-    pairs = (g[:, None] == g[None, :]) & (p[:, None] - p[None, :] > margin)  # row i better than j
-    if not pairs.any():
-        return math.nan
-    ds = (s[:, None] - s[None, :])[pairs]
-    return float(((ds > 0).double() + 0.5 * (ds == 0).double()).mean())
+    order = torch.argsort(g, stable=True)  # one group at a time: memory ~ the largest group^2
+    counts = torch.bincount(g, minlength=len(index)).tolist()
+    wins, pairs = 0.0, 0
+    for gs, gp in zip(s[order].split(counts), p[order].split(counts)):
+        better = gp[:, None] - gp[None, :] > margin  # row i's label beats row j's
+        ds = (gs[:, None] - gs[None, :])[better]
+        wins += float((ds > 0).sum()) + 0.5 * float((ds == 0).sum())
+        pairs += ds.numel()
+    return wins / pairs if pairs else math.nan
 
 
 def metrics(scores, labels, groups=None) -> dict[str, float]:
@@ -184,8 +189,8 @@ def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
 
     Each optimizer step sees ``batch_size * grad_accum`` records. Returns the history: one dict
     per epoch (epoch 0 = before training) with ``train_loss`` (mean soft-label cross-entropy of
-    the epoch) and the validation ``mse``, ``auroc``, ``accuracy``, ``pair_accuracy``. With ``out``, the epoch with the
-    best validation MSE is saved there (:meth:`StopScorer.save`) with ``metrics.json``; without
+    the epoch) and the validation ``mse``, ``auroc``, ``accuracy``, ``pair_accuracy``. With ``out``,
+    the epoch with the best validation MSE is saved there (:meth:`StopScorer.save`) with ``metrics.json``; without
     validation records, the last epoch is saved.
     """
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),

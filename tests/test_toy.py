@@ -60,25 +60,50 @@ def test_solutions_are_correct_and_varied(seed):
 
 def test_sampled_solutions_slip_at_their_rates_and_never_recover(seed):
     rng = random.Random(seed)
-    slips, steps, single_slip = {}, {}, 0
+    slips, steps, single_slip, quick = {}, {}, 0, 0
     for p in task.generate(1500, seed):
         text = p.sample_solution(rng)
         got = task.extract_steps(text)
         assert [(op, c) for _, op, c, _ in got] == list(p.ops)
         assert [x for x, *_ in got] == [p.start] + [y for *_, y in got[:-1]]  # carries on
+        assert text.split()[0] in task.APPROACHES
+        quick += task.is_quick(text)
         assert task.extract_answer(text) == got[-1][3]
-        wrong = [y != (x + c if op == "+" else x - c if op == "-" else x * c) % task.P
-                 for x, op, c, y in got]
+        step = task.quick_op if task.is_quick(text) else task.apply_op
+        wrong = [y != step(x, op, c) for x, op, c, y in got]
         for (op, c), w in zip(p.ops, wrong):
             key = task.slip_rate(op, c)
             slips[key] = slips.get(key, 0) + w
             steps[key] = steps.get(key, 0) + 1
-        if sum(wrong) == 1:  # every step is a bijection mod P: one slip is never undone
+        if sum(wrong) == 1 and not task.is_quick(text):  # a careful step is a bijection mod P
             single_slip += 1
             assert not task.check(text, p.answer)
-    assert single_slip > 100
+    assert single_slip > 20
+    assert abs(quick / 1500 - task.QUICK_SHARE) < 4 * (task.QUICK_SHARE / 1500) ** 0.5
     for rate, n in steps.items():
         assert abs(slips[rate] / n - rate) < 4 * (rate * (1 - rate) / n) ** 0.5 + 1e-3, (rate, n)
+
+
+def test_quick_traces_carry_the_misconception(seed):
+    rng = random.Random(seed)
+    assert task.quick_op(5, "-", 8) == 3 and task.apply_op(5, "-", 8) == 28
+    assert task.quick_op(8, "-", 5) == 3 and task.quick_op(5, "+", 8) == 13
+    assert task.quick_op(20, "*", 3) == task.apply_op(20, "*", 3)
+    hits = 0
+    for p in task.generate(300, seed):
+        quick_chain = p.chain(task.quick_op)
+        met = any(op == "-" and c > x for x, (op, c) in zip([p.start] + quick_chain[:-1], p.ops))
+        hits += met
+        # without slips a quick trace writes the quick chain, and ends wrong exactly when it met a
+        # subtraction of a larger number (and did not land back on the answer by chance)
+        text = p.sample_solution(rng, quick=True)
+        if [y for *_, y in task.extract_steps(text)] == quick_chain:
+            assert task.check(text, p.answer) == (quick_chain[-1] == p.answer)
+        assert task.is_quick(text) and not task.is_quick(p.solution)
+        assert not task.is_quick(p.sample_solution(rng, quick=False))
+        if not met:
+            assert quick_chain == p.values
+    assert 30 < hits < 300
 
 
 def test_splits_are_disjoint(seed):
@@ -186,7 +211,8 @@ def test_first_slip_finds_the_first_wrong_step(seed):
     for p in task.generate(200, seed):
         assert first_slip(p, p.solution) is None
         text = p.sample_solution(rng)
-        wrong = [i for i, ((x, op, c, y), v) in enumerate(zip(task.extract_steps(text), p.values))
+        ref = p.chain(task.quick_op if task.is_quick(text) else task.apply_op)
+        wrong = [i for i, ((x, op, c, y), v) in enumerate(zip(task.extract_steps(text), ref))
                  if y != v]
         assert first_slip(p, text) == (wrong[0] if wrong else None)
         cut = p.solution.split(" #4 ")[0]

@@ -27,14 +27,14 @@ from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from stopkit.toy import ADAPTER_DIR, MODEL_DIR
-from stopkit.toy.task import (Problem, apply_op, check, extract_answer, extract_steps, generate,
-                              slip_rate)
+from stopkit.toy.task import (QUICK_SHARE, Problem, apply_op, check, extract_answer, extract_steps,
+                              generate, is_quick, quick_op, slip_rate)
 from stopkit.toy.tokenizer import build_tokenizer
 
 log = logging.getLogger("stopkit.toy.build")
 
 TEMPERATURE = 1.0  # sampling temperature the demo uses (saved in generation_config.json)
-PREFIX_TOKENS = 16  # l_p: tokens decoded before the [STOP] check (labels and demo)
+PREFIX_TOKENS = 12  # l_p: tokens decoded before the [STOP] check (labels and demo)
 MAX_NEW_TOKENS = 100  # a 14-step solution is 87 tokens with eos
 
 
@@ -108,9 +108,10 @@ def train_base(steps: int, batch_size: int, lr: float, seed: int, log_every: int
 
 
 def first_slip(problem: Problem, text: str) -> int | None:
-    """Index of the first step of ``text`` that differs from the reference chain, None if none."""
+    """Index of the first step of ``text`` that differs from the chain its approach (careful or
+    quick) would write without slips, None if none."""
     ref, x = [], problem.start
-    for (op, c), y in zip(problem.ops, problem.values):
+    for (op, c), y in zip(problem.ops, problem.chain(quick_op if is_quick(text) else apply_op)):
         ref.append((x, op, c, y))
         x = y
     got = extract_steps(text)
@@ -118,6 +119,13 @@ def first_slip(problem: Problem, text: str) -> int | None:
         if i >= len(got) or got[i] != r:
             return i
     return len(ref) if len(got) > len(ref) else None
+
+
+def _trace_accuracy(problem: Problem) -> float:
+    """Probability that a training trace of ``problem`` ends right (ignoring slips that cancel)."""
+    clean = math.prod(1 - slip_rate(op, c) for op, c in problem.ops)
+    quick_right = problem.chain(quick_op)[-1] == problem.answer
+    return clean * (1 - QUICK_SHARE + QUICK_SHARE * quick_right)
 
 
 @torch.no_grad()
@@ -131,6 +139,7 @@ def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
     torch.manual_seed(seed)
     correct, votes_right, tokens, early, early_right, per_problem = 0, 0, 0, 0, 0, []
     after_slip = [0, 0]  # steps written after a path's first slip: wrong ones, all
+    quick = [0, 0]  # quick paths: all, right
     for i in tqdm(range(0, len(problems), problems_per_batch), desc=f"eval T={temperature}",
                   unit="batch"):
         chunk = problems[i:i + problems_per_batch]
@@ -150,12 +159,16 @@ def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
                 answers.append(a)
                 right += ok
                 tokens += length
+                if is_quick(text):
+                    quick[0] += 1
+                    quick[1] += ok
                 slip = first_slip(p, text)
                 if slip is not None and slip < math.ceil(len(p.ops) / 3):
                     early += 1
                     early_right += ok
                 if slip is not None:
-                    later = [y != apply_op(x, op, c) for x, op, c, y in extract_steps(text)[slip + 1:]]
+                    step = quick_op if is_quick(text) else apply_op
+                    later = [y != step(x, op, c) for x, op, c, y in extract_steps(text)[slip + 1:]]
                     after_slip[0] += sum(later)
                     after_slip[1] += len(later)
             correct += right
@@ -173,11 +186,13 @@ def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
         # how often a step slips once the path has slipped: a model whose states know that a slip
         # happened could change it (the training traces keep slip_rate)
         "slip_rate_after_a_slip": after_slip[0] / max(1, after_slip[1]),
+        "quick_share": quick[0] / paths,
+        "quick_path_accuracy": quick[1] / max(1, quick[0]),
+        "careful_path_accuracy": (correct - quick[1]) / max(1, paths - quick[0]),
         "problems_all_right": sum(a == 1.0 for a in per_problem) / len(problems),
         "problems_all_wrong": sum(a == 0.0 for a in per_problem) / len(problems),
-        # what a model that slips exactly as its training traces do would score per path
-        "trace_path_accuracy": sum(math.prod(1 - slip_rate(op, c) for op, c in p.ops)
-                                   for p in problems) / len(problems),
+        # what a model that works exactly as its training traces do would score per path
+        "trace_path_accuracy": sum(map(_trace_accuracy, problems)) / len(problems),
     }
 
 
@@ -273,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work-dir", type=Path, default=Path("toy-build"),
                     help="adapter stage: where the labels-SEED.jsonl files go (resumable)")
     ap.add_argument("--label-seeds", default="2,3", help="adapter stage: one shard of problems per seed")
-    ap.add_argument("--label-problems", type=int, default=700, help="adapter stage: problems per shard")
+    ap.add_argument("--label-problems", type=int, default=1000, help="adapter stage: problems per shard")
     ap.add_argument("--label-jobs", type=int, default=1,
                     help="adapter stage: shards labelled in parallel, one process and thread each")
     ap.add_argument("--prefix-tokens", type=int, default=PREFIX_TOKENS, help="adapter stage: l_p")
@@ -286,12 +301,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="adapter stage: comma-separated Linear names that get LoRA")
     ap.add_argument("--head-hidden", type=int, default=None,
                     help="adapter stage: hidden width of an MLP scoring head (default: linear)")
-    ap.add_argument("--steps", type=int, default=1500, help="base stage: optimizer steps")
+    ap.add_argument("--steps", type=int, default=2800, help="base stage: optimizer steps")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads; the result depends on it (1 suits a shared machine)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch CPU threads; the result depends on it (the shipped model: 2, 26 min)")
     ap.add_argument("--eval-problems", type=int, default=128, help="held-out problems to sample")
     ap.add_argument("--eval-n", type=int, default=16, help="paths sampled per problem")
     args = ap.parse_args(argv)

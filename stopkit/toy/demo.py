@@ -26,9 +26,9 @@ METHODS = ("full", "stop", "confidence", "random")
 class DemoConfig:
     """What the demo runs. Defaults: the README's table."""
 
-    problems: int = 64        # held-out problems
+    problems: int = 128       # held-out problems
     n: int = 32               # paths per problem
-    keep: int = 6             # paths resumed after the check (N*l_p + k*(T-l_p) ~ 38% of N*T)
+    keep: int = 8             # paths resumed after the check (N*l_p + k*(T-l_p) ~ 38% of N*T)
     prefix_tokens: int = PREFIX_TOKENS  # l_p: tokens decoded before the check (the adapter's)
     seeds: tuple[int, ...] = (0,)
     batch_size: int = 8       # problems decoded together in one engine session
@@ -102,10 +102,10 @@ def main_demo(args) -> int:
 
 
 _EXAMPLES = """examples:
-  stopkit demo                        # the README's table (about a minute on 2 CPU cores)
+  stopkit demo                        # the README's table (about 100 s on 2 CPU cores)
   stopkit demo --plot demo.png        # also a PNG of accuracy against tokens
   stopkit demo --json                 # one JSON object: {"methods": {name: {...}}, "config": ...}
-  stopkit demo --n 32 --keep 8 --prefix-tokens 24 --seeds 0,1,2
+  stopkit demo --problems 64 --keep 6 --seeds 0,1,2
 """
 
 

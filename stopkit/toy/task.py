@@ -18,6 +18,17 @@ the demo a real, irreversible slip rate. Difficulty varies with the number of st
 operand range (``c`` up to 6, or up to P - 1): slips are rare on small sums and common on large
 products, so easy problems are solved by most paths and hard ones by few.
 
+Two approaches. Every trace opens by naming its approach, ``careful`` or (a share ``QUICK_SHARE``
+of them) ``quick``. Quick traces carry a misconception: ``x - c`` with ``c > x`` is taken as
+``c - x`` ("the smaller from the larger"), confidently and every time. The approach shows in a
+path's first token, long before the misconception bites (only where the chain meets a subtraction
+of a larger number, which depends on the problem), and quick paths of one problem share their wrong
+answer. That is how real reasoning paths fail as well: an approach taken early, a confident error,
+wrong answers that agree and outvote the right one. Slips alone (each a uniform draw at a fixed
+rate) leave nothing a small model can read in the text before l_p: a scorer would have to redo the
+arithmetic, and on that earlier version of the task the 2.4M model's adapter ordered only 49-56% of
+within-problem path pairs correctly (bench/RESULTS.md).
+
 Splits. Every problem belongs to exactly one split, decided by a hash of its question text:
 ``"test"`` (1 in 8 of all problems, the held-out set used by evaluation and the demo) or
 ``"train"`` (the rest: base-model training and STOP labelling). ``generate`` keeps drawing until
@@ -35,8 +46,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["P", "OPS", "MIN_STEPS", "MAX_STEPS", "Problem", "apply_op", "generate", "split_of",
-           "slip_rate", "extract_answer", "extract_steps", "check", "write_jsonl"]
+__all__ = ["P", "OPS", "MIN_STEPS", "MAX_STEPS", "QUICK_SHARE", "APPROACHES", "Problem", "apply_op",
+           "quick_op",
+           "generate", "split_of", "slip_rate", "extract_answer", "extract_steps", "is_quick", "check",
+           "write_jsonl"]
 
 P = 31
 OPS = ("+", "-", "*")
@@ -44,7 +57,9 @@ MIN_STEPS, MAX_STEPS = 8, 14
 SMALL = 6  # operands up to SMALL are "small"
 OPERAND_LIMITS = (SMALL, P - 1)  # per-problem operand range
 # probability that a training trace writes a wrong result, by (op is "*", operand > SMALL)
-SLIP_RATES = {(False, False): 0.005, (False, True): 0.06, (True, False): 0.02, (True, True): 0.2}
+SLIP_RATES = {(False, False): 0.0025, (False, True): 0.03, (True, False): 0.01, (True, True): 0.1}
+QUICK_SHARE = 0.4  # share of training traces that take the quick approach (the misconception)
+APPROACHES = ("careful", "quick")  # the first word of every solution
 SPLITS = ("train", "test")
 _TEST_BUCKETS = 1  # of 8
 
@@ -62,6 +77,12 @@ def apply_op(x: int, op: str, c: int) -> int:
     return (x * c) % P
 
 
+def quick_op(x: int, op: str, c: int) -> int:
+    """What a quick trace writes for ``x op c``: ``apply_op``, except ``x - c`` with ``c > x`` is
+    ``c - x``."""
+    return c - x if op == "-" and c > x else apply_op(x, op, c)
+
+
 @dataclass(frozen=True)
 class Problem:
     """A start value and a tuple of ``(op, operand)`` operations, applied left to right mod P."""
@@ -72,9 +93,13 @@ class Problem:
     @property
     def values(self) -> list[int]:
         """The intermediate results, one per operation; the last one is the answer."""
+        return self.chain(apply_op)
+
+    def chain(self, step=apply_op) -> list[int]:
+        """The results of applying ``step(x, op, c)`` (``apply_op`` or ``quick_op``) in turn."""
         out, x = [], self.start
         for op, c in self.ops:
-            x = apply_op(x, op, c)
+            x = step(x, op, c)
             out.append(x)
         return out
 
@@ -89,23 +114,27 @@ class Problem:
 
     @property
     def solution(self) -> str:
-        """The reference chain of thought and final line, one ``#i prev op c = result`` per step."""
+        """The reference chain of thought (careful, no slips) and final line, one
+        ``#i prev op c = result`` per step."""
         steps, x = [], self.start
         for i, ((op, c), y) in enumerate(zip(self.ops, self.values), 1):
             steps.append(f"#{i} {x} {op} {c} = {y}")
             x = y
-        return " ".join(steps) + f" answer: {self.answer}"
+        return "careful " + " ".join(steps) + f" answer: {self.answer}"
 
-    def sample_solution(self, rng: random.Random) -> str:
-        """A solution that slips at ``slip_rate`` per step and carries on from what it wrote."""
+    def sample_solution(self, rng: random.Random, quick: bool | None = None) -> str:
+        """A solution that slips at ``slip_rate`` per step and carries on from what it wrote; quick
+        (``quick_op``) with probability ``QUICK_SHARE`` unless ``quick`` is given."""
+        if quick is None:
+            quick = rng.random() < QUICK_SHARE
         steps, x = [], self.start
         for i, (op, c) in enumerate(self.ops, 1):
-            y = apply_op(x, op, c)
+            y = quick_op(x, op, c) if quick else apply_op(x, op, c)
             if rng.random() < slip_rate(op, c):
                 y = (y + rng.randrange(1, P)) % P
             steps.append(f"#{i} {x} {op} {c} = {y}")
             x = y
-        return " ".join(steps) + f" answer: {x}"
+        return APPROACHES[quick] + " " + " ".join(steps) + f" answer: {x}"
 
     @property
     def text(self) -> str:
@@ -169,6 +198,11 @@ def extract_answer(text: str) -> int | None:
 def extract_steps(text: str) -> list[tuple[int, str, int, int]]:
     """Every ``x op c = y`` step written in ``text``, in order, as ``(x, op, c, y)``."""
     return [(int(a), op, int(c), int(y)) for a, op, c, y in _STEP_RE.findall(text)]
+
+
+def is_quick(text: str) -> bool:
+    """True when ``text`` opens with the quick approach."""
+    return text.lstrip().startswith("quick")
 
 
 def check(text: str, answer: int) -> bool:

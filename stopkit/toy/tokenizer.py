@@ -12,13 +12,13 @@ from __future__ import annotations
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from stopkit.toy.task import MAX_STEPS, OPS, P
+from stopkit.toy.task import APPROACHES, MAX_STEPS, OPS, P
 
 __all__ = ["SPECIAL_TOKENS", "STOP_TOKEN", "build_tokenizer"]
 
 PAD, BOS, EOS, UNK, STOP_TOKEN = "<pad>", "<s>", "</s>", "<unk>", "[STOP]"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, STOP_TOKEN)
-WORDS = (*OPS, "=", ",", "?", "mod", "answer:", *(f"#{i}" for i in range(1, MAX_STEPS + 1)))
+WORDS = (*OPS, "=", ",", "?", "mod", "answer:", *APPROACHES, *(f"#{i}" for i in range(1, MAX_STEPS + 1)))
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -23,14 +23,18 @@
 //   S[t][m]   = scale * sum_p K[t][2p:2p+2] . Qp[p][m]   (Qp: Q as bf16 pairs, lanes over queries)
 //   O[m][d'] += sum_t P[t][m] * V[t][d']                 (V unpacked to float32, dims d' permuted
 //                                                         inside each 32, undone on output)
-// The amx build (avx512bf16 + AMX-BF16) computes S on AMX tiles instead (16 keys x 16 queries per
-// tile, K rows loaded from the page), when head_dim is a multiple of 32.
+// The amx build (avx512bf16 + AMX-BF16) runs both products on AMX tiles instead, when head_dim is a
+// multiple of 32, a block of up to 4 tiles of keys (64) at a time per kv head: S as 16 keys x 16
+// queries per AMX tile (K rows loaded from the page), one online-softmax step for the block, and
+// O += P V as 16 queries x 16 value slots per AMX tile, 32 keys per step, from P transposed to bf16
+// and V key pairs interleaved (the slot order above); O goes through the tiles once per block.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -89,7 +93,6 @@ inline const float* rows_as_float(const typename Elem<DT>::T* src, int64_t& stri
   }
 }
 
-constexpr int64_t kPrefetchBlocks = 1;  // pages ahead to prefetch
 
 template <typename T>
 inline void prefetch_range(const T* src, int64_t n) {
@@ -110,9 +113,9 @@ constexpr bool kHasAmx = true;
 #else
 constexpr bool kHasAmx = false;
 #endif
-// ... and their scores run on AMX tiles in the amx build, when head_dim is a multiple of 32 (a
-// tile row is 32 bf16), with 16 query lanes per vector (a tile row of S).
-inline bool amx_scores(DType dtype, int64_t D) {
+// ... and run on AMX tiles in the amx build, when head_dim is a multiple of 32 (a tile row is 32
+// bf16), with 16 query lanes per vector (a tile row of S).
+inline bool use_amx(DType dtype, int64_t D) {
   return kHasAmx && dtype == DType::kBFloat16 && D % 32 == 0;
 }
 
@@ -132,11 +135,15 @@ struct Pass {
 
 // Per-thread buffers of one tile (the suffix is a tile too: q_len <= 16 = kTile keys): its keys
 // and values as float32 where the cache holds 16-bit values (bf16 dot path: values only).
+#if defined(__AMX_BF16__)
+struct BlockBuffers;
+#endif
 struct TileBuffers {
   std::vector<float> k, v;
-  std::vector<uint16_t> padded_keys;  // amx: a short tile's keys, zero-padded to 16 rows
-  explicit TileBuffers(int64_t D)
-      : k(kTile * D), v(kTile * D), padded_keys(kHasAmx ? kTile * D : 0) {}
+#if defined(__AMX_BF16__)
+  std::unique_ptr<BlockBuffers> block;  // where use_amx
+#endif
+  explicit TileBuffers(int64_t D) : k(kTile * D), v(kTile * D) {}
 };
 
 // S = K Qt for a tile of n keys, rows `rs` floats apart.
@@ -334,13 +341,21 @@ inline void c_tile_zero() {
   else if constexpr (J == 2) _tile_zero(2);
   else _tile_zero(3);
 }
-// C_J += K tile (4) . Q pairs at q, rows `stride` bytes apart (into tile 5 or 6).
+// C_J += tile 4 (P^T in block_pv) . the pairs at q, rows `stride` bytes apart (into tile 5
+// or 6).
 template <int J>
 inline void c_tile_dot(const void* q, int64_t stride) {
   if constexpr (J == 0) { _tile_loadd(5, q, stride); _tile_dpbf16ps(0, 4, 5); }
   else if constexpr (J == 1) { _tile_loadd(6, q, stride); _tile_dpbf16ps(1, 4, 6); }
   else if constexpr (J == 2) { _tile_loadd(5, q, stride); _tile_dpbf16ps(2, 4, 5); }
   else { _tile_loadd(6, q, stride); _tile_dpbf16ps(3, 4, 6); }
+}
+template <int J>
+inline void c_tile_load(const void* src, int64_t stride) {
+  if constexpr (J == 0) _tile_loadd(0, src, stride);
+  else if constexpr (J == 1) _tile_loadd(1, src, stride);
+  else if constexpr (J == 2) _tile_loadd(2, src, stride);
+  else _tile_loadd(3, src, stride);
 }
 template <int J>
 inline void c_tile_store(void* dst, int64_t stride) {
@@ -360,28 +375,227 @@ inline void each_c_tile(F&& f) {
   each_c_tile(f, std::make_integer_sequence<int, MV>{});
 }
 
-// S = scale * K Qt for a tile of n <= 16 bf16 keys, rows `rs` elements apart, D % 32 == 0. Short
-// tiles go through `padded` (16 rows of D) so the tile never reads past the page.
-template <int MV, int kD>
-inline void scores_amx(Pass<16, MV>& w, const uint16_t* k, int64_t rs, int64_t n, int64_t D,
-                       float scale, uint16_t* padded) {
-  static_assert(MV <= 4, "C tiles 0..3");
+template <int J>
+inline void s_tile_dot(const void* k, int64_t stride) {  // S_J += K (into tile 4 or 6) . tile 5
+  if constexpr (J == 0) { _tile_loadd(4, k, stride); _tile_dpbf16ps(0, 4, 5); }
+  else if constexpr (J == 1) { _tile_loadd(6, k, stride); _tile_dpbf16ps(1, 6, 5); }
+  else if constexpr (J == 2) { _tile_loadd(4, k, stride); _tile_dpbf16ps(2, 4, 5); }
+  else { _tile_loadd(6, k, stride); _tile_dpbf16ps(3, 6, 5); }
+}
+
+// The amx build runs tiles of keys in blocks of up to kBlockTiles (64 keys), per kv head: S of the
+// block, one online-softmax step, then P V with 32 keys per AMX step and O loaded into and stored
+// from the tiles once per block (not once per tile of 16 keys).
+constexpr int kBlockTiles = 4;
+
+struct BlockTile {  // bf16 K and V rows of n <= 16 keys at positions pos0.., read in place
+  const uint16_t* k;
+  const uint16_t* v;
+  int64_t n;
+  float pos0;
+  bool masked, suffix;
+};
+
+struct Block {
+  BlockTile tiles[kBlockTiles];
+  int count = 0;
+};
+
+// Per-thread buffers of a block: scores then probabilities [64 keys][4 query vectors], short
+// tiles' keys padded to 16 rows, P^T as bf16 (16 queries x 32 keys, per half of the block) and V
+// key pairs (per half and 16 output slots: 16 pairs x 16 slots x 2).
+struct BlockBuffers {
+  std::vector<Vec<16>::f> s;
+  std::vector<uint16_t> padded_keys, p_tiles, v_pairs;
+  explicit BlockBuffers(int64_t D)
+      : s(kBlockTiles * kTile * kMaxVecs), padded_keys(kBlockTiles * kTile * D),
+        p_tiles(2 * 16 * 32), v_pairs(2 * (D / 16) * 16 * 32) {}
+};
+
+// S = scale * K Qt of the block's C tiles (one per tile of keys), rows b * 16 + t of bb.s.
+template <int MV, int kD, int C>
+inline void block_scores(const Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D,
+                         BlockBuffers& bb) {
   const int64_t d_len = kD ? kD : D;
-  if (n < 16) {
-    for (int64_t t = 0; t < 16; ++t)
-      for (int64_t d = 0; d < d_len; ++d) padded[t * d_len + d] = t < n ? k[t * rs + d] : 0;
-    k = padded;
-    rs = d_len;
+  const uint16_t* k[C];
+  int64_t stride[C];
+  for (int b = 0; b < C; ++b) {
+    const BlockTile& t = blk.tiles[b];
+    k[b] = t.k;
+    stride[b] = rs * 2;
+    if (t.n < 16) {  // a short tile (end of a row, block size 8, the suffix): never read past it
+      uint16_t* pad = bb.padded_keys.data() + b * 16 * d_len;
+      for (int64_t r = 0; r < 16; ++r)
+        for (int64_t d = 0; d < d_len; ++d) pad[r * d_len + d] = r < t.n ? t.k[r * rs + d] : 0;
+      k[b] = pad;
+      stride[b] = d_len * 2;
+    }
   }
-  each_c_tile<MV>([](auto j) { c_tile_zero<j()>(); });
-  for (int64_t c = 0; c < d_len; c += 32) {
-    _tile_loadd(4, k + c, rs * 2);
-    const auto* q = &w.q_pairs[(c / 2) * MV];  // rows: 16 dim pairs, MV vectors apart
-    each_c_tile<MV>([&](auto j) { c_tile_dot<j()>(q + j(), MV * 64); });
+  for (int j = 0; j < MV; ++j) {
+    each_c_tile<C>([](auto b) { c_tile_zero<b()>(); });
+    for (int64_t c = 0; c < d_len; c += 32) {
+      _tile_loadd(5, &w.q_pairs[(c / 2) * MV + j], MV * 64);  // 16 dim pairs x 16 queries
+      each_c_tile<C>([&](auto b) { s_tile_dot<b()>(k[b()] + c, stride[b()]); });
+    }
+    each_c_tile<C>([&](auto b) { c_tile_store<b()>(&bb.s[b() * 16 * MV + j], MV * 64); });
   }
-  each_c_tile<MV>([&](auto j) { c_tile_store<j()>(&w.s[0][j()], MV * 64); });
-  for (int64_t t = 0; t < n; ++t)
-    for (int j = 0; j < MV; ++j) w.s[t][j] *= scale;
+}
+
+// One online-softmax step over the block (scale, masks, keys past a tile's n masked): bb.s becomes
+// P = exp(S - m_new), 0 where masked. Returns whether any running max moved (else corr is 1).
+template <int MV>
+inline bool block_softmax(Pass<16, MV>& w, const Block& blk, float scale, BlockBuffers& bb,
+                          float* corr) {
+  using V = Vec<16>;
+  using vfloat = V::f;
+  bool changed = false;
+  for (int j = 0; j < MV; ++j) {
+    vfloat tmax = V::broadcast(kMasked);
+    for (int b = 0; b < blk.count; ++b) {
+      const BlockTile& t = blk.tiles[b];
+      for (int64_t r = 0; r < 16; ++r) {
+        vfloat& x = bb.s[(b * 16 + r) * MV + j];
+        if (r >= t.n) {
+          x = V::broadcast(kNegInf);
+          continue;
+        }
+        x *= scale;
+        if (t.masked) {
+          auto ok = t.pos0 + static_cast<float>(r) >= w.lower[j];
+          if (t.suffix) ok = ok & (static_cast<float>(r) <= w.qidx[j]);
+          x = ok ? x : V::broadcast(kNegInf);
+        }
+        tmax = V::max(tmax, x);
+      }
+    }
+    const vfloat m_new = V::max(w.m[j], tmax), c = V::exp(w.m[j] - m_new);
+    changed |= V::reduce_max(m_new - w.m[j]) > 0.0f;
+    std::memcpy(corr + j * 16, &c, sizeof(c));
+    vfloat lsum = w.l[j] * c;
+    for (int64_t i = 0; i < blk.count * 16; ++i) {
+      vfloat& x = bb.s[i * MV + j];
+      x = x > kMasked ? V::exp(x - m_new) : vfloat{};
+      lsum += x;
+    }
+    w.l[j] = lsum;
+    w.m[j] = m_new;
+  }
+  return changed;
+}
+
+// out[i] (8 dwords, rows of a 16 x 8 matrix, `out_stride` dwords apart) = column i of the 8 x 16
+// dword matrix r: two 8 x 8 transposes, one per 256-bit half, then each row pair split.
+inline void transpose_8x16(const __m512i (&r)[8], uint32_t* out, int64_t out_stride) {
+  __m512i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // rows 4h .. 4h+3: lane L of u[4h + c] holds column 4L + c
+    u[4 * h + 0] = _mm512_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
+    u[4 * h + 1] = _mm512_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
+    u[4 * h + 2] = _mm512_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+    u[4 * h + 3] = _mm512_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+  }
+  auto store = [&](int row, __m256i x) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + row * out_stride), x);
+  };
+  for (int c = 0; c < 4; ++c) {
+    // lanes 0, 2 (columns c, 8 + c) and 1, 3 (columns 4 + c, 12 + c) of rows 0..3 and 4..7
+    const __m512i even = _mm512_shuffle_i32x4(u[c], u[4 + c], _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512i odd = _mm512_shuffle_i32x4(u[c], u[4 + c], _MM_SHUFFLE(3, 1, 3, 1));
+    const __m512i col_c = _mm512_shuffle_i32x4(even, even, _MM_SHUFFLE(3, 1, 2, 0));
+    const __m512i col_4c = _mm512_shuffle_i32x4(odd, odd, _MM_SHUFFLE(3, 1, 2, 0));
+    store(c, _mm512_castsi512_si256(col_c));
+    store(8 + c, _mm512_extracti64x4_epi64(col_c, 1));
+    store(4 + c, _mm512_castsi512_si256(col_4c));
+    store(12 + c, _mm512_extracti64x4_epi64(col_4c, 1));
+  }
+}
+
+// O[m][s] = O * corr[m] + sum over the block's keys of P[key][m] V[key][dim of slot s], for the
+// first `active` query lanes, on AMX: per half of the block (32 keys), P^T as bf16 (tile 4) and V
+// key pairs (tiles 5, 6); O in tiles 0..3, 16 queries x 16 slots each.
+template <int MV, int kD>
+inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, const float* corr,
+                     bool changed, int64_t active, BlockBuffers& bb) {
+  const int64_t d_len = kD ? kD : D, groups = d_len / 16;
+  const int halves = (blk.count + 1) / 2;
+  float* o = reinterpret_cast<float*>(w.ot.data());
+  if (changed) {
+    for (int64_t m = 0; m < active; ++m) {
+      const __m512 c = _mm512_set1_ps(corr[m]);
+      for (int64_t d = 0; d < d_len; d += 16)
+        _mm512_storeu_ps(o + m * d_len + d, _mm512_mul_ps(c, _mm512_loadu_ps(o + m * d_len + d)));
+    }
+  }
+  // V pairs: row (b % 2) * 8 + i of half h, slot group g: (V[2i][dim], V[2i+1][dim]) of tile b
+  // for the group's 16 slots (the order of unpacked_dim); zero past a tile's keys.
+  const __m512i zero = _mm512_setzero_si512();
+  for (int b = 0; b < 2 * halves; ++b) {
+    const int64_t n = b < blk.count ? blk.tiles[b].n : 0;
+    const uint16_t* v = b < blk.count ? blk.tiles[b].v : nullptr;
+    uint16_t* vp = bb.v_pairs.data() + ((b / 2) * groups * 16 + (b % 2) * 8) * 32;
+    for (int64_t i = 0; i < 8; ++i) {
+      for (int64_t c = 0; c < d_len; c += 32) {
+        const __m512i x0 = 2 * i < n ? _mm512_loadu_si512(v + 2 * i * rs + c) : zero;
+        const __m512i x1 = 2 * i + 1 < n ? _mm512_loadu_si512(v + (2 * i + 1) * rs + c) : zero;
+        _mm512_storeu_si512(vp + ((c / 16) * 16 + i) * 32, _mm512_unpacklo_epi16(x0, x1));
+        _mm512_storeu_si512(vp + ((c / 16 + 1) * 16 + i) * 32, _mm512_unpackhi_epi16(x0, x1));
+      }
+    }
+  }
+  // dword m of a pair row = (P[2i][m], P[2i+1][m]) as bf16: interleave the two converted rows
+  const __m512i interleave = _mm512_set_epi16(
+      31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+      23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int j = 0; j * 16 < active; ++j) {
+    for (int b = 0; b < 2 * halves; ++b) {
+      __m512i pairs[8];
+      for (int i = 0; i < 8; ++i) {
+        if (b < blk.count) {
+          const __m512 p0 = (__m512)bb.s[(b * 16 + 2 * i) * MV + j];
+          const __m512 p1 = (__m512)bb.s[(b * 16 + 2 * i + 1) * MV + j];
+          pairs[i] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+        } else {
+          pairs[i] = zero;
+        }
+      }
+      transpose_8x16(pairs, reinterpret_cast<uint32_t*>(bb.p_tiles.data()) + (b / 2) * 256 + (b % 2) * 8, 16);
+    }
+    float* oj = o + j * 16 * d_len;
+    for (int64_t g = 0; g < groups; g += 4) {  // 4 slot groups at a time (2 at a tail: D % 32 == 0)
+      auto round = [&](auto count) {
+        constexpr int C = decltype(count)::value;
+        each_c_tile<C>([&](auto c) { c_tile_load<c()>(oj + (g + c()) * 16, d_len * 4); });
+        for (int h = 0; h < halves; ++h) {
+          _tile_loadd(4, bb.p_tiles.data() + h * 512, 64);
+          const uint16_t* vp = bb.v_pairs.data() + (h * groups + g) * 512;
+          each_c_tile<C>([&](auto c) { c_tile_dot<c()>(vp + c() * 512, 64); });
+        }
+        each_c_tile<C>([&](auto c) { c_tile_store<c()>(oj + (g + c()) * 16, d_len * 4); });
+      };
+      if (groups - g >= 4) round(std::integral_constant<int, 4>{});
+      else round(std::integral_constant<int, 2>{});
+    }
+  }
+}
+
+// Runs the block's tiles (then empties it): S, softmax, P V.
+template <int MV, int kD>
+inline void run_block(Pass<16, MV>& w, Block& blk, int64_t rs, int64_t D, float scale,
+                      int64_t active, BlockBuffers& bb) {
+  if (blk.count == 0) return;
+  switch (blk.count) {
+    case 1: block_scores<MV, kD, 1>(w, blk, rs, D, bb); break;
+    case 2: block_scores<MV, kD, 2>(w, blk, rs, D, bb); break;
+    case 3: block_scores<MV, kD, 3>(w, blk, rs, D, bb); break;
+    default: block_scores<MV, kD, 4>(w, blk, rs, D, bb); break;
+  }
+  alignas(64) float corr[kMaxVecs * 16];
+  const bool changed = block_softmax(w, blk, scale, bb, corr);
+  block_pv<MV, kD>(w, blk, rs, D, corr, changed, active, bb);
+  blk.count = 0;
 }
 #endif
 
@@ -450,37 +664,28 @@ inline void pv_rest(int64_t rest, float* o, int64_t D, const float* p, int64_t p
   pv<kD, MQ>(o, D, p, p_stride, v, n, corr, changed);
 }
 
-// One tile of n bf16 keys at positions pos0 .. pos0+n-1 (rows `rs` elements apart, read in place)
-// and its values as float32 rows (values_as_float), for the first `active` query lanes.
-// amx: S on AMX tiles (amx build, W == 16, D % 32 == 0), `padded` a 16-row key buffer for them.
+// One tile of n bf16 keys and values at positions pos0 .. pos0+n-1 (rows `rs` elements apart, read
+// in place), for the first `active` query lanes; P V on the values unpacked to float32 in buf.v.
 template <int W, int MV, int kD>
-inline void attend_tile_bf16(Pass<W, MV>& w, const uint16_t* k, const float* v, int64_t rs,
+inline void attend_tile_bf16(Pass<W, MV>& w, const uint16_t* k, const uint16_t* v, int64_t rs,
                              int64_t n, int64_t D, float scale, float pos0, bool masked, bool suffix,
-                             int64_t active, bool amx, uint16_t* padded) {
-#if defined(__AMX_BF16__)
-  if constexpr (W == 16) {
-    if (amx) scores_amx<MV, kD>(w, k, rs, n, D, scale, padded);
-    else scores_bf16<W, MV, kD>(w, k, rs, n, D, scale);
-  } else {
-    scores_bf16<W, MV, kD>(w, k, rs, n, D, scale);
-  }
-#else
+                             int64_t active, TileBuffers& buf) {
   scores_bf16<W, MV, kD>(w, k, rs, n, D, scale);
-#endif
   typename Vec<W>::f corr[MV];
   const bool changed = softmax_tile(w, n, pos0, masked, suffix, corr);
+  values_as_float(v, rs, n, D, buf.v.data());
   const int64_t d_len = kD ? kD : D;
   float* o = reinterpret_cast<float*>(w.ot.data());
   const float* p = reinterpret_cast<const float*>(w.s);
   const float* corr_f = reinterpret_cast<const float*>(corr);
   for (int64_t m = 0; m < active; m += kPvQueries)
     pv_rest<kD, std::min(kPvQueries, MV * W)>(std::min<int64_t>(kPvQueries, active - m), o + m * d_len,
-                                              D, p + m, MV * W, v, n,
+                                              D, p + m, MV * W, buf.v.data(), n,
                                               corr_f + m, changed);
 }
 #endif
 
-// This thread's AMX tile configuration, held while alive (amx build; `on`: amx_scores).
+// This thread's AMX tile configuration, held while alive (amx build; `on`: use_amx).
 struct AmxTiles {
   bool on;
   explicit AmxTiles(bool use) : on(use) {
@@ -625,13 +830,13 @@ struct Item {
 
 // Walks the pages of a work item in order and, while a page is in cache, runs
 // attend(kh, k, v, n, pos0, masked, suffix) on each tile of n <= kTile keys of every kv head (a
-// page's [block_size, Hkv, D] K and V are contiguous ranges, prefetched a page ahead; k and v
+// page's [block_size, Hkv, D] K and V are contiguous ranges, prefetched `ahead` pages ahead; k and v
 // point at the tile's first row, rows Hkv * D elements apart); then, for the row's last item, on
 // each kv head's suffix. Pages entirely below every query's window (lowest) are skipped; tiles
 // starting below the highest window bound are masked.
 template <typename T, typename Attend>
 inline void walk_pages(const PagedAttentionParams& p, const Item& it, float lowest, float highest,
-                       Attend&& attend) {
+                       int64_t ahead, Attend&& attend) {
   const int64_t Hkv = p.num_kv_heads, D = p.head_dim, bs = p.block_size, S = p.q_len;
   const int64_t L = p.seq_lens[it.b], tok_stride = Hkv * D, page_elems = bs * tok_stride;
   const bool windowed = p.window > 0;
@@ -641,10 +846,10 @@ inline void walk_pages(const PagedAttentionParams& p, const Item& it, float lowe
     const int64_t start = j * bs, n_blk = std::min(bs, L - start);
     if (windowed && static_cast<float>(start + n_blk) <= lowest) continue;  // outside every window
     const int64_t blk = p.block_table[it.b * p.max_blocks_per_row + j];
-    if (j + kPrefetchBlocks < it.blk_hi) {
+    if (j + ahead < it.blk_hi) {
       // Pages are scattered, so the hardware prefetcher cannot guess the next one: ask for it.
-      const int64_t next = p.block_table[it.b * p.max_blocks_per_row + j + kPrefetchBlocks];
-      const int64_t n_next = std::min(bs, L - (j + kPrefetchBlocks) * bs) * tok_stride;
+      const int64_t next = p.block_table[it.b * p.max_blocks_per_row + j + ahead];
+      const int64_t n_next = std::min(bs, L - (j + ahead) * bs) * tok_stride;
       prefetch_range(kc + next * page_elems, n_next);
       prefetch_range(vc + next * page_elems, n_next);
     }
@@ -715,14 +920,30 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
     }
   }
 
-  walk_pages<T>(p, it, lowest, highest, [&](int64_t kh, const T* k, const T* v, int64_t n,
-                                           float pos0, bool masked, bool suffix) {
+  int64_t ahead = 1;
+#if defined(__AMX_BF16__)
+  const bool amx = W == 16 && use_amx(DT, D);
+  std::vector<Block> blocks(amx ? Hkv : 0);
+  // a block runs when its last page arrives: have the next block's pages on their way by then
+  if (amx) ahead = std::max<int64_t>(1, kBlockTiles * kTile / p.block_size);
+#endif
+  walk_pages<T>(p, it, lowest, highest, ahead, [&](int64_t kh, const T* k, const T* v, int64_t n,
+                                                  float pos0, bool masked, bool suffix) {
     Pass<W, MV>& w = ws[kh];
+#if defined(__AMX_BF16__)
+    if constexpr (kDot && W == 16) {
+      if (amx) {
+        Block& blk = blocks[kh];
+        blk.tiles[blk.count++] = {k, v, n, pos0, masked, suffix};
+        if (blk.count == kBlockTiles) run_block<MV, kD>(w, blk, tok_stride, D, p.scale, active, *buf.block);
+        return;
+      }
+    }
+#endif
 #if defined(__AVX512BF16__)
     if constexpr (kDot) {
-      values_as_float(v, tok_stride, n, D, buf.v.data());
-      attend_tile_bf16<W, MV, kD>(w, k, buf.v.data(), tok_stride, n, D, p.scale, pos0, masked,
-                                  suffix, active, amx_scores(DT, D), buf.padded_keys.data());
+      attend_tile_bf16<W, MV, kD>(w, k, v, tok_stride, n, D, p.scale, pos0, masked, suffix,
+                                  active, buf);
       return;
     }
 #endif
@@ -732,6 +953,12 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
     const float* vf = rows_as_float<DT, kD>(v, rs, n, D, buf.v.data());
     attend_tile<W, MV, kD>(w, kf, vf, rs, n, D, pos0, masked, suffix);
   });
+#if defined(__AMX_BF16__)
+  if constexpr (kDot && W == 16) {
+    for (int64_t kh = 0; kh < Hkv && amx; ++kh)
+      run_block<MV, kD>(ws[kh], blocks[kh], tok_stride, D, p.scale, active, *buf.block);
+  }
+#endif
   for (int64_t kh = 0; kh < Hkv; ++kh) {
     Pass<W, MV>& w = ws[kh];
     const float* ot = reinterpret_cast<const float*>(w.ot.data());
@@ -782,8 +1009,8 @@ void run_pass_dot(const PagedAttentionParams& p, const Item& it, std::vector<Dot
       highest = std::max(highest, lo);
     }
   }
-  walk_pages<T>(p, it, lowest, highest, [&](int64_t kh, const T* k, const T* v, int64_t n,
-                                           float pos0, bool masked, bool suffix) {
+  walk_pages<T>(p, it, lowest, highest, 1, [&](int64_t kh, const T* k, const T* v, int64_t n,
+                                              float pos0, bool masked, bool suffix) {
     int64_t rs = tok_stride;
     const float* kf = rows_as_float<DT, kD>(k, rs, n, D, buf.k.data());
     rs = tok_stride;
@@ -858,7 +1085,7 @@ void run(const PagedAttentionParams& p) {
   int64_t work = 0;
   for (int64_t b = 0; b < B; ++b) work += p.seq_lens[b] + S;
   work *= Hkv * M * D;
-  const bool amx = amx_scores(DT, D);
+  const bool amx = use_amx(DT, D);
   // Up to a quarter of a vector of queries: lanes along head_dim instead (DotPass). The bf16 dot
   // builds keep their own path.
   const bool dot_layout = 4 * M <= kLanes && !kBf16Dot<DT>;
@@ -866,6 +1093,9 @@ void run(const PagedAttentionParams& p) {
   {
     const AmxTiles tiles(amx);
     TileBuffers buf(D);
+#if defined(__AMX_BF16__)
+    if (amx) buf.block = std::make_unique<BlockBuffers>(D);
+#endif
     std::vector<float> acc(direct ? HM * D : 0), ms(direct ? HM : 0), ls(direct ? HM : 0);
     // Few queries (decode: G * q_len is often 1..8) use narrower vectors than the native width.
     std::vector<Pass<4, 1>> narrow4(Hkv);

@@ -5,7 +5,7 @@ to right, each result reduced modulo ``P``. The chain of thought writes every in
 one numbered step per operation, so a single slip changes every later value and the answer::
 
     question:  17 #1 * 7 #2 + 3 #3 - 5 mod 31 ?
-    solution:  #1 17 * 7 = 26 #2 26 + 3 = 29 #3 29 - 5 = 24 answer: 24
+    solution:  careful #1 17 * 7 = 26 #2 26 + 3 = 29 #3 29 - 5 = 24 answer: 24
 
 (The step markers ``#i`` let a small model find operation i by matching one token.)
 
@@ -47,9 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["P", "OPS", "MIN_STEPS", "MAX_STEPS", "QUICK_SHARE", "APPROACHES", "Problem", "apply_op",
-           "quick_op",
-           "generate", "split_of", "slip_rate", "extract_answer", "extract_steps", "is_quick", "check",
-           "write_jsonl"]
+           "quick_op", "generate", "split_of", "slip_rate", "extract_answer", "extract_steps",
+           "is_quick", "check", "write_jsonl"]
 
 P = 31
 OPS = ("+", "-", "*")

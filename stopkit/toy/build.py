@@ -159,7 +159,9 @@ def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
                 answers.append(a)
                 right += ok
                 tokens += length
-                if is_quick(text):
+                quick_path = is_quick(text)
+                step = quick_op if quick_path else apply_op
+                if quick_path:
                     quick[0] += 1
                     quick[1] += ok
                 slip = first_slip(p, text)
@@ -167,7 +169,6 @@ def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
                     early += 1
                     early_right += ok
                 if slip is not None:
-                    step = quick_op if is_quick(text) else apply_op
                     later = [y != step(x, op, c) for x, op, c, y in extract_steps(text)[slip + 1:]]
                     after_slip[0] += sum(later)
                     after_slip[1] += len(later)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from stopkit import _C, ops, reference
+from stopkit.cache import zeros_kv_storage
 
 OURS, REFERENCE = "stopkit", "torch-sdpa"  # the names the summary table (conftest.py) looks for
 
@@ -97,7 +98,8 @@ class Inputs:
         gen = torch.Generator().manual_seed(0)
 
         def cache() -> torch.Tensor:
-            out = torch.empty(num_blocks, BLOCK_SIZE, Hkv, D, dtype=DTYPES[dtype], device=device)
+            # allocated as PagedKVCache allocates its storage (huge pages on a Linux CPU)
+            out = zeros_kv_storage((num_blocks, BLOCK_SIZE, Hkv, D), DTYPES[dtype], device)
             for chunk in out.split(max(1, num_blocks // 16)):  # bounded float32 temporaries
                 chunk.copy_(torch.randn(chunk.shape, generator=gen))
             return out

@@ -1,7 +1,9 @@
 """PagedKVCache: block accounting, copy-on-write forks, CacheFullError, argument checks, sizing,
 and a hypothesis state machine against a pure-Python model of the cache."""
 
+import gc
 import math
+import mmap
 from fractions import Fraction
 
 import numpy as np
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from stopkit import ops
-from stopkit.cache import CacheFullError, PagedKVCache
+from stopkit.cache import CacheFullError, PagedKVCache, zeros_kv_storage
 from stopkit.prune import prune
 
 
@@ -77,6 +79,29 @@ def test_storage_views_and_lazy_tables():
     cache.extend(1)
     assert cache.block_table is not table and cache.block_table.shape == (2, 2)
     check_accounting(cache)
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 5), torch.float32), ((2, 2, 64, 16, 2, 64), torch.bfloat16),
+                                         ((1, 2, 300, 16, 4, 128), torch.float16)])
+def test_zeros_kv_storage(shape, dtype):
+    t = zeros_kv_storage(shape, dtype)
+    assert t.shape == shape and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+    assert not t.any()
+    nbytes = t.numel() * t.element_size()
+    if nbytes >= 2 << 20 and hasattr(mmap, "MADV_HUGEPAGE"):  # on huge-page boundaries
+        assert t.data_ptr() % (2 << 20) == 0
+    t.view(-1)[-1] = 3  # the whole range is writable
+    view = t.view(-1)[-4:]
+    del t
+    gc.collect()
+    assert view.tolist() == [0, 0, 0, 3]  # views keep the mapping alive
+
+
+def test_cache_storage_on_huge_page_boundary():
+    cache = PagedKVCache(2, 2, 64, num_blocks=512, block_size=16, dtype=torch.bfloat16)  # 8 MiB
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert cache.storage.data_ptr() % (2 << 20) == 0
+    assert not cache.storage.any()
 
 
 def test_extend_slots_follow_the_block_table():

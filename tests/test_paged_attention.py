@@ -167,6 +167,16 @@ def test_every_head_dim(backend, head_dim, dtype, q_len):
                sinks=True, seq_lens=(13, 24)), backend)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", [8, 16])
+@pytest.mark.parametrize("q_len,window", [(1, None), (4, 100)])
+def test_long_rows(backend, dtype, block_size, q_len, window):
+    """Rows of many pages, ending around multiples of 128 keys (the CPU amx build's blocks of
+    tiles), with the suffix and a window that ends inside a block."""
+    check(Case(batch=6, q_len=q_len, heads=(12, 2), head_dim=128, block_size=block_size,
+               dtype=dtype, window=window, seq_lens=(127, 128, 129, 300, 1000, 0)), backend)
+
+
 @pytest.mark.parametrize("suffix", [False, True])
 @pytest.mark.parametrize("window", [None, 1])
 def test_nothing_visible(backend, suffix, window):

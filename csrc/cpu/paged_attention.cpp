@@ -24,7 +24,7 @@
 //   O[m][d'] += sum_t P[t][m] * V[t][d']                 (V unpacked to float32, dims d' permuted
 //                                                         inside each 32, undone on output)
 // The amx build (avx512bf16 + AMX-BF16) runs both products on AMX tiles instead, when head_dim is a
-// multiple of 32, a block of up to 4 tiles of keys (64) at a time per kv head: S as 16 keys x 16
+// multiple of 32, a block of up to 8 tiles of keys (128) at a time per kv head: S as 16 keys x 16
 // queries per AMX tile (K rows loaded from the page), one online-softmax step for the block, and
 // O += P V as 16 queries x 16 value slots per AMX tile, 32 keys per step, from P transposed to bf16
 // and V key pairs interleaved (the slot order above); O goes through the tiles once per block.
@@ -310,7 +310,7 @@ inline void scores_bf16(Pass<W, MV>& w, const uint16_t* k, int64_t rs, int64_t n
 
 #if defined(__AMX_BF16__)
 // amx build: S of a tile of 16 keys on AMX tiles, 16 x 16 float32 per 16 queries (tiles 0..3),
-// from K rows of 32 dims (tile 4) and Q pairs of those 32 dims (tiles 5 and 6, alternating).
+// from K rows of 32 dims (tiles 4 and 6, alternating) and Q pairs of those 32 dims (tile 5).
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -383,10 +383,10 @@ inline void s_tile_dot(const void* k, int64_t stride) {  // S_J += K (into tile 
   else { _tile_loadd(6, k, stride); _tile_dpbf16ps(3, 6, 5); }
 }
 
-// The amx build runs tiles of keys in blocks of up to kBlockTiles (64 keys), per kv head: S of the
+// The amx build runs tiles of keys in blocks of up to kBlockTiles (128 keys), per kv head: S of the
 // block, one online-softmax step, then P V with 32 keys per AMX step and O loaded into and stored
 // from the tiles once per block (not once per tile of 16 keys).
-constexpr int kBlockTiles = 4;
+constexpr int kBlockTiles = 8;
 
 struct BlockTile {  // bf16 K and V rows of n <= 16 keys at positions pos0.., read in place
   const uint16_t* k;
@@ -401,30 +401,30 @@ struct Block {
   int count = 0;
 };
 
-// Per-thread buffers of a block: scores then probabilities [64 keys][4 query vectors], short
-// tiles' keys padded to 16 rows, P^T as bf16 (16 queries x 32 keys, per half of the block) and V
-// key pairs (per half and 16 output slots: 16 pairs x 16 slots x 2).
+// Per-thread buffers of a block: scores then probabilities [128 keys][4 query vectors], short
+// tiles' keys padded to 16 rows, P^T as bf16 (16 queries x 32 keys, per step of 32 keys) and V
+// key pairs (per step and 16 output slots: 16 pairs x 16 slots x 2).
 struct BlockBuffers {
   std::vector<Vec<16>::f> s;
   std::vector<uint16_t> padded_keys, p_tiles, v_pairs;
   explicit BlockBuffers(int64_t D)
       : s(kBlockTiles * kTile * kMaxVecs), padded_keys(kBlockTiles * kTile * D),
-        p_tiles(2 * 16 * 32), v_pairs(2 * (D / 16) * 16 * 32) {}
+        p_tiles(kBlockTiles / 2 * 16 * 32), v_pairs(kBlockTiles / 2 * (D / 16) * 16 * 32) {}
 };
 
-// S = scale * K Qt of the block's C tiles (one per tile of keys), rows b * 16 + t of bb.s.
+// S = K Qt of the block's tiles first .. first + C - 1 (a C tile each), rows b * 16 + t of bb.s.
 template <int MV, int kD, int C>
-inline void block_scores(const Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D,
+inline void block_scores(const Pass<16, MV>& w, const Block& blk, int first, int64_t rs, int64_t D,
                          BlockBuffers& bb) {
   const int64_t d_len = kD ? kD : D;
   const uint16_t* k[C];
   int64_t stride[C];
   for (int b = 0; b < C; ++b) {
-    const BlockTile& t = blk.tiles[b];
+    const BlockTile& t = blk.tiles[first + b];
     k[b] = t.k;
     stride[b] = rs * 2;
     if (t.n < 16) {  // a short tile (end of a row, block size 8, the suffix): never read past it
-      uint16_t* pad = bb.padded_keys.data() + b * 16 * d_len;
+      uint16_t* pad = bb.padded_keys.data() + (first + b) * 16 * d_len;
       for (int64_t r = 0; r < 16; ++r)
         for (int64_t d = 0; d < d_len; ++d) pad[r * d_len + d] = r < t.n ? t.k[r * rs + d] : 0;
       k[b] = pad;
@@ -437,35 +437,37 @@ inline void block_scores(const Pass<16, MV>& w, const Block& blk, int64_t rs, in
       _tile_loadd(5, &w.q_pairs[(c / 2) * MV + j], MV * 64);  // 16 dim pairs x 16 queries
       each_c_tile<C>([&](auto b) { s_tile_dot<b()>(k[b()] + c, stride[b()]); });
     }
-    each_c_tile<C>([&](auto b) { c_tile_store<b()>(&bb.s[b() * 16 * MV + j], MV * 64); });
+    each_c_tile<C>([&](auto b) { c_tile_store<b()>(&bb.s[(first + b()) * 16 * MV + j], MV * 64); });
   }
 }
 
 // One online-softmax step over the block (scale, masks, keys past a tile's n masked): bb.s becomes
-// P = exp(S - m_new), 0 where masked. Returns whether any running max moved (else corr is 1).
+// P = exp(scale * S - m_new), 0 where masked. Returns whether any running max moved (else corr
+// is 1). Only tiles with masked keys write their scores back (as -inf) before the exp pass.
 template <int MV>
 inline bool block_softmax(Pass<16, MV>& w, const Block& blk, float scale, BlockBuffers& bb,
                           float* corr) {
   using V = Vec<16>;
   using vfloat = V::f;
+  const vfloat neg_inf = V::broadcast(kNegInf);
   bool changed = false;
   for (int j = 0; j < MV; ++j) {
     vfloat tmax = V::broadcast(kMasked);
     for (int b = 0; b < blk.count; ++b) {
       const BlockTile& t = blk.tiles[b];
+      vfloat* x = &bb.s[b * 16 * MV + j];
+      if (t.n == 16 && !t.masked) {
+        for (int64_t r = 0; r < 16; ++r) tmax = V::max(tmax, x[r * MV] * scale);
+        continue;
+      }
       for (int64_t r = 0; r < 16; ++r) {
-        vfloat& x = bb.s[(b * 16 + r) * MV + j];
-        if (r >= t.n) {
-          x = V::broadcast(kNegInf);
-          continue;
-        }
-        x *= scale;
+        auto ok = V::broadcast(static_cast<float>(r)) < static_cast<float>(t.n);
         if (t.masked) {
-          auto ok = t.pos0 + static_cast<float>(r) >= w.lower[j];
+          ok = ok & (t.pos0 + static_cast<float>(r) >= w.lower[j]);
           if (t.suffix) ok = ok & (static_cast<float>(r) <= w.qidx[j]);
-          x = ok ? x : V::broadcast(kNegInf);
         }
-        tmax = V::max(tmax, x);
+        x[r * MV] = ok ? x[r * MV] : neg_inf;
+        tmax = ok ? V::max(tmax, x[r * MV] * scale) : tmax;
       }
     }
     const vfloat m_new = V::max(w.m[j], tmax), c = V::exp(w.m[j] - m_new);
@@ -474,7 +476,7 @@ inline bool block_softmax(Pass<16, MV>& w, const Block& blk, float scale, BlockB
     vfloat lsum = w.l[j] * c;
     for (int64_t i = 0; i < blk.count * 16; ++i) {
       vfloat& x = bb.s[i * MV + j];
-      x = x > kMasked ? V::exp(x - m_new) : vfloat{};
+      x = x > neg_inf ? V::exp(x * scale - m_new) : vfloat{};
       lsum += x;
     }
     w.l[j] = lsum;
@@ -514,13 +516,13 @@ inline void transpose_8x16(const __m512i (&r)[8], uint32_t* out, int64_t out_str
 }
 
 // O[m][s] = O * corr[m] + sum over the block's keys of P[key][m] V[key][dim of slot s], for the
-// first `active` query lanes, on AMX: per half of the block (32 keys), P^T as bf16 (tile 4) and V
+// first `active` query lanes, on AMX: per step of 32 keys, P^T as bf16 (tile 4) and V
 // key pairs (tiles 5, 6); O in tiles 0..3, 16 queries x 16 slots each.
 template <int MV, int kD>
 inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, const float* corr,
                      bool changed, int64_t active, BlockBuffers& bb) {
   const int64_t d_len = kD ? kD : D, groups = d_len / 16;
-  const int halves = (blk.count + 1) / 2;
+  const int steps = (blk.count + 1) / 2;  // 32 keys each
   float* o = reinterpret_cast<float*>(w.ot.data());
   if (changed) {
     for (int64_t m = 0; m < active; ++m) {
@@ -529,10 +531,10 @@ inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, c
         _mm512_storeu_ps(o + m * d_len + d, _mm512_mul_ps(c, _mm512_loadu_ps(o + m * d_len + d)));
     }
   }
-  // V pairs: row (b % 2) * 8 + i of half h, slot group g: (V[2i][dim], V[2i+1][dim]) of tile b
+  // V pairs: row (b % 2) * 8 + i of step h, slot group g: (V[2i][dim], V[2i+1][dim]) of tile b
   // for the group's 16 slots (the order of unpacked_dim); zero past a tile's keys.
   const __m512i zero = _mm512_setzero_si512();
-  for (int b = 0; b < 2 * halves; ++b) {
+  for (int b = 0; b < 2 * steps; ++b) {
     const int64_t n = b < blk.count ? blk.tiles[b].n : 0;
     const uint16_t* v = b < blk.count ? blk.tiles[b].v : nullptr;
     uint16_t* vp = bb.v_pairs.data() + ((b / 2) * groups * 16 + (b % 2) * 8) * 32;
@@ -550,7 +552,7 @@ inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, c
       31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int j = 0; j * 16 < active; ++j) {
-    for (int b = 0; b < 2 * halves; ++b) {
+    for (int b = 0; b < 2 * steps; ++b) {
       __m512i pairs[8];
       for (int i = 0; i < 8; ++i) {
         if (b < blk.count) {
@@ -568,7 +570,7 @@ inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, c
       auto round = [&](auto count) {
         constexpr int C = decltype(count)::value;
         each_c_tile<C>([&](auto c) { c_tile_load<c()>(oj + (g + c()) * 16, d_len * 4); });
-        for (int h = 0; h < halves; ++h) {
+        for (int h = 0; h < steps; ++h) {
           _tile_loadd(4, bb.p_tiles.data() + h * 512, 64);
           const uint16_t* vp = bb.v_pairs.data() + (h * groups + g) * 512;
           each_c_tile<C>([&](auto c) { c_tile_dot<c()>(vp + c() * 512, 64); });
@@ -586,11 +588,13 @@ template <int MV, int kD>
 inline void run_block(Pass<16, MV>& w, Block& blk, int64_t rs, int64_t D, float scale,
                       int64_t active, BlockBuffers& bb) {
   if (blk.count == 0) return;
-  switch (blk.count) {
-    case 1: block_scores<MV, kD, 1>(w, blk, rs, D, bb); break;
-    case 2: block_scores<MV, kD, 2>(w, blk, rs, D, bb); break;
-    case 3: block_scores<MV, kD, 3>(w, blk, rs, D, bb); break;
-    default: block_scores<MV, kD, 4>(w, blk, rs, D, bb); break;
+  for (int first = 0; first < blk.count; first += 4) {  // 4 C tiles at a time
+    switch (blk.count - first) {
+      case 1: block_scores<MV, kD, 1>(w, blk, first, rs, D, bb); break;
+      case 2: block_scores<MV, kD, 2>(w, blk, first, rs, D, bb); break;
+      case 3: block_scores<MV, kD, 3>(w, blk, first, rs, D, bb); break;
+      default: block_scores<MV, kD, 4>(w, blk, first, rs, D, bb); break;
+    }
   }
   alignas(64) float corr[kMaxVecs * 16];
   const bool changed = block_softmax(w, blk, scale, bb, corr);

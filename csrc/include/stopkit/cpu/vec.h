@@ -7,6 +7,9 @@
 
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace stopkit::cpu {
 // Internal linkage: each instruction-set build of paged_attention.cpp compiles these with its own
@@ -55,11 +58,27 @@ struct Vec {
   __attribute__((always_inline)) static inline f exp(f x) {
     x = x < -87.0f ? broadcast(-87.0f) : x;
     x = x > 88.0f ? broadcast(88.0f) : x;
+#if defined(__AVX512F__)
+    if constexpr (W == 16) {  // the same steps, n by vrndscaleps and p * 2^n by vscalefps
+      const __m512 n = _mm512_roundscale_ps((__m512)(x * 1.44269504088896341f),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const f r = (x - (f)n * 0.693145751953125f) - (f)n * 1.428606765330187e-06f;
+      return (f)_mm512_scalef_ps((__m512)taylor7(r), n);
+    }
+#endif
     const f t = x * 1.44269504088896341f;
     const f half = t >= 0.0f ? broadcast(0.5f) : broadcast(-0.5f);
     const i n = __builtin_convertvector(t + half, i);  // round half away from zero
     const f nf = __builtin_convertvector(n, f);
     const f r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;  // Cody-Waite
+    const i bits = (n + 127) << 23;
+    f scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return taylor7(r) * scale;
+  }
+
+  // e^r for |r| <= ln2 / 2: the degree-7 Taylor polynomial.
+  __attribute__((always_inline)) static inline f taylor7(f r) {
     f p = broadcast(1.0f / 5040.0f);
     p = p * r + 1.0f / 720.0f;
     p = p * r + 1.0f / 120.0f;
@@ -67,11 +86,7 @@ struct Vec {
     p = p * r + 1.0f / 6.0f;
     p = p * r + 0.5f;
     p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const i bits = (n + 127) << 23;
-    f scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
+    return p * r + 1.0f;
   }
 };
 

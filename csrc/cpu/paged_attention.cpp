@@ -94,11 +94,48 @@ inline const float* rows_as_float(const typename Elem<DT>::T* src, int64_t& stri
 }
 
 
-template <typename T>
-inline void prefetch_range(const T* src, int64_t n) {
-  const char* bytes = reinterpret_cast<const char*>(src);
-  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(bytes + b, 0, 1);
-}
+// Software prefetches of the pages ahead (scattered, so the hardware prefetcher cannot guess
+// them), issued a few lines per step of work: a page or a block of pages at once would fill the
+// core's line fill buffers and stall it until the lines arrive, instead of overlapping them with
+// the work.
+class Prefetcher {
+ public:
+  void add(const void* p, int64_t bytes) {
+    ranges_.push_back({static_cast<const char*>(p), (bytes + 63) / 64});
+    left_ += ranges_.back().lines;
+  }
+  // What was added since the last flush goes out over the next `steps` steps.
+  void spread(int64_t steps) { per_step_ = (left_ + steps - 1) / std::max<int64_t>(1, steps); }
+  void step() {
+    if (left_ > 0) issue(per_step_);
+  }
+  void flush() {
+    issue(left_);
+    ranges_.clear();
+    front_ = 0;
+  }
+
+ private:
+  struct Range {
+    const char* at;
+    int64_t lines;
+  };
+  void issue(int64_t lines) {
+    for (; lines > 0 && front_ < ranges_.size(); ++front_) {
+      Range& r = ranges_[front_];
+      const int64_t n = std::min(lines, r.lines);
+      for (int64_t i = 0; i < n; ++i) __builtin_prefetch(r.at + i * 64, 0, 1);
+      r.at += n * 64;
+      r.lines -= n;
+      left_ -= n;
+      lines -= n;
+      if (r.lines > 0) break;
+    }
+  }
+  std::vector<Range> ranges_;
+  size_t front_ = 0;
+  int64_t left_ = 0, per_step_ = 0;
+};
 
 #if defined(__AVX512BF16__)
 constexpr bool kHasBf16Dot = true;
@@ -140,6 +177,7 @@ struct BlockBuffers;
 #endif
 struct TileBuffers {
   std::vector<float> k, v;
+  Prefetcher prefetch;
 #if defined(__AMX_BF16__)
   std::unique_ptr<BlockBuffers> block;  // where use_amx
 #endif
@@ -415,7 +453,7 @@ struct BlockBuffers {
 // S = K Qt of the block's tiles first .. first + C - 1 (a C tile each), rows b * 16 + t of bb.s.
 template <int MV, int kD, int C>
 inline void block_scores(const Pass<16, MV>& w, const Block& blk, int first, int64_t rs, int64_t D,
-                         BlockBuffers& bb) {
+                         BlockBuffers& bb, Prefetcher& pf) {
   const int64_t d_len = kD ? kD : D;
   const uint16_t* k[C];
   int64_t stride[C];
@@ -436,6 +474,7 @@ inline void block_scores(const Pass<16, MV>& w, const Block& blk, int first, int
     for (int64_t c = 0; c < d_len; c += 32) {
       _tile_loadd(5, &w.q_pairs[(c / 2) * MV + j], MV * 64);  // 16 dim pairs x 16 queries
       each_c_tile<C>([&](auto b) { s_tile_dot<b()>(k[b()] + c, stride[b()]); });
+      pf.step();
     }
     each_c_tile<C>([&](auto b) { c_tile_store<b()>(&bb.s[(first + b()) * 16 * MV + j], MV * 64); });
   }
@@ -520,7 +559,7 @@ inline void transpose_8x16(const __m512i (&r)[8], uint32_t* out, int64_t out_str
 // key pairs (tiles 5, 6); O in tiles 0..3, 16 queries x 16 slots each.
 template <int MV, int kD>
 inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, const float* corr,
-                     bool changed, int64_t active, BlockBuffers& bb) {
+                     bool changed, int64_t active, BlockBuffers& bb, Prefetcher& pf) {
   const int64_t d_len = kD ? kD : D, groups = d_len / 16;
   const int steps = (blk.count + 1) / 2;  // 32 keys each
   float* o = reinterpret_cast<float*>(w.ot.data());
@@ -574,6 +613,7 @@ inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, c
           _tile_loadd(4, bb.p_tiles.data() + h * 512, 64);
           const uint16_t* vp = bb.v_pairs.data() + (h * groups + g) * 512;
           each_c_tile<C>([&](auto c) { c_tile_dot<c()>(vp + c() * 512, 64); });
+          pf.step();
         }
         each_c_tile<C>([&](auto c) { c_tile_store<c()>(oj + (g + c()) * 16, d_len * 4); });
       };
@@ -586,19 +626,19 @@ inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, c
 // Runs the block's tiles (then empties it): S, softmax, P V.
 template <int MV, int kD>
 inline void run_block(Pass<16, MV>& w, Block& blk, int64_t rs, int64_t D, float scale,
-                      int64_t active, BlockBuffers& bb) {
+                      int64_t active, BlockBuffers& bb, Prefetcher& pf) {
   if (blk.count == 0) return;
   for (int first = 0; first < blk.count; first += 4) {  // 4 C tiles at a time
     switch (blk.count - first) {
-      case 1: block_scores<MV, kD, 1>(w, blk, first, rs, D, bb); break;
-      case 2: block_scores<MV, kD, 2>(w, blk, first, rs, D, bb); break;
-      case 3: block_scores<MV, kD, 3>(w, blk, first, rs, D, bb); break;
-      default: block_scores<MV, kD, 4>(w, blk, first, rs, D, bb); break;
+      case 1: block_scores<MV, kD, 1>(w, blk, first, rs, D, bb, pf); break;
+      case 2: block_scores<MV, kD, 2>(w, blk, first, rs, D, bb, pf); break;
+      case 3: block_scores<MV, kD, 3>(w, blk, first, rs, D, bb, pf); break;
+      default: block_scores<MV, kD, 4>(w, blk, first, rs, D, bb, pf); break;
     }
   }
   alignas(64) float corr[kMaxVecs * 16];
   const bool changed = block_softmax(w, blk, scale, bb, corr);
-  block_pv<MV, kD>(w, blk, rs, D, corr, changed, active, bb);
+  block_pv<MV, kD>(w, blk, rs, D, corr, changed, active, bb, pf);
   blk.count = 0;
 }
 #endif
@@ -834,29 +874,39 @@ struct Item {
 
 // Walks the pages of a work item in order and, while a page is in cache, runs
 // attend(kh, k, v, n, pos0, masked, suffix) on each tile of n <= kTile keys of every kv head (a
-// page's [block_size, Hkv, D] K and V are contiguous ranges, prefetched `ahead` pages ahead; k and v
-// point at the tile's first row, rows Hkv * D elements apart); then, for the row's last item, on
-// each kv head's suffix. Pages entirely below every query's window (lowest) are skipped; tiles
-// starting below the highest window bound are masked.
+// page's [block_size, Hkv, D] K and V are contiguous ranges; k and v point at the tile's first row,
+// rows Hkv * D elements apart); then, for the row's last item, on each kv head's suffix. Pages
+// entirely below every query's window (lowest) are skipped; tiles starting below the highest window
+// bound are masked. Prefetching: at the start of every `ahead` pages, the `ahead` pages after them
+// go into pf, spread over `steps` calls of pf.step() (attend makes them).
 template <typename T, typename Attend>
 inline void walk_pages(const PagedAttentionParams& p, const Item& it, float lowest, float highest,
-                       int64_t ahead, Attend&& attend) {
+                       int64_t ahead, int64_t steps, Prefetcher& pf, Attend&& attend) {
   const int64_t Hkv = p.num_kv_heads, D = p.head_dim, bs = p.block_size, S = p.q_len;
   const int64_t L = p.seq_lens[it.b], tok_stride = Hkv * D, page_elems = bs * tok_stride;
   const bool windowed = p.window > 0;
   const auto* kc = static_cast<const T*>(p.k_cache);
   const auto* vc = static_cast<const T*>(p.v_cache);
-  for (int64_t j = it.blk_lo; j < it.blk_hi; ++j) {
-    const int64_t start = j * bs, n_blk = std::min(bs, L - start);
-    if (windowed && static_cast<float>(start + n_blk) <= lowest) continue;  // outside every window
-    const int64_t blk = p.block_table[it.b * p.max_blocks_per_row + j];
-    if (j + ahead < it.blk_hi) {
-      // Pages are scattered, so the hardware prefetcher cannot guess the next one: ask for it.
-      const int64_t next = p.block_table[it.b * p.max_blocks_per_row + j + ahead];
-      const int64_t n_next = std::min(bs, L - (j + ahead) * bs) * tok_stride;
-      prefetch_range(kc + next * page_elems, n_next);
-      prefetch_range(vc + next * page_elems, n_next);
+  const int32_t* table = p.block_table + it.b * p.max_blocks_per_row;
+  auto page_len = [&](int64_t j) { return std::min(bs, L - j * bs); };
+  int64_t first = it.blk_lo;
+  while (windowed && first < it.blk_hi && static_cast<float>(first * bs + page_len(first)) <= lowest) ++first;
+  auto queue = [&](int64_t from, int64_t to) {
+    for (int64_t j = from; j < std::min(to, it.blk_hi); ++j) {
+      const int64_t bytes = page_len(j) * tok_stride * static_cast<int64_t>(sizeof(T));
+      pf.add(kc + table[j] * page_elems, bytes);
+      pf.add(vc + table[j] * page_elems, bytes);
     }
+  };
+  queue(first, first + ahead);
+  pf.flush();  // the first pages: nothing to overlap them with
+  for (int64_t j = first; j < it.blk_hi; ++j) {
+    if ((j - first) % ahead == 0) {
+      pf.flush();
+      queue(j + ahead, j + 2 * ahead);
+      pf.spread(steps);
+    }
+    const int64_t start = j * bs, n_blk = page_len(j), blk = table[j];
     for (int64_t kh = 0; kh < Hkv; ++kh) {
       for (int64_t off = 0; off < n_blk; off += kTile) {
         const int64_t n = std::min<int64_t>(kTile, n_blk - off);
@@ -866,6 +916,7 @@ inline void walk_pages(const PagedAttentionParams& p, const Item& it, float lowe
       }
     }
   }
+  pf.flush();
   if (p.suffix_k != nullptr && it.last) {
     for (int64_t kh = 0; kh < Hkv; ++kh) {
       const int64_t row0 = it.b * S * Hkv + kh;
@@ -924,26 +975,33 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
     }
   }
 
-  int64_t ahead = 1;
+  // Prefetch a page ahead, one step per tile.
+  const int64_t page_tiles = (p.block_size + kTile - 1) / kTile;
+  int64_t ahead = 1, steps = Hkv * page_tiles;
 #if defined(__AMX_BF16__)
   const bool amx = W == 16 && use_amx(DT, D);
   std::vector<Block> blocks(amx ? Hkv : 0);
-  // a block runs when its last page arrives: have the next block's pages on their way by then
-  if (amx) ahead = std::max<int64_t>(1, kBlockTiles * kTile / p.block_size);
+  if (amx) {  // the pages of the next block of tiles, over the steps of this block's AMX products
+    ahead = std::max<int64_t>(1, kBlockTiles / page_tiles);
+    const int64_t block_steps = 2 * MV * (D / 32) + MV * ((D / 16 + 3) / 4) * (kBlockTiles / 2);
+    steps = Hkv * std::max<int64_t>(1, ahead * page_tiles / kBlockTiles) * block_steps;
+  }
 #endif
-  walk_pages<T>(p, it, lowest, highest, ahead, [&](int64_t kh, const T* k, const T* v, int64_t n,
-                                                  float pos0, bool masked, bool suffix) {
+  walk_pages<T>(p, it, lowest, highest, ahead, steps, buf.prefetch,
+                [&](int64_t kh, const T* k, const T* v, int64_t n, float pos0, bool masked, bool suffix) {
     Pass<W, MV>& w = ws[kh];
 #if defined(__AMX_BF16__)
     if constexpr (kDot && W == 16) {
       if (amx) {
         Block& blk = blocks[kh];
         blk.tiles[blk.count++] = {k, v, n, pos0, masked, suffix};
-        if (blk.count == kBlockTiles) run_block<MV, kD>(w, blk, tok_stride, D, p.scale, active, *buf.block);
+        if (blk.count == kBlockTiles)
+          run_block<MV, kD>(w, blk, tok_stride, D, p.scale, active, *buf.block, buf.prefetch);
         return;
       }
     }
 #endif
+    buf.prefetch.step();
 #if defined(__AVX512BF16__)
     if constexpr (kDot) {
       attend_tile_bf16<W, MV, kD>(w, k, v, tok_stride, n, D, p.scale, pos0, masked, suffix,
@@ -960,7 +1018,7 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
 #if defined(__AMX_BF16__)
   if constexpr (kDot && W == 16) {
     for (int64_t kh = 0; kh < Hkv && amx; ++kh)
-      run_block<MV, kD>(ws[kh], blocks[kh], tok_stride, D, p.scale, active, *buf.block);
+      run_block<MV, kD>(ws[kh], blocks[kh], tok_stride, D, p.scale, active, *buf.block, buf.prefetch);
   }
 #endif
   for (int64_t kh = 0; kh < Hkv; ++kh) {
@@ -1013,8 +1071,10 @@ void run_pass_dot(const PagedAttentionParams& p, const Item& it, std::vector<Dot
       highest = std::max(highest, lo);
     }
   }
-  walk_pages<T>(p, it, lowest, highest, 1, [&](int64_t kh, const T* k, const T* v, int64_t n,
-                                              float pos0, bool masked, bool suffix) {
+  const int64_t steps = Hkv * ((p.block_size + kTile - 1) / kTile);  // a page ahead, a step per tile
+  walk_pages<T>(p, it, lowest, highest, 1, steps, buf.prefetch,
+                [&](int64_t kh, const T* k, const T* v, int64_t n, float pos0, bool masked, bool suffix) {
+    buf.prefetch.step();
     int64_t rs = tok_stride;
     const float* kf = rows_as_float<DT, kD>(k, rs, n, D, buf.k.data());
     rs = tok_stride;

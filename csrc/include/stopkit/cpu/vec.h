@@ -60,10 +60,11 @@ struct Vec {
     x = x > 88.0f ? broadcast(88.0f) : x;
 #if defined(__AVX512F__)
     if constexpr (W == 16) {  // the same steps, n by vrndscaleps and p * 2^n by vscalefps
-      const __m512 n = _mm512_roundscale_ps((__m512)(x * 1.44269504088896341f),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      // (the all-lanes mask forms: GCC 12 warns about the undefined source of the plain ones)
+      const __m512 t = (__m512)(x * 1.44269504088896341f);
+      const __m512 n = _mm512_mask_roundscale_ps(t, 0xFFFF, t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       const f r = (x - (f)n * 0.693145751953125f) - (f)n * 1.428606765330187e-06f;
-      return (f)_mm512_scalef_ps((__m512)taylor7(r), n);
+      return (f)_mm512_mask_scalef_ps(n, 0xFFFF, (__m512)taylor7(r), n);
     }
 #endif
     const f t = x * 1.44269504088896341f;

@@ -261,7 +261,7 @@ inline bool softmax_tile(Pass<W, MV>& w, int64_t n, float pos0, bool masked, boo
 // One tile of n keys at positions pos0 .. pos0+n-1, float32 rows of k and v `rs` floats apart.
 template <int W, int MV, int kD>
 inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t rs, int64_t n,
-                        int64_t D, float pos0, bool masked, bool suffix) {
+                        int64_t D, float pos0, bool masked, bool suffix, Prefetcher& pf) {
   using vfloat = typename Vec<W>::f;
   const int64_t d_len = kD ? kD : D;
   scores<W, MV, kD>(w, k, rs, n, D);
@@ -285,6 +285,7 @@ inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t 
     }
     for (int b = 0; b < DB; ++b)
       for (int j = 0; j < MV; ++j) w.ot[(d + b) * MV + j] = acc[b][j];
+    pf.step();
   }
 }
 
@@ -975,9 +976,10 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
     }
   }
 
-  // Prefetch a page ahead, one step per tile.
+  // Prefetch a page ahead: one step per tile (bf16 dot path) or per register block of dims in
+  // attend_tile's P V.
   const int64_t page_tiles = (p.block_size + kTile - 1) / kTile;
-  int64_t ahead = 1, steps = Hkv * page_tiles;
+  int64_t ahead = 1, steps = Hkv * page_tiles * (kDot ? 1 : D / register_block(MV));
 #if defined(__AMX_BF16__)
   const bool amx = W == 16 && use_amx(DT, D);
   std::vector<Block> blocks(amx ? Hkv : 0);
@@ -1001,9 +1003,9 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
       }
     }
 #endif
-    buf.prefetch.step();
 #if defined(__AVX512BF16__)
     if constexpr (kDot) {
+      buf.prefetch.step();
       attend_tile_bf16<W, MV, kD>(w, k, v, tok_stride, n, D, p.scale, pos0, masked, suffix,
                                   active, buf);
       return;
@@ -1013,7 +1015,7 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
     const float* kf = rows_as_float<DT, kD>(k, rs, n, D, buf.k.data());
     rs = tok_stride;
     const float* vf = rows_as_float<DT, kD>(v, rs, n, D, buf.v.data());
-    attend_tile<W, MV, kD>(w, kf, vf, rs, n, D, pos0, masked, suffix);
+    attend_tile<W, MV, kD>(w, kf, vf, rs, n, D, pos0, masked, suffix, buf.prefetch);
   });
 #if defined(__AMX_BF16__)
   if constexpr (kDot && W == 16) {

@@ -1,0 +1,111 @@
+"""Compare CPU builds of ``stopkit._C`` in one process: the modules are loaded side by side and
+called alternately on the same inputs, which cancels the drift of a shared VM's speed that
+separate benchmark runs suffer from (the numbers in bench/RESULTS.md's "What changed" table).
+
+    # build the baseline somewhere else, e.g. from a git worktree:
+    #   cmake -S <worktree> -B /tmp/old -G Ninja -DCMAKE_LIBRARY_OUTPUT_DIRECTORY=/tmp/old_so ...
+    python bench/compare_builds.py /tmp/old_so/_C*.so stopkit/_C*.so --dtype bf16 --tables random,hot
+
+Cases: the benchmark's 1.5B shape (or --shape 8B) for q_len 1 and 4; "random" is the benchmark's
+shuffled block table, "hot" maps every row onto 8 pages that stay in L2 (the compute alone).
+Caches come from ``zeros_kv_storage`` as in the benchmark (huge pages where the OS allows them);
+``--pages plain`` uses ``torch.empty`` instead, ``--pages both`` runs every build on both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stopkit import ops
+from stopkit.cache import zeros_kv_storage
+
+SHAPES = {"1.5B": (32, 2048, 12, 2, 128), "8B": (64, 4096, 32, 8, 128)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BLOCK_SIZE = 16
+
+
+def load_build(path: str, index: int, workdir: Path):
+    """The ``_C`` module at ``path`` under a name of its own (a copy, so two builds never share a
+    file name the loader could mistake for one module)."""
+    copy = workdir / f"build{index}" / Path(path).name
+    copy.parent.mkdir()
+    shutil.copy(path, copy)
+    spec = importlib.util.spec_from_file_location(f"stopkit_build{index}._C", copy)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.set_num_threads(max(1, torch.get_num_threads()))
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("builds", nargs="+", help="paths of _C shared objects; the first is the baseline")
+    parser.add_argument("--shape", choices=SHAPES, default="1.5B")
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--q-lens", default="1,4")
+    parser.add_argument("--tables", default="random", help="comma-separated: random, hot")
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--calls", type=int, default=5, help="calls per timed sample")
+    parser.add_argument("--pages", choices=("huge", "plain", "both"), default="huge",
+                        help="caches from zeros_kv_storage (huge) or torch.empty (plain)")
+    args = parser.parse_args()
+
+    B, ctx, H, Hkv, D = SHAPES[args.shape]
+    dtype = DTYPES[args.dtype]
+    per_row = ctx // BLOCK_SIZE
+    num_blocks = B * per_row
+    gen = torch.Generator().manual_seed(0)
+    shape = (num_blocks, BLOCK_SIZE, Hkv, D)
+    values = [torch.empty(shape, dtype=dtype) for _ in range(2)]  # K, V
+    for cache in values:
+        for chunk in cache.split(max(1, num_blocks // 16)):
+            chunk.copy_(torch.randn(chunk.shape, generator=gen))
+    caches = {"plain": values}
+    if args.pages != "plain":
+        caches["huge"] = [zeros_kv_storage(shape, dtype).copy_(c) for c in values]
+    if args.pages == "huge":
+        del caches["plain"]
+    tables = {"random": torch.randperm(num_blocks, generator=gen, dtype=torch.int32).view(B, per_row),
+              "hot": (torch.arange(num_blocks, dtype=torch.int32) % 8).view(B, per_row)}
+    seq_lens = torch.full((B,), ctx, dtype=torch.int32)
+
+    native = ops._C
+    with tempfile.TemporaryDirectory() as tmp:
+        modules = [load_build(p, i, Path(tmp)) for i, p in enumerate(args.builds)]
+        for i, p in enumerate(args.builds):
+            print(f"[{i}] {p}")
+        variants = [(f"[{i}]" + (f" {pages}" if len(caches) > 1 else ""), module, kv)
+                    for i, module in enumerate(modules) for pages, kv in caches.items()]
+        try:
+            for q_len in map(int, args.q_lens.split(",")):
+                q = torch.randn(B, q_len, H, D, generator=gen).to(dtype)
+                for table in args.tables.split(","):
+                    seconds = {name: [] for name, _, _ in variants}
+                    for r in range(args.rounds):
+                        for name, module, (k, v) in variants if r % 2 == 0 else variants[::-1]:
+                            ops._C = module
+                            call = lambda: ops.paged_attention(q, k, v, tables[table], seq_lens,
+                                                               check_indices=False)
+                            call()
+                            start = time.perf_counter()
+                            for _ in range(args.calls):
+                                call()
+                            seconds[name].append((time.perf_counter() - start) / args.calls)
+                    base = statistics.median(seconds[variants[0][0]])
+                    cells = [f"{name}: {statistics.median(s) * 1e3:.2f} ms ({statistics.median(s) / base:.3f}x)"
+                             for name, s in seconds.items()]
+                    print(f"{args.shape} {args.dtype} q_len {q_len} {table:>6}  " + "  ".join(cells))
+        finally:
+            ops._C = native
+
+
+if __name__ == "__main__":
+    main()

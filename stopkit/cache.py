@@ -10,6 +10,7 @@ rebuilt only after they changed.
 
 from __future__ import annotations
 
+import math
 import mmap
 import operator
 from collections import Counter
@@ -24,28 +25,6 @@ __all__ = ["PagedKVCache", "CacheFullError", "zeros_kv_storage"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _HUGE_PAGE = 2 << 20
-
-
-def zeros_kv_storage(shape: list[int] | tuple[int, ...], dtype: torch.dtype,
-                     device: str | torch.device = "cpu") -> torch.Tensor:
-    """A zero-filled tensor of ``shape`` for KV pages. On a Linux CPU, storage of 2 MiB or more
-    is mapped on transparent huge pages where the kernel allows them (``madvise`` or ``always``
-    mode): attention reads blocks scattered over the whole storage, and with 4 KiB pages nearly
-    every block costs a TLB miss. Elsewhere, or when huge pages are off, plain ``torch.zeros``."""
-    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-    device = torch.device(device)
-    if device.type != "cpu" or nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.zeros(shape, dtype=dtype, device=device)
-    # Anonymous private memory is zero-filled and faulted in lazily, so the advice applies to every
-    # page; over-allocate one huge page to start on a 2 MiB boundary.
-    region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        region.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # huge pages not supported here: the plain pages of the mapping serve as well
-        pass
-    raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive
-    start = -raw.data_ptr() % _HUGE_PAGE
-    return raw[start:start + nbytes].view(dtype).view(shape)
 
 
 class CacheFullError(RuntimeError):
@@ -81,6 +60,35 @@ def _int_array(name: str, values) -> np.ndarray:
 
 def _cdiv(x, d: int):
     return -(-x // d)
+
+
+def zeros_kv_storage(shape: list[int] | tuple[int, ...], dtype: torch.dtype,
+                     device: str | torch.device = "cpu") -> torch.Tensor:
+    """A zero-filled tensor of ``shape`` for KV pages. On a Linux CPU, storage of 2 MiB or more
+    is mapped on transparent huge pages where the kernel allows them (``madvise`` or ``always``
+    mode): attention reads blocks scattered over the whole storage, and with 4 KiB pages nearly
+    every block costs a TLB miss. Elsewhere, or when huge pages are off, plain ``torch.zeros``."""
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (list, tuple)):
+        raise TypeError(f"shape must be a list or tuple of ints, got {type(shape).__name__}")
+    shape = [_index(f"shape[{i}]", n) for i, n in enumerate(shape)]
+    if dtype not in _DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    device = torch.device(device)
+    if device.type != "cpu" or nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # Anonymous private memory is zero-filled and faulted in lazily, so the advice applies to every
+    # page; over-allocate one huge page to start on a 2 MiB boundary.
+    region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # huge pages not supported here: the plain pages of the mapping serve as well
+        pass
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive
+    start = -raw.data_ptr() % _HUGE_PAGE
+    return raw[start:start + nbytes].view(dtype).view(shape)
 
 
 class PagedKVCache:

@@ -97,6 +97,17 @@ def test_zeros_kv_storage(shape, dtype):
     assert view.tolist() == [0, 0, 0, 3]  # views keep the mapping alive
 
 
+@pytest.mark.parametrize("shape,dtype,error,match", [
+    ((2, -1), torch.float32, ValueError, r"^shape\[1\] must be >= 0"),
+    ((2, 1.5), torch.float32, TypeError, r"^shape\[1\] must be an int"),
+    (4, torch.float32, TypeError, "^shape must be a list or tuple"),
+    ((2, 3), torch.int32, TypeError, "^dtype must be float32, float16 or bfloat16"),
+])
+def test_zeros_kv_storage_bad_input(shape, dtype, error, match):
+    with pytest.raises(error, match=match):
+        zeros_kv_storage(shape, dtype)
+
+
 def test_cache_storage_on_huge_page_boundary():
     cache = PagedKVCache(2, 2, 64, num_blocks=512, block_size=16, dtype=torch.bfloat16)  # 8 MiB
     if hasattr(mmap, "MADV_HUGEPAGE"):

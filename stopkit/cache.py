@@ -68,8 +68,6 @@ def zeros_kv_storage(shape: list[int] | tuple[int, ...], dtype: torch.dtype,
     is mapped on transparent huge pages where the kernel allows them (``madvise`` or ``always``
     mode): attention reads blocks scattered over the whole storage, and with 4 KiB pages nearly
     every block costs a TLB miss. Elsewhere, or when huge pages are off, plain ``torch.zeros``."""
-    if isinstance(shape, torch.Size):
-        shape = tuple(shape)
     if not isinstance(shape, (list, tuple)):
         raise TypeError(f"shape must be a list or tuple of ints, got {type(shape).__name__}")
     shape = [_index(f"shape[{i}]", n) for i, n in enumerate(shape)]

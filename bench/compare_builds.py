@@ -6,10 +6,11 @@ separate benchmark runs suffer from (the numbers in bench/RESULTS.md's "What cha
     #   cmake -S <worktree> -B /tmp/old -G Ninja -DCMAKE_LIBRARY_OUTPUT_DIRECTORY=/tmp/old_so ...
     python bench/compare_builds.py /tmp/old_so/_C*.so stopkit/_C*.so --dtype bf16 --tables random,hot
 
-Cases: the benchmark's 1.5B shape (or --shape 8B) for q_len 1 and 4; "random" is the benchmark's
-shuffled block table, "hot" maps every row onto 8 pages that stay in L2 (the compute alone).
-Caches come from ``zeros_kv_storage`` as in the benchmark (huge pages where the OS allows them);
-``--pages plain`` uses ``torch.empty`` instead, ``--pages both`` runs every build on both.
+Cases: the benchmark's inputs (test_bench_paged_attention.Inputs) at its 1.5B shape (or --shape
+8B) for q_len 1 and 4; "random" is the benchmark's shuffled block table, "hot" maps every row onto 8
+pages that stay in L2 (the compute alone). The caches are the benchmark's (``zeros_kv_storage``:
+huge pages where the OS allows them); ``--pages plain`` copies them into ``torch.empty`` tensors,
+``--pages both`` runs every build on both.
 """
 
 from __future__ import annotations
@@ -23,13 +24,9 @@ import time
 from pathlib import Path
 
 import torch
+from test_bench_paged_attention import SHAPES, Case, Inputs  # bench/ is the script's directory
 
 from stopkit import ops
-from stopkit.cache import zeros_kv_storage
-
-SHAPES = {"1.5B": (32, 2048, 12, 2, 128), "8B": (64, 4096, 32, 8, 128)}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BLOCK_SIZE = 16
 
 
 def load_build(path: str, index: int, workdir: Path):
@@ -48,8 +45,9 @@ def load_build(path: str, index: int, workdir: Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("builds", nargs="+", help="paths of _C shared objects; the first is the baseline")
-    parser.add_argument("--shape", choices=SHAPES, default="1.5B")
-    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--shape", choices=[s for s, spec in SHAPES.items() if "cpu" in spec[-1]],
+                        default="1.5B")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     parser.add_argument("--q-lens", default="1,4")
     parser.add_argument("--tables", default="random", help="comma-separated: random, hot")
     parser.add_argument("--rounds", type=int, default=11)
@@ -58,24 +56,17 @@ def main() -> None:
                         help="caches from zeros_kv_storage (huge) or torch.empty (plain)")
     args = parser.parse_args()
 
-    B, ctx, H, Hkv, D = SHAPES[args.shape]
-    dtype = DTYPES[args.dtype]
-    per_row = ctx // BLOCK_SIZE
-    num_blocks = B * per_row
-    gen = torch.Generator().manual_seed(0)
-    shape = (num_blocks, BLOCK_SIZE, Hkv, D)
-    values = [torch.empty(shape, dtype=dtype) for _ in range(2)]  # K, V
-    for cache in values:
-        for chunk in cache.split(max(1, num_blocks // 16)):
-            chunk.copy_(torch.randn(chunk.shape, generator=gen))
-    caches = {"plain": values}
+    inputs = Inputs()  # holds the shape's caches: every q_len below gets the same ones
+    first = inputs.get(Case("cpu", args.shape, 1, args.dtype))
+    huge = (first["k_cache"], first["v_cache"])
+    caches = {}
     if args.pages != "plain":
-        caches["huge"] = [zeros_kv_storage(shape, dtype).copy_(c) for c in values]
-    if args.pages == "huge":
-        del caches["plain"]
-    tables = {"random": torch.randperm(num_blocks, generator=gen, dtype=torch.int32).view(B, per_row),
-              "hot": (torch.arange(num_blocks, dtype=torch.int32) % 8).view(B, per_row)}
-    seq_lens = torch.full((B,), ctx, dtype=torch.int32)
+        caches["huge"] = huge
+    if args.pages != "huge":
+        caches["plain"] = tuple(torch.empty_like(c).copy_(c) for c in huge)
+    random_table = first["block_table"]
+    tables = {"random": random_table,
+              "hot": (torch.arange(random_table.numel(), dtype=torch.int32) % 8).view(random_table.shape)}
 
     native = ops._C
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,7 +77,8 @@ def main() -> None:
                     for i, module in enumerate(modules) for pages, kv in caches.items()]
         try:
             for q_len in map(int, args.q_lens.split(",")):
-                q = torch.randn(B, q_len, H, D, generator=gen).to(dtype)
+                x = inputs.get(Case("cpu", args.shape, q_len, args.dtype))
+                q, seq_lens = x["q"], x["seq_lens"]
                 for table in args.tables.split(","):
                     seconds = {name: [] for name, _, _ in variants}
                     for r in range(args.rounds):

@@ -348,8 +348,7 @@ inline void scores_bf16(Pass<W, MV>& w, const uint16_t* k, int64_t rs, int64_t n
 }
 
 #if defined(__AMX_BF16__)
-// amx build: S of a tile of 16 keys on AMX tiles, 16 x 16 float32 per 16 queries (tiles 0..3),
-// from K rows of 32 dims (tiles 4 and 6, alternating) and Q pairs of those 32 dims (tile 5).
+// amx build: all 8 tiles are 16 rows of 64 bytes (16 x 16 float32, or 16 x 32 bf16).
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -358,7 +357,7 @@ struct alignas(64) TileConfig {
 
 constexpr TileConfig tile_config() {
   TileConfig cfg;
-  for (int i = 0; i < 7; ++i) {
+  for (int i = 0; i < 8; ++i) {
     cfg.rows[i] = 16;
     cfg.colsb[i] = 64;
   }
@@ -372,54 +371,33 @@ inline void configure_tiles() {
   _tile_loadconfig(&kConfig);
 }
 
-// The tile intrinsics take literal tile numbers: C tile j (0..3) of the pass, through these.
-template <int J>
-inline void c_tile_zero() {
-  if constexpr (J == 0) _tile_zero(0);
-  else if constexpr (J == 1) _tile_zero(1);
-  else if constexpr (J == 2) _tile_zero(2);
-  else _tile_zero(3);
+// Tile registers named at compile time (GCC's _tile_* macros take literal numbers only, and its
+// tile loads do not tell the compiler that they read memory: these do).
+template <int T>
+inline void tile_zero() {
+  asm volatile("tilezero %%tmm%c0" ::"i"(T));
 }
-// C_J += tile 4 (P^T in block_pv) . the pairs at q, rows `stride` bytes apart (into tile 5
-// or 6).
-template <int J>
-inline void c_tile_dot(const void* q, int64_t stride) {
-  if constexpr (J == 0) { _tile_loadd(5, q, stride); _tile_dpbf16ps(0, 4, 5); }
-  else if constexpr (J == 1) { _tile_loadd(6, q, stride); _tile_dpbf16ps(1, 4, 6); }
-  else if constexpr (J == 2) { _tile_loadd(5, q, stride); _tile_dpbf16ps(2, 4, 5); }
-  else { _tile_loadd(6, q, stride); _tile_dpbf16ps(3, 4, 6); }
+template <int T>
+inline void tile_load(const void* src, int64_t stride) {
+  asm volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(src), "r"(stride), "i"(T) : "memory");
 }
-template <int J>
-inline void c_tile_load(const void* src, int64_t stride) {
-  if constexpr (J == 0) _tile_loadd(0, src, stride);
-  else if constexpr (J == 1) _tile_loadd(1, src, stride);
-  else if constexpr (J == 2) _tile_loadd(2, src, stride);
-  else _tile_loadd(3, src, stride);
+template <int T>
+inline void tile_store(void* dst, int64_t stride) {
+  asm volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(dst), "r"(stride), "i"(T) : "memory");
 }
-template <int J>
-inline void c_tile_store(void* dst, int64_t stride) {
-  if constexpr (J == 0) _tile_stored(0, dst, stride);
-  else if constexpr (J == 1) _tile_stored(1, dst, stride);
-  else if constexpr (J == 2) _tile_stored(2, dst, stride);
-  else _tile_stored(3, dst, stride);
+template <int C, int A, int B>  // C += A B: A 16 rows x 16 bf16 pairs, B 16 pair rows x 16 columns
+inline void tile_dot() {
+  asm volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));
 }
 
-// f(std::integral_constant<int, j>{}) for each C tile j < MV.
-template <typename F, int... J>
-inline void each_c_tile(F&& f, std::integer_sequence<int, J...>) {
-  (f(std::integral_constant<int, J>{}), ...);
+// f(std::integral_constant<int, i>{}) for each i < N.
+template <typename F, int... I>
+inline void unroll(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
 }
-template <int MV, typename F>
-inline void each_c_tile(F&& f) {
-  each_c_tile(f, std::make_integer_sequence<int, MV>{});
-}
-
-template <int J>
-inline void s_tile_dot(const void* k, int64_t stride) {  // S_J += K (into tile 4 or 6) . tile 5
-  if constexpr (J == 0) { _tile_loadd(4, k, stride); _tile_dpbf16ps(0, 4, 5); }
-  else if constexpr (J == 1) { _tile_loadd(6, k, stride); _tile_dpbf16ps(1, 6, 5); }
-  else if constexpr (J == 2) { _tile_loadd(4, k, stride); _tile_dpbf16ps(2, 4, 5); }
-  else { _tile_loadd(6, k, stride); _tile_dpbf16ps(3, 6, 5); }
+template <int N, typename F>
+inline void unroll(F&& f) {
+  unroll(f, std::make_integer_sequence<int, N>{});
 }
 
 // The amx build runs tiles of keys in blocks of up to kBlockTiles (128 keys), per kv head: S of the
@@ -440,45 +418,57 @@ struct Block {
   int count = 0;
 };
 
+// Query tiles per AMX pass: two where MV is even, so that every K and V tile loaded feeds two
+// products, else one. C tiles 0..3 hold 4 / JT key tiles (S) or slot groups (P V) for each of the
+// pass's query tiles; the operands follow: JT Q (S) or P^T (P V) tiles from tile 4, then two
+// alternating K or V tiles.
+template <int MV>
+constexpr int kQueryTiles = MV % 2 == 0 ? 2 : 1;
+
+// pf.step() calls of a full block (run_pass spreads the next block's page prefetches over them).
+template <int MV>
+constexpr int64_t block_prefetch_steps(int64_t D) {
+  constexpr int JT = kQueryTiles<MV>, NG = 4 / JT;
+  return MV / JT * (D / 32) * (kBlockTiles / NG) + MV / JT * ((D / 16 + NG - 1) / NG) * (kBlockTiles / 2);
+}
+
 // Per-thread buffers of a block: scores then probabilities [128 keys][4 query vectors], short
-// tiles' keys padded to 16 rows, P^T as bf16 (16 queries x 32 keys, per step of 32 keys) and V
-// key pairs (per step and 16 output slots: 16 pairs x 16 slots x 2).
+// tiles' keys padded to 16 rows, P^T as bf16 (per query tile and step of 32 keys: 16 queries x 32
+// keys) and the V key pairs of one round of slot groups (per step and group: 16 pairs x 16 slots
+// x 2).
 struct BlockBuffers {
   std::vector<Vec<16>::f> s;
   std::vector<uint16_t> padded_keys, p_tiles, v_pairs;
   explicit BlockBuffers(int64_t D)
       : s(kBlockTiles * kTile * kMaxVecs), padded_keys(kBlockTiles * kTile * D),
-        p_tiles(kBlockTiles / 2 * 16 * 32), v_pairs(kBlockTiles / 2 * (D / 16) * 16 * 32) {}
+        p_tiles(kMaxVecs * kBlockTiles / 2 * 512), v_pairs(kBlockTiles / 2 * 4 * 512) {}
 };
 
-// S = K Qt of the block's tiles first .. first + C - 1 (a C tile each), rows b * 16 + t of bb.s.
-template <int MV, int kD, int C>
-inline void block_scores(const Pass<16, MV>& w, const Block& blk, int first, int64_t rs, int64_t D,
-                         BlockBuffers& bb, Prefetcher& pf) {
+// S = K Qt of the block's tiles first .. first + NB - 1 (key rows k[b], `stride` bytes apart) for
+// query tiles j0 .. j0 + JT - 1, into rows b * 16 + t of bb.s.
+template <int MV, int kD, int JT, int NB>
+inline void block_scores(const Pass<16, MV>& w, const uint16_t* const* k, const int64_t* stride,
+                         int j0, int first, int64_t D, BlockBuffers& bb, Prefetcher& pf) {
   const int64_t d_len = kD ? kD : D;
-  const uint16_t* k[C];
-  int64_t stride[C];
-  for (int b = 0; b < C; ++b) {
-    const BlockTile& t = blk.tiles[first + b];
-    k[b] = t.k;
-    stride[b] = rs * 2;
-    if (t.n < 16) {  // a short tile (end of a row, block size 8, the suffix): never read past it
-      uint16_t* pad = bb.padded_keys.data() + (first + b) * 16 * d_len;
-      for (int64_t r = 0; r < 16; ++r)
-        for (int64_t d = 0; d < d_len; ++d) pad[r * d_len + d] = r < t.n ? t.k[r * rs + d] : 0;
-      k[b] = pad;
-      stride[b] = d_len * 2;
-    }
+  unroll<JT * NB>([](auto c) { tile_zero<decltype(c)::value>(); });
+  for (int64_t c = 0; c < d_len; c += 32) {
+    unroll<JT>([&](auto jj) {  // 16 dim pairs x 16 queries
+      tile_load<4 + decltype(jj)::value>(&w.q_pairs[(c / 2) * MV + j0 + jj], MV * 64);
+    });
+    unroll<NB>([&](auto bt) {
+      constexpr int B = decltype(bt)::value, K = 4 + JT + B % 2;
+      tile_load<K>(k[first + B] + c, stride[first + B]);
+      unroll<JT>([](auto jj) { tile_dot<decltype(jj)::value * NB + B, K, 4 + decltype(jj)::value>(); });
+    });
+    pf.step();
   }
-  for (int j = 0; j < MV; ++j) {
-    each_c_tile<C>([](auto b) { c_tile_zero<b()>(); });
-    for (int64_t c = 0; c < d_len; c += 32) {
-      _tile_loadd(5, &w.q_pairs[(c / 2) * MV + j], MV * 64);  // 16 dim pairs x 16 queries
-      each_c_tile<C>([&](auto b) { s_tile_dot<b()>(k[b()] + c, stride[b()]); });
-      pf.step();
-    }
-    each_c_tile<C>([&](auto b) { c_tile_store<b()>(&bb.s[(first + b()) * 16 * MV + j], MV * 64); });
-  }
+  unroll<JT>([&](auto jj) {
+    constexpr int J = decltype(jj)::value;
+    unroll<NB>([&](auto bt) {
+      constexpr int B = decltype(bt)::value;
+      tile_store<J * NB + B>(&bb.s[(first + B) * 16 * MV + j0 + J], MV * 64);
+    });
+  });
 }
 
 // One online-softmax step over the block (scale, masks, keys past a tile's n masked): bb.s becomes
@@ -556,13 +546,15 @@ inline void transpose_8x16(const __m512i (&r)[8], uint32_t* out, int64_t out_str
 }
 
 // O[m][s] = O * corr[m] + sum over the block's keys of P[key][m] V[key][dim of slot s], for the
-// first `active` query lanes, on AMX: per step of 32 keys, P^T as bf16 (tile 4) and V
-// key pairs (tiles 5, 6); O in tiles 0..3, 16 queries x 16 slots each.
+// first `active` query lanes, on AMX: per step of 32 keys, P^T as bf16 and V key pairs (built a
+// round of slot groups at a time, so they are still in L1 when loaded); O in tiles 0..3.
 template <int MV, int kD>
 inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, const float* corr,
                      bool changed, int64_t active, BlockBuffers& bb, Prefetcher& pf) {
+  constexpr int JT = kQueryTiles<MV>, NG = 4 / JT;
   const int64_t d_len = kD ? kD : D, groups = d_len / 16;
   const int steps = (blk.count + 1) / 2;  // 32 keys each
+  const int tiles_j = static_cast<int>((active + 16 * JT - 1) / (16 * JT)) * JT;  // query tiles run
   float* o = reinterpret_cast<float*>(w.ot.data());
   if (changed) {
     for (int64_t m = 0; m < active; ++m) {
@@ -571,27 +563,13 @@ inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, c
         _mm512_storeu_ps(o + m * d_len + d, _mm512_mul_ps(c, _mm512_loadu_ps(o + m * d_len + d)));
     }
   }
-  // V pairs: row (b % 2) * 8 + i of step h, slot group g: (V[2i][dim], V[2i+1][dim]) of tile b
-  // for the group's 16 slots (the order of unpacked_dim); zero past a tile's keys.
   const __m512i zero = _mm512_setzero_si512();
-  for (int b = 0; b < 2 * steps; ++b) {
-    const int64_t n = b < blk.count ? blk.tiles[b].n : 0;
-    const uint16_t* v = b < blk.count ? blk.tiles[b].v : nullptr;
-    uint16_t* vp = bb.v_pairs.data() + ((b / 2) * groups * 16 + (b % 2) * 8) * 32;
-    for (int64_t i = 0; i < 8; ++i) {
-      for (int64_t c = 0; c < d_len; c += 32) {
-        const __m512i x0 = 2 * i < n ? _mm512_loadu_si512(v + 2 * i * rs + c) : zero;
-        const __m512i x1 = 2 * i + 1 < n ? _mm512_loadu_si512(v + (2 * i + 1) * rs + c) : zero;
-        _mm512_storeu_si512(vp + ((c / 16) * 16 + i) * 32, _mm512_unpacklo_epi16(x0, x1));
-        _mm512_storeu_si512(vp + ((c / 16 + 1) * 16 + i) * 32, _mm512_unpackhi_epi16(x0, x1));
-      }
-    }
-  }
-  // dword m of a pair row = (P[2i][m], P[2i+1][m]) as bf16: interleave the two converted rows
+  // P^T of query tile j, step h: dword m of pair row i = (P[2i][m], P[2i+1][m]) as bf16, from the
+  // two converted rows interleaved, then transposed.
   const __m512i interleave = _mm512_set_epi16(
       31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  for (int j = 0; j * 16 < active; ++j) {
+  for (int j = 0; j < tiles_j; ++j) {
     for (int b = 0; b < 2 * steps; ++b) {
       __m512i pairs[8];
       for (int i = 0; i < 8; ++i) {
@@ -603,24 +581,53 @@ inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, c
           pairs[i] = zero;
         }
       }
-      transpose_8x16(pairs, reinterpret_cast<uint32_t*>(bb.p_tiles.data()) + (b / 2) * 256 + (b % 2) * 8, 16);
+      transpose_8x16(pairs, reinterpret_cast<uint32_t*>(bb.p_tiles.data()) + (j * kBlockTiles / 2 + b / 2) * 256 + (b % 2) * 8, 16);
     }
-    float* oj = o + j * 16 * d_len;
-    for (int64_t g = 0; g < groups; g += 4) {  // 4 slot groups at a time (2 at a tail: D % 32 == 0)
-      auto round = [&](auto count) {
-        constexpr int C = decltype(count)::value;
-        each_c_tile<C>([&](auto c) { c_tile_load<c()>(oj + (g + c()) * 16, d_len * 4); });
+  }
+  for (int64_t g = 0; g < groups; g += NG) {  // NG slot groups per round (2 at a tail: D % 32 == 0)
+    const int64_t ng = std::min<int64_t>(NG, groups - g);
+    // V pairs: row (b % 2) * 8 + i of step b / 2, group gg: (V[2i][dim], V[2i+1][dim]) of tile b
+    // for the group's 16 slots (the order of unpacked_dim); zero past a tile's keys.
+    for (int b = 0; b < 2 * steps; ++b) {
+      const int64_t n = b < blk.count ? blk.tiles[b].n : 0;
+      const uint16_t* v = b < blk.count ? blk.tiles[b].v + g * 16 : nullptr;
+      uint16_t* vp = bb.v_pairs.data() + (b / 2) * NG * 512 + (b % 2) * 8 * 32;
+      for (int64_t i = 0; i < 8; ++i) {
+        for (int64_t gg = 0; gg < ng; gg += 2) {
+          const __m512i x0 = 2 * i < n ? _mm512_loadu_si512(v + 2 * i * rs + gg * 16) : zero;
+          const __m512i x1 = 2 * i + 1 < n ? _mm512_loadu_si512(v + (2 * i + 1) * rs + gg * 16) : zero;
+          _mm512_storeu_si512(vp + gg * 512 + i * 32, _mm512_unpacklo_epi16(x0, x1));
+          _mm512_storeu_si512(vp + (gg + 1) * 512 + i * 32, _mm512_unpackhi_epi16(x0, x1));
+        }
+      }
+    }
+    auto round = [&](auto group_count) {
+      constexpr int G = decltype(group_count)::value;
+      for (int j0 = 0; j0 < tiles_j; j0 += JT) {
+        float* oj = o + j0 * 16 * d_len + g * 16;
+        unroll<JT>([&](auto jj) {
+          constexpr int J = decltype(jj)::value;
+          unroll<G>([&](auto gt) { tile_load<J * G + decltype(gt)::value>(oj + (J * 16 * d_len + gt * 16), d_len * 4); });
+        });
         for (int h = 0; h < steps; ++h) {
-          _tile_loadd(4, bb.p_tiles.data() + h * 512, 64);
-          const uint16_t* vp = bb.v_pairs.data() + (h * groups + g) * 512;
-          each_c_tile<C>([&](auto c) { c_tile_dot<c()>(vp + c() * 512, 64); });
+          unroll<JT>([&](auto jj) {
+            tile_load<4 + decltype(jj)::value>(bb.p_tiles.data() + ((j0 + jj) * kBlockTiles / 2 + h) * 512, 64);
+          });
+          unroll<G>([&](auto gt) {
+            constexpr int GG = decltype(gt)::value, V = 4 + JT + GG % 2;
+            tile_load<V>(bb.v_pairs.data() + (h * NG + GG) * 512, 64);
+            unroll<JT>([](auto jj) { tile_dot<decltype(jj)::value * G + GG, 4 + decltype(jj)::value, V>(); });
+          });
           pf.step();
         }
-        each_c_tile<C>([&](auto c) { c_tile_store<c()>(oj + (g + c()) * 16, d_len * 4); });
-      };
-      if (groups - g >= 4) round(std::integral_constant<int, 4>{});
-      else round(std::integral_constant<int, 2>{});
-    }
+        unroll<JT>([&](auto jj) {
+          constexpr int J = decltype(jj)::value;
+          unroll<G>([&](auto gt) { tile_store<J * G + decltype(gt)::value>(oj + (J * 16 * d_len + gt * 16), d_len * 4); });
+        });
+      }
+    };
+    if (ng == NG) round(std::integral_constant<int, NG>{});
+    else round(std::integral_constant<int, 2>{});
   }
 }
 
@@ -629,12 +636,33 @@ template <int MV, int kD>
 inline void run_block(Pass<16, MV>& w, Block& blk, int64_t rs, int64_t D, float scale,
                       int64_t active, BlockBuffers& bb, Prefetcher& pf) {
   if (blk.count == 0) return;
-  for (int first = 0; first < blk.count; first += 4) {  // 4 C tiles at a time
-    switch (blk.count - first) {
-      case 1: block_scores<MV, kD, 1>(w, blk, first, rs, D, bb, pf); break;
-      case 2: block_scores<MV, kD, 2>(w, blk, first, rs, D, bb, pf); break;
-      case 3: block_scores<MV, kD, 3>(w, blk, first, rs, D, bb, pf); break;
-      default: block_scores<MV, kD, 4>(w, blk, first, rs, D, bb, pf); break;
+  constexpr int JT = kQueryTiles<MV>, NB = 4 / JT;
+  const int64_t d_len = kD ? kD : D;
+  const uint16_t* k[kBlockTiles];
+  int64_t stride[kBlockTiles];  // bytes
+  for (int b = 0; b < blk.count; ++b) {
+    const BlockTile& t = blk.tiles[b];
+    k[b] = t.k;
+    stride[b] = rs * 2;
+    if (t.n < 16) {  // a short tile (end of a row, block size 8, the suffix): never read past it
+      uint16_t* pad = bb.padded_keys.data() + b * 16 * d_len;
+      for (int64_t r = 0; r < 16; ++r)
+        for (int64_t d = 0; d < d_len; ++d) pad[r * d_len + d] = r < t.n ? t.k[r * rs + d] : 0;
+      k[b] = pad;
+      stride[b] = d_len * 2;
+    }
+  }
+  for (int j0 = 0; j0 < MV; j0 += JT) {
+    for (int first = 0; first < blk.count; first += NB) {
+      auto scores = [&](auto key_tiles) {
+        block_scores<MV, kD, JT, decltype(key_tiles)::value>(w, k, stride, j0, first, D, bb, pf);
+      };
+      switch (std::min(NB, blk.count - first)) {
+        case 1: scores(std::integral_constant<int, 1>{}); break;
+        case 2: scores(std::integral_constant<int, 2>{}); break;
+        case 3: if constexpr (NB > 2) scores(std::integral_constant<int, 3>{}); break;
+        default: if constexpr (NB > 2) scores(std::integral_constant<int, 4>{}); break;
+      }
     }
   }
   alignas(64) float corr[kMaxVecs * 16];
@@ -985,8 +1013,7 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
   std::vector<Block> blocks(amx ? Hkv : 0);
   if (amx) {  // the pages of the next block of tiles, over the steps of this block's AMX products
     ahead = std::max<int64_t>(1, kBlockTiles / page_tiles);
-    const int64_t block_steps = 2 * MV * (D / 32) + MV * ((D / 16 + 3) / 4) * (kBlockTiles / 2);
-    steps = Hkv * std::max<int64_t>(1, ahead * page_tiles / kBlockTiles) * block_steps;
+    steps = Hkv * std::max<int64_t>(1, ahead * page_tiles / kBlockTiles) * block_prefetch_steps<MV>(D);
   }
 #endif
   walk_pages<T>(p, it, lowest, highest, ahead, steps, buf.prefetch,

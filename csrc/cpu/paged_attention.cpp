@@ -55,6 +55,7 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kMasked = -1e30f;  // running max of a lane that has seen nothing yet
+constexpr float kLog2e = 1.44269504088896341f;
 constexpr int kTile = 16;          // keys per tile (never crosses a page: block_size >= 8)
 constexpr int kMaxVecs = 4;        // queries per pass: up to kMaxVecs * kLanes
 // Vector registers: 32 zmm with AVX-512, else 16 (ymm, xmm; NEON has 32 but 16 is plenty).
@@ -504,9 +505,13 @@ inline bool block_softmax(Pass<16, MV>& w, const Block& blk, float scale, BlockB
     changed |= V::reduce_max(m_new - w.m[j]) > 0.0f;
     std::memcpy(corr + j * 16, &c, sizeof(c));
     vfloat lsum = w.l[j] * c;
+    // exp(scale * x - m_new) as 2^(x * scale * log2 e - m_new * log2 e): the rounding of the
+    // second product is the same for the whole lane, so it cancels in O / l.
+    const float scale2 = scale * kLog2e;
+    const vfloat m2 = m_new * kLog2e;
     for (int64_t i = 0; i < blk.count * 16; ++i) {
       vfloat& x = bb.s[i * MV + j];
-      x = x > neg_inf ? V::exp(x * scale - m_new) : vfloat{};
+      x = x > neg_inf ? V::exp2(x * scale2 - m2) : vfloat{};
       lsum += x;
     }
     w.l[j] = lsum;

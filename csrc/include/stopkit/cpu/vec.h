@@ -88,6 +88,24 @@ struct Vec {
     return taylor7(r) * scale;
   }
 
+#if defined(__AVX512F__)
+  // 2^t (16 lanes): t = n + r with |r| <= 1/2 (vrndscaleps), a degree-5 minimax polynomial for
+  // 2^r (relative error < 3e-7, a 2^-22 of a bf16 ulp), times 2^n by vscalefps, so any t below the
+  // float range gives 0 and no clamping is needed; -inf gives NaN: callers mask it.
+  __attribute__((always_inline)) static inline f exp2(f t) {
+    static_assert(W == 16, "exp2: AVX-512 vectors only");
+    const __m512 n = _mm512_roundscale_ps((__m512)t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const f r = t - (f)n;
+    f p = broadcast(1.3276446843519807e-3f);
+    p = p * r + 9.675533510744572e-3f;
+    p = p * r + 5.550713092088699e-2f;
+    p = p * r + 2.4022120237350464e-1f;
+    p = p * r + 6.931469440460205e-1f;
+    p = p * r + 1.0000001192092896f;
+    return (f)_mm512_scalef_ps((__m512)p, n);
+  }
+#endif
+
   // e^r for |r| <= ln2 / 2: the degree-7 Taylor polynomial.
   __attribute__((always_inline)) static inline f taylor7(f r) {
     f p = broadcast(1.0f / 5040.0f);

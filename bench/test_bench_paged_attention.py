@@ -181,10 +181,10 @@ def test_paged_attention(benchmark, case: Case, impl: str, inputs: Inputs, copy_
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    slow = impl == REFERENCE  # up to seconds a call on the CPU: 3 rounds; ours: a median of 15
     if case.device == "cpu":
-        benchmark.pedantic(run, rounds=3, iterations=1)
+        benchmark.pedantic(run, rounds=3 if slow else 15, iterations=1)
     else:  # several launches per synchronisation
-        slow = impl == REFERENCE
         benchmark.pedantic(run, rounds=3 if slow else 10, iterations=2 if slow else 10, warmup_rounds=1)
     if benchmark.stats is None:  # --benchmark-disable: ran once, nothing measured
         return

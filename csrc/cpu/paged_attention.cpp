@@ -10,6 +10,9 @@
 // [D][M]), so a tile of keys costs broadcast-FMAs with no horizontal reductions:
 //   S[t][m]   = sum_d K[t][d] * Qt[d][m]              (keys of the tile, converted to float32)
 //   Ot[d][m] += sum_t V[t][d] * P[t][m]               (online softmax, one running max per lane)
+// except that 16-lane passes of the AVX-512 builds run P V with lanes over dims (pv_queries:
+// O[m][d] += P[t][m] V[t][d], a broadcast of P per query), so queries that fill a vector only
+// partly (24 = 1.5 vectors at the 1.5B shape) cost no FMAs there.
 // With few queries per kv head (M <= kLanes / 4: decode with a small GQA group), the lanes run along
 // head_dim instead (DotPass): S[m][t] = q_m . k_t as FMAs over dims, W keys' sums at once by a
 // transpose-add tree, and O[m] += P[m][t] v_t.
@@ -260,14 +263,103 @@ inline bool softmax_tile(Pass<W, MV>& w, int64_t n, float pos0, bool masked, boo
 }
 
 // One tile of n keys at positions pos0 .. pos0+n-1, float32 rows of k and v `rs` floats apart.
+#if defined(__AVX512F__)
+// P V with lanes over dims, O as [M][D] (every lane useful whatever the number of queries): the
+// bf16 dot path, and float rows in 16-lane passes of the AVX-512 builds.
+constexpr bool kAvx512 = true;
+
+// O[m][c : c + 16*DC] = O * corr[m] + sum_t P[t][m] * V[t][c : c + 16*DC] for MQ queries (V rows
+// `vs` floats apart): DC * MQ accumulators in registers (enough independent chains to hide the FMA
+// latency).
+template <int DC, int MQ>
+inline void pv_span(float* o, int64_t d_len, int64_t c, const float* p, int64_t p_stride,
+                    const float* v, int64_t vs, int64_t n, const float* corr, bool changed) {
+  __m512 acc[DC][MQ];
+  for (int i = 0; i < MQ; ++i)
+    for (int h = 0; h < DC; ++h) {
+      acc[h][i] = _mm512_loadu_ps(o + i * d_len + c + 16 * h);
+      if (changed) acc[h][i] = _mm512_mul_ps(acc[h][i], _mm512_set1_ps(corr[i]));
+    }
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 vt[DC];
+    for (int h = 0; h < DC; ++h) vt[h] = _mm512_loadu_ps(v + t * vs + c + 16 * h);
+    for (int i = 0; i < MQ; ++i) {
+      const __m512 pt = _mm512_set1_ps(p[t * p_stride + i]);
+      for (int h = 0; h < DC; ++h) acc[h][i] = _mm512_fmadd_ps(pt, vt[h], acc[h][i]);
+    }
+  }
+  for (int i = 0; i < MQ; ++i)
+    for (int h = 0; h < DC; ++h) _mm512_storeu_ps(o + i * d_len + c + 16 * h, acc[h][i]);
+}
+
+constexpr int kPvQueries = 8;  // queries per pv call
+constexpr int pv_dims_per_span(int mq) { return 16 * (mq <= 4 ? 4 : (mq <= 8 ? 2 : 1)); }
+
+// pv_span over all dims; a pf step after each span where pf is given.
+template <int kD, int MQ>
+inline void pv(float* o, int64_t D, const float* p, int64_t p_stride, const float* v, int64_t vs,
+               int64_t n, const float* corr, bool changed, Prefetcher* pf) {
+  const int64_t d_len = kD ? kD : D;
+  constexpr int DC = pv_dims_per_span(MQ) / 16;
+  int64_t c = 0;
+  for (; c + 16 * DC <= d_len; c += 16 * DC) {
+    pv_span<DC, MQ>(o, d_len, c, p, p_stride, v, vs, n, corr, changed);
+    if (pf) pf->step();
+  }
+  for (; c < d_len; c += 16) {
+    pv_span<1, MQ>(o, d_len, c, p, p_stride, v, vs, n, corr, changed);
+    if (pf) pf->step();
+  }
+}
+
+// pv for the `active` queries of a pass, kPvQueries at a time: O [active][D], P rows p_stride apart.
+template <int kD, int MaxQ, int MQ = std::min(kPvQueries, MaxQ)>
+inline void pv_queries(int64_t active, float* o, int64_t D, const float* p, int64_t p_stride,
+                       const float* v, int64_t vs, int64_t n, const float* corr, bool changed,
+                       Prefetcher* pf) {
+  const int64_t d_len = kD ? kD : D;
+  for (int64_t m = 0; m < active; m += kPvQueries) {
+    const int64_t rest = std::min<int64_t>(kPvQueries, active - m);
+    if constexpr (MQ > 1) {
+      if (rest < MQ) return pv_queries<kD, MaxQ, MQ - 1>(rest, o + m * d_len, D, p + m, p_stride, v, vs,
+                                                         n, corr + m, changed, pf);
+    }
+    pv<kD, MQ>(o + m * d_len, D, p + m, p_stride, v, vs, n, corr + m, changed, pf);
+  }
+}
+
+// pf steps of pv_queries.
+inline int64_t pv_steps(int64_t active, int64_t D) {
+  int64_t steps = 0;
+  for (int64_t m = 0; m < active; m += kPvQueries) {
+    const int64_t span = pv_dims_per_span(static_cast<int>(std::min<int64_t>(kPvQueries, active - m)));
+    steps += D / span + (D % span) / 16;
+  }
+  return steps;
+}
+#else
+constexpr bool kAvx512 = false;
+#endif
+// Passes whose P V runs with lanes over dims (pv_queries) on float rows.
+template <int W>
+constexpr bool kPvDims = kAvx512 && W == 16;
+
 template <int W, int MV, int kD>
 inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t rs, int64_t n,
-                        int64_t D, float pos0, bool masked, bool suffix, Prefetcher& pf) {
+                        int64_t D, float pos0, bool masked, bool suffix, int64_t active,
+                        Prefetcher& pf) {
   using vfloat = typename Vec<W>::f;
   const int64_t d_len = kD ? kD : D;
   scores<W, MV, kD>(w, k, rs, n, D);
   vfloat corr[MV];
   const bool changed = softmax_tile(w, n, pos0, masked, suffix, corr);
+#if defined(__AVX512F__)
+  if constexpr (kPvDims<W>) {
+    pv_queries<kD, MV * W>(active, reinterpret_cast<float*>(w.ot.data()), D, reinterpret_cast<const float*>(w.s),
+                           MV * W, v, rs, n, reinterpret_cast<const float*>(corr), changed, &pf);
+    return;
+  }
+#endif
   // Ot = Ot * corr + V^T P, DB dims at a time (DB * MV register accumulators).
   constexpr int DB = register_block(MV);  // divides D: D is a multiple of 16
   for (int64_t d = 0; d < d_len; d += DB) {
@@ -698,50 +790,6 @@ inline void values_as_float(const uint16_t* v, int64_t rs, int64_t n, int64_t D,
   }
 }
 
-// O[m][c : c + 16*DC] = O * corr[m] + sum_t P[t][m] * V[t][c : c + 16*DC] for MQ queries: DC * MQ
-// accumulators in registers (enough independent chains to hide the FMA latency).
-template <int DC, int MQ>
-inline void pv_span(float* o, int64_t d_len, int64_t c, const float* p, int64_t p_stride,
-                    const float* v, int64_t n, const float* corr, bool changed) {
-  __m512 acc[DC][MQ];
-  for (int i = 0; i < MQ; ++i)
-    for (int h = 0; h < DC; ++h) {
-      acc[h][i] = _mm512_loadu_ps(o + i * d_len + c + 16 * h);
-      if (changed) acc[h][i] = _mm512_mul_ps(acc[h][i], _mm512_set1_ps(corr[i]));
-    }
-  for (int64_t t = 0; t < n; ++t) {
-    __m512 vt[DC];
-    for (int h = 0; h < DC; ++h) vt[h] = _mm512_loadu_ps(v + t * d_len + c + 16 * h);
-    for (int i = 0; i < MQ; ++i) {
-      const __m512 pt = _mm512_set1_ps(p[t * p_stride + i]);
-      for (int h = 0; h < DC; ++h) acc[h][i] = _mm512_fmadd_ps(pt, vt[h], acc[h][i]);
-    }
-  }
-  for (int i = 0; i < MQ; ++i)
-    for (int h = 0; h < DC; ++h) _mm512_storeu_ps(o + i * d_len + c + 16 * h, acc[h][i]);
-}
-
-template <int kD, int MQ>
-inline void pv(float* o, int64_t D, const float* p, int64_t p_stride, const float* v, int64_t n,
-               const float* corr, bool changed) {
-  const int64_t d_len = kD ? kD : D;
-  constexpr int DC = MQ <= 4 ? 4 : (MQ <= 8 ? 2 : 1);  // 16-dim vectors per span
-  int64_t c = 0;
-  for (; c + 16 * DC <= d_len; c += 16 * DC) pv_span<DC, MQ>(o, d_len, c, p, p_stride, v, n, corr, changed);
-  for (; c < d_len; c += 16) pv_span<1, MQ>(o, d_len, c, p, p_stride, v, n, corr, changed);
-}
-
-constexpr int kPvQueries = 8;  // queries per pv call
-
-template <int kD, int MQ = kPvQueries>
-inline void pv_rest(int64_t rest, float* o, int64_t D, const float* p, int64_t p_stride,
-                    const float* v, int64_t n, const float* corr, bool changed) {
-  if constexpr (MQ > 1) {
-    if (rest < MQ) return pv_rest<kD, MQ - 1>(rest, o, D, p, p_stride, v, n, corr, changed);
-  }
-  pv<kD, MQ>(o, D, p, p_stride, v, n, corr, changed);
-}
-
 // One tile of n bf16 keys and values at positions pos0 .. pos0+n-1 (rows `rs` elements apart, read
 // in place), for the first `active` query lanes; P V on the values unpacked to float32 in buf.v.
 template <int W, int MV, int kD>
@@ -756,10 +804,7 @@ inline void attend_tile_bf16(Pass<W, MV>& w, const uint16_t* k, const uint16_t* 
   float* o = reinterpret_cast<float*>(w.ot.data());
   const float* p = reinterpret_cast<const float*>(w.s);
   const float* corr_f = reinterpret_cast<const float*>(corr);
-  for (int64_t m = 0; m < active; m += kPvQueries)
-    pv_rest<kD, std::min(kPvQueries, MV * W)>(std::min<int64_t>(kPvQueries, active - m), o + m * d_len,
-                                              D, p + m, MV * W, buf.v.data(), n,
-                                              corr_f + m, changed);
+  pv_queries<kD, MV * W>(active, o, D, p, MV * W, buf.v.data(), d_len, n, corr_f, changed, nullptr);
 }
 #endif
 
@@ -1013,6 +1058,9 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
   // attend_tile's P V.
   const int64_t page_tiles = (p.block_size + kTile - 1) / kTile;
   int64_t ahead = 1, steps = Hkv * page_tiles * (kDot ? 1 : D / register_block(MV));
+#if defined(__AVX512F__)
+  if constexpr (!kDot && kPvDims<W>) steps = Hkv * page_tiles * pv_steps(active, D);
+#endif
 #if defined(__AMX_BF16__)
   const bool amx = W == 16 && use_amx(DT, D);
   std::vector<Block> blocks(amx ? Hkv : 0);
@@ -1047,7 +1095,7 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
     const float* kf = rows_as_float<DT, kD>(k, rs, n, D, buf.k.data());
     rs = tok_stride;
     const float* vf = rows_as_float<DT, kD>(v, rs, n, D, buf.v.data());
-    attend_tile<W, MV, kD>(w, kf, vf, rs, n, D, pos0, masked, suffix, buf.prefetch);
+    attend_tile<W, MV, kD>(w, kf, vf, rs, n, D, pos0, masked, suffix, active, buf.prefetch);
   });
 #if defined(__AMX_BF16__)
   if constexpr (kDot && W == 16) {
@@ -1063,6 +1111,8 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
       float* dst = acc_out + mi * D;
       if constexpr (kDot) {
         for (int64_t s = 0; s < D; ++s) dst[unpacked_dim(s, D)] = ot[lane * D + s];
+      } else if constexpr (kPvDims<W>) {
+        std::memcpy(dst, ot + lane * D, D * sizeof(float));
       } else {
         for (int64_t d = 0; d < D; ++d) dst[d] = ot[(d * MV + j) * W + e];
       }

@@ -222,6 +222,17 @@ inline void scores(Pass<W, MV>& w, const float* k, int64_t rs, int64_t n, int64_
   }
 }
 
+// exp(x - m) for softmax: in 16-lane AVX-512 passes as 2^((x - m) log2 e) (Vec::exp2, fewer
+// instructions). Not as an FMA x log2 e - m log2 e: with m at kMasked, the exact product against
+// the rounded one leaves a difference of ~1e23.
+template <int W>
+inline typename Vec<W>::f exp_diff(typename Vec<W>::f x, typename Vec<W>::f m) {
+#if defined(__AVX512F__)
+  if constexpr (W == 16) return Vec<16>::exp2((x - m) * kLog2e);
+#endif
+  return Vec<W>::exp(x - m);
+}
+
 // Online softmax over the tile's scores w.s (keys at positions pos0 .. pos0+n-1): masks (masked: a
 // window or suffix applies; suffix: query lane with suffix index s sees tile key t only when
 // t <= s), new running max, w.s becomes P = exp(S - m_new) (0 where masked), l = l * corr + sum P.
@@ -245,14 +256,14 @@ inline bool softmax_tile(Pass<W, MV>& w, int64_t n, float pos0, bool masked, boo
       tmax = V::max(tmax, w.s[tt][j]);
     }
     m_new[j] = V::max(w.m[j], tmax);
-    corr[j] = V::exp(w.m[j] - m_new[j]);
+    corr[j] = exp_diff<W>(w.m[j], m_new[j]);
     changed |= V::reduce_max(m_new[j] - w.m[j]) > 0.0f;
   }
   for (int j = 0; j < MV; ++j) {
     vfloat lsum = w.l[j] * corr[j];
     for (int64_t tt = 0; tt < n; ++tt) {
       const vfloat sv = w.s[tt][j];
-      const vfloat p = sv > kMasked ? V::exp(sv - m_new[j]) : vfloat{};
+      const vfloat p = sv > kMasked ? exp_diff<W>(sv, m_new[j]) : vfloat{};
       w.s[tt][j] = p;
       lsum += p;
     }
@@ -593,12 +604,12 @@ inline bool block_softmax(Pass<16, MV>& w, const Block& blk, float scale, BlockB
         tmax = ok ? V::max(tmax, x[r * MV] * scale) : tmax;
       }
     }
-    const vfloat m_new = V::max(w.m[j], tmax), c = V::exp(w.m[j] - m_new);
+    const vfloat m_new = V::max(w.m[j], tmax), c = exp_diff<16>(w.m[j], m_new);
     changed |= V::reduce_max(m_new - w.m[j]) > 0.0f;
     std::memcpy(corr + j * 16, &c, sizeof(c));
     vfloat lsum = w.l[j] * c;
-    // exp(scale * x - m_new) as 2^(x * scale * log2 e - m_new * log2 e): the rounding of the
-    // second product is the same for the whole lane, so it cancels in O / l.
+    // exp(scale * x - m_new) as 2^(x * scale log2 e - m_new log2 e): one FMA (m_new is finite
+    // wherever x is unmasked; its rounding is the same over the block, so it cancels in O / l).
     const float scale2 = scale * kLog2e;
     const vfloat m2 = m_new * kLog2e;
     for (int64_t i = 0; i < blk.count * 16; ++i) {

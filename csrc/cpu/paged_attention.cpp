@@ -273,7 +273,6 @@ inline bool softmax_tile(Pass<W, MV>& w, int64_t n, float pos0, bool masked, boo
   return changed;
 }
 
-// One tile of n keys at positions pos0 .. pos0+n-1, float32 rows of k and v `rs` floats apart.
 #if defined(__AVX512F__)
 // P V with lanes over dims, O as [M][D] (every lane useful whatever the number of queries): the
 // bf16 dot path, and float rows in 16-lane passes of the AVX-512 builds.
@@ -332,8 +331,9 @@ inline void pv_queries(int64_t active, float* o, int64_t D, const float* p, int6
   for (int64_t m = 0; m < active; m += kPvQueries) {
     const int64_t rest = std::min<int64_t>(kPvQueries, active - m);
     if constexpr (MQ > 1) {
-      if (rest < MQ) return pv_queries<kD, MaxQ, MQ - 1>(rest, o + m * d_len, D, p + m, p_stride, v, vs,
-                                                         n, corr + m, changed, pf);
+      if (rest < MQ)
+        return pv_queries<kD, MaxQ, MQ - 1>(rest, o + m * d_len, D, p + m, p_stride, v, vs, n,
+                                            corr + m, changed, pf);
     }
     pv<kD, MQ>(o + m * d_len, D, p + m, p_stride, v, vs, n, corr + m, changed, pf);
   }
@@ -355,6 +355,7 @@ constexpr bool kAvx512 = false;
 template <int W>
 constexpr bool kPvDims = kAvx512 && W == 16;
 
+// One tile of n keys at positions pos0 .. pos0+n-1, float32 rows of k and v `rs` floats apart.
 template <int W, int MV, int kD>
 inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t rs, int64_t n,
                         int64_t D, float pos0, bool masked, bool suffix, int64_t active,
@@ -366,8 +367,9 @@ inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t 
   const bool changed = softmax_tile(w, n, pos0, masked, suffix, corr);
 #if defined(__AVX512F__)
   if constexpr (kPvDims<W>) {
-    pv_queries<kD, MV * W>(active, reinterpret_cast<float*>(w.ot.data()), D, reinterpret_cast<const float*>(w.s),
-                           MV * W, v, rs, n, reinterpret_cast<const float*>(corr), changed, &pf);
+    pv_queries<kD, MV * W>(active, reinterpret_cast<float*>(w.ot.data()), D,
+                           reinterpret_cast<const float*>(w.s), MV * W, v, rs, n,
+                           reinterpret_cast<const float*>(corr), changed, &pf);
     return;
   }
 #endif
@@ -533,7 +535,9 @@ constexpr int kQueryTiles = MV % 2 == 0 ? 2 : 1;
 template <int MV>
 constexpr int64_t block_prefetch_steps(int64_t D) {
   constexpr int JT = kQueryTiles<MV>, NG = 4 / JT;
-  return MV / JT * (D / 32) * (kBlockTiles / NG) + MV / JT * ((D / 16 + NG - 1) / NG) * (kBlockTiles / 2);
+  const int64_t s_steps = (D / 32) * (kBlockTiles / NG);
+  const int64_t product_steps = (D / 16 + NG - 1) / NG * (kBlockTiles / 2);
+  return MV / JT * (s_steps + product_steps);
 }
 
 // Per-thread buffers of a block: scores then probabilities [128 keys][4 query vectors], short
@@ -562,7 +566,10 @@ inline void block_scores(const Pass<16, MV>& w, const uint16_t* const* k, const 
     unroll<NB>([&](auto bt) {
       constexpr int B = decltype(bt)::value, K = 4 + JT + B % 2;
       tile_load<K>(k[first + B] + c, stride[first + B]);
-      unroll<JT>([](auto jj) { tile_dot<decltype(jj)::value * NB + B, K, 4 + decltype(jj)::value>(); });
+      unroll<JT>([](auto jj) {
+        constexpr int J = decltype(jj)::value;
+        tile_dot<J * NB + B, K, 4 + J>();
+      });
     });
     pf.step();
   }
@@ -689,7 +696,8 @@ inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, c
           pairs[i] = zero;
         }
       }
-      transpose_8x16(pairs, reinterpret_cast<uint32_t*>(bb.p_tiles.data()) + (j * kBlockTiles / 2 + b / 2) * 256 + (b % 2) * 8, 16);
+      auto* tile = reinterpret_cast<uint32_t*>(bb.p_tiles.data()) + (j * kBlockTiles / 2 + b / 2) * 256;
+      transpose_8x16(pairs, tile + (b % 2) * 8, 16);
     }
   }
   for (int64_t g = 0; g < groups; g += NG) {  // NG slot groups per round (2 at a tail: D % 32 == 0)
@@ -715,22 +723,30 @@ inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, c
         float* oj = o + j0 * 16 * d_len + g * 16;
         unroll<JT>([&](auto jj) {
           constexpr int J = decltype(jj)::value;
-          unroll<G>([&](auto gt) { tile_load<J * G + decltype(gt)::value>(oj + (J * 16 * d_len + gt * 16), d_len * 4); });
+          unroll<G>([&](auto gt) {
+            tile_load<J * G + decltype(gt)::value>(oj + J * 16 * d_len + gt * 16, d_len * 4);
+          });
         });
         for (int h = 0; h < steps; ++h) {
           unroll<JT>([&](auto jj) {
-            tile_load<4 + decltype(jj)::value>(bb.p_tiles.data() + ((j0 + jj) * kBlockTiles / 2 + h) * 512, 64);
+            const int64_t tile = (j0 + jj) * kBlockTiles / 2 + h;
+            tile_load<4 + decltype(jj)::value>(bb.p_tiles.data() + tile * 512, 64);
           });
           unroll<G>([&](auto gt) {
             constexpr int GG = decltype(gt)::value, V = 4 + JT + GG % 2;
             tile_load<V>(bb.v_pairs.data() + (h * NG + GG) * 512, 64);
-            unroll<JT>([](auto jj) { tile_dot<decltype(jj)::value * G + GG, 4 + decltype(jj)::value, V>(); });
+            unroll<JT>([](auto jj) {
+              constexpr int J = decltype(jj)::value;
+              tile_dot<J * G + GG, 4 + J, V>();
+            });
           });
           pf.step();
         }
         unroll<JT>([&](auto jj) {
           constexpr int J = decltype(jj)::value;
-          unroll<G>([&](auto gt) { tile_store<J * G + decltype(gt)::value>(oj + (J * 16 * d_len + gt * 16), d_len * 4); });
+          unroll<G>([&](auto gt) {
+            tile_store<J * G + decltype(gt)::value>(oj + J * 16 * d_len + gt * 16, d_len * 4);
+          });
         });
       }
     };

@@ -177,6 +177,17 @@ def test_long_rows(backend, dtype, block_size, q_len, window):
                dtype=dtype, window=window, seq_lens=(127, 128, 129, 300, 1000, 0)), backend)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [96, 128])
+@pytest.mark.parametrize("group", [4, 6, 10, 14, 18])
+def test_queries_per_kv_head(backend, dtype, head_dim, group):
+    """4 queries of 4-18 query heads per kv head: 16, 24, 40, 56 and 72 queries fill 1, 2 (the
+    amx build's paired query tiles), 3 (single ones), 4, and 4 + 1 query vectors on the CPU; head_dim
+    96 ends the amx build's P V on a half round of slot groups."""
+    check(Case(batch=2, q_len=4, heads=(group, 1), head_dim=head_dim, block_size=16, dtype=dtype,
+               window=150, seq_lens=(300, 141)), backend)
+
+
 @pytest.mark.parametrize("suffix", [False, True])
 @pytest.mark.parametrize("window", [None, 1])
 def test_nothing_visible(backend, suffix, window):

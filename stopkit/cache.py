@@ -104,8 +104,6 @@ class PagedKVCache:
         shape = [_index(name, value, low=1) for name, value in (
             ("num_layers", num_layers), ("num_blocks", num_blocks), ("block_size", block_size),
             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim))]
-        if dtype not in _DTYPES:
-            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         shape.insert(1, 2)
         # zeros, not empty: kernels may load a whole block even past a row's last token
         self.storage = zeros_kv_storage(shape, dtype, device)

@@ -58,7 +58,6 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kMasked = -1e30f;  // running max of a lane that has seen nothing yet
-constexpr float kLog2e = 1.44269504088896341f;
 constexpr int kTile = 16;          // keys per tile (never crosses a page: block_size >= 8)
 constexpr int kMaxVecs = 4;        // queries per pass: up to kMaxVecs * kLanes
 // Vector registers: 32 zmm with AVX-512, else 16 (ymm, xmm; NEON has 32 but 16 is plenty).
@@ -1081,13 +1080,14 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
     }
   }
 
-  // Prefetch a page ahead: one step per tile (bf16 dot path) or per register block of dims in
-  // attend_tile's P V.
+  // Prefetch a page ahead: a step per tile (bf16 dot path), per span of pv_queries, or per
+  // register block of dims in attend_tile's own P V.
   const int64_t page_tiles = (p.block_size + kTile - 1) / kTile;
-  int64_t ahead = 1, steps = Hkv * page_tiles * (kDot ? 1 : D / register_block(MV));
+  int64_t tile_steps = kDot ? 1 : D / register_block(MV);
 #if defined(__AVX512F__)
-  if constexpr (!kDot && kPvDims<W>) steps = Hkv * page_tiles * pv_steps(active, D);
+  if constexpr (!kDot && kPvDims<W>) tile_steps = pv_steps(active, D);
 #endif
+  int64_t ahead = 1, steps = Hkv * page_tiles * tile_steps;
 #if defined(__AMX_BF16__)
   const bool amx = W == 16 && use_amx(DT, D);
   std::vector<Block> blocks(amx ? Hkv : 0);

@@ -26,6 +26,8 @@ namespace stopkit::cpu {
 // -m flags, and the linker must not pick one build's copy for another's calls.
 namespace {
 
+constexpr float kLog2e = 1.44269504088896341f;
+
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 #elif defined(__AVX2__)
@@ -71,13 +73,13 @@ struct Vec {
     x = x > 88.0f ? broadcast(88.0f) : x;
 #if defined(__AVX512F__)
     if constexpr (W == 16) {  // the same steps, n by vrndscaleps and p * 2^n by vscalefps
-      const __m512 n = _mm512_roundscale_ps((__m512)(x * 1.44269504088896341f),
+      const __m512 n = _mm512_roundscale_ps((__m512)(x * kLog2e),
                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       const f r = (x - (f)n * 0.693145751953125f) - (f)n * 1.428606765330187e-06f;
       return (f)_mm512_scalef_ps((__m512)taylor7(r), n);
     }
 #endif
-    const f t = x * 1.44269504088896341f;
+    const f t = x * kLog2e;
     const f half = t >= 0.0f ? broadcast(0.5f) : broadcast(-0.5f);
     const i n = __builtin_convertvector(t + half, i);  // round half away from zero
     const f nf = __builtin_convertvector(n, f);

@@ -200,4 +200,4 @@ def test_paged_attention(benchmark, case: Case, impl: str, inputs: Inputs, copy_
     elif case in inputs.seconds:
         info.update(reference_seconds=inputs.seconds[case], speedup_vs_reference=inputs.seconds[case] / seconds)
     benchmark.extra_info.update(info)
-    bench_results.append(dict(case=case.id, impl=impl, seconds=seconds, gbps=gbps, fraction=gbps / copy_gbps))
+    bench_results.append(dict(case=case.id, impl=impl, seconds=seconds, gbps=gbps, copy_gbps=copy_gbps, fraction=gbps / copy_gbps))

@@ -182,8 +182,9 @@ def test_long_rows(backend, dtype, block_size, q_len, window):
 @pytest.mark.parametrize("group", [4, 6, 10, 14, 18])
 def test_queries_per_kv_head(backend, dtype, head_dim, group):
     """4 queries of 4-18 query heads per kv head: 16, 24, 40, 56 and 72 queries fill 1, 2 (the
-    amx build's paired query tiles), 3 (single ones), 4, and 4 + 1 query vectors on the CPU; head_dim
-    96 ends the amx build's P V on a half round of slot groups."""
+    amx build's paired query tiles), 3 (single ones), 4, and 4 + 1 query vectors on the CPU (24, 40
+    and 56 end on a half vector: float scores by dim pairs there); head_dim 96 ends the amx build's
+    P V on a half round of slot groups. Tiles of 16, 13 and 4 (the suffix) keys."""
     check(Case(batch=2, q_len=4, heads=(group, 1), head_dim=head_dim, block_size=16, dtype=dtype,
                window=150, seq_lens=(300, 141)), backend)
 

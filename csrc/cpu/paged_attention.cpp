@@ -167,7 +167,9 @@ struct Pass {
   // Float path: qt = scale * Q and ot = O, both [D][MV] (lanes over queries).
   // bf16 dot path: q_pairs = Q as bf16 pairs [D/2][MV]; ot is O as float32 [MV*W][D'] (lanes over
   // dims, permuted: unpacked_dim).
-  std::vector<vf> qt, ot;
+  // Float path in 16-lane AVX-512 passes whose last vector holds at most 8 queries: that vector's
+  // Qt as dim pairs, qt_pairs [D/2] (lane 2i + h: query i, dim 2p + h; see scores_paired).
+  std::vector<vf> qt, ot, qt_pairs;
   std::vector<vi> q_pairs;
   vf m[MV], l[MV], lower[MV], qidx[MV];
   vf s[kTile][MV];
@@ -220,6 +222,58 @@ inline void scores(Pass<W, MV>& w, const float* k, int64_t rs, int64_t n, int64_
     for (int j = 0; j < MV; ++j) w.s[t][j] = acc[j];
   }
 }
+
+#if defined(__AVX512F__)
+// scores for a 16-lane pass whose last query vector has at most 8 queries: that vector takes one
+// FMA per pair of dims instead of one per dim (K[t][2p : 2p + 2] broadcast as a 64-bit pair
+// against qt_pairs), and the pair sums are then gathered into lanes 0..7 (8..15 repeat them; no
+// output reads those lanes).
+template <int MV, int TB, int kD>
+inline void scores_paired_block(Pass<16, MV>& w, const float* k, int64_t rs, int64_t t, int64_t D) {
+  constexpr int F = MV - 1;  // full query vectors
+  const int64_t d_len = kD ? kD : D;
+  __m512 acc[TB][F], accp[TB];
+#pragma GCC unroll 8
+  for (int b = 0; b < TB; ++b) {
+    for (int j = 0; j < F; ++j) acc[b][j] = _mm512_setzero_ps();
+    accp[b] = _mm512_setzero_ps();
+  }
+  for (int64_t d = 0; d < d_len; d += 2) {
+    __m512 q0[F], q1[F];
+    for (int j = 0; j < F; ++j) {
+      q0[j] = w.qt[d * MV + j];
+      q1[j] = w.qt[(d + 1) * MV + j];
+    }
+    const __m512 qp = w.qt_pairs[d / 2];
+#pragma GCC unroll 8
+    for (int b = 0; b < TB; ++b) {
+      const float* kr = k + (t + b) * rs + d;
+      const __m512 k0 = _mm512_set1_ps(kr[0]), k1 = _mm512_set1_ps(kr[1]);
+      for (int j = 0; j < F; ++j) acc[b][j] = _mm512_fmadd_ps(k0, q0[j], acc[b][j]);
+      for (int j = 0; j < F; ++j) acc[b][j] = _mm512_fmadd_ps(k1, q1[j], acc[b][j]);
+      double pair;
+      std::memcpy(&pair, kr, sizeof pair);
+      accp[b] = _mm512_fmadd_ps(_mm512_castpd_ps(_mm512_set1_pd(pair)), qp, accp[b]);
+    }
+  }
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
+#pragma GCC unroll 8
+  for (int b = 0; b < TB; ++b) {
+    for (int j = 0; j < F; ++j) w.s[t + b][j] = acc[b][j];
+    const __m512 sums = _mm512_add_ps(accp[b], _mm512_permute_ps(accp[b], 0xB1));  // swap neighbours
+    w.s[t + b][F] = _mm512_permutexvar_ps(evens, sums);
+  }
+}
+
+template <int MV, int kD>
+inline void scores_paired(Pass<16, MV>& w, const float* k, int64_t rs, int64_t n, int64_t D) {
+  // accumulators MV * TB, operands 2 (MV - 1) + 1, two broadcasts
+  constexpr int TB = MV <= 3 ? 8 : 4;
+  int64_t t = 0;
+  for (; t + TB <= n; t += TB) scores_paired_block<MV, TB, kD>(w, k, rs, t, D);
+  for (; t < n; ++t) scores_paired_block<MV, 1, kD>(w, k, rs, t, D);
+}
+#endif
 
 // exp(x - m) for softmax: in 16-lane AVX-512 passes as 2^((x - m) log2 e) (Vec::exp2, fewer
 // instructions). Not as an FMA x log2 e - m log2 e: with m at kMasked, the exact product against
@@ -361,7 +415,16 @@ inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t 
                         Prefetcher& pf) {
   using vfloat = typename Vec<W>::f;
   const int64_t d_len = kD ? kD : D;
+#if defined(__AVX512F__)
+  if constexpr (W == 16 && MV > 1) {
+    if (!w.qt_pairs.empty()) scores_paired<MV, kD>(w, k, rs, n, D);
+    else scores<W, MV, kD>(w, k, rs, n, D);
+  } else {
+    scores<W, MV, kD>(w, k, rs, n, D);
+  }
+#else
   scores<W, MV, kD>(w, k, rs, n, D);
+#endif
   vfloat corr[MV];
   const bool changed = softmax_tile(w, n, pos0, masked, suffix, corr);
 #if defined(__AVX512F__)
@@ -1051,11 +1114,14 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
 
   // Q of query m0 + lane in lane `lane` (zero in padding lanes): Qt = scale * Q, or Q as bf16
   // pairs; window lower bounds (the same for every kv head).
+  // the last query vector at most half used: its scores by dim pairs (scores_paired)
+  const bool paired = !kDot && kPvDims<W> && MV > 1 && active - (MV - 1) * W <= W / 2;
   float lowest = std::numeric_limits<float>::max(), highest = kNegInf;
   for (int64_t kh = 0; kh < Hkv; ++kh) {
     Pass<W, MV>& w = ws[kh];
     if constexpr (kDot) w.q_pairs.assign(D / 2 * MV, vint{});
     else w.qt.assign(D * MV, vfloat{});
+    w.qt_pairs.assign(paired ? D / 2 : 0, vfloat{});
     w.ot.assign(D * MV, vfloat{});
     for (int j = 0; j < MV; ++j) {
       w.m[j] = V::broadcast(kMasked);
@@ -1071,6 +1137,8 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
           w.q_pairs[pr * MV + j][e] = static_cast<int32_t>(src[2 * pr] | (uint32_t{src[2 * pr + 1]} << 16));
       } else {
         for (int64_t d = 0; d < D; ++d) w.qt[d * MV + j][e] = Elem<DT>::load(src[d]) * p.scale;
+        if (paired && j == MV - 1)
+          for (int64_t d = 0; d < D; ++d) w.qt_pairs[d / 2][2 * e + d % 2] = w.qt[d * MV + j][e];
       }
       const float lo = windowed ? static_cast<float>(query_position(L, s, has_suffix) - p.window + 1) : kNegInf;
       w.lower[j][e] = lo;

@@ -10,11 +10,14 @@ rebuilt only after they changed.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import mmap
 import operator
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +28,24 @@ __all__ = ["PagedKVCache", "CacheFullError", "zeros_kv_storage"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _HUGE_PAGE = 2 << 20
+_THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def _warn_plain_pages(why: str) -> None:
+    """Logged once per reason: the cache works, but attention on 4 KiB pages is slower."""
+    logger.warning("KV cache storage on 4 KiB pages (%s): paged attention reads scattered blocks "
+                   "and pays a TLB miss on nearly each one", why)
+
+
+def _thp_mode() -> str | None:
+    """The kernel's transparent huge page mode (always, madvise or never); None where unknown."""
+    try:
+        text = _THP_MODE.read_text()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else None
 
 
 class CacheFullError(RuntimeError):
@@ -67,7 +88,8 @@ def zeros_kv_storage(shape: list[int] | tuple[int, ...], dtype: torch.dtype,
     """A zero-filled tensor of ``shape`` for KV pages. On a Linux CPU, storage of 2 MiB or more
     is mapped on transparent huge pages where the kernel allows them (``madvise`` or ``always``
     mode): attention reads blocks scattered over the whole storage, and with 4 KiB pages nearly
-    every block costs a TLB miss. Elsewhere, or when huge pages are off, plain ``torch.zeros``."""
+    every block costs a TLB miss. Elsewhere, or when huge pages are off (logged once as a warning),
+    plain pages."""
     if not isinstance(shape, (list, tuple)):
         raise TypeError(f"shape must be a list or tuple of ints, got {type(shape).__name__}")
     shape = [_index(f"shape[{i}]", n) for i, n in enumerate(shape)]
@@ -82,8 +104,10 @@ def zeros_kv_storage(shape: list[int] | tuple[int, ...], dtype: torch.dtype,
     region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         region.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # huge pages not supported here: the plain pages of the mapping serve as well
-        pass
+    except OSError as e:  # huge pages not supported here: the plain pages of the mapping serve as well
+        _warn_plain_pages(f"madvise(MADV_HUGEPAGE) failed: {e.strerror}")
+    if _thp_mode() == "never":
+        _warn_plain_pages(f"transparent huge pages are off: {_THP_MODE} is [never]")
     raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive
     start = -raw.data_ptr() % _HUGE_PAGE
     return raw[start:start + nbytes].view(dtype).view(shape)

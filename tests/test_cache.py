@@ -2,6 +2,7 @@
 and a hypothesis state machine against a pure-Python model of the cache."""
 
 import gc
+import logging
 import math
 import mmap
 from fractions import Fraction
@@ -95,6 +96,23 @@ def test_zeros_kv_storage(shape, dtype):
     del t
     gc.collect()
     assert view.tolist() == [0, 0, 0, 3]  # views keep the mapping alive
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no madvise huge pages here")
+@pytest.mark.parametrize("mode,warned", [("always [madvise] never", False),
+                                         ("always madvise [never]", True)])
+def test_zeros_kv_storage_warns_without_huge_pages(tmp_path, monkeypatch, caplog, mode, warned):
+    """Huge pages off: a warning, logged once however many caches are made."""
+    from stopkit import cache as cache_module
+    (tmp_path / "enabled").write_text(mode + "\n")
+    monkeypatch.setattr(cache_module, "_THP_MODE", tmp_path / "enabled")
+    cache_module._warn_plain_pages.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="stopkit.cache"):
+        for _ in range(2):
+            assert not zeros_kv_storage((4, 1 << 18), torch.float32).any()
+    messages = [r.getMessage() for r in caplog.records if r.name == "stopkit.cache"]
+    assert len(messages) == warned and all("[never]" in m and "4 KiB pages" in m for m in messages)
+    cache_module._warn_plain_pages.cache_clear()
 
 
 @pytest.mark.parametrize("shape,dtype,error,match", [

@@ -189,45 +189,11 @@ struct TileBuffers {
   explicit TileBuffers(int64_t D) : k(kTile * D), v(kTile * D) {}
 };
 
-// S = K Qt for a tile of n keys, rows `rs` floats apart.
-template <int W, int MV, int kD>
-inline void scores(Pass<W, MV>& w, const float* k, int64_t rs, int64_t n, int64_t D) {
-  using vfloat = typename Vec<W>::f;
-  const int64_t d_len = kD ? kD : D;
-  constexpr int TB = register_block(MV);
-  // TB keys at a time so each Qt load feeds TB FMAs.
-  int64_t t = 0;
-  for (; t + TB <= n; t += TB) {
-    vfloat acc[TB][MV];
-    for (int b = 0; b < TB; ++b)
-      for (int j = 0; j < MV; ++j) acc[b][j] = vfloat{};
-    for (int64_t d = 0; d < d_len; ++d) {
-      vfloat q[MV];
-      for (int j = 0; j < MV; ++j) q[j] = w.qt[d * MV + j];
-      for (int b = 0; b < TB; ++b) {
-        const float kb = k[(t + b) * rs + d];
-        for (int j = 0; j < MV; ++j) acc[b][j] += kb * q[j];
-      }
-    }
-    for (int b = 0; b < TB; ++b)
-      for (int j = 0; j < MV; ++j) w.s[t + b][j] = acc[b][j];
-  }
-  for (; t < n; ++t) {
-    vfloat acc[MV];
-    for (int j = 0; j < MV; ++j) acc[j] = vfloat{};
-    for (int64_t d = 0; d < d_len; ++d) {
-      const float kb = k[t * rs + d];
-      for (int j = 0; j < MV; ++j) acc[j] += kb * w.qt[d * MV + j];
-    }
-    for (int j = 0; j < MV; ++j) w.s[t][j] = acc[j];
-  }
-}
-
 #if defined(__AVX512F__)
-// scores for a 16-lane pass whose last query vector has at most 8 queries: that vector takes one
-// FMA per pair of dims instead of one per dim (K[t][2p : 2p + 2] broadcast as a 64-bit pair
-// against qt_pairs), and the pair sums are then gathered into lanes 0..7 (8..15 repeat them; no
-// output reads those lanes).
+// S for a 16-lane pass whose last query vector has at most 8 queries (scores calls it): that
+// vector takes one FMA per pair of dims instead of one per dim (K[t][2p : 2p + 2] broadcast as a
+// 64-bit pair against qt_pairs), and the pair sums are then gathered into lanes 0..7 (8..15 repeat
+// them; no output reads those lanes).
 template <int MV, int TB, int kD>
 inline void scores_paired_block(Pass<16, MV>& w, const float* k, int64_t rs, int64_t t, int64_t D) {
   constexpr int F = MV - 1;  // full query vectors
@@ -274,6 +240,45 @@ inline void scores_paired(Pass<16, MV>& w, const float* k, int64_t rs, int64_t n
   for (; t < n; ++t) scores_paired_block<MV, 1, kD>(w, k, rs, t, D);
 }
 #endif
+
+// S = K Qt for a tile of n keys, rows `rs` floats apart.
+template <int W, int MV, int kD>
+inline void scores(Pass<W, MV>& w, const float* k, int64_t rs, int64_t n, int64_t D) {
+  using vfloat = typename Vec<W>::f;
+#if defined(__AVX512F__)
+  if constexpr (W == 16 && MV > 1) {
+    if (!w.qt_pairs.empty()) return scores_paired<MV, kD>(w, k, rs, n, D);
+  }
+#endif
+  const int64_t d_len = kD ? kD : D;
+  constexpr int TB = register_block(MV);
+  // TB keys at a time so each Qt load feeds TB FMAs.
+  int64_t t = 0;
+  for (; t + TB <= n; t += TB) {
+    vfloat acc[TB][MV];
+    for (int b = 0; b < TB; ++b)
+      for (int j = 0; j < MV; ++j) acc[b][j] = vfloat{};
+    for (int64_t d = 0; d < d_len; ++d) {
+      vfloat q[MV];
+      for (int j = 0; j < MV; ++j) q[j] = w.qt[d * MV + j];
+      for (int b = 0; b < TB; ++b) {
+        const float kb = k[(t + b) * rs + d];
+        for (int j = 0; j < MV; ++j) acc[b][j] += kb * q[j];
+      }
+    }
+    for (int b = 0; b < TB; ++b)
+      for (int j = 0; j < MV; ++j) w.s[t + b][j] = acc[b][j];
+  }
+  for (; t < n; ++t) {
+    vfloat acc[MV];
+    for (int j = 0; j < MV; ++j) acc[j] = vfloat{};
+    for (int64_t d = 0; d < d_len; ++d) {
+      const float kb = k[t * rs + d];
+      for (int j = 0; j < MV; ++j) acc[j] += kb * w.qt[d * MV + j];
+    }
+    for (int j = 0; j < MV; ++j) w.s[t][j] = acc[j];
+  }
+}
 
 // exp(x - m) for softmax: in 16-lane AVX-512 passes as 2^((x - m) log2 e) (Vec::exp2, fewer
 // instructions). Not as an FMA x log2 e - m log2 e: with m at kMasked, the exact product against
@@ -415,16 +420,7 @@ inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t 
                         Prefetcher& pf) {
   using vfloat = typename Vec<W>::f;
   const int64_t d_len = kD ? kD : D;
-#if defined(__AVX512F__)
-  if constexpr (W == 16 && MV > 1) {
-    if (!w.qt_pairs.empty()) scores_paired<MV, kD>(w, k, rs, n, D);
-    else scores<W, MV, kD>(w, k, rs, n, D);
-  } else {
-    scores<W, MV, kD>(w, k, rs, n, D);
-  }
-#else
   scores<W, MV, kD>(w, k, rs, n, D);
-#endif
   vfloat corr[MV];
   const bool changed = softmax_tile(w, n, pos0, masked, suffix, corr);
 #if defined(__AVX512F__)
@@ -1113,8 +1109,8 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
   const auto* q = static_cast<const T*>(p.q);
 
   // Q of query m0 + lane in lane `lane` (zero in padding lanes): Qt = scale * Q, or Q as bf16
-  // pairs; window lower bounds (the same for every kv head).
-  // the last query vector at most half used: its scores by dim pairs (scores_paired)
+  // pairs, and Qt pairs where the last query vector is at most half used (scores_paired); window
+  // lower bounds (the same for every kv head).
   const bool paired = !kDot && kPvDims<W> && MV > 1 && active - (MV - 1) * W <= W / 2;
   float lowest = std::numeric_limits<float>::max(), highest = kNegInf;
   for (int64_t kh = 0; kh < Hkv; ++kh) {

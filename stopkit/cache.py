@@ -102,12 +102,13 @@ def zeros_kv_storage(shape: list[int] | tuple[int, ...], dtype: torch.dtype,
     # Anonymous private memory is zero-filled and faulted in lazily, so the advice applies to every
     # page; over-allocate one huge page to start on a 2 MiB boundary.
     region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        region.madvise(mmap.MADV_HUGEPAGE)
-    except OSError as e:  # huge pages not supported here: the plain pages of the mapping serve as well
-        _warn_plain_pages(f"madvise(MADV_HUGEPAGE) failed: {e.strerror}")
     if _thp_mode() == "never":
         _warn_plain_pages(f"transparent huge pages are off: {_THP_MODE} is [never]")
+    else:
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE)
+        except OSError as e:  # not supported here: the plain pages of the mapping serve as well
+            _warn_plain_pages(f"madvise(MADV_HUGEPAGE) failed: {e.strerror}")
     raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive
     start = -raw.data_ptr() % _HUGE_PAGE
     return raw[start:start + nbytes].view(dtype).view(shape)

@@ -12,7 +12,9 @@
 //   Ot[d][m] += sum_t V[t][d] * P[t][m]               (online softmax, one running max per lane)
 // except that 16-lane passes of the AVX-512 builds run P V with lanes over dims (pv_queries:
 // O[m][d] += P[t][m] V[t][d], a broadcast of P per query), so queries that fill a vector only
-// partly (24 = 1.5 vectors at the 1.5B shape) cost no FMAs there.
+// partly (24 = 1.5 vectors at the 1.5B shape) cost no FMAs there, and a last query vector at most
+// half full takes its S by dim pairs (scores_paired: 8 queries x 2 dims per FMA; 24 queries, and
+// the 6 of 1.5B decode).
 // With few queries per kv head (M <= kLanes / 4: decode with a small GQA group), the lanes run along
 // head_dim instead (DotPass): S[m][t] = q_m . k_t as FMAs over dims, W keys' sums at once by a
 // transpose-add tree, and O[m] += P[m][t] v_t.
@@ -196,16 +198,17 @@ struct TileBuffers {
 // them; no output reads those lanes).
 template <int MV, int TB, int kD>
 inline void scores_paired_block(Pass<16, MV>& w, const float* k, int64_t rs, int64_t t, int64_t D) {
-  constexpr int F = MV - 1;  // full query vectors
+  constexpr int F = MV - 1;         // full query vectors
+  constexpr int FA = F > 0 ? F : 1;  // (array sizes)
   const int64_t d_len = kD ? kD : D;
-  __m512 acc[TB][F], accp[TB];
+  __m512 acc[TB][FA], accp[TB];
 #pragma GCC unroll 8
   for (int b = 0; b < TB; ++b) {
     for (int j = 0; j < F; ++j) acc[b][j] = _mm512_setzero_ps();
     accp[b] = _mm512_setzero_ps();
   }
   for (int64_t d = 0; d < d_len; d += 2) {
-    __m512 q0[F], q1[F];
+    __m512 q0[FA], q1[FA];
     for (int j = 0; j < F; ++j) {
       q0[j] = w.qt[d * MV + j];
       q1[j] = w.qt[(d + 1) * MV + j];
@@ -214,9 +217,11 @@ inline void scores_paired_block(Pass<16, MV>& w, const float* k, int64_t rs, int
 #pragma GCC unroll 8
     for (int b = 0; b < TB; ++b) {
       const float* kr = k + (t + b) * rs + d;
-      const __m512 k0 = _mm512_set1_ps(kr[0]), k1 = _mm512_set1_ps(kr[1]);
-      for (int j = 0; j < F; ++j) acc[b][j] = _mm512_fmadd_ps(k0, q0[j], acc[b][j]);
-      for (int j = 0; j < F; ++j) acc[b][j] = _mm512_fmadd_ps(k1, q1[j], acc[b][j]);
+      if constexpr (F > 0) {
+        const __m512 k0 = _mm512_set1_ps(kr[0]), k1 = _mm512_set1_ps(kr[1]);
+        for (int j = 0; j < F; ++j) acc[b][j] = _mm512_fmadd_ps(k0, q0[j], acc[b][j]);
+        for (int j = 0; j < F; ++j) acc[b][j] = _mm512_fmadd_ps(k1, q1[j], acc[b][j]);
+      }
       double pair;
       std::memcpy(&pair, kr, sizeof pair);
       accp[b] = _mm512_fmadd_ps(_mm512_castpd_ps(_mm512_set1_pd(pair)), qp, accp[b]);
@@ -246,7 +251,7 @@ template <int W, int MV, int kD>
 inline void scores(Pass<W, MV>& w, const float* k, int64_t rs, int64_t n, int64_t D) {
   using vfloat = typename Vec<W>::f;
 #if defined(__AVX512F__)
-  if constexpr (W == 16 && MV > 1) {
+  if constexpr (W == 16) {
     if (!w.qt_pairs.empty()) return scores_paired<MV, kD>(w, k, rs, n, D);
   }
 #endif
@@ -1111,7 +1116,7 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
   // Q of query m0 + lane in lane `lane` (zero in padding lanes): Qt = scale * Q, or Q as bf16
   // pairs, and Qt pairs where the last query vector is at most half used (scores_paired); window
   // lower bounds (the same for every kv head).
-  const bool paired = !kDot && kPvDims<W> && MV > 1 && active - (MV - 1) * W <= W / 2;
+  const bool paired = !kDot && kPvDims<W> && active - (MV - 1) * W <= W / 2;
   float lowest = std::numeric_limits<float>::max(), highest = kNegInf;
   for (int64_t kh = 0; kh < Hkv; ++kh) {
     Pass<W, MV>& w = ws[kh];
@@ -1328,6 +1333,9 @@ void run(const PagedAttentionParams& p) {
   // Up to a quarter of a vector of queries: lanes along head_dim instead (DotPass). The bf16 dot
   // builds keep their own path.
   const bool dot_layout = 4 * M <= kLanes && !kBf16Dot<DT>;
+  // 5..8 queries on float rows in the AVX-512 builds: a 16-lane pass (its S by dim pairs fills
+  // the lanes, its P V runs lanes over dims) rather than an 8-lane one.
+  constexpr bool paired_float = kPvDims<kLanes> && !kBf16Dot<DT>;
 #pragma omp parallel if (work > (int64_t{1} << 20))
   {
     const AmxTiles tiles(amx);
@@ -1364,7 +1372,7 @@ void run(const PagedAttentionParams& p) {
         const int64_t rest = M - m0, vecs = std::min<int64_t>(kMaxVecs, (rest + kLanes - 1) / kLanes);
         if (rest <= 4 && kLanes > 4 && !amx) {  // AMX: 16-lane passes only (a tile row of S)
           run_pass<DT, kD>(p, it, m0, narrow4, buf, acc_out, m_out, l_out);
-        } else if (rest <= 8 && kLanes > 8 && !amx) {
+        } else if (rest <= 8 && kLanes > 8 && !amx && !paired_float) {
           run_pass<DT, kD>(p, it, m0, narrow8, buf, acc_out, m_out, l_out);
         } else {
           switch (vecs) {

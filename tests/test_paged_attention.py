@@ -189,6 +189,17 @@ def test_queries_per_kv_head(backend, dtype, head_dim, group):
                window=150, seq_lens=(300, 141)), backend)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", [8, 16])
+@pytest.mark.parametrize("group", [5, 6, 7, 8])
+def test_decode_groups(backend, dtype, block_size, group):
+    """Decode (q_len 1) with 5-8 query heads per kv head (7: Qwen2.5-7B): on the AVX-512 CPU
+    builds one 16-lane pass whose float scores run by dim pairs. Tiles of 8, 16 and 5 keys, the
+    one-key suffix."""
+    check(Case(batch=3, q_len=1, heads=(2 * group, 2), head_dim=128, block_size=block_size,
+               dtype=dtype, sinks=True, window=70, seq_lens=(300, 141, 21)), backend)
+
+
 @pytest.mark.parametrize("suffix", [False, True])
 @pytest.mark.parametrize("window", [None, 1])
 def test_nothing_visible(backend, suffix, window):

@@ -12,9 +12,9 @@
 //   Ot[d][m] += sum_t V[t][d] * P[t][m]               (online softmax, one running max per lane)
 // except that 16-lane passes of the AVX-512 builds run P V with lanes over dims (pv_queries:
 // O[m][d] += P[t][m] V[t][d], a broadcast of P per query), so queries that fill a vector only
-// partly (24 = 1.5 vectors at the 1.5B shape) cost no FMAs there, and a last query vector at most
-// half full takes its S by dim pairs (scores_paired: 8 queries x 2 dims per FMA; 24 queries, and
-// the 6 of 1.5B decode).
+// partly (24 = 1.5 vectors at the 1.5B shape) cost no FMAs there, and S by dim pairs (scores_paired:
+// 8 queries x 2 dims per vector, a 64-bit broadcast of K per pair of dims), so that S too pays only
+// for the queries in use to the nearest 8.
 // With few queries per kv head (M <= kLanes / 4: decode with a small GQA group), the lanes run along
 // head_dim instead (DotPass): S[m][t] = q_m . k_t as FMAs over dims, W keys' sums at once by a
 // transpose-add tree, and O[m] += P[m][t] v_t.
@@ -169,10 +169,11 @@ struct Pass {
   // Float path: qt = scale * Q and ot = O, both [D][MV] (lanes over queries).
   // bf16 dot path: q_pairs = Q as bf16 pairs [D/2][MV]; ot is O as float32 [MV*W][D'] (lanes over
   // dims, permuted: unpacked_dim).
-  // Float path in 16-lane AVX-512 passes whose last vector holds at most 8 queries: that vector's
-  // Qt as dim pairs, qt_pairs [D/2] (lane 2i + h: query i, dim 2p + h; see scores_paired).
+  // Float path in 16-lane AVX-512 passes: Qt as dim pairs instead of qt, qt_pairs [D/2][pair_vecs]
+  // (8 queries per vector; see scores_paired).
   std::vector<vf> qt, ot, qt_pairs;
   std::vector<vi> q_pairs;
+  int pair_vecs = 0;
   vf m[MV], l[MV], lower[MV], qidx[MV];
   vf s[kTile][MV];
 };
@@ -192,57 +193,53 @@ struct TileBuffers {
 };
 
 #if defined(__AVX512F__)
-// S for a 16-lane pass whose last query vector has at most 8 queries (scores calls it): that
-// vector takes one FMA per pair of dims instead of one per dim (K[t][2p : 2p + 2] broadcast as a
-// 64-bit pair against qt_pairs), and the pair sums are then gathered into lanes 0..7 (8..15 repeat
-// them; no output reads those lanes).
-template <int MV, int TB, int kD>
+// S in the 16-lane float passes of the AVX-512 builds (scores calls it), by pairs of dims: lane
+// 2i + h of pair vector v holds query 8v + i at dim 2p + h (qt_pairs [D/2][P], P = pair_vecs), so
+// K[t][2p : 2p + 2] is one 64-bit broadcast for all P vectors: a load per P FMAs, where a broadcast
+// per dim costs a load per FMA at one query vector (and the load ports, not the FMAs, set the
+// pace). Neighbour lanes are then added and pair vectors 2j, 2j + 1 gathered into S vector j (a
+// lone last one into lanes 0..7, repeated in 8..15; no output reads those).
+template <int MV, int P, int TB, int kD>
 inline void scores_paired_block(Pass<16, MV>& w, const float* k, int64_t rs, int64_t t, int64_t D) {
-  constexpr int F = MV - 1;         // full query vectors
-  constexpr int FA = F > 0 ? F : 1;  // (array sizes)
   const int64_t d_len = kD ? kD : D;
-  __m512 acc[TB][FA], accp[TB];
+  __m512 acc[TB][P];
 #pragma GCC unroll 8
-  for (int b = 0; b < TB; ++b) {
-    for (int j = 0; j < F; ++j) acc[b][j] = _mm512_setzero_ps();
-    accp[b] = _mm512_setzero_ps();
-  }
-  for (int64_t d = 0; d < d_len; d += 2) {
-    __m512 q0[FA], q1[FA];
-    for (int j = 0; j < F; ++j) {
-      q0[j] = w.qt[d * MV + j];
-      q1[j] = w.qt[(d + 1) * MV + j];
-    }
-    const __m512 qp = w.qt_pairs[d / 2];
+  for (int b = 0; b < TB; ++b)
+    for (int v = 0; v < P; ++v) acc[b][v] = _mm512_setzero_ps();
+  const __m512* qp = w.qt_pairs.data();
+  for (int64_t d = 0; d < d_len; d += 2, qp += P) {
+    __m512 q[P];
+    for (int v = 0; v < P; ++v) q[v] = qp[v];
 #pragma GCC unroll 8
     for (int b = 0; b < TB; ++b) {
-      const float* kr = k + (t + b) * rs + d;
-      if constexpr (F > 0) {
-        const __m512 k0 = _mm512_set1_ps(kr[0]), k1 = _mm512_set1_ps(kr[1]);
-        for (int j = 0; j < F; ++j) acc[b][j] = _mm512_fmadd_ps(k0, q0[j], acc[b][j]);
-        for (int j = 0; j < F; ++j) acc[b][j] = _mm512_fmadd_ps(k1, q1[j], acc[b][j]);
-      }
       double pair;
-      std::memcpy(&pair, kr, sizeof pair);
-      accp[b] = _mm512_fmadd_ps(_mm512_castpd_ps(_mm512_set1_pd(pair)), qp, accp[b]);
+      std::memcpy(&pair, k + (t + b) * rs + d, sizeof pair);
+      const __m512 kp = _mm512_castpd_ps(_mm512_set1_pd(pair));
+      for (int v = 0; v < P; ++v) acc[b][v] = _mm512_fmadd_ps(kp, q[v], acc[b][v]);
     }
   }
-  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
+  // evens of the first operand, then (16 + i: of the second) evens of the second
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
 #pragma GCC unroll 8
   for (int b = 0; b < TB; ++b) {
-    for (int j = 0; j < F; ++j) w.s[t + b][j] = acc[b][j];
-    const __m512 sums = _mm512_add_ps(accp[b], _mm512_permute_ps(accp[b], 0xB1));  // swap neighbours
-    w.s[t + b][F] = _mm512_permutexvar_ps(evens, sums);
+    __m512 sums[P];
+    for (int v = 0; v < P; ++v) sums[v] = _mm512_add_ps(acc[b][v], _mm512_permute_ps(acc[b][v], 0xB1));
+    for (int j = 0; 2 * j + 1 < P; ++j) w.s[t + b][j] = _mm512_permutex2var_ps(sums[2 * j], evens, sums[2 * j + 1]);
+    if constexpr (P % 2 == 1) w.s[t + b][P / 2] = _mm512_permutexvar_ps(evens, sums[P - 1]);
   }
 }
 
-template <int MV, int kD>
+// scores_paired_block over a tile of n keys, P = w.pair_vecs (<= 2 MV): TB keys per block so that
+// TB * P accumulators, P operands and the broadcast stay in the 32 registers.
+template <int MV, int kD, int P = 2 * MV>
 inline void scores_paired(Pass<16, MV>& w, const float* k, int64_t rs, int64_t n, int64_t D) {
-  // accumulators MV * TB, operands 2 (MV - 1) + 1, two broadcasts
-  constexpr int TB = MV <= 3 ? 8 : 4;
+  if constexpr (P > 1) {
+    if (w.pair_vecs < P) return scores_paired<MV, kD, P - 1>(w, k, rs, n, D);
+  }
+  constexpr int TB = P <= 3 ? 8 : (P <= 6 ? 4 : 2);
   int64_t t = 0;
-  for (; t + TB <= n; t += TB) scores_paired_block<MV, TB, kD>(w, k, rs, t, D);
-  for (; t < n; ++t) scores_paired_block<MV, 1, kD>(w, k, rs, t, D);
+  for (; t + TB <= n; t += TB) scores_paired_block<MV, P, TB, kD>(w, k, rs, t, D);
+  for (; t < n; ++t) scores_paired_block<MV, P, 1, kD>(w, k, rs, t, D);
 }
 #endif
 
@@ -251,9 +248,7 @@ template <int W, int MV, int kD>
 inline void scores(Pass<W, MV>& w, const float* k, int64_t rs, int64_t n, int64_t D) {
   using vfloat = typename Vec<W>::f;
 #if defined(__AVX512F__)
-  if constexpr (W == 16) {
-    if (!w.qt_pairs.empty()) return scores_paired<MV, kD>(w, k, rs, n, D);
-  }
+  if constexpr (W == 16) return scores_paired<MV, kD>(w, k, rs, n, D);
 #endif
   const int64_t d_len = kD ? kD : D;
   constexpr int TB = register_block(MV);
@@ -1113,16 +1108,18 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
   const int64_t tok_stride = Hkv * D;
   const auto* q = static_cast<const T*>(p.q);
 
-  // Q of query m0 + lane in lane `lane` (zero in padding lanes): Qt = scale * Q, or Q as bf16
-  // pairs, and Qt pairs where the last query vector is at most half used (scores_paired); window
-  // lower bounds (the same for every kv head).
-  const bool paired = !kDot && kPvDims<W> && active - (MV - 1) * W <= W / 2;
+  // Q of query m0 + lane in lane `lane` (zero in padding lanes): Qt = scale * Q (as dim pairs in
+  // the AVX-512 16-lane passes), or Q as bf16 pairs; window lower bounds (the same for every kv
+  // head).
+  constexpr bool kPaired = !kDot && kPvDims<W>;
+  const int pair_vecs = kPaired ? static_cast<int>((active + 7) / 8) : 0;
   float lowest = std::numeric_limits<float>::max(), highest = kNegInf;
   for (int64_t kh = 0; kh < Hkv; ++kh) {
     Pass<W, MV>& w = ws[kh];
     if constexpr (kDot) w.q_pairs.assign(D / 2 * MV, vint{});
+    else if constexpr (kPaired) w.qt_pairs.assign(D / 2 * pair_vecs, vfloat{});
     else w.qt.assign(D * MV, vfloat{});
-    w.qt_pairs.assign(paired ? D / 2 : 0, vfloat{});
+    w.pair_vecs = pair_vecs;
     w.ot.assign(D * MV, vfloat{});
     for (int j = 0; j < MV; ++j) {
       w.m[j] = V::broadcast(kMasked);
@@ -1136,10 +1133,11 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
       if constexpr (kDot) {
         for (int64_t pr = 0; pr < D / 2; ++pr)
           w.q_pairs[pr * MV + j][e] = static_cast<int32_t>(src[2 * pr] | (uint32_t{src[2 * pr + 1]} << 16));
+      } else if constexpr (kPaired) {
+        for (int64_t d = 0; d < D; ++d)
+          w.qt_pairs[d / 2 * pair_vecs + lane / 8][2 * (lane % 8) + d % 2] = Elem<DT>::load(src[d]) * p.scale;
       } else {
         for (int64_t d = 0; d < D; ++d) w.qt[d * MV + j][e] = Elem<DT>::load(src[d]) * p.scale;
-        if (paired && j == MV - 1)
-          for (int64_t d = 0; d < D; ++d) w.qt_pairs[d / 2][2 * e + d % 2] = w.qt[d * MV + j][e];
       }
       const float lo = windowed ? static_cast<float>(query_position(L, s, has_suffix) - p.window + 1) : kNegInf;
       w.lower[j][e] = lo;

@@ -412,6 +412,9 @@ constexpr bool kAvx512 = false;
 // Passes whose P V runs with lanes over dims (pv_queries) on float rows.
 template <int W>
 constexpr bool kPvDims = kAvx512 && W == 16;
+// Passes of DT whose S runs by dim pairs (scores_paired): those, on float rows (not the bf16 dot path).
+template <DType DT, int W>
+constexpr bool kPairedS = kPvDims<W> && !kBf16Dot<DT>;
 
 // One tile of n keys at positions pos0 .. pos0+n-1, float32 rows of k and v `rs` floats apart.
 template <int W, int MV, int kD>
@@ -1111,7 +1114,7 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
   // Q of query m0 + lane in lane `lane` (zero in padding lanes): Qt = scale * Q (as dim pairs in
   // the AVX-512 16-lane passes), or Q as bf16 pairs; window lower bounds (the same for every kv
   // head).
-  constexpr bool kPaired = !kDot && kPvDims<W>;
+  constexpr bool kPaired = kPairedS<DT, W>;
   const int pair_vecs = kPaired ? static_cast<int>((active + 7) / 8) : 0;
   float lowest = std::numeric_limits<float>::max(), highest = kNegInf;
   for (int64_t kh = 0; kh < Hkv; ++kh) {
@@ -1331,9 +1334,6 @@ void run(const PagedAttentionParams& p) {
   // Up to a quarter of a vector of queries: lanes along head_dim instead (DotPass). The bf16 dot
   // builds keep their own path.
   const bool dot_layout = 4 * M <= kLanes && !kBf16Dot<DT>;
-  // 5..8 queries on float rows in the AVX-512 builds: a 16-lane pass (its S by dim pairs fills
-  // the lanes, its P V runs lanes over dims) rather than an 8-lane one.
-  constexpr bool paired_float = kPvDims<kLanes> && !kBf16Dot<DT>;
 #pragma omp parallel if (work > (int64_t{1} << 20))
   {
     const AmxTiles tiles(amx);
@@ -1370,7 +1370,8 @@ void run(const PagedAttentionParams& p) {
         const int64_t rest = M - m0, vecs = std::min<int64_t>(kMaxVecs, (rest + kLanes - 1) / kLanes);
         if (rest <= 4 && kLanes > 4 && !amx) {  // AMX: 16-lane passes only (a tile row of S)
           run_pass<DT, kD>(p, it, m0, narrow4, buf, acc_out, m_out, l_out);
-        } else if (rest <= 8 && kLanes > 8 && !amx && !paired_float) {
+        } else if (rest <= 8 && kLanes > 8 && !amx && !kPairedS<DT, kLanes>) {
+          // (where S runs by dim pairs, 5..8 queries fill a 16-lane pass instead)
           run_pass<DT, kD>(p, it, m0, narrow8, buf, acc_out, m_out, l_out);
         } else {
           switch (vecs) {

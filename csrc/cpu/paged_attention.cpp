@@ -106,39 +106,41 @@ inline const float* rows_as_float(const typename Elem<DT>::T* src, int64_t& stri
 class Prefetcher {
  public:
   void add(const void* p, int64_t bytes) {
-    ranges_.push_back({static_cast<const char*>(p), (bytes + 63) / 64});
-    left_ += ranges_.back().lines;
+    ranges_.push_back({static_cast<const char*>(p), static_cast<const char*>(p) + (bytes + 63) / 64 * 64});
+    left_ += (bytes + 63) / 64;
   }
   // What was added since the last flush goes out over the next `steps` steps.
   void spread(int64_t steps) { per_step_ = (left_ + steps - 1) / std::max<int64_t>(1, steps); }
   void step() {
-    if (left_ > 0) issue(per_step_);
+    for (int64_t i = 0; i < per_step_; ++i) {
+      if (at_ == end_ && !next()) return;
+      __builtin_prefetch(at_, 0, 1);
+      at_ += 64;
+    }
   }
   void flush() {
-    issue(left_);
+    do {
+      for (; at_ < end_; at_ += 64) __builtin_prefetch(at_, 0, 1);
+    } while (next());
     ranges_.clear();
     front_ = 0;
+    left_ = 0;
   }
 
  private:
   struct Range {
-    const char* at;
-    int64_t lines;
+    const char *at, *end;
   };
-  void issue(int64_t lines) {
-    for (; lines > 0 && front_ < ranges_.size(); ++front_) {
-      Range& r = ranges_[front_];
-      const int64_t n = std::min(lines, r.lines);
-      for (int64_t i = 0; i < n; ++i) __builtin_prefetch(r.at + i * 64, 0, 1);
-      r.at += n * 64;
-      r.lines -= n;
-      left_ -= n;
-      lines -= n;
-      if (r.lines > 0) break;
-    }
+  bool next() {
+    if (front_ == ranges_.size()) return false;
+    at_ = ranges_[front_].at;
+    end_ = ranges_[front_].end;
+    ++front_;
+    return true;
   }
   std::vector<Range> ranges_;
   size_t front_ = 0;
+  const char *at_ = nullptr, *end_ = nullptr;
   int64_t left_ = 0, per_step_ = 0;
 };
 
@@ -341,7 +343,8 @@ constexpr bool kAvx512 = true;
 // latency).
 template <int DC, int MQ>
 inline void pv_span(float* o, int64_t d_len, int64_t c, const float* p, int64_t p_stride,
-                    const float* v, int64_t vs, int64_t n, const float* corr, bool changed) {
+                    const float* v, int64_t vs, int64_t n, const float* corr, bool changed,
+                    Prefetcher* pf) {
   __m512 acc[DC][MQ];
   for (int i = 0; i < MQ; ++i)
     for (int h = 0; h < DC; ++h) {
@@ -355,6 +358,7 @@ inline void pv_span(float* o, int64_t d_len, int64_t c, const float* p, int64_t 
       const __m512 pt = _mm512_set1_ps(p[t * p_stride + i]);
       for (int h = 0; h < DC; ++h) acc[h][i] = _mm512_fmadd_ps(pt, vt[h], acc[h][i]);
     }
+    if (pf) pf->step();
   }
   for (int i = 0; i < MQ; ++i)
     for (int h = 0; h < DC; ++h) _mm512_storeu_ps(o + i * d_len + c + 16 * h, acc[h][i]);
@@ -371,12 +375,10 @@ inline void pv(float* o, int64_t D, const float* p, int64_t p_stride, const floa
   constexpr int DC = pv_dims_per_span(MQ) / 16;
   int64_t c = 0;
   for (; c + 16 * DC <= d_len; c += 16 * DC) {
-    pv_span<DC, MQ>(o, d_len, c, p, p_stride, v, vs, n, corr, changed);
-    if (pf) pf->step();
+    pv_span<DC, MQ>(o, d_len, c, p, p_stride, v, vs, n, corr, changed, pf);
   }
   for (; c < d_len; c += 16) {
-    pv_span<1, MQ>(o, d_len, c, p, p_stride, v, vs, n, corr, changed);
-    if (pf) pf->step();
+    pv_span<1, MQ>(o, d_len, c, p, p_stride, v, vs, n, corr, changed, pf);
   }
 }
 
@@ -942,9 +944,16 @@ struct DotPass {
   float p[MP][kTile];       // scores, then probabilities, of the current tile
 };
 
+constexpr int dot_pv_block(int mp) { return mp >= 4 ? 4 : 8; }
+
+// pf steps of dot_tile over n keys: one per key in S and in each block of P V.
+inline int64_t dot_steps(int mp, int64_t n, int64_t D) {
+  return n * (1 + (D / kLanes + dot_pv_block(mp) - 1) / dot_pv_block(mp));
+}
+
 template <int MP, int kD>
 inline void dot_tile(DotPass<MP>& w, const float* k, const float* v, int64_t rs, int64_t n,
-                     int64_t D, float pos0, bool masked, bool suffix) {
+                     int64_t D, float pos0, bool masked, bool suffix, Prefetcher& pf) {
   constexpr int W = kLanes;
   using V = Vec<W>;
   using vfloat = typename V::f;
@@ -971,6 +980,7 @@ inline void dot_tile(DotPass<MP>& w, const float* k, const float* v, int64_t rs,
           const vfloat kv = load(kt + dv * W);
           for (int j = 0; j < MP; ++j) acc[j] += load(w.q.data() + j * d_len + dv * W) * kv;
         }
+        pf.step();
       }
       for (int j = 0; j < MP; ++j) x[j][t] = acc[j];
     }
@@ -1012,7 +1022,7 @@ inline void dot_tile(DotPass<MP>& w, const float* k, const float* v, int64_t rs,
     w.m[j] = m_new;
   }
   // O += P V, DB vectors of dims at a time (MP * DB register accumulators).
-  constexpr int DB = MP >= 4 ? 4 : 8;
+  constexpr int DB = dot_pv_block(MP);
   int64_t dv = 0;
   auto pv = [&](auto db_tag) {
     constexpr int B = decltype(db_tag)::value;
@@ -1026,6 +1036,7 @@ inline void dot_tile(DotPass<MP>& w, const float* k, const float* v, int64_t rs,
         const float pj = w.p[j][t];
         for (int b = 0; b < B; ++b) acc[j][b] += pj * vt[b];
       }
+      pf.step();
     }
     for (int j = 0; j < MP; ++j)
       for (int b = 0; b < B; ++b) std::memcpy(w.o.data() + j * d_len + (dv + b) * W, &acc[j][b], sizeof(vfloat));
@@ -1155,7 +1166,7 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
   const int64_t page_tiles = (p.block_size + kTile - 1) / kTile;
   int64_t tile_steps = kDot ? 1 : D / register_block(MV);
 #if defined(__AVX512F__)
-  if constexpr (!kDot && kPvDims<W>) tile_steps = pv_steps(active, D);
+  if constexpr (!kDot && kPvDims<W>) tile_steps = pv_steps(active, D) * std::min<int64_t>(kTile, p.block_size);
 #endif
   int64_t ahead = 1, steps = Hkv * page_tiles * tile_steps;
 #if defined(__AMX_BF16__)
@@ -1252,15 +1263,15 @@ void run_pass_dot(const PagedAttentionParams& p, const Item& it, std::vector<Dot
       highest = std::max(highest, lo);
     }
   }
-  const int64_t steps = Hkv * ((p.block_size + kTile - 1) / kTile);  // a page ahead, a step per tile
+  // A page ahead, over the steps of its tiles.
+  const int64_t steps = Hkv * ((p.block_size + kTile - 1) / kTile) * dot_steps(MP, std::min<int64_t>(kTile, p.block_size), D);
   walk_pages<T>(p, it, lowest, highest, 1, steps, buf.prefetch,
                 [&](int64_t kh, const T* k, const T* v, int64_t n, float pos0, bool masked, bool suffix) {
-    buf.prefetch.step();
     int64_t rs = tok_stride;
     const float* kf = rows_as_float<DT, kD>(k, rs, n, D, buf.k.data());
     rs = tok_stride;
     const float* vf = rows_as_float<DT, kD>(v, rs, n, D, buf.v.data());
-    dot_tile<MP, kD>(ws[kh], kf, vf, rs, n, D, pos0, masked, suffix);
+    dot_tile<MP, kD>(ws[kh], kf, vf, rs, n, D, pos0, masked, suffix, buf.prefetch);
   });
   for (int64_t kh = 0; kh < Hkv; ++kh) {
     const DotPass<MP>& w = ws[kh];

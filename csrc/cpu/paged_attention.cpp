@@ -106,8 +106,10 @@ inline const float* rows_as_float(const typename Elem<DT>::T* src, int64_t& stri
 class Prefetcher {
  public:
   void add(const void* p, int64_t bytes) {
-    ranges_.push_back({static_cast<const char*>(p), static_cast<const char*>(p) + (bytes + 63) / 64 * 64});
-    left_ += (bytes + 63) / 64;
+    const int64_t lines = (bytes + 63) / 64;
+    const char* at = static_cast<const char*>(p);
+    ranges_.push_back({at, at + lines * 64});
+    left_ += lines;
   }
   // What was added since the last flush goes out over the next `steps` steps.
   void spread(int64_t steps) { per_step_ = (left_ + steps - 1) / std::max<int64_t>(1, steps); }
@@ -367,7 +369,7 @@ inline void pv_span(float* o, int64_t d_len, int64_t c, const float* p, int64_t 
 constexpr int kPvQueries = 8;  // queries per pv call
 constexpr int pv_dims_per_span(int mq) { return 16 * (mq <= 4 ? 4 : (mq <= 8 ? 2 : 1)); }
 
-// pv_span over all dims; a pf step after each span where pf is given.
+// pv_span over all dims (a pf step per key of each span where pf is given).
 template <int kD, int MQ>
 inline void pv(float* o, int64_t D, const float* p, int64_t p_stride, const float* v, int64_t vs,
                int64_t n, const float* corr, bool changed, Prefetcher* pf) {
@@ -399,7 +401,7 @@ inline void pv_queries(int64_t active, float* o, int64_t D, const float* p, int6
   }
 }
 
-// pf steps of pv_queries.
+// pv_span calls of pv_queries (each makes a pf step per key).
 inline int64_t pv_steps(int64_t active, int64_t D) {
   int64_t steps = 0;
   for (int64_t m = 0; m < active; m += kPvQueries) {
@@ -1161,8 +1163,8 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
     }
   }
 
-  // Prefetch a page ahead: a step per tile (bf16 dot path), per span of pv_queries, or per
-  // register block of dims in attend_tile's own P V.
+  // Prefetch a page ahead: a step per tile (bf16 dot path), per key of each span of pv_queries, or
+  // per register block of dims in attend_tile's own P V.
   const int64_t page_tiles = (p.block_size + kTile - 1) / kTile;
   int64_t tile_steps = kDot ? 1 : D / register_block(MV);
 #if defined(__AVX512F__)

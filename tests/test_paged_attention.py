@@ -190,6 +190,15 @@ def test_queries_per_kv_head(backend, dtype, head_dim, group):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group", [3, 5])
+def test_rows_4k_apart(backend, dtype, group):
+    """8 kv heads of 128 dims: float32 rows 4 KiB apart, where the AVX-512 CPU builds run P V 8
+    queries per call instead of 6; 12 and 20 queries per kv head end on a 4-query call."""
+    check(Case(batch=2, q_len=4, heads=(8 * group, 8), head_dim=128, block_size=16, dtype=dtype,
+               seq_lens=(100, 37)), backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block_size", [8, 16])
 @pytest.mark.parametrize("group", [5, 6, 7, 8])
 def test_decode_groups(backend, dtype, block_size, group):

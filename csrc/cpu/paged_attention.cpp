@@ -366,8 +366,9 @@ inline void pv_span(float* o, int64_t d_len, int64_t c, const float* p, int64_t 
     for (int h = 0; h < DC; ++h) _mm512_storeu_ps(o + i * d_len + c + 16 * h, acc[h][i]);
 }
 
-constexpr int kPvQueries = 8;  // queries per pv call
-constexpr int pv_dims_per_span(int mq) { return 16 * (mq <= 4 ? 4 : (mq <= 8 ? 2 : 1)); }
+// Queries per pv_span: up to 6 take 64-dim spans (24 accumulators, 10 loads per 24 FMAs), 7 or 8
+// take 32-dim spans (16 FMAs per 10 loads).
+constexpr int pv_dims_per_span(int mq) { return 16 * (mq <= 6 ? 4 : (mq <= 8 ? 2 : 1)); }
 
 // pv_span over all dims (a pf step per key of each span where pf is given).
 template <int kD, int MQ>
@@ -384,28 +385,36 @@ inline void pv(float* o, int64_t D, const float* p, int64_t p_stride, const floa
   }
 }
 
-// pv for the `active` queries of a pass, kPvQueries at a time: O [active][D], P rows p_stride apart.
-template <int kD, int MaxQ, int MQ = std::min(kPvQueries, MaxQ)>
+// Queries per pv call. Each call reads the tile's values again: from L1, unless the value rows lie
+// a multiple of 4 KiB apart (8 kv heads x 128 float32 dims) and so all 16 of a tile's rows fall in
+// the same L1 sets, more than their ways. There 8 queries per call read them fewer times (6 were
+// 1.06-1.16x slower at the 8B shape); elsewhere 6 per call get the denser spans (0.95x at the 1.5B
+// shape, q_len 4; 0.74x for decode's 6 queries with the pages in cache).
+inline int64_t pv_group(int64_t vs) { return vs % 1024 == 0 ? 8 : 6; }
+
+// pv for the `active` queries of a pass, pv_group(vs) at a time: O [active][D], P rows p_stride
+// apart. MQ: the queries of the call being compiled (fewer for a last, smaller group).
+template <int kD, int MaxQ, int MQ = std::min(8, MaxQ)>
 inline void pv_queries(int64_t active, float* o, int64_t D, const float* p, int64_t p_stride,
                        const float* v, int64_t vs, int64_t n, const float* corr, bool changed,
                        Prefetcher* pf) {
   const int64_t d_len = kD ? kD : D;
-  for (int64_t m = 0; m < active; m += kPvQueries) {
-    const int64_t rest = std::min<int64_t>(kPvQueries, active - m);
+  const int64_t group = pv_group(vs);
+  for (int64_t m = 0; m < active; m += group) {
     if constexpr (MQ > 1) {
-      if (rest < MQ)
-        return pv_queries<kD, MaxQ, MQ - 1>(rest, o + m * d_len, D, p + m, p_stride, v, vs, n,
-                                            corr + m, changed, pf);
+      if (std::min(group, active - m) < MQ)
+        return pv_queries<kD, MaxQ, MQ - 1>(active - m, o + m * d_len, D, p + m, p_stride, v, vs,
+                                            n, corr + m, changed, pf);
     }
     pv<kD, MQ>(o + m * d_len, D, p + m, p_stride, v, vs, n, corr + m, changed, pf);
   }
 }
 
 // pv_span calls of pv_queries (each makes a pf step per key).
-inline int64_t pv_steps(int64_t active, int64_t D) {
+inline int64_t pv_steps(int64_t active, int64_t D, int64_t vs) {
   int64_t steps = 0;
-  for (int64_t m = 0; m < active; m += kPvQueries) {
-    const int64_t span = pv_dims_per_span(static_cast<int>(std::min<int64_t>(kPvQueries, active - m)));
+  for (int64_t m = 0; m < active; m += pv_group(vs)) {
+    const int64_t span = pv_dims_per_span(static_cast<int>(std::min(pv_group(vs), active - m)));
     steps += D / span + (D % span) / 16;
   }
   return steps;
@@ -1168,7 +1177,10 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
   const int64_t page_tiles = (p.block_size + kTile - 1) / kTile;
   int64_t tile_steps = kDot ? 1 : D / register_block(MV);
 #if defined(__AVX512F__)
-  if constexpr (!kDot && kPvDims<W>) tile_steps = pv_steps(active, D) * std::min<int64_t>(kTile, p.block_size);
+  if constexpr (!kDot && kPvDims<W>) {
+    const int64_t vs = DT == DType::kFloat32 ? tok_stride : D;  // rows_as_float's value rows
+    tile_steps = pv_steps(active, D, vs) * std::min<int64_t>(kTile, p.block_size);
+  }
 #endif
   int64_t ahead = 1, steps = Hkv * page_tiles * tile_steps;
 #if defined(__AMX_BF16__)

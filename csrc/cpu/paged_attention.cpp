@@ -608,9 +608,9 @@ constexpr int kQueryTiles = MV % 2 == 0 ? 2 : 1;
 // pf.step() calls of a full block (run_pass spreads the next block's page prefetches over them).
 template <int MV>
 constexpr int64_t block_prefetch_steps(int64_t D) {
-  constexpr int JT = kQueryTiles<MV>, NG = 4 / JT;
-  const int64_t s_steps = (D / 32) * (kBlockTiles / NG);
-  const int64_t product_steps = (D / 16 + NG - 1) / NG * (kBlockTiles / 2);
+  constexpr int JT = kQueryTiles<MV>;
+  const int64_t s_steps = (D / 32) * kBlockTiles;             // per K tile and 32 dims
+  const int64_t product_steps = (D / 16) * (kBlockTiles / 2);  // per V tile (16 slots, 32 keys)
   return MV / JT * (s_steps + product_steps);
 }
 
@@ -644,8 +644,8 @@ inline void block_scores(const Pass<16, MV>& w, const uint16_t* const* k, const 
         constexpr int J = decltype(jj)::value;
         tile_dot<J * NB + B, K, 4 + J>();
       });
+      pf.step();
     });
-    pf.step();
   }
   unroll<JT>([&](auto jj) {
     constexpr int J = decltype(jj)::value;
@@ -813,8 +813,8 @@ inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, c
               constexpr int J = decltype(jj)::value;
               tile_dot<J * G + GG, 4 + J, V>();
             });
+            pf.step();
           });
-          pf.step();
         }
         unroll<JT>([&](auto jj) {
           constexpr int J = decltype(jj)::value;

@@ -892,7 +892,8 @@ inline void values_as_float(const uint16_t* v, int64_t rs, int64_t n, int64_t D,
 }
 
 // One tile of n bf16 keys and values at positions pos0 .. pos0+n-1 (rows `rs` elements apart, read
-// in place), for the first `active` query lanes; P V on the values unpacked to float32 in buf.v.
+// in place), for the first `active` query lanes; P V on the values unpacked to float32 in buf.v
+// (stepping buf.prefetch per key of each span).
 template <int W, int MV, int kD>
 inline void attend_tile_bf16(Pass<W, MV>& w, const uint16_t* k, const uint16_t* v, int64_t rs,
                              int64_t n, int64_t D, float scale, float pos0, bool masked, bool suffix,
@@ -905,7 +906,8 @@ inline void attend_tile_bf16(Pass<W, MV>& w, const uint16_t* k, const uint16_t* 
   float* o = reinterpret_cast<float*>(w.ot.data());
   const float* p = reinterpret_cast<const float*>(w.s);
   const float* corr_f = reinterpret_cast<const float*>(corr);
-  pv_queries<kD, MV * W>(active, o, D, p, MV * W, buf.v.data(), d_len, n, corr_f, changed, nullptr);
+  pv_queries<kD, MV * W>(active, o, D, p, MV * W, buf.v.data(), d_len, n, corr_f, changed,
+                         &buf.prefetch);
 }
 #endif
 
@@ -1172,12 +1174,12 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
     }
   }
 
-  // Prefetch a page ahead: a step per tile (bf16 dot path), per key of each span of pv_queries, or
-  // per register block of dims in attend_tile's own P V.
+  // Prefetch a page ahead: a step per key of each span of pv_queries (float rows in 16-lane passes,
+  // the bf16 dot path), or per register block of dims in attend_tile's own P V.
   const int64_t page_tiles = (p.block_size + kTile - 1) / kTile;
-  int64_t tile_steps = kDot ? 1 : D / register_block(MV);
+  int64_t tile_steps = D / register_block(MV);
 #if defined(__AVX512F__)
-  if constexpr (!kDot && kPvDims<W>) {
+  if constexpr (kDot || kPvDims<W>) {
     const int64_t vs = DT == DType::kFloat32 ? tok_stride : D;  // rows_as_float's value rows
     tile_steps = pv_steps(active, D, vs) * std::min<int64_t>(kTile, p.block_size);
   }
@@ -1207,7 +1209,6 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
 #endif
 #if defined(__AVX512BF16__)
     if constexpr (kDot) {
-      buf.prefetch.step();
       attend_tile_bf16<W, MV, kD>(w, k, v, tok_stride, n, D, p.scale, pos0, masked, suffix,
                                   active, buf);
       return;

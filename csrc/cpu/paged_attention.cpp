@@ -114,7 +114,7 @@ class Prefetcher {
   // What was added since the last flush goes out over the next `steps` steps.
   void spread(int64_t steps) { per_step_ = (left_ + steps - 1) / std::max<int64_t>(1, steps); }
   // Always inlined: called per key next to 16-24 vector accumulators, which a call would spill
-  // (every vector register is caller-saved); GCC left it out of line in the avx512bf16 build.
+  // (every vector register is caller-saved); GCC had left it out of line in the AVX-512 builds.
   __attribute__((always_inline)) void step() {
     for (int64_t i = 0; i < per_step_; ++i) {
       if (at_ == end_ && !next()) return;
@@ -414,9 +414,10 @@ inline void pv_queries(int64_t active, float* o, int64_t D, const float* p, int6
 
 // pv_span calls of pv_queries (each makes a pf step per key).
 inline int64_t pv_steps(int64_t active, int64_t D, int64_t vs) {
+  const int64_t group = pv_group(vs);
   int64_t steps = 0;
-  for (int64_t m = 0; m < active; m += pv_group(vs)) {
-    const int64_t span = pv_dims_per_span(static_cast<int>(std::min(pv_group(vs), active - m)));
+  for (int64_t m = 0; m < active; m += group) {
+    const int64_t span = pv_dims_per_span(static_cast<int>(std::min(group, active - m)));
     steps += D / span + (D % span) / 16;
   }
   return steps;

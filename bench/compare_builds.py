@@ -4,13 +4,16 @@ separate benchmark runs suffer from (the numbers in bench/RESULTS.md's "What cha
 
     # build the baseline somewhere else, e.g. from a git worktree:
     #   cmake -S <worktree> -B /tmp/old -G Ninja -DCMAKE_LIBRARY_OUTPUT_DIRECTORY=/tmp/old_so ...
-    python bench/compare_builds.py /tmp/old_so/_C*.so stopkit/_C*.so --dtype bf16 --tables random,hot
+    python bench/compare_builds.py /tmp/old_so/_C.cpython-*.so stopkit/_C.cpython-*.so --dtype bf16 --tables random,hot
+    # in the VM's noisier phases: single calls, many rounds, and read the per-round ratios
+    python bench/compare_builds.py OLD NEW --dtype fp32 --calls 1 --rounds 150 [--isa avx512]
 
 Cases: the benchmark's inputs (test_bench_paged_attention.Inputs) at its 1.5B shape (or --shape
 8B) for q_len 1 and 4; "random" is the benchmark's shuffled block table, "hot" maps every row onto 8
 pages that stay in L2 (the compute alone). The caches are the benchmark's (``zeros_kv_storage``:
 huge pages where the OS allows them); ``--pages plain`` copies them into ``torch.empty`` tensors,
-``--pages both`` runs every build on both.
+``--pages both`` runs every build on both. Each build's line gives its median time, its ratio to
+the baseline's median and the median (and quartiles) of its per-round ratios to the baseline.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ from test_bench_paged_attention import SHAPES, Case, Inputs  # bench/ is the scr
 from stopkit import ops
 
 
-def load_build(path: str, index: int, workdir: Path):
+def load_build(path: str, index: int, workdir: Path, isa: str | None = None):
     """The ``_C`` module at ``path`` under a name of its own (a copy, so two builds never share a
-    file name the loader could mistake for one module)."""
+    file name the loader could mistake for one module), on instruction set ``isa`` if given."""
     copy = workdir / f"build{index}" / Path(path).name
     copy.parent.mkdir()
     shutil.copy(path, copy)
@@ -39,7 +42,19 @@ def load_build(path: str, index: int, workdir: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.set_num_threads(max(1, torch.get_num_threads()))
+    if isa:
+        module.set_isa(isa)
     return module
+
+
+def paired(samples: list[float], base: list[float]) -> str:
+    """The median and quartiles of the per-round ratios to the baseline: each round times the
+    builds back to back, so this follows the VM's drift better than a ratio of medians."""
+    ratios = [s / b for s, b in zip(samples, base)]
+    if len(ratios) < 2:
+        return ""
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return f"; per round {statistics.median(ratios):.3f}x, quartiles {q1:.3f}-{q3:.3f}"
 
 
 def main() -> None:
@@ -54,6 +69,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5, help="calls per timed sample")
     parser.add_argument("--pages", choices=("huge", "plain", "both"), default="huge",
                         help="caches from zeros_kv_storage (huge) or torch.empty (plain)")
+    parser.add_argument("--isa", help="run every build on this instruction set (set_isa), e.g. avx512")
     args = parser.parse_args()
 
     inputs = Inputs()  # holds the shape's caches: every q_len below gets the same ones
@@ -70,7 +86,7 @@ def main() -> None:
 
     native = ops._C
     with tempfile.TemporaryDirectory() as tmp:
-        modules = [load_build(p, i, Path(tmp)) for i, p in enumerate(args.builds)]
+        modules = [load_build(p, i, Path(tmp), args.isa) for i, p in enumerate(args.builds)]
         for i, p in enumerate(args.builds):
             print(f"[{i}] {p}")
         variants = [(f"[{i}]" + (f" {pages}" if len(caches) > 1 else ""), module, kv)
@@ -91,9 +107,11 @@ def main() -> None:
                             for _ in range(args.calls):
                                 call()
                             seconds[name].append((time.perf_counter() - start) / args.calls)
-                    base = statistics.median(seconds[variants[0][0]])
-                    cells = [f"{name}: {statistics.median(s) * 1e3:.2f} ms ({statistics.median(s) / base:.3f}x)"
-                             for name, s in seconds.items()]
+                    base_samples = seconds[variants[0][0]]
+                    base = statistics.median(base_samples)
+                    cells = [f"{name}: {statistics.median(s) * 1e3:.2f} ms ({statistics.median(s) / base:.3f}x"
+                             + (paired(s, base_samples) if i else "") + ")"
+                             for i, (name, s) in enumerate(seconds.items())]
                     print(f"{args.shape} {args.dtype} q_len {q_len} {table:>6}  " + "  ".join(cells))
         finally:
             ops._C = native

@@ -235,26 +235,38 @@ inline void scores_paired_block(Pass<16, MV>& w, const float* k, int64_t rs, int
   }
 }
 
-// scores_paired_block over a tile of n keys, P = w.pair_vecs (<= 2 MV): TB keys per block so that
-// TB * P accumulators, P operands and the broadcast stay in the 32 registers.
+// Keys per scores_paired_block at P pair vectors: TB * P accumulators, P operands and the
+// broadcast stay in the 32 registers.
+constexpr int paired_block_keys(int P) { return P <= 3 ? 8 : (P <= 6 ? 4 : 2); }
+// pf steps after each full block of S: P V's steps alone left the memory idle through S (1.5B
+// float32: 0.965x at q_len 4, 0.945x at q_len 1 on the shuffled table); more, or steps inside the
+// block, cost more than they gained (a step is ~10 cycles).
+constexpr int kScoreBlockSteps = 2;
+
+// scores_paired_block over a tile of n keys, P = w.pair_vecs (<= 2 MV), stepping pf.
 template <int MV, int kD, int P = 2 * MV>
-inline void scores_paired(Pass<16, MV>& w, const float* k, int64_t rs, int64_t n, int64_t D) {
+inline void scores_paired(Pass<16, MV>& w, const float* k, int64_t rs, int64_t n, int64_t D,
+                          Prefetcher& pf) {
   if constexpr (P > 1) {
-    if (w.pair_vecs < P) return scores_paired<MV, kD, P - 1>(w, k, rs, n, D);
+    if (w.pair_vecs < P) return scores_paired<MV, kD, P - 1>(w, k, rs, n, D, pf);
   }
-  constexpr int TB = P <= 3 ? 8 : (P <= 6 ? 4 : 2);
+  constexpr int TB = paired_block_keys(P);
   int64_t t = 0;
-  for (; t + TB <= n; t += TB) scores_paired_block<MV, P, TB, kD>(w, k, rs, t, D);
+  for (; t + TB <= n; t += TB) {
+    scores_paired_block<MV, P, TB, kD>(w, k, rs, t, D);
+    for (int i = 0; i < kScoreBlockSteps; ++i) pf.step();
+  }
   for (; t < n; ++t) scores_paired_block<MV, P, 1, kD>(w, k, rs, t, D);
 }
 #endif
 
-// S = K Qt for a tile of n keys, rows `rs` floats apart.
+// S = K Qt for a tile of n keys, rows `rs` floats apart (16-lane passes step pf).
 template <int W, int MV, int kD>
-inline void scores(Pass<W, MV>& w, const float* k, int64_t rs, int64_t n, int64_t D) {
+inline void scores(Pass<W, MV>& w, const float* k, int64_t rs, int64_t n, int64_t D,
+                   [[maybe_unused]] Prefetcher& pf) {
   using vfloat = typename Vec<W>::f;
 #if defined(__AVX512F__)
-  if constexpr (W == 16) return scores_paired<MV, kD>(w, k, rs, n, D);
+  if constexpr (W == 16) return scores_paired<MV, kD>(w, k, rs, n, D, pf);
 #endif
   const int64_t d_len = kD ? kD : D;
   constexpr int TB = register_block(MV);
@@ -439,7 +451,7 @@ inline void attend_tile(Pass<W, MV>& w, const float* k, const float* v, int64_t 
                         Prefetcher& pf) {
   using vfloat = typename Vec<W>::f;
   const int64_t d_len = kD ? kD : D;
-  scores<W, MV, kD>(w, k, rs, n, D);
+  scores<W, MV, kD>(w, k, rs, n, D, pf);
   vfloat corr[MV];
   const bool changed = softmax_tile(w, n, pos0, masked, suffix, corr);
 #if defined(__AVX512F__)
@@ -1181,13 +1193,16 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
   }
 
   // Prefetch a page ahead: a step per key of each span of pv_queries (float rows in 16-lane passes,
-  // the bf16 dot path), or per register block of dims in attend_tile's own P V.
+  // the bf16 dot path) and kScoreBlockSteps per block of S keys (float rows in 16-lane passes), or
+  // per register block of dims in attend_tile's own P V.
   const int64_t page_tiles = (p.block_size + kTile - 1) / kTile;
   int64_t tile_steps = D / register_block(MV);
 #if defined(__AVX512F__)
   if constexpr (kDot || kPvDims<W>) {
     const int64_t vs = DT == DType::kFloat32 ? tok_stride : D;  // rows_as_float's value rows
-    tile_steps = pv_steps(active, D, vs) * std::min<int64_t>(kTile, p.block_size);
+    const int64_t tile_keys = std::min<int64_t>(kTile, p.block_size);
+    tile_steps = pv_steps(active, D, vs) * tile_keys;
+    if constexpr (kPaired) tile_steps += tile_keys / paired_block_keys(pair_vecs) * kScoreBlockSteps;
   }
 #endif
   int64_t ahead = 1, steps = Hkv * page_tiles * tile_steps;

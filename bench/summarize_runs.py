@@ -2,7 +2,7 @@
 per case, our time, the speedup over the reference and our fraction of the copy bandwidth (median
 and range over the runs), and in how many runs it met a threshold (by default issue 2's targets:
 10x the reference at the 1.5B shape, q_len 4, bfloat16; 50% of the copy everywhere). One run of a
-shared VM can land in one of its slow phases; the five-run tables in bench/RESULTS.md come from
+shared VM can land in one of its slow phases; the multi-run tables in bench/RESULTS.md come from
 this script.
 
     for i in 1 2 3 4 5; do

@@ -239,7 +239,7 @@ inline void scores_paired_block(Pass<16, MV>& w, const float* k, int64_t rs, int
 // broadcast stay in the 32 registers.
 constexpr int paired_block_keys(int P) { return P <= 3 ? 8 : (P <= 6 ? 4 : 2); }
 // pf steps after each full block of S: P V's steps alone left the memory idle through S (1.5B
-// float32: 0.965x at q_len 4, 0.945x at q_len 1 on the shuffled table); more, or steps inside the
+// float32: 0.976x at q_len 4, 0.939x at q_len 1 on the shuffled table); more, or steps inside the
 // block, cost more than they gained (a step is ~10 cycles).
 constexpr int kScoreBlockSteps = 2;
 

@@ -16,7 +16,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -29,9 +28,12 @@
 #include "paged_attention/dot_pass.h"
 #include "paged_attention/query_lanes.h"
 #include "stopkit/cpu/kernels.h"
+#include "stopkit/state.h"
 
 namespace stopkit::cpu::STOPKIT_ISA {
 namespace {
+
+using State = SoftmaxState<NaturalLog>;
 
 struct Item {
   int64_t b, blk_lo, blk_hi;  // row and its pages [blk_lo, blk_hi)
@@ -93,10 +95,10 @@ inline void walk_pages(const PagedAttentionParams& p, const Item& it, float lowe
 }
 
 // Runs queries [m0, m0 + MV*W) of every kv head of one work item (ws[kh] holds head kh's state)
-// over its pages (walk_pages). Writes the unnormalised acc [Hkv][M][D], m and l [Hkv][M].
+// over its pages (walk_pages). Writes the unnormalised acc [Hkv][M][D] and the states [Hkv][M].
 template <DType DT, int kD, int W, int MV>
 void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::vector<Pass<W, MV>>& ws,
-              TileBuffers& buf, float* acc_out, float* m_out, float* l_out) {
+              TileBuffers& buf, float* acc_out, State* st_out) {
   using T = typename Elem<DT>::T;
   using V = Vec<W>;
   using vfloat = typename V::f;
@@ -217,9 +219,7 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
       } else {
         for (int64_t d = 0; d < D; ++d) dst[d] = ot[(d * MV + j) * W + e];
       }
-      const bool seen = w.l[j][e] > 0.0f;
-      m_out[mi] = seen ? w.m[j][e] : kNegInf;
-      l_out[mi] = seen ? w.l[j][e] : 0.0f;
+      st_out[mi] = w.l[j][e] > 0.0f ? State{w.m[j][e], w.l[j][e]} : State::empty();
     }
   }
 }
@@ -227,7 +227,7 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
 // run_pass for the head_dim-lane layout: all M <= MP queries of every kv head of one work item.
 template <DType DT, int kD, int MP>
 void run_pass_dot(const PagedAttentionParams& p, const Item& it, std::vector<DotPass<MP>>& ws,
-                  TileBuffers& buf, float* acc_out, float* m_out, float* l_out) {
+                  TileBuffers& buf, float* acc_out, State* st_out) {
   using T = typename Elem<DT>::T;
   const int64_t S = p.q_len, H = p.num_heads, Hkv = p.num_kv_heads, G = H / Hkv, M = G * S;
   const int64_t D = kD ? kD : p.head_dim, L = p.seq_lens[it.b], tok_stride = Hkv * D;
@@ -240,8 +240,7 @@ void run_pass_dot(const PagedAttentionParams& p, const Item& it, std::vector<Dot
     w.q.assign(MP * D, 0.0f);
     w.o.assign(MP * D, 0.0f);
     for (int j = 0; j < MP; ++j) {
-      w.m[j] = kMasked;
-      w.l[j] = 0.0f;
+      w.st[j] = {kMasked, 0.0f};
       w.lower[j] = kNegInf;
       w.qidx[j] = 0.0f;
     }
@@ -271,9 +270,7 @@ void run_pass_dot(const PagedAttentionParams& p, const Item& it, std::vector<Dot
     for (int64_t j = 0; j < M; ++j) {
       const int64_t mi = kh * M + j;
       std::copy(w.o.begin() + j * D, w.o.begin() + (j + 1) * D, acc_out + mi * D);
-      const bool seen = w.l[j] > 0.0f;
-      m_out[mi] = seen ? w.m[j] : kNegInf;
-      l_out[mi] = seen ? w.l[j] : 0.0f;
+      st_out[mi] = w.st[j].l > 0.0f ? w.st[j] : State::empty();
     }
   }
 }
@@ -306,27 +303,20 @@ void run(const PagedAttentionParams& p) {
   const int64_t HM = Hkv * M;  // query rows of one item
   int64_t splits = 1;
   if (B < threads && max_used > 1) splits = std::min<int64_t>(max_used, (2 * threads + B - 1) / B);
-  // Unnormalised partial results of every item: acc [items][HM][D], m and l [items][HM].
+  // Unnormalised partial results of every item: acc [items][HM][D], states [items][HM].
   const bool direct = splits == 1;
-  std::vector<float> part_acc(direct ? 0 : B * splits * HM * D), part_m(direct ? 0 : B * splits * HM),
-      part_l(direct ? 0 : B * splits * HM);
+  std::vector<float> part_acc(direct ? 0 : B * splits * HM * D);
+  std::vector<State> part_st(direct ? 0 : B * splits * HM);
 
   auto* out = static_cast<T*>(p.out);
-  auto finish = [&](int64_t b, int64_t kh, int64_t mi, const float* acc, float m, float l) {
+  auto finish = [&](int64_t b, int64_t kh, int64_t mi, const float* acc, State st) {
     const int64_t h = kh * G + mi / S, row = (b * S + mi % S) * H + h;
-    float rescale = 1.0f;
-    if (p.sinks) {
-      const float sink = p.sinks[h];
-      const float m_all = std::max(m, sink);
-      rescale = std::exp(m - m_all);
-      l = l * rescale + std::exp(sink - m_all);
-      m = m_all;
-    }
-    const float inv = l > 0.0f ? rescale / l : 0.0f;
+    const float acc_scale = p.sinks ? st.add_sink(p.sinks[h]) : 1.0f;
+    const float inv = st.output_scale(acc_scale);
     T* o = out + row * D;
 #pragma omp simd
     for (int64_t i = 0; i < D; ++i) o[i] = Elem<DT>::store(acc[i] * inv);
-    if (p.lse) p.lse[row] = l > 0.0f ? m + std::log(l) : kNegInf;
+    if (p.lse) p.lse[row] = st.lse();
   };
 
   // Tiny calls (short contexts, small batches) run on the calling thread: waking the team costs
@@ -345,7 +335,8 @@ void run(const PagedAttentionParams& p) {
 #if defined(__AMX_BF16__)
     if (amx) buf.block = std::make_unique<BlockBuffers>(D);
 #endif
-    std::vector<float> acc(direct ? HM * D : 0), ms(direct ? HM : 0), ls(direct ? HM : 0);
+    std::vector<float> acc(direct ? HM * D : 0);
+    std::vector<State> sts(direct ? HM : 0);
     // Few queries (decode: G * q_len is often 1..8) use narrower vectors than the native width.
     std::vector<Pass<4, 1>> narrow4(Hkv);
     std::vector<Pass<(kLanes >= 8 ? 8 : 4), 1>> narrow8(Hkv);
@@ -363,31 +354,30 @@ void run(const PagedAttentionParams& p) {
       const int64_t lo = std::min(nblk, split * per);
       const Item it{b, lo, std::min(nblk, lo + per), split == splits - 1};
       float* acc_out = direct ? acc.data() : part_acc.data() + item * HM * D;
-      float* m_out = direct ? ms.data() : part_m.data() + item * HM;
-      float* l_out = direct ? ls.data() : part_l.data() + item * HM;
+      State* st_out = direct ? sts.data() : part_st.data() + item * HM;
       if (dot_layout) {
-        if (M == 1) run_pass_dot<DT, kD>(p, it, dot1, buf, acc_out, m_out, l_out);
-        else if (M == 2) run_pass_dot<DT, kD>(p, it, dot2, buf, acc_out, m_out, l_out);
-        else run_pass_dot<DT, kD>(p, it, dot4, buf, acc_out, m_out, l_out);
+        if (M == 1) run_pass_dot<DT, kD>(p, it, dot1, buf, acc_out, st_out);
+        else if (M == 2) run_pass_dot<DT, kD>(p, it, dot2, buf, acc_out, st_out);
+        else run_pass_dot<DT, kD>(p, it, dot4, buf, acc_out, st_out);
       }
       for (int64_t m0 = 0; !dot_layout && m0 < M; m0 += kMaxVecs * kLanes) {
         const int64_t rest = M - m0, vecs = std::min<int64_t>(kMaxVecs, (rest + kLanes - 1) / kLanes);
         if (rest <= 4 && kLanes > 4 && !amx) {  // AMX: 16-lane passes only (a tile row of S)
-          run_pass<DT, kD>(p, it, m0, narrow4, buf, acc_out, m_out, l_out);
+          run_pass<DT, kD>(p, it, m0, narrow4, buf, acc_out, st_out);
         } else if (rest <= 8 && kLanes > 8 && !amx && !kPairedS<DT, kLanes>) {
           // (where S runs by dim pairs, 5..8 queries fill a 16-lane pass instead)
-          run_pass<DT, kD>(p, it, m0, narrow8, buf, acc_out, m_out, l_out);
+          run_pass<DT, kD>(p, it, m0, narrow8, buf, acc_out, st_out);
         } else {
           switch (vecs) {
-            case 1: run_pass<DT, kD>(p, it, m0, w1, buf, acc_out, m_out, l_out); break;
-            case 2: run_pass<DT, kD>(p, it, m0, w2, buf, acc_out, m_out, l_out); break;
-            case 3: run_pass<DT, kD>(p, it, m0, w3, buf, acc_out, m_out, l_out); break;
-            default: run_pass<DT, kD>(p, it, m0, w4, buf, acc_out, m_out, l_out); break;
+            case 1: run_pass<DT, kD>(p, it, m0, w1, buf, acc_out, st_out); break;
+            case 2: run_pass<DT, kD>(p, it, m0, w2, buf, acc_out, st_out); break;
+            case 3: run_pass<DT, kD>(p, it, m0, w3, buf, acc_out, st_out); break;
+            default: run_pass<DT, kD>(p, it, m0, w4, buf, acc_out, st_out); break;
           }
         }
       }
       if (direct)
-        for (int64_t r = 0; r < HM; ++r) finish(b, r / M, r % M, acc_out + r * D, m_out[r], l_out[r]);
+        for (int64_t r = 0; r < HM; ++r) finish(b, r / M, r % M, acc_out + r * D, st_out[r]);
     }
 
     if (!direct) {
@@ -395,20 +385,16 @@ void run(const PagedAttentionParams& p) {
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < B * HM; ++r) {
         const int64_t b = r / HM, hm = r % HM;
-        float m = kNegInf;
-        for (int64_t sp = 0; sp < splits; ++sp) m = std::max(m, part_m[(b * splits + sp) * HM + hm]);
+        State st = State::empty();
         std::fill(merged.begin(), merged.end(), 0.0f);
-        float l = 0.0f;
-        for (int64_t sp = 0; sp < splits && m != kNegInf; ++sp) {
+        for (int64_t sp = 0; sp < splits; ++sp) {
           const int64_t at = (b * splits + sp) * HM + hm;
-          if (part_m[at] == kNegInf) continue;
-          const float c = std::exp(part_m[at] - m);
-          l += part_l[at] * c;
+          const State::Scales c = st.merge(part_st[at]);
           const float* pa = part_acc.data() + at * D;
 #pragma omp simd
-          for (int64_t i = 0; i < D; ++i) merged[i] += c * pa[i];
+          for (int64_t i = 0; i < D; ++i) merged[i] = merged[i] * c.self + c.other * pa[i];
         }
-        finish(b, hm / M, hm % M, merged.data(), m, l);
+        finish(b, hm / M, hm % M, merged.data(), st);
       }
     }
   }

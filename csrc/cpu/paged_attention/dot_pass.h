@@ -5,13 +5,13 @@
 #pragma once
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <utility>
 #include <vector>
 
 #include "common.h"
+#include "stopkit/state.h"
 
 namespace stopkit::cpu::STOPKIT_ISA {
 namespace {
@@ -36,7 +36,8 @@ inline void fold_lanes(typename Vec<W>::f* x) {
 template <int MP>
 struct DotPass {
   std::vector<float> q, o;  // [MP][D]
-  float m[MP], l[MP], lower[MP], qidx[MP];
+  SoftmaxState<NaturalLog> st[MP];
+  float lower[MP], qidx[MP];
   float p[MP][kTile];       // scores, then probabilities, of the current tile
 };
 
@@ -100,22 +101,20 @@ inline void dot_tile(DotPass<MP>& w, const float* k, const float* v, int64_t rs,
       sv[j][g] = ok ? sv[j][g] : V::broadcast(kNegInf);
       tmax = V::max(tmax, sv[j][g]);
     }
-    const float m_new = std::max(w.m[j], V::reduce_max(tmax)), corr = std::exp(w.m[j] - m_new);
+    SoftmaxState<NaturalLog>& st = w.st[j];
+    const float corr = st.raise_max(V::reduce_max(tmax));
     vfloat lsum{};
     for (int g = 0; g < NV; ++g) {
-      const vfloat e = sv[j][g] > kMasked ? V::exp(sv[j][g] - m_new) : vfloat{};
+      const vfloat e = sv[j][g] > kMasked ? V::exp(sv[j][g] - st.m) : vfloat{};
       std::memcpy(&w.p[j][g * W], &e, sizeof(e));
       lsum += e;
     }
-    float l = w.l[j] * corr;
-    for (int i = 0; i < W; ++i) l += lsum[i];
-    w.l[j] = l;
-    if (m_new != w.m[j]) {
+    for (int i = 0; i < W; ++i) st.l += lsum[i];
+    if (corr != 1.0f) {
       float* o = w.o.data() + j * d_len;
 #pragma omp simd
       for (int64_t d = 0; d < d_len; ++d) o[d] *= corr;
     }
-    w.m[j] = m_new;
   }
   // O += P V, DB vectors of dims at a time (MP * DB register accumulators).
   constexpr int DB = dot_pv_block(MP);

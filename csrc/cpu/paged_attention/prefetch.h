@@ -28,7 +28,7 @@ class Prefetcher {
   // What was added since the last flush goes out over the next `steps` steps.
   void spread(int64_t steps) { per_step_ = (left_ + steps - 1) / std::max<int64_t>(1, steps); }
   // Always inlined: called per key next to 16-24 vector accumulators, which a call would spill
-  // (every vector register is caller-saved); GCC had left it out of line in the AVX-512 builds.
+  // (every vector register is caller-saved), and compilers do not always inline it by themselves.
   __attribute__((always_inline)) void step() {
     for (int64_t i = 0; i < per_step_; ++i) {
       if (at_ == end_ && !next()) return;

@@ -59,9 +59,8 @@ inline void scores_paired_block(Pass<16, MV>& w, const float* k, int64_t rs, int
 // Keys per scores_paired_block at P pair vectors: TB * P accumulators, P operands and the
 // broadcast stay in the 32 registers.
 constexpr int paired_block_keys(int P) { return P <= 3 ? 8 : (P <= 6 ? 4 : 2); }
-// pf steps after each full block of S: P V's steps alone left the memory idle through S (1.5B
-// float32: 0.976x at q_len 4, 0.939x at q_len 1 on the shuffled table); more, or steps inside the
-// block, cost more than they gained (a step is ~10 cycles).
+// pf steps after each full block of S: with P V's steps alone the memory would idle through S;
+// more, or steps inside the block, cost more than they gain (a step is ~10 cycles).
 constexpr int kScoreBlockSteps = 2;
 
 // scores_paired_block over a tile of n keys, P = w.pair_vecs (<= 2 MV), stepping pf.
@@ -222,9 +221,8 @@ inline void pv(float* o, int64_t D, const float* p, int64_t p_stride, const floa
 
 // Queries per pv call. Each call reads the tile's values again: from L1, unless the value rows lie
 // a multiple of 4 KiB apart (8 kv heads x 128 float32 dims) and so all 16 of a tile's rows fall in
-// the same L1 sets, more than their ways. There 8 queries per call read them fewer times (6 were
-// 1.06-1.16x slower at the 8B shape); elsewhere 6 per call get the denser spans (0.95x at the 1.5B
-// shape, q_len 4; 0.74x for decode's 6 queries with the pages in cache).
+// the same L1 sets, more than their ways. There 8 queries per call read them fewer times; elsewhere
+// 6 per call get the denser spans.
 inline int64_t pv_group(int64_t vs) { return vs % 1024 == 0 ? 8 : 6; }
 
 // pv for the `active` queries of a pass, pv_group(vs) at a time: O [active][D], P rows p_stride

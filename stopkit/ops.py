@@ -20,15 +20,17 @@ __all__ = ["paged_attention", "write_kv", "copy_blocks", "stop_score", "cuda_ava
            "check_block_table", "MAX_Q_LEN"]
 
 MAX_Q_LEN = 16
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_ACTIVATIONS = {None: 0, "none": 0, "gelu": 1, "relu": 2, "silu": 3, "tanh": 4}
+_DTYPE_CODES = {getattr(torch, name): code for name, code in _C.dtype_codes().items()}
+_ACTIVATIONS = {None: _C.activation_codes()["none"], **_C.activation_codes()}
 
 try:  # built only where nvcc was found
     from stopkit import _C_cuda  # type: ignore[attr-defined]
 except ImportError:
     _C_cuda = None
 
-_C.set_num_threads(max(1, torch.get_num_threads()))
+# The CPU kernels share torch's OpenMP runtime: reading torch's thread count sets the runtime to
+# torch's default (the physical cores) for the kernels too; torch.set_num_threads sets both after.
+_C.set_num_threads(torch.get_num_threads())
 
 
 def cuda_available() -> bool:

@@ -11,6 +11,8 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <iterator>
+#include <string>
 
 #include "stopkit/params.h"
 
@@ -79,7 +81,8 @@ void define_ops(pybind11::module_& m) {
            uintptr_t hidden_bias, uintptr_t head_weight, uintptr_t head_bias, int64_t batch,
            int64_t dim, int64_t hidden_dim, double eps, int64_t activation, int64_t hidden_dtype,
            int64_t weight_dtype, uintptr_t stream) {
-          STOPKIT_CHECK(activation >= 0 && activation <= 4, "activation code must be in 0..4");
+          STOPKIT_CHECK(activation >= 0 && activation < static_cast<int64_t>(std::size(kActivationNames)),
+                        "activation code must be in 0.." + std::to_string(std::size(kActivationNames) - 1));
           StopScoreParams p{ptr<float>(out), ptr<const void>(hidden), ptr<const void>(norm_weight),
                             ptr<const void>(hidden_weight), ptr<const void>(hidden_bias),
                             ptr<const void>(head_weight), ptr<const void>(head_bias), batch, dim,
@@ -93,6 +96,17 @@ void define_ops(pybind11::module_& m) {
         py::arg("hidden_bias"), py::arg("head_weight"), py::arg("head_bias"), py::arg("batch"),
         py::arg("dim"), py::arg("hidden_dim"), py::arg("eps"), py::arg("activation"),
         py::arg("hidden_dtype"), py::arg("weight_dtype"), py::arg("stream") = 0);
+
+  m.def("dtype_codes", [] {
+    py::dict codes;
+    for (size_t i = 0; i < std::size(kDTypeNames); ++i) codes[kDTypeNames[i]] = i;
+    return codes;
+  }, "The ops' dtype argument: {torch dtype name: code}.");
+  m.def("activation_codes", [] {
+    py::dict codes;
+    for (size_t i = 0; i < std::size(kActivationNames); ++i) codes[kActivationNames[i]] = i;
+    return codes;
+  }, "stop_score's activation argument: {name: code}.");
 
   m.def("debug_checks", [] {
 #ifdef STOPKIT_DEBUG_CHECKS

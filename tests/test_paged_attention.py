@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, replace
 
 import pytest
@@ -18,6 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import ISA_FLAGS, KERNEL_THREADS, cpu_flags, runnable_isas
 from stopkit import _C, ops, reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -264,8 +268,9 @@ def test_random_configurations(backend, data):
 @pytest.mark.parametrize("shape", [dict(batch=1, seq_lens=(3001,)), dict(batch=3, seq_lens=(2000, 0, 20))],
                          ids=["one-row", "ragged"])
 def test_split_context(backend, num_threads, shape, extras, dtype):
-    """One kv head and few rows: the context is split across threads and merged by LSE. Split
-    results equal the unsplit one (1 thread) and the float64 reference."""
+    """One kv head and few rows of up to 3001 keys: the CPU kernels split rows into chunks of keys
+    and merge them by LSE, the same bits at any thread count; the CUDA kernel, forced to 1, 2 and 7
+    splits, stays within float tolerance. Every result is close to the float64 reference."""
     case = Case(q_len=4, heads=(4, 1), head_dim=128, block_size=16, dtype=dtype,
                 **{"suffix": False, **shape, **extras})
     inputs = make_inputs(case, backend)
@@ -288,9 +293,92 @@ def test_split_context(backend, num_threads, shape, extras, dtype):
         assert_lse_close(lse, exact_lse)
         results.append((out, lse))
     for out, lse in results[1:]:
+        if backend.type == "cpu":
+            assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+            continue
         if dtype == torch.float32:
             torch.testing.assert_close(out, results[0][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(lse, results[0][1], rtol=1e-6, atol=1e-6)
+
+
+def rows_of(inputs: dict, rows: list[int]) -> dict:
+    """The inputs of a batch made of ``rows`` of another (any order, repeats allowed): its queries,
+    block table rows, lengths and suffix rows; the caches are shared."""
+    index = torch.tensor(rows, dtype=torch.long)
+    per_row = ("q", "block_table", "seq_lens", "suffix_k", "suffix_v")
+    return {k: t[index] if k in per_row else t for k, t in inputs.items()}
+
+
+# Rows of several of the CPU kernels' chunks of keys, of one chunk exactly, just over one, of one page
+# and empty: the work of the batch and of its longest row alone is large enough for the kernels to
+# start their threads.
+SPLIT = _C.split_keys()
+COMPOSITION_LENS = (3 * SPLIT - 36, 0, SPLIT + 18, 37, 2 * SPLIT + 76, SPLIT)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q_len,window", [(1, None), (4, None), (4, 700)])
+def test_rows_keep_their_bits_across_batches_and_threads(cpu_backend, num_threads, dtype, q_len, window):
+    """At each of KERNEL_THREADS CPU kernel threads, a row's output and LSE are the same bits as the
+    row alone at 1 thread: in its batch, in a pruned batch (rows kept in order) and in a larger
+    shuffled batch with repeats; the batch is close to the float64 reference at each."""
+    case = Case(batch=len(COMPOSITION_LENS), q_len=q_len, heads=(8, 2), head_dim=128, block_size=16,
+                dtype=dtype, sinks=True, window=window, seq_lens=COMPOSITION_LENS)
+    inputs = make_inputs(case, cpu_backend)
+    exact, exact_lse = reference.paged_attention(**upcast(inputs), window=window, return_lse=True)
+    torch_half = None if dtype == torch.float32 else reference.paged_attention(**inputs, window=window)
+    B = case.batch
+    _C.set_num_threads(1)
+    alone = [ops.paged_attention(**rows_of(inputs, [b]), window=window, return_lse=True) for b in range(B)]
+    batches = [list(range(B)), [0, 2, 4], [4, 1, 5, 0, 3, 2, 0, 4, 2]]
+    for threads in KERNEL_THREADS:
+        _C.set_num_threads(threads)
+        for rows in batches:
+            out, lse = ops.paged_attention(**rows_of(inputs, rows), window=window, return_lse=True)
+            for i, b in enumerate(rows):
+                where = f"{threads} threads, row {b} in batch {rows}"
+                assert torch.equal(out[i], alone[b][0][0]), f"{where}: output differs from the row alone"
+                assert torch.equal(lse[i], alone[b][1][0]), f"{where}: lse differs from the row alone"
+            if rows == batches[0]:
+                assert_close_to_reference(out, exact, torch_half)
+                assert_lse_close(lse, exact_lse)
+
+
+def _default_isa_in_a_fresh_process() -> str:
+    """The build the module picks when loaded afresh (this process's choice may have been set)."""
+    load = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('_C', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.isa())")
+    env = {k: v for k, v in os.environ.items() if k != "STOPKIT_CPU_ISA"}
+    done = subprocess.run([sys.executable, "-c", load, _C.__file__], env=env, capture_output=True,
+                          text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_dispatch_picks_the_best_build_the_processor_runs():
+    """The default build is the most capable one compiled in whose instruction sets /proc/cpuinfo
+    lists."""
+    flags = cpu_flags()
+    if flags is None:
+        pytest.skip("needs /proc/cpuinfo of an x86 processor")
+    assert _C.isas()[0] == "generic" and set(_C.isas()) <= set(ISA_FLAGS), "a build conftest.ISA_FLAGS lacks"
+    expected = [isa for isa in _C.isas() if ISA_FLAGS[isa] <= flags][-1]
+    assert _default_isa_in_a_fresh_process() == expected
+
+
+def test_set_isa_refuses_builds_the_processor_cannot_run():
+    default = _C.isa()
+    try:
+        for isa in _C.isas():
+            if isa in runnable_isas():
+                _C.set_isa(isa)
+                assert _C.isa() == isa
+            else:
+                with pytest.raises(ValueError, match=f"^stopkit: isa {isa}: this processor cannot run"):
+                    _C.set_isa(isa)
+        with pytest.raises(ValueError, match="isa must be a build this module has .*generic.*, got sse9$"):
+            _C.set_isa("sse9")
+    finally:
+        _C.set_isa(default)
 
 
 def test_strided_inputs(backend):

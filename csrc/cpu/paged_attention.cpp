@@ -11,11 +11,10 @@
 // Work item = (row, context split). An item walks the row's pages in order and, while a page is in
 // cache, runs every kv head over it (a page's [block_size, Hkv, D] keys are one contiguous range,
 // prefetched a page ahead); each kv head reads the page once for all G query heads of its group and
-// all q_len queries. When rows are fewer than the threads, the context is split and the partial
-// results are merged by their log-sum-exp.
-#include <omp.h>
-
+// all q_len queries. A row longer than kSplitKeys is split into chunks of that many keys, merged by
+// their log-sum-exp (stopkit/state.h).
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -35,9 +34,27 @@ namespace {
 
 using State = SoftmaxState<NaturalLog>;
 
+// The calling thread's buffers for the partial results of split rows, kept between calls (fresh
+// ones would cost page faults and zeroing on every call); they grow to the largest call's need.
+struct Workspace {
+  std::vector<float> acc;
+  std::vector<State> states;
+};
+
+inline Workspace& workspace() {
+  static thread_local Workspace w;
+  return w;
+}
+
 struct Item {
   int64_t b, blk_lo, blk_hi;  // row and its pages [blk_lo, blk_hi)
   bool last;                  // holds the row's last pages (and so its suffix)
+  int64_t split;              // index of its row among the split rows; -1: the row's only item
+  int64_t part;               // its slot in the partial results (split rows)
+};
+
+struct SplitRow {
+  int64_t b, first_part, num_parts;
 };
 
 // Walks the pages of a work item in order and, while a page is in cache, runs
@@ -114,8 +131,10 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
 
   // Q of query m0 + lane in lane `lane` (zero in padding lanes): Qt = scale * Q (as dim pairs in
   // the AVX-512 16-lane passes), or Q as bf16 pairs; window lower bounds (the same for every kv
-  // head).
+  // head). Stored through plain pointers: indexing the vectors' lanes would reload their bases and
+  // the scale at every store, which split rows pay once per item.
   constexpr bool kPaired = kPairedS<DT, W>;
+  const float scale = p.scale;
   const int pair_vecs = kPaired ? static_cast<int>((active + 7) / 8) : 0;
   float lowest = std::numeric_limits<float>::max(), highest = kNegInf;
   for (int64_t kh = 0; kh < Hkv; ++kh) {
@@ -134,14 +153,19 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
     for (int64_t lane = 0; lane < active; ++lane) {
       const int64_t mi = m0 + lane, g = mi / S, s = mi % S, j = lane / W, e = lane % W;
       const T* src = q + ((it.b * S + s) * H + kh * G + g) * D;
-      if constexpr (kDot) {
+      if constexpr (kDot) {  // q_pairs[pr * MV + j][e]
+        int32_t* dst = reinterpret_cast<int32_t*>(w.q_pairs.data()) + j * W + e;
         for (int64_t pr = 0; pr < D / 2; ++pr)
-          w.q_pairs[pr * MV + j][e] = static_cast<int32_t>(src[2 * pr] | (uint32_t{src[2 * pr + 1]} << 16));
-      } else if constexpr (kPaired) {
-        for (int64_t d = 0; d < D; ++d)
-          w.qt_pairs[d / 2 * pair_vecs + lane / 8][2 * (lane % 8) + d % 2] = Elem<DT>::load(src[d]) * p.scale;
-      } else {
-        for (int64_t d = 0; d < D; ++d) w.qt[d * MV + j][e] = Elem<DT>::load(src[d]) * p.scale;
+          dst[pr * MV * W] = static_cast<int32_t>(src[2 * pr] | (uint32_t{src[2 * pr + 1]} << 16));
+      } else if constexpr (kPaired) {  // qt_pairs[pr * pair_vecs + lane / 8][2 * (lane % 8) + d % 2]
+        float* dst = reinterpret_cast<float*>(w.qt_pairs.data()) + lane / 8 * W + 2 * (lane % 8);
+        for (int64_t pr = 0; pr < D / 2; ++pr) {
+          dst[pr * pair_vecs * W] = Elem<DT>::load(src[2 * pr]) * scale;
+          dst[pr * pair_vecs * W + 1] = Elem<DT>::load(src[2 * pr + 1]) * scale;
+        }
+      } else {  // qt[d * MV + j][e]
+        float* dst = reinterpret_cast<float*>(w.qt.data()) + j * W + e;
+        for (int64_t d = 0; d < D; ++d) dst[d * MV * W] = Elem<DT>::load(src[d]) * scale;
       }
       const float lo = windowed ? static_cast<float>(query_position(L, s, has_suffix) - p.window + 1) : kNegInf;
       w.lower[j][e] = lo;
@@ -213,11 +237,14 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
       const int64_t mi = kh * M + m0 + lane, j = lane / W, e = lane % W;
       float* dst = acc_out + mi * D;
       if constexpr (kDot) {
-        for (int64_t s = 0; s < D; ++s) dst[unpacked_dim(s, D)] = ot[lane * D + s];
+#if defined(__AVX512BF16__)
+        slots_to_dims(ot + lane * D, D, dst);
+#endif
       } else if constexpr (kPvDims<W>) {
         std::memcpy(dst, ot + lane * D, D * sizeof(float));
-      } else {
-        for (int64_t d = 0; d < D; ++d) dst[d] = ot[(d * MV + j) * W + e];
+      } else {  // ot[d * MV + j][e]
+        const float* src = ot + j * W + e;
+        for (int64_t d = 0; d < D; ++d) dst[d] = src[d * MV * W];
       }
       st_out[mi] = w.l[j][e] > 0.0f ? State{w.m[j][e], w.l[j][e]} : State::empty();
     }
@@ -233,6 +260,7 @@ void run_pass_dot(const PagedAttentionParams& p, const Item& it, std::vector<Dot
   const int64_t D = kD ? kD : p.head_dim, L = p.seq_lens[it.b], tok_stride = Hkv * D;
   const bool has_suffix = p.suffix_k != nullptr, windowed = p.window > 0;
   const auto* q = static_cast<const T*>(p.q);
+  const float scale = p.scale;
 
   float lowest = std::numeric_limits<float>::max(), highest = kNegInf;
   for (int64_t kh = 0; kh < Hkv; ++kh) {
@@ -247,7 +275,7 @@ void run_pass_dot(const PagedAttentionParams& p, const Item& it, std::vector<Dot
     for (int64_t j = 0; j < M; ++j) {
       const int64_t g = j / S, s = j % S;
       const T* src = q + ((it.b * S + s) * H + kh * G + g) * D;
-      for (int64_t d = 0; d < D; ++d) w.q[j * D + d] = Elem<DT>::load(src[d]) * p.scale;
+      for (int64_t d = 0; d < D; ++d) w.q[j * D + d] = Elem<DT>::load(src[d]) * scale;
       const float lo = windowed ? static_cast<float>(query_position(L, s, has_suffix) - p.window + 1) : kNegInf;
       w.lower[j] = lo;
       w.qidx[j] = static_cast<float>(s);
@@ -282,14 +310,12 @@ void run(const PagedAttentionParams& p) {
   const int64_t D = kD ? kD : p.head_dim, bs = p.block_size, G = H / Hkv, M = G * S;
 
   // Indices are checked here too (ops.py checks first): never read outside the cache.
-  int64_t max_used = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t L = p.seq_lens[b];
     STOPKIT_CHECK(L >= 0 && L <= p.max_blocks_per_row * bs,
                   "paged_attention: seq_lens[" + std::to_string(b) + "] = " + std::to_string(L) +
                       " outside [0, max_blocks_per_row * block_size]");
     const int64_t used = (L + bs - 1) / bs;
-    max_used = std::max(max_used, used);
     for (int64_t j = 0; j < used; ++j) {
       const int32_t blk = p.block_table[b * p.max_blocks_per_row + j];
       STOPKIT_CHECK(blk >= 0 && blk < p.num_blocks,
@@ -298,15 +324,37 @@ void run(const PagedAttentionParams& p) {
     }
   }
 
-  // Work item = (row, context split); each item runs every kv head of its row.
-  const int threads = omp_get_max_threads();
+  // Work items: (row, chunk of kSplitKeys keys), each running every kv head of its row. Chunks lie
+  // on multiples of kSplitKeys, from the first one the row's window reaches; a row that fits one
+  // chunk is finished by its item directly.
   const int64_t HM = Hkv * M;  // query rows of one item
-  int64_t splits = 1;
-  if (B < threads && max_used > 1) splits = std::min<int64_t>(max_used, (2 * threads + B - 1) / B);
-  // Unnormalised partial results of every item: acc [items][HM][D], states [items][HM].
-  const bool direct = splits == 1;
-  std::vector<float> part_acc(direct ? 0 : B * splits * HM * D);
-  std::vector<State> part_st(direct ? 0 : B * splits * HM);
+  const int64_t chunk = kSplitKeys / bs;  // pages per item (block_size <= 256 divides kSplitKeys)
+  std::vector<Item> items;
+  std::vector<SplitRow> split_rows;  // rows of more than one item
+  int64_t parts = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = p.seq_lens[b], nblk = (L + bs - 1) / bs;
+    const int64_t first_key =
+        p.window > 0 ? std::max<int64_t>(0, query_position(L, 0, p.suffix_k != nullptr) - p.window + 1) : 0;
+    const int64_t c_lo = first_key / bs / chunk, c_hi = std::max(c_lo + 1, (nblk + chunk - 1) / chunk);
+    const int64_t split = c_hi - c_lo > 1 ? static_cast<int64_t>(split_rows.size()) : -1;
+    if (split >= 0) split_rows.push_back({b, parts, c_hi - c_lo});
+    for (int64_t c = c_lo; c < c_hi; ++c) {
+      const int64_t hi = std::min(nblk, (c + 1) * chunk);
+      items.push_back({b, std::min(hi, std::max(first_key / bs, c * chunk)), hi, c == c_hi - 1, split,
+                       split >= 0 ? parts++ : -1});
+    }
+  }
+  // Parts still running per split row: the thread that finishes a row's last part merges the row
+  // (while its parts are still in cache).
+  std::unique_ptr<std::atomic<int64_t>[]> parts_left(new std::atomic<int64_t>[split_rows.size()]);
+  for (size_t i = 0; i < split_rows.size(); ++i) parts_left[i].store(split_rows[i].num_parts);
+  // Unnormalised partial results of the split rows' items: acc [parts][HM][D], states [parts][HM].
+  Workspace& ws = workspace();
+  if (ws.acc.size() < static_cast<size_t>(parts * HM * D)) ws.acc.resize(parts * HM * D);
+  if (ws.states.size() < static_cast<size_t>(parts * HM)) ws.states.resize(parts * HM);
+  float* const part_acc = ws.acc.data();  // (pointers: the team's threads have workspaces of their own)
+  State* const part_st = ws.states.data();
 
   auto* out = static_cast<T*>(p.out);
   auto finish = [&](int64_t b, int64_t kh, int64_t mi, const float* acc, State st) {
@@ -317,6 +365,21 @@ void run(const PagedAttentionParams& p) {
 #pragma omp simd
     for (int64_t i = 0; i < D; ++i) o[i] = Elem<DT>::store(acc[i] * inv);
     if (p.lse) p.lse[row] = st.lse();
+  };
+  // A split row's parts merge in order, the first chunk first: the same sums whatever ran them.
+  auto merge = [&](const SplitRow& row, float* merged) {
+    for (int64_t hm = 0; hm < HM; ++hm) {
+      State st = State::empty();
+      std::fill(merged, merged + D, 0.0f);
+      for (int64_t sp = 0; sp < row.num_parts; ++sp) {
+        const int64_t at = (row.first_part + sp) * HM + hm;
+        const State::Scales c = st.merge(part_st[at]);
+        const float* pa = part_acc + at * D;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) merged[i] = merged[i] * c.self + c.other * pa[i];
+      }
+      finish(row.b, hm / M, hm % M, merged, st);
+    }
   };
 
   // Tiny calls (short contexts, small batches) run on the calling thread: waking the team costs
@@ -335,8 +398,8 @@ void run(const PagedAttentionParams& p) {
 #if defined(__AMX_BF16__)
     if (amx) buf.block = std::make_unique<BlockBuffers>(D);
 #endif
-    std::vector<float> acc(direct ? HM * D : 0);
-    std::vector<State> sts(direct ? HM : 0);
+    std::vector<float> acc(HM * D);
+    std::vector<State> sts(HM);
     // Few queries (decode: G * q_len is often 1..8) use narrower vectors than the native width.
     std::vector<Pass<4, 1>> narrow4(Hkv);
     std::vector<Pass<(kLanes >= 8 ? 8 : 4), 1>> narrow8(Hkv);
@@ -348,13 +411,11 @@ void run(const PagedAttentionParams& p) {
     std::vector<DotPass<2>> dot2(Hkv);
     std::vector<DotPass<4>> dot4(Hkv);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < B * splits; ++item) {
-      const int64_t b = item / splits, split = item % splits;
-      const int64_t nblk = (p.seq_lens[b] + bs - 1) / bs, per = (nblk + splits - 1) / splits;
-      const int64_t lo = std::min(nblk, split * per);
-      const Item it{b, lo, std::min(nblk, lo + per), split == splits - 1};
-      float* acc_out = direct ? acc.data() : part_acc.data() + item * HM * D;
-      State* st_out = direct ? sts.data() : part_st.data() + item * HM;
+    for (size_t i = 0; i < items.size(); ++i) {
+      const Item& it = items[i];
+      const bool direct = it.split < 0;
+      float* acc_out = direct ? acc.data() : part_acc + it.part * HM * D;
+      State* st_out = direct ? sts.data() : part_st + it.part * HM;
       if (dot_layout) {
         if (M == 1) run_pass_dot<DT, kD>(p, it, dot1, buf, acc_out, st_out);
         else if (M == 2) run_pass_dot<DT, kD>(p, it, dot2, buf, acc_out, st_out);
@@ -376,25 +437,10 @@ void run(const PagedAttentionParams& p) {
           }
         }
       }
-      if (direct)
-        for (int64_t r = 0; r < HM; ++r) finish(b, r / M, r % M, acc_out + r * D, st_out[r]);
-    }
-
-    if (!direct) {
-      std::vector<float> merged(D);
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < B * HM; ++r) {
-        const int64_t b = r / HM, hm = r % HM;
-        State st = State::empty();
-        std::fill(merged.begin(), merged.end(), 0.0f);
-        for (int64_t sp = 0; sp < splits; ++sp) {
-          const int64_t at = (b * splits + sp) * HM + hm;
-          const State::Scales c = st.merge(part_st[at]);
-          const float* pa = part_acc.data() + at * D;
-#pragma omp simd
-          for (int64_t i = 0; i < D; ++i) merged[i] = merged[i] * c.self + c.other * pa[i];
-        }
-        finish(b, hm / M, hm % M, merged.data(), st);
+      if (direct) {
+        for (int64_t r = 0; r < HM; ++r) finish(it.b, r / M, r % M, acc_out + r * D, st_out[r]);
+      } else if (parts_left[it.split].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        merge(split_rows[it.split], acc.data());
       }
     }
   }

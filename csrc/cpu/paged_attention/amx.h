@@ -3,7 +3,7 @@
 // at a time per kv head. S as 16 keys x 16 queries per AMX tile (K rows loaded from the page), one
 // online-softmax step for the block, and O += P V as 16 queries x 16 value slots per AMX tile, 32
 // keys per step, from P transposed to bf16 and V key pairs interleaved (the slot order of
-// unpacked_dim, bf16_dot.h); O goes through the tiles once per block.
+// bf16_dot.h); O goes through the tiles once per block.
 #pragma once
 
 #include <algorithm>
@@ -274,7 +274,7 @@ inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, c
   for (int64_t g = 0; g < groups; g += NG) {  // NG slot groups per round (2 at a tail: D % 32 == 0)
     const int64_t ng = std::min<int64_t>(NG, groups - g);
     // V pairs: row (b % 2) * 8 + i of step b / 2, group gg: (V[2i][dim], V[2i+1][dim]) of tile b
-    // for the group's 16 slots (the order of unpacked_dim); zero past a tile's keys.
+    // for the group's 16 slots (bf16_dot.h's slot order); zero past a tile's keys.
     for (int b = 0; b < 2 * steps; ++b) {
       const int64_t n = b < blk.count ? blk.tiles[b].n : 0;
       const uint16_t* v = b < blk.count ? blk.tiles[b].v + g * 16 : nullptr;

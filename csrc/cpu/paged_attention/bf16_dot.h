@@ -19,15 +19,26 @@
 namespace stopkit::cpu::STOPKIT_ISA {
 namespace {
 
-// The dim that slot s of an unpacked value row holds (values_as_float): unpacklo/unpackhi of
-// 16-bit elements work inside 128-bit lanes, so each 32 dims (16 at a tail) come out as the low 4
-// of every 8, then the high 4.
-inline int64_t unpacked_dim(int64_t s, int64_t D) {
-  const int64_t base = s & ~int64_t{31}, r = s & 31, half = base + 32 <= D ? 16 : 8;
-  return base + (r < half ? (r / 4) * 8 + r % 4 : ((r - half) / 4) * 8 + 4 + r % 4);
+#if defined(__AVX512BF16__)
+// The slot order of value rows unpacked to float32 (values_as_float): unpacklo/unpackhi of 16-bit
+// elements work inside 128-bit lanes, so each 32 slots hold dims 0-3, 8-11, 16-19, 24-27, then 4-7,
+// 12-15, 20-23, 28-31 (a tail of 16: 0-3, 8-11, then 4-7, 12-15). slots_to_dims puts a row of O
+// back in dim order, two permutes per 32 dims.
+inline void slots_to_dims(const float* slots, int64_t D, float* dims) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  int64_t d = 0;
+  for (; d + 32 <= D; d += 32) {
+    const __m512 lo = _mm512_loadu_ps(slots + d), hi = _mm512_loadu_ps(slots + d + 16);
+    _mm512_storeu_ps(dims + d, _mm512_permutex2var_ps(lo, first, hi));
+    _mm512_storeu_ps(dims + d + 16, _mm512_permutex2var_ps(lo, second, hi));
+  }
+  if (d < D) {
+    const __m512i tail = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15);
+    _mm512_storeu_ps(dims + d, _mm512_permutexvar_ps(tail, _mm512_loadu_ps(slots + d)));
+  }
 }
 
-#if defined(__AVX512BF16__)
 template <int W>
 inline typename Vec<W>::f dot_bf16_pairs(typename Vec<W>::f acc, typename Vec<W>::i a,
                                          typename Vec<W>::i b) {
@@ -79,7 +90,7 @@ inline void scores_bf16(Pass<W, MV>& w, const uint16_t* k, int64_t rs, int64_t n
 
 
 // n bf16 value rows, `rs` elements apart, as float32 rows [n][D'] (a bf16 is the top half of a
-// float32: one unpack with zero per 16 values); slot s holds dim unpacked_dim(s, D).
+// float32: one unpack with zero per 16 values), in the slot order above.
 inline void values_as_float(const uint16_t* v, int64_t rs, int64_t n, int64_t D, float* out) {
   for (int64_t t = 0; t < n; ++t) {
     const uint16_t* row = v + t * rs;

@@ -86,7 +86,7 @@ struct Pass {
   using vi = typename Vec<W>::i;
   // Float path: qt = scale * Q and ot = O, both [D][MV] (lanes over queries).
   // bf16 dot path: q_pairs = Q as bf16 pairs [D/2][MV]; ot is O as float32 [MV*W][D'] (lanes over
-  // dims, permuted: unpacked_dim).
+  // dims, in the slot order of bf16_dot.h).
   // Float path in 16-lane AVX-512 passes: Qt as dim pairs instead of qt, qt_pairs [D/2][pair_vecs]
   // (8 queries per vector; see scores_paired).
   std::vector<vf> qt, ot, qt_pairs;

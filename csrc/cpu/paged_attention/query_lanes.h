@@ -176,9 +176,10 @@ constexpr bool kAvx512 = true;
 
 // O[m][c : c + 16*DC] = O * corr[m] + sum_t P[t][m] * V[t][c : c + 16*DC] for MQ queries (V rows
 // `vs` floats apart): DC * MQ accumulators in registers (enough independent chains to hide the FMA
-// latency).
+// latency). Always inlined: left to itself the compiler's choice moves with unrelated code, and a
+// call per span of every tile is measurably slower.
 template <int DC, int MQ>
-inline void pv_span(float* o, int64_t d_len, int64_t c, const float* p, int64_t p_stride,
+__attribute__((always_inline)) inline void pv_span(float* o, int64_t d_len, int64_t c, const float* p, int64_t p_stride,
                     const float* v, int64_t vs, int64_t n, const float* corr, bool changed,
                     Prefetcher* pf) {
   __m512 acc[DC][MQ];

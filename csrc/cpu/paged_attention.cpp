@@ -63,7 +63,8 @@ struct SplitRow {
 // rows Hkv * D elements apart); then, for the row's last item, on each kv head's suffix. Pages
 // entirely below every query's window (lowest) are skipped; tiles starting below the highest window
 // bound are masked. Prefetching: at the start of every `ahead` pages, the `ahead` pages after them
-// go into pf, spread over `steps` calls of pf.step() (attend makes them).
+// go into pf, spread over `steps` calls of pf.step() (attend makes them); past the item's end that
+// is the row's next chunk, whose first pages then wait in cache for the item that runs it.
 template <typename T, typename Attend>
 inline void walk_pages(const PagedAttentionParams& p, const Item& it, float lowest, float highest,
                        int64_t ahead, int64_t steps, Prefetcher& pf, Attend&& attend) {
@@ -73,11 +74,12 @@ inline void walk_pages(const PagedAttentionParams& p, const Item& it, float lowe
   const auto* kc = static_cast<const T*>(p.k_cache);
   const auto* vc = static_cast<const T*>(p.v_cache);
   const int32_t* table = p.block_table + it.b * p.max_blocks_per_row;
+  const int64_t nblk = (L + bs - 1) / bs;
   auto page_len = [&](int64_t j) { return std::min(bs, L - j * bs); };
   int64_t first = it.blk_lo;
   while (windowed && first < it.blk_hi && static_cast<float>(first * bs + page_len(first)) <= lowest) ++first;
   auto queue = [&](int64_t from, int64_t to) {
-    for (int64_t j = from; j < std::min(to, it.blk_hi); ++j) {
+    for (int64_t j = from; j < std::min(to, nblk); ++j) {
       const int64_t bytes = page_len(j) * tok_stride * static_cast<int64_t>(sizeof(T));
       pf.add(kc + table[j] * page_elems, bytes);
       pf.add(vc + table[j] * page_elems, bytes);

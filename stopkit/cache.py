@@ -242,15 +242,23 @@ class PagedKVCache:
                        np.concatenate([self._lens, np.zeros(n, np.int64)]))
         return list(range(first, first + n))
 
-    def fork(self, row: int, n: int = 1) -> list[int]:
-        """Append ``n`` rows sharing every block of ``row`` (same seq_len, no KV copied); returns
-        their indices."""
+    def fork(self, row: int, n: int = 1, *, length: int | None = None) -> list[int]:
+        """Append ``n`` rows sharing the blocks of ``row``'s first ``length`` tokens (default: all
+        of them; no KV copied); returns their indices. A shared, partially filled last block is
+        copied only when a fork writes into it (:meth:`extend`)."""
         row = self._row(row)
         n = _index("n", n)
+        own = int(self._lens[row])
+        length = own if length is None else _index("length", length)
+        if length > own:
+            raise ValueError(f"length must be <= seq_lens[{row}] = {own}, got {length}")
         first = self.batch_size
-        self._ref[self._table[row, :_cdiv(int(self._lens[row]), self.block_size)]] += n  # held once
-        self._set_rows(np.concatenate([self._table, np.repeat(self._table[row:row + 1], n, 0)]),
-                       np.concatenate([self._lens, np.repeat(self._lens[row:row + 1], n)]))
+        shared = _cdiv(length, self.block_size)
+        self._ref[self._table[row, :shared]] += n  # held once more by each fork
+        table = np.zeros((n, self._table.shape[1]), np.int32)
+        table[:, :shared] = self._table[row, :shared]
+        self._set_rows(np.concatenate([self._table, table]),
+                       np.concatenate([self._lens, np.full(n, length, np.int64)]))
         return list(range(first, first + n))
 
     def free(self, rows) -> int:
@@ -279,19 +287,7 @@ class PagedKVCache:
         every holder is written). Raises CacheFullError, changing nothing, when the blocks do not
         fit. Write the reserved slots before forking the row.
         """
-        rows = np.arange(self.batch_size) if rows is None else self._rows(rows)
-        R = rows.size
-        if isinstance(num_tokens, Iterable) and not (isinstance(num_tokens, torch.Tensor)
-                                                     and num_tokens.dim() == 0):
-            counts = _int_array("num_tokens", num_tokens)
-            if counts.size != R:
-                raise ValueError(f"num_tokens must have one count per row ({R}), got {counts.size}")
-            if R and counts.min() < 0:
-                raise ValueError(f"num_tokens must be >= 0, got {int(counts.min())}")
-            T = int(counts.max()) if R else 0
-        else:
-            T = _index("num_tokens", num_tokens)
-            counts = np.full(R, T, dtype=np.int64)
+        rows, counts, T = self._counts(num_tokens, rows)
         bs = self.block_size
         old = self._lens[rows]
         old_blocks = _cdiv(old, bs)
@@ -332,7 +328,31 @@ class PagedKVCache:
         slots[step >= counts[:, None]] = -1
         return torch.from_numpy(slots).to(self.device)
 
+    def blocks_needed(self, num_tokens, *, rows=None) -> int:
+        """Free blocks :meth:`extend` would take for the same arguments (new blocks plus
+        copy-on-write copies); changes nothing."""
+        rows, counts, _ = self._counts(num_tokens, rows)
+        old = self._lens[rows]
+        old_blocks = _cdiv(old, self.block_size)
+        grow = _cdiv(old + counts, self.block_size) - old_blocks
+        return int(grow.sum()) + len(self._cow_plan(rows, counts, old, old_blocks)[0])
+
     # ---- internals -------------------------------------------------------------------------
+    def _counts(self, num_tokens, rows) -> tuple[np.ndarray, np.ndarray, int]:
+        """(rows, per-row counts, T) of an extend: num_tokens an int or one count per row."""
+        rows = np.arange(self.batch_size) if rows is None else self._rows(rows)
+        R = rows.size
+        if isinstance(num_tokens, Iterable) and not (isinstance(num_tokens, torch.Tensor)
+                                                     and num_tokens.dim() == 0):
+            counts = _int_array("num_tokens", num_tokens)
+            if counts.size != R:
+                raise ValueError(f"num_tokens must have one count per row ({R}), got {counts.size}")
+            if R and counts.min() < 0:
+                raise ValueError(f"num_tokens must be >= 0, got {int(counts.min())}")
+            return rows, counts, (int(counts.max()) if R else 0)
+        T = _index("num_tokens", num_tokens)
+        return rows, np.full(R, T, dtype=np.int64), T
+
     def _cow_plan(self, rows, counts, old, old_blocks) -> tuple[list[int], list[int], list[int]]:
         """(rows, columns, source blocks) of the copies extend must make: rows about to write a
         partially filled last block that other rows hold too. When every holder writes, the first

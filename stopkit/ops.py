@@ -17,9 +17,13 @@ import torch
 from stopkit import _C
 
 __all__ = ["paged_attention", "write_kv", "copy_blocks", "stop_score", "cuda_available",
-           "check_block_table", "MAX_Q_LEN"]
+           "check_block_table", "MAX_Q_LEN", "MIN_HEAD_DIM", "MAX_HEAD_DIM", "MIN_BLOCK_SIZE",
+           "MAX_BLOCK_SIZE"]
 
-MAX_Q_LEN = 16
+# Kernel limits, read by every layer above (the engine checks a model against them).
+MAX_Q_LEN = 16                       # queries per row in one paged_attention call
+MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256  # head_dim: a multiple of 16 in this range
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 256  # block_size: a power of two in this range
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ACTIVATIONS = {None: 0, "none": 0, "gelu": 1, "relu": 2, "silu": 3, "tanh": 4}
 
@@ -134,10 +138,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"q_len (q.shape[1]) must be in 1..{MAX_Q_LEN}, got {S}")
     if Dk != D:
         raise ValueError(f"k_cache head_dim (shape[3]) must equal q's head_dim {D}, got {Dk}")
-    if D % 16 != 0 or not 32 <= D <= 256:
-        raise ValueError(f"head_dim must be a multiple of 16 in 32..256, got {D}")
-    if block_size < 8 or block_size > 256 or block_size & (block_size - 1):
-        raise ValueError(f"block_size (k_cache.shape[1]) must be a power of two in 8..256, got {block_size}")
+    if D % 16 != 0 or not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be a multiple of 16 in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, "
+                         f"got {D}")
+    if block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
+        raise ValueError(f"block_size (k_cache.shape[1]) must be a power of two in "
+                         f"{MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}, got {block_size}")
     if Hkv < 1 or H < 1 or H % Hkv != 0:
         raise ValueError(f"num_heads (q.shape[2] = {H}) must be a multiple of num_kv_heads "
                          f"(k_cache.shape[2] = {Hkv})")

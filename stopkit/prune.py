@@ -10,7 +10,7 @@ import torch
 
 from stopkit.cache import PagedKVCache, _index
 
-__all__ = ["prune", "PruneResult", "ranking"]
+__all__ = ["prune", "PruneResult", "ranking", "select"]
 
 
 class PruneResult(NamedTuple):
@@ -51,20 +51,10 @@ def ranking(scores: torch.Tensor) -> torch.Tensor:
     return order[torch.sort(nan[order].to(torch.uint8), stable=True).indices]
 
 
-def prune(cache: PagedKVCache, scores, *, keep: int | None = None, ratio: float | None = None,
-          threshold: float | None = None, min_keep: int = 1) -> PruneResult:
-    """Keep the best rows of ``cache`` by ``scores`` (tensor or list ``[batch]``, higher is better,
-    any real dtype and device), free the others' blocks and compact the kept rows to 0..k-1 in
-    their original order (metadata only: no KV is copied).
-
-    Exactly one criterion: ``keep`` rows (all when keep > batch); ``ratio`` in (0, 1] keeps
-    ceil(ratio * batch) rows; ``threshold`` keeps rows scoring at least it. At least ``min_keep``
-    rows are kept (all when the batch is smaller), the best-ranked first. NaN ranks last; ties keep
-    the lower row index. Every argument is checked before the cache changes.
-    """
-    if not isinstance(cache, PagedKVCache):
-        raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
-    batch = cache.batch_size
+def select(scores, batch: int, *, keep: int | None = None, ratio: float | None = None,
+           threshold: float | None = None, min_keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, dropped): int64 CPU tensors of row indices, ascending, for ``scores`` ``[batch]``
+    under exactly one criterion (see :func:`prune`). Changes nothing."""
     scores = _scores(scores, batch)
     if sum(x is not None for x in (keep, ratio, threshold)) != 1:
         raise ValueError("give exactly one of keep, ratio and threshold")
@@ -82,7 +72,23 @@ def prune(cache: PagedKVCache, scores, *, keep: int | None = None, ratio: float 
             raise ValueError("threshold must not be NaN")
         k = int((scores >= threshold).sum())
     k = min(batch, max(k, min_keep))
-
     order = ranking(scores)
-    kept, dropped = order[:k].sort().values, order[k:].sort().values
+    return order[:k].sort().values, order[k:].sort().values
+
+
+def prune(cache: PagedKVCache, scores, *, keep: int | None = None, ratio: float | None = None,
+          threshold: float | None = None, min_keep: int = 1) -> PruneResult:
+    """Keep the best rows of ``cache`` by ``scores`` (tensor or list ``[batch]``, higher is better,
+    any real dtype and device), free the others' blocks and compact the kept rows to 0..k-1 in
+    their original order (metadata only: no KV is copied).
+
+    Exactly one criterion: ``keep`` rows (all when keep > batch); ``ratio`` in (0, 1] keeps
+    ceil(ratio * batch) rows; ``threshold`` keeps rows scoring at least it. At least ``min_keep``
+    rows are kept (all when the batch is smaller), the best-ranked first. NaN ranks last; ties keep
+    the lower row index. Every argument is checked before the cache changes.
+    """
+    if not isinstance(cache, PagedKVCache):
+        raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
+    kept, dropped = select(scores, cache.batch_size, keep=keep, ratio=ratio, threshold=threshold,
+                           min_keep=min_keep)
     return PruneResult(kept, dropped, cache.free(dropped))

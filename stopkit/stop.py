@@ -335,20 +335,26 @@ class StopScorer(nn.Module):
 
     # ---- inference ------------------------------------------------------------------------------
     @torch.no_grad()
+    def score_rows(self, engine, rows) -> torch.Tensor:
+        """Scores float32 ``[len(rows)]`` of running, fully cached engine rows (e.g. every row at
+        a check, across requests): one [STOP] pass over their paged prefixes (the cache is read,
+        never written; the rows resume unchanged), then one ops.stop_score call."""
+        if engine.model is not self.model:
+            raise ValueError("the engine runs a different model than the one this scorer is bound to")
+        rows = list(rows)
+        hidden = engine.forward_suffix(rows, self.suffix_embeds(len(rows)), adapter=self.adapter)
+        weight, eps = engine.final_norm_params()
+        return self._fused_score(hidden[:, -1], weight, eps)
+
+    @torch.no_grad()
     def score_session(self, session, rows: Sequence[int] | None = None) -> torch.Tensor:
         """Scores float32 ``[len(session.rows)]`` (or ``[len(rows)]``) of the live rows of an engine
-        session: one [STOP] pass over every live row's paged prefix (the cache is read, never
-        written; the rows resume unchanged), then one ops.stop_score call. ``rows`` selects live
-        row indices of the result (the pass itself always covers every live row)."""
-        engine = session.engine
-        if engine.model is not self.model:
-            raise ValueError("session runs a different model than the one this scorer is bound to")
-        B = len(session.rows)
+        session (:meth:`score_rows` over all of them). ``rows`` selects live row indices of the
+        result (the pass itself always covers every live row)."""
+        live = session.rows
         if rows is not None:
-            rows = [check_int(f"rows[{i}]", r, 0, B - 1) for i, r in enumerate(rows)]
-        hidden = session.forward_suffix(self.suffix_embeds(B), adapter=self.adapter)  # [B, K, d]
-        weight, eps = engine.final_norm_params()
-        scores = self._fused_score(hidden[:, -1], weight, eps)
+            rows = [check_int(f"rows[{i}]", r, 0, len(live) - 1) for i, r in enumerate(rows)]
+        scores = self.score_rows(session.engine, live)
         return scores if rows is None else scores[torch.tensor(rows, device=scores.device)]
 
     @torch.no_grad()

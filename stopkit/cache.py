@@ -337,6 +337,20 @@ class PagedKVCache:
         grow = _cdiv(old + counts, self.block_size) - old_blocks
         return int(grow.sum()) + len(self._cow_plan(rows, counts, old, old_blocks)[0])
 
+    def row_blocks_needed(self, num_tokens, rows) -> np.ndarray:
+        """Per row, an upper bound of the blocks :meth:`extend` takes for it (a shared, partially
+        filled last block counted as copied; extend copies one fewer when all its holders write):
+        int64 ``[len(rows)]``. Changes nothing."""
+        rows, counts, _ = self._counts(num_tokens, rows)
+        bs = self.block_size
+        old = self._lens[rows]
+        need = _cdiv(old + counts, bs) - _cdiv(old, bs)
+        partial = (counts > 0) & (old % bs != 0)
+        if partial.any():
+            last = self._table[rows[partial], old[partial] // bs]
+            need[partial] += self._ref[last] > 1
+        return need
+
     # ---- internals -------------------------------------------------------------------------
     def _counts(self, num_tokens, rows) -> tuple[np.ndarray, np.ndarray, int]:
         """(rows, per-row counts, T) of an extend: num_tokens an int or one count per row."""

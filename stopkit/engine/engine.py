@@ -400,7 +400,7 @@ class Engine:
             out.fed = batch.num_tokens
             logits = self._forward(batch)
             sched.postprocess(batch, logits)
-        out.checks = [g for g in sched.groups if g.next_check is not None and g.ready_for_check]
+        out.checks = sched.check_groups()
         out.finished = [] if session else sched.finished_groups()
         if not session and batch is None and not out.sampled and not out.checks and \
                 sched.has_work():

@@ -76,10 +76,13 @@ class _PagedCache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """key_states, value_states ``[1, Hkv, T, D]``; returned as they are."""
+        """key_states, value_states ``[1, Hkv, T, D]`` (packed) or ``[T, Hkv, 1, D]`` (a decode
+        step); returned as they are."""
         b = self.batch
         if b.slots is not None:
-            ops.write_kv(key_states[0].transpose(0, 1), value_states[0].transpose(0, 1),
+            Hkv, D = key_states.shape[1], key_states.shape[3]
+            ops.write_kv(key_states.transpose(1, 2).reshape(-1, Hkv, D),
+                         value_states.transpose(1, 2).reshape(-1, Hkv, D),
                          b.k_caches[layer_idx], b.v_caches[layer_idx], b.slots,
                          check_indices=False)  # the cache handed out these slots
         return key_states, value_states
@@ -96,18 +99,19 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                s_aux: torch.Tensor | None = None, stopkit_batch: ForwardBatch | None = None,
                **kwargs) -> tuple[torch.Tensor, None]:
     """The registered attention function. query ``[1, H, T, D]``, key/value ``[1, Hkv, T, D]`` (this
-    pass's tokens only) -> ``([1, T, H, D], None)``."""
+    pass's tokens, packed) -> ``([1, T, H, D], None)``; in a decode step (``single_all``) the
+    tokens are a batch instead: ``[T, H, 1, D]`` -> ``[T, 1, H, D]``."""
     if stopkit_batch is None:
         raise RuntimeError(f"the {ATTENTION_NAME!r} attention runs only inside stopkit.Engine")
     b = stopkit_batch
     layer = module.layer_idx
     kc, vc = b.k_caches[layer], b.v_caches[layer]
-    q = query[0].transpose(0, 1)  # [T, H, D]
     extra = {"scale": scaling, "window": sliding_window or None,
              "sinks": None if s_aux is None else s_aux.detach().float(), "check_indices": False}
     if b.single_all:
-        out = ops.paged_attention(q[:, None], kc, vc, b.single_table, b.single_lens, **extra)
-        return out.transpose(0, 1), None
+        return ops.paged_attention(query.transpose(1, 2), kc, vc, b.single_table, b.single_lens,
+                                   **extra), None
+    q = query[0].transpose(0, 1)  # [T, H, D]
     out = torch.zeros_like(q) if b.differentiable else torch.empty_like(q)
     if b.single_index is not None:
         out[b.single_index] = ops.paged_attention(q[b.single_index][:, None], kc, vc, b.single_table,
@@ -224,8 +228,14 @@ class ModelRunner:
     @torch.no_grad()
     def forward(self, batch: ForwardBatch, token_ids: torch.Tensor, positions: torch.Tensor,
                 logits_at: torch.Tensor) -> torch.Tensor:
-        """One packed forward writing the cache. token_ids, positions int64 ``[T]``; logits_at
-        int64 ``[R]``: packed positions whose next-token logits are returned, float32 ``[R, V]``."""
+        """One forward writing the cache. token_ids, positions int64 ``[T]``; logits_at int64
+        ``[R]``: packed positions whose next-token logits are returned, float32 ``[R, V]``. A
+        decode step (one token per row) runs as a batch of T rows, which spares the copies that
+        turn a packed row into per-token keys and values."""
+        if batch.single_all:
+            out = self.run(self.model, batch, input_ids=token_ids[:, None],
+                           position_ids=positions[:, None])
+            return out.logits[logits_at, -1].float()
         out = self.run(self.model, batch, input_ids=token_ids[None], position_ids=positions[None],
                        logits_to_keep=logits_at)
         return out.logits[0].float()

@@ -2,10 +2,10 @@
 the paged cache of :mod:`stopkit.cache` as the block manager).
 
 State: ``running`` (rows in the KV cache, in cache-row order, with ``logits``: each running row's
-next-token logits once it is fully cached) and the groups still waiting to run rows. Priority is
-admission order: the oldest group first, and within a group the lowest sample index; a row of
-higher priority may preempt rows of lower priority, never the reverse, so the oldest unfinished
-group always makes progress and nothing deadlocks.
+next-token logits once it is fully cached) and the groups that still have rows waiting to run.
+Priority is admission order: the oldest group first, and within a group the lowest sample index.
+A row of higher priority may preempt rows of lower priority, never the reverse, so the oldest
+unfinished group always makes progress.
 
 One step (driven by :class:`~stopkit.engine.Engine`):
 
@@ -14,9 +14,12 @@ One step (driven by :class:`~stopkit.engine.Engine`):
    recomputed), within ``max_batch_tokens``; blocks are reserved on demand (a row takes a block
    when it crosses a block boundary). When the blocks do not fit, the lowest-priority running
    rows are preempted: their blocks are freed, they keep every token and are recomputed when
-   readmitted (vLLM's recompute mode). Then waiting rows are admitted while seats
-   (``max_num_seqs``), tokens and blocks allow; a new group only when its prompt and one block per
-   path fit above the watermark, so running rows have room to grow.
+   readmitted (vLLM's recompute mode). Then waiting rows are admitted, first come first served,
+   while seats (``max_num_seqs``), tokens and blocks above a watermark allow (room for running
+   rows to grow): a new group when its prompt and one block per path fit and every path has a
+   seat; a preempted row forked from a running sibling's whole prompt blocks. When nothing at all
+   can run (rows paused at checks hold the blocks a preempted row of an older group needs), idle
+   rows of lower priority are preempted for it, so nothing deadlocks.
 2. The model runs the packed batch.
 3. :meth:`Scheduler.postprocess` counts the fed tokens, keeps the logits of rows now fully cached
    and forks a group's rows from its first row once the prompt is cached (its blocks are shared).
@@ -24,12 +27,12 @@ One step (driven by :class:`~stopkit.engine.Engine`):
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from stopkit.cache import CacheFullError, PagedKVCache
@@ -39,13 +42,14 @@ __all__ = ["Scheduler", "ScheduledBatch", "SchedulerStats", "WATERMARK"]
 
 log = logging.getLogger(__name__)
 
-WATERMARK = 0.01  # share of the blocks a new group must leave free (room for running rows to grow)
+WATERMARK = 0.01  # share of the blocks admissions leave free (room for running rows to grow)
 
 
 @dataclass
 class ScheduledBatch:
-    """What one step feeds: ``rows[i]`` (running, cache row ``cache_rows[i]``) feeds ``counts[i]``
-    of its uncached tokens, whose KV goes to ``slots`` (packed, int64 ``[sum(counts)]``)."""
+    """What one step feeds: ``rows[i]`` (running, cache row ``cache_rows[i]``, ``starts[i]``
+    tokens cached) feeds ``counts[i]`` of its uncached tokens, whose KV goes to ``slots``
+    (packed, int64 ``[sum(counts)]``)."""
 
     rows: list[Row]
     cache_rows: list[int]
@@ -60,16 +64,15 @@ class ScheduledBatch:
 
 @dataclass
 class SchedulerStats:
-    """Counters since the scheduler was created (or :meth:`Scheduler.reset_stats`)."""
+    """Counters since the scheduler was created."""
 
     steps: int = 0
     preemptions: int = 0          # rows preempted (freed, to be recomputed)
     recomputed_tokens: int = 0    # tokens fed again after a preemption
-    prefill_tokens: int = 0
-    decode_tokens: int = 0
+    prefill_tokens: int = 0       # prompt and recomputed tokens fed
+    decode_tokens: int = 0        # sampled tokens fed
     peak_blocks: int = 0          # most blocks in use at once
-    peak_rows: int = 0
-    extra: dict = field(default_factory=dict)
+    peak_rows: int = 0            # most rows in the cache at once
 
 
 def _priority(row: Row) -> tuple[int, int]:
@@ -79,8 +82,9 @@ def _priority(row: Row) -> tuple[int, int]:
 class Scheduler:
     """Admission, preemption and block reservation over ``cache`` (module docstring).
 
-    max_num_seqs: running rows at most (a group's rows all need a seat at once to be admitted).
+    max_num_seqs: running rows at most (a new group's rows all need a seat to be admitted).
     max_batch_tokens: tokens fed in one step at most (decode tokens count one each).
+    watermark: share of the blocks admissions leave free.
     """
 
     def __init__(self, cache: PagedKVCache, *, max_num_seqs: int, max_batch_tokens: int,
@@ -92,12 +96,16 @@ class Scheduler:
         self.running: list[Row] = []
         self.logits: torch.Tensor | None = None   # float32 [len(running), V]
         self.groups: list[Group] = []             # unfinished groups, by priority
-        self._next_order = 0
-        self._session = False
-        self._plan: dict[int, int] = {}
-        self._reserved = 0
-        self._budget = 0
         self.stats = SchedulerStats()
+        self._waiting: list[Group] = []           # groups with waiting rows, by priority
+        self._ended: set[int] = set()             # id() of groups some row of which ended
+        self._pos: dict[int, int] | None = None   # id(row) -> cache row, rebuilt on demand
+        self._next_order = 0
+        # state of the schedule() call in progress
+        self._session = False
+        self._plan: dict[int, int] = {}           # id(row) -> tokens to feed
+        self._reserved = 0                        # blocks the plan takes (an upper bound)
+        self._budget = 0                          # tokens left in the step
 
     # ---- checks (nothing changes) --------------------------------------------------------------
     def min_blocks(self, group: Group) -> int:
@@ -109,23 +117,32 @@ class Scheduler:
         return -(-P // bs) + group.n * (-(-upto // bs) - P // bs)
 
     def has_work(self) -> bool:
-        """Some group has a live row."""
+        """Some queued group has a live row."""
         return any(not g.done for g in self.groups)
 
     def index_of(self, rows: Iterable[Row]) -> list[int]:
         """Cache rows of running ``rows``."""
-        where = {id(r): i for i, r in enumerate(self.running)}
-        return [where[id(r)] for r in rows]
+        if self._pos is None:
+            self._pos = {id(r): i for i, r in enumerate(self.running)}
+        return [self._pos[id(r)] for r in rows]
 
     def decode_rows(self) -> list[Row]:
         """Running rows that sample this step: fully cached, live, not at a check."""
         return [r for r in self.running
                 if r.num_cached == r.num_tokens and r.live and not r.at_check]
 
+    def check_groups(self) -> list[Group]:
+        """Groups whose live rows are all in the cache, fully cached, at their next check."""
+        seen: dict[int, Group] = {}
+        for r in self.running:
+            if r.at_check and id(r.group) not in seen:
+                seen[id(r.group)] = r.group
+        return [g for g in seen.values() if g.ready_for_check]
+
     # ---- requests ------------------------------------------------------------------------------
     def add(self, group: Group, *, session: bool = False) -> None:
-        """Queue ``group`` (lowest priority). CacheFullError when it can never fit. session: a
-        batch driven by hand, which has no seat limit."""
+        """Queue ``group`` (lowest priority). CacheFullError when it can never fit; ValueError
+        when it has more rows than seats. session: a batch driven by hand (no seat limit)."""
         bs, nb = self.cache.block_size, self.cache.num_blocks
         need = self.min_blocks(group)
         if need > nb:
@@ -142,6 +159,7 @@ class Scheduler:
         group.order = self._next_order
         self._next_order += 1
         self.groups.append(group)
+        self._waiting.append(group)
 
     def end(self, rows: Iterable[Row], reason: str) -> int:
         """End live ``rows`` (any state) with ``reason``; see :meth:`release`."""
@@ -151,19 +169,26 @@ class Scheduler:
         return self.release(rows)
 
     def release(self, rows: Iterable[Row]) -> int:
-        """Rows that just ended (finish_reason set) leave the cache at once. Returns the blocks
-        freed."""
+        """Rows that just ended (finish_reason set) leave the cache and the queue at once.
+        Returns the blocks freed."""
         rows = [r for r in rows if r.status is not RowStatus.DONE]
         running = [r for r in rows if r.status is RowStatus.RUNNING]
+        waited = {id(r.group): r.group for r in rows if r.status is RowStatus.WAITING}
         for r in rows:
             r.status = RowStatus.DONE
+            self._ended.add(id(r.group))
+        for g in waited.values():
+            self._sync_waiting(g)
         return self._release(running, RowStatus.DONE)
 
     def finished_groups(self) -> list[Group]:
         """Remove and return the groups whose rows all ended."""
-        done = [g for g in self.groups if g.done]
+        done = [g for g in self.groups if id(g) in self._ended and g.done]
+        self._ended.clear()
         if done:
-            self.groups = [g for g in self.groups if not g.done]
+            gone = {id(g) for g in done}
+            self.groups = [g for g in self.groups if id(g) not in gone]
+            self._waiting = [g for g in self._waiting if id(g) not in gone]
         return done
 
     # ---- one step ------------------------------------------------------------------------------
@@ -173,17 +198,16 @@ class Scheduler:
         session: a batch driven by hand (:class:`~stopkit.engine.Session`): no seat limit, no
         watermark, and CacheFullError (nothing changed) instead of preempting."""
         self._session = session
-        self._plan: dict[int, int] = {}  # id(row) -> tokens fed
-        self._reserved = 0               # blocks the plan takes (an upper bound)
-        self._budget = self.max_batch_tokens
-        feeding = sorted((r for r in self.running if r.num_cached < r.num_tokens), key=_priority)
+        self._plan, self._reserved, self._budget = {}, 0, self.max_batch_tokens
+        feeding = [r for r in self.running if r.num_cached < r.num_tokens]
         # decode tokens (one each) first, then prefill chunks; oldest groups first within each
-        feeding.sort(key=lambda r: r.num_tokens - r.num_cached > 1)
-        for row in feeding:
-            if self._budget == 0:
-                break
-            if row.status is RowStatus.RUNNING:  # (not preempted earlier in this loop)
-                self._feed(row, preempt=not session)
+        feeding.sort(key=lambda r: (r.num_tokens - r.num_cached > 1, _priority(r)))
+        if feeding and not self._plan_all(feeding):
+            for row in feeding:
+                if self._budget == 0:
+                    break
+                if row.status is RowStatus.RUNNING:  # (not preempted earlier in this loop)
+                    self._feed(row, preempt=not session)
         self._admit()
         if not self._plan and not session:
             self._admit(stalled=True)
@@ -193,11 +217,14 @@ class Scheduler:
         cache_rows = self.index_of(rows)
         counts = [self._plan[id(r)] for r in rows]
         slots = self.cache.extend(counts, rows=cache_rows)  # fits: the plan reserved a bound
-        valid = torch.arange(slots.shape[1], device=slots.device) < torch.tensor(
-            counts, device=slots.device)[:, None]
+        if slots.shape[1] > 1:
+            valid = torch.arange(slots.shape[1], device=slots.device) < torch.tensor(
+                counts, device=slots.device)[:, None]
+            slots = slots[valid]
         self.stats.steps += 1
         self._peaks()
-        return ScheduledBatch(rows, cache_rows, [r.num_cached for r in rows], counts, slots[valid])
+        return ScheduledBatch(rows, cache_rows, [r.num_cached for r in rows], counts,
+                              slots.reshape(-1))
 
     def postprocess(self, batch: ScheduledBatch, logits: torch.Tensor) -> None:
         """Count the fed tokens; ``logits`` float32 ``[R, V]`` are those of the batch rows now
@@ -220,27 +247,47 @@ class Scheduler:
             if not r.tokens:
                 self._launch_forks(r)
 
-    # ---- internals -----------------------------------------------------------------------------
+    # ---- internals: planning -------------------------------------------------------------------
     def _available(self) -> int:
         return self.cache.num_free_blocks - self._reserved
+
+    def _plan_all(self, feeding: list[Row]) -> bool:
+        """The common case in one go: every feeding row's tokens (within the budget) fit in the
+        free blocks. Returns whether it planned them."""
+        wants, budget = [], self._budget
+        for r in feeding:
+            take = min(r.num_tokens - r.num_cached, budget)
+            wants.append(take)
+            budget -= take
+        need = self.cache.row_blocks_needed(wants, self.index_of(feeding))
+        if int(need.sum()) > self._available():
+            return False
+        for r, take in zip(feeding, wants):
+            if take:
+                self._plan[id(r)] = take
+        self._reserved += int(need.sum())
+        self._budget = budget
+        return True
+
+    def _blocks(self, row: Row, count: int) -> int:
+        return int(self.cache.row_blocks_needed([count], self.index_of([row]))[0])
 
     def _feed(self, row: Row, *, preempt: bool) -> None:
         """Plan as many of ``row``'s uncached tokens as the budget and the blocks allow,
         preempting lower-priority rows for blocks when ``preempt``."""
         want = min(row.num_tokens - row.num_cached, self._budget)
-        while True:
-            idx = self.index_of([row])[0]
-            need = self.cache.blocks_needed(want, rows=[idx])
-            if need <= self._available():
-                break
+        while (need := self._blocks(row, want)) > self._available():
             if self._session:
                 raise CacheFullError(f"the KV cache needs {need} more blocks but only "
                                      f"{self._available()} of {self.cache.num_blocks} are free")
-            victims = [r for r in self.running if id(r) not in self._plan and r is not row]
-            victim = max(victims, key=_priority, default=None)
+            victim = max((r for r in self.running if id(r) not in self._plan and r is not row),
+                         key=_priority, default=None)
             if not preempt or victim is None or _priority(victim) < _priority(row):
-                want = self._tokens_fitting(idx, want)
-                need = self.cache.blocks_needed(want, rows=[idx])
+                lo, hi = 0, want  # the most tokens whose blocks fit
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    lo, hi = (mid, hi) if self._blocks(row, mid) <= self._available() else (lo, mid - 1)
+                want, need = lo, self._blocks(row, lo)
                 break
             self._preempt(victim)
         if want:
@@ -248,32 +295,19 @@ class Scheduler:
             self._reserved += need
             self._budget -= want
 
-    def _tokens_fitting(self, idx: int, want: int) -> int:
-        """The most of ``want`` tokens cache row ``idx`` can store in the available blocks."""
-        lo, hi = 0, want
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.cache.blocks_needed(mid, rows=[idx]) <= self._available():
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
     def _seats(self) -> int:
         return 1 << 30 if self._session else self.max_num_seqs - len(self.running)
 
     def _admit(self, *, stalled: bool = False) -> None:
-        """Admit waiting rows by priority while seats, tokens and blocks (above the watermark)
-        allow, first come first served. stalled: nothing else can run, so idle rows of lower
-        priority may be preempted to readmit the oldest waiting row (no deadlock at checks)."""
+        """Admit waiting rows by priority while seats, tokens and blocks above the watermark
+        allow, first come first served (module docstring). stalled: nothing else can run, so idle
+        rows of lower priority may be preempted to readmit the oldest waiting row."""
         bs = self.cache.block_size
         watermark = 0 if self._session or stalled else self.watermark_blocks
-        for group in list(self.groups):
-            waiting = [r for r in group.rows if r.status is RowStatus.WAITING and r.live]
-            if not waiting:
-                continue
+        for group in list(self._waiting):
             if self._budget == 0 or self._seats() <= 0:
                 return
+            waiting = [r for r in group.rows if r.status is RowStatus.WAITING and r.live]
             if not group.started:
                 # a new group: its prompt and one block per path, and a seat for every path
                 reserve = -(-len(group.prompt) // bs) + group.n
@@ -303,7 +337,7 @@ class Scheduler:
                         continue  # a sibling is caching the shared prefix: fork from it later
                 chunk = min(row.num_tokens - shared, self._budget)
                 need = -(-(shared + chunk) // bs) - shared // bs
-                while self._available() - watermark < need and stalled:
+                while stalled and self._available() < need:
                     idle = [r for r in self.running if id(r) not in self._plan
                             and _priority(r) > _priority(row)]
                     if not idle:
@@ -317,6 +351,7 @@ class Scheduler:
                 if stalled:
                     return
 
+    # ---- internals: state changes --------------------------------------------------------------
     def _start(self, row: Row, source: Row | None, shared: int = 0) -> None:
         """Put a waiting row in the cache: sharing ``source``'s first ``shared`` tokens (whole
         blocks, so neither row ever copies one for the other), or empty."""
@@ -328,8 +363,10 @@ class Scheduler:
             row.num_cached = shared
         row.status = RowStatus.RUNNING
         self.running.append(row)
+        self._pos = None
         if self.logits is not None:
             self.logits = torch.cat([self.logits, self.logits.new_zeros(1, self.logits.shape[1])])
+        self._sync_waiting(row.group)
 
     def _launch_forks(self, row: Row) -> None:
         """``row`` just cached its prompt (no tokens yet): fork it for each waiting sibling that
@@ -344,7 +381,9 @@ class Scheduler:
         for r in waiting:
             r.status, r.num_cached = RowStatus.RUNNING, row.num_cached
         self.running += waiting
+        self._pos = None
         self.logits = torch.cat([self.logits, self.logits[idx].expand(len(waiting), -1)])
+        self._sync_waiting(row.group)
         self._peaks()
 
     def _preempt(self, row: Row) -> int:
@@ -352,7 +391,9 @@ class Scheduler:
         self.stats.preemptions += 1
         log.debug("preempting row %d of request %d (%d tokens)", row.sample_index,
                   row.group.index, row.num_tokens)
-        return self._release([row], RowStatus.WAITING)
+        freed = self._release([row], RowStatus.WAITING)
+        self._sync_waiting(row.group)
+        return freed
 
     def _release(self, rows: list[Row], status: RowStatus) -> int:
         """Free running ``rows`` from the cache (compacting the others) and set their status."""
@@ -363,12 +404,23 @@ class Scheduler:
         gone = set(idx)
         keep = [i for i in range(len(self.running)) if i not in gone]
         self.running = [self.running[i] for i in keep]
+        self._pos = None
         if self.logits is not None:
             self.logits = self.logits[torch.tensor(keep, dtype=torch.int64,
                                                    device=self.logits.device)]
         for r in rows:
             r.status, r.num_cached = status, 0
         return freed
+
+    def _sync_waiting(self, group: Group) -> None:
+        """Keep ``group`` in the waiting list exactly while it has a waiting live row."""
+        has = any(r.status is RowStatus.WAITING and r.live for r in group.rows)
+        listed = any(g is group for g in self._waiting)
+        if has and not listed:
+            orders = [g.order for g in self._waiting]
+            self._waiting.insert(bisect.bisect(orders, group.order), group)
+        elif listed and not has:
+            self._waiting = [g for g in self._waiting if g is not group]
 
     def _peaks(self) -> None:
         s = self.stats

@@ -310,8 +310,11 @@ class Scheduler:
             waiting = [r for r in group.rows if r.status is RowStatus.WAITING and r.live]
             if not group.started:
                 # a new group: its prompt and one block per path, and a seat for every path
+                # (beside the rows that started groups still have waiting)
                 reserve = -(-len(group.prompt) // bs) + group.n
-                if self._seats() < group.n or self._available() - watermark < reserve:
+                promised = sum(r.status is RowStatus.WAITING and r.live
+                               for g in self._waiting if g.started for r in g.rows)
+                if self._seats() - promised < group.n or self._available() - watermark < reserve:
                     if self._session:
                         raise CacheFullError(
                             f"the prompts need {reserve} more blocks of {bs} tokens; the KV cache "
@@ -332,9 +335,9 @@ class Scheduler:
                 source = next((r for r in group.rows if r.status is RowStatus.RUNNING
                                and r.num_cached >= shared), None) if shared else None
                 if source is None:
-                    shared = 0
-                    if any(r.status is RowStatus.RUNNING for r in group.rows):
+                    if shared and any(r.status is RowStatus.RUNNING for r in group.rows):
                         continue  # a sibling is caching the shared prefix: fork from it later
+                    shared = 0
                 chunk = min(row.num_tokens - shared, self._budget)
                 need = -(-(shared + chunk) // bs) - shared // bs
                 while stalled and self._available() < need:

@@ -75,6 +75,10 @@ def _int_array(name: str, values) -> np.ndarray:
     if not isinstance(values, Iterable) or isinstance(values, (str, bytes)):
         raise TypeError(f"{name} must be a sequence of ints or a 1-D integer tensor, "
                         f"got {type(values).__name__}")
+    if isinstance(values, (list, tuple, np.ndarray)):
+        arr = np.asarray(values)
+        if arr.ndim == 1 and arr.dtype.kind in "iu":  # the common case, without a Python loop
+            return arr.astype(np.int64, copy=False)
     return np.array([_index(f"{name}[{i}]", v, low=-(1 << 62)) for i, v in enumerate(values)],
                     dtype=np.int64)
 

@@ -232,3 +232,28 @@ def test_token_phases_and_times(tiny):
     assert t["launch"] == sum(min(len(p.tokens), RUN["prefix_tokens"]) for p in sol.paths)
     assert t["launch"] + t["resume"] == sol.generated_tokens
     assert sol.seconds >= sum(sol.phases.values()) * 0.99 > 0
+
+
+def test_fork_continues_a_row_as_a_fresh_request_would():
+    model = _model("llama")
+    engine = Engine(model, num_blocks=40, block_size=8, max_num_seqs=10)
+    traces = engine.add_request(_prompts(11)[0], engine.sampling_params(**SAMPLED), n=3, checks=[7])
+    out = engine.step()
+    while not out.checks:
+        out = engine.step()
+    assert out.checks == [traces]
+    rollout = engine.sampling_params(max_new_tokens=20, **{**SAMPLED, "seed": 5})
+    free = engine.cache.num_free_blocks
+    # 3 traces + 12 rollouts > 10 seats: the last fork's rows wait, then prefill their prompt
+    forks = [engine.fork(row, rollout, n=4) for row in traces.rows]
+    assert engine.cache.num_free_blocks == free  # the forks share the traces' blocks
+    assert [sum(r.status.value == "running" for r in f.rows) for f in forks] == [4, 3, 0]
+    engine.end_rows(traces.rows, "length")
+    while engine.has_unfinished():
+        engine.step()
+    for row, fork in zip(traces.rows, forks):
+        assert len(row.tokens) == 7 and row.finish_reason == "length"
+        expect = Engine(model).generate([row.prompt + row.tokens], n=4, max_new_tokens=20,
+                                        **{**SAMPLED, "seed": 5})[0]
+        assert [r.tokens for r in fork.rows] == expect
+    assert _free(engine)

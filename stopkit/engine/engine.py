@@ -27,7 +27,8 @@ from stopkit.cache import CacheFullError, PagedKVCache
 from stopkit.engine.model_runner import ModelRunner, enter, model_head_dim
 from stopkit.engine.sampler import sample_rows
 from stopkit.engine.scheduler import Scheduler, SchedulerStats
-from stopkit.engine.sequence import Group, Row, RowStatus, SamplingParams, request_key
+from stopkit.engine.sequence import (FINISH_REASONS, Group, Row, RowStatus, SamplingParams,
+                                     request_key)
 
 __all__ = ["Engine", "StepOutput", "CPU_MEMORY_SHARE", "GPU_MEMORY_UTILIZATION"]
 
@@ -209,15 +210,32 @@ class Engine:
         self.scheduler.add(group)
         return group
 
+    def fork(self, row: Row, sampling: SamplingParams, *, n: int = 1, key: int | None = None,
+             index: int = 0, tag: object = None) -> Group:
+        """A new request continuing ``row`` (running and fully cached, e.g. at a check): its
+        prompt is ``row``'s prompt and tokens, its ``n`` rows share ``row``'s blocks and start
+        from its next-token distribution, nothing is prefilled again (Monte-Carlo rollouts of a
+        prefix). key: as for :meth:`add_request` (default: a hash of the new prompt, so the rows
+        sample as a fresh request of that prompt would). The new request runs with ``row``'s
+        request's priority."""
+        self._check_no_session()
+        n = check_int("n", n, low=1)
+        prompt = row.prompt + row.tokens
+        group = Group(index=index, order=0, prompt=prompt, sampling=sampling,
+                      key=request_key(prompt) if key is None else key, n=n, tag=tag)
+        self.scheduler.add_fork(group, row)
+        return group
+
     def has_unfinished(self) -> bool:
         """Some queued request has a live row."""
         return self.scheduler.has_work()
 
     def end_rows(self, rows: Sequence[Row], reason: str = "pruned") -> int:
-        """End live ``rows`` (running or waiting) with ``reason`` (one of FINISH_REASONS but eos
-        and length); their blocks are freed at once. Returns the blocks freed."""
-        if reason not in ("pruned", "early_stop", "aborted"):
-            raise ValueError(f"reason must be pruned, early_stop or aborted, got {reason!r}")
+        """End live ``rows`` (running or waiting) with ``reason`` (one of FINISH_REASONS but eos:
+        "length" for a row cut at a limit of the caller's); their blocks are freed at once.
+        Returns the blocks freed."""
+        if reason not in FINISH_REASONS or reason == "eos":
+            raise ValueError(f"reason must be one of {', '.join(FINISH_REASONS[1:])}, got {reason!r}")
         return self.scheduler.end(rows, reason)
 
     def abort(self, group: Group) -> int:

@@ -100,6 +100,7 @@ class Scheduler:
         self._waiting: list[Group] = []           # groups with waiting rows, by priority
         self._ended: set[int] = set()             # id() of groups some row of which ended
         self._pos: dict[int, int] | None = None   # id(row) -> cache row, rebuilt on demand
+        self._forks: dict[int, int] = {}          # id(group) -> groups forked from its rows
         self._next_order = 0
         # state of the schedule() call in progress
         self._session = False
@@ -161,6 +162,29 @@ class Scheduler:
         self.groups.append(group)
         self._waiting.append(group)
 
+    def add_fork(self, group: Group, source: Row) -> None:
+        """Queue ``group``, whose prompt is ``source``'s prompt and tokens, with its rows forked
+        from ``source`` (running, fully cached: its blocks are shared and its logits copied) as
+        seats allow; the others wait (forked from a running sibling later). It runs with the
+        priority of ``source``'s group, before anything admitted after that."""
+        if not (source.status is RowStatus.RUNNING and source.num_cached == source.num_tokens):
+            raise ValueError("the source row must be in the cache and fully cached (at a check)")
+        self._forks[id(source.group)] = k = self._forks.get(id(source.group), 0) + 1
+        group.order = source.group.order + k / (1 << 20)
+        group.started = True
+        self.groups.insert(bisect.bisect([g.order for g in self.groups], group.order), group)
+        idx = self.index_of([source])[0]
+        fork = group.rows[:max(0, self._seats())]
+        if fork:
+            self.cache.fork(idx, len(fork))
+            for r in fork:
+                r.status, r.num_cached = RowStatus.RUNNING, source.num_tokens
+            self.running += fork
+            self._pos = None
+            self.logits = torch.cat([self.logits, self.logits[idx].expand(len(fork), -1)])
+            self._peaks()
+        self._sync_waiting(group)
+
     def end(self, rows: Iterable[Row], reason: str) -> int:
         """End live ``rows`` (any state) with ``reason``; see :meth:`release`."""
         rows = [r for r in rows if r.live]
@@ -185,6 +209,8 @@ class Scheduler:
         """Remove and return the groups whose rows all ended."""
         done = [g for g in self.groups if id(g) in self._ended and g.done]
         self._ended.clear()
+        for g in done:
+            self._forks.pop(id(g), None)
         if done:
             gone = {id(g) for g in done}
             self.groups = [g for g in self.groups if id(g) not in gone]

@@ -15,29 +15,27 @@ probability in [0, 1], higher = keep. Three kinds of checkpoint load, all withou
   TRL ``PRMTrainer`` models): the partial solution is split into steps on ``step_separator``
   (default "\\n\\n"), each step is followed by the step marker, and the score is
   softmax(token logits)[positive_label] at the last token of the LAST marker: the reward of the
-  newest step. The marker is ``step_marker`` (default ``<extra_0>`` when the tokenizer has it as
-  one token, else it must be given: TRL's default separator is "\\n"). Steps and markers are
-  tokenised one by one and concatenated, which is how TRL builds its training rows and what
-  Qwen's special-token marker gives anyway.
+  newest step. The marker is ``step_marker`` (default ``<extra_0>`` when the tokenizer has that
+  token, else it must be given: TRL's default separator is "\\n").
 - **Qwen2.5-Math-PRM** (``Qwen2ForProcessRewardModel``: Qwen2.5-Math-PRM-7B/-72B,
   Qwen2.5-Math-7B-PRM800K and fine-tunes keeping that layout): its ``modeling_qwen2_rm.py`` is
   remote code, so stopkit rebuilds it: the ``Qwen2Model`` backbone (the config's model_type is
-  qwen2) and the head ``score = Linear(h, h) -> ReLU -> Linear(h, 2)``
-  read from the checkpoint's ``score.0.*`` / ``score.2.*`` safetensors. Format as in its model
-  card: system prompt "Please reason step by step, and put your final answer within
-  \\boxed{}.", the question as the user turn, the assistant turn = steps each followed by
-  ``<extra_0>``; reward = softmax over the 2 classes at the marker, class 1. Not supported:
-  Qwen2ForRewardModel (Qwen2.5-Math-RM-72B, an outcome RM with its own head) and any other
+  qwen2) and the head ``score = Linear(h, h) -> ReLU -> Linear(h, 2)`` read from the
+  checkpoint's ``score.0.*`` / ``score.2.*`` safetensors. Format as in its model card: system
+  prompt "Please reason step by step, and put your final answer within \\boxed{}.", the
+  question as the user turn, the assistant turn = steps each followed by ``<extra_0>``;
+  reward = softmax over the 2 classes at the marker, class 1. Not supported: Qwen2ForRewardModel (Qwen2.5-Math-RM-72B, an outcome RM with its own head) and any other
   checkpoint that needs ``trust_remote_code``.
 
 Input text: when the verifier's tokenizer has a chat template (``chat=None`` auto; True / False
 force it), the conversation ``[system_prompt], user: question, assistant: solution`` is rendered
-with ``add_generation_prompt=False`` and tokenised without extra special tokens (the template has
-them). Otherwise a classifier gets the tokenizer's pair encoding ``(question, solution)`` (e.g.
-``[CLS] q [SEP] s [SEP]``) and a PRM TRL's layout ``[bos] question steps+markers``. Inputs longer
-than ``max_length`` (default: the tokenizer's / model's limit) lose solution tokens from the LEFT:
-the question, the template and the newest reasoning are kept; a question that leaves no room is a
-ValueError.
+with ``add_generation_prompt=False`` and tokenised in one piece without extra special tokens (the
+template has them), as Qwen's model card does; offsets locate the solution's tokens. Otherwise a
+classifier gets the tokenizer's pair encoding ``(question, solution)`` (e.g. ``[CLS] q [SEP] s
+[SEP]``) and a PRM the rows TRL's ``PRMTrainer`` trains on: [bos], the question, then each step
+and marker tokenised on their own and concatenated. Inputs longer than ``max_length`` (default:
+the tokenizer's / model's limit) lose solution tokens from the LEFT: the question, the template
+and the newest reasoning are kept; a question that leaves no room is a ValueError.
 
 Cost: :attr:`Verifier.tokens` counts the verifier's processed tokens (padding excluded) and
 :attr:`Verifier.seconds` the wall time of scoring, both cumulative; the paper reports them apart
@@ -137,14 +135,15 @@ class Verifier:
         self.marker_ids: list[int] = []
         if kind == "prm":
             if step_marker is None:
-                if len(tokenizer.encode(QWEN_PRM_MARKER, add_special_tokens=False)) != 1:
+                if QWEN_PRM_MARKER not in tokenizer.get_vocab():
                     raise ValueError(f"{name}: a token-classification PRM needs step_marker (the "
                                      f"text after each step, e.g. '\\n' for TRL's PRMTrainer); "
                                      f"the tokenizer has no {QWEN_PRM_MARKER} token")
                 step_marker = QWEN_PRM_MARKER
             self.marker_ids = tokenizer.encode(step_marker, add_special_tokens=False)
-            if not self.marker_ids:
-                raise ValueError(f"step_marker {step_marker!r} encodes to no token")
+            if not self.marker_ids or tokenizer.unk_token_id in self.marker_ids:
+                raise ValueError(f"step_marker {step_marker!r} must encode to known tokens, got "
+                                 f"{self.marker_ids}")
         self.step_marker = step_marker
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         if kind == "classifier":
@@ -177,8 +176,9 @@ class Verifier:
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         except (ValueError, KeyError) as e:  # a model_type transformers lacks: remote code only
+            first_line = str(e).strip().splitlines()[0]
             raise ValueError(f"verifier {path}: transformers cannot read its config without remote "
-                             f"code ({e}); {SUPPORTED}") from None
+                             f"code ({first_line}); {SUPPORTED}") from None
         arch = (config.architectures or [None])[0]
         if arch == "Qwen2ForProcessRewardModel":
             model, kind = _load_qwen_prm(path, torch_dtype), "prm"
@@ -204,40 +204,51 @@ class Verifier:
     def encode(self, question: str, solution: str) -> tuple[list[int], int]:
         """(input ids, the position whose token logits give a PRM's score; -1 for a classifier,
         which pools itself) of one (question, partial solution), truncated to max_length."""
-        if self.kind == "prm":
-            steps = [s.strip() for s in solution.split(self.step_separator)]
-            body = [t for s in steps if s for t in self._ids(s) + self.marker_ids] or list(self.marker_ids)
-        else:
-            body = None
-        if self.chat:
-            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": _BODY}]
-            rendered = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                          add_generation_prompt=False)
-            if rendered.count(_BODY) != 1:
-                raise ValueError(f"{self.name}: the chat template does not keep the assistant turn "
-                                 "verbatim; pass chat=False")
-            head_text, tail_text = rendered.split(_BODY)
-            head, tail = self._ids(head_text), self._ids(tail_text)
-            if body is None:
-                body = self._ids(solution)
-        elif self.kind == "prm":  # TRL PRMTrainer: [bos] prompt steps (no other special token)
-            bos = self.tokenizer.bos_token_id
-            head, tail = ([bos] if bos is not None else []) + self._ids(question), []
-        else:
+        steps = [s.strip() for s in solution.split(self.step_separator)] if self.kind == "prm" else []
+        steps = [s for s in steps if s]
+        if self.chat:  # the rendered conversation, tokenised in one piece like the model saw it
+            body = solution if self.kind == "classifier" else \
+                "".join(s + self.step_marker for s in steps) or self.step_marker
+            head, tail = self._chat_frame(question)
+            enc = self.tokenizer(head + body + tail, add_special_tokens=False,
+                                 return_offsets_mapping=True)
+            ids = enc["input_ids"]
+            inside = [i for i, (a, _) in enumerate(enc["offset_mapping"])
+                      if len(head) <= a < len(head) + len(body)]
+        elif self.kind == "prm":  # TRL PRMTrainer's rows: [bos] prompt, then each step + marker
+            bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+            head = bos + self._ids(question)
+            ids = head + ([t for s in steps for t in self._ids(s) + self.marker_ids]
+                          or list(self.marker_ids))
+            inside = range(len(head), len(ids))
+        else:  # the tokenizer's pair encoding, e.g. [CLS] question [SEP] solution [SEP]
             enc = self.tokenizer(question, solution)
-            ids, seq = enc["input_ids"], enc.sequence_ids()
-            at = [i for i, s in enumerate(seq) if s == 1] or [len(ids)]  # the solution's tokens
-            head, body, tail = ids[:at[0]], ids[at[0]:at[-1] + 1], ids[at[-1] + 1:]
-        excess = len(head) + len(body) + len(tail) - self.max_length
+            ids = enc["input_ids"]
+            inside = [i for i, s in enumerate(enc.sequence_ids()) if s == 1]
+        # the solution's tokens are ids[first:last]; drop the oldest ones that do not fit
+        first, last = (inside[0], inside[-1] + 1) if len(inside) else (len(ids), len(ids))
+        excess = len(ids) - self.max_length
         if excess > 0:
             keep_at_least = len(self.marker_ids) if self.kind == "prm" else 1
-            if len(body) - excess < keep_at_least:
-                raise ValueError(f"{self.name}: the question and template take {len(head) + len(tail)} "
-                                 f"tokens, leaving no room for the solution within max_length "
-                                 f"{self.max_length}")
-            body = body[excess:]
-        return head + body + tail, (len(head) + len(body) - 1 if self.kind == "prm" else -1)
+            if last - first - excess < keep_at_least:
+                raise ValueError(f"{self.name}: the question and template take "
+                                 f"{len(ids) - (last - first)} tokens, leaving no room for the "
+                                 f"solution within max_length {self.max_length}")
+            ids = ids[:first] + ids[first + excess:]
+            last -= excess
+        return ids, (last - 1 if self.kind == "prm" else -1)
+
+    def _chat_frame(self, question: str) -> tuple[str, str]:
+        """The rendered conversation before and after the assistant's text."""
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": _BODY}]
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=False)
+        if rendered.count(_BODY) != 1:
+            raise ValueError(f"{self.name}: the chat template does not keep the assistant turn "
+                             "verbatim; pass chat=False")
+        head, tail = rendered.split(_BODY)
+        return head, tail
 
     # ---- scoring -------------------------------------------------------------------------------
     @torch.inference_mode()

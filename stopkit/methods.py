@@ -19,7 +19,7 @@ Also here: what the two external-model methods share when they load and run a mo
 from __future__ import annotations
 
 __all__ = ["METHOD_KINDS", "METHOD_TYPES", "TYPE_NAMES", "parse_method", "method_type", "model_dtype",
-           "length_limit", "right_pad"]
+           "model_path", "length_limit", "right_pad"]
 
 # kind -> the paper's type (None: a reference, not a pruning signal)
 METHOD_TYPES: dict[str, str | None] = {
@@ -75,6 +75,18 @@ def model_dtype(dtype) -> "torch.dtype | str":
         return getattr(torch, dtype)
     raise ValueError(f"dtype must be 'auto', 'float32', 'float16', 'bfloat16' or a floating "
                      f"torch.dtype, got {dtype!r}")
+
+
+def model_path(path, what: str) -> str:
+    """``path`` as a str for ``from_pretrained``; FileNotFoundError naming ``what`` when it is
+    clearly a local path (absolute or starting with ".") that does not exist, rather than the hub
+    error transformers would give."""
+    import os
+
+    path = os.fspath(path)
+    if (os.path.isabs(path) or path.startswith(".")) and not os.path.exists(path):
+        raise FileNotFoundError(f"no {what} at {path}")
+    return path
 
 
 def length_limit(tokenizer, config) -> int | None:

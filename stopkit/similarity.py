@@ -31,7 +31,7 @@ similarity is taken from its Gram matrix, a zero row is similar to nothing):
 - :class:`TransformersEmbedding` (``method="similarity:PATH"``): a sentence-embedding model loaded
   with transformers ``AutoModel`` + ``AutoTokenizer`` from PATH (no remote code), run batched on
   the chosen device and dtype over the decoded prefix text, mean-pooled over the attention mask
-  (or the pooling a sentence-transformers ``1_Pooling/config.json`` in PATH names: mean, cls or
+  (or the pooling a sentence-transformers ``modules.json`` in a local PATH names: mean, cls or
   lasttoken), L2-normalised. Prefixes longer than ``max_length`` (default: the
   sentence-transformers ``max_seq_length``, else the model's limit) keep their END (truncated from
   the left), the part that says where a path is heading; paths share the beginning anyway.
@@ -44,7 +44,6 @@ cumulative over calls.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -54,12 +53,10 @@ import numpy as np
 import torch
 
 from stopkit._checks import check_int
-from stopkit.methods import length_limit, model_dtype, parse_method, right_pad
+from stopkit.methods import length_limit, model_dtype, model_path, parse_method, right_pad
 
 __all__ = ["SimilarityScorer", "TfidfEmbedding", "TransformersEmbedding", "cosine_matrix",
            "consensus_scores", "diversity_order"]
-
-log = logging.getLogger(__name__)
 
 Embed = Callable[[list[str], list[list[int]]], torch.Tensor]
 
@@ -137,7 +134,7 @@ class TransformersEmbedding:
                  pooling: str | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        self.path = str(path)
+        self.path = model_path(path, "embedding model")
         self.batch_size = check_int("batch_size", batch_size, 1)
         st = _sentence_transformers_config(Path(path))
         self.pooling = pooling if pooling is not None else st.get("pooling", "mean")
@@ -159,10 +156,10 @@ class TransformersEmbedding:
     @torch.inference_mode()
     def __call__(self, texts: Sequence[str], ids: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
         if not texts:
-            return torch.zeros(0, self.model.config.hidden_size)
+            return torch.zeros(0, 0)
         encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        out = torch.empty(len(texts), self.model.config.hidden_size, dtype=torch.float32)
+        out: list = [None] * len(texts)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
@@ -175,9 +172,10 @@ class TransformersEmbedding:
                 pooled = hidden[:, 0]
             else:
                 pooled = hidden[torch.arange(len(rows), device=hidden.device), mask.sum(1) - 1]
-            out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu()
+            for i, row in zip(rows, torch.nn.functional.normalize(pooled, dim=-1).cpu()):
+                out[i] = row
             self.tokens += int(mask.sum())
-        return out
+        return torch.stack(out)
 
 
 _ST_POOLING = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",

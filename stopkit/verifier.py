@@ -24,8 +24,9 @@ probability in [0, 1], higher = keep. Three kinds of checkpoint load, all withou
   checkpoint's ``score.0.*`` / ``score.2.*`` safetensors. Format as in its model card: system
   prompt "Please reason step by step, and put your final answer within \\boxed{}.", the
   question as the user turn, the assistant turn = steps each followed by ``<extra_0>``;
-  reward = softmax over the 2 classes at the marker, class 1. Not supported: Qwen2ForRewardModel (Qwen2.5-Math-RM-72B, an outcome RM with its own head) and any other
-  checkpoint that needs ``trust_remote_code``.
+  reward = softmax over the 2 classes at the marker, class 1. Not supported: Qwen2ForRewardModel
+  (Qwen2.5-Math-RM-72B, an outcome RM with its own head) and any other checkpoint that needs
+  ``trust_remote_code``.
 
 Input text: when the verifier's tokenizer has a chat template (``chat=None`` auto; True / False
 force it), the conversation ``[system_prompt], user: question, assistant: solution`` is rendered
@@ -54,7 +55,7 @@ import torch
 from torch import nn
 
 from stopkit._checks import check_int
-from stopkit.methods import length_limit, model_dtype, right_pad
+from stopkit.methods import length_limit, model_dtype, model_path, right_pad
 
 __all__ = ["Verifier", "QWEN_PRM_MARKER", "QWEN_PRM_SYSTEM", "SUPPORTED"]
 
@@ -171,7 +172,7 @@ class Verifier:
         from transformers import (AutoConfig, AutoModelForSequenceClassification,
                                   AutoModelForTokenClassification, AutoTokenizer)
 
-        path = str(path)
+        path = model_path(path, "verifier model")
         torch_dtype = model_dtype(dtype)
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=False)

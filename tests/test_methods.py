@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stopkit.methods import (METHOD_KINDS, TYPE_NAMES, length_limit, method_type, model_dtype,
-                             parse_method, right_pad)
+                             model_path, parse_method, right_pad)
 
 
 @pytest.mark.parametrize("spec, kind, path, typ", [
@@ -79,6 +79,15 @@ def test_length_limit_takes_the_tighter_known_limit():
     assert length_limit(_Tok(512), _Cfg(4096)) == 512
     assert length_limit(_Tok(int(1e30)), _Cfg(4096)) == 4096  # transformers' "unset" sentinel
     assert length_limit(_Tok(int(1e30)), object()) is None
+
+
+def test_model_path(tmp_path):
+    assert model_path(tmp_path, "x") == str(tmp_path)
+    assert model_path("org/name", "x") == "org/name"  # a hub id is left to transformers
+    with pytest.raises(FileNotFoundError, match="no verifier model at /no/such/dir"):
+        model_path("/no/such/dir", "verifier model")
+    with pytest.raises(FileNotFoundError, match="no embedding model at ./missing"):
+        model_path("./missing", "embedding model")
 
 
 def test_right_pad():

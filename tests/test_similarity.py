@@ -63,12 +63,14 @@ def test_tfidf_cosine_matches_reference(ngram):
     np.testing.assert_allclose(got, tfidf_cosine_reference(ids, ngram), rtol=1e-12, atol=1e-12)
 
 
-def test_tfidf_large_token_ids_and_long_ngrams_do_not_collide():
-    # ids near a 150k vocabulary and 6-grams: codes that overflowed int64 would alias n-grams
-    base = [151_000, 150_999, 7, 151_000, 150_999, 8]
-    ids = [base * 3, base[::-1] * 3, (base * 3)[1:], [151_000] * 12]
-    got = cosine_matrix(TfidfEmbedding(6)([""] * 4, ids)).numpy()
-    np.testing.assert_allclose(got, tfidf_cosine_reference(ids, 6), rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("top_id, ngram", [(151_000, 6), (65_535, 5)])
+def test_tfidf_large_token_ids_and_long_ngrams_do_not_collide(top_id, ngram):
+    # n-gram codes built as sum(token * base^i) with base = top_id + 1 overflow int64; with
+    # base = 2^16, 5-grams that differ only in their first token would wrap to the same code
+    tail = [top_id, top_id - 1, 7, top_id, 8, 9]
+    ids = [[1] + tail, [2] + tail, tail[::-1] + [1], [top_id] * 12, [1] + tail]
+    got = cosine_matrix(TfidfEmbedding(ngram)([""] * len(ids), ids)).numpy()
+    np.testing.assert_allclose(got, tfidf_cosine_reference(ids, ngram), rtol=1e-12, atol=1e-12)
 
 
 def test_tfidf_merges_private_ngrams_into_one_column_per_prefix():

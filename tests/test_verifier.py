@@ -17,17 +17,37 @@ from stopkit.verifier import QWEN_PRM_SYSTEM, Verifier
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MARKER = "<extra_0>"
-CHAT = "{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"  # toy-vocabulary frame
+# a space before the content: a byte-level BPE ties it to the first word ("Ġcareful"), so the
+# solution must be tokenised together with the template around it
+CHAT = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            intermediate_size=64, max_position_embeddings=256, initializer_range=0.2)
+            intermediate_size=64, max_position_embeddings=1024, initializer_range=0.2)
 
 
-def tokenizer(marker: bool = False, chat: bool = False):
+def tokenizer(marker: bool = False):
+    """The toy task's word-level tokenizer, optionally with the step marker as a special token."""
     tok = build_tokenizer()
     if marker:
         tok.add_special_tokens({"additional_special_tokens": [MARKER]})
-    if chat:
-        tok.chat_template = CHAT
+    return tok
+
+
+def bpe_tokenizer():
+    """A byte-level BPE (GPT-2 / Qwen style) trained on toy texts, with the marker and CHAT."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    texts = [p.question + " " + p.sample_solution(rng) for p in generate(200, seed=0)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", MARKER],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", additional_special_tokens=[MARKER])
+    tok.chat_template = CHAT
     return tok
 
 
@@ -52,8 +72,9 @@ def models(tmp_path_factory):
     out["cls2"] = save(LlamaForSequenceClassification(llama(num_labels=2)), plain, root / "cls2")
     out["cls1"] = save(LlamaForSequenceClassification(llama(num_labels=1)), plain, root / "cls1")
     out["cls3"] = save(LlamaForSequenceClassification(llama(num_labels=3)), plain, root / "cls3")
-    out["chat"] = save(Qwen2ForSequenceClassification(Qwen2Config(vocab_size=len(plain), **TINY)),
-                       tokenizer(chat=True), root / "chat")  # no pad id in its config
+    bpe = bpe_tokenizer()
+    out["chat"] = save(Qwen2ForSequenceClassification(Qwen2Config(vocab_size=len(bpe), **TINY)),
+                       bpe, root / "chat")  # no pad id in its config
     out["token_prm"] = save(LlamaForTokenClassification(LlamaConfig(
         vocab_size=len(marked), pad_token_id=marked.pad_token_id, **TINY)), marked, root / "token_prm")
     out["token_prm_nomarker"] = save(LlamaForTokenClassification(llama()), plain,
@@ -69,10 +90,8 @@ def models(tmp_path_factory):
     cfg["architectures"] = ["LlamaForSequenceClassification"]
     (headless / "config.json").write_text(json.dumps(cfg))
     out["headless"] = headless
-    # Qwen2.5-Math-PRM's layout: Qwen2Model under model., a 2-layer head under score., remote code.
-    # A qwen2 config makes AutoTokenizer rebuild the toy tokenizer as Qwen2's byte-level BPE, whose
-    # regex ties a space to the next word: the chat input must be tokenised in one piece.
-    qwen = Qwen2Config(vocab_size=len(marked), pad_token_id=marked.pad_token_id, **TINY)
+    # Qwen2.5-Math-PRM's layout: Qwen2Model under model., a 2-layer head under score., remote code
+    qwen = Qwen2Config(vocab_size=len(bpe), pad_token_id=bpe.pad_token_id, **TINY)
     backbone = Qwen2Model(qwen)
     head = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
     state = {f"model.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
@@ -85,7 +104,7 @@ def models(tmp_path_factory):
         "AutoConfig": "configuration_qwen2_rm.Qwen2RMConfig",
         "AutoModel": "modeling_qwen2_rm.Qwen2ForProcessRewardModel"})
     (qwen_prm / "config.json").write_text(json.dumps(cfg))
-    tokenizer(marker=True, chat=True).save_pretrained(qwen_prm)
+    bpe.save_pretrained(qwen_prm)
     out["qwen_prm"] = qwen_prm
     out["qwen_prm_parts"] = (backbone.eval(), head.eval())
     return out
@@ -137,7 +156,7 @@ def test_positive_label_and_chat_template_classifier(models):
 
     question, sols = problems(5, seed=8)
     v = Verifier.load(models["chat"], batch_size=4)
-    assert v.chat and v.model.config.pad_token_id == build_tokenizer().pad_token_id
+    assert v.chat and v.model.config.pad_token_id == bpe_tokenizer().pad_token_id
     scores = v.score(question, sols)
     ref_model = AutoModelForSequenceClassification.from_pretrained(models["chat"]).eval()
     tok = AutoTokenizer.from_pretrained(models["chat"])
@@ -289,6 +308,11 @@ def test_qwen_math_prm_layout_loads_without_remote_code(models):
 def test_not_a_verifier_is_a_clear_error(models, name, message):
     with pytest.raises(ValueError, match=message):
         Verifier.load(models[name])
+
+
+def test_missing_local_path_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no verifier model at"):
+        Verifier.load(tmp_path / "missing")
 
 
 def test_remote_code_only_checkpoint_is_a_clear_error(tmp_path):

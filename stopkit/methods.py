@@ -18,6 +18,10 @@ Also here: what the two external-model methods share when they load and run a mo
 
 from __future__ import annotations
 
+import os
+
+import torch
+
 __all__ = ["METHOD_KINDS", "METHOD_TYPES", "TYPE_NAMES", "parse_method", "method_type", "model_dtype",
            "model_path", "length_limit", "right_pad"]
 
@@ -29,7 +33,7 @@ METHOD_TYPES: dict[str, str | None] = {
 METHOD_KINDS = tuple(METHOD_TYPES)
 TYPE_NAMES = {"I": "external, non-learnable", "II": "external, learnable",
               "III": "internal, non-learnable", "IV": "internal, learnable"}
-_WITH_PATH = {"similarity": "optional", "verifier": "required"}
+_TAKE_A_PATH = ("similarity", "verifier")  # similarity: optional, verifier: required
 
 
 def parse_method(spec: str) -> tuple[str, str | None]:
@@ -45,7 +49,7 @@ def parse_method(spec: str) -> tuple[str, str | None]:
     if kind not in METHOD_TYPES:
         raise ValueError(f"method must be one of stop, confidence, entropy, similarity, "
                          f"similarity:PATH, verifier:PATH, random, full; got {spec!r}")
-    if sep and kind not in _WITH_PATH:
+    if sep and kind not in _TAKE_A_PATH:
         raise ValueError(f"method {kind!r} takes no path, got {spec!r}")
     if sep and not path:
         raise ValueError(f"method {spec!r}: the path after ':' is empty")
@@ -61,12 +65,10 @@ def method_type(spec: str) -> str | None:
 
 
 # ---- what the external-model methods (similarity:PATH, verifier:PATH) share ----------------------
-def model_dtype(dtype) -> "torch.dtype | str":
+def model_dtype(dtype) -> torch.dtype | str:
     """The ``dtype`` argument of ``from_pretrained`` for an external model (embedding model,
     verifier): "auto" (the checkpoint's), "float32", "float16", "bfloat16", or a floating
     torch.dtype. ValueError naming the argument otherwise."""
-    import torch
-
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     if dtype == "auto":
@@ -81,8 +83,6 @@ def model_path(path, what: str) -> str:
     """``path`` as a str for ``from_pretrained``; FileNotFoundError naming ``what`` when it is
     clearly a local path (absolute or starting with ".") that does not exist, rather than the hub
     error transformers would give."""
-    import os
-
     path = os.fspath(path)
     if (os.path.isabs(path) or path.startswith(".")) and not os.path.exists(path):
         raise FileNotFoundError(f"no {what} at {path}")
@@ -99,11 +99,9 @@ def length_limit(tokenizer, config) -> int | None:
     return min(limits) if limits else None
 
 
-def right_pad(rows: list[list[int]], pad: int, device) -> "tuple[torch.Tensor, torch.Tensor]":
+def right_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) int64 [B, longest row] on ``device``, right-padded with ``pad``:
     every row starts at position 0, as it would alone."""
-    import torch
-
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad, dtype=torch.int64)
     mask = torch.zeros((len(rows), width), dtype=torch.int64)

@@ -245,10 +245,11 @@ def diversity_order(sim: torch.Tensor, diversity: float) -> list[int]:
 class SimilarityScorer:
     """Type I path scorer (module docstring): built once per run, ``score`` per question.
 
-    embed: ``(texts, ids) -> Tensor [n, d]`` (default :class:`TfidfEmbedding`); diversity: 0 ranks
-    by consensus, (0, 1] by maximal-marginal-relevance order with that weight on redundancy;
-    name: the method spec it was built from. ``tokens``, ``seconds``: the embedding model's
-    processed tokens and the wall seconds spent scoring, cumulative.
+    embed: ``(texts, ids) -> Tensor [n, d]`` (default :class:`TfidfEmbedding`); diversity: 0 (or
+    False) ranks by consensus, (0, 1] by maximal-marginal-relevance order with that weight on
+    redundancy (True = 1: greedy farthest-point); name: the method spec it was built from.
+    ``tokens``, ``seconds``: the embedding model's processed tokens and the wall seconds spent
+    scoring, cumulative.
     """
 
     method_type = "I"
@@ -258,9 +259,9 @@ class SimilarityScorer:
         if embed is not None and not callable(embed):
             raise TypeError(f"embed must be a callable (texts, ids) -> Tensor [n, d], got "
                             f"{type(embed).__name__}")
-        if isinstance(diversity, bool) or not isinstance(diversity, (int, float)) or \
-                not 0.0 <= diversity <= 1.0:
-            raise ValueError(f"diversity must be a float in [0, 1], got {diversity!r}")
+        if not isinstance(diversity, (int, float)) or not 0.0 <= diversity <= 1.0:
+            raise ValueError(f"diversity must be a float in [0, 1] (or a bool: 0 / 1), got "
+                             f"{diversity!r}")
         self.embed = embed if embed is not None else TfidfEmbedding()
         self.diversity = float(diversity)
         self.name = name

@@ -130,9 +130,11 @@ def test_pluggable_embedding_and_its_validation():
         SimilarityScorer().score("q", ["a", "b"], [[1]])
     with pytest.raises(TypeError, match="embed must be a callable"):
         SimilarityScorer(embed=3)
-    for bad in (-0.1, 1.5, "high"):
+    for bad in (-0.1, 1.5, "high", None):
         with pytest.raises(ValueError, match="diversity must be"):
             SimilarityScorer(diversity=bad)
+    assert SimilarityScorer(diversity=True).diversity == 1.0
+    assert SimilarityScorer(diversity=False).diversity == 0.0
     with pytest.raises(ValueError, match="similarity:PATH"):
         SimilarityScorer.from_spec("verifier:/x")
 

@@ -15,6 +15,8 @@
 // key's absolute position sits in shared memory beside the tile (-1 for a masked key: past the
 // list, or on a block id outside [0, num_blocks)), so one test does causal, window and padding:
 // query row at position qp sees key position kp iff max(0, qp - window + 1) <= kp <= qp.
+// Scores live in the log2 domain (scale * log2 e folded in); each row's online softmax and every
+// merge of partial rows (key groups, splits, the sink) go through stopkit/state.h.
 //
 // With more than one split, each block writes (out / l, log2-sum-exp) per row to a float32
 // workspace that the caller allocates (torch's allocator: CUDA graphs and memory accounting see
@@ -27,12 +29,12 @@
 
 #include "stopkit/cuda/common.cuh"
 #include "stopkit/cuda/kernels.cuh"
+#include "stopkit/state.h"
 
 namespace stopkit::cuda {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+using State = SoftmaxState<Log2>;
 static_assert(kMaxStages - 2 <= 2, "cp_async_wait_dynamic waits for at most 2 groups");
 
 std::atomic<int> g_num_splits{0};
@@ -251,12 +253,13 @@ __device__ __forceinline__ void qk_chunk(float (&sc)[2][4], const QFrags<T, DMAX
   }
 }
 
-// One online-softmax step over a chunk's scores (log2 domain): masks by position, raises each
-// row's running max (m_r, l_r: this thread's two rows), turns the scores into P in place and
-// returns in alpha the factor the accumulator rows must be scaled by.
+// One online-softmax step over a chunk's scores: masks by position, raises the running max of
+// this thread's two rows (st; their l holds this thread's share of the sum, its quad adds them
+// up at the end), turns the scores into P in place and returns in alpha the factor the
+// accumulator rows must be scaled by.
 __device__ __forceinline__ void softmax_step(float (&sc)[2][4], const int* kp, const int (&qpos)[2],
-                                             const int (&qlo)[2], float scale2, float (&m_r)[2],
-                                             float (&l_r)[2], float (&alpha)[2], int lane) {
+                                             const int (&qlo)[2], float scale2, State (&st)[2],
+                                             float (&alpha)[2], int lane) {
   const int t4 = lane & 3;
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -272,27 +275,23 @@ __device__ __forceinline__ void softmax_step(float (&sc)[2][4], const int* kp, c
       }
     }
   }
-  float m_use[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
     mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-    const float m_new = fmaxf(m_r[i], mx[i]);
-    m_use[i] = m_new == -INFINITY ? 0.0f : m_new;  // nothing seen yet: keep exp2 finite
-    alpha[i] = exp2f(m_r[i] - m_use[i]);
-    m_r[i] = m_new;
+    alpha[i] = st[i].raise_max(mx[i]);
   }
   float psum[2] = {0.0f, 0.0f};
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      sc[j][e] = exp2f(sc[j][e] - m_use[e >> 1]);
+      sc[j][e] = State::rescale(sc[j][e], st[e >> 1].m);  // 0 for a masked key
       psum[e >> 1] += sc[j][e];
     }
   }
 #pragma unroll
-  for (int i = 0; i < 2; ++i) l_r[i] = l_r[i] * alpha[i] + psum[i];
+  for (int i = 0; i < 2; ++i) st[i].l += psum[i];
 }
 
 template <int DMAX>
@@ -356,38 +355,18 @@ __device__ __forceinline__ void pv_chunk(float (&acc)[DMAX / 8][4], const float 
   }
 }
 
-// Final normalisation of one output row: o = out / l of the keys, lse2 their log2-sum-exp
-// (-inf: none seen). Folds in the sink, writes 4 outputs (and the natural-log LSE at d == 0).
-template <typename T>
-__device__ __forceinline__ void finish4(float (&o)[4], float lse2, const float* sinks, int64_t h,
-                                        T* out, float* lse, int d) {
-  float m = lse2;
-  float sink2 = -INFINITY;
-  if (sinks) {
-    sink2 = sinks[h] * kLog2e;
-    m = fmaxf(m, sink2);
-  }
-  float lse_nat = -INFINITY;
-  if (m == -INFINITY) {
-    o[0] = o[1] = o[2] = o[3] = 0.0f;
-  } else {
-    const float w = exp2f(lse2 - m);
-    const float denom = w + (sinks ? exp2f(sink2 - m) : 0.0f);
-    const float c = w / denom;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) o[i] *= c;
-    lse_nat = (m + log2f(denom)) * kLn2;
-  }
-  store4(out + d, o[0], o[1], o[2], o[3]);
-  if (lse && d == 0) *lse = lse_nat;
+// Folds head h's sink (if any) into a finished row's state and returns the factor that turns the
+// row's accumulator into its output.
+__device__ __forceinline__ float finish_row(State& st, const float* sinks, int64_t h) {
+  const float c = sinks ? st.add_sink(sinks[h] * Log2::kFromNatural) : 1.0f;
+  return st.output_scale() * c;  // 1 / l, then c: no general division (its slow path spills)
 }
-
 // Epilogue: merges the key groups of each query slice through shared memory (the pipeline's,
 // drained), then writes each row's output and LSE, or its split's partial to the workspace.
 template <typename T, int DMAX, bool EXACT>
 __device__ __forceinline__ void epilogue(const Launch& a, const Work& w, int row0, int rows,
-                                         const float (&acc)[DMAX / 8][4], const float (&m_r)[2],
-                                         float (&l_r)[2], unsigned char* smem) {
+                                         const float (&acc)[DMAX / 8][4], State (&st)[2],
+                                         unsigned char* smem) {
   using C = Cfg<T, DMAX>;
   const PagedAttentionParams& p = a.p;
   const int D = EXACT ? DMAX : static_cast<int>(p.head_dim);
@@ -395,9 +374,9 @@ __device__ __forceinline__ void epilogue(const Launch& a, const Work& w, int row
   const int g = lane >> 2, t4 = lane & 3;
   const int n_kg = kWarps / a.mt;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 1);
-    l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 2);
+  for (int i = 0; i < 2; ++i) {  // the quad's shares of the sum (the max is the quad's already)
+    st[i].l += __shfl_xor_sync(0xffffffffu, st[i].l, 1);
+    st[i].l += __shfl_xor_sync(0xffffffffu, st[i].l, 2);
   }
   float* red = reinterpret_cast<float*>(smem);       // [kWarps][16][kRedLd]
   float* red_ml = red + kWarps * 16 * C::kRedLd;      // [kWarps][16][2]: m, l
@@ -411,10 +390,11 @@ __device__ __forceinline__ void epilogue(const Launch& a, const Work& w, int row
       }
     }
     if (t4 == 0) {
-      red_ml[(warp * 16 + g) * 2] = m_r[0];
-      red_ml[(warp * 16 + g) * 2 + 1] = l_r[0];
-      red_ml[(warp * 16 + g + 8) * 2] = m_r[1];
-      red_ml[(warp * 16 + g + 8) * 2 + 1] = l_r[1];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        red_ml[(warp * 16 + g + 8 * i) * 2] = st[i].m;
+        red_ml[(warp * 16 + g + 8 * i) * 2 + 1] = st[i].l;
+      }
     }
   }
   __syncthreads();
@@ -426,36 +406,30 @@ __device__ __forceinline__ void epilogue(const Launch& a, const Work& w, int row
     const int R = row0 + r;
     if (R >= a.GS) break;  // rows only grow with e
     const int slice = r >> 4, rr = r & 15;
-    float m = -INFINITY;
-    for (int k = 0; k < n_kg; ++k) m = fmaxf(m, red_ml[((k * a.mt + slice) * 16 + rr) * 2]);
-    float l = 0.0f, o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (m != -INFINITY) {
-      for (int k = 0; k < n_kg; ++k) {
-        const int wk = k * a.mt + slice;
-        const float mw = red_ml[(wk * 16 + rr) * 2];
-        if (mw == -INFINITY) continue;
-        const float c = exp2f(mw - m);
-        l += c * red_ml[(wk * 16 + rr) * 2 + 1];
-        const float4 v = *reinterpret_cast<const float4*>(red + (wk * 16 + rr) * C::kRedLd + d);
-        o[0] += c * v.x;
-        o[1] += c * v.y;
-        o[2] += c * v.z;
-        o[3] += c * v.w;
-      }
+    State row = State::empty();
+    float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int k = 0; k < n_kg; ++k) {
+      const int wk = k * a.mt + slice;
+      const State::Scales c = row.merge({red_ml[(wk * 16 + rr) * 2], red_ml[(wk * 16 + rr) * 2 + 1]});
+      const float4 v = *reinterpret_cast<const float4*>(red + (wk * 16 + rr) * C::kRedLd + d);
+      o[0] = o[0] * c.self + v.x * c.other;
+      o[1] = o[1] * c.self + v.y * c.other;
+      o[2] = o[2] * c.self + v.z * c.other;
+      o[3] = o[3] * c.self + v.w * c.other;
     }
-    const float lse2 = l > 0.0f ? m + log2f(l) : -INFINITY;
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) o[i] *= inv;
     const int s = R / a.G, gq = R - s * a.G;
     const int64_t h = int64_t(w.kvh) * a.G + gq;
     const int64_t orow = (w.b * p.q_len + s) * p.num_heads + h;
     if (a.ws_o == nullptr) {
-      finish4(o, lse2, p.sinks, h, static_cast<T*>(p.out) + orow * D, p.lse ? p.lse + orow : nullptr, d);
-    } else {
+      const float scale = finish_row(row, p.sinks, h);
+      store4(static_cast<T*>(p.out) + orow * D + d, o[0] * scale, o[1] * scale, o[2] * scale, o[3] * scale);
+      if (p.lse && d == 0) p.lse[orow] = row.natural_lse();
+    } else {  // this split's normalised rows and their log2-sum-exp, for merge_splits_kernel
+      const float scale = row.output_scale();
       const int64_t wrow = int64_t(w.sp) * nrows + orow;
-      *reinterpret_cast<float4*>(a.ws_o + wrow * D + d) = make_float4(o[0], o[1], o[2], o[3]);
-      if (d == 0) a.ws_lse[wrow] = lse2;
+      *reinterpret_cast<float4*>(a.ws_o + wrow * D + d) =
+          make_float4(o[0] * scale, o[1] * scale, o[2] * scale, o[3] * scale);
+      if (d == 0) a.ws_lse[wrow] = row.lse();
     }
   }
 }
@@ -500,7 +474,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) paged_attention_ker
   float acc[DMAX / 8][4];
 #pragma unroll
   for (int n = 0; n < DMAX / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.0f, 0.0f};
+  State st[2] = {State::empty(), State::empty()};
   const T* q_warp = q_s + mt * 16 * LD;
   QFrags<T, DMAX> qf;
   load_q_frags<T, DMAX, EXACT>(qf, q_warp, D, lane);
@@ -523,7 +497,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) paged_attention_ker
       float sc[2][4];
       qk_chunk<T, DMAX, EXACT>(sc, qf, q_warp, ks, ch, D, lane);
       float alpha[2];
-      softmax_step(sc, kp + ch * 16, qpos, qlo, a.scale2, m_r, l_r, alpha, lane);
+      softmax_step(sc, kp + ch * 16, qpos, qlo, a.scale2, st, alpha, lane);
       scale_rows<DMAX>(acc, alpha);
       pv_chunk<T, DMAX, EXACT>(acc, sc, vs, ch, D, p_s + warp * 16 * C::kPLd, lane);
     }
@@ -533,12 +507,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) paged_attention_ker
 
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with the pipeline's shared memory
-  epilogue<T, DMAX, EXACT>(a, w, row0, rows, acc, m_r, l_r, smem);
+  epilogue<T, DMAX, EXACT>(a, w, row0, rows, acc, st, smem);
 }
 
 // Merges the splits of each output row (one warp per row) by their log2-sum-exp, with the sink.
+// No __launch_bounds__: under one, ptxas holds the sm_90 build to 32 registers and spills.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) merge_splits_kernel(const Launch a) {
+__global__ void merge_splits_kernel(const Launch a) {
   const PagedAttentionParams& p = a.p;
   __shared__ float w_s[kWarps][kMaxSplits];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -546,37 +521,35 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const Launch a) 
   const int64_t row = int64_t(blockIdx.x) * kWarps + warp;
   if (row >= nrows) return;  // warp-uniform
   const int D = static_cast<int>(p.head_dim), n = a.nsplit;
+  // Lane i holds splits i and i + 32; the butterfly leaves every lane with the whole row's state.
   const float l0 = lane < n ? a.ws_lse[int64_t(lane) * nrows + row] : -INFINITY;
   const float l1 = lane + 32 < n ? a.ws_lse[int64_t(lane + 32) * nrows + row] : -INFINITY;
-  const float m = warp_max(fmaxf(l0, l1));
-  float lse2 = -INFINITY, inv = 0.0f;
-  if (m != -INFINITY) {
-    const float w0 = exp2f(l0 - m), w1 = exp2f(l1 - m);  // 0 for empty splits
-    w_s[warp][lane] = w0;
-    w_s[warp][lane + 32] = w1;
-    const float total = warp_sum(w0 + w1);  // >= 1: the largest split has weight 1
-    lse2 = m + log2f(total);
-    inv = 1.0f / total;
+  State st = State::from_lse(l0);
+  st.merge(State::from_lse(l1));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    st.merge({__shfl_xor_sync(0xffffffffu, st.m, o), __shfl_xor_sync(0xffffffffu, st.l, o)});
   }
+  w_s[warp][lane] = State::rescale(l0, st.m);  // 0 for empty splits
+  w_s[warp][lane + 32] = State::rescale(l1, st.m);
   __syncwarp();
   const int64_t h = row % p.num_heads;
+  const float scale = finish_row(st, p.sinks, h);
   T* out = static_cast<T*>(p.out) + row * D;
-  float* lse = p.lse ? p.lse + row : nullptr;
   for (int d = lane * 4; d < D; d += 128) {
     float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (m != -INFINITY) {
-      for (int i = 0; i < n; ++i) {
-        const float wi = w_s[warp][i] * inv;
-        if (wi == 0.0f) continue;
-        const float4 v = *reinterpret_cast<const float4*>(a.ws_o + (int64_t(i) * nrows + row) * D + d);
-        o[0] += wi * v.x;
-        o[1] += wi * v.y;
-        o[2] += wi * v.z;
-        o[3] += wi * v.w;
-      }
+    for (int i = 0; i < n; ++i) {
+      const float wi = w_s[warp][i];
+      if (wi == 0.0f) continue;
+      const float4 v = *reinterpret_cast<const float4*>(a.ws_o + (int64_t(i) * nrows + row) * D + d);
+      o[0] += wi * v.x;
+      o[1] += wi * v.y;
+      o[2] += wi * v.z;
+      o[3] += wi * v.w;
     }
-    finish4(o, lse2, p.sinks, h, out, lse, d);
+    store4(out + d, o[0] * scale, o[1] * scale, o[2] * scale, o[3] * scale);
   }
+  if (p.lse && lane == 0) p.lse[row] = st.natural_lse();
 }
 
 // Raises the kernel instance's dynamic shared-memory limit once per device, to the most that any
@@ -652,7 +625,8 @@ void run(const PagedAttentionParams& p, const Shape& s, const CallContext& ctx, 
                                      std::to_string(grid) + " blocks exceeds the grid limit");
   Launch a{p, static_cast<int>(s.G), static_cast<int>(s.GS), s.plan.query_slices, s.plan.stages,
            static_cast<int>(s.qtiles), static_cast<int>(s.nsplit),
-           __builtin_ctzll(static_cast<unsigned long long>(p.block_size)), p.scale * kLog2e, nullptr, nullptr};
+           __builtin_ctzll(static_cast<unsigned long long>(p.block_size)), p.scale * Log2::kFromNatural,
+           nullptr, nullptr};
   const cudaStream_t stream = to_stream(ctx.stream);
   const size_t smem = static_cast<size_t>(s.plan.smem_bytes);
   if (s.nsplit > 1) {

@@ -255,7 +255,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if B > 0:
         backend, extra = _backend(device)
         workspace = None
-        if backend is _C_cuda:  # the split-KV workspace, when the kernel splits the context
+        if backend is _C_cuda:  # plans its context split from max_seq_len; the split's workspace
+            extra["max_seq_len"] = longest
             workspace = _workspace(_C_cuda.paged_attention_workspace_bytes(
                 batch=B, q_len=S, num_heads=H, num_kv_heads=Hkv, head_dim=D, block_size=block_size,
                 max_blocks_per_row=max_blocks, window=int(window or 0), dtype=_DTYPE_CODES[dtype],
@@ -266,7 +267,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             suffix_k=_addr(suffix_k), suffix_v=_addr(suffix_v), sinks=_addr(sinks), batch=B,
             q_len=S, num_heads=H, num_kv_heads=Hkv, head_dim=D, block_size=block_size,
             num_blocks=num_blocks, max_blocks_per_row=max_blocks, scale=float(scale),
-            window=int(window or 0), dtype=_DTYPE_CODES[dtype], max_seq_len=longest, **extra)
+            window=int(window or 0), dtype=_DTYPE_CODES[dtype], **extra)
         del workspace  # freed in stream order, after the launch that uses it
     return (out, lse) if return_lse else out
 

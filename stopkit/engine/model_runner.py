@@ -55,7 +55,8 @@ class ForwardBatch:
     k_caches: list[torch.Tensor]
     v_caches: list[torch.Tensor]
     slots: torch.Tensor | None              # int64 [T]; None: read-only (nothing is written)
-    max_seq_len: int                        # host-side bound of every length below
+    max_seq_len: int                        # every row's tokens after the pass, at most (CUDA's
+                                            # split plan, without a device sync)
     single_index: torch.Tensor | None = None
     single_table: torch.Tensor | None = None
     single_lens: torch.Tensor | None = None
@@ -107,7 +108,8 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     layer = module.layer_idx
     kc, vc = b.k_caches[layer], b.v_caches[layer]
     extra = {"scale": scaling, "window": sliding_window or None,
-             "sinks": None if s_aux is None else s_aux.detach().float(), "check_indices": False}
+             "sinks": None if s_aux is None else s_aux.detach().float(), "check_indices": False,
+             "max_seq_len": b.max_seq_len}
     if b.single_all:
         return ops.paged_attention(query.transpose(1, 2), kc, vc, b.single_table, b.single_lens,
                                    **extra), None

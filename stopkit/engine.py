@@ -39,7 +39,7 @@ from transformers import AttentionInterface, Cache, PretrainedConfig, PreTrained
 from stopkit import ops, reference
 from stopkit._checks import check_int
 from stopkit.cache import CacheFullError, PagedKVCache
-from stopkit.prune import PruneResult, prune
+from stopkit.pruning import PruneResult, prune
 from stopkit.sampling import sample, sample_key, uniforms
 
 __all__ = ["Engine", "Session", "Row", "SUPPORTED_MODEL_TYPES", "ATTENTION_NAME"]

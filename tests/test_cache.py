@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from stopkit import ops
 from stopkit.cache import CacheFullError, PagedKVCache, zeros_kv_storage
-from stopkit.prune import prune
+from stopkit.pruning import prune
 
 
 def snapshot(cache: PagedKVCache) -> list:

@@ -1,4 +1,5 @@
-"""stopkit.prune: keep the best-scoring rows of a PagedKVCache, free the others, compact."""
+"""Pruning a batch: :func:`prune` keeps the best-scoring rows of a PagedKVCache, frees the
+others and compacts the kept ones (exported as ``stopkit.prune``)."""
 
 from __future__ import annotations
 

@@ -44,14 +44,29 @@ def build_parser() -> Parser:
     return parser
 
 
-_HANDLER = logging.StreamHandler()
-_HANDLER.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each record (as logging's own last-resort handler
+    does), so a swapped stderr (tests, notebooks) gets the records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+_HANDLER = _StderrHandler()
 
 
 def _log_to_stderr(level: int) -> None:
     """stopkit's own log records to stderr at ``level``; the root logger (and so transformers'
     and the hub's records) stays as the user configured it."""
-    _HANDLER.setStream(sys.stderr)  # the current one (tests swap it)
     logger = logging.getLogger("stopkit")
     logger.setLevel(level)
     if _HANDLER not in logger.handlers:

@@ -275,6 +275,8 @@ def build_adapter(model_dir: Path, out: Path, *, label_seeds: list[int], problem
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m stopkit.toy.build``: a maintainer's script that rebuilds the shipped assets, not
+    a ``stopkit`` command, so its command line lives here with the build it drives."""
     ap = argparse.ArgumentParser(prog="python -m stopkit.toy.build", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", required=True, choices=["base", "adapter"],

@@ -16,7 +16,7 @@ EXAMPLES = """
   stopkit solve --model ./my-model --method full --n 8 --json "1 + 1 = ?"
   stopkit solve --model stopkit/toy/assets/model --adapter stopkit/toy/assets/adapter --n 16 \\
       --keep 4 --prefix-tokens 12 --max-new-tokens 100 --temperature 1 --top-p 1 \\
-      "5 #1 + 3 #2 * 4 mod 31 ?"
+      "26 #1 - 14 #2 + 22 #3 + 25 #4 * 20 #5 - 11 #6 * 13 #7 * 17 #8 * 27 #9 - 3 mod 31 ?"
 """
 
 

@@ -57,7 +57,8 @@ def _int_array(name: str, values, low: int, high: int) -> np.ndarray:
     (vectorised: rows and counts come every decode step); errors worded as check_ints'."""
     if isinstance(values, torch.Tensor):
         if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
-            raise TypeError(f"{name} must hold ints, got a {str(values.dtype)[6:]} tensor")
+            raise TypeError(f"{name} must hold ints, got a "
+                            f"{str(values.dtype).removeprefix('torch.')} tensor")
         if values.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(values.shape)}")
         out = values.detach().cpu().numpy().astype(np.int64)

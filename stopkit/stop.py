@@ -56,8 +56,8 @@ from torch import nn
 from stopkit import ops
 from stopkit._checks import check_choice, check_int, check_real, check_token_ids
 
-# transformers, peft and stopkit.engine are imported where they are used: the CLI imports this
-# module (through stopkit.train) just to build its parser.
+# transformers, peft and stopkit.engine are imported where they are used, so that importing this
+# module stays cheap.
 
 __all__ = ["StopScorer", "ADAPTER_NAME", "OWN_LAYOUT", "AUTHORS_LAYOUT"]
 
@@ -457,9 +457,11 @@ def _read_authors(path: Path) -> dict:
     head = _read_tensors(_need(path / "classifier_head.pth", AUTHORS_LAYOUT))
     if not isinstance(emb, dict) or not isinstance(emb.get("input_embedding"), torch.Tensor):
         raise ValueError(f"{emb_file} must hold a dict with an 'input_embedding' tensor [d]")
-    if not isinstance(head, dict) or not all(isinstance(head.get(k), torch.Tensor) for k in ("weight", "bias")):
+    if not isinstance(head, dict) or not all(isinstance(head.get(k), torch.Tensor)
+                                             for k in ("weight", "bias")):
+        got = sorted(head) if isinstance(head, dict) else type(head).__name__
         raise ValueError(f"{path / 'classifier_head.pth'} must hold a Linear state dict "
-                         f"(weight [2, d], bias [2]), got {sorted(head) if isinstance(head, dict) else type(head).__name__}")
+                         f"(weight [2, d], bias [2] tensors), got {got}")
     adapter_dir = path / "adapter" / ADAPTER_NAME
     if not (adapter_dir / "adapter_config.json").is_file() and (path / "adapter" / "adapter_config.json").is_file():
         adapter_dir = path / "adapter"  # saved under PEFT's default adapter name
@@ -493,7 +495,8 @@ def _read_adapter(adapter_dir: Path, model: nn.Module) -> tuple[list[_Lora], dic
                                 f"expected layout: {OWN_LAYOUT} or {AUTHORS_LAYOUT}")
     weights = _read_tensors(weights_file)
     if not isinstance(weights, dict):
-        raise ValueError(f"{weights_file} must hold a dict of LoRA tensors, got {type(weights).__name__}")
+        raise ValueError(f"{weights_file} must hold a dict of LoRA tensors, "
+                         f"got {type(weights).__name__}")
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
         m = _KEY_RE.match(key)

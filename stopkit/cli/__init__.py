@@ -6,7 +6,8 @@ One module per command, each with ``register(subparsers)``, which adds its parse
 
 A user error (stopkit.cli.errors) prints one line, ``stopkit <command>: <message>``, on stderr and
 exits with status 2; Ctrl-C prints one line and exits with 130; ``--debug`` shows the traceback of
-either instead. Any other exception is a bug and keeps its traceback.
+either instead (a malformed command line has none: it stays one line). Any other exception is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations

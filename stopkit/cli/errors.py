@@ -6,7 +6,7 @@ phases that run before any engine work:
 
 - :func:`options`: checking option values. TypeError and ValueError raised inside are the user's.
 - :func:`reading`: opening and parsing what the user points at (a model, a checkpoint, a JSONL
-  file, an output folder). The errors a missing, unreadable, truncated or mismatched input raises
+  file). The errors a missing, unreadable, truncated or mismatched input raises
   (:data:`INPUT_ERRORS`) are the user's.
 
 Anything raised after these phases, or of another type inside them, is a bug and keeps its
@@ -55,8 +55,6 @@ def reading(what: str, path: str | Path | None = None) -> Iterator[None]:
     raised inside becomes a UserError naming them (unless its message names the path already)."""
     try:
         yield
-    except UserError:
-        raise
     except _input_errors() as e:
         message = one_line(e)
         if path is None or str(path) not in message:

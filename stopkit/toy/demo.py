@@ -45,7 +45,8 @@ class DemoConfig:
         check_int("data_seed", self.data_seed)
         if not check_ints("seeds", self.seeds):
             raise ValueError("seeds must hold at least one seed, got ()")
-        if isinstance(self.methods, str) or not self.methods or len(set(self.methods)) != len(self.methods):
+        methods = self.methods
+        if isinstance(methods, str) or not methods or len(set(methods)) != len(methods):
             raise ValueError(f"methods must be a non-empty tuple of distinct method names, "
                              f"got {self.methods!r}")
         unknown = [m for m in self.methods if m not in METHODS + EXTRA_METHODS]

@@ -64,7 +64,7 @@ from stopkit._checks import check_int
 from stopkit.answers import extract_answer, normalize_answer
 from stopkit.engine import Engine, Group, Row
 from stopkit.loading import eos_token_id, prompt_ids
-from stopkit.prune import ranking
+from stopkit.pruning import ranking
 
 __all__ = ["ParallelReasoner", "ReasoningRun", "Solution", "Path", "METHODS", "VOTES", "vote",
            "check_solve_args", "confidence_score", "entropy_score", "default_extractor"]

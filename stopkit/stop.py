@@ -42,21 +42,22 @@ import inspect
 import json
 import logging
 import math
-import numbers
+import pickle
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stopkit import ops
-from stopkit._checks import check_int
+from stopkit._checks import check_choice, check_int, check_real, check_token_ids
 
-# transformers, peft and stopkit.engine are imported where they are used: the CLI imports this
-# module (through stopkit.train) just to build its parser.
+# transformers, peft and stopkit.engine are imported where they are used, so that importing this
+# module stays cheap.
 
 __all__ = ["StopScorer", "ADAPTER_NAME", "OWN_LAYOUT", "AUTHORS_LAYOUT"]
 
@@ -118,9 +119,7 @@ class StopScorer(nn.Module):
         object.__setattr__(self, "_model", model)  # referenced, not a submodule
         object.__setattr__(self, "_backbone", _backbone(model))
         self.num_tokens = check_int("num_tokens", num_tokens, 1, ops.MAX_Q_LEN)
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}, got {activation!r}")
-        self.activation = activation
+        self.activation = check_choice("activation", activation, _ACTIVATIONS)
         self.lora_alpha, self.use_rslora = float(lora_alpha), bool(use_rslora)
         self.lora_dropout = float(lora_dropout)
         device = next(model.parameters()).device
@@ -150,10 +149,8 @@ class StopScorer(nn.Module):
         lora_rank = check_int("lora_rank", lora_rank, 1)
         if lora_alpha is None:
             lora_alpha = 2 * lora_rank
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
-        if not isinstance(lora_dropout, numbers.Real) or not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        lora_alpha = check_real("lora_alpha", lora_alpha, 0, low_open=True)
+        lora_dropout = check_real("lora_dropout", lora_dropout, 0, 1, high_open=True)
         if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
             raise TypeError(f"targets must be a non-empty sequence of module names, got {targets!r}")
         seed = check_int("seed", seed, 0)
@@ -374,17 +371,7 @@ class StopScorer(nn.Module):
         if isinstance(prefixes, (str, bytes)) or not isinstance(prefixes, Sequence) or not prefixes:
             raise TypeError(f"prefixes must be a non-empty list of token-id lists, got {prefixes!r:.80}")
         V = _embeddings(self.model).weight.shape[0]
-        out = []
-        for i, p in enumerate(prefixes):
-            if isinstance(p, torch.Tensor):
-                p = p.tolist()
-            if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) == 0:
-                raise ValueError(f"prefixes[{i}] must be a non-empty list of token ids")
-            p = [check_int(f"prefixes[{i}][j]", t, 0) for t in p]
-            if max(p) >= V:
-                raise ValueError(f"prefixes[{i}] token ids must lie in [0, {V}), got {max(p)}")
-            out.append(p)
-        return out
+        return [check_token_ids(f"prefixes[{i}]", p, V) for i, p in enumerate(prefixes)]
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor, device: torch.device) -> nn.Linear:
@@ -409,21 +396,56 @@ def _need(path: Path, layout: str) -> Path:
     return path
 
 
+def _read_json(file: Path) -> dict:
+    """The JSON object in ``file``; ValueError naming the file when it is not one."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON (corrupt?): {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _read_tensors(file: Path):
+    """What a ``.safetensors`` file or a ``torch.save`` file (tensors only) holds; ValueError naming
+    the file when it cannot be read (truncated, corrupt, or not such a file)."""
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        # torch's and safetensors' messages run to paragraphs: their first sentence says it
+        reason = str(e).split(". ")[0].split("\n")[0] or type(e).__name__
+        kind = "safetensors" if file.suffix == ".safetensors" else "torch.save"
+        raise ValueError(f"{file} is not a readable {kind} file (truncated or corrupt?): "
+                         f"{reason}") from e
+
+
+def _config_int(config: dict, key: str, file: Path) -> int:
+    """``config[key]``, an int >= 1; ValueError naming the file (a config's fields are data)."""
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{file}: {key} must be an int >= 1, got {value!r}")
+    return value
+
+
 def _read_own(path: Path) -> dict:
-    config = json.loads(_need(path / "stop_config.json", OWN_LAYOUT).read_text())
+    config = _read_json(_need(path / "stop_config.json", OWN_LAYOUT))
     if config.get("format") != FORMAT:
         raise ValueError(f"{path / 'stop_config.json'} is not a {FORMAT} config (format "
                          f"{config.get('format')!r})")
     if config.get("version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer stopkit (format version "
                          f"{config['version']} > {FORMAT_VERSION})")
-    t = load_file(str(_need(path / "stop.safetensors", OWN_LAYOUT)))
+    t = _read_tensors(_need(path / "stop.safetensors", OWN_LAYOUT))
     for key in ("token", "head.weight", "head.bias"):
         if key not in t:
             raise ValueError(f"{path / 'stop.safetensors'} lacks tensor {key!r}; expected: {OWN_LAYOUT}")
     adapter_dir = path / config.get("adapter", f"adapter/{ADAPTER_NAME}")
     _need(adapter_dir / "adapter_config.json", OWN_LAYOUT)
-    return {"num_tokens": int(config["num_tokens"]), "token": t["token"],
+    return {"num_tokens": _config_int(config, "num_tokens", path / "stop_config.json"),
+            "token": t["token"],
             "head_weight": t["head.weight"], "head_bias": t["head.bias"],
             "hidden_weight": t.get("hidden.weight"), "hidden_bias": t.get("hidden.bias"),
             "activation": config.get("activation", "gelu"), "adapter_dir": adapter_dir}
@@ -433,26 +455,24 @@ def _read_authors(path: Path) -> dict:
     """The authors' layout. Only ``input_embedding`` of the [STOP] token is used: its output
     embedding (LM-head row) never enters the score, and the tokenizer is not needed because the
     vector is fed as an embedding, not as a token id."""
-    config = json.loads(_need(path / "assess_token_config.json", AUTHORS_LAYOUT).read_text())
+    config = _read_json(_need(path / "assess_token_config.json", AUTHORS_LAYOUT))
     emb_file = path / "assess_token_embedding.pth"
     if not emb_file.is_file() and config.get("embedding_path"):
         emb_file = path / Path(config["embedding_path"]).name
-    emb = torch.load(_need(emb_file, AUTHORS_LAYOUT), map_location="cpu", weights_only=True)
-    head = torch.load(_need(path / "classifier_head.pth", AUTHORS_LAYOUT), map_location="cpu",
-                      weights_only=True)
+    emb = _read_tensors(_need(emb_file, AUTHORS_LAYOUT))
+    head = _read_tensors(_need(path / "classifier_head.pth", AUTHORS_LAYOUT))
     if not isinstance(emb, dict) or not isinstance(emb.get("input_embedding"), torch.Tensor):
         raise ValueError(f"{emb_file} must hold a dict with an 'input_embedding' tensor [d]")
-    if not isinstance(head, dict) or not {"weight", "bias"} <= set(head):
+    if not isinstance(head, dict) or not all(isinstance(head.get(k), torch.Tensor)
+                                             for k in ("weight", "bias")):
+        got = sorted(head) if isinstance(head, dict) else type(head).__name__
         raise ValueError(f"{path / 'classifier_head.pth'} must hold a Linear state dict "
-                         f"(weight [2, d], bias [2]), got keys {sorted(head) if isinstance(head, dict) else type(head).__name__}")
+                         f"(weight [2, d], bias [2] tensors), got {got}")
     adapter_dir = path / "adapter" / ADAPTER_NAME
     if not (adapter_dir / "adapter_config.json").is_file() and (path / "adapter" / "adapter_config.json").is_file():
         adapter_dir = path / "adapter"  # saved under PEFT's default adapter name
     _need(adapter_dir / "adapter_config.json", AUTHORS_LAYOUT)
-    num_tokens = config.get("num_assess_tokens")
-    if not isinstance(num_tokens, int):
-        raise ValueError(f"{path / 'assess_token_config.json'} must have an int num_assess_tokens, "
-                         f"got {num_tokens!r}")
+    num_tokens = _config_int(config, "num_assess_tokens", path / "assess_token_config.json")
     return {"num_tokens": num_tokens, "token": emb["input_embedding"].float().reshape(-1),
             "head_weight": head["weight"].float(), "head_bias": head["bias"].float(),
             "hidden_weight": None, "hidden_bias": None, "activation": "gelu",
@@ -463,7 +483,7 @@ def _read_adapter(adapter_dir: Path, model: nn.Module) -> tuple[list[_Lora], dic
     """LoRA factors of a PEFT adapter directory, validated against ``model``, and its
     (lora_alpha, use_rslora, lora_dropout)."""
     config_file = adapter_dir / "adapter_config.json"
-    config = json.loads(config_file.read_text())
+    config = _read_json(config_file)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_file}: peft_type must be LORA, got {config.get('peft_type')!r}")
     for key, ok in _UNSUPPORTED.items():
@@ -479,8 +499,10 @@ def _read_adapter(adapter_dir: Path, model: nn.Module) -> tuple[list[_Lora], dic
     else:
         raise FileNotFoundError(f"missing {adapter_dir}/adapter_model.safetensors (or .bin); "
                                 f"expected layout: {OWN_LAYOUT} or {AUTHORS_LAYOUT}")
-    weights = (load_file(str(weights_file)) if weights_file.suffix == ".safetensors"
-               else torch.load(weights_file, map_location="cpu", weights_only=True))
+    weights = _read_tensors(weights_file)
+    if not isinstance(weights, dict):
+        raise ValueError(f"{weights_file} must hold a dict of LoRA tensors, "
+                         f"got {type(weights).__name__}")
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
         m = _KEY_RE.match(key)

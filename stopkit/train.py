@@ -1,4 +1,4 @@
-"""Monte-Carlo labelling and training of a StopScorer (``stopkit label``, ``stopkit train``).
+"""Monte-Carlo labelling and training of a StopScorer (behind ``stopkit label`` and ``stopkit train``).
 
 Labelling (DESIGN.md section 1): for each problem, sample ``traces`` reasoning traces and cut each
 at ``prefix_tokens`` generated tokens (traces that end earlier are skipped: at inference they go
@@ -26,7 +26,6 @@ checkpoint with the best validation MSE is saved.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -39,16 +38,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from stopkit.answers import Checker, check_answer, load_checker
-from stopkit.loading import DTYPES, eos_token_id, load_model, load_problems, prompt_ids, read_jsonl
+from stopkit._checks import check_int, check_real, check_token_ids
+from stopkit.answers import Checker, check_answer
+from stopkit.loading import eos_token_id, prompt_ids, read_jsonl
 from stopkit.stop import StopScorer
 
-__all__ = ["auroc", "pair_accuracy", "metrics", "load_labels", "split_by_problem", "evaluate_scorer",
-           "train_scorer", "label_problems", "add_cli"]
+__all__ = ["auroc", "pair_accuracy", "metrics", "load_labels", "check_records", "split_by_problem",
+           "evaluate_scorer", "train_scorer", "label_problems"]
 
 log = logging.getLogger(__name__)
-
-
 
 # ---- metrics -------------------------------------------------------------------------------------
 def auroc(scores, targets) -> float:
@@ -109,16 +107,15 @@ def metrics(scores, labels, groups=None) -> dict[str, float]:
 
 
 # ---- label data ----------------------------------------------------------------------------------
-def _check_record(rec: dict, where: str) -> dict:
-    ids = rec.get("prefix_token_ids")
-    if (not isinstance(ids, list) or not ids
-            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
-        raise ValueError(f"{where}: prefix_token_ids must be a non-empty list of token ids >= 0")
-    p = rec.get("soft_label")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"{where}: soft_label must be a number in [0, 1], got {p!r}")
-    return {"id": rec.get("id", rec.get("problem_id")), "prefix_token_ids": ids,
-            "soft_label": float(p)}
+def _check_record(rec: dict, where: str, vocab_size: int | None = None) -> dict:
+    """A label record's fields, checked; ValueError (never TypeError: a record is data) naming
+    ``where`` (a file:line or a list element)."""
+    try:
+        ids = check_token_ids(f"{where}: prefix_token_ids", rec.get("prefix_token_ids"), vocab_size)
+        p = check_real(f"{where}: soft_label", rec.get("soft_label"), 0, 1)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+    return {"id": rec.get("id", rec.get("problem_id")), "prefix_token_ids": ids, "soft_label": p}
 
 
 def load_labels(path: str | Path) -> list[dict]:
@@ -142,8 +139,7 @@ def split_by_problem(records: list[dict], val_fraction: float, seed: int = 0
     """(train, val): a seeded random ``val_fraction`` of the problem ids (at least one when the
     fraction is > 0 and there are two ids or more) goes to validation, so no problem's prefixes are
     on both sides."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    val_fraction = check_real("val_fraction", val_fraction, 0, 1, high_open=True)
     ids = sorted({str(r["id"]) for r in records})
     random.Random(seed).shuffle(ids)
     n_val = min(len(ids) - 1, math.ceil(val_fraction * len(ids))) if val_fraction > 0 else 0
@@ -152,12 +148,11 @@ def split_by_problem(records: list[dict], val_fraction: float, seed: int = 0
             [r for r in records if str(r["id"]) in val_ids])
 
 
-def _check_fits(records: list[dict], vocab_size: int, name: str) -> None:
+def check_records(records: list[dict], vocab_size: int, name: str) -> None:
+    """ValueError naming ``name[i]`` unless every record has ``prefix_token_ids`` in
+    ``[0, vocab_size)`` (the model's vocabulary) and a ``soft_label`` in [0, 1]."""
     for i, r in enumerate(records):
-        _check_record(r, f"{name}[{i}]")
-        if max(r["prefix_token_ids"]) >= vocab_size:
-            raise ValueError(f"{name}[{i}]: prefix_token_ids must lie in [0, {vocab_size}) (the "
-                             f"model's vocabulary), got {max(r['prefix_token_ids'])}")
+        _check_record(r, f"{name}[{i}]", vocab_size)
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -193,19 +188,16 @@ def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
     the epoch with the best validation MSE is saved there (:meth:`StopScorer.save`) with ``metrics.json``; without
     validation records, the last epoch is saved.
     """
-    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
-                             ("grad_accum", grad_accum, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if not (isinstance(weight_decay, (int, float)) and 0 <= weight_decay < math.inf):
-        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    epochs = check_int("epochs", epochs, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    grad_accum = check_int("grad_accum", grad_accum, 1)
+    lr = check_real("lr", lr, 0, low_open=True)
+    weight_decay = check_real("weight_decay", weight_decay, 0)
     if not train:
         raise ValueError("train must hold at least one record")
     vocab = scorer.model.get_input_embeddings().weight.shape[0]
-    _check_fits(train, vocab, "train")
-    _check_fits(val, vocab, "val")
+    check_records(train, vocab, "train")
+    check_records(val, vocab, "val")
     out = Path(out) if out is not None else None
     model = scorer.model
     frozen = [(p, p.requires_grad) for p in model.parameters()]
@@ -305,11 +297,10 @@ def label_problems(model, tokenizer, problems: Sequence[dict], out: str | Path, 
     """
     from stopkit.engine import Engine
 
-    for name, value, low in (("prefix_tokens", prefix_tokens, 1), ("rollouts", rollouts, 1),
-                             ("traces", traces, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if max_new_tokens <= prefix_tokens:
+    prefix_tokens = check_int("prefix_tokens", prefix_tokens, 1)
+    rollouts = check_int("rollouts", rollouts, 1)
+    traces = check_int("traces", traces, 1)
+    if check_int("max_new_tokens", max_new_tokens, 2) <= prefix_tokens:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must exceed prefix_tokens "
                          f"({prefix_tokens}): rollouts continue after the prefix")
     if not callable(checker):
@@ -363,142 +354,3 @@ def label_problems(model, tokenizer, problems: Sequence[dict], out: str | Path, 
     log.info("labelled %d problems (%d skipped as done): %d records, %d traces ended inside the "
              "prefix", stats["problems"], stats["skipped"], stats["records"], stats["ended_in_prefix"])
     return stats
-
-
-# ---- command line --------------------------------------------------------------------------------
-_LABEL_EXAMPLES = """examples:
-  stopkit label --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --problems train.jsonl \\
-      --out labels.jsonl --prefix-tokens 2048 --rollouts 32 --traces 4 --max-new-tokens 16384
-  stopkit label --model stopkit/toy/assets/model --problems toy.jsonl --out toy_labels.jsonl \\
-      --prefix-tokens 24 --rollouts 16 --max-new-tokens 100 --temperature 1.0
-  # rerunning the same command resumes: problem ids already in --out are skipped
-
-problems JSONL: one {"question": ..., "answer": ..., "id": optional} per line. Output JSONL: one
-record per prefix with prefix_token_ids (prompt + prefix), soft_label, n_correct, n_rollouts,
-id, question, answer, trace, prompt_len.
-"""
-
-_TRAIN_EXAMPLES = """examples:
-  stopkit train --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --data labels.jsonl \\
-      --out stop-adapter --epochs 3 --batch-size 8 --grad-accum 4 --device cuda --dtype bfloat16
-  stopkit train --model stopkit/toy/assets/model --data toy_labels.jsonl --out toy-adapter \\
-      --lora-rank 16 --init-token "[STOP]" --val-fraction 0.2
-  stopkit train ... --val-data val_labels.jsonl        # a fixed validation file
-
-Loss: cross-entropy with soft targets [1-p, p]; AdamW, no schedule. After each epoch the
-validation MSE, AUROC and accuracy are logged; the best-MSE checkpoint is written to --out
-(stopkit layout, loadable with StopScorer.load) with metrics.json.
-"""
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="local path or hub id of a causal LM")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (default: auto)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-
-
-def _cmd_label(args: argparse.Namespace) -> int:
-    problems = load_problems(args.problems)
-    if args.limit is not None:
-        problems = problems[:args.limit]
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    stats = label_problems(model, tokenizer, problems, args.out, prefix_tokens=args.prefix_tokens,
-                           rollouts=args.rollouts, traces=args.traces,
-                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                           checker=load_checker(args.checker))
-    print(json.dumps(stats))
-    return 0
-
-
-def _init_token(value: str | None, tokenizer) -> int | None:
-    if value is None:
-        return None
-    if value.isdigit():
-        return int(value)
-    token_id = tokenizer.convert_tokens_to_ids(value)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        raise SystemExit(f"--init-token {value!r} is not a token of the tokenizer")
-    return token_id
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    records = load_labels(args.data)
-    if args.val_data:
-        train, val = records, load_labels(args.val_data)
-    else:
-        train, val = split_by_problem(records, args.val_fraction, args.seed)
-    log.info("%d training and %d validation records", len(train), len(val))
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    if args.init:
-        scorer = StopScorer.load(args.init, model)
-    else:
-        scorer = StopScorer.new(model, num_tokens=args.num_tokens, lora_rank=args.lora_rank,
-                                lora_alpha=args.lora_alpha,
-                                targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
-                                seed=args.seed, lora_dropout=args.lora_dropout,
-                                token_id=_init_token(args.init_token, tokenizer),
-                                head_hidden=args.head_hidden)
-    history = train_scorer(scorer, train, val, out=args.out, epochs=args.epochs,
-                           batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                           weight_decay=args.weight_decay, seed=args.seed)
-    print(json.dumps(history[-1]))
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Register the ``label`` and ``train`` subcommands on an argparse subparsers object (each sets
-    ``func`` to its command function, which takes the parsed Namespace)."""
-    fmt = argparse.RawDescriptionHelpFormatter
-
-    p = subparsers.add_parser("label", help="Monte-Carlo labels of reasoning prefixes (JSONL)",
-                              description="Sample traces, cut them at --prefix-tokens, sample "
-                              "--rollouts continuations per prefix and label each prefix with the "
-                              "fraction of correct continuations.", epilog=_LABEL_EXAMPLES,
-                              formatter_class=fmt)
-    _add_model_args(p)
-    p.add_argument("--problems", required=True, help="JSONL of problems: question, answer (id optional)")
-    p.add_argument("--out", required=True, help="output JSONL (appended to; finished ids are skipped)")
-    p.add_argument("--prefix-tokens", type=int, required=True, help="prefix length l_p in generated tokens")
-    p.add_argument("--rollouts", type=int, default=32, help="continuations per prefix (default 32)")
-    p.add_argument("--traces", type=int, default=1, help="prefixes sampled per problem (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=8192,
-                   help="generated tokens per trace at most, prefix included (default 8192)")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default 0.6)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
-    p.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (default 0)")
-    p.add_argument("--checker", default=None,
-                   help="answer checker 'module:function' (text, answer) -> bool (default: built-in)")
-    p.add_argument("--limit", type=int, default=None, help="only the first LIMIT problems")
-    p.set_defaults(func=_cmd_label)
-
-    p = subparsers.add_parser("train", help="train a StopScorer on Monte-Carlo labels",
-                              description="Train the [STOP] token, LoRA adapter and head on "
-                              "soft labels; keep the best-validation-MSE checkpoint.",
-                              epilog=_TRAIN_EXAMPLES, formatter_class=fmt)
-    _add_model_args(p)
-    p.add_argument("--data", required=True, help="label JSONL (prefix_token_ids, soft_label)")
-    p.add_argument("--out", required=True, help="checkpoint directory (best validation MSE)")
-    p.add_argument("--val-data", default=None, help="validation label JSONL (default: split --data)")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="fraction of problem ids held out for validation when no --val-data (default 0.1)")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the training data (default 3)")
-    p.add_argument("--batch-size", type=int, default=8, help="records per forward (default 8)")
-    p.add_argument("--grad-accum", type=int, default=1,
-                   help="forwards per optimizer step (default 1)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
-    p.add_argument("--init", default=None, help="start from this StopScorer checkpoint")
-    p.add_argument("--num-tokens", type=int, default=4, help="[STOP] tokens K (default 4)")
-    p.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (default 64)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
-    p.add_argument("--targets", default="q_proj,v_proj",
-                   help="comma-separated Linear names that get LoRA (default q_proj,v_proj)")
-    p.add_argument("--head-hidden", type=int, default=None,
-                   help="width of a one-hidden-layer MLP head (default: a Linear head)")
-    p.add_argument("--init-token", default=None,
-                   help="token (string or id) whose embedding starts the [STOP] vector "
-                        "(default: the mean embedding)")
-    p.set_defaults(func=_cmd_train)

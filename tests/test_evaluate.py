@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import random
@@ -10,6 +9,7 @@ import random
 import pytest
 
 from stopkit import evaluate as ev
+from stopkit.cli import UserError, build_parser
 from stopkit.reasoner import Path, Solution
 
 
@@ -152,9 +152,7 @@ def test_load_problems(tmp_path):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="stopkit")
-    ev.add_cli(parser.add_subparsers(dest="command", required=True))
-    return parser
+    return build_parser()
 
 
 @pytest.mark.parametrize("command", ["eval", "solve", "plan"])
@@ -169,12 +167,12 @@ def test_cli_help_has_examples(command, capsys):
 def test_cli_plan(capsys):
     args = _parser().parse_args(["plan", "--budget", "100000", "--prefix-tokens", "2048",
                                  "--task-tokens", "8192", "--keep", "8", "--json"])
-    assert args.func(args) == 0
+    assert args.run(args) == 0
     assert json.loads(capsys.readouterr().out) == {"n": 24, "keep": 8, "expected_tokens": 98304}
     args = _parser().parse_args(["plan", "--budget", "10", "--prefix-tokens", "2048",
                                  "--task-tokens", "8192", "--ratio", "0.5"])
-    with pytest.raises(SystemExit, match="too small"):
-        args.func(args)
+    with pytest.raises(UserError, match="too small"):
+        args.run(args)
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -187,8 +185,8 @@ def test_cli_plan(capsys):
 def test_cli_refuses_bad_arguments_before_loading(argv, match, tmp_path):
     # --model points at an empty folder: loading it would fail, so these errors come first
     args = _parser().parse_args([argv[0], "--model", str(tmp_path), *argv[1:]])
-    with pytest.raises(SystemExit, match=match):
-        args.func(args)
+    with pytest.raises(UserError, match=match):
+        args.run(args)
 
 
 # ---- with a real reasoner on a tiny model -----------------------------------------------------
@@ -260,7 +258,7 @@ def test_cli_eval_and_solve(tiny_dir, tmp_path, capsys):
               "--temperature", "1.0", "--top-p", "1.0", "--dtype", "float32"]
     args = _parser().parse_args(["eval", *common, "--data", str(data), "--methods", "full,stop",
                                  "--seeds", "0,1", "--limit", "2", "--out", str(tmp_path / "out")])
-    assert args.func(args) == 0
+    assert args.run(args) == 0
     out = tmp_path / "out"
     res = json.loads((out / "results.json").read_text())
     assert list(res["methods"]) == ["full", "stop"] and res["methods"]["stop"]["runs"] == 4
@@ -270,11 +268,11 @@ def test_cli_eval_and_solve(tiny_dir, tmp_path, capsys):
     assert "vote acc" in capsys.readouterr().out
 
     args = _parser().parse_args(["solve", *common, "--method", "stop", "--json", "1 + 2 ="])
-    assert args.func(args) == 0
+    assert args.run(args) == 0
     sol = json.loads(capsys.readouterr().out)
     assert len(sol["paths"]) == 4 and sol["scoring_tokens"] == 4 * sum(
         not p["finished_in_prefix"] for p in sol["paths"])
     assert sol["generated_tokens"] == sum(p["num_tokens"] for p in sol["paths"])
     args = _parser().parse_args(["solve", *common, "--method", "random", "1 + 2 ="])
-    assert args.func(args) == 0
+    assert args.run(args) == 0
     assert "answer:" in capsys.readouterr().out

@@ -15,9 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from stopkit.answers import (answers_equal, check_answer, extract_answer, load_checker,
                              normalize_answer)
+from stopkit.cli import build_parser
 from stopkit.stop import StopScorer
 from stopkit.loading import prompt_ids
-from stopkit.train import (add_cli, auroc, evaluate_scorer, label_problems,
+from stopkit.train import (auroc, evaluate_scorer, label_problems,
                            load_labels, metrics, pair_accuracy, split_by_problem, train_scorer)
 
 STOP_TOKEN = "[STOP]"
@@ -140,9 +141,10 @@ def test_load_labels_and_bad_labels(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in good) + "\n")
     records = load_labels(path)
     assert [r["id"] for r in records] == ["a", 2] and records[1]["soft_label"] == 1.0
-    for bad in (1.5, -0.1, float("nan"), "0.5", None):
+    for bad, got in ((1.5, r" in \[0, 1\], got 1.5"), (-0.1, r" in \[0, 1\], got -0.1"),
+                     (float("nan"), r" in \[0, 1\], got nan"), ("0.5", ", got str"), (None, ", got NoneType")):
         path.write_text(json.dumps(good[0]) + "\n" + json.dumps(dict(good[1], soft_label=bad)) + "\n")
-        with pytest.raises(ValueError, match=r"labels.jsonl:2: soft_label must be a number in \[0, 1\]"):
+        with pytest.raises(ValueError, match=r"labels.jsonl:2: soft_label must be a real number" + got):
             load_labels(path)
     path.write_text(json.dumps({"prefix_token_ids": [], "soft_label": 0.5}) + "\n")
     with pytest.raises(ValueError, match="prefix_token_ids"):
@@ -221,11 +223,11 @@ def test_train_rejects_bad_input():
     model = tiny_model()
     scorer = StopScorer.new(model, lora_rank=4)
     good = synthetic(model, 4)
-    with pytest.raises(ValueError, match=r"train\[1\]: soft_label must be a number in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"train\[1\]: soft_label must be a real number in \[0, 1\], got 1.2"):
         train_scorer(scorer, [good[0], dict(good[1], soft_label=1.2)], [], progress=False)
     with pytest.raises(ValueError, match=r"val\[0\]: soft_label"):
         train_scorer(scorer, good, [dict(good[0], soft_label=-1)], progress=False)
-    with pytest.raises(ValueError, match="vocabulary"):
+    with pytest.raises(ValueError, match=rf"train\[0\]: prefix_token_ids\[0\] must be a token id in \[0, {VOCAB}\), got {VOCAB}"):
         train_scorer(scorer, [dict(good[0], prefix_token_ids=[VOCAB])], [], progress=False)
     for kw in ({"epochs": 0}, {"batch_size": 0}, {"grad_accum": 0}, {"lr": 0.0},
                {"weight_decay": -1.0}):
@@ -334,9 +336,7 @@ def test_label_rejects_bad_input(tmp_path):
 
 # ---- command line --------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stopkit")
-    add_cli(p.add_subparsers(dest="command", required=True))
-    return p
+    return build_parser()
 
 
 @pytest.mark.parametrize("command", ["label", "train"])
@@ -358,7 +358,7 @@ def test_cli_label_then_train(tmp_path):
     args = parser().parse_args(["label", "--model", str(model_dir), "--problems", str(problems),
                                 "--out", str(labels), "--prefix-tokens", "4", "--rollouts", "4",
                                 "--traces", "2", "--max-new-tokens", "10", "--temperature", "1.0"])
-    assert args.func(args) == 0
+    assert args.run(args) == 0
     records = load_labels(labels)
     assert len(records) == 6 and {r["id"] for r in records} == {0, 1, 2}
     random.Random(0).shuffle(records)  # labels of a random model are mostly 0: add spread
@@ -370,7 +370,7 @@ def test_cli_label_then_train(tmp_path):
                                 "--out", str(out), "--epochs", "1", "--batch-size", "2",
                                 "--grad-accum", "2", "--lora-rank", "4", "--num-tokens", "2",
                                 "--init-token", STOP_TOKEN, "--val-fraction", "0.34"])
-    assert args.func(args) == 0
+    assert args.run(args) == 0
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["best"]["epoch"] == 1 and 0 <= saved["best"]["mse"] <= 1
     scorer = StopScorer.load(out, LlamaForCausalLM.from_pretrained(model_dir))

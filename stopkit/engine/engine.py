@@ -10,19 +10,17 @@ ended and those whose rows all reached a check (they wait until :meth:`Engine.re
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from stopkit import ops
-from stopkit._checks import check_int
+from stopkit._checks import check_bool, check_int, check_real, check_token_ids
 from stopkit.cache import CacheFullError, PagedKVCache
 from stopkit.engine.model_runner import ModelRunner, enter, model_head_dim
 from stopkit.engine.sampler import sample_rows
@@ -49,15 +47,6 @@ class StepOutput:
     fed: int = 0
     checks: list[Group] = field(default_factory=list)
     finished: list[Group] = field(default_factory=list)
-
-
-def _real(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and (lo < value if lo_open else lo <= value) and value <= hi):
-        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}")
-    return value
 
 
 def _available_ram() -> int:
@@ -149,10 +138,10 @@ class Engine:
         if max_new_tokens is not None:
             max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
         V = self.vocab_size
-        temperature = _real("temperature", temperature, 0.0, math.inf)
-        top_p = _real("top_p", top_p, 0.0, 1.0, lo_open=True)
+        temperature = check_real("temperature", temperature, 0.0)
+        top_p = check_real("top_p", top_p, 0.0, 1.0, low_open=True)
         top_k = check_int("top_k", top_k, low=0)
-        min_p = _real("min_p", min_p, 0.0, 1.0)
+        min_p = check_real("min_p", min_p, 0.0, 1.0)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
         seed = check_int("seed", seed)
@@ -169,8 +158,7 @@ class Engine:
             eos = tuple(check_int("eos_token_id[i]", e) for e in eos_token_id)
         if any(not 0 <= e < V for e in eos):
             raise ValueError(f"eos_token_id must lie in [0, {V}), got {list(eos)}")
-        if not isinstance(record_logprobs, bool):
-            raise TypeError(f"record_logprobs must be a bool, got {type(record_logprobs).__name__}")
+        record_logprobs = check_bool("record_logprobs", record_logprobs)
         top_logprobs = check_int("top_logprobs", top_logprobs, low=0, high=V)
         return SamplingParams(temperature, top_p, top_k, min_p, seed, eos, max_new_tokens,
                               record_logprobs, top_logprobs)
@@ -178,18 +166,7 @@ class Engine:
     def check_prompt(self, prompt, name: str = "prompt") -> list[int]:
         """``prompt`` (token ids: a sequence of ints or a 1-D tensor) as a list, checked against the
         vocabulary."""
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.tolist() if prompt.dim() == 1 else prompt
-        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
-            raise TypeError(f"{name} must be a list of token ids, got {type(prompt).__name__}")
-        if len(prompt) == 0:
-            raise ValueError(f"{name} is empty; every prompt needs at least one token")
-        prompt = [check_int(f"{name}[j]", t) for t in prompt]
-        V = self.vocab_size
-        if min(prompt) < 0 or max(prompt) >= V:
-            raise ValueError(f"{name} token ids must lie in [0, {V}), got values in "
-                             f"[{min(prompt)}, {max(prompt)}]")
-        return prompt
+        return check_token_ids(name, prompt, self.vocab_size)
 
     def add_request(self, prompt: Sequence[int], sampling: SamplingParams, *, n: int = 1,
                     checks: Sequence[int] = (), key: int | None = None, index: int = 0,
@@ -479,7 +456,7 @@ class Engine:
             on_gpu = self.device.type == "cuda"
             share = GPU_MEMORY_UTILIZATION if on_gpu else CPU_MEMORY_SHARE
             if kv_cache_memory is not None:
-                share = _real("kv_cache_memory", kv_cache_memory, 0.0, 1.0, lo_open=True)
+                share = check_real("kv_cache_memory", kv_cache_memory, 0.0, 1.0, low_open=True)
             # room for one step's activations and the logits of every row
             steps = (max_batch_tokens * (4 * text.hidden_size
                                          + 2 * getattr(text, "intermediate_size", 4 * text.hidden_size))

@@ -12,7 +12,7 @@ import torch
 
 from stopkit._checks import check_int
 from stopkit.engine.sequence import Group, Row
-from stopkit.prune import PruneResult, select
+from stopkit.pruning import PruneResult, select
 
 __all__ = ["Session"]
 

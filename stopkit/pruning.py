@@ -1,14 +1,15 @@
-"""stopkit.prune: keep the best-scoring rows of a PagedKVCache, free the others, compact."""
+"""Pruning a batch: :func:`prune` keeps the best-scoring rows of a PagedKVCache, frees the
+others and compacts the kept ones (exported as ``stopkit.prune``)."""
 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple
 
 import torch
 
-from stopkit.cache import PagedKVCache, _index
+from stopkit._checks import check_int, check_real
+from stopkit.cache import PagedKVCache
 
 __all__ = ["prune", "PruneResult", "ranking", "select"]
 
@@ -37,12 +38,6 @@ def _scores(scores, batch: int) -> torch.Tensor:
     return scores
 
 
-def _real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
 def ranking(scores: torch.Tensor) -> torch.Tensor:
     """Row indices best first (int64 ``[batch]``) for float scores ``[batch]``: higher first, NaN
     last, ties to the lower index. The order stopkit.prune keeps rows in."""
@@ -58,18 +53,14 @@ def select(scores, batch: int, *, keep: int | None = None, ratio: float | None =
     scores = _scores(scores, batch)
     if sum(x is not None for x in (keep, ratio, threshold)) != 1:
         raise ValueError("give exactly one of keep, ratio and threshold")
-    min_keep = _index("min_keep", min_keep)
+    min_keep = check_int("min_keep", min_keep, 0)
     if keep is not None:
-        k = _index("keep", keep, low=1)
+        k = check_int("keep", keep, 1)
     elif ratio is not None:
-        ratio = _real("ratio", ratio)
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        ratio = check_real("ratio", ratio, 0, 1, low_open=True)
         k = math.ceil(round(ratio * batch, 9))  # round: 0.1 * 30 is 3.0000000000000004
     else:
-        threshold = _real("threshold", threshold)
-        if math.isnan(threshold):
-            raise ValueError("threshold must not be NaN")
+        threshold = check_real("threshold", threshold, -math.inf, math.inf)  # infinities pass, NaN not
         k = int((scores >= threshold).sum())
     k = min(batch, max(k, min_keep))
     order = ranking(scores)

@@ -1,0 +1,115 @@
+"""Argument helpers shared by the commands: the parser, the global flags, value types and the
+option groups of the commands that run a model."""
+
+from __future__ import annotations
+
+import argparse
+
+from stopkit._checks import check_real
+from stopkit.cli.errors import UserError
+from stopkit.loading import DTYPES
+
+__all__ = ["Parser", "add_command", "add_global_flags", "int_list", "name_list", "device",
+           "add_model_args", "add_sampling_args", "check_sampling_args"]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors: a bad command line raises UserError (printed by
+    main as ``stopkit solve: argument --n: invalid int value: 'x'``) instead of printing the usage
+    and exiting."""
+
+    def error(self, message: str):
+        raise UserError(message, prog=self.prog)
+
+
+def add_global_flags(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    """``-v/--verbose`` and ``--debug``. They are accepted before the command and after it; the
+    command's copies use ``suppress`` so that they do not reset a flag given before the command."""
+    default = argparse.SUPPRESS if suppress else False
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="debug logging")
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="on an error, show the Python traceback instead of one line")
+
+
+def add_command(subparsers, name: str, *, help: str, description: str, examples: str) -> Parser:
+    """A command's parser, with its examples under the options in ``--help``."""
+    p = subparsers.add_parser(name, help=help, description=description,
+                              epilog="examples:\n" + examples.strip("\n"),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_global_flags(p, suppress=True)
+    return p
+
+
+# ---- value types (argparse calls them on the option's text) ---------------------------------------
+def int_list(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``."""
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}")
+    return values
+
+
+def name_list(text: str) -> list[str]:
+    """``"full, stop"`` -> ``["full", "stop"]``."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def device(text: str) -> str:
+    """A torch device this machine has: ``cpu``, ``cuda``, ``cuda:1``..."""
+    import torch  # noqa: PLC0415
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1, "
+                                         f"got {text!r}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: torch sees no CUDA device here")
+        if dev.index is not None and dev.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: torch sees {count} CUDA device(s)")
+    return text
+
+
+# ---- option groups --------------------------------------------------------------------------------
+def add_model_args(p: argparse.ArgumentParser, *, adapter: bool) -> None:
+    """--model, --dtype, --device (and --adapter)."""
+    p.add_argument("--model", required=True,
+                   help="a transformers causal LM: a local folder or a Hugging Face hub id")
+    if adapter:
+        p.add_argument("--adapter", default=None,
+                       help="StopScorer checkpoint folder (needed by method stop)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (default: auto)")
+    p.add_argument("--device", default="cpu", type=device,
+                   help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The paths, the check and the vote: --n, --keep, --prefix-tokens, --max-new-tokens, --vote,
+    --temperature, --top-p, --early-stop."""
+    p.add_argument("--n", type=int, default=64, help="paths launched per question (default 64)")
+    p.add_argument("--keep", type=int, default=8, help="paths resumed after the check (default 8)")
+    p.add_argument("--prefix-tokens", type=int, default=2048,
+                   help="prefix length l_p at the check (default 2048)")
+    p.add_argument("--max-new-tokens", type=int, default=8192,
+                   help="tokens per path at most, prefix included (default 8192)")
+    p.add_argument("--vote", default="majority", help="majority, score or entropy (default majority)")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default 0.6)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
+    p.add_argument("--early-stop", type=int, default=None,
+                   help="stop all decoding once an answer has this many votes")
+
+
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """--temperature and --top-p (the engine checks them too, but only once the model is loaded);
+    call inside :func:`stopkit.cli.errors.options`."""
+    check_real("--temperature", args.temperature, 0)
+    check_real("--top-p", args.top_p, 0, 1, low_open=True)

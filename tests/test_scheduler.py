@@ -120,7 +120,7 @@ def test_budget_arguments():
         assert not calls and _free(engine)
     finally:
         hook.remove()
-    with pytest.raises(ValueError, match="prompt token ids"):
+    with pytest.raises(ValueError, match=r"prompt\[0\] must be a token id in \[0, 128\)"):
         engine.add_request([VOCAB], sp)
 
 

@@ -329,7 +329,7 @@ def test_argument_errors(models):
         Verifier.load(models["token_prm_nomarker"], step_marker="<step>")
     with pytest.raises(ValueError, match="chat=True but the tokenizer has no chat template"):
         Verifier.load(models["cls2"], chat=True)
-    with pytest.raises(ValueError, match="positive_label must be in 0..1"):
+    with pytest.raises(ValueError, match=r"positive_label must be an int in \[0, 1\], got 2"):
         Verifier.load(models["cls2"], positive_label=2)
     with pytest.raises(ValueError, match="dtype must be"):
         Verifier.load(models["cls2"], dtype="fp8")

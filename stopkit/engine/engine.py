@@ -101,7 +101,7 @@ class Engine:
         self.scheduler = Scheduler(self.cache, max_num_seqs=max_num_seqs,
                                    max_batch_tokens=max_batch_tokens)
         self._session = None
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
+        log.debug("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
                  self.cache.memory_bytes / 2**20)
 
     # ---- properties --------------------------------------------------------------------------

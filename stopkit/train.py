@@ -1,20 +1,5 @@
-"""Monte-Carlo labelling and training of a StopScorer (behind ``stopkit label`` and ``stopkit train``).
-
-Labelling (DESIGN.md section 1): for each problem, sample ``traces`` reasoning traces and cut each
-at ``prefix_tokens`` generated tokens (traces that end earlier are skipped: at inference they go
-straight to the vote and are never scored); from each prefix sample ``rollouts`` continuations
-through the engine, with the prompt + prefix prefilled once and its cache blocks shared by all
-rollouts (forked rows); the label is the fraction of rollouts whose final answer is correct. One
-JSONL record per prefix, with the authors' field names::
-
-    {"id": problem id, "question": ..., "answer": ..., "trace": j,
-     "prefix_token_ids": prompt ids + the first prefix_tokens generated ids (what the [STOP]
-                         tokens follow), "prompt_len": len(prompt ids),
-     "soft_label": n_correct / n_rollouts, "n_correct": ..., "n_rollouts": ...}
-
-Records of a problem are written together after it is done, so a rerun on the same output file
-skips finished problem ids (a problem whose traces all ended inside the prefix leaves no record
-and is sampled again, with the same seed-derived streams).
+"""Training of a StopScorer on Monte-Carlo labels (``stopkit train``; labels come from
+:mod:`stopkit.label`).
 
 Training: soft-label cross-entropy (targets ``[1 - p, p]``) on the scorer's logits, AdamW (lr 1e-4,
 no schedule), mini-batches with gradient accumulation; the prefix pass runs without the adapter
@@ -30,7 +15,6 @@ import json
 import logging
 import math
 import random
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,12 +23,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from stopkit._checks import check_int, check_real, check_token_ids
-from stopkit.answers import Checker, check_answer
-from stopkit.loading import eos_token_id, prompt_ids, read_jsonl
+from stopkit.loading import read_jsonl
 from stopkit.stop import StopScorer
 
 __all__ = ["auroc", "pair_accuracy", "metrics", "load_labels", "check_records", "split_by_problem",
-           "evaluate_scorer", "train_scorer", "label_problems"]
+           "evaluate_scorer", "train_scorer"]
 
 log = logging.getLogger(__name__)
 
@@ -253,104 +236,3 @@ def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
 
 def _fmt(row: dict) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch")
-
-
-# ---- labelling -----------------------------------------------------------------------------------
-def _seed(*parts) -> int:
-    return zlib.crc32(":".join(str(p) for p in parts).encode())
-
-
-def _finished_ids(out: Path) -> set[str]:
-    """Problem ids already in ``out``; a truncated last line (an interrupted write) is cut off."""
-    if not out.is_file():
-        return set()
-    done, good = set(), 0
-    with out.open("rb") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s: dropping an incomplete last record (interrupted run)", out)
-                break
-            done.add(str(rec.get("id")))
-            good += len(line)
-    if good != out.stat().st_size:
-        with out.open("r+b") as f:
-            f.truncate(good)
-    return done
-
-
-def label_problems(model, tokenizer, problems: Sequence[dict], out: str | Path, *,
-                   prefix_tokens: int, rollouts: int = 32, traces: int = 1,
-                   max_new_tokens: int = 8192, temperature: float = 0.6, top_p: float = 0.95,
-                   top_k: int = 0, seed: int = 0, checker: Checker = check_answer,
-                   engine=None, progress: bool = True) -> dict[str, int]:
-    """Monte-Carlo labels of reasoning prefixes, appended to the JSONL ``out`` (module docstring).
-
-    problems: dicts with ``question`` (str or prompt ids), ``answer`` and optional ``id`` (default
-    the index). Traces are sampled for ``prefix_tokens`` new tokens; each surviving prefix gets
-    ``rollouts`` continuations of up to ``max_new_tokens - prefix_tokens`` tokens; ``checker(text,
-    answer)`` judges each (text = the decoded prefix + continuation, prompt excluded). Sampling
-    streams derive from ``(seed, problem id)``, so a resumed run reproduces a fresh one. Returns
-    counts: problems done / skipped (already in ``out``), records written, traces that ended
-    inside the prefix.
-    """
-    from stopkit.engine import Engine
-
-    prefix_tokens = check_int("prefix_tokens", prefix_tokens, 1)
-    rollouts = check_int("rollouts", rollouts, 1)
-    traces = check_int("traces", traces, 1)
-    if check_int("max_new_tokens", max_new_tokens, 2) <= prefix_tokens:
-        raise ValueError(f"max_new_tokens ({max_new_tokens}) must exceed prefix_tokens "
-                         f"({prefix_tokens}): rollouts continue after the prefix")
-    if not callable(checker):
-        raise TypeError("checker must be a callable (text, answer) -> bool")
-    items = []
-    for i, prob in enumerate(problems):
-        if not isinstance(prob, dict) or "question" not in prob or "answer" not in prob:
-            raise ValueError(f"problems[{i}] must be a dict with 'question' and 'answer'")
-        items.append((prob.get("id", i), prob, prompt_ids(tokenizer, prob["question"])))
-    ids = [str(pid) for pid, _, _ in items]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"problem ids must be unique (resuming skips by id), got duplicates "
-                         f"{sorted({x for x in ids if ids.count(x) > 1})[:5]}")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = _finished_ids(out)
-    engine = engine if engine is not None else Engine(model)
-    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
-                "eos_token_id": eos_token_id(model, tokenizer)}  # as the reasoner ends paths
-    stats = {"problems": 0, "skipped": 0, "records": 0, "ended_in_prefix": 0}
-    with out.open("a", encoding="utf-8") as f:
-        for pid, prob, prompt in tqdm(items, desc="label", unit="problem", disable=not progress):
-            if str(pid) in done:
-                stats["skipped"] += 1
-                continue
-            answer = str(prob["answer"])
-            with engine.start([prompt], n=traces, max_new_tokens=prefix_tokens,
-                              seed=_seed(seed, pid, "traces"), **sampling) as session:
-                while session.rows:
-                    session.step(prefix_tokens)
-                rows = session.all_rows
-            prefixes = [r.tokens for r in rows if r.finish_reason == "length"]
-            stats["ended_in_prefix"] += len(rows) - len(prefixes)
-            lines = []
-            if prefixes:
-                conts = engine.generate([prompt + p for p in prefixes], n=rollouts,
-                                        max_new_tokens=max_new_tokens - prefix_tokens,
-                                        seed=_seed(seed, pid, "rollouts"), **sampling)
-                for j, (prefix, samples) in enumerate(zip(prefixes, conts)):
-                    correct = sum(bool(checker(tokenizer.decode(prefix + c, skip_special_tokens=True),
-                                               answer)) for c in samples)
-                    lines.append(json.dumps({
-                        "id": pid, "question": prob["question"], "answer": prob["answer"],
-                        "trace": j, "prefix_token_ids": prompt + prefix, "prompt_len": len(prompt),
-                        "soft_label": correct / rollouts, "n_correct": correct,
-                        "n_rollouts": rollouts}))
-            f.write("".join(line + "\n" for line in lines))
-            f.flush()
-            stats["problems"] += 1
-            stats["records"] += len(lines)
-    log.info("labelled %d problems (%d skipped as done): %d records, %d traces ended inside the "
-             "prefix", stats["problems"], stats["skipped"], stats["records"], stats["ended_in_prefix"])
-    return stats

@@ -201,13 +201,13 @@ def test_a_bug_after_loading_keeps_its_traceback(error, monkeypatch, capsys):
 ])
 def test_ctrl_c_is_one_line_and_exit_130(command, argv, message, inputs, monkeypatch, capsys):
     import stopkit.reasoner
-    import stopkit.train
+    import stopkit.label
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(stopkit.reasoner.ParallelReasoner, "solve", interrupted)
-    monkeypatch.setattr(stopkit.train, "label_problems", interrupted)
+    monkeypatch.setattr(stopkit.label, "label_problems", interrupted)
     argv = [a.format(**inputs) for a in argv]
     code, _, err = run(argv, capsys)
     assert (code, err) == (130, message)

@@ -1,6 +1,5 @@
 """Answer checking, metrics, label files, training (lowers validation MSE; gradient accumulation;
-frozen base model), Monte-Carlo labelling (against greedy transformers generation; resumable) and
-the label/train commands."""
+frozen base model) and the train command."""
 
 from __future__ import annotations
 
@@ -17,9 +16,7 @@ from stopkit.answers import (answers_equal, check_answer, extract_answer, load_c
                              normalize_answer)
 from stopkit.cli import build_parser
 from stopkit.stop import StopScorer
-from stopkit.loading import prompt_ids
-from stopkit.train import (auroc, evaluate_scorer, label_problems,
-                           load_labels, metrics, pair_accuracy, split_by_problem, train_scorer)
+from stopkit.train import (auroc, evaluate_scorer, load_labels, metrics, pair_accuracy, split_by_problem, train_scorer)
 
 STOP_TOKEN = "[STOP]"
 
@@ -43,6 +40,7 @@ def word_tokenizer(eos_token: str | None = None):
 
 TOKENIZER = word_tokenizer()
 VOCAB = len(TOKENIZER)
+QUESTIONS = ["3 + 4 mod 97 ?", "5 * 6 - 2 mod 97 ?", "7 - 9 mod 13 ?"]
 
 
 def tiny_model(vocab: int = VOCAB) -> LlamaForCausalLM:
@@ -235,103 +233,6 @@ def test_train_rejects_bad_input():
             train_scorer(scorer, good, [], progress=False, **kw)
     with pytest.raises(ValueError, match="at least one record"):
         train_scorer(scorer, [], [], progress=False)
-
-
-# ---- labelling -----------------------------------------------------------------------------------
-QUESTIONS = ["3 + 4 mod 97 ?", "5 * 6 - 2 mod 97 ?", "7 - 9 mod 13 ?"]
-
-
-def last_word(text: str, answer: str) -> bool:
-    return text.split()[-1] == answer
-
-
-def greedy(model, prompt: list[int], new: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new,
-                         min_new_tokens=new, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-def test_label_matches_greedy_generation_and_resumes(tmp_path):
-    model = tiny_model()
-    P, M = 5, 12
-    conts = [greedy(model, prompt_ids(TOKENIZER, q), M) for q in QUESTIONS]
-    texts = [TOKENIZER.decode(c, skip_special_tokens=True) for c in conts]
-    # problem 0 and 2 answered right (their greedy text's last word), problem 1 wrong
-    problems = [{"id": f"p{i}", "question": q, "answer": texts[i].split()[-1] if i != 1 else "no"}
-                for i, q in enumerate(QUESTIONS)]
-    out = tmp_path / "labels.jsonl"
-    kw = dict(prefix_tokens=P, rollouts=3, traces=2, max_new_tokens=M, temperature=0.0,
-              checker=last_word, progress=False)
-    stats = label_problems(model, TOKENIZER, problems, out, **kw)
-    assert stats == {"problems": 3, "skipped": 0, "records": 6, "ended_in_prefix": 0}
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    for rec in records:
-        i = int(rec["id"][1])
-        prompt = prompt_ids(TOKENIZER, QUESTIONS[i])
-        assert rec["prefix_token_ids"] == prompt + conts[i][:P]
-        assert rec["prompt_len"] == len(prompt) and rec["question"] == QUESTIONS[i]
-        assert rec["n_rollouts"] == 3 and rec["n_correct"] == (0 if i == 1 else 3)
-        assert rec["soft_label"] == rec["n_correct"] / 3
-    assert [(r["id"], r["trace"]) for r in records] == [(f"p{i}", j) for i in range(3) for j in range(2)]
-    text = out.read_text()
-
-    # rerun: everything is skipped, nothing written
-    assert label_problems(model, TOKENIZER, problems, out, **kw)["skipped"] == 3
-    assert out.read_text() == text
-    # an interrupted run: the last problem's records lost, a half-written line left behind
-    lines = text.splitlines(keepends=True)
-    out.write_text("".join(lines[:4]) + lines[4][:20])
-    stats = label_problems(model, TOKENIZER, problems, out, **kw)
-    assert stats["skipped"] == 2 and stats["problems"] == 1
-    assert out.read_text() == text
-
-
-@pytest.mark.parametrize("eos_from", ["model", "tokenizer"])
-def test_label_skips_traces_that_end_in_the_prefix(tmp_path, eos_from):
-    """EOS as the reasoner has it: the model's, else the tokenizer's."""
-    model = tiny_model()
-    prompt = prompt_ids(TOKENIZER, QUESTIONS[0])
-    eos = greedy(model, prompt, 3)[2]  # greedy decoding ends at step 3
-    tokenizer = TOKENIZER
-    if eos_from == "model":
-        model.generation_config.eos_token_id = eos
-    else:
-        tokenizer = word_tokenizer(eos_token=TOKENIZER.convert_ids_to_tokens(eos))
-    stats = label_problems(model, tokenizer, [{"question": QUESTIONS[0], "answer": "1"}],
-                           tmp_path / "l.jsonl", prefix_tokens=5, rollouts=2, traces=2,
-                           max_new_tokens=9, temperature=0.0, progress=False)
-    assert stats == {"problems": 1, "skipped": 0, "records": 0, "ended_in_prefix": 2}
-
-
-def test_label_sampling_is_reproducible(tmp_path):
-    """Each problem's samples derive from (seed, problem id): the order of the problems (or a
-    resumed run) does not change them; another seed does."""
-    model = tiny_model()
-    problems = [{"id": name, "question": q, "answer": "3"} for name, q in zip("ab", QUESTIONS)]
-    kw = dict(prefix_tokens=4, rollouts=8, traces=3, max_new_tokens=10, temperature=1.0,
-              top_p=1.0, checker=lambda text, answer: "3" in text.split(), progress=False)
-    runs = {}
-    for name, order, seed in (("a", problems, 7), ("b", problems[::-1], 7), ("c", problems, 8)):
-        label_problems(model, TOKENIZER, order, tmp_path / name, seed=seed, **kw)
-        runs[name] = sorted((tmp_path / name).read_text().splitlines())
-    assert runs["a"] == runs["b"] and runs["a"] != runs["c"]
-    recs = [json.loads(x) for x in runs["a"]]
-    assert len({tuple(r["prefix_token_ids"]) for r in recs}) == len(recs)  # traces differ
-
-
-def test_label_rejects_bad_input(tmp_path):
-    model = tiny_model()
-    good = [{"question": QUESTIONS[0], "answer": "1"}]
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        label_problems(model, TOKENIZER, good, tmp_path / "x", prefix_tokens=8, max_new_tokens=8)
-    with pytest.raises(ValueError, match="rollouts"):
-        label_problems(model, TOKENIZER, good, tmp_path / "x", prefix_tokens=2, rollouts=0)
-    with pytest.raises(ValueError, match="question"):
-        label_problems(model, TOKENIZER, [{"answer": "1"}], tmp_path / "x", prefix_tokens=2)
-    with pytest.raises(ValueError, match="unique"):
-        label_problems(model, TOKENIZER, [dict(good[0], id=3), dict(good[0], id="3")],
-                       tmp_path / "x", prefix_tokens=2)
-    assert not (tmp_path / "x").exists()
 
 
 # ---- command line --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from stopkit.cli.errors import UserError
 from stopkit.loading import DTYPES
 
 __all__ = ["Parser", "add_command", "add_global_flags", "int_list", "name_list", "device",
-           "add_model_args", "add_sampling_args", "check_sampling_args"]
+           "memory", "add_model_args", "add_engine_args", "add_sampling_args", "check_sampling_args"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -79,6 +79,21 @@ def device(text: str) -> str:
     return text
 
 
+def memory(text: str) -> int | float:
+    """``--kv-cache-memory``: bytes (an int, or with a KiB/MiB/GiB suffix) or a share (a float in
+    (0, 1])."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+    t = text.strip().lower()
+    try:
+        for unit, scale in units.items():
+            if t.endswith(unit):
+                return int(float(t[:-len(unit)]) * scale)
+        return int(t) if t.isdigit() else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes (e.g. 8GiB) or a share in (0, 1], got "
+                                         f"{text!r}") from None
+
+
 # ---- option groups --------------------------------------------------------------------------------
 def add_model_args(p: argparse.ArgumentParser, *, adapter: bool) -> None:
     """--model, --dtype, --device (and --adapter)."""
@@ -90,6 +105,21 @@ def add_model_args(p: argparse.ArgumentParser, *, adapter: bool) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (default: auto)")
     p.add_argument("--device", default="cpu", type=device,
                    help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine's KV budget and batch limits: --num-blocks, --kv-cache-memory, --max-num-seqs,
+    --max-batch-tokens (stopkit.Engine's arguments)."""
+    g = p.add_argument_group("engine budget")
+    g.add_argument("--num-blocks", type=int, default=None,
+                   help="KV cache blocks (default: sized from --kv-cache-memory)")
+    g.add_argument("--kv-cache-memory", type=memory, default=None,
+                   help="KV budget: bytes (e.g. 20GiB) or a share of the memory (default: 0.9 of a "
+                        "GPU with the model and steps inside it, 0.25 of the available RAM on CPU)")
+    g.add_argument("--max-num-seqs", type=int, default=256,
+                   help="paths in the KV cache at once, at most (default 256)")
+    g.add_argument("--max-batch-tokens", type=int, default=8192,
+                   help="tokens per engine step, prefill chunks and decodes together (default 8192)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from stopkit._checks import check_int
-from stopkit.cli.args import add_command, add_model_args, add_sampling_args, int_list, name_list
+from stopkit.cli.args import add_command, add_engine_args, add_model_args, add_sampling_args, int_list, name_list
 from stopkit.cli.errors import UserError, options
 from stopkit.cli.inputs import load_checker, load_problems, load_reasoner, output_dir
 from stopkit.cli.solve import check_solve_options
@@ -30,6 +30,7 @@ def register(subparsers) -> None:
     p = add_command(subparsers, "eval", help="compare pruning methods on a JSONL benchmark",
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=True)
+    add_engine_args(p)
     p.add_argument("--data", required=True, help="JSONL of problems: question, answer (id optional)")
     p.add_argument("--methods", type=name_list, default="full,stop,confidence,entropy,random",
                    help="comma-separated methods (default: full,stop,confidence,entropy,random)")

@@ -45,13 +45,29 @@ def load_scorer(flag: str, path: str, model):
         return StopScorer.load(path, model)
 
 
+def make_engine(args: argparse.Namespace, model):
+    """A stopkit.Engine on ``model`` with the budget options of ``add_engine_args``; a bad value
+    is a UserError naming the option."""
+    from stopkit.engine import Engine  # noqa: PLC0415
+
+    try:
+        return Engine(model, num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
+                      max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens)
+    except (TypeError, ValueError) as e:
+        flag = next((f"--{k.replace('_', '-')}" for k in ("num_blocks", "kv_cache_memory",
+                                                            "max_num_seqs", "max_batch_tokens")
+                     if str(e).startswith(k)), "engine")
+        raise UserError(f"{flag}: {e}") from e
+
+
 def load_reasoner(args: argparse.Namespace):
-    """A ParallelReasoner on ``--model`` with the StopScorer of ``--adapter`` when given."""
+    """A ParallelReasoner on ``--model`` with the StopScorer of ``--adapter`` when given, on an
+    engine with the budget options."""
     from stopkit.reasoner import ParallelReasoner  # noqa: PLC0415
 
     model, tokenizer = load_model(args)
     scorer = load_scorer("--adapter", args.adapter, model) if args.adapter else None
-    return ParallelReasoner(model, tokenizer, scorer=scorer)
+    return ParallelReasoner(model, tokenizer, scorer=scorer, engine=make_engine(args, model))
 
 
 def load_problems(flag: str, path: str) -> list[dict]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from stopkit.cli.args import add_command, add_model_args, add_sampling_args, check_sampling_args
+from stopkit.cli.args import add_command, add_engine_args, add_model_args, add_sampling_args, check_sampling_args
 from stopkit.cli.errors import UserError, options
 from stopkit.cli.inputs import load_reasoner
 
@@ -24,6 +24,7 @@ def register(subparsers) -> None:
     p = add_command(subparsers, "solve", help="answer one question with parallel paths and pruning",
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=True)
+    add_engine_args(p)
     p.add_argument("question", help="the question (the chat template is applied when there is one)")
     p.add_argument("--method", default="stop",
                    help="stop, confidence, entropy, random or full (default stop)")

@@ -10,7 +10,8 @@ from stopkit.cli.errors import UserError
 from stopkit.loading import DTYPES
 
 __all__ = ["Parser", "add_command", "add_global_flags", "int_list", "name_list", "device",
-           "memory", "add_model_args", "add_engine_args", "add_sampling_args", "check_sampling_args"]
+           "memory", "add_model_args", "add_engine_args", "add_method_args", "add_sampling_args",
+           "check_sampling_args"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -122,6 +123,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per engine step, prefill chunks and decodes together (default 8192)")
 
 
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    """Options of the external methods: --similarity-diversity, --external-device, --step-marker."""
+    g = p.add_argument_group("external methods (similarity, similarity:PATH, verifier:PATH)")
+    g.add_argument("--similarity-diversity", type=float, default=0.0,
+                   help="0: similarity keeps the most typical paths (consensus); (0, 1]: ranks for "
+                        "diversity, pruning the most redundant first (default 0)")
+    g.add_argument("--external-device", type=device, default=None,
+                   help="device of the embedding model / verifier (default: the model's)")
+    g.add_argument("--step-marker", default=None,
+                   help="the step marker of a token-classification process reward model "
+                        "(default: <extra_0> when its tokenizer has it)")
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """The paths, the check and the vote: --n, --keep, --prefix-tokens, --max-new-tokens, --vote,
     --temperature, --top-p, --early-stop."""
@@ -143,3 +157,5 @@ def check_sampling_args(args: argparse.Namespace) -> None:
     call inside :func:`stopkit.cli.errors.options`."""
     check_real("--temperature", args.temperature, 0)
     check_real("--top-p", args.top_p, 0, 1, low_open=True)
+    if hasattr(args, "similarity_diversity"):
+        check_real("--similarity-diversity", args.similarity_diversity, 0, 1)

@@ -67,7 +67,14 @@ def load_reasoner(args: argparse.Namespace):
 
     model, tokenizer = load_model(args)
     scorer = load_scorer("--adapter", args.adapter, model) if args.adapter else None
-    return ParallelReasoner(model, tokenizer, scorer=scorer, engine=make_engine(args, model))
+    external = {}
+    if hasattr(args, "similarity_diversity"):
+        external = dict(similarity_diversity=args.similarity_diversity,
+                        external_device=args.external_device,
+                        verifier_options={} if args.step_marker is None
+                        else {"step_marker": args.step_marker})
+    return ParallelReasoner(model, tokenizer, scorer=scorer, engine=make_engine(args, model),
+                            **external)
 
 
 def load_problems(flag: str, path: str) -> list[dict]:

@@ -68,13 +68,15 @@ _MATH_SPAN_RE = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]
 # "2\\sqrt{3}" or "2x" nor the "3" of the list "3, 4, 5"
 _LEADING_NUMBER_RE = re.compile(
     r"[-+]?\\?\$?\s*[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?"
-    r"(?:\s*(?:\\?%|percent\b))?(?=\s|$|[.;:!?)$]|,(?!\s*[-+]?\d))")
+    r"(?:\s*(?:\\?%|percent\b))?(?=\s|$|[.;:!?)$\"']|,(?!\s*[-+]?\d))")
 _LEADING_CHOICE_RE = re.compile(r"\(?([A-J])\)?(?=[\s.,:;)]|$)")
 _SENTENCE_END_RE = re.compile(r"\.(?:\s|$)|\s+(?:because|since|so|which)\s", re.IGNORECASE)
+_EQUALS_RE = re.compile(r"(?<![<>!=:\\])=(?!=)")
 
 
 def _last_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` whose braces balance (a truncated one is skipped)."""
+    """The content of the last ``\\boxed{...}`` whose braces balance and that is not empty (a
+    truncated box, or the empty ``\\boxed{}`` of a model quoting its instruction, is skipped)."""
     for match in reversed(list(_BOX_RE.finditer(text))):
         depth, start = 1, match.end()
         for i in range(start, len(text)):
@@ -83,12 +85,18 @@ def _last_boxed(text: str) -> str | None:
             elif text[i] == "}":
                 depth -= 1
                 if depth == 0:
-                    return text[start:i]
+                    if text[start:i].strip():
+                        return text[start:i]
+                    break
     return None
 
 
 def _cut_stated_answer(rest: str) -> str:
-    """The answer at the start of ``rest`` (the text after an answer anchor, up to the line end)."""
+    """The answer at the start of ``rest`` (the text after an answer anchor, up to the line end):
+    of "2 * 4 = 8 bolts." the part after the last equals sign, then a leading number, a math span,
+    a choice letter, else the sentence."""
+    end = _SENTENCE_END_RE.search(rest)
+    rest = _EQUALS_RE.split(rest[:end.start()] if end else rest)[-1]
     rest = rest.strip().strip("*").strip()
     number = _LEADING_NUMBER_RE.match(rest)
     if number and re.search(r"\d", number.group()):
@@ -99,8 +107,7 @@ def _cut_stated_answer(rest: str) -> str:
     choice = _LEADING_CHOICE_RE.match(rest)
     if choice:
         return choice.group(1)
-    end = _SENTENCE_END_RE.search(rest)
-    return (rest[:end.start()] if end else rest).strip().strip("*").rstrip(".").strip()
+    return rest.strip("*$\"' ").rstrip(".").strip()
 
 
 def extract_answer(text: str) -> str | None:

@@ -96,6 +96,7 @@ def convert_gguf(path: str | Path) -> Path:
     out = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if (out / "config.json").is_file():
         return out
+    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a Hugging Face checkpoint in %s (once)", path, out)
@@ -105,7 +106,13 @@ def convert_gguf(path: str | Path) -> Path:
         AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                      dtype=torch.float32)
-        model.save_pretrained(tmp)
+        # transformers refuses to save a model loaded from GGUF (its quantizer stays attached even
+        # when every weight was dequantized), so write the plain checkpoint by hand
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # drops tied copies
         try:
             tmp.rename(out)  # atomic: a concurrent conversion of the same file loses the race
         except OSError:

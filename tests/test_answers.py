@@ -93,10 +93,15 @@ def test_grades(text, gold, verdict):
     ("#### 5 first\nThe answer is 6.", "6"),                          # the last anchor wins
     ("The answer is $18 per day.", "18"),
     ("The answer is 72 dollars because she sold 8.", "72"),
+    ('Then write "The answer is 20".', "20"),
     ("Thus the final answer is $x^2 + 1$.\nDone", "x^2 + 1"),
     ("the correct answer is (B) since it conserves energy", "B"),
     ("The answer is 3, 4, 5.", "3, 4, 5"),                          # a list is not cut to its head
-    ("The answer is x = 5 because it fits.", "x = 5"),
+    ("The answer is x = 5 because it fits.", "5"),
+    ("4. So, the answer is 2 * 4 = 8 bolts.\n", "8"),                # after the last equals sign
+    ("The answer is $x \\le 5$.", "x \\le 5"),
+    ("The answer is x <= 5.", "x <= 5"),
+    ("I will put it in \\boxed{}.\nSo, the answer is: 220", "220"),  # an empty box is no answer
     ("I computed 18 but I am not sure.", None),
     ("", None),
 ])

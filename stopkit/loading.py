@@ -55,7 +55,7 @@ DEFAULT_TEMPLATE = "{question}\n" + INSTRUCTION
 REASONING_EFFORTS = ("low", "medium", "high")  # gpt-oss's chat template
 
 
-# ---- models ----------------------------------------------------------------------------------------
+# ---- models --------------------------------------------------------------------------------------
 def cache_dir() -> Path:
     """Where stopkit keeps converted checkpoints: ``$STOPKIT_CACHE``, else
     ``$XDG_CACHE_HOME/stopkit``, else ``~/.cache/stopkit``."""
@@ -164,7 +164,7 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "cpu"):
     return lm, tokenizer
 
 
-# ---- prompts ---------------------------------------------------------------------------------------
+# ---- prompts -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PromptFormat:
     """How a str question becomes a prompt (module docstring).
@@ -243,7 +243,7 @@ def eos_token_id(model, tokenizer) -> int | None:
     return getattr(tokenizer, "eos_token_id", None)
 
 
-# ---- benchmark files -------------------------------------------------------------------------------
+# ---- benchmark files -----------------------------------------------------------------------------
 def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file; ValueError naming the line
     of anything that is not a JSON object, FileNotFoundError (naming ``what``) for a missing file."""

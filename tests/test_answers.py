@@ -151,7 +151,7 @@ def test_bad_input_and_checkers():
         answers.load_checker("stopkit.answers:nope")
 
 
-# ---- the time limit ---------------------------------------------------------------------------------
+# ---- the time limit ------------------------------------------------------------------------------
 # Each of these runs for minutes in sympy; some hold the GIL in C, where only killing helps.
 PATHOLOGICAL = [r"\boxed{9^{9^{9^{9}}}}", r"\boxed{2^{2^{100}}}", r"\boxed{10^{10^{10}}}"]
 

@@ -15,7 +15,7 @@ from stopkit.loading import (DEFAULT_TEMPLATE, INSTRUCTION, PromptFormat, load_p
                              prompt_ids)
 
 
-# ---- benchmark files -------------------------------------------------------------------------------
+# ---- benchmark files -----------------------------------------------------------------------------
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
@@ -104,7 +104,7 @@ def test_missing_file(tmp_path):
         load_problems(tmp_path / "missing.jsonl")
 
 
-# ---- prompts ---------------------------------------------------------------------------------------
+# ---- prompts -------------------------------------------------------------------------------------
 def word_tokenizer(chat_template: str | None = None):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -180,7 +180,7 @@ def test_bad_prompt_formats(kwargs, exc, match):
         PromptFormat(**kwargs)
 
 
-# ---- GGUF paths ------------------------------------------------------------------------------------
+# ---- GGUF paths ----------------------------------------------------------------------------------
 def test_gguf_paths_and_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("STOPKIT_CACHE", str(tmp_path / "cache"))
     assert loading.cache_dir() == tmp_path / "cache"

@@ -9,10 +9,10 @@ optional system turn) with the generation prompt added. By default the user turn
 followed by the instruction of the STOP paper and of DeepSeek-R1's usage recommendations ("For
 mathematical problems, it is advisable to include a directive in your prompt such as: 'Please
 reason step by step, and put your final answer within \\boxed{}.'", and no system prompt: README of
-deepseek-ai/DeepSeek-R1, "Usage Recommendations"), placed after the question on a new line as in
-the DeepSeek / Qwen math evaluations: :data:`DEFAULT_TEMPLATE`. It is the default because the
-paper's numbers are measured with it, the reasoning models it targets are tuned to it, and the
-answer checker reads the box it asks for. A tokenizer without a chat template (a base or toy model)
+deepseek-ai/DeepSeek-R1, "Usage Recommendations"), on a new line after the question, where
+open R1-style math evaluations put it: :data:`DEFAULT_TEMPLATE`. It is the default because it is
+the paper's instruction, the reasoning models the paper runs are tuned to it, and the answer
+checker reads the box it asks for. A tokenizer without a chat template (a base or toy model)
 gets the question as is: such models are prompted by the text they are given. Token-id questions
 are always used as given. ``template="{question}"`` keeps a str question as is on chat models too.
 
@@ -180,11 +180,12 @@ class PromptFormat:
     reasoning_effort: str | None = None
 
     def __post_init__(self):
-        if self.template is not None and (not isinstance(self.template, str) or
-                                          "{question}" not in self.template):
-            raise ValueError(f"template must be a str containing '{{question}}', got {self.template!r}")
-        if self.system is not None and not isinstance(self.system, str):
-            raise TypeError(f"system must be a str, got {type(self.system).__name__}")
+        for name in ("template", "system"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+        if self.template is not None and "{question}" not in self.template:
+            raise ValueError(f"template must contain '{{question}}', got {self.template!r}")
         if self.reasoning_effort is not None and self.reasoning_effort not in REASONING_EFFORTS:
             raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, "
                              f"got {self.reasoning_effort!r}")

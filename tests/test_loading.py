@@ -171,7 +171,7 @@ def test_reasoning_effort_goes_through_the_chat_template():
 
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(template="no placeholder"), ValueError, "template"),
-    (dict(template=3), ValueError, "template"),
+    (dict(template=3), TypeError, "template"),
     (dict(reasoning_effort="max"), ValueError, "reasoning_effort"),
     (dict(system=["x"]), TypeError, "system"),
 ])

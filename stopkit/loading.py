@@ -89,13 +89,13 @@ def convert_gguf(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no GGUF file at {path}")
-    if importlib.util.find_spec("gguf") is None:
-        raise ImportError("loading a GGUF model needs the gguf package: pip install gguf")
     stat = path.stat()
     key = hashlib.sha256(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if (out / "config.json").is_file():
         return out
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("converting a GGUF model needs the gguf package: pip install gguf")
     from safetensors.torch import save_model
 
     log.info("converting %s to a Hugging Face checkpoint in %s (once)", path, out)

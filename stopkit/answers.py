@@ -35,6 +35,7 @@ next call starts a fresh process. Results are cached per (answer, gold) and per 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import importlib
 import json
@@ -300,6 +301,7 @@ class _CheckerProcess:
                                "(stopkit.answers needs math-verify: pip install math-verify)")
 
     def call(self, request: list, timeout: float):
+        """The reply to ``request`` (``[op, a, b, cpu seconds]``) within ``timeout`` seconds."""
         self.proc.stdin.write(json.dumps(request).encode() + b"\n")
         self.proc.stdin.flush()
         return self._read(time.monotonic() + timeout)
@@ -329,14 +331,14 @@ _idle_lock = threading.Lock()
 
 
 def _ask(op: str, a: str, b: str, timeout: float):
-    """The checker process's reply to ``[op, a, b]``; None when it took over ``timeout`` seconds
-    (the process is killed) or failed."""
+    """The checker process's reply to ``op`` on ``a`` and ``b``; None when it took over ``timeout``
+    seconds (the process is killed) or failed."""
     with _idle_lock:
         proc = _idle.pop() if _idle else None
     if proc is None:
         proc = _CheckerProcess()
     try:
-        reply = proc.call([op, a, b], timeout)
+        reply = proc.call([op, a, b, timeout], timeout)
     except _CheckerTimeout:
         log.warning("math-verify %s of %.80r took over %.3gs: killed, counted as no match", op,
                     a, timeout)
@@ -371,16 +373,15 @@ atexit.register(_close_idle)
 
 # ---- inside a checker process --------------------------------------------------------------------
 def _serve() -> None:
-    """The checker process's loop: answers ``["key", answer, ""]`` and ``["equal", gold, pred]``."""
+    """The checker process's loop: answers ``["key", answer, "", seconds]`` and
+    ``["equal", gold, pred, seconds]``."""
+    import resource
+
     logging.disable(logging.CRITICAL)  # math-verify warns that its timeout is off: we kill instead
     out, sys.stdout = sys.stdout, sys.stderr  # stdout carries replies only
-    try:
-        import resource
-
-        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-        resource.setrlimit(resource.RLIMIT_AS, (_MEMORY_LIMIT, hard))
-    except (ImportError, ValueError, OSError):
-        pass
+    with contextlib.suppress(ValueError, OSError):  # macOS refuses address-space limits
+        resource.setrlimit(resource.RLIMIT_AS, (_MEMORY_LIMIT, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file when the CPU limit below hits
     try:
         import math_verify  # noqa: F401
     except ImportError as e:
@@ -390,7 +391,12 @@ def _serve() -> None:
     out.write(json.dumps("ready") + "\n")
     out.flush()
     for line in sys.stdin:
-        op, a, b = json.loads(line)
+        op, a, b, seconds = json.loads(line)
+        # a backstop for when nobody kills us (the checking process died mid-call): the kernel ends
+        # this process once the call has used its seconds of CPU, even inside a C loop
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_limit = int(usage.ru_utime + usage.ru_stime + seconds) + 2
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, resource.getrlimit(resource.RLIMIT_CPU)[1]))
         try:
             reply = _mv_key(a) if op == "key" else _mv_equal(a, b)
         except Exception:  # noqa: BLE001 - any failure of sympy on a model's answer is a non-match

@@ -192,3 +192,15 @@ def test_time_limit_off_the_main_thread():
 
     verdicts, _ = _timed(run_all, 120)
     assert verdicts == [c[2] for c in cases]
+
+
+def test_checker_process_ends_itself_when_nobody_kills_it():
+    # the process that asked died mid-call (a killed Ray worker): the checker must not spin forever
+    proc = answers._CheckerProcess()
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(RuntimeError, match="exited"):
+            proc.call(["equal", "5", PATHOLOGICAL[0], 1.0], timeout=60)
+        assert time.perf_counter() - t0 < 30
+    finally:
+        proc.kill()

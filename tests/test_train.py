@@ -61,7 +61,7 @@ def tiny_model(vocab: int = VOCAB) -> LlamaForCausalLM:
     (r"\boxed{3} and a cut \boxed{4", "3"),                         # unbalanced last box skipped
     ("17 * 7 = 22 , answer: 20", "20"),
     ("**Final Answer:** 42.", "42"),
-    ("Thus the final answer is $-3$.\nDone", "$-3$"),
+    ("Thus the final answer is $-3$.\nDone", "-3"),  # the math span, without its dollars
     ("no answer at all", None),
 ])
 def test_extract_answer(text, expected):

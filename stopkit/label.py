@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from stopkit._checks import check_int
 from stopkit.answers import Checker, check_answer
-from stopkit.loading import eos_token_id, prompt_ids
+from stopkit.loading import PromptFormat, eos_token_id
 
 __all__ = ["LabelTask", "label_stream", "label_problems", "finished_ids", "label_statistics",
            "MAX_NEW_TOKENS"]
@@ -78,14 +78,17 @@ class LabelTask:
             raise TypeError("checker must be a callable (text, answer) -> bool")
 
 
-def check_problems(problems: Sequence[dict], tokenizer) -> list[tuple[object, dict, list[int]]]:
+def check_problems(problems: Sequence[dict], tokenizer, prompt: PromptFormat | None = None
+                   ) -> list[tuple[object, dict, list[int]]]:
     """(id, problem, prompt ids) of each problem (``question``, ``answer``, optional ``id``,
-    default its index); ValueError for a malformed problem or a repeated id."""
+    default its index; ``prompt``: the prompt format, as the reasoner's); ValueError for a
+    malformed problem or a repeated id."""
+    prompt = prompt or PromptFormat()
     items = []
     for i, prob in enumerate(problems):
         if not isinstance(prob, dict) or "question" not in prob or "answer" not in prob:
             raise ValueError(f"problems[{i}] must be a dict with 'question' and 'answer'")
-        items.append((prob.get("id", i), prob, prompt_ids(tokenizer, prob["question"])))
+        items.append((prob.get("id", i), prob, prompt.prompt_ids(tokenizer, prob["question"])))
     ids = [str(pid) for pid, _, _ in items]
     if len(set(ids)) != len(ids):
         raise ValueError(f"problem ids must be unique (resuming skips by id), got duplicates "
@@ -211,18 +214,20 @@ def label_statistics(records: Sequence[dict]) -> dict[str, float]:
 
 
 def label_problems(model, tokenizer, problems: Sequence[dict], out: str | Path, *,
-                   engine=None, progress: bool = True, **task) -> dict[str, int]:
+                   engine=None, prompt: PromptFormat | None = None, progress: bool = True,
+                   **task) -> dict[str, int]:
     """Monte-Carlo labels of ``problems`` appended to the JSONL ``out`` as each problem completes
     (module docstring); problem ids already in ``out`` are skipped. problems: dicts with
     ``question`` (str or prompt ids), ``answer`` and optional ``id`` (default the index). task:
     :class:`LabelTask`'s fields (prefix_tokens, rollouts, traces, max_new_tokens, temperature,
     top_p, top_k, seed, checker(text, answer) with text = decoded prefix + continuation). engine: an
-    Engine of ``model`` to run on (default: a new one). Returns counts: problems labelled, skipped
+    Engine of ``model`` to run on (default: a new one). prompt: the prompt format (use the one the
+    scorer will be used with). Returns counts: problems labelled, skipped
     (already in ``out``), records written, traces that ended inside the prefix."""
     from stopkit.engine import Engine
 
     task = LabelTask(**task)
-    items = check_problems(problems, tokenizer)
+    items = check_problems(problems, tokenizer, prompt)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = finished_ids(out)

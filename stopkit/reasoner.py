@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 from stopkit._checks import check_int, check_real
 from stopkit.answers import extract_answer, normalize_answer
 from stopkit.engine import Engine, Group, Row
-from stopkit.loading import eos_token_id, prompt_ids
+from stopkit.loading import PromptFormat, eos_token_id
 from stopkit.methods import parse_method
 from stopkit.pruning import ranking
 
@@ -273,12 +273,14 @@ class ParallelReasoner:
     which dtype the models of ``similarity:PATH`` and ``verifier:PATH`` run (default: the reasoning
     model's device, the checkpoint's dtype); verifier_options: keyword arguments of
     :meth:`~stopkit.verifier.Verifier.load` (e.g. step_marker, max_length, batch_size).
+    prompt: how str questions become prompts (:class:`~stopkit.loading.PromptFormat`; default:
+    the paper's instruction in the chat template). Use the same for labelling and solving.
     """
 
     def __init__(self, model, tokenizer, scorer=None, *, engine: Engine | None = None,
                  confidence_window: int = 2048, confidence_top_k: int = 20,
                  similarity_diversity: float = 0.0, external_device=None, external_dtype="auto",
-                 verifier_options: dict | None = None) -> None:
+                 verifier_options: dict | None = None, prompt: PromptFormat | None = None) -> None:
         if tokenizer is None or not hasattr(tokenizer, "decode"):
             raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
         self.engine = engine if engine is not None else Engine(model)
@@ -297,6 +299,9 @@ class ParallelReasoner:
         self.external_dtype = external_dtype
         self.verifier_options = dict(verifier_options or {})
         self._external: dict[str, object] = {}
+        if prompt is not None and not isinstance(prompt, PromptFormat):
+            raise TypeError(f"prompt must be a PromptFormat, got {type(prompt).__name__}")
+        self.prompt = prompt or PromptFormat()
         self._eos = eos_token_id(model, tokenizer)
 
     def external_scorer(self, method: str):
@@ -322,8 +327,8 @@ class ParallelReasoner:
 
     # ---- inputs --------------------------------------------------------------------------------
     def prompt_ids(self, question: str | Sequence[int]) -> list[int]:
-        """Prompt token ids of a question (:func:`stopkit.loading.prompt_ids`)."""
-        return prompt_ids(self.tokenizer, question)
+        """Prompt token ids of a question in this reasoner's prompt format."""
+        return self.prompt.prompt_ids(self.tokenizer, question)
 
     def check_args(self, **kwargs) -> _Plan:
         """Validate solve's arguments (see :func:`check_solve_args`) for this reasoner (method

@@ -45,6 +45,15 @@ def load_scorer(flag: str, path: str, model):
         return StopScorer.load(path, model)
 
 
+def prompt_format(args: argparse.Namespace):
+    """The PromptFormat of ``add_prompt_args``'s options; a bad value is a UserError."""
+    from stopkit.loading import PromptFormat  # noqa: PLC0415
+
+    with options():
+        return PromptFormat(template=args.prompt_template, system=args.system_prompt,
+                            reasoning_effort=args.reasoning_effort)
+
+
 def make_engine(args: argparse.Namespace, model):
     """A stopkit.Engine on ``model`` with the budget options of ``add_engine_args``; a bad value
     is a UserError naming the option."""
@@ -74,7 +83,7 @@ def load_reasoner(args: argparse.Namespace):
                         verifier_options={} if args.step_marker is None
                         else {"step_marker": args.step_marker})
     return ParallelReasoner(model, tokenizer, scorer=scorer, engine=make_engine(args, model),
-                            **external)
+                            prompt=prompt_format(args), **external)
 
 
 def load_problems(flag: str, path: str) -> list[dict]:

@@ -14,11 +14,13 @@ import argparse
 import json
 
 from stopkit._checks import check_int
-from stopkit.cli.args import add_command, add_engine_args, add_model_args, check_sampling_args
+from stopkit.cli.args import (add_command, add_engine_args, add_model_args, add_prompt_args,
+                              check_sampling_args)
 from stopkit.cli.errors import UserError, options
 
 MAX_NEW_TOKENS = 16384  # stopkit.label.MAX_NEW_TOKENS (not imported: parsing stays cheap)
-from stopkit.cli.inputs import load_checker, load_model, load_problems, make_engine, output_file
+from stopkit.cli.inputs import (load_checker, load_model, load_problems, make_engine, output_file,
+                                prompt_format)
 
 EXAMPLES = """
   stopkit label --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --problems train.jsonl \\
@@ -35,6 +37,7 @@ def register(subparsers) -> None:
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=False)
     add_engine_args(p)
+    add_prompt_args(p)
     p.add_argument("--problems", required=True, help="JSONL of problems: question, answer (id optional)")
     p.add_argument("--out", required=True, help="output JSONL (appended to; finished ids are skipped)")
     p.add_argument("--prefix-tokens", type=int, required=True, help="prefix length l_p in generated tokens")
@@ -69,11 +72,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-new-tokens ({args.max_new_tokens}) must exceed --prefix-tokens "
                         f"({args.prefix_tokens}): rollouts continue after the prefix")
     checker = load_checker(args.checker)
+    prompt = prompt_format(args)
     problems = load_problems("--problems", args.problems)[:args.limit]
     out = output_file("--out", args.out)
     model, tokenizer = load_model(args)
     engine = make_engine(args, model)
-    stats = label_problems(model, tokenizer, problems, out, engine=engine,
+    stats = label_problems(model, tokenizer, problems, out, engine=engine, prompt=prompt,
                            prefix_tokens=args.prefix_tokens,
                            rollouts=args.rollouts, traces=args.traces,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -84,3 +84,57 @@ def test_answers_are_found_in_the_models_own_outputs(smollm2):
     found = [extract_answer(t) for t in texts]
     numbers = [a for a in found if a is not None and re.fullmatch(r"-?[\d,]+(?:\.\d+)?", a)]
     assert len(numbers) >= 6, list(zip(found, [t[-120:] for t in texts]))
+
+
+def _cli(argv):
+    from stopkit.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+def test_cli_solve_extracts_answers_from_most_voting_paths(smollm2, capsys):
+    import json
+
+    argv = ["solve", "--model", str(GGUF), "--dtype", "float32", "--method", "confidence",
+            "--n", "6", "--keep", "4", "--prefix-tokens", "12", "--max-new-tokens", "64",
+            "--temperature", "0.7", "--top-p", "0.95", "--prompt-template", TEMPLATE, "--json",
+            QUESTIONS[4]]
+    assert _cli(argv) == 0
+    sol = json.loads(capsys.readouterr().out)
+    voters = [p for p in sol["paths"] if p["finish_reason"] in ("eos", "length")]
+    assert len(voters) >= 4
+    assert sum(p["answer"] is not None for p in voters) > len(voters) / 2, voters
+
+
+def test_label_train_eval_end_to_end(smollm2, tmp_path):
+    """The whole recipe on the real tokenizer and chat template: label -> train -> eval."""
+    import json
+
+    problems = tmp_path / "problems.jsonl"
+    answers = ["10", "21", "8"]
+    problems.write_text("".join(json.dumps({"id": i, "question": q, "answer": a}) + "\n"
+                                for i, (q, a) in enumerate(zip(QUESTIONS[:3], answers))))
+    model = ["--model", str(GGUF), "--dtype", "float32"]
+    prompt = ["--prompt-template", TEMPLATE]
+    labels = tmp_path / "labels.jsonl"
+    assert _cli(["label", *model, *prompt, "--problems", str(problems), "--out", str(labels),
+                 "--prefix-tokens", "10", "--rollouts", "3", "--traces", "2",
+                 "--max-new-tokens", "48", "--temperature", "0.8", "--top-p", "0.95"]) == 0
+    records = [json.loads(x) for x in labels.read_text().splitlines()]
+    # (a trace that ends inside the prefix leaves no record)
+    assert len(records) >= 3 and len({r["id"] for r in records}) >= 2
+    _, tok = smollm2
+    for r in records:  # the prompt is the chat template around the question
+        assert tok.decode(r["prefix_token_ids"][:r["prompt_len"]]).startswith("<|im_start|>")
+        assert 0 <= r["soft_label"] <= 1 and r["n_rollouts"] == 3
+    adapter = tmp_path / "adapter"
+    assert _cli(["train", *model, "--data", str(labels), "--out", str(adapter), "--epochs", "1",
+                 "--batch-size", "2", "--lora-rank", "4", "--val-fraction", "0.34"]) == 0
+    out = tmp_path / "eval"
+    assert _cli(["eval", *model, *prompt, "--adapter", str(adapter), "--data", str(problems),
+                 "--methods", "full,stop", "--n", "4", "--keep", "2", "--prefix-tokens", "10",
+                 "--max-new-tokens", "48", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["methods"]["stop"]["runs"] == 3 and res["methods"]["stop"]["scoring_tokens"] > 0
+    assert res["methods"]["stop"]["tokens"] < res["methods"]["full"]["tokens"]

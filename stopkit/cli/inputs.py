@@ -24,9 +24,11 @@ def load_model(args: argparse.Namespace):
 
     path = Path(args.model)
     if path.exists():
-        if not (path / "config.json").is_file():
+        gguf = path.suffix.lower() == ".gguf" or (path.is_dir() and any(path.glob("*.gguf")))
+        if not gguf and not (path / "config.json").is_file():
             raise UserError(f"--model {path}: no config.json there; a transformers model folder "
-                            "holds config.json, the weights and the tokenizer files")
+                            "holds config.json, the weights and the tokenizer files (or give a "
+                            ".gguf file)")
         shown = args.model
     elif _HUB_ID.fullmatch(args.model) is None:
         raise UserError(f"--model {args.model}: no such folder (nor a Hugging Face hub id)")

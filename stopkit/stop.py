@@ -66,7 +66,7 @@ __all__ = ["StopScorer", "ADAPTER_NAME", "ASSESS_TOKEN", "LAYOUTS", "OWN_LAYOUT"
 log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "classifier"
-ASSESS_TOKEN = "[ASSESS]"  # the authors' default name of the token whose embedding is the [STOP] vector
+ASSESS_TOKEN = "[ASSESS]"  # the authors' default name of their [STOP] token
 LAYOUTS = ("stopkit", "authors")
 _OWN_FILES = ("stop_config.json", "stop.safetensors")
 _AUTHORS_FILES = ("assess_token_config.json", "assess_token_embedding.pth", "classifier_head.pth")
@@ -224,9 +224,10 @@ class StopScorer(nn.Module):
         """``layout`` when :meth:`save` can write this scorer in it; ValueError otherwise."""
         check_choice("layout", layout, LAYOUTS)
         if layout == "authors" and self.hidden is not None:
-            raise ValueError(f"the authors' layout holds a Linear(d, 2) head only (classifier_head.pth), "
-                             f"but this scorer's head has a hidden layer (head_hidden="
-                             f"{self.hidden.out_features}); save it in the stopkit layout")
+            raise ValueError(f"the authors' layout holds a Linear(d, 2) head only "
+                             f"(classifier_head.pth), but this scorer's head has a hidden layer "
+                             f"(head_hidden={self.hidden.out_features}); save it in the stopkit "
+                             f"layout")
         return layout
 
     def save(self, path: str | Path, layout: str = "stopkit", *, tokenizer=None) -> None:
@@ -393,8 +394,8 @@ class StopScorer(nn.Module):
         cache = DynamicCache(config=self.model.config)
         kw = _cache_kwarg(self._backbone)
         with torch.no_grad():
-            self._backbone(input_ids=ids, attention_mask=mask, position_ids=(slots - pad).clamp(min=0),
-                           use_cache=True, **{kw: cache})
+            self._backbone(input_ids=ids, attention_mask=mask,
+                           position_ids=(slots - pad).clamp(min=0), use_cache=True, **{kw: cache})
         positions = lens[:, None] + torch.arange(K, device=device)
         mask = torch.cat([mask, mask.new_ones(B, K)], dim=1)
         with self.adapter():

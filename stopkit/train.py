@@ -134,7 +134,8 @@ def drop_uniform_problems(records: list[dict]) -> list[dict]:
     keep = {pid for pid, v in labels.items() if v != {0.0} and v != {1.0}}
     kept = [r for r in records if str(r["id"]) in keep]
     log.info("difficulty filter: dropped %d of %d problems (%d of %d records) whose labels are all "
-             "0 or all 1", len(labels) - len(keep), len(labels), len(records) - len(kept), len(records))
+             "0 or all 1", len(labels) - len(keep), len(labels), len(records) - len(kept),
+             len(records))
     return kept
 
 
@@ -176,7 +177,8 @@ def check_records(records: list[dict], vocab_size: int, name: str) -> list[dict]
     """The records as ``{"id", "prefix_token_ids", "soft_label"}`` (label keys as in
     :func:`load_labels`; ``id`` default the index); ValueError naming ``name[i]`` unless every
     record has prefix ids in ``[0, vocab_size)`` (the model's vocabulary) and a label in [0, 1]."""
-    return [_check_record(r, f"{name}[{i}]", vocab_size, default_id=i) for i, r in enumerate(records)]
+    return [_check_record(r, f"{name}[{i}]", vocab_size, default_id=i)
+            for i, r in enumerate(records)]
 
 
 # ---- training ------------------------------------------------------------------------------------

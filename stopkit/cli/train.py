@@ -43,7 +43,8 @@ def register(subparsers) -> None:
                    help="checkpoint layout: stopkit's (default) or the authors' (for their code; "
                         "a Linear head only)")
     p.add_argument("--drop-uniform", action="store_true",
-                   help="difficulty filter: train without the problems whose labels are all 0 or all 1")
+                   help="difficulty filter: train without the problems whose labels are all 0 "
+                        "or all 1")
     p.add_argument("--val-data", default=None, help="validation label JSONL (default: split --data)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="fraction of problem ids held out for validation when no --val-data (default 0.1)")

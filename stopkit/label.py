@@ -199,7 +199,8 @@ def finished_ids(out: Path) -> set[str]:
 
 def label_statistics(records: Sequence[dict]) -> dict[str, float]:
     """Summary of label records: count, problems, mean label, shares of labels at 0 and at 1, and
-    the share of problems whose labels are all equal (no signal within the problem)."""
+    the shares of problems whose labels are all 0 or all 1 (what ``stopkit train --drop-uniform``
+    leaves out: no signal about which path to keep)."""
     by_problem: dict[str, list[float]] = {}
     for r in records:
         by_problem.setdefault(str(r["id"]), []).append(float(r["soft_label"]))
@@ -210,7 +211,8 @@ def label_statistics(records: Sequence[dict]) -> dict[str, float]:
             "mean_label": sum(labels) / len(labels),
             "at_0": sum(x == 0 for x in labels) / len(labels),
             "at_1": sum(x == 1 for x in labels) / len(labels),
-            "uniform_problems": sum(min(v) == max(v) for v in by_problem.values()) / len(by_problem)}
+            "all_0_problems": sum(max(v) == 0 for v in by_problem.values()) / len(by_problem),
+            "all_1_problems": sum(min(v) == 1 for v in by_problem.values()) / len(by_problem)}
 
 
 def label_problems(model, tokenizer, problems: Sequence[dict], out: str | Path, *,

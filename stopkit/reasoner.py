@@ -1,4 +1,4 @@
-"""Parallel reasoning with early path pruning: Launch -> Check -> Resume -> vote (STOP, DESIGN.md 1).
+"""Parallel reasoning with early path pruning: Launch -> Check -> Resume -> vote (STOP, docs/DESIGN.md section 1).
 
 ``ParallelReasoner.solve_iter`` runs any number of questions through the engine's scheduler at
 once, each advancing on its own. Launch: a question's ``n`` paths decode ``prefix_tokens`` tokens;

@@ -1,5 +1,5 @@
 """StopScorer: K learned [STOP] tokens + a LoRA adapter + a tiny head that score a path from its
-paged KV cache (DESIGN.md section 1).
+paged KV cache (docs/DESIGN.md section 1).
 
 One learned vector e in R^d is repeated over ``num_tokens`` positions l..l+K-1 after a prefix of
 length l. The [STOP] pass runs every layer of the frozen model with LoRA on ``q_proj``/``v_proj``

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -535,13 +536,9 @@ def test_metrics_parse_and_count(served):
 
 # ---- the command line ------------------------------------------------------------------------------
 def test_cli_without_the_serve_extra_says_how_to_install_it(monkeypatch, capsys):
-    import importlib.util
-
     from stopkit.cli import main
 
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "uvicorn" else find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn raises ImportError
     assert main(["serve", "--model", str(toy.MODEL_DIR)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'stopkit[serve]'" in err

@@ -10,7 +10,6 @@ extra: pip install 'stopkit[serve]'.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import socket
 
@@ -88,9 +87,11 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    if any(importlib.util.find_spec(m) is None for m in ("fastapi", "uvicorn")):
-        raise UserError(INSTALL_HINT)
-    import uvicorn  # noqa: PLC0415
+    try:
+        import fastapi  # noqa: F401, PLC0415
+        import uvicorn  # noqa: PLC0415
+    except ImportError as e:
+        raise UserError(f"{INSTALL_HINT} ({e})") from e
 
     from stopkit.engine import Engine  # noqa: PLC0415
     from stopkit.reasoner import ParallelReasoner  # noqa: PLC0415

@@ -113,6 +113,10 @@ class _Server:
         self.vocab_size = engine.vocab_size
         self.max_num_seqs = engine.max_num_seqs
         self.has_scorer = reasoner.scorer is not None
+        check_solve_args(n=defaults.n, keep=defaults.keep, prefix_tokens=defaults.prefix_tokens,
+                         max_new_tokens=defaults.max_new_tokens, method=defaults.method,
+                         vote=defaults.vote, early_stop=defaults.early_stop,
+                         has_scorer=self.has_scorer)
         self.model_name, self.defaults = model_name, defaults
         self.max_queue = check_int("max_queue", max_queue, 1)
         self.created = int(time.time())
@@ -418,6 +422,8 @@ def create_app(reasoner: ParallelReasoner, *, model_name: str, defaults: Default
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        if not server.worker.alive:
+            return _error(503, "the engine thread is not running")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         server.worker.snapshot(loop, future)

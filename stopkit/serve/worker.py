@@ -140,9 +140,10 @@ class Worker:
     # ---- the engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            for kind, item in self._drain(block=not self.run.pending):
+            items = self._drain(block=not self.run.pending)
+            for i, (kind, item) in enumerate(items):
                 if kind == "stop":
-                    self._close()
+                    self._close(items[i + 1:] + self._drain(block=False))
                     return
                 try:
                     if kind == "add":
@@ -249,14 +250,21 @@ class Worker:
                 self.error = f"the engine is unusable after an error: {type(e).__name__}: {e}"
                 log.exception(self.error)
 
-    def _close(self) -> None:
+    def _close(self, unread: list[tuple[str, Any]]) -> None:
+        """Fail every job (those in the run and those still in the inbox) and close the run."""
+        closing = ServerClosing("the server is shutting down")
         for job in self._jobs.values():
-            job.post("error", ServerClosing("the server is shutting down"))
+            job.post("error", closing)
         self._jobs.clear()
         try:
             self.run.close()
         except Exception:
             log.exception("closing the run failed")
+        for kind, item in unread:
+            if kind == "add":
+                item.post("error", closing)
+            elif kind == "snapshot":
+                self._reply(*item)
 
     def _tokens(self) -> int:
         return self._tokens_before + self.run.sampled_tokens

@@ -169,7 +169,7 @@ def _run(benchmark) -> None:
         results[name] = dict(questions_per_s=PROBLEMS / seconds, seconds=seconds,
                              p50_s=percentile(latencies, 50), p99_s=percentile(latencies, 99),
                              answers=[sols[i].answer for i in range(PROBLEMS)],
-                             preemptions=engine.stats.preemptions)
+                             preemptions=engine.stats.preemptions, steps=engine.stats.steps)
 
     def served() -> None:
         server = ServerProcess([
@@ -183,10 +183,13 @@ def _run(benchmark) -> None:
             metrics = httpx.get(server.url + "/metrics").text
         finally:
             server.stop()
-        preemptions = re.search(r"^stopkit_preemptions_total (\S+)$", metrics, re.M)
+        def metric(name: str) -> int:
+            return int(float(re.search(rf"^{name} (\S+)$", metrics, re.M).group(1)))
+
         results["server"] = dict(questions_per_s=PROBLEMS / seconds, seconds=seconds,
                                  p50_s=percentile(latencies, 50), p99_s=percentile(latencies, 99),
-                                 answers=answers, preemptions=int(float(preemptions.group(1))))
+                                 answers=answers, preemptions=metric("stopkit_preemptions_total"),
+                                 steps=metric("stopkit_engine_steps_total"))
 
     in_process("in process, all", None)
     in_process("in process, 16", CLIENTS)
@@ -200,10 +203,10 @@ def _run(benchmark) -> None:
     print(f"\nKV budget {num_blocks} blocks of {BLOCK_SIZE} tokens ({BUDGET_SHARE:.0%} of "
           f"{all_at_once}), N={N}, k={KEEP}, l_p={PREFIX_TOKENS}, {CLIENTS} clients; load "
           f"average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores")
-    print(f"{'run':<23} {'q/s':>6} {'seconds':>8} {'p50 s':>7} {'p99 s':>7} {'preempt':>8}")
+    print(f"{'run':<23} {'q/s':>6} {'seconds':>8} {'p50 s':>7} {'p99 s':>7} {'preempt':>8} {'steps':>6}")
     for name, r in results.items():
         print(f"{name:<23} {r['questions_per_s']:>6.2f} {r['seconds']:>8.1f} {r['p50_s']:>7.2f} "
-              f"{r['p99_s']:>7.2f} {r['preemptions']:>8}")
+              f"{r['p99_s']:>7.2f} {r['preemptions']:>8} {r['steps']:>6}")
         for key, value in r.items():
             if key != "answers":
                 benchmark.extra_info[f"{name}_{key}"] = value

@@ -13,11 +13,14 @@ test_bench_scheduler.py), one torch thread everywhere.
   of them together (fewer, larger steps), which 16 clients never let a server do; its latency
   grows with the position in the queue.
 
+Each run also reports the CPU seconds it used (the server process's, for the server): the
+server's own cost, free of the drift of a shared machine's speed.
+
 Target: the server's questions/s within 15% of in process with 16 in flight (the mean of the two
 runs); the ratio to solve_iter is reported beside it. The answers must agree (same seed, same
 questions). Requires the serve extra and httpx.
 
-Run: pytest bench/test_bench_serve.py --benchmark-only -s   (about 4 minutes on 2 cores)
+Run: pytest bench/test_bench_serve.py --benchmark-only -s   (about 2 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -94,6 +97,14 @@ class ServerProcess:
                 raise RuntimeError("stopkit serve did not become healthy:\n" + "".join(self.log[-20:]))
             time.sleep(0.1)
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU seconds the server process has used (Linux), None elsewhere."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -152,7 +163,7 @@ def _run(benchmark) -> None:
         engine = Engine(model, num_blocks=num_blocks, block_size=BLOCK_SIZE,
                         max_num_seqs=MAX_NUM_SEQS)
         reasoner = ParallelReasoner(model, tokenizer, scorer, engine=engine)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         if in_flight is None:
             sols = dict(reasoner.solve_iter(questions, progress=False, **args))
         else:
@@ -164,12 +175,13 @@ def _run(benchmark) -> None:
                     sols[i] = sol
                     for j in itertools.islice(todo, 1):
                         run.add(questions[j], index=j, **args)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         latencies = [s.seconds for s in sols.values()]
         results[name] = dict(questions_per_s=PROBLEMS / seconds, seconds=seconds,
                              p50_s=percentile(latencies, 50), p99_s=percentile(latencies, 99),
                              answers=[sols[i].answer for i in range(PROBLEMS)],
-                             preemptions=engine.stats.preemptions, steps=engine.stats.steps)
+                             preemptions=engine.stats.preemptions, steps=engine.stats.steps,
+                             cpu_s=cpu)
 
     def served() -> None:
         server = ServerProcess([
@@ -179,7 +191,9 @@ def _run(benchmark) -> None:
             "--max-new-tokens", str(MAX_NEW_TOKENS), "--temperature", str(TEMPERATURE),
             "--top-p", "1"])
         try:
+            cpu = server.cpu_seconds()
             seconds, answers, latencies = asyncio.run(_clients(server.url, questions, {"seed": 0}))
+            cpu = None if cpu is None else server.cpu_seconds() - cpu
             metrics = httpx.get(server.url + "/metrics").text
         finally:
             server.stop()
@@ -189,7 +203,7 @@ def _run(benchmark) -> None:
         results["server"] = dict(questions_per_s=PROBLEMS / seconds, seconds=seconds,
                                  p50_s=percentile(latencies, 50), p99_s=percentile(latencies, 99),
                                  answers=answers, preemptions=metric("stopkit_preemptions_total"),
-                                 steps=metric("stopkit_engine_steps_total"))
+                                 steps=metric("stopkit_engine_steps_total"), cpu_s=cpu)
 
     in_process("in process, all", None)
     in_process("in process, 16", CLIENTS)
@@ -203,10 +217,11 @@ def _run(benchmark) -> None:
     print(f"\nKV budget {num_blocks} blocks of {BLOCK_SIZE} tokens ({BUDGET_SHARE:.0%} of "
           f"{all_at_once}), N={N}, k={KEEP}, l_p={PREFIX_TOKENS}, {CLIENTS} clients; load "
           f"average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores")
-    print(f"{'run':<23} {'q/s':>6} {'seconds':>8} {'p50 s':>7} {'p99 s':>7} {'preempt':>8} {'steps':>6}")
+    print(f"{'run':<23} {'q/s':>6} {'seconds':>8} {'p50 s':>7} {'p99 s':>7} {'preempt':>8} {'steps':>6} {'cpu s':>6}")
     for name, r in results.items():
         print(f"{name:<23} {r['questions_per_s']:>6.2f} {r['seconds']:>8.1f} {r['p50_s']:>7.2f} "
-              f"{r['p99_s']:>7.2f} {r['preemptions']:>8} {r['steps']:>6}")
+              f"{r['p99_s']:>7.2f} {r['preemptions']:>8} {r['steps']:>6} "
+              f"{'-' if r['cpu_s'] is None else format(r['cpu_s'], '6.1f'):>6}")
         for key, value in r.items():
             if key != "answers":
                 benchmark.extra_info[f"{name}_{key}"] = value

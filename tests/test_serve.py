@@ -30,7 +30,8 @@ openai = pytest.importorskip("openai")
 
 import torch  # noqa: E402
 import uvicorn  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+text_string_to_metric_families = pytest.importorskip(
+    "prometheus_client.parser").text_string_to_metric_families
 
 from stopkit import toy  # noqa: E402
 from stopkit.engine import Engine  # noqa: E402

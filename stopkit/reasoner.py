@@ -408,6 +408,7 @@ class ReasoningRun:
         self.engine._check_idle()
         self._questions: dict[int, _Question] = {}   # id(group) -> question
         self._next = 0
+        self.sampled_tokens = 0  # tokens sampled by this run's steps, over every path
         self._bar = tqdm(desc="solve", unit="tok", leave=False,
                          disable=None if progress is None else not progress)
 
@@ -415,6 +416,14 @@ class ReasoningRun:
     def pending(self) -> int:
         """Questions added and not yet finished."""
         return len(self._questions)
+
+    def progress(self) -> dict[int, dict]:
+        """Each pending question's progress, ``{index: {"tokens": sampled so far over its paths,
+        "live_paths": paths not ended, "checks": checks resolved, "started": a path was admitted
+        to the engine}}`` (a server's progress events and metrics)."""
+        return {q.index: {"tokens": sum(len(r.tokens) for r in q.group.rows),
+                          "live_paths": len(q.group.live_rows), "checks": q.group.check_index,
+                          "started": q.group.started} for q in self._questions.values()}
 
     def add(self, question: str | Sequence[int], *, index: int | None = None, n: int = 64,
             keep: int = 8, prefix_tokens: int = 2048, max_new_tokens: int = 8192,
@@ -468,6 +477,7 @@ class ReasoningRun:
         out = self.engine.step()
         self._share(time.perf_counter() - t0, out)
         self._bar.update(len(out.sampled))
+        self.sampled_tokens += len(out.sampled)
         for row in out.ended:
             q = self._questions[id(row.group)]
             if q.plan.early_stop is not None:

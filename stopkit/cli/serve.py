@@ -14,9 +14,10 @@ import logging
 import socket
 
 from stopkit._checks import check_int
-from stopkit.cli.args import add_command, add_model_args, add_sampling_args
+from stopkit.cli.args import (add_command, add_engine_args, add_method_args, add_model_args,
+                              add_prompt_args, add_sampling_args)
 from stopkit.cli.errors import UserError, options
-from stopkit.cli.inputs import load_model, load_scorer
+from stopkit.cli.inputs import load_reasoner
 from stopkit.cli.solve import check_solve_options
 
 log = logging.getLogger(__name__)
@@ -33,19 +34,6 @@ EXAMPLES = """
 INSTALL_HINT = "needs the serve extra (FastAPI and uvicorn): pip install 'stopkit[serve]'"
 
 
-def _kv_memory(text: str) -> int | float:
-    """``0.5`` (a share of the memory) or ``8000000000`` (bytes)."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a share in (0, 1] such as 0.5 or a number of "
-                                         f"bytes, got {text!r}") from None
-
-
 def register(subparsers) -> None:
     p = add_command(subparsers, "serve", help="an OpenAI-compatible server answering with STOP",
                     description=__doc__, examples=EXAMPLES)
@@ -57,20 +45,14 @@ def register(subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=512,
                    help="requests in flight (running and waiting) at most; more get HTTP 503 "
                         "(default 512)")
-    engine = p.add_argument_group("engine (the KV budget)")
-    engine.add_argument("--num-blocks", type=int, default=None,
-                        help="KV cache blocks (default: sized from --kv-cache-memory)")
-    engine.add_argument("--kv-cache-memory", type=_kv_memory, default=None,
-                        help="KV budget: bytes, or a share of the GPU's memory (default 0.9) or of "
-                             "the free RAM on a CPU (default 0.25)")
-    engine.add_argument("--max-num-seqs", type=int, default=256,
-                        help="paths in the KV cache at most (default 256)")
-    engine.add_argument("--max-batch-tokens", type=int, default=8192,
-                        help="tokens per engine step at most (default 8192)")
+    add_engine_args(p)
+    add_prompt_args(p)
     defaults = p.add_argument_group("request defaults")
     defaults.add_argument("--method", default="stop",
-                          help="stop, confidence, entropy, random or full (default stop)")
+                          help="stop, confidence, entropy, similarity, similarity:PATH, "
+                               "verifier:PATH, random or full (default stop)")
     add_sampling_args(defaults)
+    add_method_args(p)
     p.set_defaults(run=run)
 
 
@@ -93,26 +75,17 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UserError(f"{INSTALL_HINT} ({e})") from e
 
-    from stopkit.engine import Engine  # noqa: PLC0415
-    from stopkit.reasoner import ParallelReasoner  # noqa: PLC0415
     from stopkit.serve import Defaults, create_app  # noqa: PLC0415
 
     check_solve_options(args, [args.method])
     with options():
         check_int("--port", args.port, 0, 65535)
         check_int("--max-queue", args.max_queue, 1)
-        for flag in ("num_blocks", "max_num_seqs", "max_batch_tokens"):
-            if getattr(args, flag) is not None:
-                check_int(f"--{flag.replace('_', '-')}", getattr(args, flag), 1)
         if args.n > args.max_num_seqs:
             raise ValueError(f"--n must be <= --max-num-seqs ({args.max_num_seqs}), got {args.n}")
     sock = _listen(args.host, args.port)
-    model, tokenizer = load_model(args)
-    with options():
-        engine = Engine(model, num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
-                        max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens)
-    scorer = load_scorer("--adapter", args.adapter, model) if args.adapter else None
-    reasoner = ParallelReasoner(model, tokenizer, scorer=scorer, engine=engine)
+    reasoner = load_reasoner(args)
+    engine = reasoner.engine
     defaults = Defaults(n=args.n, keep=args.keep, prefix_tokens=args.prefix_tokens,
                         max_new_tokens=args.max_new_tokens, method=args.method, vote=args.vote,
                         early_stop=args.early_stop, temperature=args.temperature, top_p=args.top_p)

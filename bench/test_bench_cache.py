@@ -14,7 +14,7 @@ import torch
 
 from stopkit import ops
 from stopkit.cache import PagedKVCache
-from stopkit.prune import prune
+from stopkit.pruning import prune
 
 ROWS, BLOCKS_PER_ROW, BLOCK_SIZE, HEADS, KV_HEADS, HEAD_DIM = 64, 256, 16, 32, 8, 128
 TARGET = 0.05

@@ -9,9 +9,7 @@ import logging
 
 from stopkit import ops, reference
 from stopkit.cache import CacheFullError, PagedKVCache
-# Imported eagerly: importing the submodule stopkit.prune later would otherwise rebind the package
-# attribute `prune` to the module, hiding the function.
-from stopkit.prune import PruneResult, prune
+from stopkit.pruning import PruneResult, prune
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 """Paged KV cache: one storage tensor of fixed-size blocks, a refcounted block allocator and the
-per-row block tables the attention kernels read (layouts: DESIGN.md section 3).
+per-row block tables the attention kernels read (layouts: docs/DESIGN.md section 3).
 
 A row is one live sequence. Forked rows share blocks (reference counts, no KV copied); the only
 shared block a row can write is a partially filled last block, and :meth:`PagedKVCache.extend`
@@ -14,7 +14,6 @@ import functools
 import logging
 import math
 import mmap
-import operator
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from stopkit import ops
+from stopkit._checks import check_dtype, check_int
 
 __all__ = ["PagedKVCache", "CacheFullError", "zeros_kv_storage"]
 
@@ -52,31 +52,28 @@ class CacheFullError(RuntimeError):
     """Not enough free blocks for a reservation. Raised before any state changes."""
 
 
-def _index(name: str, value, *, low: int = 0) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
-
-
-def _int_array(name: str, values) -> np.ndarray:
-    """A 1-D int64 array from a sequence of ints or a 1-D integer tensor."""
+def _int_array(name: str, values, low: int, high: int) -> np.ndarray:
+    """A 1-D int64 array in ``[low, high]`` from a sequence of ints or a 1-D integer tensor
+    (vectorised: rows and counts come every decode step); errors worded as check_ints'."""
     if isinstance(values, torch.Tensor):
         if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integers, got {values.dtype}")
+            raise TypeError(f"{name} must hold ints, got a "
+                            f"{str(values.dtype).removeprefix('torch.')} tensor")
         if values.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(values.shape)}")
-        return values.detach().cpu().numpy().astype(np.int64)
-    if not isinstance(values, Iterable) or isinstance(values, (str, bytes)):
+        out = values.detach().cpu().numpy().astype(np.int64)
+    elif not isinstance(values, Iterable) or isinstance(values, (str, bytes)):
         raise TypeError(f"{name} must be a sequence of ints or a 1-D integer tensor, "
                         f"got {type(values).__name__}")
-    return np.array([_index(f"{name}[{i}]", v, low=-(1 << 62)) for i, v in enumerate(values)],
-                    dtype=np.int64)
+    elif isinstance(values, (list, tuple, np.ndarray)) and (arr := np.asarray(values)).ndim == 1 \
+            and arr.dtype.kind in "iu":  # the common case, without a Python loop
+        out = arr.astype(np.int64, copy=False)
+    else:
+        out = np.array([check_int(f"{name}[{i}]", v) for i, v in enumerate(values)], dtype=np.int64)
+    bad = np.flatnonzero((out < low) | (out > high))
+    if bad.size:
+        check_int(f"{name}[{bad[0]}]", int(out[bad[0]]), low, high)
+    return out
 
 
 def _cdiv(x, d: int):
@@ -92,9 +89,8 @@ def zeros_kv_storage(shape: list[int] | tuple[int, ...], dtype: torch.dtype,
     plain pages."""
     if not isinstance(shape, (list, tuple)):
         raise TypeError(f"shape must be a list or tuple of ints, got {type(shape).__name__}")
-    shape = [_index(f"shape[{i}]", n) for i, n in enumerate(shape)]
-    if dtype not in _DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    shape = [check_int(f"shape[{i}]", n, 0) for i, n in enumerate(shape)]
+    check_dtype("dtype", dtype, _DTYPES)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     device = torch.device(device)
     if device.type != "cpu" or nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
@@ -126,7 +122,7 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, num_blocks: int,
                  block_size: int = 16, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> None:
-        shape = [_index(name, value, low=1) for name, value in (
+        shape = [check_int(name, value, 1) for name, value in (
             ("num_layers", num_layers), ("num_blocks", num_blocks), ("block_size", block_size),
             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim))]
         shape.insert(1, 2)
@@ -166,11 +162,11 @@ class PagedKVCache:
             if isinstance(dtype, str):
                 dtype = getattr(torch, dtype, None)
             dtype = dtype if dtype in _DTYPES else torch.float32
-        elif dtype not in _DTYPES:
-            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        else:
+            check_dtype("dtype", dtype, _DTYPES)
         if memory_bytes is not None:
-            memory_bytes = _index("memory_bytes", memory_bytes, low=1)
-            per_block = (config.num_hidden_layers * 2 * _index("block_size", block_size, low=1)
+            memory_bytes = check_int("memory_bytes", memory_bytes, 1)
+            per_block = (config.num_hidden_layers * 2 * check_int("block_size", block_size, 1)
                          * kv_heads * head_dim * dtype.itemsize)
             num_blocks = memory_bytes // per_block
             if num_blocks < 1:
@@ -236,21 +232,27 @@ class PagedKVCache:
     # ---- rows ------------------------------------------------------------------------------
     def add(self, n: int = 1) -> list[int]:
         """Append ``n`` empty rows; returns their indices."""
-        n = _index("n", n)
+        n = check_int("n", n, 0)
         first = self.batch_size
         self._set_rows(np.concatenate([self._table, np.zeros((n, self._table.shape[1]), np.int32)]),
                        np.concatenate([self._lens, np.zeros(n, np.int64)]))
         return list(range(first, first + n))
 
-    def fork(self, row: int, n: int = 1) -> list[int]:
-        """Append ``n`` rows sharing every block of ``row`` (same seq_len, no KV copied); returns
-        their indices."""
+    def fork(self, row: int, n: int = 1, *, length: int | None = None) -> list[int]:
+        """Append ``n`` rows sharing the blocks of ``row``'s first ``length`` tokens (default: all
+        of them; no KV copied); returns their indices. A shared, partially filled last block is
+        copied only when a fork writes into it (:meth:`extend`)."""
         row = self._row(row)
-        n = _index("n", n)
+        n = check_int("n", n, 0)
+        own = int(self._lens[row])
+        length = own if length is None else check_int("length", length, 0, own)
         first = self.batch_size
-        self._ref[self._table[row, :_cdiv(int(self._lens[row]), self.block_size)]] += n  # held once
-        self._set_rows(np.concatenate([self._table, np.repeat(self._table[row:row + 1], n, 0)]),
-                       np.concatenate([self._lens, np.repeat(self._lens[row:row + 1], n)]))
+        shared = _cdiv(length, self.block_size)
+        self._ref[self._table[row, :shared]] += n  # held once more by each fork
+        table = np.zeros((n, self._table.shape[1]), np.int32)
+        table[:, :shared] = self._table[row, :shared]
+        self._set_rows(np.concatenate([self._table, table]),
+                       np.concatenate([self._lens, np.full(n, length, np.int64)]))
         return list(range(first, first + n))
 
     def free(self, rows) -> int:
@@ -279,19 +281,7 @@ class PagedKVCache:
         every holder is written). Raises CacheFullError, changing nothing, when the blocks do not
         fit. Write the reserved slots before forking the row.
         """
-        rows = np.arange(self.batch_size) if rows is None else self._rows(rows)
-        R = rows.size
-        if isinstance(num_tokens, Iterable) and not (isinstance(num_tokens, torch.Tensor)
-                                                     and num_tokens.dim() == 0):
-            counts = _int_array("num_tokens", num_tokens)
-            if counts.size != R:
-                raise ValueError(f"num_tokens must have one count per row ({R}), got {counts.size}")
-            if R and counts.min() < 0:
-                raise ValueError(f"num_tokens must be >= 0, got {int(counts.min())}")
-            T = int(counts.max()) if R else 0
-        else:
-            T = _index("num_tokens", num_tokens)
-            counts = np.full(R, T, dtype=np.int64)
+        rows, counts, T = self._counts(num_tokens, rows)
         bs = self.block_size
         old = self._lens[rows]
         old_blocks = _cdiv(old, bs)
@@ -332,7 +322,43 @@ class PagedKVCache:
         slots[step >= counts[:, None]] = -1
         return torch.from_numpy(slots).to(self.device)
 
+    def blocks_needed(self, num_tokens, *, rows=None) -> int:
+        """Free blocks :meth:`extend` would take for the same arguments (new blocks plus
+        copy-on-write copies); changes nothing."""
+        rows, counts, _ = self._counts(num_tokens, rows)
+        old = self._lens[rows]
+        old_blocks = _cdiv(old, self.block_size)
+        grow = _cdiv(old + counts, self.block_size) - old_blocks
+        return int(grow.sum()) + len(self._cow_plan(rows, counts, old, old_blocks)[0])
+
+    def row_blocks_needed(self, num_tokens, rows) -> np.ndarray:
+        """Per row, an upper bound of the blocks :meth:`extend` takes for it (a shared, partially
+        filled last block counted as copied; extend copies one fewer when all its holders write):
+        int64 ``[len(rows)]``. Changes nothing."""
+        rows, counts, _ = self._counts(num_tokens, rows)
+        bs = self.block_size
+        old = self._lens[rows]
+        need = _cdiv(old + counts, bs) - _cdiv(old, bs)
+        partial = (counts > 0) & (old % bs != 0)
+        if partial.any():
+            last = self._table[rows[partial], old[partial] // bs]
+            need[partial] += self._ref[last] > 1
+        return need
+
     # ---- internals -------------------------------------------------------------------------
+    def _counts(self, num_tokens, rows) -> tuple[np.ndarray, np.ndarray, int]:
+        """(rows, per-row counts, T) of an extend: num_tokens an int or one count per row."""
+        rows = np.arange(self.batch_size) if rows is None else self._rows(rows)
+        R = rows.size
+        if isinstance(num_tokens, Iterable) and not (isinstance(num_tokens, torch.Tensor)
+                                                     and num_tokens.dim() == 0):
+            counts = _int_array("num_tokens", num_tokens, 0, 1 << 62)
+            if counts.size != R:
+                raise ValueError(f"num_tokens must have one count per row ({R}), got {counts.size}")
+            return rows, counts, (int(counts.max()) if R else 0)
+        T = check_int("num_tokens", num_tokens, 0)
+        return rows, np.full(R, T, dtype=np.int64), T
+
     def _cow_plan(self, rows, counts, old, old_blocks) -> tuple[list[int], list[int], list[int]]:
         """(rows, columns, source blocks) of the copies extend must make: rows about to write a
         partially filled last block that other rows hold too. When every holder writes, the first
@@ -373,23 +399,13 @@ class PagedKVCache:
         self._dev_table = self._dev_lens = None
 
     def _layer(self, layer: int) -> int:
-        layer = _index("layer", layer)
-        if layer >= self.num_layers:
-            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
-        return layer
+        return check_int("layer", layer, 0, self.num_layers - 1)
 
     def _row(self, row: int) -> int:
-        row = _index("row", row)
-        if row >= self.batch_size:
-            raise ValueError(f"row must be in [0, {self.batch_size}), got {row}")
-        return row
+        return check_int("row", row, 0, self.batch_size - 1)
 
     def _rows(self, rows) -> np.ndarray:
-        rows = _int_array("rows", rows)
-        if rows.size:
-            lo, hi = int(rows.min()), int(rows.max())
-            if lo < 0 or hi >= self.batch_size:
-                raise ValueError(f"rows must lie in [0, {self.batch_size}), got values in [{lo}, {hi}]")
-            if np.unique(rows).size != rows.size:
-                raise ValueError(f"rows must be distinct, got {rows.tolist()}")
+        rows = _int_array("rows", rows, 0, self.batch_size - 1)
+        if np.unique(rows).size != rows.size:
+            raise ValueError(f"rows must be distinct, got {rows.tolist()}")
         return rows

@@ -2,8 +2,12 @@
 
 Every function validates its tensors (device, dtype, shape, strides, index ranges) and raises
 ``ValueError`` / ``TypeError`` naming the argument before any native code runs, then dispatches to
-``stopkit._C`` (CPU) or ``stopkit._C_cuda`` (CUDA, on the tensors' current stream). The pure-torch
-oracle of each op lives in :mod:`stopkit.reference`. Layouts: DESIGN.md section 3.
+``stopkit._C`` (CPU) or ``stopkit._C_cuda`` (CUDA: on the tensors' device and that device's current
+stream, with scratch memory from torch's allocator). The pure-torch oracle of each op lives in
+:mod:`stopkit.reference`. Layouts: docs/DESIGN.md section 3.
+
+``STOPKIT_CUDA_SMEM_LIMIT=<bytes>`` makes the CUDA kernels plan for at most that much shared memory
+per block (e.g. 101376 runs a 99 KB part's plans on an A100 or H100; tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -17,9 +21,13 @@ import torch
 from stopkit import _C
 
 __all__ = ["paged_attention", "write_kv", "copy_blocks", "stop_score", "cuda_available",
-           "check_block_table", "MAX_Q_LEN"]
+           "cuda_launch_plan", "check_block_table", "MAX_Q_LEN", "MIN_HEAD_DIM", "MAX_HEAD_DIM",
+           "MIN_BLOCK_SIZE", "MAX_BLOCK_SIZE"]
 
-MAX_Q_LEN = 16
+# Kernel limits, read by every layer above (the engine checks a model against them).
+MAX_Q_LEN = 16                       # queries per row in one paged_attention call
+MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256  # head_dim: a multiple of 16 in this range
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 256  # block_size: a power of two in this range
 _DTYPE_CODES = {getattr(torch, name): code for name, code in _C.dtype_codes().items()}
 _ACTIVATIONS = {None: _C.activation_codes()["none"], **_C.activation_codes()}
 
@@ -28,9 +36,29 @@ try:  # built only where nvcc was found
 except ImportError:
     _C_cuda = None
 
+# The current stream of a device as a cudaStream_t address, without building a torch Stream
+# object per call (torch's inductor reads it the same way); the public route where absent.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda index: torch.cuda.current_stream(index).cuda_stream)
+
+
+def _smem_limit_from_env() -> int:
+    value = os.environ.get("STOPKIT_CUDA_SMEM_LIMIT", "0")
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise ValueError(f"STOPKIT_CUDA_SMEM_LIMIT must be a byte count >= 0, got {value!r}")
+    return limit
+
+
+if _C_cuda is not None:
+    _C_cuda.set_smem_limit(_smem_limit_from_env())
+
 # The CPU kernels share torch's OpenMP runtime: reading torch's thread count sets the runtime to
 # torch's default (the physical cores) for the kernels too; torch.set_num_threads sets both after.
-_C.set_num_threads(torch.get_num_threads())
+_C.set_num_threads(max(1, torch.get_num_threads()))
 
 
 def cuda_available() -> bool:
@@ -39,14 +67,54 @@ def cuda_available() -> bool:
 
 
 def _backend(device: torch.device) -> tuple[ModuleType, dict]:
+    """The native module for ``device`` and the keyword arguments that place a call: for CUDA the
+    tensors' device index (torch's current device may be another) and that device's current stream."""
     if device.type == "cpu":
         return _C, {}
     if device.type == "cuda":
         if _C_cuda is None:
             raise RuntimeError("stopkit was built without CUDA kernels (nvcc was not found at build "
                                "time, or STOPKIT_CUDA=0); reinstall with STOPKIT_CUDA=1")
-        return _C_cuda, {"stream": torch.cuda.current_stream(device).cuda_stream}
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _C_cuda, {"stream": _raw_stream(index), "device": index}
     raise ValueError(f"stopkit ops run on cpu or cuda tensors, got device {device}")
+
+
+def _workspace(nbytes: int, device: torch.device, extra: dict) -> torch.Tensor | None:
+    """Scratch memory for a CUDA kernel from torch's caching allocator (stream-ordered, seen by
+    torch.cuda.memory_* and captured into CUDA graphs' pools), added to the native call's keyword
+    arguments. The caller holds the tensor until the launch is queued."""
+    if nbytes == 0:
+        return None
+    ws = torch.empty((nbytes + 3) // 4, dtype=torch.float32, device=device)
+    extra.update(workspace=ws.data_ptr(), workspace_bytes=ws.numel() * 4)
+    return ws
+
+
+def cuda_launch_plan(dtype: torch.dtype, head_dim: int, q_len: int, max_shared_memory: int, *,
+                     group_size: int = 1) -> dict:
+    """The CUDA paged-attention kernel's launch plan on a GPU whose opt-in shared memory per block
+    is ``max_shared_memory`` bytes (101376 on sm_86/89/120 parts, 166912 on A100, 232448 on
+    H100/H200); ``group_size`` query heads share a kv head. Needs no GPU: the CUDA module launches
+    by the same function. Returns ``{"stages", "smem_bytes", "blocks_per_sm", "keys_per_stage",
+    "query_rows", "head_dim_bucket", "threads"}``: pipeline depth, dynamic shared memory per block,
+    resident blocks per multiprocessor, keys per pipeline stage, query rows per block, the
+    compiled head_dim serving ``head_dim``, and threads per block."""
+    if dtype not in _DTYPE_CODES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    for name, value, lo, hi in (("head_dim", head_dim, 32, 256), ("q_len", q_len, 1, MAX_Q_LEN),
+                                ("group_size", group_size, 1, 1 << 16),
+                                ("max_shared_memory", max_shared_memory, 1, 1 << 30)):
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"{name} must be an int in {lo}..{hi}, got {value!r}")
+    if head_dim % 16:
+        raise ValueError(f"head_dim must be a multiple of 16 in 32..256, got {head_dim}")
+    plan = _C.cuda_launch_plan(elem_bytes=dtype.itemsize, head_dim=head_dim, rows=group_size * q_len,
+                               max_shared_memory=max_shared_memory)
+    if plan["blocks_per_sm"] == 0:
+        raise ValueError(f"no launch plan of the CUDA paged-attention kernel fits {max_shared_memory} "
+                         f"bytes of shared memory per block ({dtype}, head_dim {head_dim})")
+    return plan
 
 
 def _addr(t: torch.Tensor | None) -> int:
@@ -110,7 +178,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     suffix_k: torch.Tensor | None = None, suffix_v: torch.Tensor | None = None,
                     scale: float | None = None, sinks: torch.Tensor | None = None,
                     window: int | None = None, return_lse: bool = False,
-                    check_indices: bool = True):
+                    check_indices: bool = True, max_seq_len: int | None = None):
     """Attention of a few queries per row against that row's paged KV cache (and a causal suffix).
 
     q ``[B, S, H, D]`` (S in 1..16); k_cache, v_cache ``[num_blocks, block_size, Hkv, D]``;
@@ -124,6 +192,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     ``check_indices=False`` skips the checks that read seq_lens and block_table (a device sync
     each; the caller made sure, e.g. once per decode step for every layer); the kernels still never
     read outside the cache (CPU: they raise; CUDA: a length is clamped, a bad page masked).
+    max_seq_len: an upper bound of ``seq_lens`` that the caller knows without a device sync (the
+    engine's longest row); it sizes the CUDA kernel's context split. None: the longest row where
+    the checks read seq_lens anyway, else the block table's capacity. It never changes the result.
     """
     q = _tensor("q", q, ndim=4, dtype=tuple(_DTYPE_CODES))
     device, dtype = q.device, q.dtype
@@ -136,10 +207,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"q_len (q.shape[1]) must be in 1..{MAX_Q_LEN}, got {S}")
     if Dk != D:
         raise ValueError(f"k_cache head_dim (shape[3]) must equal q's head_dim {D}, got {Dk}")
-    if D % 16 != 0 or not 32 <= D <= 256:
-        raise ValueError(f"head_dim must be a multiple of 16 in 32..256, got {D}")
-    if block_size < 8 or block_size > 256 or block_size & (block_size - 1):
-        raise ValueError(f"block_size (k_cache.shape[1]) must be a power of two in 8..256, got {block_size}")
+    if D % 16 != 0 or not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be a multiple of 16 in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, "
+                         f"got {D}")
+    if block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
+        raise ValueError(f"block_size (k_cache.shape[1]) must be a power of two in "
+                         f"{MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}, got {block_size}")
     if Hkv < 1 or H < 1 or H % Hkv != 0:
         raise ValueError(f"num_heads (q.shape[2] = {H}) must be a multiple of num_kv_heads "
                          f"(k_cache.shape[2] = {Hkv})")
@@ -160,11 +233,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         _shape("sinks", sinks, (H,))
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
+                                    or max_seq_len < 0):
+        raise ValueError(f"max_seq_len must be an int >= 0 or None, got {max_seq_len!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite float, got {scale!r}")
     max_blocks = block_table.shape[1]
+    longest = -1 if max_seq_len is None else max_seq_len  # -1: the block table's capacity
     if B > 0 and check_indices:
         lo, hi = (int(x) for x in torch.aminmax(seq_lens))
         if lo < 0:
@@ -172,7 +249,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if hi > max_blocks * block_size:
             raise ValueError(f"seq_lens must be <= max_blocks_per_row * block_size = "
                              f"{max_blocks * block_size}, got {hi}")
+        if max_seq_len is not None and hi > max_seq_len:
+            raise ValueError(f"max_seq_len must be >= every seq_lens entry, got {max_seq_len} "
+                             f"below {hi}")
         check_block_table(block_table, seq_lens, block_size, num_blocks)
+        longest = hi
     k_cache = _dense_cache("k_cache", k_cache)
     v_cache = _dense_cache("v_cache", v_cache)
     q, block_table, seq_lens = _dense(q), _dense(block_table), _dense(seq_lens)
@@ -181,6 +262,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     lse = torch.empty((B, S, H), dtype=torch.float32, device=device) if return_lse else None
     if B > 0:
         backend, extra = _backend(device)
+        workspace = None
+        if backend is _C_cuda:  # plans its context split from max_seq_len; the split's workspace
+            extra["max_seq_len"] = longest
+            workspace = _workspace(_C_cuda.paged_attention_workspace_bytes(
+                batch=B, q_len=S, num_heads=H, num_kv_heads=Hkv, head_dim=D, block_size=block_size,
+                max_blocks_per_row=max_blocks, window=int(window or 0), dtype=_DTYPE_CODES[dtype],
+                max_seq_len=longest, device=extra["device"]), device, extra)
         backend.paged_attention(
             out=_addr(out), lse=_addr(lse), q=_addr(q), k_cache=_addr(k_cache),
             v_cache=_addr(v_cache), block_table=_addr(block_table), seq_lens=_addr(seq_lens),
@@ -188,6 +276,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             q_len=S, num_heads=H, num_kv_heads=Hkv, head_dim=D, block_size=block_size,
             num_blocks=num_blocks, max_blocks_per_row=max_blocks, scale=float(scale),
             window=int(window or 0), dtype=_DTYPE_CODES[dtype], **extra)
+        del workspace  # freed in stream order, after the launch that uses it
     return (out, lse) if return_lse else out
 
 
@@ -196,10 +285,12 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     """Write k, v ``[T, Hkv, D]`` into the caches ``[num_blocks, block_size, Hkv, D]`` in place.
 
     slot_mapping int64 ``[T]``: token t goes to slot ``slot_mapping[t]`` (block
-    ``slot // block_size``, offset ``slot % block_size``); -1 skips the token.
-    ``check_indices=False`` skips the range check of slot_mapping (a device sync; the caller made
+    ``slot // block_size``, offset ``slot % block_size``); -1 skips the token. A slot other than -1
+    appears at most once (two tokens for one slot are a ValueError).
+    ``check_indices=False`` skips the checks of slot_mapping (one device sync; the caller made
     sure, e.g. once per step for every layer); the kernels still never write outside the cache
-    (CPU: they raise; CUDA: an out-of-range slot is skipped).
+    (CPU: they raise; CUDA: an out-of-range slot is skipped), but a repeated slot is then the
+    caller's bug: the CPU keeps the last token's values, CUDA may mix pieces of the tokens' rows.
     """
     k_cache = _tensor("k_cache", k_cache, ndim=4, dtype=tuple(_DTYPE_CODES))
     device, dtype = k_cache.device, k_cache.dtype
@@ -215,10 +306,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     _shape("slot_mapping", slot_mapping, (T,))
     if T == 0:
         return
-    lo, hi = (int(x) for x in torch.aminmax(slot_mapping)) if check_indices else (-1, -1)
-    if lo < -1 or hi >= num_blocks * block_size:
-        raise ValueError(f"slot_mapping entries must be -1 or in [0, {num_blocks * block_size}), "
-                         f"got values in [{lo}, {hi}]")
+    if check_indices:
+        _check_slots(slot_mapping, num_blocks * block_size)
     k_cache, v_cache = _dense_cache("k_cache", k_cache), _dense_cache("v_cache", v_cache)
     k, v, slot_mapping = _dense(k), _dense(v), _dense(slot_mapping)
     backend, extra = _backend(device)
@@ -226,6 +315,20 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                      slot_mapping=_addr(slot_mapping), num_tokens=T, num_kv_heads=Hkv,
                      head_dim=D, block_size=block_size, num_blocks=num_blocks,
                      dtype=_DTYPE_CODES[dtype], **extra)
+
+
+def _check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
+    """Every entry -1 or in [0, num_slots), none but -1 repeated; one device sync."""
+    slots = torch.sort(slot_mapping).values
+    repeated = (slots[1:] == slots[:-1]) & (slots[1:] >= 0)
+    lo, hi, n_repeated = torch.stack([slots[0], slots[-1], repeated.sum()]).tolist()
+    if lo < -1 or hi >= num_slots:
+        raise ValueError(f"slot_mapping entries must be -1 or in [0, {num_slots}), "
+                         f"got values in [{lo}, {hi}]")
+    if n_repeated:
+        slot = int(slots[1:][repeated][0])
+        raise ValueError(f"slot_mapping must not repeat a slot (only -1 may repeat): slot {slot} "
+                         f"appears more than once")
 
 
 def copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *,
@@ -313,12 +416,16 @@ def stop_score(hidden: torch.Tensor, head_weight: torch.Tensor,
     if B == 0:
         return out
     backend, extra = _backend(device)
+    workspace = None
+    if backend is _C_cuda:  # the hidden layer's per-tile shares of the logits
+        workspace = _workspace(_C_cuda.stop_score_workspace_bytes(batch=B, hidden_dim=h), device, extra)
     backend.stop_score(out=_addr(out), hidden=_addr(hidden), norm_weight=_addr(norm_weight),
                        hidden_weight=_addr(hidden_weight), hidden_bias=_addr(hidden_bias),
                        head_weight=_addr(head_weight), head_bias=_addr(head_bias), batch=B,
                        dim=d, hidden_dim=h, eps=float(eps), activation=_ACTIVATIONS[activation],
                        hidden_dtype=_DTYPE_CODES[hidden.dtype], weight_dtype=_DTYPE_CODES[wdtype],
                        **extra)
+    del workspace  # freed in stream order, after the launch that uses it
     return out
 
 

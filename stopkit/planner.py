@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Real
 
-from stopkit._checks import check_int
+from stopkit._checks import check_int, check_real
 
 __all__ = ["Plan", "plan"]
 
@@ -75,11 +74,7 @@ def plan(budget_tokens: int, prefix_tokens: int, task_tokens: int, *,
                 f"{_expected(keep, keep, prefix, task)} tokens")
         return Plan(n=n, keep=keep, expected_tokens=_expected(n, keep, prefix, task))
 
-    if isinstance(ratio, bool) or not isinstance(ratio, Real):
-        raise TypeError(f"ratio must be a float, got {type(ratio).__name__}")
-    ratio = float(ratio)
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    ratio = check_real("ratio", ratio, 0, 1, low_open=True)
 
     def keep_of(n: int) -> int:
         return max(1, math.ceil(round(ratio * n, 9)))

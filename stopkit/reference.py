@@ -57,7 +57,8 @@ def _keys_values(k_cache, v_cache, block_table, suffix_k, suffix_v):
 
 
 def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, suffix_k=None, suffix_v=None,
-                    scale=None, sinks=None, window=None, return_lse=False, check_indices=True):
+                    scale=None, sinks=None, window=None, return_lse=False, check_indices=True,
+                    max_seq_len=None):
     """Oracle of :func:`stopkit.ops.paged_attention` (explicit softmax in q's dtype)."""
     B, S, H, D = q.shape
     Hkv = k_cache.shape[2]

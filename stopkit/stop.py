@@ -1,5 +1,5 @@
 """StopScorer: K learned [STOP] tokens + a LoRA adapter + a tiny head that score a path from its
-paged KV cache (DESIGN.md section 1).
+paged KV cache (docs/DESIGN.md section 1).
 
 One learned vector e in R^d is repeated over ``num_tokens`` positions l..l+K-1 after a prefix of
 length l. The [STOP] pass runs every layer of the frozen model with LoRA on ``q_proj``/``v_proj``
@@ -18,16 +18,17 @@ and several scorers can share one model. On disk the adapter is a standard PEFT 
 with plain LoRA (alpha/r or rsLoRA scaling, per-module ranks) and rejects variants it does not
 implement (DoRA, LoRA bias, alpha patterns, modules_to_save) with a clear error.
 
-Layouts ``StopScorer.load`` reads::
+Layouts ``StopScorer.load`` reads and ``StopScorer.save`` writes (``layout="stopkit"``, the
+default, or ``"authors"``, for the authors' code)::
 
-    stopkit (written by save):          authors' release:
+    stopkit:                            authors' release:
       stop_config.json                    assess_token_config.json
       stop.safetensors                    assess_token_embedding.pth
       adapter/classifier/                 classifier_head.pth
         adapter_config.json               adapter/classifier/
         adapter_model.safetensors           adapter_config.json
                                             adapter_model.bin | adapter_model.safetensors
-                                          tokenizer/   (optional, not needed)
+                                          tokenizer/   (optional; not read)
 
 The [STOP] vector of a new scorer starts from the embedding row of ``token_id`` (e.g. a spare
 special token of the tokenizer, like the toy's ``[STOP]``) or, by default, from the mean of the
@@ -38,31 +39,37 @@ without changing the model's vocabulary.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import json
 import logging
 import math
-import numbers
+import pickle
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stopkit import ops
-from stopkit._checks import check_int
+from stopkit._checks import check_choice, check_int, check_real, check_token_ids
 
-# transformers, peft and stopkit.engine are imported where they are used: the CLI imports this
-# module (through stopkit.train) just to build its parser.
+# transformers, peft and stopkit.engine are imported where they are used, so that importing this
+# module stays cheap.
 
-__all__ = ["StopScorer", "ADAPTER_NAME", "OWN_LAYOUT", "AUTHORS_LAYOUT"]
+__all__ = ["StopScorer", "ADAPTER_NAME", "ASSESS_TOKEN", "LAYOUTS", "OWN_LAYOUT", "AUTHORS_LAYOUT"]
 
 log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "classifier"
+ASSESS_TOKEN = "[ASSESS]"  # the authors' default name of their [STOP] token
+LAYOUTS = ("stopkit", "authors")
+_OWN_FILES = ("stop_config.json", "stop.safetensors")
+_AUTHORS_FILES = ("assess_token_config.json", "assess_token_embedding.pth", "classifier_head.pth")
 FORMAT = "stopkit.stop"
 FORMAT_VERSION = 1
 OWN_LAYOUT = ("stop_config.json, stop.safetensors (token [d], head.weight [2, d|h], head.bias [2], "
@@ -118,9 +125,7 @@ class StopScorer(nn.Module):
         object.__setattr__(self, "_model", model)  # referenced, not a submodule
         object.__setattr__(self, "_backbone", _backbone(model))
         self.num_tokens = check_int("num_tokens", num_tokens, 1, ops.MAX_Q_LEN)
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}, got {activation!r}")
-        self.activation = activation
+        self.activation = check_choice("activation", activation, _ACTIVATIONS)
         self.lora_alpha, self.use_rslora = float(lora_alpha), bool(use_rslora)
         self.lora_dropout = float(lora_dropout)
         device = next(model.parameters()).device
@@ -150,10 +155,8 @@ class StopScorer(nn.Module):
         lora_rank = check_int("lora_rank", lora_rank, 1)
         if lora_alpha is None:
             lora_alpha = 2 * lora_rank
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
-        if not isinstance(lora_dropout, numbers.Real) or not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        lora_alpha = check_real("lora_alpha", lora_alpha, 0, low_open=True)
+        lora_dropout = check_real("lora_dropout", lora_dropout, 0, 1, high_open=True)
         if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
             raise TypeError(f"targets must be a non-empty sequence of module names, got {targets!r}")
         seed = check_int("seed", seed, 0)
@@ -217,16 +220,60 @@ class StopScorer(nn.Module):
                    head_bias=parts["head_bias"], hidden_weight=parts["hidden_weight"],
                    hidden_bias=parts["hidden_bias"], activation=parts["activation"])
 
-    def save(self, path: str | Path) -> None:
-        """Write the stopkit layout to directory ``path`` (created; files overwritten)."""
-        from peft import LoraConfig
+    def check_layout(self, layout: str) -> str:
+        """``layout`` when :meth:`save` can write this scorer in it; ValueError otherwise."""
+        check_choice("layout", layout, LAYOUTS)
+        if layout == "authors" and self.hidden is not None:
+            raise ValueError(f"the authors' layout holds a Linear(d, 2) head only "
+                             f"(classifier_head.pth), but this scorer's head has a hidden layer "
+                             f"(head_hidden={self.hidden.out_features}); save it in the stopkit "
+                             f"layout")
+        return layout
 
+    def save(self, path: str | Path, layout: str = "stopkit", *, tokenizer=None) -> None:
+        """Write directory ``path`` (created; files overwritten, the other layout's files removed so
+        that :meth:`load` reads what was written) in ``layout`` (module docstring):
+
+        - ``"stopkit"``: full precision, any head.
+        - ``"authors"``: what the authors' trainer writes, so that their code loads the scorer:
+          ``classifier_head.pth`` and ``assess_token_embedding.pth`` in the model's dtype (theirs
+          hold the model's dtype; the adapter stays float32 as PEFT keeps it), the assess token
+          ``[ASSESS]`` (their default) with ``special_token_id`` its id in ``tokenizer`` (added
+          to a copy when missing, written to ``tokenizer/``), or -1 without a tokenizer. Their
+          deployment appends ``special_token_id`` to the prefix (and skips scoring when it is -1),
+          so pass the model's tokenizer. A head with a hidden layer cannot be written (ValueError).
+        """
+        self.check_layout(layout)
         path = Path(path)
         adapter_dir = path / "adapter" / ADAPTER_NAME
         adapter_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (_AUTHORS_FILES if layout == "stopkit" else _OWN_FILES):
+            (path / stale).unlink(missing_ok=True)
+        # an older .bin beside the new .safetensors would be a second, stale copy of the adapter
+        (adapter_dir / "adapter_model.bin").unlink(missing_ok=True)
+        self._save_adapter(adapter_dir, task_type=None if layout == "stopkit" else "CAUSAL_LM")
+        if layout == "authors":
+            self._save_authors(path, tokenizer)
+        else:
+            own = {"token": self.token, "head.weight": self.head.weight, "head.bias": self.head.bias}
+            if self.hidden is not None:
+                own.update({"hidden.weight": self.hidden.weight, "hidden.bias": self.hidden.bias})
+            save_file({k: v.detach().cpu().float().contiguous() for k, v in own.items()},
+                      str(path / "stop.safetensors"))
+            config = {"format": FORMAT, "version": FORMAT_VERSION, "hidden_size": self.hidden_size,
+                      "num_tokens": self.num_tokens, "head_hidden": None if self.hidden is None
+                      else self.hidden.out_features, "activation": self.activation,
+                      "adapter": f"adapter/{ADAPTER_NAME}"}
+            (path / "stop_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        log.info("saved StopScorer to %s (%s layout)", path, layout)
+
+    def _save_adapter(self, adapter_dir: Path, task_type: str | None) -> None:
+        """The LoRA factors as a PEFT adapter (PEFT's config and key names, float32 safetensors)."""
+        from peft import LoraConfig
+
         rank = max(lo.A.shape[0] for lo in self.loras)
         LoraConfig(r=rank, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                   use_rslora=self.use_rslora,
+                   use_rslora=self.use_rslora, task_type=task_type,
                    target_modules=sorted({lo.path.split(".")[-1] for lo in self.loras}),
                    rank_pattern={lo.path: lo.A.shape[0] for lo in self.loras
                                  if lo.A.shape[0] != rank},
@@ -237,17 +284,31 @@ class StopScorer(nn.Module):
             tensors[f"base_model.model.{lo.path}.lora_A.weight"] = lo.A.detach().cpu().contiguous()
             tensors[f"base_model.model.{lo.path}.lora_B.weight"] = lo.B.detach().cpu().contiguous()
         save_file(tensors, str(adapter_dir / "adapter_model.safetensors"))
-        own = {"token": self.token, "head.weight": self.head.weight, "head.bias": self.head.bias}
-        if self.hidden is not None:
-            own.update({"hidden.weight": self.hidden.weight, "hidden.bias": self.hidden.bias})
-        save_file({k: v.detach().cpu().float().contiguous() for k, v in own.items()},
-                  str(path / "stop.safetensors"))
-        config = {"format": FORMAT, "version": FORMAT_VERSION, "hidden_size": self.hidden_size,
-                  "num_tokens": self.num_tokens, "head_hidden": None if self.hidden is None
-                  else self.hidden.out_features, "activation": self.activation,
-                  "adapter": f"adapter/{ADAPTER_NAME}"}
-        (path / "stop_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        log.info("saved StopScorer to %s", path)
+
+    def _save_authors(self, path: Path, tokenizer) -> None:
+        """The authors' head, [STOP] embedding, config and tokenizer files (see :meth:`save`)."""
+        dtype = _embeddings(self.model).weight.dtype
+        special_token_id = -1
+        if tokenizer is not None:
+            tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer stays as it is
+            if ASSESS_TOKEN not in tokenizer.get_vocab():
+                tokenizer.add_tokens([ASSESS_TOKEN])
+            special_token_id = int(tokenizer.convert_tokens_to_ids(ASSESS_TOKEN))
+            tokenizer.save_pretrained(str(path / "tokenizer"))
+        else:
+            log.warning("saving the authors' layout without a tokenizer: special_token_id is -1, "
+                        "and the authors' deployment skips scoring without a token id")
+        torch.save({"weight": self.head.weight.detach().cpu().to(dtype).contiguous(),
+                    "bias": self.head.bias.detach().cpu().to(dtype).contiguous()},
+                   path / "classifier_head.pth")
+        torch.save({"assess_token": ASSESS_TOKEN, "special_token_id": special_token_id,
+                    "input_embedding": self.token.detach().cpu().to(dtype).contiguous(),
+                    "output_embedding": None}, path / "assess_token_embedding.pth")
+        config = {"assess_token": ASSESS_TOKEN, "special_token_id": special_token_id,
+                  "num_assess_tokens": self.num_tokens,
+                  "tokenizer_dir": "tokenizer" if tokenizer is not None else None,
+                  "embedding_path": "assess_token_embedding.pth"}
+        (path / "assess_token_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     # ---- properties -----------------------------------------------------------------------------
     @property
@@ -305,10 +366,16 @@ class StopScorer(nn.Module):
     def forward(self, prefixes: Sequence[Sequence[int]]) -> torch.Tensor:
         """Training forward with plain transformers: logits float32 ``[B, 2]`` of token-id prefixes.
 
-        The prefixes (right-padded, attention-masked) run once through the base model without the
-        adapter and without gradients (use_cache); the [STOP] embeddings then run with the adapter
-        against that cache at positions ``l_b .. l_b + K - 1`` of each row; the last [STOP] token's
-        final-norm hidden state goes through the head. Gradients reach token, LoRA and head.
+        The prefixes (LEFT-padded, attention-masked, row b at positions ``0 .. l_b - 1``) run once
+        through the base model without the adapter and without gradients (use_cache); the [STOP]
+        embeddings then run with the adapter against that cache at positions ``l_b .. l_b + K - 1``
+        of each row; the last [STOP] token's final-norm hidden state goes through the head.
+        Gradients reach token, LoRA and head.
+
+        Left padding, as the authors' trainer does it, keeps every row's last real tokens next to
+        its [STOP] tokens: transformers' sliding-window masks and caches count slots, not
+        positions, so with right padding a short row's window (gpt-oss, Mistral, Qwen2) would
+        cover padding instead of the end of its prefix.
         """
         prefixes = self._check_prefixes(prefixes)
         device = self.token.device
@@ -317,15 +384,18 @@ class StopScorer(nn.Module):
         L = int(lens.max())
         ids = torch.zeros(B, L, dtype=torch.int64)
         for i, p in enumerate(prefixes):
-            ids[i, :len(p)] = torch.tensor(p)
+            ids[i, L - len(p):] = torch.tensor(p)
         ids = ids.to(device)
-        mask = (torch.arange(L, device=device)[None] < lens[:, None]).long()
+        pad = (L - lens)[:, None]
+        slots = torch.arange(L, device=device)[None]
+        mask = (slots >= pad).long()
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
         kw = _cache_kwarg(self._backbone)
         with torch.no_grad():
-            self._backbone(input_ids=ids, attention_mask=mask, use_cache=True, **{kw: cache})
+            self._backbone(input_ids=ids, attention_mask=mask,
+                           position_ids=(slots - pad).clamp(min=0), use_cache=True, **{kw: cache})
         positions = lens[:, None] + torch.arange(K, device=device)
         mask = torch.cat([mask, mask.new_ones(B, K)], dim=1)
         with self.adapter():
@@ -335,20 +405,26 @@ class StopScorer(nn.Module):
 
     # ---- inference ------------------------------------------------------------------------------
     @torch.no_grad()
+    def score_rows(self, engine, rows) -> torch.Tensor:
+        """Scores float32 ``[len(rows)]`` of running, fully cached engine rows (e.g. every row at
+        a check, across requests): one [STOP] pass over their paged prefixes (the cache is read,
+        never written; the rows resume unchanged), then one ops.stop_score call."""
+        if engine.model is not self.model:
+            raise ValueError("the engine runs a different model than the one this scorer is bound to")
+        rows = list(rows)
+        hidden = engine.forward_suffix(rows, self.suffix_embeds(len(rows)), adapter=self.adapter)
+        weight, eps = engine.final_norm_params()
+        return self._fused_score(hidden[:, -1], weight, eps)
+
+    @torch.no_grad()
     def score_session(self, session, rows: Sequence[int] | None = None) -> torch.Tensor:
         """Scores float32 ``[len(session.rows)]`` (or ``[len(rows)]``) of the live rows of an engine
-        session: one [STOP] pass over every live row's paged prefix (the cache is read, never
-        written; the rows resume unchanged), then one ops.stop_score call. ``rows`` selects live
-        row indices of the result (the pass itself always covers every live row)."""
-        engine = session.engine
-        if engine.model is not self.model:
-            raise ValueError("session runs a different model than the one this scorer is bound to")
-        B = len(session.rows)
+        session (:meth:`score_rows` over all of them). ``rows`` selects live row indices of the
+        result (the pass itself always covers every live row)."""
+        live = session.rows
         if rows is not None:
-            rows = [check_int(f"rows[{i}]", r, 0, B - 1) for i, r in enumerate(rows)]
-        hidden = session.forward_suffix(self.suffix_embeds(B), adapter=self.adapter)  # [B, K, d]
-        weight, eps = engine.final_norm_params()
-        scores = self._fused_score(hidden[:, -1], weight, eps)
+            rows = [check_int(f"rows[{i}]", r, 0, len(live) - 1) for i, r in enumerate(rows)]
+        scores = self.score_rows(session.engine, live)
         return scores if rows is None else scores[torch.tensor(rows, device=scores.device)]
 
     @torch.no_grad()
@@ -368,17 +444,7 @@ class StopScorer(nn.Module):
         if isinstance(prefixes, (str, bytes)) or not isinstance(prefixes, Sequence) or not prefixes:
             raise TypeError(f"prefixes must be a non-empty list of token-id lists, got {prefixes!r:.80}")
         V = _embeddings(self.model).weight.shape[0]
-        out = []
-        for i, p in enumerate(prefixes):
-            if isinstance(p, torch.Tensor):
-                p = p.tolist()
-            if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) == 0:
-                raise ValueError(f"prefixes[{i}] must be a non-empty list of token ids")
-            p = [check_int(f"prefixes[{i}][j]", t, 0) for t in p]
-            if max(p) >= V:
-                raise ValueError(f"prefixes[{i}] token ids must lie in [0, {V}), got {max(p)}")
-            out.append(p)
-        return out
+        return [check_token_ids(f"prefixes[{i}]", p, V) for i, p in enumerate(prefixes)]
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor, device: torch.device) -> nn.Linear:
@@ -403,21 +469,56 @@ def _need(path: Path, layout: str) -> Path:
     return path
 
 
+def _read_json(file: Path) -> dict:
+    """The JSON object in ``file``; ValueError naming the file when it is not one."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON (corrupt?): {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _read_tensors(file: Path):
+    """What a ``.safetensors`` file or a ``torch.save`` file (tensors only) holds; ValueError naming
+    the file when it cannot be read (truncated, corrupt, or not such a file)."""
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        # torch's and safetensors' messages run to paragraphs: their first sentence says it
+        reason = str(e).split(". ")[0].split("\n")[0] or type(e).__name__
+        kind = "safetensors" if file.suffix == ".safetensors" else "torch.save"
+        raise ValueError(f"{file} is not a readable {kind} file (truncated or corrupt?): "
+                         f"{reason}") from e
+
+
+def _config_int(config: dict, key: str, file: Path) -> int:
+    """``config[key]``, an int >= 1; ValueError naming the file (a config's fields are data)."""
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{file}: {key} must be an int >= 1, got {value!r}")
+    return value
+
+
 def _read_own(path: Path) -> dict:
-    config = json.loads(_need(path / "stop_config.json", OWN_LAYOUT).read_text())
+    config = _read_json(_need(path / "stop_config.json", OWN_LAYOUT))
     if config.get("format") != FORMAT:
         raise ValueError(f"{path / 'stop_config.json'} is not a {FORMAT} config (format "
                          f"{config.get('format')!r})")
     if config.get("version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer stopkit (format version "
                          f"{config['version']} > {FORMAT_VERSION})")
-    t = load_file(str(_need(path / "stop.safetensors", OWN_LAYOUT)))
+    t = _read_tensors(_need(path / "stop.safetensors", OWN_LAYOUT))
     for key in ("token", "head.weight", "head.bias"):
         if key not in t:
             raise ValueError(f"{path / 'stop.safetensors'} lacks tensor {key!r}; expected: {OWN_LAYOUT}")
     adapter_dir = path / config.get("adapter", f"adapter/{ADAPTER_NAME}")
     _need(adapter_dir / "adapter_config.json", OWN_LAYOUT)
-    return {"num_tokens": int(config["num_tokens"]), "token": t["token"],
+    return {"num_tokens": _config_int(config, "num_tokens", path / "stop_config.json"),
+            "token": t["token"],
             "head_weight": t["head.weight"], "head_bias": t["head.bias"],
             "hidden_weight": t.get("hidden.weight"), "hidden_bias": t.get("hidden.bias"),
             "activation": config.get("activation", "gelu"), "adapter_dir": adapter_dir}
@@ -427,26 +528,24 @@ def _read_authors(path: Path) -> dict:
     """The authors' layout. Only ``input_embedding`` of the [STOP] token is used: its output
     embedding (LM-head row) never enters the score, and the tokenizer is not needed because the
     vector is fed as an embedding, not as a token id."""
-    config = json.loads(_need(path / "assess_token_config.json", AUTHORS_LAYOUT).read_text())
+    config = _read_json(_need(path / "assess_token_config.json", AUTHORS_LAYOUT))
     emb_file = path / "assess_token_embedding.pth"
     if not emb_file.is_file() and config.get("embedding_path"):
         emb_file = path / Path(config["embedding_path"]).name
-    emb = torch.load(_need(emb_file, AUTHORS_LAYOUT), map_location="cpu", weights_only=True)
-    head = torch.load(_need(path / "classifier_head.pth", AUTHORS_LAYOUT), map_location="cpu",
-                      weights_only=True)
+    emb = _read_tensors(_need(emb_file, AUTHORS_LAYOUT))
+    head = _read_tensors(_need(path / "classifier_head.pth", AUTHORS_LAYOUT))
     if not isinstance(emb, dict) or not isinstance(emb.get("input_embedding"), torch.Tensor):
         raise ValueError(f"{emb_file} must hold a dict with an 'input_embedding' tensor [d]")
-    if not isinstance(head, dict) or not {"weight", "bias"} <= set(head):
+    if not isinstance(head, dict) or not all(isinstance(head.get(k), torch.Tensor)
+                                             for k in ("weight", "bias")):
+        got = sorted(head) if isinstance(head, dict) else type(head).__name__
         raise ValueError(f"{path / 'classifier_head.pth'} must hold a Linear state dict "
-                         f"(weight [2, d], bias [2]), got keys {sorted(head) if isinstance(head, dict) else type(head).__name__}")
+                         f"(weight [2, d], bias [2] tensors), got {got}")
     adapter_dir = path / "adapter" / ADAPTER_NAME
     if not (adapter_dir / "adapter_config.json").is_file() and (path / "adapter" / "adapter_config.json").is_file():
         adapter_dir = path / "adapter"  # saved under PEFT's default adapter name
     _need(adapter_dir / "adapter_config.json", AUTHORS_LAYOUT)
-    num_tokens = config.get("num_assess_tokens")
-    if not isinstance(num_tokens, int):
-        raise ValueError(f"{path / 'assess_token_config.json'} must have an int num_assess_tokens, "
-                         f"got {num_tokens!r}")
+    num_tokens = _config_int(config, "num_assess_tokens", path / "assess_token_config.json")
     return {"num_tokens": num_tokens, "token": emb["input_embedding"].float().reshape(-1),
             "head_weight": head["weight"].float(), "head_bias": head["bias"].float(),
             "hidden_weight": None, "hidden_bias": None, "activation": "gelu",
@@ -457,7 +556,7 @@ def _read_adapter(adapter_dir: Path, model: nn.Module) -> tuple[list[_Lora], dic
     """LoRA factors of a PEFT adapter directory, validated against ``model``, and its
     (lora_alpha, use_rslora, lora_dropout)."""
     config_file = adapter_dir / "adapter_config.json"
-    config = json.loads(config_file.read_text())
+    config = _read_json(config_file)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_file}: peft_type must be LORA, got {config.get('peft_type')!r}")
     for key, ok in _UNSUPPORTED.items():
@@ -473,8 +572,10 @@ def _read_adapter(adapter_dir: Path, model: nn.Module) -> tuple[list[_Lora], dic
     else:
         raise FileNotFoundError(f"missing {adapter_dir}/adapter_model.safetensors (or .bin); "
                                 f"expected layout: {OWN_LAYOUT} or {AUTHORS_LAYOUT}")
-    weights = (load_file(str(weights_file)) if weights_file.suffix == ".safetensors"
-               else torch.load(weights_file, map_location="cpu", weights_only=True))
+    weights = _read_tensors(weights_file)
+    if not isinstance(weights, dict):
+        raise ValueError(f"{weights_file} must hold a dict of LoRA tensors, "
+                         f"got {type(weights).__name__}")
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
         m = _KEY_RE.match(key)

@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from stopkit import ops
 from stopkit.cache import CacheFullError, PagedKVCache, zeros_kv_storage
-from stopkit.prune import prune
+from stopkit.pruning import prune
 
 
 def snapshot(cache: PagedKVCache) -> list:
@@ -116,8 +116,8 @@ def test_zeros_kv_storage_warns_without_huge_pages(tmp_path, monkeypatch, caplog
 
 
 @pytest.mark.parametrize("shape,dtype,error,match", [
-    ((2, -1), torch.float32, ValueError, r"^shape\[1\] must be >= 0"),
-    ((2, 1.5), torch.float32, TypeError, r"^shape\[1\] must be an int"),
+    ((2, -1), torch.float32, ValueError, r"^shape\[1\] must be an int >= 0, got -1$"),
+    ((2, 1.5), torch.float32, TypeError, r"^shape\[1\] must be an int, got float$"),
     (4, torch.float32, TypeError, "^shape must be a list or tuple"),
     ((2, 3), torch.int32, TypeError, "^dtype must be float32, float16 or bfloat16"),
 ])

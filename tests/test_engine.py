@@ -79,13 +79,14 @@ def test_greedy_equals_generate(family):
         assert samples[0] == _hf_greedy(model, p, 14)
 
 
-def test_greedy_on_device_and_in_prefill_groups(device, monkeypatch):
+def test_greedy_on_device_and_in_prefill_chunks(device):
     model = _model("llama", device)
     prompts = _prompts(20, 5, 31, 9)
     expected = [[_hf_greedy(model, p, 10)] for p in prompts]
     assert Engine(model).generate(prompts, max_new_tokens=10) == expected
-    monkeypatch.setattr(engine_mod, "PREFILL_TOKENS", 40)  # several prefill passes
-    assert Engine(model, block_size=8).generate(prompts, max_new_tokens=10) == expected
+    # prompts in chunks of at most 16 tokens, beside other rows' decode tokens
+    assert Engine(model, block_size=8, max_batch_tokens=16).generate(
+        prompts, max_new_tokens=10) == expected
 
 
 # ---- sampling ------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def test_pruning_other_rows_does_not_change_a_sample():
         assert not s.rows
         for r in s.all_rows:
             got = full[(r.prompt_index, r.sample_index)]
-            if r.finish_reason == "dropped":
+            if r.finish_reason == "pruned":
                 assert r.tokens == got[:len(r.tokens)] and len(r.tokens) in (5, 8)
             else:
                 assert r.finish_reason == "length" and r.tokens == got

@@ -86,7 +86,29 @@ WRITE_BAD = {
     "slot_mapping-shape": (_set(slot_mapping=lambda kw: kw["slot_mapping"][:-1]), ValueError, "^slot_mapping must have shape"),
     "slot-past-cache": (_poke("slot_mapping", 1, 6 * 8), ValueError, r"^slot_mapping .* \[0, 48\), got .*48\]"),
     "slot-below-minus-one": (_poke("slot_mapping", 2, -2), ValueError, r"^slot_mapping .* got values in \[-2"),
+    "slot-repeated": (lambda kw: kw.update(slot_mapping=kw["slot_mapping"].clone().index_fill_(0, torch.tensor([4, 7]), 13)),
+                      ValueError, "^slot_mapping must not repeat a slot .*: slot 13 appears more than once"),
 }
+
+
+def test_write_kv_minus_one_may_repeat(device):
+    """-1 (skip) is the one value that may repeat; the other tokens are written as usual."""
+    kw = _write_inputs(12, torch.float32, device)
+    kw["slot_mapping"][:6] = -1
+    expected = {n: kw[n].clone() for n in ("k_cache", "v_cache")}
+    reference.write_kv(kw["k"], kw["v"], expected["k_cache"], expected["v_cache"], kw["slot_mapping"])
+    ops.write_kv(**kw)
+    assert all(torch.equal(kw[n], expected[n]) for n in expected)
+
+
+def test_write_kv_unchecked_duplicates_keep_the_last_on_cpu():
+    """check_indices=False with a repeated slot is the caller's bug; the CPU rule is last wins."""
+    kw = _write_inputs(6, torch.float32, "cpu")
+    kw["slot_mapping"] = torch.tensor([5, 9, 5, -1, 9, 5])
+    ops.write_kv(**kw, check_indices=False)
+    for slot, token in ((5, 5), (9, 4)):
+        assert torch.equal(kw["k_cache"][slot // 8, slot % 8], kw["k"][token])
+        assert torch.equal(kw["v_cache"][slot // 8, slot % 8], kw["v"][token])
 
 
 @pytest.mark.parametrize("bad", [-2, 6 * 8])
@@ -207,6 +229,20 @@ def test_stop_score(device, dtypes, layer, norm, bias):
     assert out.dtype == torch.float32 and out.shape == (33,) and out.device.type == device.type
     exact = reference.stop_score(**{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
     assert ((exact > 0.01) & (exact < 0.99)).any()  # not all saturated
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("B,d,h", [(1, 1100, 70), (19, 513, 33), (8, 40, 32), (70, 2048, 200)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.bfloat16, torch.float16)],
+                         ids=lambda d: "hidden={}-weights={}".format(*(str(x)[6:] for x in d)))
+def test_stop_score_hidden_layer_tiles(device, B, d, h, dtypes):
+    """Shapes that end inside the CUDA kernel's tiles: rows (8 per block), hidden outputs (32 per
+    block, several blocks per row tile) and staged features (chunks of 512)."""
+    kw = _score_inputs(B, d, h, *dtypes, device, norm=True, bias=True)
+    kw["activation"] = "silu"
+    out = ops.stop_score(**kw)
+    exact = reference.stop_score(**{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
     torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-6)
 
 

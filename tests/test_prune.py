@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from stopkit import _C, ops, reference
 from stopkit.cache import PagedKVCache
-from stopkit.prune import PruneResult, prune
+from stopkit.pruning import PruneResult, prune
 
 NAN, INF = math.nan, math.inf
 

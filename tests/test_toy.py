@@ -118,9 +118,9 @@ def test_splits_are_disjoint(seed):
 def test_generate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="split"):
         task.generate(1, 0, "val")
-    with pytest.raises(ValueError, match="n must be"):
+    with pytest.raises(ValueError, match="n must be an int >= 0, got -1"):
         task.generate(-1, 0)
-    with pytest.raises(ValueError, match="min_steps"):
+    with pytest.raises(ValueError, match="max_steps must be an int >= 5, got 4"):
         task.generate(1, 0, min_steps=5, max_steps=4)
 
 

@@ -118,13 +118,13 @@ void set_isa(const std::string& isa) {
   throw std::invalid_argument("stopkit: isa must be a build this module has (" + names + "), got " + isa);
 }
 
-struct CpuBackend {  // the stream argument is for the CUDA module's sake
-  static void paged_attention(const PagedAttentionParams& p, uintptr_t) {
+struct CpuBackend {  // the CallContext (stream, device, workspace) is for the CUDA module's sake
+  static void paged_attention(const PagedAttentionParams& p, const CallContext&) {
     kBuilds[dispatch().current].paged_attention(p);
   }
-  static void write_kv(const WriteKVParams& p, uintptr_t) { cpu::write_kv(p); }
-  static void copy_blocks(const CopyBlocksParams& p, uintptr_t) { cpu::copy_blocks(p); }
-  static void stop_score(const StopScoreParams& p, uintptr_t) { cpu::stop_score(p); }
+  static void write_kv(const WriteKVParams& p, const CallContext&) { cpu::write_kv(p); }
+  static void copy_blocks(const CopyBlocksParams& p, const CallContext&) { cpu::copy_blocks(p); }
+  static void stop_score(const StopScoreParams& p, const CallContext&) { cpu::stop_score(p); }
 };
 
 }  // namespace

@@ -36,12 +36,13 @@ void launch(const CopyBlocksParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-void copy_blocks(const CopyBlocksParams& p, cudaStream_t stream) {
+void copy_blocks(const CopyBlocksParams& p, const CallContext& ctx) {
   STOPKIT_CHECK(p.num_pairs >= 0 && p.num_planes >= 0 && p.num_blocks >= 0 && p.block_bytes >= 0,
                 "copy_blocks: sizes must be >= 0");
   if (p.num_pairs == 0 || p.num_planes == 0 || p.block_bytes == 0) return;
   const uint64_t align = uint64_t(reinterpret_cast<uintptr_t>(p.cache)) | uint64_t(p.block_bytes);
-  DeviceGuard guard(stream);
+  DeviceGuard guard(ctx.device);
+  const cudaStream_t stream = to_stream(ctx.stream);
   if (align % 16 == 0) launch<uint4>(p, stream);
   else if (align % 8 == 0) launch<uint2>(p, stream);
   else if (align % 4 == 0) launch<uint32_t>(p, stream);

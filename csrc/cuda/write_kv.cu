@@ -1,6 +1,8 @@
 // write_kv on CUDA: scatter [T, Hkv, D] keys and values into their cache slots.
 // A slot's [Hkv, D] row is contiguous in the cache, so each token is one row copy; the widest
 // vector (16 bytes down to 2) that the row size and every pointer's alignment allow is used.
+// Two tokens for one slot race (the row may end up with pieces of both): ops.py rejects
+// duplicate slots when it checks indices, and callers that skip the check must not pass any.
 #include <algorithm>
 
 #include "stopkit/cuda/common.cuh"
@@ -41,7 +43,7 @@ void launch(const WriteKVParams& p, int64_t row_bytes, cudaStream_t stream) {
 
 }  // namespace
 
-void write_kv(const WriteKVParams& p, cudaStream_t stream) {
+void write_kv(const WriteKVParams& p, const CallContext& ctx) {
   STOPKIT_CHECK(p.num_tokens >= 0 && p.num_kv_heads > 0 && p.head_dim > 0 && p.block_size > 0 &&
                     p.num_blocks >= 0,
                 "write_kv: sizes must be positive (num_tokens, num_blocks >= 0)");
@@ -51,7 +53,8 @@ void write_kv(const WriteKVParams& p, cudaStream_t stream) {
   const uintptr_t addr = reinterpret_cast<uintptr_t>(p.k) | reinterpret_cast<uintptr_t>(p.v) |
                          reinterpret_cast<uintptr_t>(p.k_cache) | reinterpret_cast<uintptr_t>(p.v_cache);
   const uint64_t align = uint64_t(addr) | uint64_t(row_bytes);  // lowest set bit = common alignment
-  DeviceGuard guard(stream);
+  DeviceGuard guard(ctx.device);
+  const cudaStream_t stream = to_stream(ctx.stream);
   if (align % 16 == 0) launch<uint4>(p, row_bytes, stream);
   else if (align % 8 == 0) launch<uint2>(p, row_bytes, stream);
   else if (align % 4 == 0) launch<uint32_t>(p, row_bytes, stream);

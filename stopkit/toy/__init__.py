@@ -13,13 +13,19 @@ import torch
 from stopkit.toy.task import (MAX_STEPS, MIN_STEPS, OPS, P, Problem, check, extract_answer,
                               extract_steps, generate, slip_rate, split_of, write_jsonl)
 
-__all__ = ["ASSETS", "MODEL_DIR", "ADAPTER_DIR", "load_model", "P", "OPS", "MIN_STEPS", "MAX_STEPS", "Problem",
+__all__ = ["ASSETS", "MODEL_DIR", "ADAPTER_DIR", "TEMPERATURE", "PREFIX_TOKENS", "MAX_NEW_TOKENS",
+           "load_model", "P", "OPS", "MIN_STEPS", "MAX_STEPS", "Problem",
            "generate", "split_of", "slip_rate", "extract_answer", "extract_steps", "check",
            "write_jsonl"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL_DIR = ASSETS / "model"
 ADAPTER_DIR = ASSETS / "adapter"
+# How the shipped checkpoints are sampled: the build script bakes these into the model's
+# generation_config.json and labels the adapter's training data with them; the demo reads them.
+TEMPERATURE = 1.0
+PREFIX_TOKENS = 12  # l_p: tokens decoded before the [STOP] check
+MAX_NEW_TOKENS = 100  # a 14-step solution is 87 tokens with eos
 
 
 def load_model(dtype: torch.dtype = torch.float32, path: str | Path | None = None):

@@ -26,16 +26,12 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from stopkit.toy import ADAPTER_DIR, MODEL_DIR
+from stopkit.toy import ADAPTER_DIR, MAX_NEW_TOKENS, MODEL_DIR, PREFIX_TOKENS, TEMPERATURE
 from stopkit.toy.task import (QUICK_SHARE, Problem, apply_op, check, extract_answer, extract_steps,
                               generate, is_quick, quick_op, slip_rate)
 from stopkit.toy.tokenizer import build_tokenizer
 
 log = logging.getLogger("stopkit.toy.build")
-
-TEMPERATURE = 1.0  # sampling temperature the demo uses (saved in generation_config.json)
-PREFIX_TOKENS = 12  # l_p: tokens decoded before the [STOP] check (labels and demo)
-MAX_NEW_TOKENS = 100  # a 14-step solution is 87 tokens with eos
 
 
 def model_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
@@ -212,7 +208,7 @@ def _label_shard(model_dir: Path, labels: Path, shard: int, problems: int, prefi
                  rollouts: int, traces: int, threads: int) -> dict:
     """Label the ``problems`` train-split problems drawn with seed ``shard`` into ``labels``."""
     from stopkit.toy import load_model
-    from stopkit.train import label_problems
+    from stopkit.label import label_problems
 
     torch.set_num_threads(threads)
     model, tokenizer = load_model(path=model_dir)
@@ -279,6 +275,8 @@ def build_adapter(model_dir: Path, out: Path, *, label_seeds: list[int], problem
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m stopkit.toy.build``: a maintainer's script that rebuilds the shipped assets, not
+    a ``stopkit`` command, so its command line lives here with the build it drives."""
     ap = argparse.ArgumentParser(prog="python -m stopkit.toy.build", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", required=True, choices=["base", "adapter"],

@@ -46,6 +46,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from stopkit._checks import check_choice, check_int
+
 __all__ = ["P", "OPS", "MIN_STEPS", "MAX_STEPS", "QUICK_SHARE", "APPROACHES", "Problem", "apply_op",
            "quick_op", "generate", "split_of", "slip_rate", "extract_answer", "extract_steps",
            "is_quick", "check", "write_jsonl"]
@@ -169,14 +171,10 @@ def _draw(rng: random.Random, min_steps: int, max_steps: int) -> Problem:
 def generate(n: int, seed: int, split: str = "train", *, min_steps: int = MIN_STEPS,
              max_steps: int = MAX_STEPS) -> list[Problem]:
     """``n`` problems of ``split`` drawn with ``random.Random(seed)``; same arguments, same list."""
-    if not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if not (isinstance(min_steps, int) and isinstance(max_steps, int)
-            and 1 <= min_steps <= max_steps):
-        raise ValueError(f"min_steps and max_steps must be ints with 1 <= min_steps <= max_steps, "
-                         f"got {min_steps!r}, {max_steps!r}")
+    n = check_int("n", n, 0)
+    check_choice("split", split, SPLITS)
+    min_steps = check_int("min_steps", min_steps, 1)
+    max_steps = check_int("max_steps", max_steps, min_steps)
     rng = random.Random(seed)
     out: list[Problem] = []
     while len(out) < n:

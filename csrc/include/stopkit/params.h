@@ -11,6 +11,16 @@
 
 namespace stopkit {
 
+// Where a CUDA call runs and its scratch memory: a cudaStream_t address (0 = the legacy default
+// stream), the device index (-1 = the current one), and device memory from the caller's allocator
+// (torch's, so CUDA graphs and torch.cuda.memory_* see it) of the size the op asked for.
+struct CallContext {
+  uintptr_t stream = 0;
+  int device = -1;
+  uintptr_t workspace = 0;
+  int64_t workspace_bytes = 0;
+};
+
 struct PagedAttentionParams {
   void* out;                  // [batch, q_len, num_heads, head_dim], dtype
   float* lse;                 // [batch, q_len, num_heads] or nullptr
@@ -27,6 +37,7 @@ struct PagedAttentionParams {
   float scale;                // softmax scale applied to q.k
   int64_t window;             // <= 0: no window; else attend to the last `window` positions
   DType dtype;
+  int64_t max_seq_len;        // an upper bound of seq_lens (< 0: unknown); plans CUDA's splits
 };
 
 // Query s of row b sits at absolute position seq_lens[b] + s when a suffix is given and sees

@@ -1,5 +1,5 @@
-// Shared helpers of stopkit's CUDA kernels: error checks, the device of a stream, element
-// conversion, warp reductions, and the sm_80+ primitives (cp.async, ldmatrix, mma.sync).
+// Shared helpers of stopkit's CUDA kernels: error checks, the device guard, device properties,
+// element conversion, warp reductions, and the sm_80+ primitives (cp.async, ldmatrix, mma.sync).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,13 +28,21 @@ inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel)
 
 inline cudaStream_t to_stream(uintptr_t address) { return reinterpret_cast<cudaStream_t>(address); }
 
-// Makes the stream's device current for the scope of a call (torch may have another current).
+// Devices whose properties and per-kernel attributes are cached (ordinals 0..kMaxDevices-1).
+constexpr int kMaxDevices = 64;
+
+// Makes `device` current for the scope of a call (-1: keep the current one) and restores the
+// previous device after. The caller names the tensors' device: torch's current device may be
+// another, and a stream handle (0 for the legacy default stream) does not say which.
 class DeviceGuard {
  public:
-  explicit DeviceGuard(cudaStream_t stream) {
+  explicit DeviceGuard(int device) {
     check(cudaGetDevice(&prev_), "cudaGetDevice");
-    device_ = prev_;
-    if (stream != nullptr) check(cudaStreamGetDevice(stream, &device_), "cudaStreamGetDevice");
+    device_ = device < 0 ? prev_ : device;
+    if (device_ >= kMaxDevices) {
+      throw std::invalid_argument("stopkit CUDA: device " + std::to_string(device_) + " is past the " +
+                                  std::to_string(kMaxDevices) + " devices stopkit supports");
+    }
     if (device_ != prev_) check(cudaSetDevice(device_), "cudaSetDevice");
   }
   ~DeviceGuard() {
@@ -48,7 +56,8 @@ class DeviceGuard {
   int prev_ = 0, device_ = 0;
 };
 
-// Multiprocessor count and opt-in shared memory per block of a device, queried once.
+// Multiprocessor count and opt-in shared memory per block of a device (0 <= device <
+// kMaxDevices), queried on first use and read without a lock after.
 struct DeviceInfo {
   int num_sms;
   int max_smem_optin;
@@ -132,6 +141,13 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// cp_async_wait for a run-time count of 0..2 (the group count is an immediate operand).
+__device__ __forceinline__ void cp_async_wait_dynamic(int n) {
+  if (n <= 0) cp_async_wait<0>();
+  else if (n == 1) cp_async_wait<1>();
+  else cp_async_wait<2>();
 }
 
 // Four 8x8 matrices of 16-bit elements; lane i gives the address of row i % 8 of matrix i / 8.

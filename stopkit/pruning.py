@@ -1,16 +1,17 @@
-"""stopkit.prune: keep the best-scoring rows of a PagedKVCache, free the others, compact."""
+"""Pruning a batch: :func:`prune` keeps the best-scoring rows of a PagedKVCache, frees the
+others and compacts the kept ones (exported as ``stopkit.prune``)."""
 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple
 
 import torch
 
-from stopkit.cache import PagedKVCache, _index
+from stopkit._checks import check_int, check_real
+from stopkit.cache import PagedKVCache
 
-__all__ = ["prune", "PruneResult", "ranking"]
+__all__ = ["prune", "PruneResult", "ranking", "select"]
 
 
 class PruneResult(NamedTuple):
@@ -37,18 +38,33 @@ def _scores(scores, batch: int) -> torch.Tensor:
     return scores
 
 
-def _real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
 def ranking(scores: torch.Tensor) -> torch.Tensor:
     """Row indices best first (int64 ``[batch]``) for float scores ``[batch]``: higher first, NaN
     last, ties to the lower index. The order stopkit.prune keeps rows in."""
     nan = scores.isnan()
     order = torch.sort(scores.masked_fill(nan, -math.inf), descending=True, stable=True).indices
     return order[torch.sort(nan[order].to(torch.uint8), stable=True).indices]
+
+
+def select(scores, batch: int, *, keep: int | None = None, ratio: float | None = None,
+           threshold: float | None = None, min_keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, dropped): int64 CPU tensors of row indices, ascending, for ``scores`` ``[batch]``
+    under exactly one criterion (see :func:`prune`). Changes nothing."""
+    scores = _scores(scores, batch)
+    if sum(x is not None for x in (keep, ratio, threshold)) != 1:
+        raise ValueError("give exactly one of keep, ratio and threshold")
+    min_keep = check_int("min_keep", min_keep, 0)
+    if keep is not None:
+        k = check_int("keep", keep, 1)
+    elif ratio is not None:
+        ratio = check_real("ratio", ratio, 0, 1, low_open=True)
+        k = math.ceil(round(ratio * batch, 9))  # round: 0.1 * 30 is 3.0000000000000004
+    else:
+        threshold = check_real("threshold", threshold, -math.inf, math.inf)  # infinities pass, NaN not
+        k = int((scores >= threshold).sum())
+    k = min(batch, max(k, min_keep))
+    order = ranking(scores)
+    return order[:k].sort().values, order[k:].sort().values
 
 
 def prune(cache: PagedKVCache, scores, *, keep: int | None = None, ratio: float | None = None,
@@ -64,25 +80,6 @@ def prune(cache: PagedKVCache, scores, *, keep: int | None = None, ratio: float 
     """
     if not isinstance(cache, PagedKVCache):
         raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
-    batch = cache.batch_size
-    scores = _scores(scores, batch)
-    if sum(x is not None for x in (keep, ratio, threshold)) != 1:
-        raise ValueError("give exactly one of keep, ratio and threshold")
-    min_keep = _index("min_keep", min_keep)
-    if keep is not None:
-        k = _index("keep", keep, low=1)
-    elif ratio is not None:
-        ratio = _real("ratio", ratio)
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-        k = math.ceil(round(ratio * batch, 9))  # round: 0.1 * 30 is 3.0000000000000004
-    else:
-        threshold = _real("threshold", threshold)
-        if math.isnan(threshold):
-            raise ValueError("threshold must not be NaN")
-        k = int((scores >= threshold).sum())
-    k = min(batch, max(k, min_keep))
-
-    order = ranking(scores)
-    kept, dropped = order[:k].sort().values, order[k:].sort().values
+    kept, dropped = select(scores, cache.batch_size, keep=keep, ratio=ratio, threshold=threshold,
+                           min_keep=min_keep)
     return PruneResult(kept, dropped, cache.free(dropped))

@@ -5,6 +5,10 @@ Tolerance (flash-attention's rule): float32 within 1e-5 relative of the float64 
 1e-5 of the output's magnitude); float16/bfloat16 at most twice the error of the same oracle run in
 the half dtype itself (torch's own error) plus a tiny epsilon. LSE within 1e-5 relative, ``-inf``
 exactly where a query sees nothing.
+
+The conftest runs the tests on 1 thread; the tests of long rows also run the CPU kernels at each
+of ``_cpu.KERNEL_THREADS``, where every result must keep its bits (the split plan follows a row's
+length only, docs/DESIGN.md section 3).
 """
 
 from __future__ import annotations

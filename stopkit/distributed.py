@@ -298,10 +298,10 @@ class RayPool:
         actors = [actor.remote(spec) for _ in range(n)]
         try:
             where = ray.get([a.load.remote() for a in actors])
-        except BaseException:
+        except BaseException as e:
             for a in actors:
                 ray.kill(a)
-            raise
+            _raise_cause(ray, e)
         self.actors = actors
         log.info("%d Ray workers: %s", n, "; ".join(where))
 
@@ -378,6 +378,8 @@ class RayPool:
                     except lost as e:
                         self._lose(actor, chunk, e, queued, in_flight, load)
                         continue
+                    except ray.exceptions.RayTaskError as e:
+                        _raise_cause(ray, e)
                     load[actor] -= 1
                     bar.update(len(results))
                     yield from results
@@ -404,3 +406,11 @@ class RayPool:
         if not self.actors:
             raise RuntimeError("every Ray worker died; rerun to resume (what is written is kept)") \
                 from error
+
+
+def _raise_cause(ray, error: BaseException):
+    """Raise what a worker raised, with its own type and message (Ray's wrapping, with the
+    remote traceback, stays chained)."""
+    if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+        raise error.cause from error
+    raise error

@@ -254,6 +254,7 @@ class RayPool:
         self.chunks_per_worker = check_int("chunks_per_worker", chunks_per_worker, 1)
         self.actors: list = []
         self._ray = require_ray()
+        self._own_ray = False  # whether start() started Ray (then close() stops it)
 
     # ---- life cycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -270,9 +271,10 @@ class RayPool:
                 if spec.device != "cuda":
                     cpus = max(cpus, (workers or 1) * spec.threads)
                 ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                         _node_ip_address="127.0.0.1", log_to_driver=True)
+                         _node_ip_address="127.0.0.1")
+                self._own_ray = True
             else:
-                ray.init(address=self.address, log_to_driver=True)
+                ray.init(address=self.address)
         total = ray.cluster_resources()
         gpus, cpus = int(total.get("GPU", 0)), int(total.get("CPU", 0))
         device = (spec.device or ("cuda" if gpus else "cpu")).split(":")[0]
@@ -306,10 +308,14 @@ class RayPool:
         log.info("%d Ray workers: %s", n, "; ".join(where))
 
     def close(self) -> None:
-        """Stop the workers (the Ray connection stays); the pool starts anew if used again."""
+        """Stop the workers, and Ray when :meth:`start` started it; the pool starts anew if used
+        again."""
         for a in self.actors:
             self._ray.kill(a)
         self.actors = []
+        if self._own_ray:
+            self._ray.shutdown()
+            self._own_ray = False
 
     def __enter__(self) -> RayPool:
         return self

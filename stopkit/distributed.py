@@ -147,11 +147,15 @@ class _Run:
         return not self.owners
 
     def close(self, error: BaseException | None = None) -> None:
-        """Free the engine; chunks not finished get ``error``."""
+        """Free the engine; chunks not finished raise ``error``, or without one return nothing
+        (dropped: no one waits for them)."""
         self.run.close()
         for c in self.calls:
             if not c.future.done():
-                c.future.set_exception(error or RuntimeError("the run was closed"))
+                if error is None:
+                    c.future.set_result([])
+                else:
+                    c.future.set_exception(error)
 
 
 class _Worker:
@@ -183,6 +187,11 @@ class _Worker:
         problem_record)`` per problem (:func:`stopkit.evaluate.problem_record`)."""
         return self._submit(_Call("solve", items, (checker, solve_kwargs)))
 
+    def abort(self) -> None:
+        """Drop every chunk in hand (their calls raise); the model stays loaded for what comes
+        next. Returns once the engine is free."""
+        self._submit(_Call("abort", [None], None))
+
     def _submit(self, call: _Call) -> list:
         if not call.items:
             return []
@@ -209,6 +218,14 @@ class _Worker:
                     waiting.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
+            if any(c.kind == "abort" for c in waiting):  # the driver left: drop everything
+                if run is not None:
+                    run.close()
+                    run = None
+                for c in waiting:
+                    c.future.set_result([])
+                waiting.clear()
+                continue
             try:
                 while waiting and (run is None or waiting[0].kind == run.kind):
                     call = waiting.popleft()
@@ -358,7 +375,8 @@ class RayPool:
         """Hand ``items`` out in chunks, ``chunks_per_worker`` in flight per worker, a new one to a
         worker each time one returns; yield each chunk's results as it returns. The chunks of a
         worker that dies go back to the queue; if every worker dies, RuntimeError. Leaving the
-        loop early (or an error) stops the workers, so nothing computes on for nobody."""
+        loop early (an interrupt, an error) aborts the chunks in flight, so nothing computes on
+        for nobody, and keeps the workers for the next call."""
         ray = self._ray
         lost = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                 ray.exceptions.ObjectLostError)
@@ -391,8 +409,19 @@ class RayPool:
                     yield from results
             finished = True
         finally:
-            if not finished:
-                self.close()
+            if not finished and in_flight:
+                self._abort()
+
+    def _abort(self) -> None:
+        """Make every worker drop what it has in hand; a worker that is gone is let go."""
+        ray = self._ray
+        refs = {a.abort.remote(): a for a in self.actors}
+        for ref, actor in refs.items():
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError:
+                ray.kill(actor)
+                self.actors = [a for a in self.actors if a is not actor]
 
     def _lose(self, actor, chunk: list, error: BaseException, queued: deque, in_flight: dict,
               load: dict) -> None:

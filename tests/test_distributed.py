@@ -1,0 +1,179 @@
+"""Labelling and evaluation over Ray (stopkit.distributed) on one local cluster with two CPU
+workers and the toy model: the same records as one process, a worker killed mid-run, interrupted
+runs that resume (through the CLI's --ray), and the CLI without Ray."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import sys
+
+import pytest
+import ray
+
+from stopkit import evaluate as ev
+from stopkit.cli import main
+from stopkit.distributed import ModelSpec, RayPool
+from stopkit.label import LabelTask, check_problems, label_problems, write_labels
+from stopkit.reasoner import ParallelReasoner
+from stopkit.stop import StopScorer
+from stopkit.toy import (ADAPTER_DIR, MAX_NEW_TOKENS, MODEL_DIR, PREFIX_TOKENS, TEMPERATURE,
+                         load_model)
+from stopkit.toy.task import check, generate
+
+# as `stopkit label` reads them (answers as str); check(text, answer) compares with int(answer)
+PROBLEMS = [{"id": f"q{i}", "question": p.question, "answer": str(p.answer)}
+            for i, p in enumerate(generate(16, seed=7, split="train"))]
+TASK = dict(prefix_tokens=PREFIX_TOKENS, rollouts=4, traces=2, max_new_tokens=MAX_NEW_TOKENS,
+            temperature=TEMPERATURE, top_p=1.0, seed=3, checker=check)
+METHODS = "full,stop,random"
+SOLVE = dict(n=6, keep=2, prefix_tokens=PREFIX_TOKENS, max_new_tokens=MAX_NEW_TOKENS, seeds=[0, 1],
+             temperature=TEMPERATURE, top_p=1.0, checker=check, progress=False)
+SWEEP = {k: v for k, v in SOLVE.items() if k not in ("keep", "prefix_tokens")}
+SPEC = ModelSpec(str(MODEL_DIR), adapter=str(ADAPTER_DIR))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # 4 logical CPUs on however many cores: the shared pool and one more of 2 workers fit
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level=logging.ERROR, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool(cluster):
+    with RayPool(SPEC, workers=2) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The single-process outputs: label lines, and eval and sweep records."""
+    root = tmp_path_factory.mktemp("one-process")
+    model, tokenizer = load_model()
+    label_problems(model, tokenizer, PROBLEMS, root / "labels.jsonl", progress=False, **TASK)
+    reasoner = ParallelReasoner(model, tokenizer, scorer=StopScorer.load(ADAPTER_DIR, model))
+    ev.evaluate(reasoner, PROBLEMS[:6], METHODS, out=root / "eval", **SOLVE)
+    ev.sweep(reasoner, PROBLEMS[:6], "stop", keeps=[1, 2], prefixes=[6, PREFIX_TOKENS],
+             out=root / "sweep", **SWEEP)
+    return {"labels": lines(root / "labels.jsonl"), "eval": records(root / "eval"),
+            "sweep": records(root / "sweep")}
+
+
+def lines(path) -> list[str]:
+    return sorted(path.read_text().splitlines())
+
+
+def records(folder) -> list[str]:
+    """records.jsonl without the timings (what differs between any two runs)."""
+    out = []
+    for line in (folder / ev.RECORDS).read_text().splitlines():
+        rec = json.loads(line)
+        del rec["seconds"], rec["latency"]
+        out.append(json.dumps(rec, sort_keys=True))
+    return sorted(out)
+
+
+def interrupt_after(k: int, stream):
+    """Pass on ``k`` results of ``stream``, then raise KeyboardInterrupt (a Ctrl-C), leaving the
+    stream as a Ctrl-C inside it would."""
+    with contextlib.closing(stream):
+        for i, result in enumerate(stream):
+            if i == k:
+                raise KeyboardInterrupt
+            yield result
+
+
+def test_label_eval_and_sweep_over_ray_equal_one_process(pool, one_process, tmp_path):
+    stats = pool.label_problems(PROBLEMS, tmp_path / "labels.jsonl", progress=False, **TASK)
+    assert stats["problems"] == 16 and stats["records"] == 32
+    assert lines(tmp_path / "labels.jsonl") == one_process["labels"]
+    result = ev.evaluate(pool, PROBLEMS[:6], METHODS, out=tmp_path / "eval", **SOLVE)
+    assert records(tmp_path / "eval") == one_process["eval"]
+    assert result["methods"]["stop"]["runs"] == 12
+    ev.sweep(pool, PROBLEMS[:6], "stop", keeps=[1, 2], prefixes=[6, PREFIX_TOKENS],
+             out=tmp_path / "sweep", **SWEEP)
+    assert records(tmp_path / "sweep") == one_process["sweep"]
+
+
+def test_an_interrupted_label_run_resumes_through_the_cli(pool, one_process, tmp_path, capsys):
+    out = tmp_path / "labels.jsonl"
+    items = check_problems(PROBLEMS, None)
+    with pytest.raises(KeyboardInterrupt):
+        write_labels(out, items, lambda todo: interrupt_after(
+            5, pool.label_stream(todo, LabelTask(**TASK), progress=False)))
+    assert len(lines(out)) == 5 * 2  # each problem's records were written as it arrived
+    (tmp_path / "problems.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    argv = ["label", "--ray", "--workers", "2", "--model", str(MODEL_DIR),
+            "--problems", str(tmp_path / "problems.jsonl"), "--out", str(out),
+            "--prefix-tokens", str(PREFIX_TOKENS), "--rollouts", "4", "--traces", "2",
+            "--max-new-tokens", str(MAX_NEW_TOKENS), "--temperature", str(TEMPERATURE),
+            "--top-p", "1.0", "--seed", "3", "--checker", "stopkit.toy.task:check"]
+    assert main(argv) == 0
+    stats = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert stats["skipped"] == 5 and stats["problems"] == 11
+    assert lines(out) == one_process["labels"]
+    # the pool that was interrupted dropped its chunks and serves the next run
+    assert len(pool.actors) == 2
+    pool.label_problems(PROBLEMS[:2], tmp_path / "again.jsonl", progress=False, **TASK)
+    assert set(lines(tmp_path / "again.jsonl")) <= set(one_process["labels"])
+
+
+def test_an_interrupted_eval_resumes_through_the_cli(pool, one_process, tmp_path, monkeypatch,
+                                                     capsys):
+    folder = tmp_path / "eval"
+    solve_records = pool.solve_records
+    monkeypatch.setattr(pool, "solve_records",
+                        lambda *a, **kw: interrupt_after(4, solve_records(*a, **kw)))
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(pool, PROBLEMS[:6], METHODS, out=folder, **SOLVE)
+    assert len((folder / ev.RECORDS).read_text().splitlines()) == 4
+    (tmp_path / "problems.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS[:6]))
+    argv = ["eval", "--ray", "--workers", "2", "--model", str(MODEL_DIR), "--adapter",
+            str(ADAPTER_DIR), "--data", str(tmp_path / "problems.jsonl"), "--methods", METHODS,
+            "--n", "6", "--keep", "2", "--prefix-tokens", str(PREFIX_TOKENS),
+            "--max-new-tokens", str(MAX_NEW_TOKENS), "--seeds", "0,1",
+            "--temperature", str(TEMPERATURE), "--top-p", "1.0",
+            "--checker", "stopkit.toy.task:check", "--out", str(folder)]
+    assert main(argv) == 0
+    assert "stop" in capsys.readouterr().out
+    assert records(folder) == one_process["eval"]
+    assert (folder / "results.json").is_file()
+
+
+def test_a_killed_worker_hands_its_problems_to_the_other(pool, one_process, tmp_path, caplog):
+    # one chunk in flight per worker: the other 14 problems wait in the driver's queue, so the
+    # killed worker is sure to hold (or be handed) problems that are not done
+    pool.close()  # its CPUs go to this test's pool
+    with RayPool(SPEC, workers=2, chunks_per_worker=1) as two:
+        victim = None
+        results = []
+        with caplog.at_level(logging.WARNING, logger="stopkit.distributed"):
+            for result in two.label_stream(check_problems(PROBLEMS, None), LabelTask(**TASK),
+                                           progress=False):
+                results.append(result)
+                if victim is None:
+                    victim = two.actors[0]
+                    ray.kill(victim)
+        assert len(two.actors) == 1 and two.actors[0] is not victim
+    lost = [int(m) for m in re.findall(r"its (\d+) problems in flight", caplog.text)]
+    assert lost and lost[0] >= 1
+    assert sorted(pid for pid, _, _ in results) == sorted(p["id"] for p in PROBLEMS)  # each once
+    assert sorted(json.dumps(r) for _, recs, _ in results for r in recs) == one_process["labels"]
+
+
+def test_cli_without_ray_says_how_to_install_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    (tmp_path / "p.jsonl").write_text(json.dumps(PROBLEMS[0]) + "\n")
+    assert main(["label", "--ray", "--model", str(MODEL_DIR), "--problems", str(tmp_path / "p.jsonl"),
+                 "--out", str(tmp_path / "l.jsonl"), "--prefix-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err == 'stopkit label: Ray is not installed: pip install "stopkit[ray]"\n'
+    assert main(["eval", "--workers", "2", "--model", str(MODEL_DIR), "--data",
+                 str(tmp_path / "p.jsonl"), "--methods", "full", "--n", "2", "--keep", "1",
+                 "--prefix-tokens", "4", "--max-new-tokens", "8", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "stopkit eval: --workers needs --ray\n"

@@ -92,10 +92,11 @@ class ModelSpec:
 
 
 class _Call:
-    """One chunk handed to a worker: its results as they finish, and who waits for them."""
+    """One chunk handed to a worker: its results as they finish, and who waits for them. epoch:
+    the driver's run it belongs to (an abort drops the chunks of its epoch and those before)."""
 
-    def __init__(self, kind: str, items: list, arg) -> None:
-        self.kind, self.items, self.arg = kind, items, arg
+    def __init__(self, kind: str, items: list, arg, epoch: int) -> None:
+        self.kind, self.items, self.arg, self.epoch = kind, items, arg, epoch
         self.results: list = []
         self.future: concurrent.futures.Future = concurrent.futures.Future()
 
@@ -167,6 +168,7 @@ class _Worker:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self._inbox: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        self._aborted = -1  # the last epoch aborted
 
     def load(self) -> str:
         """Load the model and start the engine thread; returns where it runs."""
@@ -177,20 +179,20 @@ class _Worker:
         threading.Thread(target=self._loop, name="stopkit-engine", daemon=True).start()
         return f"{os.uname().nodename} pid {os.getpid()} on {self.reasoner.engine.device}"
 
-    def label(self, items: list, task) -> list:
+    def label(self, epoch: int, items: list, task) -> list:
         """Label ``items`` ((id, problem, prompt ids or None)) for ``task`` (a LabelTask);
         returns ``(id, records, traces ended in the prefix)`` per problem."""
-        return self._submit(_Call("label", items, task))
+        return self._submit(_Call("label", items, task, epoch))
 
-    def solve(self, items: list, checker: Callable, solve_kwargs: dict) -> list:
+    def solve(self, epoch: int, items: list, checker: Callable, solve_kwargs: dict) -> list:
         """Solve ``items`` ((id, question, answer)) with ``solve_kwargs``; returns ``(id,
         problem_record)`` per problem (:func:`stopkit.evaluate.problem_record`)."""
-        return self._submit(_Call("solve", items, (checker, solve_kwargs)))
+        return self._submit(_Call("solve", items, (checker, solve_kwargs), epoch))
 
-    def abort(self) -> None:
-        """Drop every chunk in hand (their calls raise); the model stays loaded for what comes
-        next. Returns once the engine is free."""
-        self._submit(_Call("abort", [None], None))
+    def abort(self, epoch: int) -> None:
+        """Drop the chunks of ``epoch`` and before, in hand or still to come (they return
+        nothing); the model stays loaded. Returns once the engine is free."""
+        self._submit(_Call("abort", [None], None, epoch))
 
     def _submit(self, call: _Call) -> list:
         if not call.items:
@@ -218,13 +220,16 @@ class _Worker:
                     waiting.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            if any(c.kind == "abort" for c in waiting):  # the driver left: drop everything
+            aborts = [c for c in waiting if c.kind == "abort"]
+            if aborts:  # the driver left a run: drop its chunks (a worker has one run at a time)
+                self._aborted = max(self._aborted, *(c.epoch for c in aborts))
                 if run is not None:
                     run.close()
                     run = None
-                for c in waiting:
-                    c.future.set_result([])
-                waiting.clear()
+            for c in [c for c in waiting if c.epoch <= self._aborted]:
+                waiting.remove(c)
+                c.future.set_result([])
+            if not waiting and run is None:
                 continue
             try:
                 while waiting and (run is None or waiting[0].kind == run.kind):
@@ -272,6 +277,7 @@ class RayPool:
         self.actors: list = []
         self._ray = require_ray()
         self._own_ray = False  # whether start() started Ray (then close() stops it)
+        self._epoch = 0  # one per run handed out (_map): what an abort drops
 
     # ---- life cycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -310,10 +316,11 @@ class RayPool:
                                  f"CPUs of the Ray cluster")
             options = {"num_cpus": spec.threads}
         spec = replace(spec, device=device)
-        # one thread per chunk in flight, blocked until the engine thread finishes it; Ray must
-        # not restart a worker or retry its calls: the driver gives its chunks to the others
-        actor = ray.remote(_Worker).options(max_concurrency=self.chunks_per_worker, max_restarts=0,
-                                            max_task_retries=0, **options)
+        # a thread per chunk in flight (blocked until the engine thread finishes it) and one for
+        # abort; Ray must not restart a worker or retry its calls: the driver gives its chunks to
+        # the others
+        actor = ray.remote(_Worker).options(max_concurrency=self.chunks_per_worker + 1,
+                                            max_restarts=0, max_task_retries=0, **options)
         actors = [actor.remote(spec) for _ in range(n)]
         try:
             where = ray.get([a.load.remote() for a in actors])
@@ -381,6 +388,7 @@ class RayPool:
         lost = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                 ray.exceptions.ObjectLostError)
         self.start()
+        self._epoch += 1
         args = [ray.put(a) for a in args]  # shipped once, not once per chunk
         queued = deque(list(items[i:i + self.chunk_size])
                        for i in range(0, len(items), self.chunk_size))
@@ -393,7 +401,8 @@ class RayPool:
                     for a in self.actors:
                         while queued and load[a] < self.chunks_per_worker:
                             chunk = queued.popleft()
-                            in_flight[getattr(a, method).remote(chunk, *args)] = (a, chunk)
+                            ref = getattr(a, method).remote(self._epoch, chunk, *args)
+                            in_flight[ref] = (a, chunk)
                             load[a] += 1
                     [ref], _ = ray.wait(list(in_flight), num_returns=1)
                     actor, chunk = in_flight.pop(ref)
@@ -415,7 +424,7 @@ class RayPool:
     def _abort(self) -> None:
         """Make every worker drop what it has in hand; a worker that is gone is let go."""
         ray = self._ray
-        refs = {a.abort.remote(): a for a in self.actors}
+        refs = {a.abort.remote(self._epoch): a for a in self.actors}
         for ref, actor in refs.items():
             try:
                 ray.get(ref)

@@ -4,18 +4,20 @@ runs that resume (through the CLI's --ray), and the CLI without Ray."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
 import re
 import sys
+from dataclasses import replace
 
 import pytest
 import ray
 
 from stopkit import evaluate as ev
 from stopkit.cli import main
-from stopkit.distributed import ModelSpec, RayPool
+from stopkit.distributed import ModelSpec, RayPool, _Worker
 from stopkit.label import LabelTask, check_problems, label_problems, write_labels
 from stopkit.reasoner import ParallelReasoner
 from stopkit.stop import StopScorer
@@ -164,6 +166,25 @@ def test_a_killed_worker_hands_its_problems_to_the_other(pool, one_process, tmp_
     assert lost and lost[0] >= 1
     assert sorted(pid for pid, _, _ in results) == sorted(p["id"] for p in PROBLEMS)  # each once
     assert sorted(json.dumps(r) for _, recs, _ in results for r in recs) == one_process["labels"]
+
+
+def test_a_worker_runs_its_chunks_on_one_engine_and_drops_them_on_abort(one_process):
+    """The worker's engine loop in this process (no Ray): chunks handed to it concurrently give
+    their problems' records; an abort drops the chunks of its run, also one arriving after it."""
+    worker = _Worker(replace(SPEC, device="cpu"))
+    worker.load()
+    items, task = check_problems(PROBLEMS[:4], None), LabelTask(**TASK)
+    with concurrent.futures.ThreadPoolExecutor(2) as threads:
+        chunks = [threads.submit(worker.label, 1, chunk, task) for chunk in (items[:3], items[3:])]
+        got = [r for c in chunks for _, recs, _ in c.result() for r in recs]
+        first4 = {p["id"] for p in PROBLEMS[:4]}
+        assert sorted(map(json.dumps, got)) == [
+            line for line in one_process["labels"] if json.loads(line)["id"] in first4]
+        dropped = threads.submit(worker.label, 2, items, task)
+        worker.abort(2)
+        assert dropped.result() == []
+    assert worker.label(2, items[:1], task) == []  # late, of the aborted run
+    assert [pid for pid, _, _ in worker.label(3, items[:1], task)] == ["q0"]
 
 
 def test_cli_without_ray_says_how_to_install_it(monkeypatch, tmp_path, capsys):

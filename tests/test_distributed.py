@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -173,16 +174,19 @@ def test_a_worker_runs_its_chunks_on_one_engine_and_drops_them_on_abort(one_proc
     their problems' records; an abort drops the chunks of its run, also one arriving after it."""
     worker = _Worker(replace(SPEC, device="cpu"))
     worker.load()
-    items, task = check_problems(PROBLEMS[:4], None), LabelTask(**TASK)
+    engine = worker.reasoner.engine
+    items, task = check_problems(PROBLEMS, None), LabelTask(**TASK)
     with concurrent.futures.ThreadPoolExecutor(2) as threads:
-        chunks = [threads.submit(worker.label, 1, chunk, task) for chunk in (items[:3], items[3:])]
+        chunks = [threads.submit(worker.label, 1, chunk, task) for chunk in (items[:3], items[3:4])]
         got = [r for c in chunks for _, recs, _ in c.result() for r in recs]
         first4 = {p["id"] for p in PROBLEMS[:4]}
         assert sorted(map(json.dumps, got)) == [
             line for line in one_process["labels"] if json.loads(line)["id"] in first4]
         dropped = threads.submit(worker.label, 2, items, task)
+        while not engine.scheduler.has_work():  # the chunk is on the engine (for seconds)
+            time.sleep(0.001)
         worker.abort(2)
-        assert dropped.result() == []
+        assert dropped.result() == [] and not engine.scheduler.has_work()
     assert worker.label(2, items[:1], task) == []  # late, of the aborted run
     assert [pid for pid, _, _ in worker.label(3, items[:1], task)] == ["q0"]
 

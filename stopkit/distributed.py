@@ -1,4 +1,4 @@
-"""Labelling and evaluation spread over a Ray cluster (``stopkit label --ray``, ``stopkit eval --ray``).
+"""Labelling and evaluation over a Ray cluster (``stopkit label --ray``, ``stopkit eval --ray``).
 
 A :class:`RayPool` is the driver's handle on Ray actors: one per GPU (``num_gpus=1``) on a
 cluster with GPUs, else ``workers`` CPU actors of ``threads`` torch threads each. Each actor loads
@@ -63,7 +63,9 @@ class ModelSpec:
     ``--adapter``, the engine budget, the external methods' options), so that
     :func:`stopkit.cli.inputs.load_reasoner` reads it as it reads them. device: None for the
     cluster's GPUs when it has any (one per worker), else the CPU; ``"cuda"`` or ``"cpu"`` to
-    choose. threads: torch threads of each CPU worker."""
+    choose. threads: torch threads of each CPU worker. Without num_blocks or kv_cache_memory, a
+    CPU worker's KV cache takes the engine's default share of its node's RAM times threads / the
+    node's CPUs, so that the workers a node holds fit in it together."""
 
     model: str
     dtype: str = "auto"
@@ -86,8 +88,12 @@ class ModelSpec:
 
     @classmethod
     def from_args(cls, args, **overrides) -> ModelSpec:
-        """The spec of a parsed command line (the options it has; ``overrides`` win)."""
+        """The spec of a parsed command line (the options it has; ``overrides`` win). Paths that
+        exist here are made absolute: workers on other nodes read them on a shared file system."""
         given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        for key in ("model", "adapter"):
+            if given.get(key) and Path(given[key]).exists():
+                given[key] = str(Path(given[key]).resolve())
         return cls(**{**given, **overrides})
 
 
@@ -172,10 +178,19 @@ class _Worker:
 
     def load(self) -> str:
         """Load the model and start the engine thread; returns where it runs."""
+        import ray
+
         from stopkit.cli.inputs import load_reasoner
+        from stopkit.engine import CPU_MEMORY_SHARE
 
         self._set_threads()
-        self.reasoner = load_reasoner(self.spec)
+        spec = self.spec
+        if spec.device == "cpu" and spec.num_blocks is None and spec.kv_cache_memory is None:
+            # the engine's default share of the RAM, split over the workers the node can hold
+            node = ray.get_runtime_context().get_node_id()
+            cpus = next(n["Resources"]["CPU"] for n in ray.nodes() if n["NodeID"] == node)
+            spec = replace(spec, kv_cache_memory=CPU_MEMORY_SHARE * spec.threads / cpus)
+        self.reasoner = load_reasoner(spec)
         threading.Thread(target=self._loop, name="stopkit-engine", daemon=True).start()
         return f"{os.uname().nodename} pid {os.getpid()} on {self.reasoner.engine.device}"
 

@@ -40,7 +40,7 @@ SPEC = ModelSpec(str(MODEL_DIR), adapter=str(ADAPTER_DIR))
 
 @pytest.fixture(scope="module")
 def cluster():
-    # 4 logical CPUs on however many cores: the shared pool and one more of 2 workers fit
+    # 4 logical CPUs on however many cores: the shared pool and the CLI's, of 2 workers each, fit
     ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level=logging.ERROR, log_to_driver=False)
     yield
@@ -148,29 +148,31 @@ def test_an_interrupted_eval_resumes_through_the_cli(pool, one_process, tmp_path
     assert (folder / "results.json").is_file()
 
 
-def test_a_killed_worker_hands_its_problems_to_the_other(pool, one_process, tmp_path, caplog):
+def test_a_killed_worker_hands_its_problems_to_the_other(pool, one_process, monkeypatch, caplog):
     # one chunk in flight per worker: the other 14 problems wait in the driver's queue, so the
     # killed worker is sure to hold (or be handed) problems that are not done
-    pool.close()  # its CPUs go to this test's pool
-    with RayPool(SPEC, workers=2, chunks_per_worker=1) as two:
-        victim = None
-        results = []
+    monkeypatch.setattr(pool, "chunks_per_worker", 1)
+    pool.start()
+    victim, results = None, []
+    try:
         with caplog.at_level(logging.WARNING, logger="stopkit.distributed"):
-            for result in two.label_stream(check_problems(PROBLEMS, None), LabelTask(**TASK),
-                                           progress=False):
+            for result in pool.label_stream(check_problems(PROBLEMS, None), LabelTask(**TASK),
+                                            progress=False):
                 results.append(result)
                 if victim is None:
-                    victim = two.actors[0]
+                    victim = pool.actors[0]
                     ray.kill(victim)
-        assert len(two.actors) == 1 and two.actors[0] is not victim
+        assert len(pool.actors) == 1 and pool.actors[0] is not victim
+    finally:
+        pool.close()  # the next test starts two afresh
     lost = [int(m) for m in re.findall(r"its (\d+) problems in flight", caplog.text)]
     assert lost and lost[0] >= 1
     assert sorted(pid for pid, _, _ in results) == sorted(p["id"] for p in PROBLEMS)  # each once
     assert sorted(json.dumps(r) for _, recs, _ in results for r in recs) == one_process["labels"]
 
 
-def test_a_worker_runs_its_chunks_on_one_engine_and_drops_them_on_abort(one_process):
-    """The worker's engine loop in this process (no Ray): chunks handed to it concurrently give
+def test_a_worker_runs_its_chunks_on_one_engine_and_drops_them_on_abort(cluster, one_process):
+    """The worker's engine loop in this process (not an actor): chunks handed to it concurrently give
     their problems' records; an abort drops the chunks of its run, also one arriving after it."""
     worker = _Worker(replace(SPEC, device="cpu"))
     worker.load()

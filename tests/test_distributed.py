@@ -19,6 +19,7 @@ import ray
 from stopkit import evaluate as ev
 from stopkit.cli import main
 from stopkit.distributed import ModelSpec, RayPool, _Worker
+from stopkit.engine import Engine
 from stopkit.label import LabelTask, check_problems, label_problems, write_labels
 from stopkit.reasoner import ParallelReasoner
 from stopkit.stop import StopScorer
@@ -177,6 +178,9 @@ def test_a_worker_runs_its_chunks_on_one_engine_and_drops_them_on_abort(cluster,
     worker = _Worker(replace(SPEC, device="cpu"))
     worker.load()
     engine = worker.reasoner.engine
+    # the engine's default KV share of the RAM, split over the 4 CPUs of the node
+    default = Engine(worker.reasoner.model).cache.num_blocks
+    assert 0.2 * default <= engine.cache.num_blocks <= 0.3 * default
     items, task = check_problems(PROBLEMS, None), LabelTask(**TASK)
     with concurrent.futures.ThreadPoolExecutor(2) as threads:
         chunks = [threads.submit(worker.label, 1, chunk, task) for chunk in (items[:3], items[3:4])]

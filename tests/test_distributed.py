@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import re
+import socket
 import sys
 import time
 from dataclasses import replace
@@ -18,7 +19,7 @@ import ray
 
 from stopkit import evaluate as ev
 from stopkit.cli import main
-from stopkit.distributed import ModelSpec, RayPool, _Worker
+from stopkit.distributed import ModelSpec, RayPool, _check_reachable, _Worker
 from stopkit.engine import Engine
 from stopkit.label import LabelTask, check_problems, label_problems, write_labels
 from stopkit.reasoner import ParallelReasoner
@@ -208,3 +209,14 @@ def test_cli_without_ray_says_how_to_install_it(monkeypatch, tmp_path, capsys):
                  str(tmp_path / "p.jsonl"), "--methods", "full", "--n", "2", "--keep", "1",
                  "--prefix-tokens", "4", "--max-new-tokens", "8", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "stopkit eval: --workers needs --ray\n"
+
+
+def test_an_address_where_nothing_answers_fails_at_once():
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", "auto"):
+            _check_reachable(address)
+    with pytest.raises(ConnectionError, match=f"nothing answers at 127.0.0.1:{port}"):
+        _check_reachable(f"127.0.0.1:{port}")  # closed now

@@ -90,8 +90,8 @@ def test_bench_label(benchmark):
     finally:
         ray.shutdown()
     load = os.getloadavg()
-    print(f"\n{PROBLEMS} problems x {TRACES} traces x {ROLLOUTS} rollouts: {rollout_tokens} rollout "
-          f"tokens; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} "
+    print(f"\n{PROBLEMS} problems x {TRACES} traces x {ROLLOUTS} rollouts: {rollout_tokens} "
+          f"rollout tokens; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} "
           f"cores")
     print(f"{'run':<14} {'rollout tok/s':>14} {'seconds (median)':>17}  all")
     base = statistics.median(seconds["1 process"])

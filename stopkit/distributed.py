@@ -372,7 +372,8 @@ class RayPool:
 
         task = LabelTask(**task)
         items = check_problems(problems, None)
-        return write_labels(out, items, lambda todo: self.label_stream(todo, task, progress=progress))
+        return write_labels(out, items,
+                            lambda todo: self.label_stream(todo, task, progress=progress))
 
     def label_stream(self, items: Sequence, task, *, progress: bool = True) -> Iterator:
         """:func:`stopkit.label.label_stream` over the workers: ``(id, records, traces ended in

@@ -222,8 +222,9 @@ def evaluate(reasoner, problems: Sequence, methods, *, n: int = 64, keep: int = 
     "config": {...}}`` (module docstring).
 
     reasoner: a :class:`~stopkit.reasoner.ParallelReasoner`, or a
-    :class:`~stopkit.distributed.RayPool` to spread the problems over Ray workers. problems: mappings or objects with
-    ``question``, ``answer`` and optional ``id`` (default the index). methods: ``"full,stop"``, a
+    :class:`~stopkit.distributed.RayPool` to spread the problems over Ray workers. problems:
+    mappings or objects with ``question``, ``answer`` and optional ``id`` (default the index).
+    methods: ``"full,stop"``, a
     list of specs / callables, or a ``{name: method}`` dict. checker: ``callable(text, answer) ->
     bool`` (default :func:`stopkit.answers.check_answer`). out: a folder for ``records.jsonl``
     (appended as problems finish; a rerun skips what it holds). Extra keyword arguments

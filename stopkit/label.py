@@ -78,7 +78,8 @@ class LabelTask:
             raise TypeError("checker must be a callable (text, answer) -> bool")
 
 
-def check_problems(problems: Sequence[dict], tokenizer) -> list[tuple[object, dict, list[int] | None]]:
+def check_problems(problems: Sequence[dict],
+                   tokenizer) -> list[tuple[object, dict, list[int] | None]]:
     """(id, problem, prompt ids) of each problem (``question``, ``answer``, optional ``id``,
     default its index); ValueError for a malformed problem or a repeated id. tokenizer None: the
     prompt ids are left None, for :class:`LabelRun` to make where the model is (a Ray worker)."""
@@ -117,7 +118,7 @@ class LabelRun:
         engine._check_idle()
         self.engine, self.tokenizer = engine, tokenizer
         self._eos = eos_token_id(engine.model, tokenizer)  # as the reasoner ends paths
-        self._groups: dict[int, tuple[object, _Problem]] = {}  # id(unfinished group) -> it, its problem
+        self._groups: dict[int, tuple[object, _Problem]] = {}  # id(unfinished group) -> both
         self._left = 0
 
     @property
@@ -146,7 +147,8 @@ class LabelRun:
             live = g.live_rows
             rollout = p.task.max_new_tokens - p.task.prefix_tokens
             for row in live:
-                fork = self.engine.fork(row, self._sampling(p, "rollouts", rollout), n=p.task.rollouts)
+                fork = self.engine.fork(row, self._sampling(p, "rollouts", rollout),
+                                        n=p.task.rollouts)
                 p.forks[row.sample_index] = fork
                 self._groups[id(fork)] = (fork, p)
             self.engine.end_rows(live, "length")
@@ -177,9 +179,9 @@ class LabelRun:
 
     def _sampling(self, p: _Problem, what: str, max_new_tokens: int | None):
         t = p.task
-        return self.engine.sampling_params(max_new_tokens=max_new_tokens, temperature=t.temperature,
-                                           top_p=t.top_p, top_k=t.top_k, seed=_seed(t.seed, p.pid, what),
-                                           eos_token_id=self._eos)
+        return self.engine.sampling_params(max_new_tokens=max_new_tokens,
+                                           temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
+                                           seed=_seed(t.seed, p.pid, what), eos_token_id=self._eos)
 
 
 def label_stream(engine, tokenizer, items: Sequence[tuple[object, dict, list[int]]],

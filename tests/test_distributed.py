@@ -174,8 +174,9 @@ def test_a_killed_worker_hands_its_problems_to_the_other(pool, one_process, monk
 
 
 def test_a_worker_runs_its_chunks_on_one_engine_and_drops_them_on_abort(cluster, one_process):
-    """The worker's engine loop in this process (not an actor): chunks handed to it concurrently give
-    their problems' records; an abort drops the chunks of its run, also one arriving after it."""
+    """The worker's engine loop in this process (not an actor): chunks handed to it concurrently
+    give their problems' records; an abort drops the chunks of its run, also one arriving after
+    it."""
     worker = _Worker(replace(SPEC, device="cpu"))
     worker.load()
     engine = worker.reasoner.engine
@@ -201,8 +202,9 @@ def test_a_worker_runs_its_chunks_on_one_engine_and_drops_them_on_abort(cluster,
 def test_cli_without_ray_says_how_to_install_it(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     (tmp_path / "p.jsonl").write_text(json.dumps(PROBLEMS[0]) + "\n")
-    assert main(["label", "--ray", "--model", str(MODEL_DIR), "--problems", str(tmp_path / "p.jsonl"),
-                 "--out", str(tmp_path / "l.jsonl"), "--prefix-tokens", "4"]) == 2
+    assert main(["label", "--ray", "--model", str(MODEL_DIR), "--problems",
+                 str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "l.jsonl"),
+                 "--prefix-tokens", "4"]) == 2
     err = capsys.readouterr().err
     assert err == 'stopkit label: Ray is not installed: pip install "stopkit[ray]"\n'
     assert main(["eval", "--workers", "2", "--model", str(MODEL_DIR), "--data",

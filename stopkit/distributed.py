@@ -31,6 +31,7 @@ import itertools
 import logging
 import os
 import queue
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -312,6 +313,7 @@ class RayPool:
                          _node_ip_address="127.0.0.1")
                 self._own_ray = True
             else:
+                _check_reachable(self.address)
                 ray.init(address=self.address)
         total = ray.cluster_resources()
         gpus, cpus = int(total.get("GPU", 0)), int(total.get("CPU", 0))
@@ -474,3 +476,15 @@ def _raise_cause(ray, error: BaseException):
     if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
         raise error.cause from error
     raise error
+
+
+def _check_reachable(address: str) -> None:
+    """ConnectionError at once when nothing answers at a ``host:port`` or ``ray://host:port``
+    address (Ray would retry for minutes); ``auto`` is Ray's to resolve."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        raise ConnectionError(f"nothing answers at {host}:{port} ({e})") from e

@@ -61,7 +61,7 @@ def require_ray():
 @dataclass(frozen=True)
 class ModelSpec:
     """What every worker loads, under the names of the CLI's options (``--model``, ``--dtype``,
-    ``--adapter``, the engine budget, the external methods' options), so that
+    ``--adapter``, the engine budget, the external methods' options, the prompt format), so that
     :func:`stopkit.cli.inputs.load_reasoner` reads it as it reads them. device: None for the
     cluster's GPUs when it has any (one per worker), else the CPU; ``"cuda"`` or ``"cpu"`` to
     choose. threads: torch threads of each CPU worker. Without num_blocks or kv_cache_memory, a
@@ -79,6 +79,9 @@ class ModelSpec:
     similarity_diversity: float = 0.0
     external_device: str | None = None
     step_marker: str | None = None
+    prompt_template: str | None = None
+    system_prompt: str | None = None
+    reasoning_effort: str | None = None
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -122,8 +125,10 @@ class _Run:
         from stopkit.reasoner import ReasoningRun
 
         self.kind = kind
-        self.run = LabelRun(reasoner.engine, reasoner.tokenizer) if kind == "label" else \
-            ReasoningRun(reasoner, progress=False)
+        if kind == "label":
+            self.run = LabelRun(reasoner.engine, reasoner.tokenizer, reasoner.prompt)
+        else:
+            self.run = ReasoningRun(reasoner, progress=False)
         self.calls: list[_Call] = []
         self.owners: dict = {}  # label: problem id -> call; solve: run index -> (call, id, answer)
         self._index = itertools.count()
@@ -365,6 +370,14 @@ class RayPool:
         self.close()
 
     # ---- the work --------------------------------------------------------------------------------
+    @property
+    def prompt(self):
+        """The workers' :class:`~stopkit.loading.PromptFormat` (as a reasoner's ``prompt``)."""
+        from stopkit.loading import PromptFormat
+
+        return PromptFormat(template=self.spec.prompt_template, system=self.spec.system_prompt,
+                            reasoning_effort=self.spec.reasoning_effort)
+
     def label_problems(self, problems: Sequence[dict], out: str | Path, *, progress: bool = True,
                        **task) -> dict[str, int]:
         """:func:`stopkit.label.label_problems` over the workers: the same records appended to

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from stopkit._checks import check_int
 from stopkit.answers import Checker, check_answer
-from stopkit.loading import eos_token_id, prompt_ids
+from stopkit.loading import PromptFormat, eos_token_id
 
 __all__ = ["LabelTask", "LabelRun", "label_stream", "label_problems", "write_labels",
            "check_problems", "finished_ids", "label_statistics", "MAX_NEW_TOKENS"]
@@ -78,17 +78,19 @@ class LabelTask:
             raise TypeError("checker must be a callable (text, answer) -> bool")
 
 
-def check_problems(problems: Sequence[dict],
-                   tokenizer) -> list[tuple[object, dict, list[int] | None]]:
+def check_problems(problems: Sequence[dict], tokenizer, prompt: PromptFormat | None = None
+                   ) -> list[tuple[object, dict, list[int] | None]]:
     """(id, problem, prompt ids) of each problem (``question``, ``answer``, optional ``id``,
-    default its index); ValueError for a malformed problem or a repeated id. tokenizer None: the
-    prompt ids are left None, for :class:`LabelRun` to make where the model is (a Ray worker)."""
+    default its index; ``prompt``: the prompt format, as the reasoner's); ValueError for a
+    malformed problem or a repeated id. tokenizer None: the prompt ids are left None, for
+    :class:`LabelRun` to make where the model is (a Ray worker)."""
+    prompt = prompt or PromptFormat()
     items = []
     for i, prob in enumerate(problems):
         if not isinstance(prob, dict) or "question" not in prob or "answer" not in prob:
             raise ValueError(f"problems[{i}] must be a dict with 'question' and 'answer'")
-        items.append((prob.get("id", i), prob,
-                      None if tokenizer is None else prompt_ids(tokenizer, prob["question"])))
+        tokens = None if tokenizer is None else prompt.prompt_ids(tokenizer, prob["question"])
+        items.append((prob.get("id", i), prob, tokens))
     ids = [str(pid) for pid, _, _ in items]
     if len(set(ids)) != len(ids):
         raise ValueError(f"problem ids must be unique (resuming skips by id), got duplicates "
@@ -112,11 +114,13 @@ class _Problem:
 class LabelRun:
     """Problems labelled together on one engine, each advancing on its own: :func:`label_stream`
     is one; a Ray worker (stopkit.distributed) keeps one open and adds chunks of problems as they
-    come, so its engine never drains between chunks. One run drives its engine at a time."""
+    come, so its engine never drains between chunks. One run drives its engine at a time.
+    prompt: the format of the prompts it makes itself (items without prompt ids)."""
 
-    def __init__(self, engine, tokenizer) -> None:
+    def __init__(self, engine, tokenizer, prompt: PromptFormat | None = None) -> None:
         engine._check_idle()
         self.engine, self.tokenizer = engine, tokenizer
+        self.prompt = prompt or PromptFormat()
         self._eos = eos_token_id(engine.model, tokenizer)  # as the reasoner ends paths
         self._groups: dict[int, tuple[object, _Problem]] = {}  # id(unfinished group) -> both
         self._left = 0
@@ -131,7 +135,7 @@ class LabelRun:
         ``task``."""
         for pid, prob, prompt in items:
             if prompt is None:
-                prompt = prompt_ids(self.tokenizer, prob["question"])
+                prompt = self.prompt.prompt_ids(self.tokenizer, prob["question"])
             p = _Problem(pid, prob, prompt, task)
             p.traces = self.engine.add_request(prompt, self._sampling(p, "traces", None),
                                                n=task.traces, checks=[task.prefix_tokens])
@@ -236,7 +240,8 @@ def finished_ids(out: Path) -> set[str]:
 
 def label_statistics(records: Sequence[dict]) -> dict[str, float]:
     """Summary of label records: count, problems, mean label, shares of labels at 0 and at 1, and
-    the share of problems whose labels are all equal (no signal within the problem)."""
+    the shares of problems whose labels are all 0 or all 1 (what ``stopkit train --drop-uniform``
+    leaves out: no signal about which path to keep)."""
     by_problem: dict[str, list[float]] = {}
     for r in records:
         by_problem.setdefault(str(r["id"]), []).append(float(r["soft_label"]))
@@ -247,22 +252,25 @@ def label_statistics(records: Sequence[dict]) -> dict[str, float]:
             "mean_label": sum(labels) / len(labels),
             "at_0": sum(x == 0 for x in labels) / len(labels),
             "at_1": sum(x == 1 for x in labels) / len(labels),
-            "uniform_problems": sum(min(v) == max(v) for v in by_problem.values()) / len(by_problem)}
+            "all_0_problems": sum(max(v) == 0 for v in by_problem.values()) / len(by_problem),
+            "all_1_problems": sum(min(v) == 1 for v in by_problem.values()) / len(by_problem)}
 
 
 def label_problems(model, tokenizer, problems: Sequence[dict], out: str | Path, *,
-                   engine=None, progress: bool = True, **task) -> dict[str, int]:
+                   engine=None, prompt: PromptFormat | None = None, progress: bool = True,
+                   **task) -> dict[str, int]:
     """Monte-Carlo labels of ``problems`` appended to the JSONL ``out`` as each problem completes
     (module docstring); problem ids already in ``out`` are skipped. problems: dicts with
     ``question`` (str or prompt ids), ``answer`` and optional ``id`` (default the index). task:
     :class:`LabelTask`'s fields (prefix_tokens, rollouts, traces, max_new_tokens, temperature,
     top_p, top_k, seed, checker(text, answer) with text = decoded prefix + continuation). engine: an
-    Engine of ``model`` to run on (default: a new one). Returns counts: problems labelled, skipped
+    Engine of ``model`` to run on (default: a new one). prompt: the prompt format (use the one the
+    scorer will be used with). Returns counts: problems labelled, skipped
     (already in ``out``), records written, traces that ended inside the prefix."""
     from stopkit.engine import Engine
 
     task = LabelTask(**task)
-    items = check_problems(problems, tokenizer)
+    items = check_problems(problems, tokenizer, prompt)
     return write_labels(out, items, lambda todo: label_stream(
         engine if engine is not None else Engine(model), tokenizer, todo, task, progress=progress))
 

@@ -4,7 +4,7 @@ Every function validates its tensors (device, dtype, shape, strides, index range
 ``ValueError`` / ``TypeError`` naming the argument before any native code runs, then dispatches to
 ``stopkit._C`` (CPU) or ``stopkit._C_cuda`` (CUDA: on the tensors' device and that device's current
 stream, with scratch memory from torch's allocator). The pure-torch oracle of each op lives in
-:mod:`stopkit.reference`. Layouts: DESIGN.md section 3.
+:mod:`stopkit.reference`. Layouts: docs/DESIGN.md section 3.
 
 ``STOPKIT_CUDA_SMEM_LIMIT=<bytes>`` makes the CUDA kernels plan for at most that much shared memory
 per block (e.g. 101376 runs a 99 KB part's plans on an A100 or H100; tests and benchmarks).

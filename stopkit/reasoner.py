@@ -1,4 +1,4 @@
-"""Parallel reasoning with early path pruning: Launch -> Check -> Resume -> vote (STOP, DESIGN.md 1).
+"""Parallel reasoning with early path pruning: Launch -> Check -> Resume -> vote (STOP, docs/DESIGN.md section 1).
 
 ``ParallelReasoner.solve_iter`` runs any number of questions through the engine's scheduler at
 once, each advancing on its own. Launch: a question's ``n`` paths decode ``prefix_tokens`` tokens;
@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 from stopkit._checks import check_int, check_real
 from stopkit.answers import extract_answer, normalize_answer
 from stopkit.engine import Engine, Group, Row
-from stopkit.loading import eos_token_id, prompt_ids
+from stopkit.loading import PromptFormat, eos_token_id
 from stopkit.methods import parse_method
 from stopkit.pruning import ranking
 
@@ -273,12 +273,14 @@ class ParallelReasoner:
     which dtype the models of ``similarity:PATH`` and ``verifier:PATH`` run (default: the reasoning
     model's device, the checkpoint's dtype); verifier_options: keyword arguments of
     :meth:`~stopkit.verifier.Verifier.load` (e.g. step_marker, max_length, batch_size).
+    prompt: how str questions become prompts (:class:`~stopkit.loading.PromptFormat`; default:
+    the paper's instruction in the chat template). Use the same for labelling and solving.
     """
 
     def __init__(self, model, tokenizer, scorer=None, *, engine: Engine | None = None,
                  confidence_window: int = 2048, confidence_top_k: int = 20,
                  similarity_diversity: float = 0.0, external_device=None, external_dtype="auto",
-                 verifier_options: dict | None = None) -> None:
+                 verifier_options: dict | None = None, prompt: PromptFormat | None = None) -> None:
         if tokenizer is None or not hasattr(tokenizer, "decode"):
             raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
         self.engine = engine if engine is not None else Engine(model)
@@ -297,6 +299,9 @@ class ParallelReasoner:
         self.external_dtype = external_dtype
         self.verifier_options = dict(verifier_options or {})
         self._external: dict[str, object] = {}
+        if prompt is not None and not isinstance(prompt, PromptFormat):
+            raise TypeError(f"prompt must be a PromptFormat, got {type(prompt).__name__}")
+        self.prompt = prompt or PromptFormat()
         self._eos = eos_token_id(model, tokenizer)
 
     def external_scorer(self, method: str):
@@ -322,8 +327,8 @@ class ParallelReasoner:
 
     # ---- inputs --------------------------------------------------------------------------------
     def prompt_ids(self, question: str | Sequence[int]) -> list[int]:
-        """Prompt token ids of a question (:func:`stopkit.loading.prompt_ids`)."""
-        return prompt_ids(self.tokenizer, question)
+        """Prompt token ids of a question in this reasoner's prompt format."""
+        return self.prompt.prompt_ids(self.tokenizer, question)
 
     def check_args(self, **kwargs) -> _Plan:
         """Validate solve's arguments (see :func:`check_solve_args`) for this reasoner (method
@@ -403,6 +408,7 @@ class ReasoningRun:
         self.engine._check_idle()
         self._questions: dict[int, _Question] = {}   # id(group) -> question
         self._next = 0
+        self.sampled_tokens = 0  # tokens sampled by this run's steps, over every path
         self._bar = tqdm(desc="solve", unit="tok", leave=False,
                          disable=None if progress is None else not progress)
 
@@ -410,6 +416,14 @@ class ReasoningRun:
     def pending(self) -> int:
         """Questions added and not yet finished."""
         return len(self._questions)
+
+    def progress(self) -> dict[int, dict]:
+        """Each pending question's progress, ``{index: {"tokens": sampled so far over its paths,
+        "live_paths": paths not ended, "checks": checks resolved, "started": a path was admitted
+        to the engine}}`` (a server's progress events and metrics)."""
+        return {q.index: {"tokens": sum(len(r.tokens) for r in q.group.rows),
+                          "live_paths": len(q.group.live_rows), "checks": q.group.check_index,
+                          "started": q.group.started} for q in self._questions.values()}
 
     def add(self, question: str | Sequence[int], *, index: int | None = None, n: int = 64,
             keep: int = 8, prefix_tokens: int = 2048, max_new_tokens: int = 8192,
@@ -463,6 +477,7 @@ class ReasoningRun:
         out = self.engine.step()
         self._share(time.perf_counter() - t0, out)
         self._bar.update(len(out.sampled))
+        self.sampled_tokens += len(out.sampled)
         for row in out.ended:
             q = self._questions[id(row.group)]
             if q.plan.early_stop is not None:

@@ -6,7 +6,11 @@ no schedule), mini-batches with gradient accumulation; the prefix pass runs with
 and without gradients (:meth:`stopkit.stop.StopScorer.forward`). After every epoch the validation
 MSE (score vs soft label), AUROC, accuracy (binary target ``label >= 0.5``, prediction
 ``score >= 0.5``) and the within-problem pair accuracy (:func:`pair_accuracy`) are logged and the
-checkpoint with the best validation MSE is saved.
+checkpoint with the best validation MSE is saved, in stopkit's layout or the authors'.
+
+Label files: ``stopkit label``'s JSONL, or the authors' (their label keys, :data:`LABEL_KEYS`).
+Optional difficulty filter (``drop_uniform``): problems whose labels are all 0 or all 1 are left
+out of training. The label statistics are logged when training starts.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from stopkit._checks import check_int, check_real, check_token_ids
+from stopkit.label import label_statistics
 from stopkit.loading import read_jsonl
 from stopkit.stop import StopScorer
 
-__all__ = ["auroc", "pair_accuracy", "metrics", "load_labels", "check_records", "split_by_problem",
-           "evaluate_scorer", "train_scorer"]
+__all__ = ["auroc", "pair_accuracy", "metrics", "LABEL_KEYS", "PREFIX_KEYS", "load_labels",
+           "check_records", "drop_uniform_problems", "split_by_problem", "evaluate_scorer",
+           "train_scorer"]
 
 log = logging.getLogger(__name__)
 
@@ -90,30 +96,66 @@ def metrics(scores, labels, groups=None) -> dict[str, float]:
 
 
 # ---- label data ----------------------------------------------------------------------------------
-def _check_record(rec: dict, where: str, vocab_size: int | None = None) -> dict:
-    """A label record's fields, checked; ValueError (never TypeError: a record is data) naming
-    ``where`` (a file:line or a list element)."""
+# The label keys the authors' trainer reads, in its order (the first one a record has wins); stopkit
+# label writes soft_label. Their trainer reads the prefix ids from prefix_token_ids only.
+LABEL_KEYS = ("Soft_label", "soft_label", "good_probability", "label_prob", "score")
+PREFIX_KEYS = ("prefix_token_ids",)
+
+
+def _check_record(rec: dict, where: str, vocab_size: int | None = None, default_id=None) -> dict:
+    """A label record as ``{"id", "prefix_token_ids", "soft_label"}``, checked; ValueError (never
+    TypeError: a record is data) naming ``where`` (a file:line or a list element)."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where} must be a dict (a label record), got {type(rec).__name__}")
+    fields = {}
+    for what, keys in (("prefix ids", PREFIX_KEYS), ("label", LABEL_KEYS)):
+        key = next((k for k in keys if k in rec), None)
+        if key is None:
+            raise ValueError(f"{where}: no {what}: the record has keys {sorted(rec)[:12]}, "
+                             f"accepted {'one of ' if len(keys) > 1 else ''}{', '.join(keys)}")
+        fields[what] = key
     try:
-        ids = check_token_ids(f"{where}: prefix_token_ids", rec.get("prefix_token_ids"), vocab_size)
-        p = check_real(f"{where}: soft_label", rec.get("soft_label"), 0, 1)
+        ids = check_token_ids(f"{where}: {fields['prefix ids']}", rec[fields["prefix ids"]],
+                              vocab_size)
+        p = check_real(f"{where}: {fields['label']}", rec[fields["label"]], 0, 1)
     except TypeError as e:
         raise ValueError(str(e)) from None
-    return {"id": rec.get("id", rec.get("problem_id")), "prefix_token_ids": ids, "soft_label": p}
+    pid = rec.get("id", rec.get("problem_id"))
+    return {"id": default_id if pid is None else pid, "prefix_token_ids": ids, "soft_label": p}
 
 
-def load_labels(path: str | Path) -> list[dict]:
-    """Training records from a ``stopkit label`` JSONL (or any JSONL with ``prefix_token_ids`` and
-    ``soft_label`` in [0, 1]; ``id`` optional, default the line number). Returns dicts with
-    ``id``, ``prefix_token_ids``, ``soft_label``. Raises ValueError naming the line of a bad record."""
+def drop_uniform_problems(records: list[dict]) -> list[dict]:
+    """The records of the problems (``id``) whose labels are not all 0 and not all 1: the
+    difficulty filter. A problem no rollout ever solves, or every rollout solves, teaches the
+    scorer nothing about which of its paths to keep."""
+    labels: dict[str, set[float]] = {}
+    for r in records:
+        labels.setdefault(str(r["id"]), set()).add(r["soft_label"])
+    keep = {pid for pid, v in labels.items() if v != {0.0} and v != {1.0}}
+    kept = [r for r in records if str(r["id"]) in keep]
+    log.info("difficulty filter: dropped %d of %d problems (%d of %d records) whose labels are all "
+             "0 or all 1", len(labels) - len(keep), len(labels), len(records) - len(kept),
+             len(records))
+    return kept
+
+
+def load_labels(path: str | Path, *, drop_uniform: bool = False) -> list[dict]:
+    """Training records from a label JSONL: ``stopkit label``'s, or the authors' (prefix ids under
+    ``prefix_token_ids``; the label, in [0, 1], under the first of :data:`LABEL_KEYS` present:
+    ``Soft_label``, ``soft_label``, ``good_probability``, ``label_prob``, ``score``; ``id`` or
+    ``problem_id`` optional, default the line number). Returns dicts with ``id``,
+    ``prefix_token_ids``, ``soft_label``. drop_uniform: leave out the problems whose labels are all
+    0 or all 1 (:func:`drop_uniform_problems`). Raises ValueError naming the line of a bad record."""
     path = Path(path)
-    records = []
-    for lineno, rec in read_jsonl(path, "label"):
-        rec = _check_record(rec, f"{path}:{lineno}")
-        if rec["id"] is None:
-            rec["id"] = lineno
-        records.append(rec)
+    records = [_check_record(rec, f"{path}:{lineno}", default_id=lineno)
+               for lineno, rec in read_jsonl(path, "label")]
     if not records:
         raise ValueError(f"{path} holds no records")
+    if drop_uniform:
+        records = drop_uniform_problems(records)
+        if not records:
+            raise ValueError(f"{path}: every problem's labels are all 0 or all 1; the difficulty "
+                             "filter (drop_uniform) left no records")
     return records
 
 
@@ -131,11 +173,12 @@ def split_by_problem(records: list[dict], val_fraction: float, seed: int = 0
             [r for r in records if str(r["id"]) in val_ids])
 
 
-def check_records(records: list[dict], vocab_size: int, name: str) -> None:
-    """ValueError naming ``name[i]`` unless every record has ``prefix_token_ids`` in
-    ``[0, vocab_size)`` (the model's vocabulary) and a ``soft_label`` in [0, 1]."""
-    for i, r in enumerate(records):
-        _check_record(r, f"{name}[{i}]", vocab_size)
+def check_records(records: list[dict], vocab_size: int, name: str) -> list[dict]:
+    """The records as ``{"id", "prefix_token_ids", "soft_label"}`` (label keys as in
+    :func:`load_labels`; ``id`` default the index); ValueError naming ``name[i]`` unless every
+    record has prefix ids in ``[0, vocab_size)`` (the model's vocabulary) and a label in [0, 1]."""
+    return [_check_record(r, f"{name}[{i}]", vocab_size, default_id=i)
+            for i, r in enumerate(records)]
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -162,13 +205,18 @@ def evaluate_scorer(scorer: StopScorer, records: list[dict], *, batch_size: int 
 def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
                  out: str | Path | None = None, epochs: int = 3, batch_size: int = 8,
                  grad_accum: int = 1, lr: float = 1e-4, weight_decay: float = 0.01,
-                 seed: int = 0, progress: bool = True) -> list[dict]:
+                 seed: int = 0, drop_uniform: bool = False, layout: str = "stopkit",
+                 tokenizer=None, progress: bool = True) -> list[dict]:
     """Train ``scorer`` (token, LoRA, head; the model stays frozen) on label records.
 
-    Each optimizer step sees ``batch_size * grad_accum`` records. Returns the history: one dict
-    per epoch (epoch 0 = before training) with ``train_loss`` (mean soft-label cross-entropy of
-    the epoch) and the validation ``mse``, ``auroc``, ``accuracy``, ``pair_accuracy``. With ``out``,
-    the epoch with the best validation MSE is saved there (:meth:`StopScorer.save`) with ``metrics.json``; without
+    train, val: label records (:func:`check_records`). Each optimizer step sees ``batch_size *
+    grad_accum`` records. drop_uniform: train only on the problems whose labels are not all 0 and
+    not all 1 (:func:`drop_uniform_problems`; validation keeps every record). The label statistics
+    (:func:`stopkit.label.label_statistics`) of both sets are logged first. Returns the history:
+    one dict per epoch (epoch 0 = before training) with ``train_loss`` (mean soft-label
+    cross-entropy of the epoch) and the validation ``mse``, ``auroc``, ``accuracy``,
+    ``pair_accuracy``. With ``out``, the epoch with the best validation MSE is saved there
+    (:meth:`StopScorer.save` with ``layout`` and ``tokenizer``) with ``metrics.json``; without
     validation records, the last epoch is saved.
     """
     epochs = check_int("epochs", epochs, 1)
@@ -176,11 +224,20 @@ def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
     grad_accum = check_int("grad_accum", grad_accum, 1)
     lr = check_real("lr", lr, 0, low_open=True)
     weight_decay = check_real("weight_decay", weight_decay, 0)
+    scorer.check_layout(layout)
     if not train:
         raise ValueError("train must hold at least one record")
     vocab = scorer.model.get_input_embeddings().weight.shape[0]
-    check_records(train, vocab, "train")
-    check_records(val, vocab, "val")
+    train = check_records(train, vocab, "train")
+    val = check_records(val, vocab, "val")
+    if drop_uniform:
+        train = drop_uniform_problems(train)
+        if not train:
+            raise ValueError("every training problem's labels are all 0 or all 1: the difficulty "
+                             "filter (drop_uniform) left no training records")
+    for name, records in (("training", train), ("validation", val)):
+        if records:
+            log.info("%s labels: %s", name, json.dumps(label_statistics(records)))
     out = Path(out) if out is not None else None
     model = scorer.model
     frozen = [(p, p.requires_grad) for p in model.parameters()]
@@ -223,7 +280,7 @@ def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
             if improved:
                 best = row
                 if out is not None:
-                    scorer.save(out)
+                    scorer.save(out, layout=layout, tokenizer=tokenizer)
             if out is not None:
                 (out / "metrics.json").write_text(json.dumps(
                     {"best": best, "history": history}, indent=2) + "\n")

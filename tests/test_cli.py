@@ -88,7 +88,7 @@ USER_ERRORS = {
         [*SOLVE, "--model", "{model_badcfg}", "q"], r"model-badcfg/config.json' is not a valid JSON"),
     "missing data file": (
         ["eval", "--model", "{toy}", "--data", "{root}/nope.jsonl", "--methods", "full", *SMALL],
-        r"no problems .* file at \S*/nope.jsonl$"),
+        r"no problems file at \S*/nope.jsonl \(JSONL or a JSON array; question / problem"),
     "bad JSON line": (
         ["eval", "--model", "{toy}", "--data", "{bad_jsonl}", "--methods", "full", *SMALL],
         r"\S*/bad.jsonl:2: not valid JSON: Expecting value"),

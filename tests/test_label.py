@@ -143,7 +143,8 @@ def test_label_statistics_and_defaults():
     recs = [{"id": "a", "soft_label": 0.0}, {"id": "a", "soft_label": 0.0},
             {"id": "b", "soft_label": 1.0}, {"id": "b", "soft_label": 0.5}]
     assert label_statistics(recs) == {"records": 4, "problems": 2, "mean_label": 0.375,
-                                      "at_0": 0.5, "at_1": 0.25, "uniform_problems": 0.5}
+                                      "at_0": 0.5, "at_1": 0.25, "all_0_problems": 0.5,
+                                      "all_1_problems": 0.0}
     assert CLI_MAX_NEW_TOKENS == MAX_NEW_TOKENS >= 16384  # reasoning rollouts are not cut short
 
 

@@ -373,7 +373,8 @@ def test_chat_template_and_prompt_ids(tiny):
     templated = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="</s>")
     templated.chat_template = "<s> {% for m in messages %}{{ m['content'] }}{% endfor %} ="
     r = ParallelReasoner(model, templated)
-    assert r.prompt_ids("1 + 2") == [1, 5, 14, 6, 15]
+    ids = r.prompt_ids("1 + 2")  # chat models get the paper's instruction (words unknown here)
+    assert ids[:4] == [1, 5, 14, 6] and ids[-1] == 15 and len(ids) > 5
     with pytest.raises(TypeError, match="question"):
         r.prompt_ids(3.5)
 

@@ -1,11 +1,14 @@
-"""Answer checking, metrics, label files, training (lowers validation MSE; gradient accumulation;
-frozen base model) and the train command."""
+"""Answer checking, metrics, label files (the authors' keys, the difficulty filter), training (the
+soft-label cross-entropy against a hand computation; lowers validation MSE; gradient
+accumulation; frozen base model) and the train command."""
 
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import logging
+import math
 import random
 
 import pytest
@@ -14,9 +17,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from stopkit.answers import (answers_equal, check_answer, extract_answer, load_checker,
                              normalize_answer)
-from stopkit.cli import build_parser
+from stopkit.cli import build_parser, main
+from stopkit.label import label_statistics
 from stopkit.stop import StopScorer
-from stopkit.train import (auroc, evaluate_scorer, load_labels, metrics, pair_accuracy, split_by_problem, train_scorer)
+from stopkit.train import (auroc, check_records, evaluate_scorer, load_labels, metrics,
+                           pair_accuracy, split_by_problem, train_scorer)
 
 STOP_TOKEN = "[STOP]"
 
@@ -61,7 +66,7 @@ def tiny_model(vocab: int = VOCAB) -> LlamaForCausalLM:
     (r"\boxed{3} and a cut \boxed{4", "3"),                         # unbalanced last box skipped
     ("17 * 7 = 22 , answer: 20", "20"),
     ("**Final Answer:** 42.", "42"),
-    ("Thus the final answer is $-3$.\nDone", "$-3$"),
+    ("Thus the final answer is $-3$.\nDone", "-3"),  # the math span, without its dollars
     ("no answer at all", None),
 ])
 def test_extract_answer(text, expected):
@@ -151,6 +156,81 @@ def test_load_labels_and_bad_labels(tmp_path):
         load_labels(tmp_path / "missing.jsonl")
 
 
+AUTHORS_LABEL_KEYS = ("Soft_label", "soft_label", "good_probability", "label_prob", "score")
+
+
+def write_jsonl(path, records) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_load_labels_reads_the_authors_keys(tmp_path):
+    """Each of the authors' label keys; with several, the first in their trainer's order wins."""
+    path = tmp_path / "labels.jsonl"
+    recs = [{"problem_id": "q", "prefix_token_ids": [1, 2], key: 0.1 * (k + 1)}
+            for k, key in enumerate(AUTHORS_LABEL_KEYS)]
+    recs += [{"prefix_token_ids": [3], **{key: 0.1 * (k + 1) for k, key in enumerate(AUTHORS_LABEL_KEYS)
+                                          if k >= first}} for first in range(5)]
+    write_jsonl(path, recs)
+    records = load_labels(path)
+    assert [r["soft_label"] for r in records] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5] * 2)
+    assert [r["id"] for r in records] == ["q"] * 5 + [6, 7, 8, 9, 10]
+    assert check_records(recs, VOCAB, "recs") == [dict(r, id=r["id"] if i < 5 else i)
+                                                  for i, r in enumerate(records)]
+
+    write_jsonl(path, [recs[0], {"id": 3, "prefix_token_ids": [1], "label": 1}])
+    with pytest.raises(ValueError, match=r"labels.jsonl:2: no label: the record has keys \['id', "
+                       r"'label', 'prefix_token_ids'\], accepted one of Soft_label, soft_label, "
+                       r"good_probability, label_prob, score$"):
+        load_labels(path)
+    write_jsonl(path, [{"input_ids": [1, 2], "soft_label": 0.5}])
+    with pytest.raises(ValueError, match=r"labels.jsonl:1: no prefix ids: the record has keys "
+                       r"\['input_ids', 'soft_label'\], accepted prefix_token_ids$"):
+        load_labels(path)
+    write_jsonl(path, [{"prefix_token_ids": [1], "score": 2}])
+    with pytest.raises(ValueError, match=r"labels.jsonl:1: score must be a real number in \[0, 1\], got 2.0"):
+        load_labels(path)
+    with pytest.raises(ValueError, match=r"train\[0\]: no label"):
+        check_records([{"prefix_token_ids": [1]}], VOCAB, "train")
+
+
+# problems a and b: all 0 / all 1 (dropped); c: mixed; d: one intermediate label; e: one 0 (dropped)
+DIFFICULTY = [("a", 0.0), ("a", 0.0), ("b", 1.0), ("b", 1.0), ("c", 0.0), ("c", 1.0), ("d", 0.5),
+              ("e", 0.0)]
+
+
+def difficulty_records(model=None) -> list[dict]:
+    ids = torch.randint(4, VOCAB, (len(DIFFICULTY), 6)).tolist()
+    return [{"id": pid, "prefix_token_ids": p, "soft_label": label}
+            for (pid, label), p in zip(DIFFICULTY, ids)]
+
+
+def test_difficulty_filter(tmp_path, caplog):
+    path = tmp_path / "labels.jsonl"
+    write_jsonl(path, difficulty_records())
+    assert len(load_labels(path)) == 8
+    with caplog.at_level(logging.INFO, logger="stopkit.train"):
+        kept = load_labels(path, drop_uniform=True)
+    assert [(r["id"], r["soft_label"]) for r in kept] == DIFFICULTY[4:7]
+    assert "dropped 3 of 5 problems (5 of 8 records)" in caplog.text
+    write_jsonl(path, difficulty_records()[:4])
+    with pytest.raises(ValueError, match="left no records"):
+        load_labels(path, drop_uniform=True)
+
+
+@pytest.mark.parametrize("drop_uniform", [False, True])
+def test_train_filters_and_logs_label_statistics(drop_uniform, caplog):
+    model = tiny_model()
+    records, val = difficulty_records(), synthetic(model, 4, first_id=100)
+    with caplog.at_level(logging.INFO, logger="stopkit.train"):
+        train_scorer(StopScorer.new(model, lora_rank=4), records, val, epochs=1, batch_size=4,
+                     drop_uniform=drop_uniform, progress=False)
+    logged = {m.split(" labels: ")[0]: json.loads(m.split(" labels: ")[1])
+              for m in caplog.messages if " labels: " in m}
+    used = records[4:7] if drop_uniform else records
+    assert logged == {"training": label_statistics(used), "validation": label_statistics(val)}
+    assert logged["training"]["records"] == (3 if drop_uniform else 8)
+
+
 def test_split_by_problem():
     records = [{"id": i // 3, "prefix_token_ids": [1], "soft_label": 0.5} for i in range(30)]
     train, val = split_by_problem(records, 0.2, seed=1)
@@ -174,6 +254,50 @@ def synthetic(model, n: int, first_id: int = 0) -> list[dict]:
         ids = pool[torch.randint(0, len(pool), (int(torch.randint(4, 13, ())),))].tolist()
         out.append({"id": first_id + i, "prefix_token_ids": ids, "soft_label": 0.9 - 0.8 * (i % 2)})
     return out
+
+
+def test_training_step_uses_the_soft_label_cross_entropy():
+    """One optimizer step on one batch, against a hand computation on the head's input features
+    x: loss = mean(-(1 - p) log q0 - p log q1) with q = softmax(x W^T + b); the head's gradient
+    (q - [1 - p, p])^T x / B; its update AdamW's first step from that gradient."""
+    model = tiny_model()
+    scorer = StopScorer.new(model, lora_rank=4, seed=5, lora_dropout=0.0)
+    records = synthetic(model, 6)
+    p = torch.tensor([0.1, 0.3, 0.6, 0.8, 0.25, 0.9], dtype=torch.float64)
+    for r, label in zip(records, p.tolist()):
+        r["soft_label"] = label
+    features = []
+    handle = scorer.head.register_forward_pre_hook(lambda m, args: features.append(args[0].detach()))
+    with torch.no_grad():
+        logits = scorer([r["prefix_token_ids"] for r in records])
+    handle.remove()
+    x = features[0].double()
+    W0, b0 = scorer.head.weight.detach().clone(), scorer.head.bias.detach().clone()
+    torch.testing.assert_close(x @ W0.double().T + b0.double(), logits.double(), atol=1e-5, rtol=0)
+
+    q = torch.softmax(x @ W0.double().T + b0.double(), dim=-1)
+    target = torch.stack([1 - p, p], dim=1)
+    loss = (-(1 - p) * q[:, 0].log() - p * q[:, 1].log()).mean()
+    grad_w, grad_b = (q - target).T @ x / len(p), (q - target).mean(0)
+    assert 0.02 < q[:, 1].min() and q[:, 1].max() < 0.98 and grad_w.abs().max() > 1e-3
+
+    grads = {}
+
+    def keep_grad(param: torch.Tensor) -> None:  # the gradient the optimizer step is given
+        grads["weight" if param is scorer.head.weight else "bias"] = param.grad.detach().clone()
+
+    scorer.head.weight.register_post_accumulate_grad_hook(keep_grad)
+    scorer.head.bias.register_post_accumulate_grad_hook(keep_grad)
+    lr, wd = 1e-3, 0.01
+    history = train_scorer(scorer, records, [], epochs=1, batch_size=6, lr=lr, weight_decay=wd,
+                           progress=False)
+    assert history[1]["train_loss"] == pytest.approx(float(loss), rel=1e-5)
+    torch.testing.assert_close(grads["weight"].double(), grad_w, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(grads["bias"].double(), grad_b, atol=1e-6, rtol=1e-4)
+    for (now, before, g) in ((scorer.head.weight, W0, grad_w), (scorer.head.bias, b0, grad_b)):
+        # AdamW's first step: decoupled decay, then m_hat / (sqrt(v_hat) + eps) = g / (|g| + eps)
+        step = before.double() * (1 - lr * wd) - lr * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(now.detach().double(), step, atol=lr * 1e-3, rtol=0)
 
 
 def test_training_lowers_validation_mse(tmp_path):
@@ -276,3 +400,37 @@ def test_cli_label_then_train(tmp_path):
     assert saved["best"]["epoch"] == 1 and 0 <= saved["best"]["mse"] <= 1
     scorer = StopScorer.load(out, LlamaForCausalLM.from_pretrained(model_dir))
     assert scorer.num_tokens == 2 and scorer.loras[0].A.shape[0] == 4
+
+
+def test_cli_train_difficulty_filter_and_authors_layout(tmp_path, caplog):
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    TOKENIZER.save_pretrained(model_dir)
+    labels, val = tmp_path / "labels.jsonl", tmp_path / "val.jsonl"
+    write_jsonl(labels, difficulty_records())
+    write_jsonl(val, synthetic(tiny_model(), 4))
+    out = tmp_path / "authors"
+    common = ["train", "--model", str(model_dir), "--data", str(labels), "--val-data", str(val),
+              "--epochs", "1", "--batch-size", "4", "--lora-rank", "4", "--num-tokens", "2"]
+    with caplog.at_level(logging.INFO):
+        assert main([*common, "--out", str(out), "--drop-uniform", "--layout", "authors"]) == 0
+    assert "dropped 3 of 5 problems" in caplog.text
+    assert '"records": 3' in caplog.text  # the training labels' statistics, after the filter
+    config = json.loads((out / "assess_token_config.json").read_text())
+    assert config["num_assess_tokens"] == 2 and config["special_token_id"] == VOCAB  # [ASSESS] added
+    assert (out / "tokenizer").is_dir() and not (out / "stop_config.json").exists()
+    scorer = StopScorer.load(out, LlamaForCausalLM.from_pretrained(model_dir))
+    assert scorer.num_tokens == 2 and scorer.loras[0].A.shape[0] == 4
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--layout", "authors", "--head-hidden", "8"], "--layout authors holds a Linear head only"),
+    (["--drop-uniform"], "--drop-uniform left no training records"),
+])
+def test_cli_train_user_errors(tmp_path, capsys, extra, message):
+    labels = tmp_path / "labels.jsonl"
+    write_jsonl(labels, difficulty_records()[:4])  # problems a and b: all 0, all 1
+    code = main(["train", "--model", str(tmp_path / "no-model"), "--data", str(labels),
+                 "--out", str(tmp_path / "out"), *extra])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the log lines
+    assert code == 2 and last.startswith("stopkit train: ") and message in last

@@ -10,8 +10,8 @@ from stopkit.cli.errors import UserError
 from stopkit.loading import DTYPES
 
 __all__ = ["Parser", "add_command", "add_global_flags", "int_list", "name_list", "device",
-           "memory", "add_model_args", "add_engine_args", "add_method_args", "add_sampling_args",
-           "add_ray_args", "check_sampling_args"]
+           "memory", "add_model_args", "add_engine_args", "add_method_args", "add_prompt_args",
+           "add_sampling_args", "add_ray_args", "check_sampling_args"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -138,6 +138,19 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--worker-threads", type=int, default=1,
                    help="torch threads of each CPU worker (default 1)")
     p.set_defaults(device=None)  # None: cpu, or the cluster's choice with --ray
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    """How str questions become prompts: --prompt-template, --system-prompt, --reasoning-effort
+    (stopkit.loading.PromptFormat; label and solve/eval must use the same)."""
+    g = p.add_argument_group("prompt (use the same for label, eval, solve and serve)")
+    g.add_argument("--prompt-template", default=None,
+                   help="the user turn, with {question} where the question goes (default on chat "
+                        "models: the paper's '{question}\\nPlease reason step by step, and put "
+                        "your final answer within \\boxed{}.')")
+    g.add_argument("--system-prompt", default=None, help="a system turn (chat models)")
+    g.add_argument("--reasoning-effort", default=None, choices=("low", "medium", "high"),
+                   help="gpt-oss's reasoning effort, through its chat template")
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:

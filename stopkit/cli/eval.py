@@ -27,7 +27,8 @@ import contextlib
 
 from stopkit._checks import check_int
 from stopkit.cli.args import (add_command, add_engine_args, add_method_args, add_model_args,
-                              add_ray_args, add_sampling_args, int_list, name_list)
+                              add_prompt_args, add_ray_args, add_sampling_args, int_list,
+                              name_list)
 from stopkit.cli.errors import UserError, options
 from stopkit.cli.inputs import load_checker, load_problems, load_reasoner, output_dir, ray_pool
 from stopkit.cli.solve import check_solve_options
@@ -54,6 +55,7 @@ def register(subparsers) -> None:
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=True)
     add_engine_args(p)
+    add_prompt_args(p)
     add_ray_args(p)
     p.add_argument("--data", required=True, help="problem file (JSONL or JSON array)")
     p.add_argument("--methods", type=name_list, default="full,stop,confidence,entropy,random",
@@ -120,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
             result = ev.evaluate(reasoner, problems, args.methods, keep=args.keep,
                                  prefix_tokens=args.prefix_tokens, vote=args.vote,
                                  early_stop=args.early_stop, **common)
-            result["config"].update(model=args.model, adapter=args.adapter, data=str(args.data))
+            result["config"].update(model=args.model, adapter=args.adapter, data=str(args.data),
+                                    prompt=vars(reasoner.prompt))
             paths = ev.write_results(result, out)
             print(ev.format_table(result))
         print("wrote " + ", ".join(str(p) for p in paths.values()))

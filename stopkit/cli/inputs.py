@@ -25,9 +25,11 @@ def load_model(args: argparse.Namespace):
 
     path = Path(args.model)
     if path.exists():
-        if not (path / "config.json").is_file():
+        gguf = path.suffix.lower() == ".gguf" or (path.is_dir() and any(path.glob("*.gguf")))
+        if not gguf and not (path / "config.json").is_file():
             raise UserError(f"--model {path}: no config.json there; a transformers model folder "
-                            "holds config.json, the weights and the tokenizer files")
+                            "holds config.json, the weights and the tokenizer files (or give a "
+                            ".gguf file)")
         shown = args.model
     elif _HUB_ID.fullmatch(args.model) is None:
         raise UserError(f"--model {args.model}: no such folder (nor a Hugging Face hub id)")
@@ -44,6 +46,15 @@ def load_scorer(flag: str, path: str, model):
 
     with reading(flag, path):
         return StopScorer.load(path, model)
+
+
+def prompt_format(args: argparse.Namespace):
+    """The PromptFormat of ``add_prompt_args``'s options; a bad value is a UserError."""
+    from stopkit.loading import PromptFormat  # noqa: PLC0415
+
+    with options():
+        return PromptFormat(template=args.prompt_template, system=args.system_prompt,
+                            reasoning_effort=args.reasoning_effort)
 
 
 def make_engine(args: argparse.Namespace, model):
@@ -75,7 +86,7 @@ def load_reasoner(args: argparse.Namespace):
                         verifier_options={} if args.step_marker is None
                         else {"step_marker": args.step_marker})
     return ParallelReasoner(model, tokenizer, scorer=scorer, engine=make_engine(args, model),
-                            **external)
+                            prompt=prompt_format(args), **external)
 
 
 def ray_pool(args: argparse.Namespace):
@@ -91,6 +102,7 @@ def ray_pool(args: argparse.Namespace):
         for flag, value in (("--workers", args.workers), ("--worker-threads", args.worker_threads)):
             if value is not None:
                 check_int(flag, value, 1)
+    prompt_format(args)  # a bad prompt option fails here, before any worker starts
     try:
         from stopkit.distributed import ModelSpec, RayPool, require_ray  # noqa: PLC0415
 

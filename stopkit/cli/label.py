@@ -18,11 +18,11 @@ import argparse
 import json
 
 from stopkit._checks import check_int
-from stopkit.cli.args import (add_command, add_engine_args, add_model_args, add_ray_args,
-                              check_sampling_args)
+from stopkit.cli.args import (add_command, add_engine_args, add_model_args, add_prompt_args,
+                              add_ray_args, check_sampling_args)
 from stopkit.cli.errors import UserError, options
 from stopkit.cli.inputs import (load_checker, load_model, load_problems, make_engine, output_file,
-                                ray_pool)
+                                prompt_format, ray_pool)
 
 MAX_NEW_TOKENS = 16384  # stopkit.label.MAX_NEW_TOKENS (not imported: parsing stays cheap)
 
@@ -43,6 +43,7 @@ def register(subparsers) -> None:
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=False)
     add_engine_args(p)
+    add_prompt_args(p)
     add_ray_args(p)
     p.add_argument("--problems", required=True, help="JSONL of problems: question, answer (id optional)")
     p.add_argument("--out", required=True, help="output JSONL (appended to; finished ids are skipped)")
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-new-tokens ({args.max_new_tokens}) must exceed --prefix-tokens "
                         f"({args.prefix_tokens}): rollouts continue after the prefix")
     checker = load_checker(args.checker)
+    prompt = prompt_format(args)
     problems = load_problems("--problems", args.problems)[:args.limit]
     out = output_file("--out", args.out)
     task = dict(prefix_tokens=args.prefix_tokens, rollouts=args.rollouts, traces=args.traces,
@@ -90,6 +92,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, tokenizer = load_model(args)
         stats = label_problems(model, tokenizer, problems, out, engine=make_engine(args, model),
-                               **task)
+                               prompt=prompt, **task)
     print(json.dumps(stats))
     return 0

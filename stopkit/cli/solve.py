@@ -6,7 +6,7 @@ import argparse
 import json
 
 from stopkit.cli.args import (add_command, add_engine_args, add_method_args, add_model_args,
-                              add_sampling_args, check_sampling_args)
+                              add_prompt_args, add_sampling_args, check_sampling_args)
 from stopkit.cli.errors import UserError, options
 from stopkit.cli.inputs import load_reasoner
 
@@ -26,6 +26,7 @@ def register(subparsers) -> None:
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=True)
     add_engine_args(p)
+    add_prompt_args(p)
     p.add_argument("question", help="the question (the chat template is applied when there is one)")
     p.add_argument("--method", default="stop",
                    help="stop, confidence, entropy, similarity, similarity:PATH, verifier:PATH, "

@@ -9,19 +9,23 @@ import contextlib
 import json
 import logging
 import re
+import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import ray
 
 from stopkit import evaluate as ev
-from stopkit.cli import main
+from stopkit.cli import build_parser, main
 from stopkit.distributed import ModelSpec, RayPool, _check_reachable, _Worker
 from stopkit.engine import Engine
-from stopkit.label import LabelTask, check_problems, label_problems, write_labels
+from stopkit.label import LabelTask, check_problems, label_problems, label_stream, write_labels
+from stopkit.loading import PromptFormat
 from stopkit.reasoner import ParallelReasoner
 from stopkit.stop import StopScorer
 from stopkit.toy import (ADAPTER_DIR, MAX_NEW_TOKENS, MODEL_DIR, PREFIX_TOKENS, TEMPERATURE,
@@ -38,6 +42,21 @@ SOLVE = dict(n=6, keep=2, prefix_tokens=PREFIX_TOKENS, max_new_tokens=MAX_NEW_TO
              temperature=TEMPERATURE, top_p=1.0, checker=check, progress=False)
 SWEEP = {k: v for k, v in SOLVE.items() if k not in ("keep", "prefix_tokens")}
 SPEC = ModelSpec(str(MODEL_DIR), adapter=str(ADAPTER_DIR))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def label_argv(problems, out, *ray) -> list[str]:
+    """``stopkit label`` of TASK on the problems file ``problems``, with ``--ray *ray``."""
+    return ["label", "--ray", *ray, "--workers", "2", "--model", str(MODEL_DIR),
+            "--problems", str(problems), "--out", str(out), "--prefix-tokens", str(PREFIX_TOKENS),
+            "--rollouts", "4", "--traces", "2", "--max-new-tokens", str(MAX_NEW_TOKENS),
+            "--temperature", str(TEMPERATURE), "--top-p", "1.0", "--seed", "3",
+            "--checker", "stopkit.toy.task:check"]
+
+
+def write_problems(path, problems) -> Path:
+    path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +102,13 @@ def records(folder) -> list[str]:
     return sorted(out)
 
 
+def wait_for_free_cpus(n: float, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0) != n:
+        assert time.monotonic() < deadline, f"{ray.available_resources()} after {timeout} s"
+        time.sleep(0.1)
+
+
 def interrupt_after(k: int, stream):
     """Pass on ``k`` results of ``stream``, then raise KeyboardInterrupt (a Ctrl-C), leaving the
     stream as a Ctrl-C inside it would."""
@@ -112,13 +138,7 @@ def test_an_interrupted_label_run_resumes_through_the_cli(pool, one_process, tmp
         write_labels(out, items, lambda todo: interrupt_after(
             5, pool.label_stream(todo, LabelTask(**TASK), progress=False)))
     assert len(lines(out)) == 5 * 2  # each problem's records were written as it arrived
-    (tmp_path / "problems.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
-    argv = ["label", "--ray", "--workers", "2", "--model", str(MODEL_DIR),
-            "--problems", str(tmp_path / "problems.jsonl"), "--out", str(out),
-            "--prefix-tokens", str(PREFIX_TOKENS), "--rollouts", "4", "--traces", "2",
-            "--max-new-tokens", str(MAX_NEW_TOKENS), "--temperature", str(TEMPERATURE),
-            "--top-p", "1.0", "--seed", "3", "--checker", "stopkit.toy.task:check"]
-    assert main(argv) == 0
+    assert main(label_argv(write_problems(tmp_path / "problems.jsonl", PROBLEMS), out)) == 0
     stats = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert stats["skipped"] == 5 and stats["problems"] == 11
     assert lines(out) == one_process["labels"]
@@ -126,6 +146,54 @@ def test_an_interrupted_label_run_resumes_through_the_cli(pool, one_process, tmp
     assert len(pool.actors) == 2
     pool.label_problems(PROBLEMS[:2], tmp_path / "again.jsonl", progress=False, **TASK)
     assert set(lines(tmp_path / "again.jsonl")) <= set(one_process["labels"])
+
+
+def test_a_killed_driver_loses_nothing_written(pool, one_process, tmp_path):
+    """A `stopkit label --ray HOST:PORT` process joins this cluster and is killed (SIGKILL) once a
+    problem is written; Ray frees its workers, and a rerun (here on the shared pool: the CLI's
+    resume is tested above) finishes the file."""
+    free = ray.cluster_resources()["CPU"] - len(pool.actors)
+    wait_for_free_cpus(free)  # those of the last test's workers come back
+    problems, out = PROBLEMS[:6], tmp_path / "labels.jsonl"
+    argv = label_argv(write_problems(tmp_path / "problems.jsonl", problems), out,
+                      ray.get_runtime_context().gcs_address)
+    with (tmp_path / "driver.log").open("w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "stopkit", *argv], cwd=ROOT,
+                                  stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not (out.is_file() and out.stat().st_size) and driver.poll() is None:
+                assert time.monotonic() < deadline, "the driver wrote nothing in 300 s"
+                time.sleep(0.01)
+            assert ray.available_resources().get("CPU", 0) == free - 2  # its workers are here
+        finally:
+            driver.send_signal(signal.SIGKILL)
+            driver.wait()
+    assert driver.returncode == -signal.SIGKILL, (tmp_path / "driver.log").read_text()
+    assert 0 < out.read_text().count("\n") < 2 * len(problems)
+    wait_for_free_cpus(free)  # the killed driver's workers are gone
+    stats = pool.label_problems(problems, out, progress=False, **TASK)
+    assert stats["skipped"] >= 1 and stats["skipped"] + stats["problems"] == len(problems)
+    ids = {p["id"] for p in problems}
+    assert lines(out) == [x for x in one_process["labels"] if json.loads(x)["id"] in ids]
+
+
+def test_the_prompt_options_reach_the_workers(cluster):
+    args = build_parser().parse_args(label_argv("p.jsonl", "l.jsonl") +
+                                     ["--prompt-template", "mod {question}"])
+    spec = ModelSpec.from_args(args)
+    prompt = PromptFormat(template="mod {question}")
+    assert RayPool(spec).prompt == prompt  # what eval writes in its config
+    worker = _Worker(replace(spec, device="cpu"))
+    worker.load()
+    assert worker.reasoner.prompt == prompt  # what eval's workers solve with
+    got = worker.label(1, check_problems(PROBLEMS[:2], None), LabelTask(**TASK))
+    model, tokenizer = load_model()
+    want = label_stream(Engine(model), tokenizer, check_problems(PROBLEMS[:2], tokenizer, prompt),
+                        LabelTask(**TASK), progress=False)
+    assert sorted(got) == sorted(want)
+    mod = tokenizer.convert_tokens_to_ids("mod")
+    assert all(r["prefix_token_ids"][1] == mod for _, recs, _ in got for r in recs)
 
 
 def test_an_interrupted_eval_resumes_through_the_cli(pool, one_process, tmp_path, monkeypatch,

@@ -224,11 +224,11 @@ def evaluate(reasoner, problems: Sequence, methods, *, n: int = 64, keep: int = 
     reasoner: a :class:`~stopkit.reasoner.ParallelReasoner`, or a
     :class:`~stopkit.distributed.RayPool` to spread the problems over Ray workers. problems:
     mappings or objects with ``question``, ``answer`` and optional ``id`` (default the index).
-    methods: ``"full,stop"``, a
-    list of specs / callables, or a ``{name: method}`` dict. checker: ``callable(text, answer) ->
-    bool`` (default :func:`stopkit.answers.check_answer`). out: a folder for ``records.jsonl``
-    (appended as problems finish; a rerun skips what it holds). Extra keyword arguments
-    (``temperature``, ``top_p``, ``early_stop``, ``schedule``, ...) go to the reasoner.
+    methods: ``"full,stop"``, a list of specs / callables, or a ``{name: method}`` dict. checker:
+    ``callable(text, answer) -> bool`` (default :func:`stopkit.answers.check_answer`). out: a
+    folder for ``records.jsonl`` (appended as problems finish; a rerun skips what it holds). Extra
+    keyword arguments (``temperature``, ``top_p``, ``early_stop``, ``schedule``, ...) go to the
+    reasoner.
 
     Each method's metrics are the means over all (problem, seed) runs of :data:`METRICS`, plus
     ``runs``, ``type`` (the paper's taxonomy), ``token_reduction`` (1 - tokens / full's, when
@@ -294,7 +294,8 @@ def sweep(reasoner, problems: Sequence, methods, *, n: int = 64,
     problem, from one score-only run per (method, l_p, seed); plus the ``full`` point (every path
     of those runs). Returns ``{"points": [rows], "full": metrics, "best": [rows], "config"}``,
     where ``best`` holds, per token budget (25/50/75/100% of full's), the point with the highest
-    avg@k within it. out: folder for the run's ``records.jsonl`` (resumable)."""
+    avg@k within it. out: folder for the run's ``records.jsonl`` (resumable). reasoner: as
+    :func:`evaluate`'s (a :class:`~stopkit.distributed.RayPool` runs the sweep on Ray workers)."""
     import math
 
     from stopkit.answers import check_answer

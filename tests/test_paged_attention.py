@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+from conftest import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -235,7 +236,8 @@ def test_empty_batch(backend):
     assert out.shape == (0, 4, 8, 64) and lse.shape == (0, 4, 8)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(20), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_configurations(backend, data):
     Hkv = data.draw(st.sampled_from([1, 2, 3, 4]), "num_kv_heads")

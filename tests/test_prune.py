@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -104,7 +105,7 @@ def test_criteria(batch, kwargs, kept):
     assert cache.seq_lens.tolist() == lens[kept].tolist()
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(scores=st.lists(st.sampled_from([0.0, 0.5, 1.0, -INF, INF, NAN]) | st.floats(-1, 1),
                        min_size=0, max_size=12),
        keep=st.integers(1, 14), min_keep=st.integers(0, 4))

@@ -75,15 +75,19 @@ def test_build_adapter_stage_runs_the_label_and_train_pipeline(tmp_path):
     from stopkit.toy import MODEL_DIR, load_model
     from stopkit.toy.build import build_adapter
 
-    kw = dict(label_seeds=[5, 6], problems=1, prefix_tokens=8, rollouts=2, traces=1, epochs=1,
-              lr=1e-3, lora_rank=4, batch_size=2, seed=0)
+    kw = dict(label_seeds=[5, 6], problems=3, prefix_tokens=8, rollouts=2, traces=2, epochs=1,
+              lr=1e-3, lora_rank=4, batch_size=4, seed=0)
     report = build_adapter(MODEL_DIR, tmp_path / "adapter", work_dir=tmp_path / "work", **kw)
-    assert report["records"] == 2
-    # shards labelled by parallel processes hold the same records
+    assert report["records"] == 12
+    # labelled by 2 Ray workers (a local Ray instance, started and stopped): the same records
     build_adapter(MODEL_DIR, tmp_path / "adapter2", work_dir=tmp_path / "work2", jobs=2, **kw)
     for shard in (5, 6):
         name = f"labels-{shard}.jsonl"
-        assert (tmp_path / "work" / name).read_text() == (tmp_path / "work2" / name).read_text()
+        one, two = ((tmp_path / w / name).read_text().splitlines() for w in ("work", "work2"))
+        assert len(one) == 6 and sorted(one) == sorted(two)
+    import ray
+
+    assert not ray.is_initialized()
     model, _ = load_model()
     scorer = StopScorer.load(tmp_path / "adapter", model)
     assert scorer.num_tokens == 4

@@ -243,10 +243,15 @@ def test_new_is_seeded_and_leaves_global_rng():
 def test_save_load_round_trip(tmp_path, head_hidden):
     model = tiny_model()
     scorer = randomise(StopScorer.new(model, num_tokens=3, lora_rank=8, head_hidden=head_hidden,
-                                      activation="tanh", seed=5))
+                                      activation="tanh", seed=5, lora_dropout=0.125))
     scorer.save(tmp_path / "s")
     loaded = StopScorer.load(tmp_path / "s", model)
     assert loaded.num_tokens == 3 and loaded.activation == "tanh"
+    # training settings that do not change a score in eval mode survive the round trip too
+    written = json.loads((tmp_path / "s/adapter/classifier/adapter_config.json").read_text())
+    assert (written["r"], written["lora_alpha"], written["lora_dropout"]) == (8, 16, 0.125)
+    assert sorted(written["target_modules"]) == ["q_proj", "v_proj"]
+    assert (loaded.lora_dropout, loaded.lora_alpha) == (0.125, 16)
     assert scorer.state_dict().keys() == loaded.state_dict().keys()
     for (name, x), y in zip(scorer.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(x, y), name

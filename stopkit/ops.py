@@ -219,7 +219,7 @@ def _paged_attention_impl(q, k_cache, v_cache, block_table, seq_lens, suffix_k, 
     if sinks is not None:
         sinks = _dense(sinks)
     out = torch.empty_like(q)
-    lse = torch.empty((B, S, H) if return_lse else (0,), dtype=torch.float32, device=device)
+    lse = torch.empty((B, S, H), dtype=torch.float32, device=device) if return_lse else None
     if B > 0:
         backend, extra = _backend(device)
         workspace = None
@@ -230,7 +230,7 @@ def _paged_attention_impl(q, k_cache, v_cache, block_table, seq_lens, suffix_k, 
                 max_blocks_per_row=max_blocks, window=window, dtype=_DTYPE_CODES[q.dtype],
                 max_seq_len=longest, device=extra["device"]), device, extra)
         backend.paged_attention(
-            out=_addr(out), lse=_addr(lse) if return_lse else 0, q=_addr(q),
+            out=_addr(out), lse=_addr(lse), q=_addr(q),
             k_cache=_addr(k_cache), v_cache=_addr(v_cache), block_table=_addr(block_table),
             seq_lens=_addr(seq_lens), suffix_k=_addr(suffix_k), suffix_v=_addr(suffix_v),
             sinks=_addr(sinks), batch=B, q_len=S, num_heads=H, num_kv_heads=Hkv, head_dim=D,
@@ -242,13 +242,12 @@ def _paged_attention_impl(q, k_cache, v_cache, block_table, seq_lens, suffix_k, 
 
 def _paged_attention_fake(q, k_cache, v_cache, block_table, seq_lens, suffix_k, suffix_v, sinks,
                           scale, window, max_seq_len, return_lse, check_indices):
-    lse_shape = q.shape[:3] if return_lse else (0,)
-    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32) if return_lse else None
 
 
 _register("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
           "Tensor seq_lens, Tensor? suffix_k, Tensor? suffix_v, Tensor? sinks, float scale, "
-          "int window, int max_seq_len, bool return_lse, bool check_indices) -> (Tensor, Tensor)",
+          "int window, int max_seq_len, bool return_lse, bool check_indices) -> (Tensor, Tensor?)",
           _paged_attention_impl, _paged_attention_fake)
 
 

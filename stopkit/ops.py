@@ -414,6 +414,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     sure, e.g. once per step for every layer); the kernels still never write outside the cache
     (CPU: they raise; CUDA: an out-of-range slot is skipped), but a repeated slot is then the
     caller's bug: the CPU keeps the last token's values, CUDA may mix pieces of the tokens' rows.
+    Under torch.compile, hand the compiled function the cache storage whole and cut the layers'
+    views inside it: views of one tensor passed as separate inputs to a graph that writes them make
+    AOTAutograd copy the whole tensor per call.
     """
     k_cache = _tensor("k_cache", k_cache, ndim=4, dtype=tuple(_DTYPE_CODES))
     device, dtype = k_cache.device, k_cache.dtype
@@ -462,7 +465,6 @@ def copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *,
         raise ValueError(f"block_dim must be an int in [{-cache.dim()}, {cache.dim()}) for a cache of "
                          f"shape {tuple(cache.shape)}, got {block_dim!r}")
     block_dim = block_dim % cache.dim()
-    num_blocks = cache.shape[block_dim]
     src = _tensor("src", src, ndim=1, dtype=torch.int64, device=device)
     dst = _tensor("dst", dst, ndim=1, dtype=torch.int64, device=device)
     _shape("dst", dst, tuple(src.shape))

@@ -97,9 +97,11 @@ def test_greedy_and_cache_equal_eager(family, backend):
     torch.testing.assert_close(engine.cache.storage, eager.cache.storage, rtol=1e-4, atol=1e-4)
 
 
+@torch._dynamo.config.patch(recompile_limit=1)
 def test_one_compile_per_bucket_and_none_per_step():
     """Five requests ending at different lengths: the live batch shrinks 5 -> 1 across the
-    buckets 8, 4, 2, 1, each compiled exactly once however many steps use it."""
+    buckets 8, 4, 2, 1, each compiled exactly once however many steps use it (even under a
+    recompile limit of 1: the step raises it to its bucket count)."""
     model = _cpu_model("llama")
     backend = CountingBackend()
     engine = _compiled_engine(model, backend, num_blocks=64, max_num_seqs=8)
@@ -112,6 +114,20 @@ def test_one_compile_per_bucket_and_none_per_step():
     assert [len(g.rows[0].tokens) for g in groups] == [3, 6, 9, 12, 15]
     assert set(seen) == {8, 4, 2, 1} and len(seen) > 10
     assert backend.graphs == 4
+
+
+@torch._dynamo.config.patch(recompile_limit=1)
+def test_engines_compile_apart():
+    """Each engine's step has its own compile cache: three engines in turn compile one graph
+    each, none hitting the recompile limit that they would share otherwise."""
+    backend = CountingBackend("eager")
+    torch._dynamo.reset()
+    for _ in range(3):
+        engine = Engine(_cpu_model("llama"), num_blocks=16, max_num_seqs=1)
+        engine.runner.compiled_decode = CompiledDecode(engine.runner, engine.cache,
+                                                       max_num_seqs=1, backend=backend)
+        engine.generate([[5, 6, 7]], max_new_tokens=4, eos_token_id=[])
+    assert backend.graphs == 3
 
 
 def test_no_graph_break_in_the_step():

@@ -15,6 +15,7 @@ suffix passes stay eager.
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
 
@@ -58,19 +59,21 @@ class CompiledDecode:
         self.lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.cuda_graphs = cuda_graphs and dev.type == "cuda"
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.compiled: set[int] = set()  # the buckets run so far
         self._pool = None
-        # MoE layers route with data-dependent shapes (graph breaks there); the attention path
-        # has none. One graph per bucket: shapes are static, and the recompile limit is raised to
-        # the bucket count for these calls.
-        self._step = torch.compile(self._forward, dynamic=False, backend=backend)
+        # One graph per bucket (static shapes). torch.compile caches graphs, and counts them
+        # against its recompile limit, per code object: the step gets a code object of its own,
+        # so that each engine's buckets are its own, and the limit is raised to the bucket count.
+        forward = CompiledDecode._forward
+        own = types.FunctionType(forward.__code__.replace(), forward.__globals__, forward.__name__)
+        self._step = torch.compile(types.MethodType(own, self), dynamic=False, backend=backend)
         self._limit = torch._dynamo.config.patch(
-            recompile_limit=max(torch._dynamo.config.recompile_limit, len(self.buckets) + 1))
+            recompile_limit=max(torch._dynamo.config.recompile_limit, len(self.buckets)))
 
     def accepts(self, batch: ForwardBatch) -> bool:
         """Whether the decode step ``batch`` fits the buckets and the block table's width."""
         table = batch.single_table
-        return (batch.single_all and batch.slots is not None and table.shape[0] <= self.buckets[-1]
-                and table.shape[1] <= self.width)
+        return batch.single_all and table.shape[0] <= self.buckets[-1] and table.shape[1] <= self.width
 
     def bucket(self, rows: int) -> int:
         """The batch size ``rows`` rows are padded to."""
@@ -91,13 +94,16 @@ class CompiledDecode:
         self.lens[:T].copy_(batch.single_lens)
         self.slots[T:B].fill_(-1)  # padding rows: written nowhere, attend to nothing
         self.lens[T:B].fill_(0)
-        if self.cuda_graphs:
-            if B not in self.graphs:
-                self._capture(B)
+        if B not in self.compiled:
+            log.info("compiling the decode step for %d rows%s", B,
+                     " (and capturing its CUDA graph)" if self.cuda_graphs else "")
+            self.compiled.add(B)
             if self.cuda_graphs:
-                graph, logits = self.graphs[B]
-                graph.replay()
-                return logits[:T]
+                self._capture(B)  # turns cuda_graphs off if the step cannot be captured
+        if self.cuda_graphs:
+            graph, logits = self.graphs[B]
+            graph.replay()
+            return logits[:T]
         with self.runner.paged_attention(), self._limit:
             return self._step(*self._inputs(B))[:T]
 

@@ -7,18 +7,22 @@ CUDA "1.5B", DeepSeek-R1-Distill-Qwen-1.5B's shape (Qwen2: hidden 1536, 28 layer
 2 kv heads, head_dim 128, intermediate 8960, vocab 151936) in bfloat16.
 
 Each case decodes ROWS rows (n samples of one 32-token prompt, greedy, no EOS) for NEW_TOKENS
-tokens; the timed runs (after a warm-up run that compiles the batch bucket, or captures its CUDA
-graph) report tokens per second of the whole generate call (the 32-token prefill is one step of
-it) and the warm-up's seconds (compile included). Modes: "eager" (Engine(model)), "compiled"
-(Engine(model, compile=True): inductor, and on CUDA CUDA graphs), and on CUDA "graphs" (the step
-traced by Dynamo without inductor, replayed as CUDA graphs: what the graphs alone give).
-The compiled mode's ratio to eager of the same case and run is in extra_info["speedup"].
+tokens with a compiled engine and with an eager one, alternately: the timed rounds are the
+compiled engine's (pytest-benchmark), each preceded by an untimed-for-the-benchmark eager run of
+the same work, so the ratio is taken between neighbouring runs (a shared machine's speed drifts).
+Reported: tokens per second of the whole generate call (the 32-token prefill is one step of it),
+both engines' medians, the median of the per-round ratios, and the compile time (the compiled
+engine's first run, which compiles its batch bucket or captures its CUDA graph, minus the eager
+engine's first run). Modes: "compiled" (Engine(model, compile=True): inductor, and on CUDA CUDA
+graphs) and on CUDA "graphs" (the step traced by Dynamo without inductor and replayed as CUDA
+graphs: what the graphs alone give).
 
 Run: pytest bench/test_bench_compile.py --benchmark-only -s [--bench-devices cpu|cuda]
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import pytest
@@ -44,7 +48,8 @@ MODELS = {  # name: (config class, config, dtype, rows, new tokens, devices)
                                  num_key_value_heads=2, max_position_embeddings=131072),
              torch.bfloat16, 64, 128, ("cuda",)),
 }
-MODES = {"cpu": ("eager", "compiled"), "cuda": ("eager", "graphs", "compiled")}
+MODES = {"cpu": ("compiled",), "cuda": ("graphs", "compiled")}
+ROUNDS = {"cpu": 5, "cuda": 3}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -58,7 +63,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 _MODELS: dict = {}
-_EAGER_SECONDS: dict = {}
 
 
 def _model(device: str, name: str) -> T.PreTrainedModel:
@@ -74,45 +78,50 @@ def _model(device: str, name: str) -> T.PreTrainedModel:
     return _MODELS[device, name]
 
 
-def test_decode(benchmark, device, model_name, mode):
-    model = _model(device, model_name)
-    rows, new_tokens = MODELS[model_name][3:5]
+def _engine(model, mode: str | None, rows: int, new_tokens: int) -> Engine:
+    """An engine sized for the case; mode None: eager."""
     blocks_per_row = -(-(PROMPT_LEN + new_tokens) // 16)
-    torch._dynamo.reset()
     engine = Engine(model, num_blocks=rows * blocks_per_row + 8, max_num_seqs=rows,
                     compile=mode == "compiled")
     if mode == "graphs":
         engine.runner.compiled_decode = CompiledDecode(engine.runner, engine.cache,
                                                        max_num_seqs=rows, backend="eager")
-    prompt = torch.randint(0, model.config.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(0)).tolist()
+    return engine
 
-    def sync():
+
+def test_decode(benchmark, device, model_name, mode):
+    model = _model(device, model_name)
+    rows, new_tokens = MODELS[model_name][3:5]
+    prompt = torch.randint(0, model.config.vocab_size, (PROMPT_LEN,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
+    torch._dynamo.reset()
+    engines = {"eager": _engine(model, None, rows, new_tokens),
+               mode: _engine(model, mode, rows, new_tokens)}
+
+    def run(name: str) -> float:
+        start = time.perf_counter()
+        out = engines[name].generate([prompt], n=rows, max_new_tokens=new_tokens, eos_token_id=[])
         if device == "cuda":
             torch.cuda.synchronize()
+        assert sum(map(len, out[0])) == rows * new_tokens
+        return time.perf_counter() - start
 
-    def run():
-        out = engine.generate([prompt], n=rows, max_new_tokens=new_tokens, eos_token_id=[])
-        sync()
-        return out
-
-    start = time.perf_counter()
-    first = run()  # the warm-up: compiles the bucket (captures its graph on CUDA)
-    warmup = time.perf_counter() - start
-    assert sum(map(len, first[0])) == rows * new_tokens
-    benchmark.pedantic(run, rounds=3, iterations=1)
+    warmup = {name: run(name) for name in engines}  # compiles the bucket / captures its graph
+    eager: list[float] = []
+    benchmark.pedantic(run, args=(mode,), setup=lambda: eager.append(run("eager")),
+                       rounds=ROUNDS[device], iterations=1)
     if benchmark.stats is None:  # --benchmark-disable
         return
-    seconds = benchmark.stats.stats.median
-    tokens_per_s = rows * new_tokens / seconds
-    info = dict(tokens_per_s=tokens_per_s, warmup_s=warmup, rows=rows, new_tokens=new_tokens,
+    timed = benchmark.stats.stats.data
+    per_s = lambda seconds: rows * new_tokens / seconds  # noqa: E731
+    info = dict(tokens_per_s=per_s(statistics.median(timed)),
+                eager_tokens_per_s=per_s(statistics.median(eager)),
+                speedup=statistics.median(e / t for e, t in zip(eager, timed)),
+                compile_s=warmup[mode] - warmup["eager"], rows=rows, new_tokens=new_tokens,
                 threads=torch.get_num_threads())
-    key = (device, model_name)
-    if mode == "eager":
-        _EAGER_SECONDS[key] = (seconds, warmup)
-    elif key in _EAGER_SECONDS:
-        eager_seconds, eager_warmup = _EAGER_SECONDS[key]
-        info.update(speedup=eager_seconds / seconds, compile_s=warmup - eager_warmup)
     benchmark.extra_info.update(info)
-    extra = "".join(f", {k} {info[k]:.2f}" for k in ("speedup", "compile_s") if k in info)
-    print(f"\n{device} {model_name} {mode}: {tokens_per_s:.0f} tokens/s (median of 3 runs of "
-          f"{rows} x {new_tokens} tokens), warm-up {warmup:.1f} s{extra}")
+    print(f"\n{device} {model_name} {mode}: {info['tokens_per_s']:.0f} tokens/s, eager "
+          f"{info['eager_tokens_per_s']:.0f} (medians of {ROUNDS[device]} alternating runs of {rows} x "
+          f"{new_tokens} tokens), {info['speedup']:.2f}x eager (per-round ratios "
+          f"{' '.join(f'{e / t:.2f}' for e, t in zip(eager, timed))}), compile "
+          f"{info['compile_s']:.1f} s, {info['threads']} threads")

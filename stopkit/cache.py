@@ -1,5 +1,5 @@
 """Paged KV cache: one storage tensor of fixed-size blocks, a refcounted block allocator and the
-per-row block tables the attention kernels read (layouts: DESIGN.md section 3).
+per-row block tables the attention kernels read (layouts: docs/DESIGN.md section 3).
 
 A row is one live sequence. Forked rows share blocks (reference counts, no KV copied); the only
 shared block a row can write is a partially filled last block, and :meth:`PagedKVCache.extend`

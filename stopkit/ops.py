@@ -4,7 +4,7 @@ Every function validates its tensors (device, dtype, shape, strides, index range
 ``ValueError`` / ``TypeError`` naming the argument before any native code runs, then dispatches to
 ``stopkit._C`` (CPU) or ``stopkit._C_cuda`` (CUDA: on the tensors' device and that device's current
 stream, with scratch memory from torch's allocator). The pure-torch oracle of each op lives in
-:mod:`stopkit.reference`. Layouts: DESIGN.md section 3.
+:mod:`stopkit.reference`. Layouts: docs/DESIGN.md section 3.
 
 Each public function reaches its native call through a torch custom op,
 ``torch.ops.stopkit.{paged_attention, write_kv, copy_blocks, stop_score}`` (registered with

@@ -1,4 +1,4 @@
-"""Parallel reasoning with early path pruning: Launch -> Check -> Resume -> vote (STOP, DESIGN.md 1).
+"""Parallel reasoning with early path pruning: Launch -> Check -> Resume -> vote (STOP, docs/DESIGN.md section 1).
 
 ``ParallelReasoner.solve_iter`` runs any number of questions through the engine's scheduler at
 once, each advancing on its own. Launch: a question's ``n`` paths decode ``prefix_tokens`` tokens;
@@ -18,6 +18,11 @@ Methods (higher score = better path):
   arXiv 2508.15260): token confidence = -mean of the top-k (20) log-probabilities, averaged over a
   sliding window of min(window (2048), length) tokens; the score is the lowest window mean.
 - ``"entropy"``: minus the mean token entropy of the prefix (the model's own distribution).
+- ``"similarity"`` / ``"similarity:PATH"`` (the paper's Type I): a path's mean cosine similarity to
+  the question's other prefixes, over token n-gram TF-IDF or a sentence-embedding model
+  (:mod:`stopkit.similarity`; ``ParallelReasoner(similarity_diversity=...)`` ranks for diversity).
+- ``"verifier:PATH"`` (Type II): a separate classifier or process reward model scores each prefix's
+  text (:mod:`stopkit.verifier`); its processed tokens are counted in ``external_tokens``.
 - ``"random"``: uniform scores drawn from ``seed``.
 - ``"full"``: no pruning; every path resumes (``keep`` is ignored).
 - any callable ``(tokens: list[int], text: str) -> float``: an external verifier or judge.
@@ -60,10 +65,11 @@ from numbers import Real
 import torch
 from tqdm.auto import tqdm
 
-from stopkit._checks import check_int
+from stopkit._checks import check_int, check_real
 from stopkit.answers import extract_answer, normalize_answer
 from stopkit.engine import Engine, Group, Row
-from stopkit.loading import eos_token_id, prompt_ids
+from stopkit.loading import PromptFormat, eos_token_id
+from stopkit.methods import parse_method
 from stopkit.pruning import ranking
 
 __all__ = ["ParallelReasoner", "ReasoningRun", "Solution", "Path", "METHODS", "VOTES", "vote",
@@ -71,7 +77,8 @@ __all__ = ["ParallelReasoner", "ReasoningRun", "Solution", "Path", "METHODS", "V
 
 log = logging.getLogger(__name__)
 
-METHODS = ("stop", "confidence", "entropy", "random", "full")
+METHODS = ("stop", "confidence", "entropy", "similarity", "random", "full")  # + similarity:PATH,
+                                                                            # verifier:PATH
 VOTES = ("majority", "score", "entropy")
 ENTROPY_EPS = 1e-6  # floor of a path's mean entropy in the entropy vote (1 / 0 would be infinite)
 
@@ -114,7 +121,10 @@ class Solution:
     pruned prefixes included (= sum of len(p.tokens)); scoring_tokens: [STOP] positions processed
     (0 for methods other than stop); seconds: from the question's submission to its Solution;
     phases: {"launch", "check", "resume": seconds}; tokens: {"launch", "check", "resume":
-    tokens} (module docstring).
+    tokens} (module docstring); external_tokens: tokens an external scorer (verifier:PATH,
+    similarity:PATH) processed; compute_seconds: this question's share of the engine's time
+    (each step's time split over the questions by their rows in it), the per-question cost
+    under continuous batching.
     """
 
     answer: Hashable | None
@@ -125,6 +135,8 @@ class Solution:
     seconds: float
     phases: dict[str, float] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
+    external_tokens: int = 0
+    compute_seconds: float = 0.0
 
 
 def default_extractor(text: str) -> str | None:
@@ -206,19 +218,19 @@ def check_solve_args(*, n: int = 64, keep: int = 8, prefix_tokens: int = 2048,
     n = check_int("n", n, 1)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 2)
     if isinstance(method, str):
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)} or a callable "
-                             f"(tokens, text) -> float, got {method!r}")
-        if method == "stop" and not has_scorer:
+        kind, path = parse_method(method)
+        if kind == "stop" and not has_scorer:
             raise ValueError("method 'stop' needs a scorer: ParallelReasoner(model, tokenizer, "
                              "scorer=StopScorer.load(path, model))")
     elif not callable(method):
         raise TypeError(f"method must be a str or a callable, got {type(method).__name__}")
     if vote not in VOTES:
         raise ValueError(f"vote must be one of {', '.join(VOTES)}, got {vote!r}")
-    if vote == "score" and method == "entropy":
-        raise ValueError("vote 'score' weighs paths by their score, which must be >= 0; method "
-                         "'entropy' scores are minus entropies: use vote='entropy'")
+    if vote == "score" and (method == "entropy" or (isinstance(method, str)
+                                                    and method.startswith("similarity:"))):
+        raise ValueError(f"vote 'score' weighs paths by their score, which must be >= 0; method "
+                         f"{method!r} scores can be negative (minus entropies, cosines): use "
+                         f"vote='majority' or 'entropy'")
     if early_stop is not None:
         early_stop = check_int("early_stop", early_stop, 1)
     if schedule is None:
@@ -256,10 +268,19 @@ class ParallelReasoner:
     a :class:`~stopkit.stop.StopScorer` bound to ``model`` (needed by method ``"stop"`` only).
     engine: an Engine of ``model`` to reuse (e.g. with a fixed KV budget); default a new one.
     confidence_window, confidence_top_k: DeepConf's window (tokens) and top-k.
+    similarity_diversity: 0 ranks ``similarity`` by consensus, (0, 1] for diversity (see
+    :class:`~stopkit.similarity.SimilarityScorer`); external_device, external_dtype: where and in
+    which dtype the models of ``similarity:PATH`` and ``verifier:PATH`` run (default: the reasoning
+    model's device, the checkpoint's dtype); verifier_options: keyword arguments of
+    :meth:`~stopkit.verifier.Verifier.load` (e.g. step_marker, max_length, batch_size).
+    prompt: how str questions become prompts (:class:`~stopkit.loading.PromptFormat`; default:
+    the paper's instruction in the chat template). Use the same for labelling and solving.
     """
 
     def __init__(self, model, tokenizer, scorer=None, *, engine: Engine | None = None,
-                 confidence_window: int = 2048, confidence_top_k: int = 20) -> None:
+                 confidence_window: int = 2048, confidence_top_k: int = 20,
+                 similarity_diversity: float = 0.0, external_device=None, external_dtype="auto",
+                 verifier_options: dict | None = None, prompt: PromptFormat | None = None) -> None:
         if tokenizer is None or not hasattr(tokenizer, "decode"):
             raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
         self.engine = engine if engine is not None else Engine(model)
@@ -272,12 +293,42 @@ class ParallelReasoner:
         self.model, self.tokenizer, self.scorer = model, tokenizer, scorer
         self.confidence_window = check_int("confidence_window", confidence_window, 1)
         self.confidence_top_k = check_int("confidence_top_k", confidence_top_k, 1)
+        self.similarity_diversity = check_real("similarity_diversity", float(similarity_diversity),
+                                               0.0, 1.0)
+        self.external_device = self.engine.device if external_device is None else external_device
+        self.external_dtype = external_dtype
+        self.verifier_options = dict(verifier_options or {})
+        self._external: dict[str, object] = {}
+        if prompt is not None and not isinstance(prompt, PromptFormat):
+            raise TypeError(f"prompt must be a PromptFormat, got {type(prompt).__name__}")
+        self.prompt = prompt or PromptFormat()
         self._eos = eos_token_id(model, tokenizer)
+
+    def external_scorer(self, method: str):
+        """The scorer of an external method (``similarity``, ``similarity:PATH``,
+        ``verifier:PATH``), loaded once and kept."""
+        if method not in self._external:
+            kind, path = parse_method(method)
+            if kind == "similarity":
+                from stopkit.similarity import SimilarityScorer
+
+                scorer = SimilarityScorer.from_spec(method, device=self.external_device,
+                                                    dtype=self.external_dtype,
+                                                    diversity=self.similarity_diversity)
+            elif kind == "verifier":
+                from stopkit.verifier import Verifier
+
+                scorer = Verifier.load(path, device=self.external_device, dtype=self.external_dtype,
+                                       **self.verifier_options)
+            else:
+                raise ValueError(f"{method!r} is not an external method")
+            self._external[method] = scorer
+        return self._external[method]
 
     # ---- inputs --------------------------------------------------------------------------------
     def prompt_ids(self, question: str | Sequence[int]) -> list[int]:
-        """Prompt token ids of a question (:func:`stopkit.loading.prompt_ids`)."""
-        return prompt_ids(self.tokenizer, question)
+        """Prompt token ids of a question in this reasoner's prompt format."""
+        return self.prompt.prompt_ids(self.tokenizer, question)
 
     def check_args(self, **kwargs) -> _Plan:
         """Validate solve's arguments (see :func:`check_solve_args`) for this reasoner (method
@@ -329,8 +380,12 @@ class ParallelReasoner:
 class _Question:
     """One question of a :class:`ReasoningRun`: its plan, group and book-keeping."""
 
-    def __init__(self, index: int, plan: _Plan, extractor: Callable, seed: int) -> None:
+    def __init__(self, index: int, plan: _Plan, extractor: Callable, seed: int, text: str,
+                 prune: bool) -> None:
         self.index, self.plan, self.extractor, self.seed = index, plan, extractor, seed
+        self.text, self.prune = text, prune  # the question as text (external scorers read it)
+        self.external_tokens = 0
+        self.compute_seconds = 0.0
         self.group: Group | None = None
         self.t_start = time.perf_counter()
         self.t_first_check: float | None = None
@@ -353,6 +408,7 @@ class ReasoningRun:
         self.engine._check_idle()
         self._questions: dict[int, _Question] = {}   # id(group) -> question
         self._next = 0
+        self.sampled_tokens = 0  # tokens sampled by this run's steps, over every path
         self._bar = tqdm(desc="solve", unit="tok", leave=False,
                          disable=None if progress is None else not progress)
 
@@ -361,16 +417,25 @@ class ReasoningRun:
         """Questions added and not yet finished."""
         return len(self._questions)
 
+    def progress(self) -> dict[int, dict]:
+        """Each pending question's progress, ``{index: {"tokens": sampled so far over its paths,
+        "live_paths": paths not ended, "checks": checks resolved, "started": a path was admitted
+        to the engine}}`` (a server's progress events and metrics)."""
+        return {q.index: {"tokens": sum(len(r.tokens) for r in q.group.rows),
+                          "live_paths": len(q.group.live_rows), "checks": q.group.check_index,
+                          "started": q.group.started} for q in self._questions.values()}
+
     def add(self, question: str | Sequence[int], *, index: int | None = None, n: int = 64,
             keep: int = 8, prefix_tokens: int = 2048, max_new_tokens: int = 8192,
             method: Method = "stop", vote: str = "majority", early_stop: int | None = None,
             seed: int = 0, temperature: float = 0.6, top_p: float = 0.95, top_k: int = 0,
             min_p: float = 0.0, schedule: Sequence[tuple[int, int]] | None = None,
-            extractor: Callable[[str], Hashable | None] | None = None) -> int:
+            extractor: Callable[[str], Hashable | None] | None = None, prune: bool = True) -> int:
         """Queue a question (arguments as :meth:`ParallelReasoner.solve_iter`); returns its index
-        (``index``, default the number of questions added before). Raises before queueing
-        anything on bad arguments, and CacheFullError when the question can never fit the KV
-        budget."""
+        (``index``, default the number of questions added before). prune False: every check
+        scores the live paths but keeps them all (a budget sweep reads one such run for every
+        keep). Raises before queueing anything on bad arguments, and CacheFullError when the
+        question can never fit the KV budget."""
         plan = self.r.check_args(n=n, keep=keep, prefix_tokens=prefix_tokens,
                                  max_new_tokens=max_new_tokens, method=method, vote=vote,
                                  early_stop=early_stop, schedule=schedule)
@@ -378,13 +443,17 @@ class ReasoningRun:
         if extractor is not None and not callable(extractor):
             raise TypeError(f"extractor must be a callable text -> answer, got {type(extractor).__name__}")
         prompt = self.r.prompt_ids(question)
+        if isinstance(plan.method, str) and parse_method(plan.method)[0] in ("similarity", "verifier"):
+            self.r.external_scorer(plan.method)  # load (and check) it before anything runs
+        text = question if isinstance(question, str) else \
+            self.r.tokenizer.decode(prompt, skip_special_tokens=True)
         sampling = self.engine.sampling_params(
             max_new_tokens=plan.max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             min_p=min_p, seed=seed, eos_token_id=self.r._eos,
             record_logprobs=plan.method == "entropy" or plan.vote == "entropy",
             top_logprobs=self.r.confidence_top_k if plan.method == "confidence" else 0)
         index = self._next if index is None else index
-        q = _Question(index, plan, extractor or default_extractor, seed)
+        q = _Question(index, plan, extractor or default_extractor, seed, text, bool(prune))
         q.group = self.engine.add_request(prompt, sampling, n=plan.n, index=index,
                                           checks=[prefix for prefix, _ in plan.rounds])
         self._questions[id(q.group)] = q
@@ -404,8 +473,11 @@ class ReasoningRun:
 
     def step(self) -> list[tuple[int, Solution]]:
         """One engine step; returns the questions it finished as ``(index, Solution)``."""
+        t0 = time.perf_counter()
         out = self.engine.step()
+        self._share(time.perf_counter() - t0, out)
         self._bar.update(len(out.sampled))
+        self.sampled_tokens += len(out.sampled)
         for row in out.ended:
             q = self._questions[id(row.group)]
             if q.plan.early_stop is not None:
@@ -437,6 +509,17 @@ class ReasoningRun:
         self._bar.close()
 
     # ---- internals -----------------------------------------------------------------------------
+    def _share(self, seconds: float, out) -> None:
+        """Split a step's time over the questions by their rows in it."""
+        rows: dict[int, int] = {}
+        for r in self.engine.scheduler.running + out.ended:
+            rows[id(r.group)] = rows.get(id(r.group), 0) + 1
+        total = sum(rows.values())
+        for key, count in rows.items():
+            q = self._questions.get(key)
+            if q is not None:
+                q.compute_seconds += seconds * count / total
+
     def _text_answer(self, q: _Question, row: Row) -> tuple[str, Hashable | None]:
         """(text, answer) of a row that ended (its tokens no longer change)."""
         if row.sample_index not in q.answers:
@@ -484,7 +567,7 @@ class ReasoningRun:
                 for r, s in zip(rows, scores):
                     q.scores[r.sample_index] = s
                 order = ranking(torch.tensor(scores, dtype=torch.float64)).tolist()
-                drop = [rows[j] for j in order[keep:]]
+                drop = [rows[j] for j in order[keep:]] if q.prune else []
                 if drop:
                     self.engine.end_rows(drop, "pruned")
                 log.debug("question %d: check %d scored %d paths, dropped %d", q.index,
@@ -497,6 +580,13 @@ class ReasoningRun:
     def _method_scores(self, q: _Question, rows: list[Row]) -> list[float]:
         """Scores of a question's live rows at a check by a method other than stop."""
         method = q.plan.method
+        if isinstance(method, str) and parse_method(method)[0] in ("similarity", "verifier"):
+            scorer = self.r.external_scorer(method)
+            before = scorer.tokens
+            texts = [self.r.tokenizer.decode(r.tokens, skip_special_tokens=True) for r in rows]
+            scores = scorer.score(q.text, texts, [list(r.tokens) for r in rows])
+            q.external_tokens += scorer.tokens - before
+            return [float(x) for x in scores]
         if method == "confidence":
             return [confidence_score(r.top_logprobs, self.r.confidence_window,
                                      self.r.confidence_top_k) for r in rows]
@@ -549,4 +639,5 @@ class ReasoningRun:
                         scoring_tokens=q.scoring_tokens, seconds=now - q.t_start,
                         phases=dict(q.phases),
                         tokens={"launch": launch, "check": q.scoring_tokens,
-                                "resume": generated - launch})
+                                "resume": generated - launch},
+                        external_tokens=q.external_tokens, compute_seconds=q.compute_seconds)

@@ -1,5 +1,5 @@
 """StopScorer: K learned [STOP] tokens + a LoRA adapter + a tiny head that score a path from its
-paged KV cache (DESIGN.md section 1).
+paged KV cache (docs/DESIGN.md section 1).
 
 One learned vector e in R^d is repeated over ``num_tokens`` positions l..l+K-1 after a prefix of
 length l. The [STOP] pass runs every layer of the frozen model with LoRA on ``q_proj``/``v_proj``
@@ -18,16 +18,17 @@ and several scorers can share one model. On disk the adapter is a standard PEFT 
 with plain LoRA (alpha/r or rsLoRA scaling, per-module ranks) and rejects variants it does not
 implement (DoRA, LoRA bias, alpha patterns, modules_to_save) with a clear error.
 
-Layouts ``StopScorer.load`` reads::
+Layouts ``StopScorer.load`` reads and ``StopScorer.save`` writes (``layout="stopkit"``, the
+default, or ``"authors"``, for the authors' code)::
 
-    stopkit (written by save):          authors' release:
+    stopkit:                            authors' release:
       stop_config.json                    assess_token_config.json
       stop.safetensors                    assess_token_embedding.pth
       adapter/classifier/                 classifier_head.pth
         adapter_config.json               adapter/classifier/
         adapter_model.safetensors           adapter_config.json
                                             adapter_model.bin | adapter_model.safetensors
-                                          tokenizer/   (optional, not needed)
+                                          tokenizer/   (optional; not read)
 
 The [STOP] vector of a new scorer starts from the embedding row of ``token_id`` (e.g. a spare
 special token of the tokenizer, like the toy's ``[STOP]``) or, by default, from the mean of the
@@ -38,6 +39,7 @@ without changing the model's vocabulary.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import json
 import logging
@@ -59,11 +61,15 @@ from stopkit._checks import check_choice, check_int, check_real, check_token_ids
 # transformers, peft and stopkit.engine are imported where they are used, so that importing this
 # module stays cheap.
 
-__all__ = ["StopScorer", "ADAPTER_NAME", "OWN_LAYOUT", "AUTHORS_LAYOUT"]
+__all__ = ["StopScorer", "ADAPTER_NAME", "ASSESS_TOKEN", "LAYOUTS", "OWN_LAYOUT", "AUTHORS_LAYOUT"]
 
 log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "classifier"
+ASSESS_TOKEN = "[ASSESS]"  # the authors' default name of their [STOP] token
+LAYOUTS = ("stopkit", "authors")
+_OWN_FILES = ("stop_config.json", "stop.safetensors")
+_AUTHORS_FILES = ("assess_token_config.json", "assess_token_embedding.pth", "classifier_head.pth")
 FORMAT = "stopkit.stop"
 FORMAT_VERSION = 1
 OWN_LAYOUT = ("stop_config.json, stop.safetensors (token [d], head.weight [2, d|h], head.bias [2], "
@@ -214,16 +220,60 @@ class StopScorer(nn.Module):
                    head_bias=parts["head_bias"], hidden_weight=parts["hidden_weight"],
                    hidden_bias=parts["hidden_bias"], activation=parts["activation"])
 
-    def save(self, path: str | Path) -> None:
-        """Write the stopkit layout to directory ``path`` (created; files overwritten)."""
-        from peft import LoraConfig
+    def check_layout(self, layout: str) -> str:
+        """``layout`` when :meth:`save` can write this scorer in it; ValueError otherwise."""
+        check_choice("layout", layout, LAYOUTS)
+        if layout == "authors" and self.hidden is not None:
+            raise ValueError(f"the authors' layout holds a Linear(d, 2) head only "
+                             f"(classifier_head.pth), but this scorer's head has a hidden layer "
+                             f"(head_hidden={self.hidden.out_features}); save it in the stopkit "
+                             f"layout")
+        return layout
 
+    def save(self, path: str | Path, layout: str = "stopkit", *, tokenizer=None) -> None:
+        """Write directory ``path`` (created; files overwritten, the other layout's files removed so
+        that :meth:`load` reads what was written) in ``layout`` (module docstring):
+
+        - ``"stopkit"``: full precision, any head.
+        - ``"authors"``: what the authors' trainer writes, so that their code loads the scorer:
+          ``classifier_head.pth`` and ``assess_token_embedding.pth`` in the model's dtype (theirs
+          hold the model's dtype; the adapter stays float32 as PEFT keeps it), the assess token
+          ``[ASSESS]`` (their default) with ``special_token_id`` its id in ``tokenizer`` (added
+          to a copy when missing, written to ``tokenizer/``), or -1 without a tokenizer. Their
+          deployment appends ``special_token_id`` to the prefix (and skips scoring when it is -1),
+          so pass the model's tokenizer. A head with a hidden layer cannot be written (ValueError).
+        """
+        self.check_layout(layout)
         path = Path(path)
         adapter_dir = path / "adapter" / ADAPTER_NAME
         adapter_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (_AUTHORS_FILES if layout == "stopkit" else _OWN_FILES):
+            (path / stale).unlink(missing_ok=True)
+        # an older .bin beside the new .safetensors would be a second, stale copy of the adapter
+        (adapter_dir / "adapter_model.bin").unlink(missing_ok=True)
+        self._save_adapter(adapter_dir, task_type=None if layout == "stopkit" else "CAUSAL_LM")
+        if layout == "authors":
+            self._save_authors(path, tokenizer)
+        else:
+            own = {"token": self.token, "head.weight": self.head.weight, "head.bias": self.head.bias}
+            if self.hidden is not None:
+                own.update({"hidden.weight": self.hidden.weight, "hidden.bias": self.hidden.bias})
+            save_file({k: v.detach().cpu().float().contiguous() for k, v in own.items()},
+                      str(path / "stop.safetensors"))
+            config = {"format": FORMAT, "version": FORMAT_VERSION, "hidden_size": self.hidden_size,
+                      "num_tokens": self.num_tokens, "head_hidden": None if self.hidden is None
+                      else self.hidden.out_features, "activation": self.activation,
+                      "adapter": f"adapter/{ADAPTER_NAME}"}
+            (path / "stop_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        log.info("saved StopScorer to %s (%s layout)", path, layout)
+
+    def _save_adapter(self, adapter_dir: Path, task_type: str | None) -> None:
+        """The LoRA factors as a PEFT adapter (PEFT's config and key names, float32 safetensors)."""
+        from peft import LoraConfig
+
         rank = max(lo.A.shape[0] for lo in self.loras)
         LoraConfig(r=rank, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                   use_rslora=self.use_rslora,
+                   use_rslora=self.use_rslora, task_type=task_type,
                    target_modules=sorted({lo.path.split(".")[-1] for lo in self.loras}),
                    rank_pattern={lo.path: lo.A.shape[0] for lo in self.loras
                                  if lo.A.shape[0] != rank},
@@ -234,17 +284,31 @@ class StopScorer(nn.Module):
             tensors[f"base_model.model.{lo.path}.lora_A.weight"] = lo.A.detach().cpu().contiguous()
             tensors[f"base_model.model.{lo.path}.lora_B.weight"] = lo.B.detach().cpu().contiguous()
         save_file(tensors, str(adapter_dir / "adapter_model.safetensors"))
-        own = {"token": self.token, "head.weight": self.head.weight, "head.bias": self.head.bias}
-        if self.hidden is not None:
-            own.update({"hidden.weight": self.hidden.weight, "hidden.bias": self.hidden.bias})
-        save_file({k: v.detach().cpu().float().contiguous() for k, v in own.items()},
-                  str(path / "stop.safetensors"))
-        config = {"format": FORMAT, "version": FORMAT_VERSION, "hidden_size": self.hidden_size,
-                  "num_tokens": self.num_tokens, "head_hidden": None if self.hidden is None
-                  else self.hidden.out_features, "activation": self.activation,
-                  "adapter": f"adapter/{ADAPTER_NAME}"}
-        (path / "stop_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        log.info("saved StopScorer to %s", path)
+
+    def _save_authors(self, path: Path, tokenizer) -> None:
+        """The authors' head, [STOP] embedding, config and tokenizer files (see :meth:`save`)."""
+        dtype = _embeddings(self.model).weight.dtype
+        special_token_id = -1
+        if tokenizer is not None:
+            tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer stays as it is
+            if ASSESS_TOKEN not in tokenizer.get_vocab():
+                tokenizer.add_tokens([ASSESS_TOKEN])
+            special_token_id = int(tokenizer.convert_tokens_to_ids(ASSESS_TOKEN))
+            tokenizer.save_pretrained(str(path / "tokenizer"))
+        else:
+            log.warning("saving the authors' layout without a tokenizer: special_token_id is -1, "
+                        "and the authors' deployment skips scoring without a token id")
+        torch.save({"weight": self.head.weight.detach().cpu().to(dtype).contiguous(),
+                    "bias": self.head.bias.detach().cpu().to(dtype).contiguous()},
+                   path / "classifier_head.pth")
+        torch.save({"assess_token": ASSESS_TOKEN, "special_token_id": special_token_id,
+                    "input_embedding": self.token.detach().cpu().to(dtype).contiguous(),
+                    "output_embedding": None}, path / "assess_token_embedding.pth")
+        config = {"assess_token": ASSESS_TOKEN, "special_token_id": special_token_id,
+                  "num_assess_tokens": self.num_tokens,
+                  "tokenizer_dir": "tokenizer" if tokenizer is not None else None,
+                  "embedding_path": "assess_token_embedding.pth"}
+        (path / "assess_token_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     # ---- properties -----------------------------------------------------------------------------
     @property
@@ -302,10 +366,16 @@ class StopScorer(nn.Module):
     def forward(self, prefixes: Sequence[Sequence[int]]) -> torch.Tensor:
         """Training forward with plain transformers: logits float32 ``[B, 2]`` of token-id prefixes.
 
-        The prefixes (right-padded, attention-masked) run once through the base model without the
-        adapter and without gradients (use_cache); the [STOP] embeddings then run with the adapter
-        against that cache at positions ``l_b .. l_b + K - 1`` of each row; the last [STOP] token's
-        final-norm hidden state goes through the head. Gradients reach token, LoRA and head.
+        The prefixes (LEFT-padded, attention-masked, row b at positions ``0 .. l_b - 1``) run once
+        through the base model without the adapter and without gradients (use_cache); the [STOP]
+        embeddings then run with the adapter against that cache at positions ``l_b .. l_b + K - 1``
+        of each row; the last [STOP] token's final-norm hidden state goes through the head.
+        Gradients reach token, LoRA and head.
+
+        Left padding, as the authors' trainer does it, keeps every row's last real tokens next to
+        its [STOP] tokens: transformers' sliding-window masks and caches count slots, not
+        positions, so with right padding a short row's window (gpt-oss, Mistral, Qwen2) would
+        cover padding instead of the end of its prefix.
         """
         prefixes = self._check_prefixes(prefixes)
         device = self.token.device
@@ -314,15 +384,18 @@ class StopScorer(nn.Module):
         L = int(lens.max())
         ids = torch.zeros(B, L, dtype=torch.int64)
         for i, p in enumerate(prefixes):
-            ids[i, :len(p)] = torch.tensor(p)
+            ids[i, L - len(p):] = torch.tensor(p)
         ids = ids.to(device)
-        mask = (torch.arange(L, device=device)[None] < lens[:, None]).long()
+        pad = (L - lens)[:, None]
+        slots = torch.arange(L, device=device)[None]
+        mask = (slots >= pad).long()
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
         kw = _cache_kwarg(self._backbone)
         with torch.no_grad():
-            self._backbone(input_ids=ids, attention_mask=mask, use_cache=True, **{kw: cache})
+            self._backbone(input_ids=ids, attention_mask=mask,
+                           position_ids=(slots - pad).clamp(min=0), use_cache=True, **{kw: cache})
         positions = lens[:, None] + torch.arange(K, device=device)
         mask = torch.cat([mask, mask.new_ones(B, K)], dim=1)
         with self.adapter():

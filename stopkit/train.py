@@ -1,27 +1,16 @@
-"""Monte-Carlo labelling and training of a StopScorer (behind ``stopkit label`` and ``stopkit train``).
-
-Labelling (DESIGN.md section 1): for each problem, sample ``traces`` reasoning traces and cut each
-at ``prefix_tokens`` generated tokens (traces that end earlier are skipped: at inference they go
-straight to the vote and are never scored); from each prefix sample ``rollouts`` continuations
-through the engine, with the prompt + prefix prefilled once and its cache blocks shared by all
-rollouts (forked rows); the label is the fraction of rollouts whose final answer is correct. One
-JSONL record per prefix, with the authors' field names::
-
-    {"id": problem id, "question": ..., "answer": ..., "trace": j,
-     "prefix_token_ids": prompt ids + the first prefix_tokens generated ids (what the [STOP]
-                         tokens follow), "prompt_len": len(prompt ids),
-     "soft_label": n_correct / n_rollouts, "n_correct": ..., "n_rollouts": ...}
-
-Records of a problem are written together after it is done, so a rerun on the same output file
-skips finished problem ids (a problem whose traces all ended inside the prefix leaves no record
-and is sampled again, with the same seed-derived streams).
+"""Training of a StopScorer on Monte-Carlo labels (``stopkit train``; labels come from
+:mod:`stopkit.label`).
 
 Training: soft-label cross-entropy (targets ``[1 - p, p]``) on the scorer's logits, AdamW (lr 1e-4,
 no schedule), mini-batches with gradient accumulation; the prefix pass runs without the adapter
 and without gradients (:meth:`stopkit.stop.StopScorer.forward`). After every epoch the validation
 MSE (score vs soft label), AUROC, accuracy (binary target ``label >= 0.5``, prediction
 ``score >= 0.5``) and the within-problem pair accuracy (:func:`pair_accuracy`) are logged and the
-checkpoint with the best validation MSE is saved.
+checkpoint with the best validation MSE is saved, in stopkit's layout or the authors'.
+
+Label files: ``stopkit label``'s JSONL, or the authors' (their label keys, :data:`LABEL_KEYS`).
+Optional difficulty filter (``drop_uniform``): problems whose labels are all 0 or all 1 are left
+out of training. The label statistics are logged when training starts.
 """
 
 from __future__ import annotations
@@ -30,7 +19,6 @@ import json
 import logging
 import math
 import random
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,12 +27,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from stopkit._checks import check_int, check_real, check_token_ids
-from stopkit.answers import Checker, check_answer
-from stopkit.loading import eos_token_id, prompt_ids, read_jsonl
+from stopkit.label import label_statistics
+from stopkit.loading import read_jsonl
 from stopkit.stop import StopScorer
 
-__all__ = ["auroc", "pair_accuracy", "metrics", "load_labels", "check_records", "split_by_problem",
-           "evaluate_scorer", "train_scorer", "label_problems"]
+__all__ = ["auroc", "pair_accuracy", "metrics", "LABEL_KEYS", "PREFIX_KEYS", "load_labels",
+           "check_records", "drop_uniform_problems", "split_by_problem", "evaluate_scorer",
+           "train_scorer"]
 
 log = logging.getLogger(__name__)
 
@@ -107,30 +96,66 @@ def metrics(scores, labels, groups=None) -> dict[str, float]:
 
 
 # ---- label data ----------------------------------------------------------------------------------
-def _check_record(rec: dict, where: str, vocab_size: int | None = None) -> dict:
-    """A label record's fields, checked; ValueError (never TypeError: a record is data) naming
-    ``where`` (a file:line or a list element)."""
+# The label keys the authors' trainer reads, in its order (the first one a record has wins); stopkit
+# label writes soft_label. Their trainer reads the prefix ids from prefix_token_ids only.
+LABEL_KEYS = ("Soft_label", "soft_label", "good_probability", "label_prob", "score")
+PREFIX_KEYS = ("prefix_token_ids",)
+
+
+def _check_record(rec: dict, where: str, vocab_size: int | None = None, default_id=None) -> dict:
+    """A label record as ``{"id", "prefix_token_ids", "soft_label"}``, checked; ValueError (never
+    TypeError: a record is data) naming ``where`` (a file:line or a list element)."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where} must be a dict (a label record), got {type(rec).__name__}")
+    fields = {}
+    for what, keys in (("prefix ids", PREFIX_KEYS), ("label", LABEL_KEYS)):
+        key = next((k for k in keys if k in rec), None)
+        if key is None:
+            raise ValueError(f"{where}: no {what}: the record has keys {sorted(rec)[:12]}, "
+                             f"accepted {'one of ' if len(keys) > 1 else ''}{', '.join(keys)}")
+        fields[what] = key
     try:
-        ids = check_token_ids(f"{where}: prefix_token_ids", rec.get("prefix_token_ids"), vocab_size)
-        p = check_real(f"{where}: soft_label", rec.get("soft_label"), 0, 1)
+        ids = check_token_ids(f"{where}: {fields['prefix ids']}", rec[fields["prefix ids"]],
+                              vocab_size)
+        p = check_real(f"{where}: {fields['label']}", rec[fields["label"]], 0, 1)
     except TypeError as e:
         raise ValueError(str(e)) from None
-    return {"id": rec.get("id", rec.get("problem_id")), "prefix_token_ids": ids, "soft_label": p}
+    pid = rec.get("id", rec.get("problem_id"))
+    return {"id": default_id if pid is None else pid, "prefix_token_ids": ids, "soft_label": p}
 
 
-def load_labels(path: str | Path) -> list[dict]:
-    """Training records from a ``stopkit label`` JSONL (or any JSONL with ``prefix_token_ids`` and
-    ``soft_label`` in [0, 1]; ``id`` optional, default the line number). Returns dicts with
-    ``id``, ``prefix_token_ids``, ``soft_label``. Raises ValueError naming the line of a bad record."""
+def drop_uniform_problems(records: list[dict]) -> list[dict]:
+    """The records of the problems (``id``) whose labels are not all 0 and not all 1: the
+    difficulty filter. A problem no rollout ever solves, or every rollout solves, teaches the
+    scorer nothing about which of its paths to keep."""
+    labels: dict[str, set[float]] = {}
+    for r in records:
+        labels.setdefault(str(r["id"]), set()).add(r["soft_label"])
+    keep = {pid for pid, v in labels.items() if v != {0.0} and v != {1.0}}
+    kept = [r for r in records if str(r["id"]) in keep]
+    log.info("difficulty filter: dropped %d of %d problems (%d of %d records) whose labels are all "
+             "0 or all 1", len(labels) - len(keep), len(labels), len(records) - len(kept),
+             len(records))
+    return kept
+
+
+def load_labels(path: str | Path, *, drop_uniform: bool = False) -> list[dict]:
+    """Training records from a label JSONL: ``stopkit label``'s, or the authors' (prefix ids under
+    ``prefix_token_ids``; the label, in [0, 1], under the first of :data:`LABEL_KEYS` present:
+    ``Soft_label``, ``soft_label``, ``good_probability``, ``label_prob``, ``score``; ``id`` or
+    ``problem_id`` optional, default the line number). Returns dicts with ``id``,
+    ``prefix_token_ids``, ``soft_label``. drop_uniform: leave out the problems whose labels are all
+    0 or all 1 (:func:`drop_uniform_problems`). Raises ValueError naming the line of a bad record."""
     path = Path(path)
-    records = []
-    for lineno, rec in read_jsonl(path, "label"):
-        rec = _check_record(rec, f"{path}:{lineno}")
-        if rec["id"] is None:
-            rec["id"] = lineno
-        records.append(rec)
+    records = [_check_record(rec, f"{path}:{lineno}", default_id=lineno)
+               for lineno, rec in read_jsonl(path, "label")]
     if not records:
         raise ValueError(f"{path} holds no records")
+    if drop_uniform:
+        records = drop_uniform_problems(records)
+        if not records:
+            raise ValueError(f"{path}: every problem's labels are all 0 or all 1; the difficulty "
+                             "filter (drop_uniform) left no records")
     return records
 
 
@@ -148,11 +173,12 @@ def split_by_problem(records: list[dict], val_fraction: float, seed: int = 0
             [r for r in records if str(r["id"]) in val_ids])
 
 
-def check_records(records: list[dict], vocab_size: int, name: str) -> None:
-    """ValueError naming ``name[i]`` unless every record has ``prefix_token_ids`` in
-    ``[0, vocab_size)`` (the model's vocabulary) and a ``soft_label`` in [0, 1]."""
-    for i, r in enumerate(records):
-        _check_record(r, f"{name}[{i}]", vocab_size)
+def check_records(records: list[dict], vocab_size: int, name: str) -> list[dict]:
+    """The records as ``{"id", "prefix_token_ids", "soft_label"}`` (label keys as in
+    :func:`load_labels`; ``id`` default the index); ValueError naming ``name[i]`` unless every
+    record has prefix ids in ``[0, vocab_size)`` (the model's vocabulary) and a label in [0, 1]."""
+    return [_check_record(r, f"{name}[{i}]", vocab_size, default_id=i)
+            for i, r in enumerate(records)]
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -179,13 +205,18 @@ def evaluate_scorer(scorer: StopScorer, records: list[dict], *, batch_size: int 
 def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
                  out: str | Path | None = None, epochs: int = 3, batch_size: int = 8,
                  grad_accum: int = 1, lr: float = 1e-4, weight_decay: float = 0.01,
-                 seed: int = 0, progress: bool = True) -> list[dict]:
+                 seed: int = 0, drop_uniform: bool = False, layout: str = "stopkit",
+                 tokenizer=None, progress: bool = True) -> list[dict]:
     """Train ``scorer`` (token, LoRA, head; the model stays frozen) on label records.
 
-    Each optimizer step sees ``batch_size * grad_accum`` records. Returns the history: one dict
-    per epoch (epoch 0 = before training) with ``train_loss`` (mean soft-label cross-entropy of
-    the epoch) and the validation ``mse``, ``auroc``, ``accuracy``, ``pair_accuracy``. With ``out``,
-    the epoch with the best validation MSE is saved there (:meth:`StopScorer.save`) with ``metrics.json``; without
+    train, val: label records (:func:`check_records`). Each optimizer step sees ``batch_size *
+    grad_accum`` records. drop_uniform: train only on the problems whose labels are not all 0 and
+    not all 1 (:func:`drop_uniform_problems`; validation keeps every record). The label statistics
+    (:func:`stopkit.label.label_statistics`) of both sets are logged first. Returns the history:
+    one dict per epoch (epoch 0 = before training) with ``train_loss`` (mean soft-label
+    cross-entropy of the epoch) and the validation ``mse``, ``auroc``, ``accuracy``,
+    ``pair_accuracy``. With ``out``, the epoch with the best validation MSE is saved there
+    (:meth:`StopScorer.save` with ``layout`` and ``tokenizer``) with ``metrics.json``; without
     validation records, the last epoch is saved.
     """
     epochs = check_int("epochs", epochs, 1)
@@ -193,11 +224,20 @@ def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
     grad_accum = check_int("grad_accum", grad_accum, 1)
     lr = check_real("lr", lr, 0, low_open=True)
     weight_decay = check_real("weight_decay", weight_decay, 0)
+    scorer.check_layout(layout)
     if not train:
         raise ValueError("train must hold at least one record")
     vocab = scorer.model.get_input_embeddings().weight.shape[0]
-    check_records(train, vocab, "train")
-    check_records(val, vocab, "val")
+    train = check_records(train, vocab, "train")
+    val = check_records(val, vocab, "val")
+    if drop_uniform:
+        train = drop_uniform_problems(train)
+        if not train:
+            raise ValueError("every training problem's labels are all 0 or all 1: the difficulty "
+                             "filter (drop_uniform) left no training records")
+    for name, records in (("training", train), ("validation", val)):
+        if records:
+            log.info("%s labels: %s", name, json.dumps(label_statistics(records)))
     out = Path(out) if out is not None else None
     model = scorer.model
     frozen = [(p, p.requires_grad) for p in model.parameters()]
@@ -240,7 +280,7 @@ def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
             if improved:
                 best = row
                 if out is not None:
-                    scorer.save(out)
+                    scorer.save(out, layout=layout, tokenizer=tokenizer)
             if out is not None:
                 (out / "metrics.json").write_text(json.dumps(
                     {"best": best, "history": history}, indent=2) + "\n")
@@ -253,104 +293,3 @@ def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
 
 def _fmt(row: dict) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch")
-
-
-# ---- labelling -----------------------------------------------------------------------------------
-def _seed(*parts) -> int:
-    return zlib.crc32(":".join(str(p) for p in parts).encode())
-
-
-def _finished_ids(out: Path) -> set[str]:
-    """Problem ids already in ``out``; a truncated last line (an interrupted write) is cut off."""
-    if not out.is_file():
-        return set()
-    done, good = set(), 0
-    with out.open("rb") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s: dropping an incomplete last record (interrupted run)", out)
-                break
-            done.add(str(rec.get("id")))
-            good += len(line)
-    if good != out.stat().st_size:
-        with out.open("r+b") as f:
-            f.truncate(good)
-    return done
-
-
-def label_problems(model, tokenizer, problems: Sequence[dict], out: str | Path, *,
-                   prefix_tokens: int, rollouts: int = 32, traces: int = 1,
-                   max_new_tokens: int = 8192, temperature: float = 0.6, top_p: float = 0.95,
-                   top_k: int = 0, seed: int = 0, checker: Checker = check_answer,
-                   engine=None, progress: bool = True) -> dict[str, int]:
-    """Monte-Carlo labels of reasoning prefixes, appended to the JSONL ``out`` (module docstring).
-
-    problems: dicts with ``question`` (str or prompt ids), ``answer`` and optional ``id`` (default
-    the index). Traces are sampled for ``prefix_tokens`` new tokens; each surviving prefix gets
-    ``rollouts`` continuations of up to ``max_new_tokens - prefix_tokens`` tokens; ``checker(text,
-    answer)`` judges each (text = the decoded prefix + continuation, prompt excluded). Sampling
-    streams derive from ``(seed, problem id)``, so a resumed run reproduces a fresh one. Returns
-    counts: problems done / skipped (already in ``out``), records written, traces that ended
-    inside the prefix.
-    """
-    from stopkit.engine import Engine
-
-    prefix_tokens = check_int("prefix_tokens", prefix_tokens, 1)
-    rollouts = check_int("rollouts", rollouts, 1)
-    traces = check_int("traces", traces, 1)
-    if check_int("max_new_tokens", max_new_tokens, 2) <= prefix_tokens:
-        raise ValueError(f"max_new_tokens ({max_new_tokens}) must exceed prefix_tokens "
-                         f"({prefix_tokens}): rollouts continue after the prefix")
-    if not callable(checker):
-        raise TypeError("checker must be a callable (text, answer) -> bool")
-    items = []
-    for i, prob in enumerate(problems):
-        if not isinstance(prob, dict) or "question" not in prob or "answer" not in prob:
-            raise ValueError(f"problems[{i}] must be a dict with 'question' and 'answer'")
-        items.append((prob.get("id", i), prob, prompt_ids(tokenizer, prob["question"])))
-    ids = [str(pid) for pid, _, _ in items]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"problem ids must be unique (resuming skips by id), got duplicates "
-                         f"{sorted({x for x in ids if ids.count(x) > 1})[:5]}")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = _finished_ids(out)
-    engine = engine if engine is not None else Engine(model)
-    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
-                "eos_token_id": eos_token_id(model, tokenizer)}  # as the reasoner ends paths
-    stats = {"problems": 0, "skipped": 0, "records": 0, "ended_in_prefix": 0}
-    with out.open("a", encoding="utf-8") as f:
-        for pid, prob, prompt in tqdm(items, desc="label", unit="problem", disable=not progress):
-            if str(pid) in done:
-                stats["skipped"] += 1
-                continue
-            answer = str(prob["answer"])
-            with engine.start([prompt], n=traces, max_new_tokens=prefix_tokens,
-                              seed=_seed(seed, pid, "traces"), **sampling) as session:
-                while session.rows:
-                    session.step(prefix_tokens)
-                rows = session.all_rows
-            prefixes = [r.tokens for r in rows if r.finish_reason == "length"]
-            stats["ended_in_prefix"] += len(rows) - len(prefixes)
-            lines = []
-            if prefixes:
-                conts = engine.generate([prompt + p for p in prefixes], n=rollouts,
-                                        max_new_tokens=max_new_tokens - prefix_tokens,
-                                        seed=_seed(seed, pid, "rollouts"), **sampling)
-                for j, (prefix, samples) in enumerate(zip(prefixes, conts)):
-                    correct = sum(bool(checker(tokenizer.decode(prefix + c, skip_special_tokens=True),
-                                               answer)) for c in samples)
-                    lines.append(json.dumps({
-                        "id": pid, "question": prob["question"], "answer": prob["answer"],
-                        "trace": j, "prefix_token_ids": prompt + prefix, "prompt_len": len(prompt),
-                        "soft_label": correct / rollouts, "n_correct": correct,
-                        "n_rollouts": rollouts}))
-            f.write("".join(line + "\n" for line in lines))
-            f.flush()
-            stats["problems"] += 1
-            stats["records"] += len(lines)
-    log.info("labelled %d problems (%d skipped as done): %d records, %d traces ended inside the "
-             "prefix", stats["problems"], stats["skipped"], stats["records"], stats["ended_in_prefix"])
-    return stats

@@ -88,7 +88,7 @@ USER_ERRORS = {
         [*SOLVE, "--model", "{model_badcfg}", "q"], r"model-badcfg/config.json' is not a valid JSON"),
     "missing data file": (
         ["eval", "--model", "{toy}", "--data", "{root}/nope.jsonl", "--methods", "full", *SMALL],
-        r"no problems .* file at \S*/nope.jsonl$"),
+        r"no problems file at \S*/nope.jsonl \(JSONL or a JSON array; question / problem"),
     "bad JSON line": (
         ["eval", "--model", "{toy}", "--data", "{bad_jsonl}", "--methods", "full", *SMALL],
         r"\S*/bad.jsonl:2: not valid JSON: Expecting value"),
@@ -201,13 +201,13 @@ def test_a_bug_after_loading_keeps_its_traceback(error, monkeypatch, capsys):
 ])
 def test_ctrl_c_is_one_line_and_exit_130(command, argv, message, inputs, monkeypatch, capsys):
     import stopkit.reasoner
-    import stopkit.train
+    import stopkit.label
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(stopkit.reasoner.ParallelReasoner, "solve", interrupted)
-    monkeypatch.setattr(stopkit.train, "label_problems", interrupted)
+    monkeypatch.setattr(stopkit.label, "label_problems", interrupted)
     argv = [a.format(**inputs) for a in argv]
     code, _, err = run(argv, capsys)
     assert (code, err) == (130, message)

@@ -10,11 +10,11 @@ import pytest
 
 from stopkit.toy import demo
 
-KEYS = {"vote_accuracy", "kept_accuracy", "tokens", "seconds"}
+KEYS = {"avg_at_k", "maj_at_k", "pass_at_k", "vote_accuracy", "kept_accuracy", "tokens", "seconds"}
 
 
 def test_run_demo_small():
-    cfg = demo.DemoConfig(problems=2, n=4, keep=2, batch_size=2)
+    cfg = demo.DemoConfig(problems=2, n=4, keep=2)
     results = demo.run_demo(cfg, progress=False)
     assert set(results["methods"]) == set(demo.METHODS)
     for name, m in results["methods"].items():

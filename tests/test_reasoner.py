@@ -373,7 +373,8 @@ def test_chat_template_and_prompt_ids(tiny):
     templated = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="</s>")
     templated.chat_template = "<s> {% for m in messages %}{{ m['content'] }}{% endfor %} ="
     r = ParallelReasoner(model, templated)
-    assert r.prompt_ids("1 + 2") == [1, 5, 14, 6, 15]
+    ids = r.prompt_ids("1 + 2")  # chat models get the paper's instruction (words unknown here)
+    assert ids[:4] == [1, 5, 14, 6] and ids[-1] == 15 and len(ids) > 5
     with pytest.raises(TypeError, match="question"):
         r.prompt_ids(3.5)
 
@@ -403,7 +404,7 @@ def test_chat_template_and_prompt_ids(tiny):
 def test_bad_input(kwargs, exc, match, tiny, monkeypatch):
     model, tok, scorer = tiny
     r = ParallelReasoner(model, tok, scorer)
-    monkeypatch.setattr(r.engine, "start", lambda *a, **k: pytest.fail("generation started"))
+    monkeypatch.setattr(r.engine, "add_request", lambda *a, **k: pytest.fail("generation started"))
     args = {**RUN, "method": "confidence", **kwargs}
     with pytest.raises(exc, match=match):
         r.solve(QUESTION, **args)
@@ -412,7 +413,7 @@ def test_bad_input(kwargs, exc, match, tiny, monkeypatch):
 def test_stop_needs_a_matching_scorer(tiny, monkeypatch):
     model, tok, scorer = tiny
     r = ParallelReasoner(model, tok)
-    monkeypatch.setattr(r.engine, "start", lambda *a, **k: pytest.fail("generation started"))
+    monkeypatch.setattr(r.engine, "add_request", lambda *a, **k: pytest.fail("generation started"))
     with pytest.raises(ValueError, match="scorer"):
         r.solve(QUESTION, method="stop", **RUN)
     other, _ = build_tiny(seed=1)
@@ -420,3 +421,57 @@ def test_stop_needs_a_matching_scorer(tiny, monkeypatch):
         ParallelReasoner(other, tok, scorer)
     # full ignores keep
     assert r.check_args(n=2, keep=8, prefix_tokens=4, max_new_tokens=8, method="full").n == 2
+
+
+# ---- external methods (the paper's Types I and II) ----------------------------------------------
+def _classifier(path):
+    from transformers import LlamaConfig as Cfg, LlamaForSequenceClassification
+
+    from stopkit.toy.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        model = LlamaForSequenceClassification(Cfg(
+            vocab_size=len(tok), pad_token_id=tok.pad_token_id, hidden_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, num_labels=2,
+            initializer_range=0.5))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["similarity", "verifier"])
+def test_external_methods(kind, tiny, full, tmp_path):
+    from stopkit.similarity import SimilarityScorer
+    from stopkit.verifier import Verifier
+
+    model, tok, scorer = tiny
+    method = "similarity" if kind == "similarity" else f"verifier:{_classifier(tmp_path / 'v')}"
+    reasoner = ParallelReasoner(model, tok, scorer)
+    sol = reasoner.solve(QUESTION, method=method, **RUN)
+    unfinished = [i for i, p in enumerate(full.paths) if not p.finished_in_prefix]
+    prefixes = [full.paths[i].tokens[:6] for i in unfinished]
+    texts = [tok.decode(p, skip_special_tokens=True) for p in prefixes]
+    # an independent scorer of the same kind on the no-pruning run's prefixes
+    fresh = SimilarityScorer() if kind == "similarity" else Verifier.load(method.split(":", 1)[1])
+    expect = fresh.score(QUESTION, texts, prefixes)
+    assert [sol.paths[i].score for i in unfinished] == pytest.approx(expect, rel=1e-5)
+    best = sorted(range(len(unfinished)), key=lambda j: (-expect[j], j))[:3]
+    assert sorted(unfinished[j] for j in best) == [i for i in unfinished if not sol.paths[i].pruned]
+    for p, f in zip(sol.paths, full.paths):
+        assert p.tokens == (f.tokens[:6] if p.pruned else f.tokens)
+    assert sol.external_tokens == fresh.tokens and (fresh.tokens > 0) == (kind == "verifier")
+    assert sol.scoring_tokens == 0
+
+
+def test_external_method_errors(tiny, monkeypatch):
+    model, tok, scorer = tiny
+    r = ParallelReasoner(model, tok, scorer)
+    monkeypatch.setattr(r.engine, "add_request", lambda *a, **k: pytest.fail("generation started"))
+    with pytest.raises(FileNotFoundError):
+        r.solve(QUESTION, method="verifier:/no/such/model", **RUN)
+    with pytest.raises(ValueError, match="verifier"):
+        r.solve(QUESTION, method="verifier", **RUN)
+    with pytest.raises(ValueError, match="vote 'score'"):
+        r.solve(QUESTION, method="similarity:/some/model", vote="score", **RUN)

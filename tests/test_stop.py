@@ -1,11 +1,14 @@
-"""StopScorer: scores equal a plain transformers + PEFT two-stage forward, the engine path never
-changes decoding, checkpoints round-trip, the authors' layout loads, bad checkpoints fail clearly."""
+"""StopScorer: scores equal a plain transformers + PEFT two-stage forward, the training forward
+equals the engine's on sliding-window models, the engine path never changes decoding, checkpoints
+round-trip in both layouts, the authors' layout loads and is written as their code reads it, bad
+checkpoints fail clearly."""
 
 from __future__ import annotations
 
 import copy
 import inspect
 import json
+import logging
 import math
 
 import pytest
@@ -16,7 +19,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCa
                           Qwen3ForCausalLM)
 
 from stopkit.engine import Engine
-from stopkit.stop import StopScorer
+from stopkit.stop import ASSESS_TOKEN, StopScorer
 
 VOCAB = 128
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
@@ -123,6 +126,26 @@ def test_scores_equal_transformers_two_stage_forward(family, tmp_path):
         for lo in scorer.loras:
             lo.B.zero_()
     assert (scorer.score(batch) - got).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen2", "mistral", "llama"])
+def test_training_forward_equals_engine_on_sliding_windows(family):
+    """The batched training forward gives each row the score of the engine's suffix pass (paged
+    cache, per-row windows), also for rows shorter than the batch's longest and than the window
+    (8 on gpt-oss's, Mistral's and Qwen2's sliding layers), in float32."""
+    from test_engine import _model
+
+    model = _model(family)
+    assert model.dtype == torch.float32
+    window = getattr(model.config, "sliding_window", None)
+    assert (window == 8) == (family != "llama")
+    scorer = randomise(StopScorer.new(model, lora_rank=4, seed=1))
+    batch = prefixes((3, 11, 20, 33))
+    with torch.no_grad():
+        dense = torch.softmax(scorer(batch), dim=-1)[:, 1]
+    paged = scorer.score(batch)
+    assert paged.std() > 0.05
+    torch.testing.assert_close(dense, paged, atol=1e-5, rtol=1e-5)
 
 
 def test_mlp_head_and_more_tokens(tmp_path):
@@ -255,6 +278,99 @@ def test_loads_authors_layout(tmp_path, bin_weights):
     batch = prefixes((5, 23))
     ref = two_stage_reference(peft_model, token, 3, (weight, bias), batch)
     torch.testing.assert_close(scorer.score(batch), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_save_in_authors_layout(tmp_path, caplog):
+    """save(layout="authors") writes the files as the authors' trainer does and their loader reads
+    them: a PEFT adapter "classifier", a Linear state dict, the [STOP] vector under the assess
+    token, its id in the saved tokenizer. What the files hold, read with PEFT and torch alone,
+    scores the prefixes as the scorer does, and StopScorer.load reads the scorer back exactly."""
+    from test_train import word_tokenizer
+    from transformers import AutoTokenizer
+
+    model = tiny_model()
+    d = model.config.hidden_size
+    scorer = randomise(StopScorer.new(model, num_tokens=3, lora_rank=8, seed=4))
+    tokenizer = word_tokenizer()
+    vocab = dict(tokenizer.get_vocab())
+    path = tmp_path / "authors"
+    scorer.save(path, layout="stopkit")  # an earlier checkpoint in the other layout
+    scorer.save(path, layout="authors", tokenizer=tokenizer)
+    assert not (path / "stop_config.json").exists() and not (path / "stop.safetensors").exists()
+    assert tokenizer.get_vocab() == vocab  # the caller's tokenizer is left as it was
+
+    config = json.loads((path / "assess_token_config.json").read_text())
+    saved_tokenizer = AutoTokenizer.from_pretrained(path / config["tokenizer_dir"])
+    token_id = saved_tokenizer.convert_tokens_to_ids(ASSESS_TOKEN)
+    assert token_id == len(vocab)  # added, as their trainer adds it
+    assert config == {"assess_token": ASSESS_TOKEN, "special_token_id": token_id,
+                      "num_assess_tokens": 3, "tokenizer_dir": "tokenizer",
+                      "embedding_path": "assess_token_embedding.pth"}
+    emb = torch.load(path / config["embedding_path"], weights_only=True)
+    assert emb.keys() == {"assess_token", "special_token_id", "input_embedding", "output_embedding"}
+    assert emb["assess_token"] == ASSESS_TOKEN and emb["special_token_id"] == token_id
+    assert emb["output_embedding"] is None
+    assert emb["input_embedding"].shape == (d,) and emb["input_embedding"].dtype == model.dtype
+    head = torch.nn.Linear(d, 2)
+    state = torch.load(path / "classifier_head.pth", weights_only=True)
+    assert state.keys() == {"weight", "bias"} and state["weight"].dtype == model.dtype
+    head.load_state_dict(state)  # strict: keys and shapes of their Linear(d, 2)
+    adapter = json.loads((path / "adapter" / "classifier" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["task_type"] == "CAUSAL_LM"
+    assert adapter["r"] == 8 and adapter["lora_alpha"] == 16
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), path / "adapter" / "classifier",
+                                           adapter_name="classifier")
+    assert sum("lora_A.classifier" in n for n, _ in peft_model.named_parameters()) == 4
+    batch = prefixes((4, 18, 33))
+    ref = two_stage_reference(peft_model, emb["input_embedding"], config["num_assess_tokens"],
+                              (head.weight.detach(), head.bias.detach()), batch)
+    got = scorer.score(batch)
+    assert ref.std() > 0.05
+    torch.testing.assert_close(ref, got, atol=1e-5, rtol=1e-5)
+    loaded = StopScorer.load(path, model)
+    assert loaded.num_tokens == 3
+    for (name, x), y in zip(scorer.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert torch.equal(loaded.score(batch), got)
+
+    # without a tokenizer: no token id (-1, as their code's default), a warning
+    with caplog.at_level(logging.WARNING, logger="stopkit.stop"):
+        scorer.save(tmp_path / "bare", layout="authors")
+    assert "without a tokenizer" in caplog.text
+    bare = json.loads((tmp_path / "bare" / "assess_token_config.json").read_text())
+    assert bare["special_token_id"] == -1 and bare["tokenizer_dir"] is None
+    assert not (tmp_path / "bare" / "tokenizer").exists()
+    # and back to stopkit's layout in the same folder
+    scorer.save(path)
+    assert not (path / "classifier_head.pth").exists() and (path / "stop_config.json").is_file()
+    assert torch.equal(StopScorer.load(path, model).score(batch), got)
+
+
+def test_authors_layout_in_the_model_dtype(tmp_path):
+    """Head and [STOP] vector in the model's dtype (their trainer's), the adapter in float32."""
+    model = tiny_model().to(torch.bfloat16)
+    scorer = randomise(StopScorer.new(model, lora_rank=4, seed=2))
+    scorer.save(tmp_path, layout="authors")
+    head = torch.load(tmp_path / "classifier_head.pth", weights_only=True)
+    emb = torch.load(tmp_path / "assess_token_embedding.pth", weights_only=True)
+    assert head["weight"].dtype == head["bias"].dtype == emb["input_embedding"].dtype == torch.bfloat16
+    loaded = StopScorer.load(tmp_path, model)
+    assert torch.equal(loaded.head.weight, scorer.head.weight.to(torch.bfloat16).float())
+    assert torch.equal(loaded.token, scorer.token.to(torch.bfloat16).float())
+    for a, b in zip(scorer.loras, loaded.loras):
+        assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
+
+
+def test_authors_layout_refuses_a_hidden_layer(tmp_path):
+    model = tiny_model()
+    scorer = StopScorer.new(model, lora_rank=4, head_hidden=8)
+    with pytest.raises(ValueError, match=r"Linear\(d, 2\) head only.*head_hidden=8.*stopkit layout"):
+        scorer.save(tmp_path, layout="authors")
+    assert not any(tmp_path.iterdir())  # nothing half-written
+    with pytest.raises(ValueError, match="layout must be one of stopkit, authors, got 'peft'"):
+        scorer.save(tmp_path, layout="peft")
 
 
 # ---- bad checkpoints and arguments ---------------------------------------------------------------

@@ -1,12 +1,14 @@
-"""Answer checking, metrics, label files, training (lowers validation MSE; gradient accumulation;
-frozen base model), Monte-Carlo labelling (against greedy transformers generation; resumable) and
-the label/train commands."""
+"""Answer checking, metrics, label files (the authors' keys, the difficulty filter), training (the
+soft-label cross-entropy against a hand computation; lowers validation MSE; gradient
+accumulation; frozen base model) and the train command."""
 
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import logging
+import math
 import random
 
 import pytest
@@ -15,11 +17,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from stopkit.answers import (answers_equal, check_answer, extract_answer, load_checker,
                              normalize_answer)
-from stopkit.cli import build_parser
+from stopkit.cli import build_parser, main
+from stopkit.label import label_statistics
 from stopkit.stop import StopScorer
-from stopkit.loading import prompt_ids
-from stopkit.train import (auroc, evaluate_scorer, label_problems,
-                           load_labels, metrics, pair_accuracy, split_by_problem, train_scorer)
+from stopkit.train import (auroc, check_records, evaluate_scorer, load_labels, metrics,
+                           pair_accuracy, split_by_problem, train_scorer)
 
 STOP_TOKEN = "[STOP]"
 
@@ -43,6 +45,7 @@ def word_tokenizer(eos_token: str | None = None):
 
 TOKENIZER = word_tokenizer()
 VOCAB = len(TOKENIZER)
+QUESTIONS = ["3 + 4 mod 97 ?", "5 * 6 - 2 mod 97 ?", "7 - 9 mod 13 ?"]
 
 
 def tiny_model(vocab: int = VOCAB) -> LlamaForCausalLM:
@@ -63,7 +66,7 @@ def tiny_model(vocab: int = VOCAB) -> LlamaForCausalLM:
     (r"\boxed{3} and a cut \boxed{4", "3"),                         # unbalanced last box skipped
     ("17 * 7 = 22 , answer: 20", "20"),
     ("**Final Answer:** 42.", "42"),
-    ("Thus the final answer is $-3$.\nDone", "$-3$"),
+    ("Thus the final answer is $-3$.\nDone", "-3"),  # the math span, without its dollars
     ("no answer at all", None),
 ])
 def test_extract_answer(text, expected):
@@ -153,6 +156,81 @@ def test_load_labels_and_bad_labels(tmp_path):
         load_labels(tmp_path / "missing.jsonl")
 
 
+AUTHORS_LABEL_KEYS = ("Soft_label", "soft_label", "good_probability", "label_prob", "score")
+
+
+def write_jsonl(path, records) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_load_labels_reads_the_authors_keys(tmp_path):
+    """Each of the authors' label keys; with several, the first in their trainer's order wins."""
+    path = tmp_path / "labels.jsonl"
+    recs = [{"problem_id": "q", "prefix_token_ids": [1, 2], key: 0.1 * (k + 1)}
+            for k, key in enumerate(AUTHORS_LABEL_KEYS)]
+    recs += [{"prefix_token_ids": [3], **{key: 0.1 * (k + 1) for k, key in enumerate(AUTHORS_LABEL_KEYS)
+                                          if k >= first}} for first in range(5)]
+    write_jsonl(path, recs)
+    records = load_labels(path)
+    assert [r["soft_label"] for r in records] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5] * 2)
+    assert [r["id"] for r in records] == ["q"] * 5 + [6, 7, 8, 9, 10]
+    assert check_records(recs, VOCAB, "recs") == [dict(r, id=r["id"] if i < 5 else i)
+                                                  for i, r in enumerate(records)]
+
+    write_jsonl(path, [recs[0], {"id": 3, "prefix_token_ids": [1], "label": 1}])
+    with pytest.raises(ValueError, match=r"labels.jsonl:2: no label: the record has keys \['id', "
+                       r"'label', 'prefix_token_ids'\], accepted one of Soft_label, soft_label, "
+                       r"good_probability, label_prob, score$"):
+        load_labels(path)
+    write_jsonl(path, [{"input_ids": [1, 2], "soft_label": 0.5}])
+    with pytest.raises(ValueError, match=r"labels.jsonl:1: no prefix ids: the record has keys "
+                       r"\['input_ids', 'soft_label'\], accepted prefix_token_ids$"):
+        load_labels(path)
+    write_jsonl(path, [{"prefix_token_ids": [1], "score": 2}])
+    with pytest.raises(ValueError, match=r"labels.jsonl:1: score must be a real number in \[0, 1\], got 2.0"):
+        load_labels(path)
+    with pytest.raises(ValueError, match=r"train\[0\]: no label"):
+        check_records([{"prefix_token_ids": [1]}], VOCAB, "train")
+
+
+# problems a and b: all 0 / all 1 (dropped); c: mixed; d: one intermediate label; e: one 0 (dropped)
+DIFFICULTY = [("a", 0.0), ("a", 0.0), ("b", 1.0), ("b", 1.0), ("c", 0.0), ("c", 1.0), ("d", 0.5),
+              ("e", 0.0)]
+
+
+def difficulty_records(model=None) -> list[dict]:
+    ids = torch.randint(4, VOCAB, (len(DIFFICULTY), 6)).tolist()
+    return [{"id": pid, "prefix_token_ids": p, "soft_label": label}
+            for (pid, label), p in zip(DIFFICULTY, ids)]
+
+
+def test_difficulty_filter(tmp_path, caplog):
+    path = tmp_path / "labels.jsonl"
+    write_jsonl(path, difficulty_records())
+    assert len(load_labels(path)) == 8
+    with caplog.at_level(logging.INFO, logger="stopkit.train"):
+        kept = load_labels(path, drop_uniform=True)
+    assert [(r["id"], r["soft_label"]) for r in kept] == DIFFICULTY[4:7]
+    assert "dropped 3 of 5 problems (5 of 8 records)" in caplog.text
+    write_jsonl(path, difficulty_records()[:4])
+    with pytest.raises(ValueError, match="left no records"):
+        load_labels(path, drop_uniform=True)
+
+
+@pytest.mark.parametrize("drop_uniform", [False, True])
+def test_train_filters_and_logs_label_statistics(drop_uniform, caplog):
+    model = tiny_model()
+    records, val = difficulty_records(), synthetic(model, 4, first_id=100)
+    with caplog.at_level(logging.INFO, logger="stopkit.train"):
+        train_scorer(StopScorer.new(model, lora_rank=4), records, val, epochs=1, batch_size=4,
+                     drop_uniform=drop_uniform, progress=False)
+    logged = {m.split(" labels: ")[0]: json.loads(m.split(" labels: ")[1])
+              for m in caplog.messages if " labels: " in m}
+    used = records[4:7] if drop_uniform else records
+    assert logged == {"training": label_statistics(used), "validation": label_statistics(val)}
+    assert logged["training"]["records"] == (3 if drop_uniform else 8)
+
+
 def test_split_by_problem():
     records = [{"id": i // 3, "prefix_token_ids": [1], "soft_label": 0.5} for i in range(30)]
     train, val = split_by_problem(records, 0.2, seed=1)
@@ -176,6 +254,50 @@ def synthetic(model, n: int, first_id: int = 0) -> list[dict]:
         ids = pool[torch.randint(0, len(pool), (int(torch.randint(4, 13, ())),))].tolist()
         out.append({"id": first_id + i, "prefix_token_ids": ids, "soft_label": 0.9 - 0.8 * (i % 2)})
     return out
+
+
+def test_training_step_uses_the_soft_label_cross_entropy():
+    """One optimizer step on one batch, against a hand computation on the head's input features
+    x: loss = mean(-(1 - p) log q0 - p log q1) with q = softmax(x W^T + b); the head's gradient
+    (q - [1 - p, p])^T x / B; its update AdamW's first step from that gradient."""
+    model = tiny_model()
+    scorer = StopScorer.new(model, lora_rank=4, seed=5, lora_dropout=0.0)
+    records = synthetic(model, 6)
+    p = torch.tensor([0.1, 0.3, 0.6, 0.8, 0.25, 0.9], dtype=torch.float64)
+    for r, label in zip(records, p.tolist()):
+        r["soft_label"] = label
+    features = []
+    handle = scorer.head.register_forward_pre_hook(lambda m, args: features.append(args[0].detach()))
+    with torch.no_grad():
+        logits = scorer([r["prefix_token_ids"] for r in records])
+    handle.remove()
+    x = features[0].double()
+    W0, b0 = scorer.head.weight.detach().clone(), scorer.head.bias.detach().clone()
+    torch.testing.assert_close(x @ W0.double().T + b0.double(), logits.double(), atol=1e-5, rtol=0)
+
+    q = torch.softmax(x @ W0.double().T + b0.double(), dim=-1)
+    target = torch.stack([1 - p, p], dim=1)
+    loss = (-(1 - p) * q[:, 0].log() - p * q[:, 1].log()).mean()
+    grad_w, grad_b = (q - target).T @ x / len(p), (q - target).mean(0)
+    assert 0.02 < q[:, 1].min() and q[:, 1].max() < 0.98 and grad_w.abs().max() > 1e-3
+
+    grads = {}
+
+    def keep_grad(param: torch.Tensor) -> None:  # the gradient the optimizer step is given
+        grads["weight" if param is scorer.head.weight else "bias"] = param.grad.detach().clone()
+
+    scorer.head.weight.register_post_accumulate_grad_hook(keep_grad)
+    scorer.head.bias.register_post_accumulate_grad_hook(keep_grad)
+    lr, wd = 1e-3, 0.01
+    history = train_scorer(scorer, records, [], epochs=1, batch_size=6, lr=lr, weight_decay=wd,
+                           progress=False)
+    assert history[1]["train_loss"] == pytest.approx(float(loss), rel=1e-5)
+    torch.testing.assert_close(grads["weight"].double(), grad_w, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(grads["bias"].double(), grad_b, atol=1e-6, rtol=1e-4)
+    for (now, before, g) in ((scorer.head.weight, W0, grad_w), (scorer.head.bias, b0, grad_b)):
+        # AdamW's first step: decoupled decay, then m_hat / (sqrt(v_hat) + eps) = g / (|g| + eps)
+        step = before.double() * (1 - lr * wd) - lr * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(now.detach().double(), step, atol=lr * 1e-3, rtol=0)
 
 
 def test_training_lowers_validation_mse(tmp_path):
@@ -237,103 +359,6 @@ def test_train_rejects_bad_input():
         train_scorer(scorer, [], [], progress=False)
 
 
-# ---- labelling -----------------------------------------------------------------------------------
-QUESTIONS = ["3 + 4 mod 97 ?", "5 * 6 - 2 mod 97 ?", "7 - 9 mod 13 ?"]
-
-
-def last_word(text: str, answer: str) -> bool:
-    return text.split()[-1] == answer
-
-
-def greedy(model, prompt: list[int], new: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new,
-                         min_new_tokens=new, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-def test_label_matches_greedy_generation_and_resumes(tmp_path):
-    model = tiny_model()
-    P, M = 5, 12
-    conts = [greedy(model, prompt_ids(TOKENIZER, q), M) for q in QUESTIONS]
-    texts = [TOKENIZER.decode(c, skip_special_tokens=True) for c in conts]
-    # problem 0 and 2 answered right (their greedy text's last word), problem 1 wrong
-    problems = [{"id": f"p{i}", "question": q, "answer": texts[i].split()[-1] if i != 1 else "no"}
-                for i, q in enumerate(QUESTIONS)]
-    out = tmp_path / "labels.jsonl"
-    kw = dict(prefix_tokens=P, rollouts=3, traces=2, max_new_tokens=M, temperature=0.0,
-              checker=last_word, progress=False)
-    stats = label_problems(model, TOKENIZER, problems, out, **kw)
-    assert stats == {"problems": 3, "skipped": 0, "records": 6, "ended_in_prefix": 0}
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    for rec in records:
-        i = int(rec["id"][1])
-        prompt = prompt_ids(TOKENIZER, QUESTIONS[i])
-        assert rec["prefix_token_ids"] == prompt + conts[i][:P]
-        assert rec["prompt_len"] == len(prompt) and rec["question"] == QUESTIONS[i]
-        assert rec["n_rollouts"] == 3 and rec["n_correct"] == (0 if i == 1 else 3)
-        assert rec["soft_label"] == rec["n_correct"] / 3
-    assert [(r["id"], r["trace"]) for r in records] == [(f"p{i}", j) for i in range(3) for j in range(2)]
-    text = out.read_text()
-
-    # rerun: everything is skipped, nothing written
-    assert label_problems(model, TOKENIZER, problems, out, **kw)["skipped"] == 3
-    assert out.read_text() == text
-    # an interrupted run: the last problem's records lost, a half-written line left behind
-    lines = text.splitlines(keepends=True)
-    out.write_text("".join(lines[:4]) + lines[4][:20])
-    stats = label_problems(model, TOKENIZER, problems, out, **kw)
-    assert stats["skipped"] == 2 and stats["problems"] == 1
-    assert out.read_text() == text
-
-
-@pytest.mark.parametrize("eos_from", ["model", "tokenizer"])
-def test_label_skips_traces_that_end_in_the_prefix(tmp_path, eos_from):
-    """EOS as the reasoner has it: the model's, else the tokenizer's."""
-    model = tiny_model()
-    prompt = prompt_ids(TOKENIZER, QUESTIONS[0])
-    eos = greedy(model, prompt, 3)[2]  # greedy decoding ends at step 3
-    tokenizer = TOKENIZER
-    if eos_from == "model":
-        model.generation_config.eos_token_id = eos
-    else:
-        tokenizer = word_tokenizer(eos_token=TOKENIZER.convert_ids_to_tokens(eos))
-    stats = label_problems(model, tokenizer, [{"question": QUESTIONS[0], "answer": "1"}],
-                           tmp_path / "l.jsonl", prefix_tokens=5, rollouts=2, traces=2,
-                           max_new_tokens=9, temperature=0.0, progress=False)
-    assert stats == {"problems": 1, "skipped": 0, "records": 0, "ended_in_prefix": 2}
-
-
-def test_label_sampling_is_reproducible(tmp_path):
-    """Each problem's samples derive from (seed, problem id): the order of the problems (or a
-    resumed run) does not change them; another seed does."""
-    model = tiny_model()
-    problems = [{"id": name, "question": q, "answer": "3"} for name, q in zip("ab", QUESTIONS)]
-    kw = dict(prefix_tokens=4, rollouts=8, traces=3, max_new_tokens=10, temperature=1.0,
-              top_p=1.0, checker=lambda text, answer: "3" in text.split(), progress=False)
-    runs = {}
-    for name, order, seed in (("a", problems, 7), ("b", problems[::-1], 7), ("c", problems, 8)):
-        label_problems(model, TOKENIZER, order, tmp_path / name, seed=seed, **kw)
-        runs[name] = sorted((tmp_path / name).read_text().splitlines())
-    assert runs["a"] == runs["b"] and runs["a"] != runs["c"]
-    recs = [json.loads(x) for x in runs["a"]]
-    assert len({tuple(r["prefix_token_ids"]) for r in recs}) == len(recs)  # traces differ
-
-
-def test_label_rejects_bad_input(tmp_path):
-    model = tiny_model()
-    good = [{"question": QUESTIONS[0], "answer": "1"}]
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        label_problems(model, TOKENIZER, good, tmp_path / "x", prefix_tokens=8, max_new_tokens=8)
-    with pytest.raises(ValueError, match="rollouts"):
-        label_problems(model, TOKENIZER, good, tmp_path / "x", prefix_tokens=2, rollouts=0)
-    with pytest.raises(ValueError, match="question"):
-        label_problems(model, TOKENIZER, [{"answer": "1"}], tmp_path / "x", prefix_tokens=2)
-    with pytest.raises(ValueError, match="unique"):
-        label_problems(model, TOKENIZER, [dict(good[0], id=3), dict(good[0], id="3")],
-                       tmp_path / "x", prefix_tokens=2)
-    assert not (tmp_path / "x").exists()
-
-
 # ---- command line --------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     return build_parser()
@@ -375,3 +400,37 @@ def test_cli_label_then_train(tmp_path):
     assert saved["best"]["epoch"] == 1 and 0 <= saved["best"]["mse"] <= 1
     scorer = StopScorer.load(out, LlamaForCausalLM.from_pretrained(model_dir))
     assert scorer.num_tokens == 2 and scorer.loras[0].A.shape[0] == 4
+
+
+def test_cli_train_difficulty_filter_and_authors_layout(tmp_path, caplog):
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    TOKENIZER.save_pretrained(model_dir)
+    labels, val = tmp_path / "labels.jsonl", tmp_path / "val.jsonl"
+    write_jsonl(labels, difficulty_records())
+    write_jsonl(val, synthetic(tiny_model(), 4))
+    out = tmp_path / "authors"
+    common = ["train", "--model", str(model_dir), "--data", str(labels), "--val-data", str(val),
+              "--epochs", "1", "--batch-size", "4", "--lora-rank", "4", "--num-tokens", "2"]
+    with caplog.at_level(logging.INFO):
+        assert main([*common, "--out", str(out), "--drop-uniform", "--layout", "authors"]) == 0
+    assert "dropped 3 of 5 problems" in caplog.text
+    assert '"records": 3' in caplog.text  # the training labels' statistics, after the filter
+    config = json.loads((out / "assess_token_config.json").read_text())
+    assert config["num_assess_tokens"] == 2 and config["special_token_id"] == VOCAB  # [ASSESS] added
+    assert (out / "tokenizer").is_dir() and not (out / "stop_config.json").exists()
+    scorer = StopScorer.load(out, LlamaForCausalLM.from_pretrained(model_dir))
+    assert scorer.num_tokens == 2 and scorer.loras[0].A.shape[0] == 4
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--layout", "authors", "--head-hidden", "8"], "--layout authors holds a Linear head only"),
+    (["--drop-uniform"], "--drop-uniform left no training records"),
+])
+def test_cli_train_user_errors(tmp_path, capsys, extra, message):
+    labels = tmp_path / "labels.jsonl"
+    write_jsonl(labels, difficulty_records()[:4])  # problems a and b: all 0, all 1
+    code = main(["train", "--model", str(tmp_path / "no-model"), "--data", str(labels),
+                 "--out", str(tmp_path / "out"), *extra])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the log lines
+    assert code == 2 and last.startswith("stopkit train: ") and message in last

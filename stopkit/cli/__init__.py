@@ -22,7 +22,7 @@ from stopkit.cli.errors import UserError
 
 __all__ = ["main", "build_parser", "COMMANDS", "UserError"]
 
-COMMANDS = ("demo", "solve", "label", "train", "eval", "plan", "bench")
+COMMANDS = ("demo", "solve", "label", "train", "eval", "plan", "serve", "bench")
 
 _EXAMPLES = """examples:
   stopkit demo                                   # STOP vs full decoding on the embedded toy task

@@ -10,7 +10,9 @@ from stopkit.cli.errors import UserError
 from stopkit.loading import DTYPES
 
 __all__ = ["Parser", "add_command", "add_global_flags", "int_list", "name_list", "device",
-           "add_model_args", "add_sampling_args", "check_sampling_args"]
+           "memory", "add_model_args", "add_engine_args", "add_method_args", "add_prompt_args",
+           "add_sampling_args",
+           "check_sampling_args"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -79,6 +81,21 @@ def device(text: str) -> str:
     return text
 
 
+def memory(text: str) -> int | float:
+    """``--kv-cache-memory``: bytes (an int, or with a KiB/MiB/GiB suffix) or a share (a float in
+    (0, 1])."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+    t = text.strip().lower()
+    try:
+        for unit, scale in units.items():
+            if t.endswith(unit):
+                return int(float(t[:-len(unit)]) * scale)
+        return int(t) if t.isdigit() else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes (e.g. 8GiB) or a share in (0, 1], got "
+                                         f"{text!r}") from None
+
+
 # ---- option groups --------------------------------------------------------------------------------
 def add_model_args(p: argparse.ArgumentParser, *, adapter: bool) -> None:
     """--model, --dtype, --device (and --adapter)."""
@@ -90,6 +107,47 @@ def add_model_args(p: argparse.ArgumentParser, *, adapter: bool) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="model dtype (default: auto)")
     p.add_argument("--device", default="cpu", type=device,
                    help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine's KV budget and batch limits: --num-blocks, --kv-cache-memory, --max-num-seqs,
+    --max-batch-tokens (stopkit.Engine's arguments)."""
+    g = p.add_argument_group("engine budget")
+    g.add_argument("--num-blocks", type=int, default=None,
+                   help="KV cache blocks (default: sized from --kv-cache-memory)")
+    g.add_argument("--kv-cache-memory", type=memory, default=None,
+                   help="KV budget: bytes (e.g. 20GiB) or a share of the memory (default: 0.9 of a "
+                        "GPU with the model and steps inside it, 0.25 of the available RAM on CPU)")
+    g.add_argument("--max-num-seqs", type=int, default=256,
+                   help="paths in the KV cache at once, at most (default 256)")
+    g.add_argument("--max-batch-tokens", type=int, default=8192,
+                   help="tokens per engine step, prefill chunks and decodes together (default 8192)")
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    """How str questions become prompts: --prompt-template, --system-prompt, --reasoning-effort
+    (stopkit.loading.PromptFormat; label and solve/eval must use the same)."""
+    g = p.add_argument_group("prompt (use the same for label, eval, solve and serve)")
+    g.add_argument("--prompt-template", default=None,
+                   help="the user turn, with {question} where the question goes (default on chat "
+                        "models: the paper's '{question}\\nPlease reason step by step, and put "
+                        "your final answer within \\boxed{}.')")
+    g.add_argument("--system-prompt", default=None, help="a system turn (chat models)")
+    g.add_argument("--reasoning-effort", default=None, choices=("low", "medium", "high"),
+                   help="gpt-oss's reasoning effort, through its chat template")
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    """Options of the external methods: --similarity-diversity, --external-device, --step-marker."""
+    g = p.add_argument_group("external methods (similarity, similarity:PATH, verifier:PATH)")
+    g.add_argument("--similarity-diversity", type=float, default=0.0,
+                   help="0: similarity keeps the most typical paths (consensus); (0, 1]: ranks for "
+                        "diversity, pruning the most redundant first (default 0)")
+    g.add_argument("--external-device", type=device, default=None,
+                   help="device of the embedding model / verifier (default: the model's)")
+    g.add_argument("--step-marker", default=None,
+                   help="the step marker of a token-classification process reward model "
+                        "(default: <extra_0> when its tokenizer has it)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -113,3 +171,5 @@ def check_sampling_args(args: argparse.Namespace) -> None:
     call inside :func:`stopkit.cli.errors.options`."""
     check_real("--temperature", args.temperature, 0)
     check_real("--top-p", args.top_p, 0, 1, low_open=True)
+    if hasattr(args, "similarity_diversity"):
+        check_real("--similarity-diversity", args.similarity_diversity, 0, 1)

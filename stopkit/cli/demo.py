@@ -38,7 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", type=int_list, default=list(d.seeds),
                    help="comma-separated seeds (default %(default)s)")
     p.add_argument("--methods", type=name_list, default=list(d.methods),
-                   help=f"comma-separated methods (default {','.join(d.methods)}; also entropy)")
+                   help=f"comma-separated methods (default {','.join(d.methods)}; also entropy and "
+                        "similarity, the paper's Type I)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default %(default)s)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write accuracy vs tokens here")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -66,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(results))
     if full and "stop" in results["methods"]:
         stop = results["methods"]["stop"]
-        print(f"\nstop: vote accuracy {100 * stop['vote_accuracy']:.1f}% vs full "
+        print(f"\nstop: avg@k|N {100 * stop['avg_at_k']:.1f}% vs full's avg@N "
+              f"{100 * full['avg_at_k']:.1f}%, vote {100 * stop['vote_accuracy']:.1f}% vs "
               f"{100 * full['vote_accuracy']:.1f}%, with {100 * stop['tokens'] / full['tokens']:.0f}% "
               f"of full's tokens")
     return 0

@@ -24,9 +24,11 @@ def load_model(args: argparse.Namespace):
 
     path = Path(args.model)
     if path.exists():
-        if not (path / "config.json").is_file():
+        gguf = path.suffix.lower() == ".gguf" or (path.is_dir() and any(path.glob("*.gguf")))
+        if not gguf and not (path / "config.json").is_file():
             raise UserError(f"--model {path}: no config.json there; a transformers model folder "
-                            "holds config.json, the weights and the tokenizer files")
+                            "holds config.json, the weights and the tokenizer files (or give a "
+                            ".gguf file)")
         shown = args.model
     elif _HUB_ID.fullmatch(args.model) is None:
         raise UserError(f"--model {args.model}: no such folder (nor a Hugging Face hub id)")
@@ -45,13 +47,45 @@ def load_scorer(flag: str, path: str, model):
         return StopScorer.load(path, model)
 
 
+def prompt_format(args: argparse.Namespace):
+    """The PromptFormat of ``add_prompt_args``'s options; a bad value is a UserError."""
+    from stopkit.loading import PromptFormat  # noqa: PLC0415
+
+    with options():
+        return PromptFormat(template=args.prompt_template, system=args.system_prompt,
+                            reasoning_effort=args.reasoning_effort)
+
+
+def make_engine(args: argparse.Namespace, model):
+    """A stopkit.Engine on ``model`` with the budget options of ``add_engine_args``; a bad value
+    is a UserError naming the option."""
+    from stopkit.engine import Engine  # noqa: PLC0415
+
+    try:
+        return Engine(model, num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
+                      max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens)
+    except (TypeError, ValueError) as e:
+        flag = next((f"--{k.replace('_', '-')}" for k in ("num_blocks", "kv_cache_memory",
+                                                            "max_num_seqs", "max_batch_tokens")
+                     if str(e).startswith(k)), "engine")
+        raise UserError(f"{flag}: {e}") from e
+
+
 def load_reasoner(args: argparse.Namespace):
-    """A ParallelReasoner on ``--model`` with the StopScorer of ``--adapter`` when given."""
+    """A ParallelReasoner on ``--model`` with the StopScorer of ``--adapter`` when given, on an
+    engine with the budget options."""
     from stopkit.reasoner import ParallelReasoner  # noqa: PLC0415
 
     model, tokenizer = load_model(args)
     scorer = load_scorer("--adapter", args.adapter, model) if args.adapter else None
-    return ParallelReasoner(model, tokenizer, scorer=scorer)
+    external = {}
+    if hasattr(args, "similarity_diversity"):
+        external = dict(similarity_diversity=args.similarity_diversity,
+                        external_device=args.external_device,
+                        verifier_options={} if args.step_marker is None
+                        else {"step_marker": args.step_marker})
+    return ParallelReasoner(model, tokenizer, scorer=scorer, engine=make_engine(args, model),
+                            prompt=prompt_format(args), **external)
 
 
 def load_problems(flag: str, path: str) -> list[dict]:

@@ -1,9 +1,11 @@
-"""``stopkit label``: Monte-Carlo labels of reasoning prefixes, as JSONL (stopkit.train).
+"""``stopkit label``: Monte-Carlo labels of reasoning prefixes, as JSONL (stopkit.label).
 
-Samples traces, cuts them at --prefix-tokens, samples --rollouts continuations per prefix and
-labels each prefix with the fraction of correct continuations. Output JSONL: one record per prefix
-with prefix_token_ids (prompt + prefix), soft_label, n_correct, n_rollouts, id, question, answer,
-trace, prompt_len. Rerunning the same command resumes: problem ids already in --out are skipped.
+Samples traces, pauses them at --prefix-tokens, forks --rollouts continuations per prefix (sharing
+its KV blocks) and labels each prefix with the fraction of correct continuations. Every problem is
+queued at once and runs as the KV budget allows; each problem's records are appended to --out as
+soon as it is done. Output JSONL: one record per prefix with prefix_token_ids (prompt + prefix),
+soft_label, n_correct, n_rollouts, id, question, answer, trace, prompt_len. Rerunning the same
+command resumes: problem ids already in --out are skipped.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import argparse
 import json
 
 from stopkit._checks import check_int
-from stopkit.cli.args import add_command, add_model_args, check_sampling_args
+from stopkit.cli.args import (add_command, add_engine_args, add_model_args, add_prompt_args,
+                              check_sampling_args)
 from stopkit.cli.errors import UserError, options
-from stopkit.cli.inputs import load_checker, load_model, load_problems, output_file
+
+MAX_NEW_TOKENS = 16384  # stopkit.label.MAX_NEW_TOKENS (not imported: parsing stays cheap)
+from stopkit.cli.inputs import (load_checker, load_model, load_problems, make_engine, output_file,
+                                prompt_format)
 
 EXAMPLES = """
   stopkit label --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --problems train.jsonl \\
@@ -30,13 +36,17 @@ def register(subparsers) -> None:
     p = add_command(subparsers, "label", help="Monte-Carlo labels of reasoning prefixes (JSONL)",
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=False)
+    add_engine_args(p)
+    add_prompt_args(p)
     p.add_argument("--problems", required=True, help="JSONL of problems: question, answer (id optional)")
     p.add_argument("--out", required=True, help="output JSONL (appended to; finished ids are skipped)")
     p.add_argument("--prefix-tokens", type=int, required=True, help="prefix length l_p in generated tokens")
     p.add_argument("--rollouts", type=int, default=32, help="continuations per prefix (default 32)")
     p.add_argument("--traces", type=int, default=1, help="prefixes sampled per problem (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=8192,
-                   help="generated tokens per trace at most, prefix included (default 8192)")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                   help="generated tokens per rollout at most, prefix included (default "
+                        f"{MAX_NEW_TOKENS}: reasoning models write long traces, and a rollout cut "
+                        "short counts as wrong)")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default 0.6)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (default 0)")
@@ -48,7 +58,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stopkit.train import label_problems  # noqa: PLC0415 (transformers)
+    from stopkit.label import label_problems  # noqa: PLC0415 (transformers)
 
     with options():
         for flag, value in (("--prefix-tokens", args.prefix_tokens), ("--rollouts", args.rollouts),
@@ -62,10 +72,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-new-tokens ({args.max_new_tokens}) must exceed --prefix-tokens "
                         f"({args.prefix_tokens}): rollouts continue after the prefix")
     checker = load_checker(args.checker)
+    prompt = prompt_format(args)
     problems = load_problems("--problems", args.problems)[:args.limit]
     out = output_file("--out", args.out)
     model, tokenizer = load_model(args)
-    stats = label_problems(model, tokenizer, problems, out, prefix_tokens=args.prefix_tokens,
+    engine = make_engine(args, model)
+    stats = label_problems(model, tokenizer, problems, out, engine=engine, prompt=prompt,
+                           prefix_tokens=args.prefix_tokens,
                            rollouts=args.rollouts, traces=args.traces,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, top_k=args.top_k, seed=args.seed, checker=checker)

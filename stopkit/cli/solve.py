@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from stopkit.cli.args import add_command, add_model_args, add_sampling_args, check_sampling_args
+from stopkit.cli.args import (add_command, add_engine_args, add_method_args, add_model_args,
+                              add_prompt_args, add_sampling_args, check_sampling_args)
 from stopkit.cli.errors import UserError, options
 from stopkit.cli.inputs import load_reasoner
 
@@ -24,10 +25,14 @@ def register(subparsers) -> None:
     p = add_command(subparsers, "solve", help="answer one question with parallel paths and pruning",
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=True)
+    add_engine_args(p)
+    add_prompt_args(p)
     p.add_argument("question", help="the question (the chat template is applied when there is one)")
     p.add_argument("--method", default="stop",
-                   help="stop, confidence, entropy, random or full (default stop)")
+                   help="stop, confidence, entropy, similarity, similarity:PATH, verifier:PATH, "
+                        "random or full (default stop)")
     add_sampling_args(p)
+    add_method_args(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="print the whole Solution as JSON")
     p.set_defaults(run=run)
@@ -58,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({
             "answer": sol.answer, "votes": {str(k): v for k, v in sol.votes.items()},
             "generated_tokens": sol.generated_tokens, "scoring_tokens": sol.scoring_tokens,
+            "tokens": sol.tokens, "external_tokens": sol.external_tokens,
             "seconds": sol.seconds, "phases": sol.phases,
             "paths": [{"answer": p.answer, "score": p.score, "pruned": p.pruned,
                        "finished_in_prefix": p.finished_in_prefix,

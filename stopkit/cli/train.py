@@ -1,9 +1,12 @@
 """``stopkit train``: train a StopScorer on Monte-Carlo labels (stopkit.train).
 
 Trains the [STOP] token, LoRA adapter and head on soft labels (cross-entropy with soft targets
-[1-p, p]; AdamW, no schedule). After each epoch the validation MSE, AUROC and accuracy are logged;
-the best-MSE checkpoint is written to --out (stopkit layout, loadable with StopScorer.load) with
-metrics.json.
+[1-p, p]; AdamW, no schedule). Reads stopkit label's JSONL or the authors' (labels under
+Soft_label, soft_label, good_probability, label_prob or score: the first present). --drop-uniform
+leaves out the problems whose labels are all 0 or all 1. The label statistics are logged first;
+after each epoch the validation MSE, AUROC and accuracy. The best-MSE checkpoint is written to
+--out with metrics.json, in stopkit's layout or (--layout authors) the authors' layout, with the
+tokenizer, for their code; StopScorer.load reads both.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ EXAMPLES = """
   stopkit train --model stopkit/toy/assets/model --data toy_labels.jsonl --out toy-adapter \\
       --lora-rank 16 --init-token "[STOP]" --val-fraction 0.2
   stopkit train ... --val-data val_labels.jsonl        # a fixed validation file
+  stopkit train ... --drop-uniform --layout authors    # difficulty filter; the authors' layout
 """
 
 
@@ -32,8 +36,15 @@ def register(subparsers) -> None:
     p = add_command(subparsers, "train", help="train a StopScorer on Monte-Carlo labels",
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=False)
-    p.add_argument("--data", required=True, help="label JSONL (prefix_token_ids, soft_label)")
+    p.add_argument("--data", required=True,
+                   help="label JSONL (prefix_token_ids; soft_label or the authors' label keys)")
     p.add_argument("--out", required=True, help="checkpoint folder (best validation MSE)")
+    p.add_argument("--layout", choices=("stopkit", "authors"), default="stopkit",
+                   help="checkpoint layout: stopkit's (default) or the authors' (for their code; "
+                        "a Linear head only)")
+    p.add_argument("--drop-uniform", action="store_true",
+                   help="difficulty filter: train without the problems whose labels are all 0 "
+                        "or all 1")
     p.add_argument("--val-data", default=None, help="validation label JSONL (default: split --data)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="fraction of problem ids held out for validation when no --val-data (default 0.1)")
@@ -70,7 +81,8 @@ def _init_token(value: str | None, tokenizer) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     from stopkit.stop import StopScorer  # noqa: PLC0415 (transformers)
-    from stopkit.train import check_records, load_labels, split_by_problem, train_scorer  # noqa: PLC0415
+    from stopkit.train import (check_records, drop_uniform_problems, load_labels,  # noqa: PLC0415
+                               split_by_problem, train_scorer)
 
     with options():
         for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
@@ -79,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
         check_real("--lr", args.lr, 0, low_open=True)
         check_real("--weight-decay", args.weight_decay, 0)
         check_real("--val-fraction", args.val_fraction, 0, 1, high_open=True)
+        if args.layout == "authors" and args.head_hidden is not None:
+            raise ValueError("--layout authors holds a Linear head only; drop --head-hidden or use "
+                             "--layout stopkit")
     with reading("--data", args.data):
         records = load_labels(args.data)
     if args.val_data:
@@ -86,6 +101,12 @@ def run(args: argparse.Namespace) -> int:
             train, val = records, load_labels(args.val_data)
     else:
         train, val = split_by_problem(records, args.val_fraction, args.seed)
+    if args.drop_uniform:
+        with reading("--data", args.data):
+            train = drop_uniform_problems(train)
+            if not train:
+                raise ValueError("every training problem's labels are all 0 or all 1: "
+                                 "--drop-uniform left no training records")
     out = output_dir("--out", args.out)
     model, tokenizer = load_model(args)
     vocab_size = model.get_input_embeddings().weight.shape[0]
@@ -102,9 +123,12 @@ def run(args: argparse.Namespace) -> int:
                                     seed=args.seed, lora_dropout=args.lora_dropout,
                                     token_id=_init_token(args.init_token, tokenizer),
                                     head_hidden=args.head_hidden)
+    with options():
+        scorer.check_layout(args.layout)  # e.g. an --init scorer whose head has a hidden layer
     log.info("%d training and %d validation records", len(train), len(val))
     history = train_scorer(scorer, train, val, out=out, epochs=args.epochs,
                            batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                           weight_decay=args.weight_decay, seed=args.seed)
+                           weight_decay=args.weight_decay, seed=args.seed,
+                           layout=args.layout, tokenizer=tokenizer)
     print(json.dumps(history[-1]))
     return 0

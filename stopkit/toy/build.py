@@ -208,7 +208,7 @@ def _label_shard(model_dir: Path, labels: Path, shard: int, problems: int, prefi
                  rollouts: int, traces: int, threads: int) -> dict:
     """Label the ``problems`` train-split problems drawn with seed ``shard`` into ``labels``."""
     from stopkit.toy import load_model
-    from stopkit.train import label_problems
+    from stopkit.label import label_problems
 
     torch.set_num_threads(threads)
     model, tokenizer = load_model(path=model_dir)

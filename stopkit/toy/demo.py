@@ -19,7 +19,7 @@ from stopkit.toy import ADAPTER_DIR, MAX_NEW_TOKENS, PREFIX_TOKENS, TEMPERATURE,
 log = logging.getLogger(__name__)
 
 METHODS = ("full", "stop", "confidence", "random")
-EXTRA_METHODS = ("entropy",)  # runs when asked for, not by default
+EXTRA_METHODS = ("entropy", "similarity")  # run when asked for, not by default
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,13 @@ class DemoConfig:
     keep: int = 8             # paths resumed after the check (N*l_p + k*(T-l_p) ~ 38% of N*T)
     prefix_tokens: int = PREFIX_TOKENS  # l_p: tokens decoded before the check (the adapter's)
     seeds: tuple[int, ...] = (0,)
-    batch_size: int = 8       # problems decoded together in one engine session
     data_seed: int = 1234     # which held-out problems
     methods: tuple[str, ...] = METHODS
     threads: int = 1          # torch threads: a 2.4M-parameter model gains nothing from more
 
     def __post_init__(self) -> None:
         """Checked when made, so a bad config fails before the model loads."""
-        for name in ("problems", "n", "batch_size", "threads"):
+        for name in ("problems", "n", "threads"):
             check_int(name, getattr(self, name), 1)
         check_int("keep", self.keep, 1, self.n)
         check_int("prefix_tokens", self.prefix_tokens, 1, MAX_NEW_TOKENS - 1)
@@ -56,8 +55,9 @@ class DemoConfig:
 
 
 def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True) -> dict:
-    """Run the demo; returns ``{"methods": {name: {vote_accuracy, kept_accuracy, tokens, seconds,
-    ...}}, "config": {...}}`` (the schema of ``stopkit demo --json``)."""
+    """Run the demo; returns ``{"methods": {name: {avg_at_k, maj_at_k, pass_at_k, vote_accuracy,
+    kept_accuracy, tokens, seconds, ...}}, "config": {...}}`` (the schema of ``stopkit demo
+    --json``)."""
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
@@ -82,8 +82,7 @@ def _run(config: DemoConfig, t0: float, progress: bool) -> dict:
     results = evaluate(reasoner, [{"question": p.question, "answer": p.answer} for p in problems],
                        list(config.methods), n=config.n, keep=config.keep,
                        prefix_tokens=config.prefix_tokens, max_new_tokens=MAX_NEW_TOKENS,
-                       seeds=config.seeds, checker=task.check, batch_size=config.batch_size,
-                       progress=progress, temperature=TEMPERATURE, top_p=1.0,
+                       seeds=config.seeds, checker=task.check, progress=progress, temperature=TEMPERATURE, top_p=1.0,
                        extractor=task.extract_answer)
     results["config"]["seconds_total"] = round(time.perf_counter() - t0, 2)
     return results

@@ -223,3 +223,37 @@ def test_compiled_index_checks_still_raise(device, op):
     with pytest.raises(ValueError, match=message):
         compiled(bad)
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+def test_export_decode_layer(device):
+    """torch.export of a module that writes the step's keys and values into the cache storage and
+    attends over it: the exported program holds the custom ops (one graph, the storage a mutated
+    input), and running it equals eager on fresh inputs with another batch size."""
+    from torch.export import Dim
+
+    class Layer(torch.nn.Module):
+        def forward(self, storage, q, k, v, slots, block_table, seq_lens):
+            ops.write_kv(k, v, storage[0], storage[1], slots, check_indices=False)
+            return ops.paged_attention(q, storage[0], storage[1], block_table, seq_lens,
+                                       check_indices=False, return_lse=True)
+
+    def inputs(B: int) -> tuple:
+        x = _attention_inputs(torch.float32, device, B=B, S=1)
+        storage = torch.stack([x["k_cache"], x["v_cache"]])
+        lens = x["seq_lens"] + 1  # the step's token is written at position seq_lens[b]
+        table = x["block_table"]
+        slots = (table[torch.arange(B), x["seq_lens"] // 16].long() * 16 + x["seq_lens"] % 16)
+        k, v = (torch.randn(B, 2, 64, device=device) for _ in range(2))
+        return storage, x["q"], k, v, slots, table, lens
+
+    batch = Dim("batch", min=2, max=64)
+    shapes = ({1: Dim("num_blocks")}, {0: batch}, {0: batch}, {0: batch}, {0: batch}, {0: batch}, {0: batch})
+    program = torch.export.export(Layer(), inputs(3), dynamic_shapes=shapes)
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"stopkit.write_kv.default", "stopkit.paged_attention.default"} <= targets, targets
+    args = inputs(2)
+    want_storage = args[0].clone()
+    want = Layer()(want_storage, *args[1:])
+    got = program.module()(*args)
+    _close(got, want, torch.float32)
+    assert torch.equal(args[0], want_storage)

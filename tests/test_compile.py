@@ -101,19 +101,29 @@ def test_greedy_and_cache_equal_eager(family, backend):
 def test_one_compile_per_bucket_and_none_per_step():
     """Five requests ending at different lengths: the live batch shrinks 5 -> 1 across the
     buckets 8, 4, 2, 1, each compiled exactly once however many steps use it (even under a
-    recompile limit of 1: the step raises it to its bucket count)."""
+    recompile limit of 1: the step raises it to its bucket count). Tokens and cache equal the
+    eager engine's: a padding row that kept a finished row's slot would overwrite its freed block."""
     model = _cpu_model("llama")
+    prompts = [torch.randint(4, VOCAB, (5,)).tolist() for _ in range(5)]
+
+    def run(engine: Engine) -> list[list[int]]:
+        groups = [engine.add_request(p, engine.sampling_params(max_new_tokens=3 * (i + 1),
+                                                                eos_token_id=[]))
+                  for i, p in enumerate(prompts)]
+        while engine.has_unfinished():
+            engine.step()
+        return [g.rows[0].tokens for g in groups]
+
+    kw = dict(num_blocks=64, max_num_seqs=8)
+    eager = Engine(model, **kw)
+    want = run(eager)
     backend = CountingBackend()
-    engine = _compiled_engine(model, backend, num_blocks=64, max_num_seqs=8)
+    engine = _compiled_engine(model, backend, **kw)
     seen = _count_steps(engine.runner.compiled_decode)
-    groups = [engine.add_request(torch.randint(4, VOCAB, (5,)).tolist(),
-                                 engine.sampling_params(max_new_tokens=3 * (i + 1), eos_token_id=[]))
-              for i in range(5)]
-    while engine.has_unfinished():
-        engine.step()
-    assert [len(g.rows[0].tokens) for g in groups] == [3, 6, 9, 12, 15]
+    assert run(engine) == want and [len(t) for t in want] == [3, 6, 9, 12, 15]
     assert set(seen) == {8, 4, 2, 1} and len(seen) > 10
     assert backend.graphs == 4
+    torch.testing.assert_close(engine.cache.storage, eager.cache.storage, rtol=1e-4, atol=1e-4)
 
 
 @torch._dynamo.config.patch(recompile_limit=1)

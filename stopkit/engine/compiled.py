@@ -67,8 +67,9 @@ class CompiledDecode:
         forward = CompiledDecode._forward
         own = types.FunctionType(forward.__code__.replace(), forward.__globals__, forward.__name__)
         self._step = torch.compile(types.MethodType(own, self), dynamic=False, backend=backend)
-        self._limit = torch._dynamo.config.patch(
-            recompile_limit=max(torch._dynamo.config.recompile_limit, len(self.buckets)))
+        dynamo = torch._dynamo.config  # the limit's older name: cache_size_limit
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        self._limit = dynamo.patch(**{limit: max(getattr(dynamo, limit), len(self.buckets))})
 
     def accepts(self, batch: ForwardBatch) -> bool:
         """Whether the decode step ``batch`` fits the buckets and the block table's width."""

@@ -126,6 +126,39 @@ def test_one_compile_per_bucket_and_none_per_step():
     torch.testing.assert_close(engine.cache.storage, eager.cache.storage, rtol=1e-4, atol=1e-4)
 
 
+def test_stop_lifecycle_equals_eager():
+    """Two questions of STOP (Launch -> Check -> Resume) on a compiled engine: the rows of the
+    question at a check keep their logits while the other question decodes, the [STOP] pass runs
+    eagerly between compiled steps with its LoRA hooks on; every path, score and vote equals the
+    eager engine's."""
+    from test_reasoner import QUESTION, RUN, build_tiny
+
+    from stopkit import ParallelReasoner, StopScorer
+
+    model, tok = build_tiny()
+    scorer = StopScorer.new(model, num_tokens=4, lora_rank=8, seed=3)
+    with torch.no_grad():  # a non-trivial adapter
+        for lo in scorer.loras:
+            lo.B.normal_(0, 0.05, generator=torch.Generator().manual_seed(7))
+    questions = [QUESTION, "2 + 2 = x"]
+    run = {**RUN, "prefix_tokens": 6, "method": "stop"}
+
+    def solve(engine: Engine):
+        sols = ParallelReasoner(model, tok, scorer, engine=engine).solve_batch(questions, **run)
+        return [[(p.tokens, p.pruned, p.finished_in_prefix) for p in s.paths] for s in sols], \
+            [[p.score or 0.0 for p in s.paths] for s in sols], [(s.answer, s.votes) for s in sols]
+
+    kw = dict(num_blocks=64, max_num_seqs=16)  # aot_eager copies the storage per write_kv
+    want_paths, want_scores, want_votes = solve(Engine(model, **kw))
+    engine = _compiled_engine(model, CountingBackend(), **kw)
+    seen = _count_steps(engine.runner.compiled_decode)
+    paths, scores, votes = solve(engine)
+    assert paths == want_paths and votes == want_votes
+    for got, want in zip(scores, want_scores):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert sum(p for s in want_paths for _, p, _ in s) > 0 and len(set(seen)) > 1
+
+
 @torch._dynamo.config.patch(recompile_limit=1)
 def test_engines_compile_apart():
     """Each engine's step has its own compile cache: three engines in turn compile one graph

@@ -9,11 +9,12 @@ separate benchmark runs suffer from (the numbers in bench/RESULTS.md's "What cha
     python bench/compare_builds.py OLD NEW --dtype fp32 --calls 1 --rounds 150 [--isa avx512]
 
 Cases: the benchmark's inputs (test_bench_paged_attention.Inputs) at its 1.5B shape (or --shape
-8B) for q_len 1 and 4; "random" is the benchmark's shuffled block table, "hot" maps every row onto 8
-pages that stay in L2 (the compute alone). The caches are the benchmark's (``zeros_kv_storage``:
-huge pages where the OS allows them); ``--pages plain`` copies them into ``torch.empty`` tensors,
-``--pages both`` runs every build on both. Each build's line gives its median time, its ratio to
-the baseline's median and the median (and quartiles) of its per-round ratios to the baseline.
+8B) for q_len 1 and 4, all its rows or the first ``--batch`` of them; "random" is the benchmark's
+shuffled block table, "hot" maps every row onto 8 pages that stay in L2 (the compute alone). The
+caches are the benchmark's (``zeros_kv_storage``: huge pages where the OS allows them); ``--pages
+plain`` copies them into ``torch.empty`` tensors, ``--pages both`` runs every build on both. Each
+build's line gives its median time, its ratio to the baseline's median and the median (and
+quartiles) of its per-round ratios to the baseline.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ from stopkit import ops
 
 def load_build(path: str, index: int, workdir: Path, isa: str | None = None):
     """The ``_C`` module at ``path`` under a name of its own (a copy, so two builds never share a
-    file name the loader could mistake for one module), on instruction set ``isa`` if given."""
+    file name the loader could mistake for one module), on instruction set ``isa`` if given. All
+    builds share torch's OpenMP runtime, and so its thread count."""
     copy = workdir / f"build{index}" / Path(path).name
     copy.parent.mkdir()
     shutil.copy(path, copy)
     spec = importlib.util.spec_from_file_location(f"stopkit_build{index}._C", copy)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.set_num_threads(max(1, torch.get_num_threads()))
     if isa:
         module.set_isa(isa)
     return module
@@ -70,7 +71,12 @@ def main() -> None:
     parser.add_argument("--pages", choices=("huge", "plain", "both"), default="huge",
                         help="caches from zeros_kv_storage (huge) or torch.empty (plain)")
     parser.add_argument("--isa", help="run every build on this instruction set (set_isa), e.g. avx512")
+    parser.add_argument("--batch", type=int, help="the first BATCH rows of the shape only")
+    parser.add_argument("--threads", type=int, help="OpenMP threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = slice(0, args.batch)
 
     inputs = Inputs()  # holds the shape's caches: every q_len below gets the same ones
     first = inputs.get(Case("cpu", args.shape, 1, args.dtype))
@@ -80,7 +86,7 @@ def main() -> None:
         caches["huge"] = huge
     if args.pages != "huge":
         caches["plain"] = tuple(torch.empty_like(c).copy_(c) for c in huge)
-    random_table = first["block_table"]
+    random_table = first["block_table"][rows]
     tables = {"random": random_table,
               "hot": (torch.arange(random_table.numel(), dtype=torch.int32) % 8).view(random_table.shape)}
 
@@ -94,7 +100,7 @@ def main() -> None:
         try:
             for q_len in map(int, args.q_lens.split(",")):
                 x = inputs.get(Case("cpu", args.shape, q_len, args.dtype))
-                q, seq_lens = x["q"], x["seq_lens"]
+                q, seq_lens = x["q"][rows], x["seq_lens"][rows]
                 for table in args.tables.split(","):
                     seconds = {name: [] for name, _, _ in variants}
                     for r in range(args.rounds):
@@ -112,7 +118,8 @@ def main() -> None:
                     cells = [f"{name}: {statistics.median(s) * 1e3:.2f} ms ({statistics.median(s) / base:.3f}x"
                              + (paired(s, base_samples) if i else "") + ")"
                              for i, (name, s) in enumerate(seconds.items())]
-                    print(f"{args.shape} {args.dtype} q_len {q_len} {table:>6}  " + "  ".join(cells))
+                    batch = f" B={q.shape[0]}" if args.batch else ""
+                    print(f"{args.shape}{batch} {args.dtype} q_len {q_len} {table:>6}  " + "  ".join(cells))
         finally:
             ops._C = native
 

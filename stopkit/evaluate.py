@@ -190,16 +190,21 @@ def _read_records(path: FsPath | None) -> list[dict]:
 
 def _run(reasoner, items, key: dict, records_file: FsPath | None, done: dict, checker,
          progress, **solve_kwargs) -> None:
-    """Solve the items not in ``done`` (keyed by id) together and record each as it ends."""
+    """Solve the items not in ``done`` (keyed by id) together and record each as it ends. A
+    :class:`stopkit.distributed.RayPool` standing in for the reasoner makes the same records on
+    its Ray workers (``solve_records``)."""
     todo = [(pid, q, a) for pid, q, a in items if pid not in done]
     if not todo:
         return
+    if hasattr(reasoner, "solve_records"):
+        records = reasoner.solve_records(todo, checker, progress=progress, **solve_kwargs)
+    else:
+        records = ((todo[i][0], problem_record(sol, todo[i][2], checker)) for i, sol in
+                   reasoner.solve_iter([q for _, q, _ in todo], progress=progress, **solve_kwargs))
     f = records_file.open("a", encoding="utf-8") if records_file is not None else None
     try:
-        for i, sol in reasoner.solve_iter([q for _, q, _ in todo], progress=progress,
-                                          **solve_kwargs):
-            pid, _, answer = todo[i]
-            rec = {"id": pid, **key, **problem_record(sol, answer, checker)}
+        for pid, record in records:
+            rec = {"id": pid, **key, **record}
             done[pid] = rec
             if f is not None:
                 f.write(json.dumps(rec) + "\n")
@@ -216,12 +221,14 @@ def evaluate(reasoner, problems: Sequence, methods, *, n: int = 64, keep: int = 
     """Run ``methods`` on ``problems`` for each seed; returns ``{"methods": {name: metrics},
     "config": {...}}`` (module docstring).
 
-    reasoner: a :class:`~stopkit.reasoner.ParallelReasoner`. problems: mappings or objects with
-    ``question``, ``answer`` and optional ``id`` (default the index). methods: ``"full,stop"``, a
-    list of specs / callables, or a ``{name: method}`` dict. checker: ``callable(text, answer) ->
-    bool`` (default :func:`stopkit.answers.check_answer`). out: a folder for ``records.jsonl``
-    (appended as problems finish; a rerun skips what it holds). Extra keyword arguments
-    (``temperature``, ``top_p``, ``early_stop``, ``schedule``, ...) go to the reasoner.
+    reasoner: a :class:`~stopkit.reasoner.ParallelReasoner`, or a
+    :class:`~stopkit.distributed.RayPool` to spread the problems over Ray workers. problems:
+    mappings or objects with ``question``, ``answer`` and optional ``id`` (default the index).
+    methods: ``"full,stop"``, a list of specs / callables, or a ``{name: method}`` dict. checker:
+    ``callable(text, answer) -> bool`` (default :func:`stopkit.answers.check_answer`). out: a
+    folder for ``records.jsonl`` (appended as problems finish; a rerun skips what it holds). Extra
+    keyword arguments (``temperature``, ``top_p``, ``early_stop``, ``schedule``, ...) go to the
+    reasoner.
 
     Each method's metrics are the means over all (problem, seed) runs of :data:`METRICS`, plus
     ``runs``, ``type`` (the paper's taxonomy), ``token_reduction`` (1 - tokens / full's, when
@@ -287,7 +294,8 @@ def sweep(reasoner, problems: Sequence, methods, *, n: int = 64,
     problem, from one score-only run per (method, l_p, seed); plus the ``full`` point (every path
     of those runs). Returns ``{"points": [rows], "full": metrics, "best": [rows], "config"}``,
     where ``best`` holds, per token budget (25/50/75/100% of full's), the point with the highest
-    avg@k within it. out: folder for the run's ``records.jsonl`` (resumable)."""
+    avg@k within it. out: folder for the run's ``records.jsonl`` (resumable). reasoner: as
+    :func:`evaluate`'s (a :class:`~stopkit.distributed.RayPool` runs the sweep on Ray workers)."""
     import math
 
     from stopkit.answers import check_answer

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,8 +40,8 @@ from stopkit._checks import check_int
 from stopkit.answers import Checker, check_answer
 from stopkit.loading import PromptFormat, eos_token_id
 
-__all__ = ["LabelTask", "label_stream", "label_problems", "finished_ids", "label_statistics",
-           "MAX_NEW_TOKENS"]
+__all__ = ["LabelTask", "LabelRun", "label_stream", "label_problems", "write_labels",
+           "check_problems", "finished_ids", "label_statistics", "MAX_NEW_TOKENS"]
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +79,18 @@ class LabelTask:
 
 
 def check_problems(problems: Sequence[dict], tokenizer, prompt: PromptFormat | None = None
-                   ) -> list[tuple[object, dict, list[int]]]:
+                   ) -> list[tuple[object, dict, list[int] | None]]:
     """(id, problem, prompt ids) of each problem (``question``, ``answer``, optional ``id``,
     default its index; ``prompt``: the prompt format, as the reasoner's); ValueError for a
-    malformed problem or a repeated id."""
+    malformed problem or a repeated id. tokenizer None: the prompt ids are left None, for
+    :class:`LabelRun` to make where the model is (a Ray worker)."""
     prompt = prompt or PromptFormat()
     items = []
     for i, prob in enumerate(problems):
         if not isinstance(prob, dict) or "question" not in prob or "answer" not in prob:
             raise ValueError(f"problems[{i}] must be a dict with 'question' and 'answer'")
-        items.append((prob.get("id", i), prob, prompt.prompt_ids(tokenizer, prob["question"])))
+        tokens = None if tokenizer is None else prompt.prompt_ids(tokenizer, prob["question"])
+        items.append((prob.get("id", i), prob, tokens))
     ids = [str(pid) for pid, _, _ in items]
     if len(set(ids)) != len(ids):
         raise ValueError(f"problem ids must be unique (resuming skips by id), got duplicates "
@@ -101,11 +103,89 @@ class _Problem:
     pid: object
     problem: dict
     prompt: list[int]
+    task: LabelTask
     traces: object = None                              # the engine Group of its traces
     forks: dict[int, object] = field(default_factory=dict)  # trace sample index -> rollout Group
     correct: dict[int, int] = field(default_factory=dict)
     ended_in_prefix: int = 0
     traces_done: bool = False
+
+
+class LabelRun:
+    """Problems labelled together on one engine, each advancing on its own: :func:`label_stream`
+    is one; a Ray worker (stopkit.distributed) keeps one open and adds chunks of problems as they
+    come, so its engine never drains between chunks. One run drives its engine at a time.
+    prompt: the format of the prompts it makes itself (items without prompt ids)."""
+
+    def __init__(self, engine, tokenizer, prompt: PromptFormat | None = None) -> None:
+        engine._check_idle()
+        self.engine, self.tokenizer = engine, tokenizer
+        self.prompt = prompt or PromptFormat()
+        self._eos = eos_token_id(engine.model, tokenizer)  # as the reasoner ends paths
+        self._groups: dict[int, tuple[object, _Problem]] = {}  # id(unfinished group) -> both
+        self._left = 0
+
+    @property
+    def pending(self) -> int:
+        """Problems added and not yet labelled."""
+        return self._left
+
+    def add(self, items: Sequence[tuple[object, dict, list[int] | None]], task: LabelTask) -> None:
+        """Queue ``items`` ((id, problem, prompt ids or None), from :func:`check_problems`) for
+        ``task``."""
+        for pid, prob, prompt in items:
+            if prompt is None:
+                prompt = self.prompt.prompt_ids(self.tokenizer, prob["question"])
+            p = _Problem(pid, prob, prompt, task)
+            p.traces = self.engine.add_request(prompt, self._sampling(p, "traces", None),
+                                               n=task.traces, checks=[task.prefix_tokens])
+            self._groups[id(p.traces)] = (p.traces, p)
+            self._left += 1
+
+    def step(self) -> list[tuple[object, list[dict], int]]:
+        """One engine step; returns ``(id, records, traces ended in the prefix)`` of each problem
+        it finished."""
+        out = self.engine.step()
+        for g in out.checks:  # traces at the prefix: fork their rollouts, end them
+            p = self._groups[id(g)][1]
+            live = g.live_rows
+            rollout = p.task.max_new_tokens - p.task.prefix_tokens
+            for row in live:
+                fork = self.engine.fork(row, self._sampling(p, "rollouts", rollout),
+                                        n=p.task.rollouts)
+                p.forks[row.sample_index] = fork
+                self._groups[id(fork)] = (fork, p)
+            self.engine.end_rows(live, "length")
+        done = []
+        for g in out.finished:
+            p = self._groups.pop(id(g))[1]
+            if g is p.traces:
+                p.traces_done = True
+                p.ended_in_prefix = sum(r.finish_reason == "eos" for r in g.rows)
+            else:
+                trace = next(j for j, f in p.forks.items() if f is g)
+                answer = str(p.problem["answer"])
+                texts = [self.tokenizer.decode(r.prompt[len(p.prompt):] + r.tokens,
+                                               skip_special_tokens=True) for r in g.rows]
+                p.correct[trace] = sum(bool(p.task.checker(t, answer)) for t in texts)
+            if p.traces_done and len(p.correct) == len(p.forks):
+                self._left -= 1
+                done.append((p.pid, _records(p), p.ended_in_prefix))
+        return done
+
+    def close(self) -> None:
+        """Abort every unfinished problem and free its blocks (idempotent)."""
+        for g, _ in self._groups.values():
+            self.engine.abort(g)
+        self.engine.scheduler.finished_groups()
+        self._groups.clear()
+        self._left = 0
+
+    def _sampling(self, p: _Problem, what: str, max_new_tokens: int | None):
+        t = p.task
+        return self.engine.sampling_params(max_new_tokens=max_new_tokens,
+                                           temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
+                                           seed=_seed(t.seed, p.pid, what), eos_token_id=self._eos)
 
 
 def label_stream(engine, tokenizer, items: Sequence[tuple[object, dict, list[int]]],
@@ -114,59 +194,20 @@ def label_stream(engine, tokenizer, items: Sequence[tuple[object, dict, list[int
     idle :class:`~stopkit.engine.Engine`); yields ``(id, records, traces ended in the prefix)`` for
     each problem as soon as its last rollout ends. Leaving the loop early (or an error) aborts what
     is left and frees its blocks."""
-    engine._check_idle()
-    eos = eos_token_id(engine.model, tokenizer)  # as the reasoner ends paths
-
-    def sampling(pid, what: str, max_new_tokens: int | None):
-        return engine.sampling_params(max_new_tokens=max_new_tokens, temperature=task.temperature,
-                                      top_p=task.top_p, top_k=task.top_k, seed=_seed(task.seed, pid, what),
-                                      eos_token_id=eos)
-
-    problems: dict[int, _Problem] = {}   # id(trace or rollout group) -> its problem
-    groups = []
+    run = LabelRun(engine, tokenizer)
     try:
-        for pid, prob, prompt in items:
-            p = _Problem(pid, prob, prompt)
-            p.traces = engine.add_request(prompt, sampling(pid, "traces", None), n=task.traces,
-                                          checks=[task.prefix_tokens])
-            problems[id(p.traces)] = p
-            groups.append(p.traces)
-        rollout = task.max_new_tokens - task.prefix_tokens
+        run.add(items, task)
         with tqdm(total=len(items), desc="label", unit="problem", disable=not progress) as bar:
-            left = len(items)
-            while left:
-                out = engine.step()
-                for g in out.checks:  # traces at the prefix: fork their rollouts, end them
-                    p = problems[id(g)]
-                    live = g.live_rows
-                    for row in live:
-                        fork = engine.fork(row, sampling(p.pid, "rollouts", rollout), n=task.rollouts)
-                        p.forks[row.sample_index] = fork
-                        problems[id(fork)] = p
-                        groups.append(fork)
-                    engine.end_rows(live, "length")
-                for g in out.finished:
-                    p = problems.pop(id(g))
-                    if g is p.traces:
-                        p.traces_done = True
-                        p.ended_in_prefix = sum(r.finish_reason == "eos" for r in g.rows)
-                    else:
-                        trace = next(j for j, f in p.forks.items() if f is g)
-                        answer = str(p.problem["answer"])
-                        texts = [tokenizer.decode(r.prompt[len(p.prompt):] + r.tokens,
-                                                  skip_special_tokens=True) for r in g.rows]
-                        p.correct[trace] = sum(bool(task.checker(t, answer)) for t in texts)
-                    if p.traces_done and len(p.correct) == len(p.forks):
-                        left -= 1
-                        bar.update(1)
-                        yield p.pid, _records(p, task), p.ended_in_prefix
+            while run.pending:
+                for result in run.step():
+                    bar.update(1)
+                    yield result
     finally:
-        for g in groups:
-            engine.abort(g)
-        engine.scheduler.finished_groups()
+        run.close()
 
 
-def _records(p: _Problem, task: LabelTask) -> list[dict]:
+def _records(p: _Problem) -> list[dict]:
+    task = p.task
     out = []
     for j, (trace, fork) in enumerate(sorted(p.forks.items())):
         n = p.correct[trace]
@@ -230,6 +271,16 @@ def label_problems(model, tokenizer, problems: Sequence[dict], out: str | Path, 
 
     task = LabelTask(**task)
     items = check_problems(problems, tokenizer, prompt)
+    return write_labels(out, items, lambda todo: label_stream(
+        engine if engine is not None else Engine(model), tokenizer, todo, task, progress=progress))
+
+
+def write_labels(out: str | Path, items: Sequence[tuple[object, dict, list[int]]],
+                 label: Callable[[list], Iterable[tuple[object, list[dict], int]]]) -> dict[str, int]:
+    """Append to the JSONL ``out`` the records of the ``items`` whose ids it does not hold yet,
+    each problem's as soon as ``label(todo)`` yields ``(id, records, ended in prefix)`` for it
+    (:func:`label_stream`, or the same spread over Ray workers); returns the counts of
+    :func:`label_problems`. ``label`` is not called when nothing is left to do."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = finished_ids(out)
@@ -237,9 +288,8 @@ def label_problems(model, tokenizer, problems: Sequence[dict], out: str | Path, 
     stats = {"problems": 0, "skipped": len(items) - len(todo), "records": 0, "ended_in_prefix": 0}
     written = []
     if todo:
-        engine = engine if engine is not None else Engine(model)
         with out.open("a", encoding="utf-8") as f:
-            for _, records, ended in label_stream(engine, tokenizer, todo, task, progress=progress):
+            for _, records, ended in label(todo):
                 f.write("".join(json.dumps(r) + "\n" for r in records))
                 f.flush()
                 stats["problems"] += 1

@@ -36,8 +36,8 @@ __all__ = ["paged_attention", "write_kv", "copy_blocks", "stop_score", "cuda_ava
 MAX_Q_LEN = 16                       # queries per row in one paged_attention call
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256  # head_dim: a multiple of 16 in this range
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 256  # block_size: a power of two in this range
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_ACTIVATIONS = {None: 0, "none": 0, "gelu": 1, "relu": 2, "silu": 3, "tanh": 4}
+_DTYPE_CODES = {getattr(torch, name): code for name, code in _C.dtype_codes().items()}
+_ACTIVATIONS = {None: _C.activation_codes()["none"], **_C.activation_codes()}
 
 try:  # built only where nvcc was found
     from stopkit import _C_cuda  # type: ignore[attr-defined]
@@ -64,6 +64,8 @@ def _smem_limit_from_env() -> int:
 if _C_cuda is not None:
     _C_cuda.set_smem_limit(_smem_limit_from_env())
 
+# The CPU kernels share torch's OpenMP runtime: reading torch's thread count sets the runtime to
+# torch's default (the physical cores) for the kernels too; torch.set_num_threads sets both after.
 _C.set_num_threads(max(1, torch.get_num_threads()))
 
 

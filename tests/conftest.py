@@ -1,6 +1,11 @@
 """Fixtures shared by the tests: the device under test, the CPU instruction-set builds, and a
 per-test random seed (fresh random inputs that still reproduce: the seed depends on the test id).
 
+Hypothesis profiles, chosen by ``HYPOTHESIS_PROFILE`` (when unset: ``ci`` if ``CI`` is set, else
+hypothesis' ``default``): ``ci`` draws the same examples every run (derandomized, no example
+database; a failure prints its reproduce blob), so a CI failure reproduces from its log; ``dev``
+draws fresh examples, five times as many. A test that sets its own count uses ``examples(n)``.
+
 ``device``  -- "cpu" always, "cuda" when stopkit's CUDA kernels and a GPU are present.
 ``backend`` -- a torch.device for each paged_attention backend: every CPU instruction-set build
                this processor runs (generic, avx2, avx512, avx512bf16, amx; restored
@@ -14,6 +19,7 @@ import zlib
 
 import pytest
 import torch
+from hypothesis import settings
 
 from stopkit import _C, ops
 
@@ -24,6 +30,18 @@ _NO_CUDA = "needs stopkit's CUDA kernels and a GPU"
 # The torch oracles run on tiny tensors, where intra-op threads only cost (tenfold on a busy 2-core
 # machine). stopkit's own kernels keep their threads: ops set them from torch at import, above.
 torch.set_num_threads(1)
+
+
+settings.register_profile("ci", max_examples=100, derandomize=True, database=None, print_blob=True,
+                          deadline=None)
+settings.register_profile("dev", max_examples=500, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
+
+
+def examples(n: int) -> int:
+    """A hypothesis test's example count: ``n`` (its count in CI), scaled as the loaded profile
+    scales hypothesis' default of 100 (five times in ``dev``)."""
+    return max(1, n * settings.default.max_examples // 100)
 
 
 def supported_isas() -> tuple[str, ...]:

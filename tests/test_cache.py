@@ -10,6 +10,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from conftest import examples
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -464,6 +465,6 @@ class CacheMachine(RuleBasedStateMachine):
             assert torch.equal(row_contents(cache, b), expected)
 
 
-CacheMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=25, deadline=None,
-                                          suppress_health_check=[HealthCheck.too_slow])
+CacheMachine.TestCase.settings = settings(max_examples=examples(60), stateful_step_count=25,
+                                          deadline=None, suppress_health_check=[HealthCheck.too_slow])
 test_cache_machine = CacheMachine.TestCase

@@ -1,4 +1,6 @@
-"""stopkit demo: the shipped toy model and adapter load, and the demo runs end to end (tiny sizes)."""
+"""stopkit demo: the shipped toy model and adapter load, the demo runs end to end (tiny sizes), and
+a small fixed run is pinned: the same JSON in this process and in a fresh one, and the shipped
+scorer's kept paths beat random's."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 from stopkit.toy import demo
 
 KEYS = {"avg_at_k", "maj_at_k", "pass_at_k", "vote_accuracy", "kept_accuracy", "tokens", "seconds"}
+WALL_CLOCK = {"seconds", "seconds_total"}
 
 
 def test_run_demo_small():
@@ -26,6 +29,31 @@ def test_run_demo_small():
     assert stop["tokens"] < full["tokens"]
     # every unfinished path of a problem is scored once: at most 4 paths x 4 [STOP] tokens each
     assert 0 < stop["scoring_tokens"] <= 4 * 4 and full["scoring_tokens"] == 0
+
+
+def _without_wall_clock(obj):
+    if isinstance(obj, dict):
+        return {k: _without_wall_clock(v) for k, v in obj.items() if k not in WALL_CLOCK}
+    if isinstance(obj, list):
+        return [_without_wall_clock(v) for v in obj]
+    return obj
+
+
+def test_demo_is_pinned():
+    """32 problems, 8 paths, keep 2: the CLI's JSON in a fresh process (another hash seed) is
+    byte-for-byte this process's run once the wall-clock fields are removed, and the shipped
+    adapter's kept paths are right clearly more often than random's (an untrained scorer's are
+    not)."""
+    config = demo.DemoConfig(problems=32, n=8, keep=2, methods=("stop", "random"))
+    here = demo.run_demo(config, progress=False)
+    out = subprocess.run([sys.executable, "-m", "stopkit", "demo", "--json", "--problems", "32",
+                          "--n", "8", "--keep", "2", "--methods", "stop,random"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    there = json.loads(out.stdout)
+    assert json.dumps(_without_wall_clock(there)) == json.dumps(_without_wall_clock(here))
+    stop, rand = here["methods"]["stop"], here["methods"]["random"]
+    assert stop["runs"] == rand["runs"] == 32
+    assert stop["kept_accuracy"] >= rand["kept_accuracy"] + 0.1
 
 
 def test_demo_cli_json():
@@ -47,15 +75,19 @@ def test_build_adapter_stage_runs_the_label_and_train_pipeline(tmp_path):
     from stopkit.toy import MODEL_DIR, load_model
     from stopkit.toy.build import build_adapter
 
-    kw = dict(label_seeds=[5, 6], problems=1, prefix_tokens=8, rollouts=2, traces=1, epochs=1,
-              lr=1e-3, lora_rank=4, batch_size=2, seed=0)
+    kw = dict(label_seeds=[5, 6], problems=3, prefix_tokens=8, rollouts=2, traces=2, epochs=1,
+              lr=1e-3, lora_rank=4, batch_size=4, seed=0)
     report = build_adapter(MODEL_DIR, tmp_path / "adapter", work_dir=tmp_path / "work", **kw)
-    assert report["records"] == 2
-    # shards labelled by parallel processes hold the same records
+    assert report["records"] == 12
+    # labelled by 2 Ray workers (a local Ray instance, started and stopped): the same records
     build_adapter(MODEL_DIR, tmp_path / "adapter2", work_dir=tmp_path / "work2", jobs=2, **kw)
     for shard in (5, 6):
         name = f"labels-{shard}.jsonl"
-        assert (tmp_path / "work" / name).read_text() == (tmp_path / "work2" / name).read_text()
+        one, two = ((tmp_path / w / name).read_text().splitlines() for w in ("work", "work2"))
+        assert len(one) == 6 and sorted(one) == sorted(two)
+    import ray
+
+    assert not ray.is_initialized()
     model, _ = load_model()
     scorer = StopScorer.load(tmp_path / "adapter", model)
     assert scorer.num_tokens == 4

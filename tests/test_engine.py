@@ -357,7 +357,7 @@ def test_bad_input_fails_before_any_work():
                 engine.generate(args.pop("prompts"), **args)
         with pytest.raises(CacheFullError):  # 49 tokens need 4 blocks of 16
             engine.start(_prompts(49))
-        with pytest.raises(CacheFullError):  # fits, but 2 x 30 new tokens may not
+        with pytest.raises(CacheFullError):  # a path of 20 + 30 tokens needs 4 blocks
             engine.generate(_prompts(20), n=2, max_new_tokens=30)
         assert not calls
         assert engine.cache.num_free_blocks == 3 and engine.cache.batch_size == 0
@@ -367,6 +367,50 @@ def test_bad_input_fails_before_any_work():
         Engine(T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=64, n_head=1, vocab_size=VOCAB)))
     with pytest.raises(ValueError, match="block_size"):
         Engine(model, block_size=12)
+
+
+def _run_request(engine: Engine, prompt: list[int], n: int, checks: tuple, max_new: int):
+    """Rows of one request run to the end (resumed unpruned at each check)."""
+    sp = engine.sampling_params(max_new_tokens=max_new, temperature=1.0, seed=3, eos_token_id=[])
+    group = engine.add_request(prompt, sp, n=n, checks=checks)
+    while engine.has_unfinished():
+        for g in engine.step().checks:
+            engine.resume(g)
+    return [r.tokens for r in group.rows]
+
+
+@pytest.mark.parametrize("checks", [(), (13,)])
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("prompt_len", [16, 20])  # whole prompt blocks; a partly filled one
+def test_a_request_is_refused_exactly_when_it_cannot_fit(prompt_len, n, checks):
+    """The fewest blocks a request needs, counted here: the prompt's whole blocks (its paths share
+    them) plus, per path, its own blocks from there up to its first check (without checks: its
+    first token; a partly filled prompt block is then one path's own block), and no fewer than
+    one path alone at its longest. With exactly that many the request runs to the end and samples
+    what it samples under no budget; with one fewer it is refused before any work."""
+    model = _model("llama")
+    bs, max_new = 16, 24
+    whole = prompt_len // bs
+    upto = prompt_len + (checks[0] if checks else 1)
+    together = whole + n * (-(-upto // bs) - whole)
+    need = max(together, -(-(prompt_len + max_new) // bs))
+    prompt = _prompts(prompt_len)[0]
+    free = _run_request(Engine(model, block_size=bs), prompt, n, checks, max_new)
+    tight = Engine(model, num_blocks=need, block_size=bs)
+    assert _run_request(tight, prompt, n, checks, max_new) == free
+    assert all(len(t) == max_new for t in free)
+    short = Engine(model, num_blocks=need - 1, block_size=bs)
+    calls, hook = _count_forwards(model)
+    try:
+        with pytest.raises(CacheFullError):
+            _run_request(short, prompt, n, checks, max_new)
+    finally:
+        hook.remove()
+    assert not calls and short.cache.num_free_blocks == need - 1 and short.cache.batch_size == 0
+    if not checks:  # a session (no max_new_tokens) holds its prompt and one token per row
+        Engine(model, num_blocks=together, block_size=bs).start([prompt], n=n).close()
+        with pytest.raises(CacheFullError):
+            Engine(model, num_blocks=together - 1, block_size=bs).start([prompt], n=n)
 
 
 def test_session_misuse():

@@ -5,19 +5,28 @@ Tolerance (flash-attention's rule): float32 within 1e-5 relative of the float64 
 1e-5 of the output's magnitude); float16/bfloat16 at most twice the error of the same oracle run in
 the half dtype itself (torch's own error) plus a tiny epsilon. LSE within 1e-5 relative, ``-inf``
 exactly where a query sees nothing.
+
+The conftest runs the tests on 1 thread; the tests of long rows also run the CPU kernels at each
+of ``_cpu.KERNEL_THREADS``, where every result must keep its bits (the split plan follows a row's
+length only, docs/DESIGN.md section 3).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, replace
 
 import pytest
 import torch
+from conftest import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _cpu import ISA_FLAGS, KERNEL_THREADS, cpu_flags, runnable_isas, using_isa, using_threads
 from stopkit import _C, ops, reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -106,7 +115,9 @@ def assert_lse_close(lse: torch.Tensor, exact: torch.Tensor) -> None:
     assert ((ours - ref).abs() <= 1e-5 * (1.0 + ref.abs())).all(), f"lse error {(ours - ref).abs().max():.3g}"
 
 
-def check(case: Case, device: torch.device, gen: torch.Generator | None = None) -> None:
+def check(case: Case, device: torch.device, gen: torch.Generator | None = None, threads=()) -> None:
+    """ops.paged_attention on random inputs of ``case`` against the float64 oracle; on the CPU, at
+    each kernel thread count of ``threads`` too, where it must give the same bits."""
     inputs = make_inputs(case, device, gen)
     kw = dict(scale=case.scale, window=case.window)
     out, lse = ops.paged_attention(**inputs, **kw, return_lse=True)
@@ -116,6 +127,10 @@ def check(case: Case, device: torch.device, gen: torch.Generator | None = None) 
     assert_close_to_reference(out, exact, torch_half)
     assert_lse_close(lse, exact_lse)
     assert torch.equal(ops.paged_attention(**inputs, **kw), out)  # same result without the LSE
+    for n in threads if device.type == "cpu" else ():
+        with using_threads(n):
+            again, again_lse = ops.paged_attention(**inputs, **kw, return_lse=True)
+        assert torch.equal(again, out) and torch.equal(again_lse, lse), f"{n} threads: other bits"
 
 
 def all_pairs(params: dict[str, list]) -> list[dict]:
@@ -174,7 +189,8 @@ def test_long_rows(backend, dtype, block_size, q_len, window):
     """Rows of many pages, ending around multiples of 128 keys (the CPU amx build's blocks of
     tiles), with the suffix and a window that ends inside a block."""
     check(Case(batch=6, q_len=q_len, heads=(12, 2), head_dim=128, block_size=block_size,
-               dtype=dtype, window=window, seq_lens=(127, 128, 129, 300, 1000, 0)), backend)
+               dtype=dtype, window=window, seq_lens=(127, 128, 129, 300, 1000, 0)), backend,
+          threads=KERNEL_THREADS)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -186,7 +202,7 @@ def test_queries_per_kv_head(backend, dtype, head_dim, group):
     and 56 end on a half vector: float scores by dim pairs there); head_dim 96 ends the amx build's
     P V on a half round of slot groups. Tiles of 16, 13 and 4 (the suffix) keys."""
     check(Case(batch=2, q_len=4, heads=(group, 1), head_dim=head_dim, block_size=16, dtype=dtype,
-               window=150, seq_lens=(300, 141)), backend)
+               window=150, seq_lens=(300, 141)), backend, threads=KERNEL_THREADS)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -195,7 +211,7 @@ def test_rows_4k_apart(backend, dtype, group):
     """8 kv heads of 128 dims: float32 rows 4 KiB apart, where the AVX-512 CPU builds run P V 8
     queries per call instead of 6; 12 and 20 queries per kv head end on a 4-query call."""
     check(Case(batch=2, q_len=4, heads=(8 * group, 8), head_dim=128, block_size=16, dtype=dtype,
-               seq_lens=(100, 37)), backend)
+               seq_lens=(100, 37)), backend, threads=KERNEL_THREADS)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -235,7 +251,8 @@ def test_empty_batch(backend):
     assert out.shape == (0, 4, 8, 64) and lse.shape == (0, 4, 8)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(20), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_configurations(backend, data):
     Hkv = data.draw(st.sampled_from([1, 2, 3, 4]), "num_kv_heads")
@@ -263,9 +280,10 @@ def test_random_configurations(backend, data):
                          ids=["plain", "suffix-sinks", "suffix-window"])
 @pytest.mark.parametrize("shape", [dict(batch=1, seq_lens=(3001,)), dict(batch=3, seq_lens=(2000, 0, 20))],
                          ids=["one-row", "ragged"])
-def test_split_context(backend, num_threads, shape, extras, dtype):
-    """One kv head and few rows: the context is split across threads and merged by LSE. Split
-    results equal the unsplit one (1 thread) and the float64 reference."""
+def test_split_context(backend, shape, extras, dtype):
+    """One kv head and few rows of up to 3001 keys: the CPU kernels split rows into chunks of keys
+    and merge them by LSE, the same bits at every kernel thread count; the CUDA kernel, forced to 1,
+    2 and 7 splits, stays within float tolerance. Every result is close to the float64 reference."""
     case = Case(q_len=4, heads=(4, 1), head_dim=128, block_size=16, dtype=dtype,
                 **{"suffix": False, **shape, **extras})
     inputs = make_inputs(case, backend)
@@ -273,24 +291,114 @@ def test_split_context(backend, num_threads, shape, extras, dtype):
     exact, exact_lse = reference.paged_attention(**upcast(inputs), **kw, return_lse=True)
     torch_half = None if dtype == torch.float32 else reference.paged_attention(**inputs, **kw)
     results = []
-    for threads in (1, 2, 7):
+    for n in KERNEL_THREADS if backend.type == "cpu" else (1, 2, 7):
         if backend.type == "cpu":
-            _C.set_num_threads(threads)
+            with using_threads(n):
+                out, lse = ops.paged_attention(**inputs, **kw, return_lse=True)
         else:  # the CUDA kernel's split count, forced
             from stopkit import _C_cuda
-            _C_cuda.set_num_splits(threads)
-        try:
-            out, lse = ops.paged_attention(**inputs, **kw, return_lse=True)
-        finally:
-            if backend.type == "cuda":
+            _C_cuda.set_num_splits(n)
+            try:
+                out, lse = ops.paged_attention(**inputs, **kw, return_lse=True)
+            finally:
                 _C_cuda.set_num_splits(0)
         assert_close_to_reference(out, exact, torch_half)
         assert_lse_close(lse, exact_lse)
         results.append((out, lse))
     for out, lse in results[1:]:
+        if backend.type == "cpu":
+            assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+            continue
         if dtype == torch.float32:
             torch.testing.assert_close(out, results[0][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(lse, results[0][1], rtol=1e-6, atol=1e-6)
+
+
+def rows_of(inputs: dict, rows: list[int]) -> dict:
+    """The inputs of a batch made of ``rows`` of another (any order, repeats allowed): its queries,
+    block table rows, lengths and suffix rows; the caches are shared."""
+    index = torch.tensor(rows, dtype=torch.long)
+    per_row = ("q", "block_table", "seq_lens", "suffix_k", "suffix_v")
+    return {k: t[index] if k in per_row else t for k, t in inputs.items()}
+
+
+# Rows of several of the CPU kernels' chunks of keys, of one chunk exactly, just over one, of one page
+# and empty: the work of the batch and of its longest row alone is large enough for the kernels to
+# start their threads.
+SPLIT = _C.split_keys()
+COMPOSITION_LENS = (3 * SPLIT - 36, 0, SPLIT + 18, 37, 2 * SPLIT + 76, SPLIT)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q_len,window", [(1, None), (4, None), (4, 700)])
+def test_rows_keep_their_bits_across_batches_and_threads(dtype, q_len, window):
+    """On every CPU build this processor runs and at each of KERNEL_THREADS kernel threads, a row's
+    output and LSE are the same bits as the row alone on 1 thread: in its batch, in a pruned batch
+    (rows kept in order) and in a larger shuffled batch with repeats (the split plan follows the
+    row's length only); the batch is close to the float64 reference."""
+    case = Case(batch=len(COMPOSITION_LENS), q_len=q_len, heads=(8, 2), head_dim=128, block_size=16,
+                dtype=dtype, sinks=True, window=window, seq_lens=COMPOSITION_LENS)
+    inputs = make_inputs(case, torch.device("cpu"))
+    exact, exact_lse = reference.paged_attention(**upcast(inputs), window=window, return_lse=True)
+    torch_half = None if dtype == torch.float32 else reference.paged_attention(**inputs, window=window)
+    B = case.batch
+    batches = [list(range(B)), [0, 2, 4], [4, 1, 5, 0, 3, 2, 0, 4, 2]]
+    for isa in runnable_isas():
+        with using_isa(isa):
+            alone = [ops.paged_attention(**rows_of(inputs, [b]), window=window, return_lse=True)
+                     for b in range(B)]
+            for n, rows in itertools.product(KERNEL_THREADS, batches):
+                with using_threads(n):
+                    out, lse = ops.paged_attention(**rows_of(inputs, rows), window=window, return_lse=True)
+                for i, b in enumerate(rows):
+                    where = f"{isa}, {n} threads, row {b} in batch {rows}"
+                    assert torch.equal(out[i], alone[b][0][0]), f"{where}: output differs from the row alone"
+                    assert torch.equal(lse[i], alone[b][1][0]), f"{where}: lse differs from the row alone"
+        assert_close_to_reference(torch.cat([a[0] for a in alone]), exact, torch_half)
+        assert_lse_close(torch.cat([a[1] for a in alone]), exact_lse)
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_torch_set_num_threads_sets_the_kernel_threads(n):
+    """torch and the CPU kernels share one OpenMP runtime: torch's thread count is the kernels'."""
+    with using_threads(n):
+        assert _C.num_threads() == n
+
+
+def _default_isa_in_a_fresh_process() -> str:
+    """The build the module picks when loaded afresh (this process's choice may have been set)."""
+    load = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('_C', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.isa())")
+    env = {k: v for k, v in os.environ.items() if k != "STOPKIT_CPU_ISA"}
+    done = subprocess.run([sys.executable, "-c", load, _C.__file__], env=env, capture_output=True,
+                          text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_dispatch_picks_the_best_build_the_processor_runs():
+    """The default build is the most capable one compiled in whose instruction sets /proc/cpuinfo
+    lists."""
+    flags = cpu_flags()
+    if flags is None:
+        pytest.skip("needs /proc/cpuinfo of an x86 processor")
+    assert _C.isas()[0] == "generic" and set(_C.isas()) <= set(ISA_FLAGS), "a build _cpu.ISA_FLAGS lacks"
+    assert _default_isa_in_a_fresh_process() == runnable_isas()[-1]
+
+
+def test_set_isa_refuses_builds_the_processor_cannot_run():
+    default = _C.isa()
+    try:
+        for isa in _C.isas():
+            if isa in runnable_isas():
+                _C.set_isa(isa)
+                assert _C.isa() == isa
+            else:
+                with pytest.raises(ValueError, match=f"^stopkit: isa {isa}: this processor cannot run"):
+                    _C.set_isa(isa)
+        with pytest.raises(ValueError, match="isa must be a build this module has .*generic.*, got sse9$"):
+            _C.set_isa("sse9")
+    finally:
+        _C.set_isa(default)
 
 
 def test_strided_inputs(backend):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,7 +37,7 @@ def test_ratio_rounding():
     assert plan(1, 1, 1, ratio=1.0) == Plan(n=1, keep=1, expected_tokens=1)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(budget=st.integers(1, 10**6), prefix=st.integers(1, 5000), extra=st.integers(0, 20000),
        keep=st.integers(1, 64))
 def test_fixed_keep_n_is_maximal(budget, prefix, extra, keep):
@@ -51,7 +52,7 @@ def test_fixed_keep_n_is_maximal(budget, prefix, extra, keep):
     assert _cost(p.n + 1, keep, prefix, task) > budget
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(budget=st.integers(1, 10**6), prefix=st.integers(1, 5000), extra=st.integers(0, 20000),
        ratio=st.sampled_from([0.05, 0.1, 0.125, 0.25, 1 / 3, 0.5, 0.7, 1.0]))
 def test_ratio_n_is_maximal(budget, prefix, extra, ratio):

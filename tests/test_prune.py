@@ -5,20 +5,23 @@ import math
 
 import pytest
 import torch
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stopkit import ops, reference
+from _cpu import kernel_threads  # noqa: F401 (a fixture)
+from stopkit import _C, ops, reference
 from stopkit.cache import PagedKVCache
 from stopkit.pruning import PruneResult, prune
 
 NAN, INF = math.nan, math.inf
 
 
-def filled_cache(gen: torch.Generator, dtype=torch.float32) -> PagedKVCache:
+def filled_cache(gen: torch.Generator, dtype=torch.float32, prompt_lens=(13, 30)) -> PagedKVCache:
     """Seven rows of different lengths: two prompts, forks of each (shared blocks, partial last
     blocks copied on write), random K/V everywhere."""
-    cache = PagedKVCache(2, 2, 32, num_blocks=64, block_size=8, dtype=dtype)
+    num_blocks = sum(math.ceil(n / 8) for n in prompt_lens) + 7 * 4  # + up to 19 tokens a row
+    cache = PagedKVCache(2, 2, 32, num_blocks=num_blocks, block_size=8, dtype=dtype)
 
     def write(slots):
         flat = slots.reshape(-1)
@@ -27,17 +30,24 @@ def filled_cache(gen: torch.Generator, dtype=torch.float32) -> PagedKVCache:
             ops.write_kv(k, v, cache.k_cache(layer), cache.v_cache(layer), flat)
 
     cache.add(2)
-    write(cache.extend([13, 30]))
+    write(cache.extend(list(prompt_lens)))
     cache.fork(0, 3)
     cache.fork(1, 2)
     write(cache.extend(torch.randint(0, 20, (7,), generator=gen)))
     return cache
 
 
+@pytest.mark.parametrize("prompt_lens", [(13, 30), (_C.split_keys() + 188, 2 * _C.split_keys() + 76)],
+                         ids=["short", "long"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kept_rows_attend_exactly_as_before(dtype):
+def test_kept_rows_attend_exactly_as_before(dtype, prompt_lens, kernel_threads):
+    """The kept rows' attention is the same bits after pruning, at each of KERNEL_THREADS kernel
+    threads. The guarantee: exact for a fixed split plan. On the CPU a row's plan (its chunks of
+    _C.split_keys() keys, merged in order) follows its own length only, never the batch or the
+    thread count, so compaction changes no bits; the CUDA kernel picks its split count from the
+    whole batch, so there pruning keeps attention within float tolerance only."""
     gen = torch.Generator().manual_seed(10)
-    cache = filled_cache(gen, dtype)
+    cache = filled_cache(gen, dtype, prompt_lens)
     B = cache.batch_size
     q = torch.randn(B, 2, 4, 32, generator=gen).to(dtype)
     suffix = [torch.randn(B, 2, 2, 32, generator=gen).to(dtype) for _ in range(2)]
@@ -104,7 +114,7 @@ def test_criteria(batch, kwargs, kept):
     assert cache.seq_lens.tolist() == lens[kept].tolist()
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(scores=st.lists(st.sampled_from([0.0, 0.5, 1.0, -INF, INF, NAN]) | st.floats(-1, 1),
                        min_size=0, max_size=12),
        keep=st.integers(1, 14), min_keep=st.integers(0, 4))

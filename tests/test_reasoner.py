@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from test_stop import head_of, peft_twin, two_stage_reference
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -95,6 +96,14 @@ def _hf_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
 def _hf_entropies(model, prompt, tokens) -> torch.Tensor:
     lp = _hf_logprobs(model, prompt, tokens)
     return -(lp.exp() * lp).sum(-1)
+
+
+def _hf_stop_scores(scorer: StopScorer, prompt: list[int], prefixes: dict) -> dict:
+    """{path: score} of prompt + prefix by plain transformers + PEFT holding the scorer's LoRA
+    factors: the prefix without the adapter, then the [STOP] tokens with it, final norm -> head."""
+    ref = two_stage_reference(peft_twin(scorer), scorer.token.detach(), scorer.num_tokens,
+                              head_of(scorer), [prompt + p for p in prefixes.values()])
+    return dict(zip(prefixes, ref.tolist()))
 
 
 # ---- pure functions ---------------------------------------------------------------------------
@@ -219,11 +228,11 @@ def test_pruning_method(method, reasoner, tiny, full):
     assert sum(p.pruned for p in sol.paths) == 3
     # scores against an independent computation on the prefixes
     prefixes = {i: full.paths[i].tokens[:6] for i in unfinished}
+    stop_scores = _hf_stop_scores(scorer, prompt, prefixes) if method == "stop" else {}
     for i in unfinished:
         got = scores[i]
         if method == "stop":
-            expect = float(scorer.score([prompt + prefixes[i]])[0])
-            assert got == pytest.approx(expect, rel=1e-5)
+            assert got == pytest.approx(stop_scores[i], rel=1e-5, abs=1e-6)
         elif method == "confidence":
             top = _hf_logprobs(model, prompt, prefixes[i]).topk(20, dim=-1).values
             conf = -top.mean(-1)  # window 2048 > 6 tokens: the mean over the whole prefix
@@ -309,6 +318,43 @@ def test_schedule(reasoner, tiny, full):
         assert p.tokens == (f.tokens[:len(p.tokens)] if p.pruned else f.tokens)
         assert p.finished_in_prefix == (end <= 4)
     assert sol.generated_tokens == sum(lens)
+
+
+def test_stop_schedule_scores_and_counts_every_round(reasoner, tiny, full):
+    """Two stop rounds: each scores the paths alive at it (scores checked against plain
+    transformers + PEFT), keeps the best, and processes num_tokens [STOP] tokens per path scored;
+    the token phases add up, alone and beside another question."""
+    scorer = tiny[2]
+    prompt = reasoner.prompt_ids(QUESTION)
+    run = dict(schedule=[(4, 5), (9, 2)],
+               **{k: v for k, v in RUN.items() if k not in ("keep", "prefix_tokens")})
+    sol = reasoner.solve(QUESTION, method="stop", **run)
+    ends = [len(f.tokens) if f.finish_reason == "eos" else math.inf for f in full.paths]
+
+    def round_(alive, prefix, keep):
+        s = _hf_stop_scores(scorer, prompt, {i: full.paths[i].tokens[:prefix] for i in alive})
+        kept = sorted(alive, key=lambda i: (-s[i], i))[:keep]
+        return kept, s
+
+    alive1 = [i for i in range(8) if ends[i] > 4]
+    kept1, s1 = round_(alive1, 4, 5)
+    alive2 = [i for i in kept1 if ends[i] > 9]
+    kept2, s2 = round_(alive2, 9, 2)
+    assert len(alive1) > 5 and len(alive2) > 2  # both rounds prune
+    lens = [4 if i in alive1 and i not in kept1 else 9 if i in alive2 and i not in kept2
+            else len(full.paths[i].tokens) for i in range(8)]
+    assert [len(p.tokens) for p in sol.paths] == lens
+    assert [p.pruned for p in sol.paths] == [lens[i] < len(full.paths[i].tokens) for i in range(8)]
+    for i, p in enumerate(sol.paths):
+        expect = s2.get(i, s1.get(i))
+        assert p.score == (None if expect is None else pytest.approx(expect, rel=1e-5, abs=1e-6))
+    check = 4 * (len(alive1) + len(alive2))  # the fixture's scorer has 4 [STOP] tokens
+    launch = sum(min(n, 4) for n in lens)
+    assert sol.scoring_tokens == check
+    assert sol.tokens == {"launch": launch, "check": check, "resume": sum(lens) - launch}
+    # beside another question, each question counts its own rows
+    both = reasoner.solve_batch([QUESTION, "2 + 2 ="], method="stop", **run)
+    assert both[0].tokens == sol.tokens and both[0].scoring_tokens == check
 
 
 def test_early_stop(reasoner, full):

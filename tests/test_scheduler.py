@@ -109,8 +109,8 @@ def test_budget_arguments():
     hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
         sp = engine.sampling_params(max_new_tokens=8)
-        with pytest.raises(CacheFullError, match="at least 5 blocks"):  # 1 prompt block + 4 paths
-            engine.add_request(_prompts(10)[0], sp, n=4)
+        with pytest.raises(CacheFullError, match="at least 5 blocks"):  # a block per path
+            engine.add_request(_prompts(10)[0], sp, n=5)
         with pytest.raises(CacheFullError, match="needs 5 blocks"):  # one path alone: 70 tokens
             engine.generate(_prompts(10), max_new_tokens=60)
         with pytest.raises(ValueError, match="n must be <= max_num_seqs"):

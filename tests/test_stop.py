@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
 from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM)
 
@@ -91,8 +92,24 @@ def two_stage_reference(peft_model: PeftModel, token: torch.Tensor, num_tokens: 
     return torch.stack(out)
 
 
-def peft_twin(scorer: StopScorer, tmp_path) -> PeftModel:
-    """A copy of the scorer's model with its saved adapter loaded by PEFT itself."""
+def peft_twin(scorer: StopScorer) -> PeftModel:
+    """A PEFT copy of the scorer's model with the spec's adapter (LoRA on q_proj and v_proj, alpha
+    2 * rank) holding the scorer's factors, copied by module name (not through scorer.save)."""
+    rank = scorer.loras[0].A.shape[0]
+    twin = get_peft_model(copy.deepcopy(scorer.model), LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        adapter_name="classifier")
+    targets = {name: m for name, m in twin.get_base_model().named_modules() if hasattr(m, "lora_A")}
+    assert sorted(lo.path for lo in scorer.loras) == sorted(targets)
+    with torch.no_grad():
+        for lo in scorer.loras:
+            targets[lo.path].lora_A["classifier"].weight.copy_(lo.A)
+            targets[lo.path].lora_B["classifier"].weight.copy_(lo.B)
+    return twin.eval()
+
+
+def peft_from_save(scorer: StopScorer, tmp_path) -> PeftModel:
+    """A copy of the scorer's model with the adapter scorer.save wrote, loaded by PEFT itself."""
     scorer.save(tmp_path / "ckpt")
     return PeftModel.from_pretrained(copy.deepcopy(scorer.model), tmp_path / "ckpt" / "adapter" /
                                      "classifier", adapter_name="classifier")
@@ -107,12 +124,12 @@ def head_of(scorer: StopScorer) -> tuple:
 
 # ---- equivalence --------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_scores_equal_transformers_two_stage_forward(family, tmp_path):
+def test_scores_equal_transformers_two_stage_forward(family):
     model = tiny_model(family)
     scorer = randomise(StopScorer.new(model, lora_rank=8, seed=1))
     batch = prefixes()
-    ref = two_stage_reference(peft_twin(scorer, tmp_path), scorer.token.detach(),
-                              scorer.num_tokens, head_of(scorer), batch)
+    ref = two_stage_reference(peft_twin(scorer), scorer.token.detach(), scorer.num_tokens,
+                              head_of(scorer), batch)
     assert ref.std() > 0.05  # spread-out scores, not all ~0.5
     got = scorer.score(batch)  # paged cache + native kernels + fused norm/head
     assert got.dtype == torch.float32 and got.shape == (len(batch),)
@@ -148,13 +165,12 @@ def test_training_forward_equals_engine_on_sliding_windows(family):
     torch.testing.assert_close(dense, paged, atol=1e-5, rtol=1e-5)
 
 
-def test_mlp_head_and_more_tokens(tmp_path):
+def test_mlp_head_and_more_tokens():
     model = tiny_model()
     scorer = randomise(StopScorer.new(model, num_tokens=6, lora_rank=4, head_hidden=16,
                                       activation="silu", seed=2))
     batch = prefixes((3, 33))
-    ref = two_stage_reference(peft_twin(scorer, tmp_path), scorer.token.detach(), 6,
-                              head_of(scorer), batch)
+    ref = two_stage_reference(peft_twin(scorer), scorer.token.detach(), 6, head_of(scorer), batch)
     torch.testing.assert_close(scorer.score(batch), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -227,19 +243,66 @@ def test_new_is_seeded_and_leaves_global_rng():
 def test_save_load_round_trip(tmp_path, head_hidden):
     model = tiny_model()
     scorer = randomise(StopScorer.new(model, num_tokens=3, lora_rank=8, head_hidden=head_hidden,
-                                      activation="tanh", seed=5))
+                                      activation="tanh", seed=5, lora_dropout=0.125))
     scorer.save(tmp_path / "s")
     loaded = StopScorer.load(tmp_path / "s", model)
     assert loaded.num_tokens == 3 and loaded.activation == "tanh"
+    # training settings that do not change a score in eval mode survive the round trip too
+    written = json.loads((tmp_path / "s/adapter/classifier/adapter_config.json").read_text())
+    assert (written["r"], written["lora_alpha"], written["lora_dropout"]) == (8, 16, 0.125)
+    assert sorted(written["target_modules"]) == ["q_proj", "v_proj"]
+    assert (loaded.lora_dropout, loaded.lora_alpha) == (0.125, 16)
     assert scorer.state_dict().keys() == loaded.state_dict().keys()
     for (name, x), y in zip(scorer.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(x, y), name
     batch = prefixes((2, 19, 31))
     assert torch.equal(loaded.score(batch), scorer.score(batch))
+    # what save wrote is the adapter for PEFT too
+    ref = two_stage_reference(peft_from_save(scorer, tmp_path), scorer.token.detach(), 3,
+                              head_of(scorer), batch)
+    torch.testing.assert_close(scorer.score(batch), ref, atol=1e-5, rtol=1e-5)
     # saving the loaded scorer writes the same adapter
     loaded.save(tmp_path / "t")
     again = StopScorer.load(tmp_path / "t", model)
     assert torch.equal(again.score(batch), scorer.score(batch))
+
+
+@pytest.mark.parametrize("variant", ["plain", "rslora"])
+def test_loads_a_handwritten_checkpoint(tmp_path, variant):
+    """stopkit's layout written by hand, as the module docstring lays it out (a PEFT adapter saved
+    by PEFT; the config in json, the token and head in safetensors), loads into a scorer that
+    scores as the two-stage reference on that PEFT model. "rslora": rsLoRA scaling (alpha /
+    sqrt(r)), a per-module rank (rank_pattern) and an MLP head."""
+    model = tiny_model()
+    d, rslora = model.config.hidden_size, variant == "rslora"
+    extra = dict(use_rslora=True, rank_pattern={"model.layers.1.self_attn.v_proj": 4}) if rslora else {}
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], **extra),
+        adapter_name="classifier")
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    k = 12 if rslora else d  # the head's input
+    tensors = {"token": torch.randn(d), "head.weight": torch.randn(2, k) / math.sqrt(k),
+               "head.bias": torch.randn(2) * 0.5}
+    if rslora:
+        tensors.update({"hidden.weight": torch.randn(k, d) * 2 / math.sqrt(d),
+                        "hidden.bias": torch.randn(k) * 0.5})
+    save_file(tensors, str(tmp_path / "stop.safetensors"))
+    (tmp_path / "stop_config.json").write_text(json.dumps({
+        "format": "stopkit.stop", "version": 1, "hidden_size": d, "num_tokens": 3,
+        "head_hidden": k if rslora else None, "activation": "tanh", "adapter": "adapter/classifier"}))
+
+    scorer = StopScorer.load(tmp_path, model)
+    batch = prefixes((4, 17, 30))
+    head = (tensors["head.weight"], tensors["head.bias"])
+    if rslora:
+        head = (tensors["hidden.weight"], tensors["hidden.bias"], "tanh", *head)
+    ref = two_stage_reference(peft_model, tensors["token"], 3, head, batch)
+    assert ref.std() > 0.02  # scores that differ between prefixes
+    torch.testing.assert_close(scorer.score(batch), ref, atol=1e-5, rtol=1e-5)
 
 
 def write_authors_checkpoint(path, model, *, num_tokens=3, rank=8, hidden=None, bin_weights=True):

@@ -11,8 +11,7 @@ from stopkit.loading import DTYPES
 
 __all__ = ["Parser", "add_command", "add_global_flags", "int_list", "name_list", "device",
            "memory", "add_model_args", "add_engine_args", "add_method_args", "add_prompt_args",
-           "add_sampling_args",
-           "check_sampling_args"]
+           "add_sampling_args", "add_ray_args", "check_sampling_args"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -122,6 +121,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="paths in the KV cache at once, at most (default 256)")
     g.add_argument("--max-batch-tokens", type=int, default=8192,
                    help="tokens per engine step, prefill chunks and decodes together (default 8192)")
+
+
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    """--ray [ADDRESS], --workers, --worker-threads (stopkit.distributed). With --ray, --device
+    defaults to the cluster's GPUs when it has any (one per worker), else the CPU."""
+    g = p.add_argument_group("Ray (spread the problems over a cluster; pip install \"stopkit[ray]\")")
+    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray workers, each loading the model once: without ADDRESS on a "
+                        "local Ray instance; 'auto': the cluster this machine joined (ray start); "
+                        "else host:port or ray://host:port. Workers use one GPU each when the "
+                        "cluster has GPUs, else the CPU (--device cpu or cuda to choose)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="Ray workers (default: every GPU of the cluster, or its CPUs divided by "
+                        "--worker-threads)")
+    g.add_argument("--worker-threads", type=int, default=1,
+                   help="torch threads of each CPU worker (default 1)")
+    p.set_defaults(device=None)  # None: cpu, or the cluster's choice with --ray
 
 
 def add_prompt_args(p: argparse.ArgumentParser) -> None:

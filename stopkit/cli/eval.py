@@ -13,17 +13,24 @@ With --sweep, runs each pruning method once per l_p of --sweep-prefixes and seed
 path to its end and scoring it at the check, and reads off every keep of --sweep-keeps (or
 --sweep-ratios): writes sweep.csv, sweep.png (avg@k|N against tokens, with the full point) and
 prints the best retention ratio per token budget.
+
+With --ray, the problems are spread over Ray workers (one per GPU of the cluster, or --workers CPU
+workers), each loading the model and adapter once; this process alone writes --out, the same
+records as without --ray (their order may differ). A worker that dies hands its problems to the
+others.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from stopkit._checks import check_int
 from stopkit.cli.args import (add_command, add_engine_args, add_method_args, add_model_args,
-                              add_prompt_args, add_sampling_args, int_list, name_list)
+                              add_prompt_args, add_ray_args, add_sampling_args, int_list,
+                              name_list)
 from stopkit.cli.errors import UserError, options
-from stopkit.cli.inputs import load_checker, load_problems, load_reasoner, output_dir
+from stopkit.cli.inputs import load_checker, load_problems, load_reasoner, output_dir, ray_pool
 from stopkit.cli.solve import check_solve_options
 
 EXAMPLES = """
@@ -35,6 +42,8 @@ EXAMPLES = """
       --prefix-tokens 256 --max-new-tokens 1024 --limit 20
   stopkit eval --model ./my-model --adapter ckpt/stop --data math500.jsonl --methods stop \\
       --sweep --sweep-prefixes 1024,2048 --sweep-ratios 0.0625,0.125,0.25,0.5 --n 64
+  stopkit eval --ray auto --model /shared/models/my-model --adapter /shared/ckpt/stop \\
+      --data math500.jsonl --methods full,stop --n 64 --keep 8 --out runs/math500
 
 Problem files: JSONL or a JSON array with question / problem / prompt and answer (or a solution
 whose last \\boxed{} is taken); GPQA rows become multiple choice.
@@ -47,6 +56,7 @@ def register(subparsers) -> None:
     add_model_args(p, adapter=True)
     add_engine_args(p)
     add_prompt_args(p)
+    add_ray_args(p)
     p.add_argument("--data", required=True, help="problem file (JSONL or JSON array)")
     p.add_argument("--methods", type=name_list, default="full,stop,confidence,entropy,random",
                    help="comma-separated methods (default: full,stop,confidence,entropy,random)")
@@ -66,7 +76,7 @@ def register(subparsers) -> None:
     g.add_argument("--sweep-keeps", type=int_list, default=None, help="keep values")
     g.add_argument("--sweep-ratios", type=str, default=None,
                    help="retention ratios, comma-separated (keep = ceil(ratio * n))")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, on_interrupt="; rerun the same command to resume")
 
 
 def _ratios(text: str) -> list[float]:
@@ -95,24 +105,26 @@ def run(args: argparse.Namespace) -> int:
     checker = load_checker(args.checker)
     problems = load_problems("--data", args.data)[:args.limit]
     out = output_dir("--out", args.out)
-    reasoner = load_reasoner(args)
-    common = dict(n=args.n, max_new_tokens=args.max_new_tokens, seeds=args.seeds, checker=checker,
-                  out=out, temperature=args.temperature, top_p=args.top_p)
-    if args.sweep:
-        with options():
-            result = ev.sweep(reasoner, problems, args.methods,
-                              keeps=args.sweep_keeps,
-                              ratios=None if args.sweep_ratios is None else _ratios(args.sweep_ratios),
-                              prefixes=args.sweep_prefixes or [args.prefix_tokens], **common)
-        paths = ev.write_sweep(result, out)
-        print(ev.format_sweep(result))
-    else:
-        result = ev.evaluate(reasoner, problems, args.methods, keep=args.keep,
-                             prefix_tokens=args.prefix_tokens, vote=args.vote,
-                             early_stop=args.early_stop, **common)
-        result["config"].update(model=args.model, adapter=args.adapter, data=str(args.data),
-                                prompt=vars(reasoner.prompt))
-        paths = ev.write_results(result, out)
-        print(ev.format_table(result))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    pool = ray_pool(args)
+    with pool if pool is not None else contextlib.nullcontext():  # the workers stop with it
+        reasoner = pool if pool is not None else load_reasoner(args)
+        common = dict(n=args.n, max_new_tokens=args.max_new_tokens, seeds=args.seeds,
+                      checker=checker, out=out, temperature=args.temperature, top_p=args.top_p)
+        if args.sweep:
+            with options():
+                ratios = None if args.sweep_ratios is None else _ratios(args.sweep_ratios)
+                result = ev.sweep(reasoner, problems, args.methods, keeps=args.sweep_keeps,
+                                  ratios=ratios,
+                                  prefixes=args.sweep_prefixes or [args.prefix_tokens], **common)
+            paths = ev.write_sweep(result, out)
+            print(ev.format_sweep(result))
+        else:
+            result = ev.evaluate(reasoner, problems, args.methods, keep=args.keep,
+                                 prefix_tokens=args.prefix_tokens, vote=args.vote,
+                                 early_stop=args.early_stop, **common)
+            result["config"].update(model=args.model, adapter=args.adapter, data=str(args.data),
+                                    prompt=vars(reasoner.prompt))
+            paths = ev.write_results(result, out)
+            print(ev.format_table(result))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0

@@ -9,10 +9,11 @@ import os
 import re
 from pathlib import Path
 
-from stopkit.cli.errors import UserError, options, reading
+from stopkit._checks import check_int
+from stopkit.cli.errors import UserError, one_line, options, reading
 
 __all__ = ["load_model", "load_scorer", "load_reasoner", "load_problems", "load_checker",
-           "output_dir", "output_file"]
+           "ray_pool", "output_dir", "output_file"]
 
 # what from_pretrained would look up on the Hugging Face hub: "name" or "org/name"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -35,7 +36,7 @@ def load_model(args: argparse.Namespace):
     else:
         shown = f"{args.model} (no such local folder, so looked up on the Hugging Face hub)"
     with reading("--model", shown):
-        return load(args.model, dtype=args.dtype, device=args.device)
+        return load(args.model, dtype=args.dtype, device=args.device or "cpu")
 
 
 def load_scorer(flag: str, path: str, model):
@@ -86,6 +87,36 @@ def load_reasoner(args: argparse.Namespace):
                         else {"step_marker": args.step_marker})
     return ParallelReasoner(model, tokenizer, scorer=scorer, engine=make_engine(args, model),
                             prompt=prompt_format(args), **external)
+
+
+def ray_pool(args: argparse.Namespace):
+    """A started stopkit.distributed.RayPool of ``--ray``, ``--workers``, ``--worker-threads`` and
+    the model options (every worker has loaded the model); None without ``--ray``. A missing Ray,
+    a cluster that cannot be reached or cannot hold the workers, and a model or adapter a worker
+    cannot load are UserErrors."""
+    if args.ray is None:
+        if args.workers is not None:
+            raise UserError("--workers needs --ray")
+        return None
+    with options():
+        for flag, value in (("--workers", args.workers), ("--worker-threads", args.worker_threads)):
+            if value is not None:
+                check_int(flag, value, 1)
+    prompt_format(args)  # a bad prompt option fails here, before any worker starts
+    try:
+        from stopkit.distributed import ModelSpec, RayPool, require_ray  # noqa: PLC0415
+
+        require_ray()
+    except ImportError as e:
+        raise UserError(str(e)) from e
+    pool = RayPool(ModelSpec.from_args(args, threads=args.worker_threads), workers=args.workers,
+                   address=args.ray or None)
+    try:
+        with options():
+            pool.start()
+    except ConnectionError as e:
+        raise UserError(f"--ray {args.ray}: {one_line(e)}") from e
+    return pool
 
 
 def load_problems(flag: str, path: str) -> list[dict]:

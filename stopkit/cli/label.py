@@ -6,6 +6,10 @@ queued at once and runs as the KV budget allows; each problem's records are appe
 soon as it is done. Output JSONL: one record per prefix with prefix_token_ids (prompt + prefix),
 soft_label, n_correct, n_rollouts, id, question, answer, trace, prompt_len. Rerunning the same
 command resumes: problem ids already in --out are skipped.
+
+With --ray, the problems are spread over Ray workers (one per GPU of the cluster, or --workers CPU
+workers), each loading the model once; this process alone writes --out, the same records as
+without --ray (their order may differ). A worker that dies hands its problems to the others.
 """
 
 from __future__ import annotations
@@ -15,18 +19,20 @@ import json
 
 from stopkit._checks import check_int
 from stopkit.cli.args import (add_command, add_engine_args, add_model_args, add_prompt_args,
-                              check_sampling_args)
+                              add_ray_args, check_sampling_args)
 from stopkit.cli.errors import UserError, options
+from stopkit.cli.inputs import (load_checker, load_model, load_problems, make_engine, output_file,
+                                prompt_format, ray_pool)
 
 MAX_NEW_TOKENS = 16384  # stopkit.label.MAX_NEW_TOKENS (not imported: parsing stays cheap)
-from stopkit.cli.inputs import (load_checker, load_model, load_problems, make_engine, output_file,
-                                prompt_format)
 
 EXAMPLES = """
   stopkit label --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --problems train.jsonl \\
       --out labels.jsonl --prefix-tokens 2048 --rollouts 32 --traces 4 --max-new-tokens 16384
   stopkit label --model stopkit/toy/assets/model --problems toy.jsonl --out toy_labels.jsonl \\
       --prefix-tokens 12 --rollouts 16 --max-new-tokens 100 --temperature 1.0 --top-p 1.0
+  stopkit label --ray auto --model /shared/models/R1-Distill-Qwen-7B --problems train.jsonl \\
+      --out labels.jsonl --prefix-tokens 2048 --rollouts 32   # every GPU of the Ray cluster
 
 problems JSONL: one {"question": ..., "answer": ..., "id": optional} per line.
 """
@@ -38,6 +44,7 @@ def register(subparsers) -> None:
     add_model_args(p, adapter=False)
     add_engine_args(p)
     add_prompt_args(p)
+    add_ray_args(p)
     p.add_argument("--problems", required=True, help="JSONL of problems: question, answer (id optional)")
     p.add_argument("--out", required=True, help="output JSONL (appended to; finished ids are skipped)")
     p.add_argument("--prefix-tokens", type=int, required=True, help="prefix length l_p in generated tokens")
@@ -75,12 +82,16 @@ def run(args: argparse.Namespace) -> int:
     prompt = prompt_format(args)
     problems = load_problems("--problems", args.problems)[:args.limit]
     out = output_file("--out", args.out)
-    model, tokenizer = load_model(args)
-    engine = make_engine(args, model)
-    stats = label_problems(model, tokenizer, problems, out, engine=engine, prompt=prompt,
-                           prefix_tokens=args.prefix_tokens,
-                           rollouts=args.rollouts, traces=args.traces,
-                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, top_k=args.top_k, seed=args.seed, checker=checker)
+    task = dict(prefix_tokens=args.prefix_tokens, rollouts=args.rollouts, traces=args.traces,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, checker=checker)
+    pool = ray_pool(args)
+    if pool is not None:
+        with pool:
+            stats = pool.label_problems(problems, out, **task)
+    else:
+        model, tokenizer = load_model(args)
+        stats = label_problems(model, tokenizer, problems, out, engine=make_engine(args, model),
+                               prompt=prompt, **task)
     print(json.dumps(stats))
     return 0

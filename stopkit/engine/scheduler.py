@@ -110,12 +110,13 @@ class Scheduler:
 
     # ---- checks (nothing changes) --------------------------------------------------------------
     def min_blocks(self, group: Group) -> int:
-        """Blocks ``group`` needs at once at least: its prompt's blocks plus, per row, the blocks
-        from its partial prompt block to its first check (to its first token without checks)."""
+        """Blocks ``group`` needs at once at least: its prompt's whole blocks (shared) plus, per
+        row, its own blocks from there to its first check (to its first token without checks).
+        A partly filled prompt block is one row's own: the last row to write it keeps it."""
         bs = self.cache.block_size
         P = len(group.prompt)
         upto = P + (group.checks[0] if group.checks else 1)
-        return -(-P // bs) + group.n * (-(-upto // bs) - P // bs)
+        return P // bs + group.n * (-(-upto // bs) - P // bs)
 
     def has_work(self) -> bool:
         """Some queued group has a live row."""
@@ -335,9 +336,10 @@ class Scheduler:
                 return
             waiting = [r for r in group.rows if r.status is RowStatus.WAITING and r.live]
             if not group.started:
-                # a new group: its prompt and one block per path, and a seat for every path
-                # (beside the rows that started groups still have waiting)
-                reserve = -(-len(group.prompt) // bs) + group.n
+                # a new group: its prompt's whole blocks and one block per path (a partly filled
+                # prompt block is one path's), and a seat for every path (beside the rows that
+                # started groups still have waiting)
+                reserve = len(group.prompt) // bs + group.n
                 promised = sum(r.status is RowStatus.WAITING and r.live
                                for g in self._waiting if g.started for r in g.rows)
                 if self._seats() - promised < group.n or self._available() - watermark < reserve:

@@ -204,22 +204,6 @@ def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path)
     tokenizer.save_pretrained(out)
 
 
-def _label_shard(model_dir: Path, labels: Path, shard: int, problems: int, prefix_tokens: int,
-                 rollouts: int, traces: int, threads: int) -> dict:
-    """Label the ``problems`` train-split problems drawn with seed ``shard`` into ``labels``."""
-    from stopkit.toy import load_model
-    from stopkit.label import label_problems
-
-    torch.set_num_threads(threads)
-    model, tokenizer = load_model(path=model_dir)
-    shard_problems = [{"id": f"{shard}-{i}", "question": p.question, "answer": p.answer}
-                      for i, p in enumerate(generate(problems, seed=shard, split="train"))]
-    return label_problems(
-        model, tokenizer, shard_problems, labels, prefix_tokens=prefix_tokens, rollouts=rollouts,
-        traces=traces, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0,
-        seed=shard, checker=lambda text, answer: check(text, int(answer)))
-
-
 def build_adapter(model_dir: Path, out: Path, *, label_seeds: list[int], problems: int,
                   prefix_tokens: int, rollouts: int, traces: int, epochs: int, lr: float,
                   lora_rank: int, batch_size: int, seed: int, work_dir: Path, jobs: int = 1,
@@ -228,30 +212,36 @@ def build_adapter(model_dir: Path, out: Path, *, label_seeds: list[int], problem
     """Stage ``adapter``: Monte-Carlo labels and a trained STOP scorer for the model at ``model_dir``,
     through the code behind ``stopkit label`` and ``stopkit train`` (stopkit.train). For each of
     ``label_seeds``, ``problems`` train-split problems drawn with that seed are labelled into
-    ``work_dir/labels-{seed}.jsonl`` (problem ids ``"{seed}-{i}"``; resumable; a shard's samples
-    depend only on its seed, so ``jobs`` processes of one torch thread each label shards in
-    parallel with the same result); the best-validation-MSE scorer is saved to ``out``."""
+    ``work_dir/labels-{seed}.jsonl`` (problem ids ``"{seed}-{i}"``, label seed ``seed``;
+    resumable); ``jobs`` > 1 spreads them over that many Ray workers of one torch thread each
+    (stopkit.distributed), with the same records. The best-validation-MSE scorer is saved to
+    ``out``."""
+    from stopkit.label import label_problems
     from stopkit.stop import StopScorer
     from stopkit.toy import load_model
     from stopkit.toy.tokenizer import STOP_TOKEN
     from stopkit.train import load_labels, split_by_problem, train_scorer
 
     work_dir.mkdir(parents=True, exist_ok=True)
-    files = [work_dir / f"labels-{shard}.jsonl" for shard in label_seeds]
-    args = [(model_dir, f, shard, problems, prefix_tokens, rollouts, traces, 1 if jobs > 1 else
-             torch.get_num_threads()) for f, shard in zip(files, label_seeds)]
+    files = {shard: work_dir / f"labels-{shard}.jsonl" for shard in label_seeds}
+    shards = {shard: [{"id": f"{shard}-{i}", "question": p.question, "answer": p.answer}
+                      for i, p in enumerate(generate(problems, seed=shard, split="train"))]
+              for shard in label_seeds}
+    task = dict(prefix_tokens=prefix_tokens, rollouts=rollouts, traces=traces,
+                max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0, checker=check)
+    model, tokenizer = load_model(path=model_dir)
     t0 = time.perf_counter()
     if jobs > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from stopkit.distributed import ModelSpec, RayPool
 
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            stats = dict(zip(label_seeds, pool.map(_label_shard, *zip(*args))))
+        with RayPool(ModelSpec(str(model_dir), device="cpu"), workers=jobs) as pool:
+            stats = {shard: pool.label_problems(shards[shard], files[shard], seed=shard, **task)
+                     for shard in label_seeds}
     else:
-        stats = {shard: _label_shard(*a) for shard, a in zip(label_seeds, args)}
-    model, tokenizer = load_model(path=model_dir)
+        stats = {shard: label_problems(model, tokenizer, shards[shard], files[shard], seed=shard,
+                                       **task) for shard in label_seeds}
     label_s = time.perf_counter() - t0
-    records = [r for f in files for r in load_labels(f)]
+    records = [r for f in files.values() for r in load_labels(f)]
     train, val = split_by_problem(records, 0.15, seed)
     soft = [r["soft_label"] for r in records]
     log.info("labelled %d prefixes of %d problems in %.0f s: mean label %.3f, %.0f%% at 0, %.0f%% at 1",
@@ -289,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--label-seeds", default="2,3", help="adapter stage: one shard of problems per seed")
     ap.add_argument("--label-problems", type=int, default=1000, help="adapter stage: problems per shard")
     ap.add_argument("--label-jobs", type=int, default=1,
-                    help="adapter stage: shards labelled in parallel, one process and thread each")
+                    help="adapter stage: Ray workers (one torch thread each) labelling in parallel; "
+                         "1: this process (default)")
     ap.add_argument("--prefix-tokens", type=int, default=PREFIX_TOKENS, help="adapter stage: l_p")
     ap.add_argument("--rollouts", type=int, default=8, help="adapter stage: continuations per prefix")
     ap.add_argument("--traces", type=int, default=4, help="adapter stage: prefixes per problem")

@@ -12,6 +12,8 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <iterator>
+#include <string>
 
 #include "stopkit/cuda/launch_plan.h"
 #include "stopkit/params.h"
@@ -86,7 +88,8 @@ void define_ops(pybind11::module_& m) {
            int64_t dim, int64_t hidden_dim, double eps, int64_t activation, int64_t hidden_dtype,
            int64_t weight_dtype, uintptr_t stream, int device, uintptr_t workspace,
            int64_t workspace_bytes) {
-          STOPKIT_CHECK(activation >= 0 && activation <= 4, "activation code must be in 0..4");
+          STOPKIT_CHECK(activation >= 0 && activation < static_cast<int64_t>(std::size(kActivationNames)),
+                        "activation code must be in 0.." + std::to_string(std::size(kActivationNames) - 1));
           StopScoreParams p{ptr<float>(out), ptr<const void>(hidden), ptr<const void>(norm_weight),
                             ptr<const void>(hidden_weight), ptr<const void>(hidden_bias),
                             ptr<const void>(head_weight), ptr<const void>(head_bias), batch, dim,
@@ -124,6 +127,17 @@ void define_ops(pybind11::module_& m) {
   m.def("cuda_num_splits", &cuda::num_splits, py::arg("blocks"), py::arg("max_keys"), py::arg("num_sms"),
         py::arg("blocks_per_sm"),
         "Context splits of the CUDA paged-attention kernel for `blocks` blocks per split.");
+
+  m.def("dtype_codes", [] {
+    py::dict codes;
+    for (size_t i = 0; i < std::size(kDTypeNames); ++i) codes[kDTypeNames[i]] = i;
+    return codes;
+  }, "The ops' dtype argument: {torch dtype name: code}.");
+  m.def("activation_codes", [] {
+    py::dict codes;
+    for (size_t i = 0; i < std::size(kActivationNames); ++i) codes[kActivationNames[i]] = i;
+    return codes;
+  }, "stop_score's activation argument: {name: code}.");
 
   m.def("debug_checks", [] {
 #ifdef STOPKIT_DEBUG_CHECKS

@@ -2,23 +2,31 @@
 // argument checks. Framework-agnostic: no libtorch, no Python; CPU and CUDA both include it.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <iterator>
 #include <stdexcept>
 #include <string>
 
 #if defined(__CUDACC__)
 #define STOPKIT_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define STOPKIT_HOST_DEVICE inline
+// Always inlined: the CPU kernels are compiled once per instruction set, and an out-of-line copy
+// (one weak symbol for all builds) could run one build's instructions in another.
+#define STOPKIT_HOST_DEVICE inline __attribute__((always_inline))
 #endif
 
 namespace stopkit {
 
-// Must match stopkit/ops.py::_DTYPE_CODES.
+// The ops take a dtype as its code; stopkit/ops.py reads the codes from dtype_codes() (bindings.h).
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// torch's name of each code, indexed by code.
+inline constexpr const char* kDTypeNames[] = {"float32", "float16", "bfloat16"};
+static_assert(std::size(kDTypeNames) == static_cast<size_t>(DType::kBFloat16) + 1);
 
 inline DType dtype_from_code(int64_t code) {
-  if (code < 0 || code > 2) throw std::invalid_argument("dtype code must be 0, 1 or 2, got " + std::to_string(code));
+  if (code < 0 || code >= static_cast<int64_t>(std::size(kDTypeNames)))
+    throw std::invalid_argument("dtype code must be 0, 1 or 2, got " + std::to_string(code));
   return static_cast<DType>(code);
 }
 

@@ -3,7 +3,9 @@
 // host addresses. Shapes follow DESIGN.md section 3.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <iterator>
 
 #include "stopkit/common.h"
 
@@ -63,7 +65,12 @@ struct CopyBlocksParams {
   int64_t num_pairs, num_planes, num_blocks, block_bytes;
 };
 
+// stop_score's activation, passed as its code; stopkit/ops.py reads the codes from
+// activation_codes() (bindings.h).
 enum class Activation : int32_t { kNone = 0, kGelu = 1, kRelu = 2, kSilu = 3, kTanh = 4 };
+// The name of each code (stop_score's `activation` argument), indexed by code.
+inline constexpr const char* kActivationNames[] = {"none", "gelu", "relu", "silu", "tanh"};
+static_assert(std::size(kActivationNames) == static_cast<size_t>(Activation::kTanh) + 1);
 
 // RMSNorm (optional) -> hidden layer + activation (optional) -> Linear(., 2) -> softmax[1].
 struct StopScoreParams {

@@ -66,8 +66,8 @@ struct Vec {
 
   // exp(x) for softmax arguments (any x in [-87, 88]): x = n ln2 + r with |r| <= ln2 / 2, a
   // degree-7 Taylor polynomial for e^r (relative error < 3e-8), 2^n by building the exponent
-  // bits (AVX-512: vscalefps, 2-5% faster paged attention). Arguments below -87 give about 1e-38,
-  // not 0: callers mask what must be 0.
+  // bits (AVX-512: vscalefps). Arguments below -87 give about 1e-38, not 0: callers mask what must
+  // be 0.
   __attribute__((always_inline)) static inline f exp(f x) {
     x = x < -87.0f ? broadcast(-87.0f) : x;
     x = x > 88.0f ? broadcast(88.0f) : x;

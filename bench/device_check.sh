@@ -4,10 +4,13 @@
 # runtime, multi-GPU placement when two GPUs are present, CUDA-graph capture of a decode step),
 # the attention tests again with plans forced to a 99 KB part's limit, compute-sanitizer memcheck
 # and racecheck on a reduced grid (racecheck also at the 99 KB limit: 2 pipeline stages), then the
-# CUDA benchmarks; a short table last. Everything it measures goes under $OUT.
+# CUDA benchmarks, then the compiled engine (the custom ops' and Engine(compile=True)'s CUDA tests,
+# and decode tokens/s of a 1.5B-shaped model at batch 64: eager, CUDA graphs, inductor + CUDA
+# graphs); a short table last. Everything it measures goes under $OUT.
 #
 #   bash bench/device_check.sh                 # from the repository root: about 7 minutes
 #   DEVICE_CHECK_STAGES="tests_cuda memcheck" bash bench/device_check.sh   # a rerun of some stages
+#   DEVICE_CHECK_STAGES=compile DEVICE_CHECK_SECONDS=300 bash bench/device_check.sh  # compile alone
 #
 # Device time is 15 minutes a session, a machine start included, so the default deadline
 # (DEVICE_CHECK_SECONDS, 400 s for the whole script) leaves room for a rerun of the stages that
@@ -23,7 +26,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 DEADLINE=$((SECONDS + ${DEVICE_CHECK_SECONDS:-400}))
-STAGES="${DEVICE_CHECK_STAGES:-tests_cuda tests_99kb cases memcheck racecheck racecheck_99kb bench}"
+STAGES="${DEVICE_CHECK_STAGES:-tests_cuda tests_99kb cases memcheck racecheck racecheck_99kb bench compile}"
 SMEM_99KB=101376
 PY=python3
 export PATH="/usr/local/cuda/bin:$PATH"
@@ -102,7 +105,8 @@ STATUS[build]="ok $((SECONDS - t0))s"
 
 # ---- the CUDA tests (test ids with "cuda" and the CUDA-only files), the 99 KB plans, sanitizers,
 # ---- benchmarks ----
-stage tests_cuda 170 $PY -m pytest tests -q -x -k cuda -p no:cacheprovider
+stage tests_cuda 170 $PY -m pytest tests -q -x -k cuda -p no:cacheprovider \
+  --ignore=tests/test_compile.py --ignore=tests/test_custom_ops.py  # (the compile stage's)
 stage tests_99kb 70 env STOPKIT_CUDA_SMEM_LIMIT=$SMEM_99KB $PY -m pytest tests/test_paged_attention.py \
   tests/test_cuda_device.py -q -x -p no:cacheprovider \
   -k "cuda and (grid or every_head_dim or split_context or queries_per_kv_head or graph)"
@@ -235,6 +239,20 @@ done
 stage bench 200 $PY -m pytest "${BENCH_FILES[@]}" -k cuda --bench-devices cuda -p no:cacheprovider -q \
   --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds
 
+# The compiled engine: its CUDA tests (inductor compiles of tiny models), then, whatever they
+# gave, the decode benchmark of the 1.5B shape, its modes in order of compile time (a timeout
+# loses the slowest); each line is printed as it is measured and kept in stages.log.
+compile_stage() {
+  local rc=0
+  $PY -m pytest tests/test_custom_ops.py tests/test_compile.py -q -k cuda -p no:cacheprovider || rc=$?
+  $PY -m pytest bench/test_bench_compile.py -k "cuda and 1.5B" -s -q --bench-devices cuda \
+    -p no:cacheprovider --benchmark-json="$OUT/bench_compile.json" || rc=$?
+  return $rc
+}
+export -f compile_stage
+export PY OUT
+stage compile 280 bash -c compile_stage
+
 # ---- summary: stage status and the kernel table (ours vs the reference and peers) ----
 {
   for k in "${!STATUS[@]}"; do printf '%s\t%s\n' "$k" "${STATUS[$k]}"; done
@@ -251,7 +269,14 @@ if bench.exists():
         e = b.get("extra_info", {})
         rows.append(dict(name=b["name"].removeprefix("test_"), ms=b["stats"]["median"] * 1e3,
                          gbps=e.get("gbps"), copy=e.get("copy_fraction"), vs_ref=e.get("speedup_vs_reference")))
-json.dump(dict(status=status, bench=rows), open(out / "device_check.json", "w"), indent=1)
+compiled = []
+if (out / "bench_compile.json").exists():
+    for b in json.loads((out / "bench_compile.json").read_text())["benchmarks"]:
+        e = b.get("extra_info", {})
+        compiled.append(dict(name=b["name"].removeprefix("test_"), tokens_per_s=e.get("tokens_per_s"),
+                             eager_tokens_per_s=e.get("eager_tokens_per_s"), speedup=e.get("speedup"),
+                             compile_s=e.get("compile_s")))
+json.dump(dict(status=status, bench=rows, compile=compiled), open(out / "device_check.json", "w"), indent=1)
 print("\n==== device_check summary ====")
 for k in stages:
     print(f"{k:<15} {status.get(k, 'not run')}")
@@ -261,6 +286,12 @@ if rows:
         f = lambda v, fmt: format(v, fmt) if v is not None else "-"
         print(f"{r['name'][:72]:<72} {r['ms']:8.3f} {f(r['gbps'], '7.0f'):>7} "
               f"{f(r['copy'] and 100 * r['copy'], '5.1f'):>6} {f(r['vs_ref'], '6.1f'):>6}")
+if compiled:
+    print(f"\n{'decode (compile stage)':<40} {'tokens/s':>9} {'eager':>9} {'x eager':>8} {'compile s':>10}")
+    for r in compiled:
+        f = lambda v, fmt: format(v, fmt) if v is not None else "-"
+        print(f"{r['name'][:40]:<40} {f(r['tokens_per_s'], '9.0f'):>9} {f(r['eager_tokens_per_s'], '9.0f'):>9} "
+              f"{f(r['speedup'], '8.2f'):>8} {f(r['compile_s'], '10.1f'):>10}")
 bad = [k for k in stages if not status.get(k, "not run").startswith(("ok", "rc=0"))]
 print("\nRESULT:", "all stages passed" if not bad else "problems in " + ", ".join(bad))
 sys.exit(1 if bad else 0)

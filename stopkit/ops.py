@@ -6,6 +6,14 @@ Every function validates its tensors (device, dtype, shape, strides, index range
 stream, with scratch memory from torch's allocator). The pure-torch oracle of each op lives in
 :mod:`stopkit.reference`. Layouts: docs/DESIGN.md section 3.
 
+Each public function reaches its native call through a torch custom op,
+``torch.ops.stopkit.{paged_attention, write_kv, copy_blocks, stop_score}`` (registered with
+torch.library, with fake implementations and mutation annotations), so ``torch.compile``,
+``torch.export`` and CUDA graphs see one opaque op per call. The checks of shapes, dtypes and
+devices run here, before the op, and trace under torch.compile (they become guards); the checks
+that read index tensors (``check_indices``; copy_blocks' src and dst) run inside the op on the real
+data. The ops themselves trust the metadata they are given: call them through these functions.
+
 ``STOPKIT_CUDA_SMEM_LIMIT=<bytes>`` makes the CUDA kernels plan for at most that much shared memory
 per block (e.g. 101376 runs a 99 KB part's plans on an A100 or H100; tests and benchmarks).
 """
@@ -173,6 +181,154 @@ def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, block_s
                          f"(seq_lens[{b}] = {int(seq_lens[b])}) but must lie in [0, {num_blocks})")
 
 
+# ---- the custom ops: the native calls behind the public functions --------------------------------
+# Library.define + impl rather than torch.library.custom_op: the same registration (schema, fake
+# kernel, mutation annotations) with a fraction of custom_op's per-call Python dispatch overhead.
+_LIB = torch.library.Library("stopkit", "DEF")
+
+
+def _register(schema: str, impl, fake) -> None:
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    for key in ("CPU", "CUDA"):
+        _LIB.impl(name, impl, key)
+    torch.library.register_fake(f"stopkit::{name}", fake, lib=_LIB)
+
+
+def _paged_attention_impl(q, k_cache, v_cache, block_table, seq_lens, suffix_k, suffix_v, sinks,
+                          scale: float, window: int, max_seq_len: int, return_lse: bool,
+                          check_indices: bool):
+    device = q.device
+    B, S, H, D = q.shape
+    num_blocks, block_size, Hkv, _ = k_cache.shape
+    max_blocks = block_table.shape[1]
+    longest = max_seq_len  # -1: the block table's capacity
+    if B > 0 and check_indices:
+        lo, hi = (int(x) for x in torch.aminmax(seq_lens))
+        if lo < 0:
+            raise ValueError(f"seq_lens must be >= 0, got a minimum of {lo}")
+        if hi > max_blocks * block_size:
+            raise ValueError(f"seq_lens must be <= max_blocks_per_row * block_size = "
+                             f"{max_blocks * block_size}, got {hi}")
+        if max_seq_len >= 0 and hi > max_seq_len:
+            raise ValueError(f"max_seq_len must be >= every seq_lens entry, got {max_seq_len} "
+                             f"below {hi}")
+        check_block_table(block_table, seq_lens, block_size, num_blocks)
+        longest = hi
+    q, block_table, seq_lens = _dense(q), _dense(block_table), _dense(seq_lens)
+    if suffix_k is not None:
+        suffix_k, suffix_v = _dense(suffix_k), _dense(suffix_v)
+    if sinks is not None:
+        sinks = _dense(sinks)
+    out = torch.empty_like(q)
+    lse = torch.empty((B, S, H), dtype=torch.float32, device=device) if return_lse else None
+    if B > 0:
+        backend, extra = _backend(device)
+        workspace = None
+        if backend is _C_cuda:  # plans its context split from max_seq_len; the split's workspace
+            extra["max_seq_len"] = longest
+            workspace = _workspace(_C_cuda.paged_attention_workspace_bytes(
+                batch=B, q_len=S, num_heads=H, num_kv_heads=Hkv, head_dim=D, block_size=block_size,
+                max_blocks_per_row=max_blocks, window=window, dtype=_DTYPE_CODES[q.dtype],
+                max_seq_len=longest, device=extra["device"]), device, extra)
+        backend.paged_attention(
+            out=_addr(out), lse=_addr(lse), q=_addr(q),
+            k_cache=_addr(k_cache), v_cache=_addr(v_cache), block_table=_addr(block_table),
+            seq_lens=_addr(seq_lens), suffix_k=_addr(suffix_k), suffix_v=_addr(suffix_v),
+            sinks=_addr(sinks), batch=B, q_len=S, num_heads=H, num_kv_heads=Hkv, head_dim=D,
+            block_size=block_size, num_blocks=num_blocks, max_blocks_per_row=max_blocks,
+            scale=scale, window=window, dtype=_DTYPE_CODES[q.dtype], **extra)
+        del workspace  # freed in stream order, after the launch that uses it
+    return out, lse
+
+
+def _paged_attention_fake(q, k_cache, v_cache, block_table, seq_lens, suffix_k, suffix_v, sinks,
+                          scale, window, max_seq_len, return_lse, check_indices):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32) if return_lse else None
+
+
+_register("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+          "Tensor seq_lens, Tensor? suffix_k, Tensor? suffix_v, Tensor? sinks, float scale, "
+          "int window, int max_seq_len, bool return_lse, bool check_indices) -> (Tensor, Tensor?)",
+          _paged_attention_impl, _paged_attention_fake)
+
+
+def _write_kv_impl(k, v, k_cache, v_cache, slot_mapping, check_indices: bool) -> None:
+    num_blocks, block_size, Hkv, D = k_cache.shape
+    if k.shape[0] == 0:
+        return
+    if check_indices:
+        _check_slots(slot_mapping, num_blocks * block_size)
+    k, v, slot_mapping = _dense(k), _dense(v), _dense(slot_mapping)
+    backend, extra = _backend(k_cache.device)
+    backend.write_kv(k=_addr(k), v=_addr(v), k_cache=_addr(k_cache), v_cache=_addr(v_cache),
+                     slot_mapping=_addr(slot_mapping), num_tokens=k.shape[0], num_kv_heads=Hkv,
+                     head_dim=D, block_size=block_size, num_blocks=num_blocks,
+                     dtype=_DTYPE_CODES[k_cache.dtype], **extra)
+
+
+_register("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+          "Tensor slot_mapping, bool check_indices) -> ()",
+          _write_kv_impl, lambda k, v, k_cache, v_cache, slot_mapping, check_indices: None)
+
+
+def _copy_blocks_impl(cache, src, dst, block_dim: int) -> None:
+    num_blocks = cache.shape[block_dim]
+    P = src.shape[0]
+    if P == 0:
+        return
+    both = torch.cat([src, dst])
+    lo, hi = (int(x) for x in torch.aminmax(both))
+    if lo < 0 or hi >= num_blocks:
+        raise ValueError(f"src and dst must lie in [0, {num_blocks}), got values in [{lo}, {hi}]")
+    if torch.unique(dst).numel() != P or bool(torch.isin(dst, src).any()):
+        raise ValueError("dst entries must be distinct and disjoint from src "
+                         "(a block cannot be both read and written; a src may repeat)")
+    src, dst = _dense(src), _dense(dst)
+    num_planes = math.prod(cache.shape[:block_dim])
+    block_bytes = math.prod(cache.shape[block_dim + 1:]) * cache.element_size()
+    backend, extra = _backend(cache.device)
+    backend.copy_blocks(cache=_addr(cache), src=_addr(src), dst=_addr(dst), num_pairs=P,
+                        num_planes=num_planes, num_blocks=num_blocks, block_bytes=block_bytes,
+                        **extra)
+
+
+_register("copy_blocks(Tensor(a!) cache, Tensor src, Tensor dst, int block_dim) -> ()",
+          _copy_blocks_impl, lambda cache, src, dst, block_dim: None)
+
+
+def _stop_score_impl(hidden, head_weight, head_bias, norm_weight, hidden_weight, hidden_bias,
+                     eps: float, activation: int):
+    device = hidden.device
+    B, d = hidden.shape
+    h = 0 if hidden_weight is None else hidden_weight.shape[0]
+    hidden, head_weight, head_bias, norm_weight, hidden_weight, hidden_bias = (
+        None if t is None else _dense(t)
+        for t in (hidden, head_weight, head_bias, norm_weight, hidden_weight, hidden_bias))
+    out = torch.empty(B, dtype=torch.float32, device=device)
+    if B == 0:
+        return out
+    backend, extra = _backend(device)
+    workspace = None
+    if backend is _C_cuda:  # the hidden layer's per-tile shares of the logits
+        workspace = _workspace(_C_cuda.stop_score_workspace_bytes(batch=B, hidden_dim=h), device, extra)
+    backend.stop_score(out=_addr(out), hidden=_addr(hidden), norm_weight=_addr(norm_weight),
+                       hidden_weight=_addr(hidden_weight), hidden_bias=_addr(hidden_bias),
+                       head_weight=_addr(head_weight), head_bias=_addr(head_bias), batch=B,
+                       dim=d, hidden_dim=h, eps=eps, activation=activation,
+                       hidden_dtype=_DTYPE_CODES[hidden.dtype],
+                       weight_dtype=_DTYPE_CODES[head_weight.dtype], **extra)
+    del workspace  # freed in stream order, after the launch that uses it
+    return out
+
+
+_register("stop_score(Tensor hidden, Tensor head_weight, Tensor? head_bias, Tensor? norm_weight, "
+          "Tensor? hidden_weight, Tensor? hidden_bias, float eps, int activation) -> Tensor",
+          _stop_score_impl,
+          lambda hidden, *args: hidden.new_empty(hidden.shape[:1], dtype=torch.float32))
+
+
+# ---- the public functions: checks, then the custom op ----------------------------------------------
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_table: torch.Tensor, seq_lens: torch.Tensor, *,
                     suffix_k: torch.Tensor | None = None, suffix_v: torch.Tensor | None = None,
@@ -224,12 +380,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if (suffix_k is None) != (suffix_v is None):
         raise ValueError("suffix_k and suffix_v must be given together")
     if suffix_k is not None:
-        suffix_k = _dense(_tensor("suffix_k", suffix_k, ndim=4, dtype=dtype, device=device))
-        suffix_v = _dense(_tensor("suffix_v", suffix_v, ndim=4, dtype=dtype, device=device))
+        suffix_k = _tensor("suffix_k", suffix_k, ndim=4, dtype=dtype, device=device)
+        suffix_v = _tensor("suffix_v", suffix_v, ndim=4, dtype=dtype, device=device)
         _shape("suffix_k", suffix_k, (B, S, Hkv, D))
         _shape("suffix_v", suffix_v, (B, S, Hkv, D))
     if sinks is not None:
-        sinks = _dense(_tensor("sinks", sinks, ndim=1, dtype=torch.float32, device=device))
+        sinks = _tensor("sinks", sinks, ndim=1, dtype=torch.float32, device=device)
         _shape("sinks", sinks, (H,))
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
@@ -240,43 +396,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite float, got {scale!r}")
-    max_blocks = block_table.shape[1]
-    longest = -1 if max_seq_len is None else max_seq_len  # -1: the block table's capacity
-    if B > 0 and check_indices:
-        lo, hi = (int(x) for x in torch.aminmax(seq_lens))
-        if lo < 0:
-            raise ValueError(f"seq_lens must be >= 0, got a minimum of {lo}")
-        if hi > max_blocks * block_size:
-            raise ValueError(f"seq_lens must be <= max_blocks_per_row * block_size = "
-                             f"{max_blocks * block_size}, got {hi}")
-        if max_seq_len is not None and hi > max_seq_len:
-            raise ValueError(f"max_seq_len must be >= every seq_lens entry, got {max_seq_len} "
-                             f"below {hi}")
-        check_block_table(block_table, seq_lens, block_size, num_blocks)
-        longest = hi
     k_cache = _dense_cache("k_cache", k_cache)
     v_cache = _dense_cache("v_cache", v_cache)
-    q, block_table, seq_lens = _dense(q), _dense(block_table), _dense(seq_lens)
-
-    out = torch.empty_like(q)
-    lse = torch.empty((B, S, H), dtype=torch.float32, device=device) if return_lse else None
-    if B > 0:
-        backend, extra = _backend(device)
-        workspace = None
-        if backend is _C_cuda:  # plans its context split from max_seq_len; the split's workspace
-            extra["max_seq_len"] = longest
-            workspace = _workspace(_C_cuda.paged_attention_workspace_bytes(
-                batch=B, q_len=S, num_heads=H, num_kv_heads=Hkv, head_dim=D, block_size=block_size,
-                max_blocks_per_row=max_blocks, window=int(window or 0), dtype=_DTYPE_CODES[dtype],
-                max_seq_len=longest, device=extra["device"]), device, extra)
-        backend.paged_attention(
-            out=_addr(out), lse=_addr(lse), q=_addr(q), k_cache=_addr(k_cache),
-            v_cache=_addr(v_cache), block_table=_addr(block_table), seq_lens=_addr(seq_lens),
-            suffix_k=_addr(suffix_k), suffix_v=_addr(suffix_v), sinks=_addr(sinks), batch=B,
-            q_len=S, num_heads=H, num_kv_heads=Hkv, head_dim=D, block_size=block_size,
-            num_blocks=num_blocks, max_blocks_per_row=max_blocks, scale=float(scale),
-            window=int(window or 0), dtype=_DTYPE_CODES[dtype], **extra)
-        del workspace  # freed in stream order, after the launch that uses it
+    out, lse = torch.ops.stopkit.paged_attention(
+        q, k_cache, v_cache, block_table, seq_lens, suffix_k, suffix_v, sinks, float(scale),
+        window or 0, -1 if max_seq_len is None else max_seq_len, bool(return_lse),
+        bool(check_indices))
     return (out, lse) if return_lse else out
 
 
@@ -291,6 +416,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     sure, e.g. once per step for every layer); the kernels still never write outside the cache
     (CPU: they raise; CUDA: an out-of-range slot is skipped), but a repeated slot is then the
     caller's bug: the CPU keeps the last token's values, CUDA may mix pieces of the tokens' rows.
+    Under torch.compile, hand the compiled function the cache storage whole and cut the layers'
+    views inside it: views of one tensor passed as separate inputs to a graph that writes them make
+    AOTAutograd copy the whole tensor per call.
     """
     k_cache = _tensor("k_cache", k_cache, ndim=4, dtype=tuple(_DTYPE_CODES))
     device, dtype = k_cache.device, k_cache.dtype
@@ -304,17 +432,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     _shape("v", v, (T, Hkv, D))
     slot_mapping = _tensor("slot_mapping", slot_mapping, ndim=1, dtype=torch.int64, device=device)
     _shape("slot_mapping", slot_mapping, (T,))
-    if T == 0:
-        return
-    if check_indices:
-        _check_slots(slot_mapping, num_blocks * block_size)
     k_cache, v_cache = _dense_cache("k_cache", k_cache), _dense_cache("v_cache", v_cache)
-    k, v, slot_mapping = _dense(k), _dense(v), _dense(slot_mapping)
-    backend, extra = _backend(device)
-    backend.write_kv(k=_addr(k), v=_addr(v), k_cache=_addr(k_cache), v_cache=_addr(v_cache),
-                     slot_mapping=_addr(slot_mapping), num_tokens=T, num_kv_heads=Hkv,
-                     head_dim=D, block_size=block_size, num_blocks=num_blocks,
-                     dtype=_DTYPE_CODES[dtype], **extra)
+    torch.ops.stopkit.write_kv(k, v, k_cache, v_cache, slot_mapping, bool(check_indices))
 
 
 def _check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
@@ -348,28 +467,11 @@ def copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *,
         raise ValueError(f"block_dim must be an int in [{-cache.dim()}, {cache.dim()}) for a cache of "
                          f"shape {tuple(cache.shape)}, got {block_dim!r}")
     block_dim = block_dim % cache.dim()
-    num_blocks = cache.shape[block_dim]
     src = _tensor("src", src, ndim=1, dtype=torch.int64, device=device)
     dst = _tensor("dst", dst, ndim=1, dtype=torch.int64, device=device)
     _shape("dst", dst, tuple(src.shape))
     cache = _dense_cache("cache", cache)
-    P = src.shape[0]
-    if P == 0:
-        return
-    both = torch.cat([src, dst])
-    lo, hi = (int(x) for x in torch.aminmax(both))
-    if lo < 0 or hi >= num_blocks:
-        raise ValueError(f"src and dst must lie in [0, {num_blocks}), got values in [{lo}, {hi}]")
-    if torch.unique(dst).numel() != P or bool(torch.isin(dst, src).any()):
-        raise ValueError("dst entries must be distinct and disjoint from src "
-                         "(a block cannot be both read and written; a src may repeat)")
-    src, dst = _dense(src), _dense(dst)
-    num_planes = math.prod(cache.shape[:block_dim])
-    block_bytes = math.prod(cache.shape[block_dim + 1:]) * cache.element_size()
-    backend, extra = _backend(device)
-    backend.copy_blocks(cache=_addr(cache), src=_addr(src), dst=_addr(dst), num_pairs=P,
-                        num_planes=num_planes, num_blocks=num_blocks, block_bytes=block_bytes,
-                        **extra)
+    torch.ops.stopkit.copy_blocks(cache, src, dst, block_dim)  # checks src and dst on the data
 
 
 def stop_score(hidden: torch.Tensor, head_weight: torch.Tensor,
@@ -396,37 +498,23 @@ def stop_score(hidden: torch.Tensor, head_weight: torch.Tensor,
         raise ValueError(f"hidden must have at least one feature (shape[1] >= 1), got {tuple(hidden.shape)}")
     h = 0
     if norm_weight is not None:
-        norm_weight = _dense(_tensor("norm_weight", norm_weight, ndim=1, dtype=wdtype, device=device))
+        norm_weight = _tensor("norm_weight", norm_weight, ndim=1, dtype=wdtype, device=device)
         _shape("norm_weight", norm_weight, (d,))
     if hidden_weight is not None:
-        hidden_weight = _dense(_tensor("hidden_weight", hidden_weight, ndim=2, dtype=wdtype, device=device))
+        hidden_weight = _tensor("hidden_weight", hidden_weight, ndim=2, dtype=wdtype, device=device)
         h = hidden_weight.shape[0]
         if h < 1:
             raise ValueError("hidden_weight must have at least one output row")
         _shape("hidden_weight", hidden_weight, (h, d))
         if hidden_bias is not None:
-            hidden_bias = _dense(_tensor("hidden_bias", hidden_bias, ndim=1, dtype=wdtype, device=device))
+            hidden_bias = _tensor("hidden_bias", hidden_bias, ndim=1, dtype=wdtype, device=device)
             _shape("hidden_bias", hidden_bias, (h,))
     _shape("head_weight", head_weight, (2, h or d))
     if head_bias is not None:
-        head_bias = _dense(_tensor("head_bias", head_bias, ndim=1, dtype=wdtype, device=device))
+        head_bias = _tensor("head_bias", head_bias, ndim=1, dtype=wdtype, device=device)
         _shape("head_bias", head_bias, (2,))
-    hidden, head_weight = _dense(hidden), _dense(head_weight)
-    out = torch.empty(B, dtype=torch.float32, device=device)
-    if B == 0:
-        return out
-    backend, extra = _backend(device)
-    workspace = None
-    if backend is _C_cuda:  # the hidden layer's per-tile shares of the logits
-        workspace = _workspace(_C_cuda.stop_score_workspace_bytes(batch=B, hidden_dim=h), device, extra)
-    backend.stop_score(out=_addr(out), hidden=_addr(hidden), norm_weight=_addr(norm_weight),
-                       hidden_weight=_addr(hidden_weight), hidden_bias=_addr(hidden_bias),
-                       head_weight=_addr(head_weight), head_bias=_addr(head_bias), batch=B,
-                       dim=d, hidden_dim=h, eps=float(eps), activation=_ACTIVATIONS[activation],
-                       hidden_dtype=_DTYPE_CODES[hidden.dtype], weight_dtype=_DTYPE_CODES[wdtype],
-                       **extra)
-    del workspace  # freed in stream order, after the launch that uses it
-    return out
+    return torch.ops.stopkit.stop_score(hidden, head_weight, head_bias, norm_weight, hidden_weight,
+                                        hidden_bias, float(eps), _ACTIVATIONS[activation])
 
 
 if os.environ.get("STOPKIT_CPU_ISA"):  # force an instruction-set build (benchmarks, tests)

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from stopkit import ops
 from stopkit._checks import check_bool, check_int, check_real, check_token_ids
 from stopkit.cache import CacheFullError, PagedKVCache
+from stopkit.engine.compiled import CompiledDecode
 from stopkit.engine.model_runner import ModelRunner, enter, model_head_dim
 from stopkit.engine.sampler import sample_rows
 from stopkit.engine.scheduler import Scheduler, SchedulerStats
@@ -72,12 +73,15 @@ class Engine:
     0.25). max_num_seqs: rows in the cache at most; max_batch_tokens: tokens per step at most
     (prefill chunks and decode tokens together). The model's weights are never changed; its
     attention implementation is switched to stopkit's only during the engine's forward passes.
-    A PEFT wrapper is unwrapped to its base model.
+    A PEFT wrapper is unwrapped to its base model. compile: run decode steps through
+    torch.compile, padded to a few batch sizes (on CUDA replayed as CUDA graphs); see
+    :mod:`stopkit.engine.compiled`.
     """
 
     def __init__(self, model: PreTrainedModel, *, block_size: int = 16,
                  num_blocks: int | None = None, max_num_seqs: int = 256,
-                 max_batch_tokens: int = 8192, kv_cache_memory: int | float | None = None) -> None:
+                 max_batch_tokens: int = 8192, kv_cache_memory: int | float | None = None,
+                 compile: bool = False) -> None:
         self.runner = ModelRunner(model)
         self.model = self.runner.model
         block_size = check_int("block_size", block_size, low=1)
@@ -98,6 +102,9 @@ class Engine:
                                             block_size=block_size, dtype=self.model.dtype,
                                             device=self.model.device)
         self.runner.bind(self.cache)
+        if check_bool("compile", compile):
+            self.runner.compiled_decode = CompiledDecode(self.runner, self.cache,
+                                                         max_num_seqs=max_num_seqs)
         self.scheduler = Scheduler(self.cache, max_num_seqs=max_num_seqs,
                                    max_batch_tokens=max_batch_tokens)
         self._session = None

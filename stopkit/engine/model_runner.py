@@ -24,6 +24,7 @@ import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from transformers import AttentionInterface, Cache, PretrainedConfig, PreTrained
 
 from stopkit import ops, reference
 from stopkit.cache import PagedKVCache
+
+if TYPE_CHECKING:
+    from stopkit.engine.compiled import CompiledDecode
 
 __all__ = ["ModelRunner", "ForwardBatch", "ATTENTION_NAME", "SUPPORTED_MODEL_TYPES", "model_head_dim"]
 
@@ -175,6 +179,8 @@ class ModelRunner:
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._k: list[torch.Tensor] = []
         self._v: list[torch.Tensor] = []
+        # set by Engine(compile=True): runs the decode steps it accepts (stopkit.engine.compiled)
+        self.compiled_decode: CompiledDecode | None = None
 
     def bind(self, cache: PagedKVCache) -> None:
         """Run on ``cache`` from now on."""
@@ -233,8 +239,11 @@ class ModelRunner:
         """One forward writing the cache. token_ids, positions int64 ``[T]``; logits_at int64
         ``[R]``: packed positions whose next-token logits are returned, float32 ``[R, V]``. A
         decode step (one token per row) runs as a batch of T rows, which spares the copies that
-        turn a packed row into per-token keys and values."""
+        turn a packed row into per-token keys and values; compiled (:attr:`compiled_decode`)
+        where one is set and takes the step."""
         if batch.single_all:
+            if self.compiled_decode is not None and self.compiled_decode.accepts(batch):
+                return self.compiled_decode(batch, token_ids, positions)[logits_at]
             out = self.run(self.model, batch, input_ids=token_ids[:, None],
                            position_ids=positions[:, None])
             return out.logits[logits_at, -1].float()
@@ -266,12 +275,23 @@ class ModelRunner:
 
     def run(self, module: torch.nn.Module, batch: ForwardBatch, **inputs):
         """One forward of ``module`` (the LM or its backbone) with stopkit's attention and cache."""
+        with self.paged_attention():
+            return self.call(module, batch, **inputs)
+
+    def call(self, module: torch.nn.Module, batch: ForwardBatch, **inputs):
+        """``module``'s forward on stopkit's cache, inside :meth:`paged_attention` (traced by
+        torch.compile in a compiled decode step)."""
+        return module(**inputs, **{self._cache_arg: _PagedCache(batch)}, use_cache=True,
+                      stopkit_batch=batch)
+
+    @contextlib.contextmanager
+    def paged_attention(self):
+        """The model's attention switched to stopkit's for the duration."""
         saved = [c._attn_implementation for c in self._configs]
         for c in self._configs:
             c._attn_implementation_internal = ATTENTION_NAME
         try:
-            return module(**inputs, **{self._cache_arg: _PagedCache(batch)}, use_cache=True,
-                          stopkit_batch=batch)
+            yield
         finally:
             for c, impl in zip(self._configs, saved):
                 c._attn_implementation_internal = impl

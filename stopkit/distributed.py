@@ -76,6 +76,7 @@ class ModelSpec:
     kv_cache_memory: int | float | None = None
     max_num_seqs: int = 256
     max_batch_tokens: int = 8192
+    compile: bool = False
     similarity_diversity: float = 0.0
     external_device: str | None = None
     step_marker: str | None = None

@@ -281,3 +281,24 @@ def test_bench_finds_the_checkout_it_was_installed_from(monkeypatch, tmp_path):
     (checkout / "bench" / "conftest.py").write_text("")
     _installed_without_checkout(monkeypatch, tmp_path, {"url": checkout.as_uri(), "dir_info": {}})
     assert bench.find_bench_dir() == checkout / "bench"
+
+
+@pytest.mark.parametrize("command", ["solve", "label", "eval", "serve"])
+def test_engine_options_reach_the_engine(command):
+    """--num-blocks, --max-num-seqs, --max-batch-tokens and --compile become the engine's."""
+    from stopkit.cli import build_parser
+    from stopkit.cli.inputs import make_engine
+    from stopkit.toy import load_model
+
+    required = {"solve": ["1+1", "--prefix-tokens", "4"],
+                "label": ["--problems", "p.jsonl", "--out", "o", "--prefix-tokens", "4"],
+                "eval": ["--data", "d.jsonl"], "serve": []}[command]
+    model, _ = load_model()
+    for extra, compiled in (([], False), (["--compile"], True)):
+        args = build_parser().parse_args([command, "--model", str(MODEL_DIR), *required,
+                                          "--num-blocks", "40", "--max-num-seqs", "7",
+                                          "--max-batch-tokens", "96", *extra])
+        engine = make_engine(args, model)
+        assert (engine.cache.num_blocks, engine.scheduler.max_num_seqs,
+                engine.scheduler.max_batch_tokens) == (40, 7, 96)
+        assert (engine.runner.compiled_decode is not None) is compiled

@@ -110,7 +110,7 @@ def add_model_args(p: argparse.ArgumentParser, *, adapter: bool) -> None:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """The engine's KV budget and batch limits: --num-blocks, --kv-cache-memory, --max-num-seqs,
-    --max-batch-tokens (stopkit.Engine's arguments)."""
+    --max-batch-tokens, and --compile (stopkit.Engine's arguments)."""
     g = p.add_argument_group("engine budget")
     g.add_argument("--num-blocks", type=int, default=None,
                    help="KV cache blocks (default: sized from --kv-cache-memory)")
@@ -121,6 +121,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="paths in the KV cache at once, at most (default 256)")
     g.add_argument("--max-batch-tokens", type=int, default=8192,
                    help="tokens per engine step, prefill chunks and decodes together (default 8192)")
+    g.add_argument("--compile", action="store_true",
+                   help="decode steps through torch.compile, padded to batch-size buckets (CUDA "
+                        "graphs on a GPU); each bucket compiles on first use (default: eager)")
 
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:

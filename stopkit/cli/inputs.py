@@ -64,7 +64,8 @@ def make_engine(args: argparse.Namespace, model):
 
     try:
         return Engine(model, num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
-                      max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens)
+                      max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
+                      compile=args.compile)
     except (TypeError, ValueError) as e:
         flag = next((f"--{k.replace('_', '-')}" for k in ("num_blocks", "kv_cache_memory",
                                                             "max_num_seqs", "max_batch_tokens")

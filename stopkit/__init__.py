@@ -19,8 +19,10 @@ _LAZY = {
     "ParallelReasoner": "stopkit.reasoner", "Solution": "stopkit.reasoner", "Path": "stopkit.reasoner",
     "plan": "stopkit.planner", "Plan": "stopkit.planner",
 }
+# Spelled out (not `*_LAZY`) so that linters and type checkers can read it.
 __all__ = ["ops", "reference", "__version__", "PagedKVCache", "CacheFullError", "prune",
-           "PruneResult", *_LAZY]
+           "PruneResult", "Engine", "Session", "Row", "StopScorer", "ParallelReasoner", "Solution",
+           "Path", "plan", "Plan"]
 
 
 def __getattr__(name: str):

@@ -174,11 +174,11 @@ def check_tensor(name: str, t, *, dtype: torch.dtype | Sequence[torch.dtype] | N
                             f"got {_dtype_name(t.dtype)}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if shape is not None:
-        if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
-            want = ", ".join("*" if s is None else str(s) for s in shape)
-            raise ValueError(f"{name} must have shape ({want}{',' if len(shape) == 1 else ''}), "
-                             f"got {tuple(t.shape)}")
+    if shape is not None and (t.dim() != len(shape) or any(
+            s is not None and s != n for s, n in zip(shape, t.shape, strict=True))):
+        want = ", ".join("*" if s is None else str(s) for s in shape)
+        raise ValueError(f"{name} must have shape ({want}{',' if len(shape) == 1 else ''}), "
+                         f"got {tuple(t.shape)}")
     if device is not None:
         device = torch.device(device)
         if t.device.type != device.type or device.index not in (None, t.device.index):

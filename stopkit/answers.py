@@ -356,7 +356,7 @@ def _ask(op: str, a: str, b: str, timeout: float):
 
 def _forget_inherited() -> None:
     # a forked child must not share its parent's pipes: it starts its own checker processes
-    global _idle_lock
+    global _idle_lock  # noqa: PLW0603 (a parent's thread may have held the lock at the fork)
     _idle.clear()
     _idle_lock = threading.Lock()
 

@@ -375,11 +375,11 @@ class PagedKVCache:
         writers = Counter(last[shared].tolist())
         kept_in_place: set[int] = set()
         plan: tuple[list[int], list[int], list[int]] = ([], [], [])
-        for r, c, b, n in zip(*(a[shared].tolist() for a in (rows, cols, last, refs))):
+        for r, c, b, n in zip(*(a[shared].tolist() for a in (rows, cols, last, refs)), strict=True):
             if writers[b] == n and b not in kept_in_place:
                 kept_in_place.add(b)
                 continue
-            for out, x in zip(plan, (r, c, b)):
+            for out, x in zip(plan, (r, c, b), strict=True):
                 out.append(x)
         return plan
 

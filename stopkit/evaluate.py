@@ -422,8 +422,8 @@ def write_sweep(result: dict, out_dir: str | FsPath) -> dict[str, FsPath]:
     curves: dict[tuple, list] = {}
     for p in result["points"]:
         curves.setdefault((p["method"], p["prefix_tokens"]), []).append(p)
-    for i, ((method, lp), pts) in enumerate(curves.items()):
-        pts = sorted(pts, key=lambda p: p["tokens"])
+    for i, ((method, lp), unsorted) in enumerate(curves.items()):
+        pts = sorted(unsorted, key=lambda p: p["tokens"])
         ax.plot([p["tokens"] for p in pts], [100 * p["avg_at_k"] for p in pts], marker="o",
                 color=f"C{i % 10}", label=f"{method}, l_p={lp}")
     ax.scatter([result["full"]["tokens"]], [100 * result["full"]["avg_at_k"]], color="black",
@@ -488,8 +488,7 @@ def format_sweep(result: dict) -> str:
     """The best point per token budget, as lines of text."""
     full = result["full"]
     lines = [f"full: avg@N {100 * full['avg_at_k']:.1f}%, {full['tokens']:.0f} tokens"]
-    for b in result["best"]:
-        lines.append(f"budget {100 * b['budget']:.0f}% of full's tokens: best {b['method']} "
-                     f"l_p={b['prefix_tokens']} keep={b['keep']} (retention {b['retention']:.2f}): "
-                     f"avg@k|N {100 * b['avg_at_k']:.1f}%, {b['tokens']:.0f} tokens")
+    lines += [f"budget {100 * b['budget']:.0f}% of full's tokens: best {b['method']} "
+              f"l_p={b['prefix_tokens']} keep={b['keep']} (retention {b['retention']:.2f}): "
+              f"avg@k|N {100 * b['avg_at_k']:.1f}%, {b['tokens']:.0f} tokens" for b in result["best"]]
     return "\n".join(lines)

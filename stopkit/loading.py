@@ -315,7 +315,7 @@ def _gpqa(rec: dict, where: str) -> tuple[str, str, list[str]]:
     seed = int.from_bytes(hashlib.sha256(question.encode()).digest()[:8], "little")
     random.Random(seed).shuffle(options)
     letters = "ABCD"
-    body = "\n".join(f"{letter}) {text}" for letter, text in zip(letters, options))
+    body = "\n".join(f"{letter}) {text}" for letter, text in zip(letters, options, strict=True))
     return f"{question}\n\n{body}", letters[options.index(correct)], options
 
 

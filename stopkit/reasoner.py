@@ -180,10 +180,10 @@ def vote(answers: Sequence[Hashable | None], weights: Sequence[float]) -> tuple[
                          f"{len(weights)}")
     totals: dict = {}
     counts: dict = {}
-    for a, w in zip(answers, weights):
+    for a, weight in zip(answers, weights, strict=True):
         if a is None:
             continue
-        w = float(w)
+        w = float(weight)
         if not math.isfinite(w) or w < 0:
             raise ValueError(f"vote weights must be finite and >= 0, got {w} for answer {a!r}")
         totals[a] = totals.get(a, 0.0) + w
@@ -218,7 +218,7 @@ def check_solve_args(*, n: int = 64, keep: int = 8, prefix_tokens: int = 2048,
     n = check_int("n", n, 1)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 2)
     if isinstance(method, str):
-        kind, path = parse_method(method)
+        kind, _ = parse_method(method)
         if kind == "stop" and not has_scorer:
             raise ValueError("method 'stop' needs a scorer: ParallelReasoner(model, tokenizer, "
                              "scorer=StopScorer.load(path, model))")
@@ -555,7 +555,7 @@ class ReasoningRun:
         stop_scores = {}
         if stop_rows:
             scores = self.r.scorer.score_rows(self.engine, stop_rows).float().cpu().tolist()
-            stop_scores = {id(r): s for r, s in zip(stop_rows, scores)}
+            stop_scores = {id(r): s for r, s in zip(stop_rows, scores, strict=True)}
         for q in questions:
             keep = q.plan.rounds[q.group.check_index][1]
             if keep is not None:
@@ -564,7 +564,7 @@ class ReasoningRun:
                           else self._method_scores(q, rows))
                 if q.plan.method == "stop":
                     q.scoring_tokens += self.r.scorer.num_tokens * len(rows)
-                for r, s in zip(rows, scores):
+                for r, s in zip(rows, scores, strict=True):
                     q.scores[r.sample_index] = s
                 order = ranking(torch.tensor(scores, dtype=torch.float64)).tolist()
                 drop = [rows[j] for j in order[keep:]] if q.prune else []
@@ -624,7 +624,7 @@ class ReasoningRun:
             q.phases["launch"] = now - q.t_start
         else:
             q.phases["resume"] = now - q.t_first_check - q.phases["check"]
-        voters = [(p, row) for p, row in zip(paths, q.group.rows) if p.voted]
+        voters = [(p, row) for p, row in zip(paths, q.group.rows, strict=True) if p.voted]
         if q.plan.vote == "majority":
             weights = [1.0] * len(voters)
         elif q.plan.vote == "score":

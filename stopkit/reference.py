@@ -18,7 +18,7 @@ __all__ = ["gather_pages", "paged_attention", "paged_attention_sdpa", "write_kv"
 def gather_pages(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     """cache ``[num_blocks, block_size, Hkv, D]``, block_table ``[B, M]`` -> ``[B, M*block_size, Hkv, D]``
     (entries past a row's length are garbage; out-of-range ids are clamped, callers mask them)."""
-    num_blocks, block_size = cache.shape[:2]
+    num_blocks = cache.shape[0]
     idx = block_table.long().clamp(0, num_blocks - 1)
     return cache[idx].flatten(1, 2)
 

@@ -172,7 +172,7 @@ class TransformersEmbedding:
                 pooled = hidden[:, 0]
             else:
                 pooled = hidden[torch.arange(len(rows), device=hidden.device), mask.sum(1) - 1]
-            for i, row in zip(rows, torch.nn.functional.normalize(pooled, dim=-1).cpu()):
+            for i, row in zip(rows, torch.nn.functional.normalize(pooled, dim=-1).cpu(), strict=True):
                 out[i] = row
             self.tokens += int(mask.sum())
         return torch.stack(out)

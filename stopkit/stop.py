@@ -327,8 +327,8 @@ class StopScorer(nn.Module):
         Linears, removed on exit). Dropout (``lora_dropout``) applies in training mode only."""
         handles = []
         try:
-            for lo in self.loras:
-                handles.append(self.model.get_submodule(lo.path).register_forward_hook(
+            for lo in self.loras:  # one at a time: on a failure, the hooks added so far come off
+                handles.append(self.model.get_submodule(lo.path).register_forward_hook(  # noqa: PERF401
                     self._lora_hook(lo)))
             yield
         finally:
@@ -592,21 +592,21 @@ def _read_adapter(adapter_dir: Path, model: nn.Module) -> tuple[list[_Lora], dic
     for name, ab in sorted(factors.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{weights_file}: module {name} needs both lora_A and lora_B")
-        module = None
+        module, path = None, name
         for candidate in (name, f"{prefix}.{name}"):  # adapters of the backbone alone omit the prefix
             try:
-                module, name = model.get_submodule(candidate), candidate
+                module, path = model.get_submodule(candidate), candidate
                 break
             except AttributeError:
                 continue
         if not isinstance(module, nn.Linear):
-            raise ValueError(f"{weights_file}: adapter module {name} is not an nn.Linear of the model")
+            raise ValueError(f"{weights_file}: adapter module {path} is not an nn.Linear of the model")
         A, B = ab["A"].float(), ab["B"].float()
         r = A.shape[0]
         if A.shape != (r, module.in_features) or B.shape != (module.out_features, r):
-            raise ValueError(f"{weights_file}: LoRA factors of {name} have shapes A {tuple(A.shape)}, "
+            raise ValueError(f"{weights_file}: LoRA factors of {path} have shapes A {tuple(A.shape)}, "
                              f"B {tuple(B.shape)} but the model's Linear is {module.in_features} -> "
                              f"{module.out_features} (hidden size mismatch?)")
-        loras.append(_Lora(name, A, B, alpha / (math.sqrt(r) if use_rslora else r)))
+        loras.append(_Lora(path, A, B, alpha / (math.sqrt(r) if use_rslora else r)))
     return loras, {"lora_alpha": alpha, "use_rslora": use_rslora,
                    "lora_dropout": float(config.get("lora_dropout", 0.0))}

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import random
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -70,7 +69,7 @@ def pair_accuracy(scores, labels, groups, *, margin: float = 0.25) -> float:
     order = torch.argsort(g, stable=True)  # one group at a time: memory ~ the largest group^2
     counts = torch.bincount(g, minlength=len(index)).tolist()
     wins, pairs = 0.0, 0
-    for gs, gp in zip(s[order].split(counts), p[order].split(counts)):
+    for gs, gp in zip(s[order].split(counts), p[order].split(counts), strict=True):
         better = gp[:, None] - gp[None, :] > margin  # row i's label beats row j's
         ds = (gs[:, None] - gs[None, :])[better]
         wins += float((ds > 0).sum()) + 0.5 * float((ds == 0).sum())

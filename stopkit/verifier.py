@@ -50,6 +50,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -276,7 +277,7 @@ class Verifier:
                 probs = torch.sigmoid(logits[:, 0])
             else:
                 probs = torch.softmax(logits, dim=-1)[:, self.positive_label]
-            for i, p in zip(rows, probs.cpu().tolist()):
+            for i, p in zip(rows, probs.cpu().tolist(), strict=True):
                 scores[i] = p
             self.tokens += int(mask.sum())
         self.seconds += time.perf_counter() - t0
@@ -301,7 +302,7 @@ def _load_qwen_prm(path: str, dtype) -> _QwenProcessRewardModel:
 
     class Qwen2Backbone(Qwen2Model):
         # the head is loaded below; some of these checkpoints still carry an unused lm_head
-        _keys_to_ignore_on_load_unexpected = [r"^score\.", r"^lm_head\."]
+        _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"^score\.", r"^lm_head\."]
 
     backbone, info = Qwen2Backbone.from_pretrained(path, dtype=dtype, output_loading_info=True)
     _check_complete(path, "Qwen2ForProcessRewardModel", info)
@@ -319,7 +320,7 @@ def _load_qwen_prm(path: str, dtype) -> _QwenProcessRewardModel:
             raise ValueError(f"verifier {path}: Qwen2ForProcessRewardModel weights must be "
                              f"safetensors, {name} not found")
         with safe_open(file, framework="pt") as f:
-            state.update({k[len("score."):]: f.get_tensor(k) for k in f.keys() if k.startswith("score.")})
+            state.update({k[len("score."):]: f.get_tensor(k) for k in f.keys() if k.startswith("score.")})  # noqa: SIM118 (safe_open is not iterable)
     hidden = backbone.config.hidden_size
     head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
     expected = set(head.state_dict())

@@ -17,10 +17,10 @@ from stopkit._checks import check_int
 from stopkit.cli.args import (add_command, add_engine_args, add_model_args, add_prompt_args,
                               check_sampling_args)
 from stopkit.cli.errors import UserError, options
-
-MAX_NEW_TOKENS = 16384  # stopkit.label.MAX_NEW_TOKENS (not imported: parsing stays cheap)
 from stopkit.cli.inputs import (load_checker, load_model, load_problems, make_engine, output_file,
                                 prompt_format)
+
+MAX_NEW_TOKENS = 16384  # stopkit.label.MAX_NEW_TOKENS (not imported: parsing stays cheap)
 
 EXAMPLES = """
   stopkit label --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --problems train.jsonl \\

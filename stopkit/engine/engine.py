@@ -9,6 +9,7 @@ ended and those whose rows all reached a check (they wait until :meth:`Engine.re
 
 from __future__ import annotations
 
+import itertools
 import logging
 import numbers
 import os
@@ -180,7 +181,7 @@ class Engine:
         prompt = self.check_prompt(prompt)
         n = check_int("n", n, low=1)
         checks = tuple(check_int(f"checks[{i}]", c, low=1) for i, c in enumerate(checks))
-        if any(b <= a for a, b in zip(checks, checks[1:])):
+        if any(b <= a for a, b in itertools.pairwise(checks)):
             raise ValueError(f"checks must be strictly increasing, got {list(checks)}")
         group = Group(index=index, order=0, prompt=prompt, sampling=sampling,
                       key=request_key(prompt) if key is None else key, n=n, checks=checks, tag=tag)
@@ -414,7 +415,7 @@ class Engine:
         dev = self.device
         ids, positions, logits_at = [], [], []
         offset = 0
-        for r, start, c in zip(batch.rows, batch.starts, batch.counts):
+        for r, start, c in zip(batch.rows, batch.starts, batch.counts, strict=True):
             P = len(r.prompt)
             if start < P:
                 ids += r.prompt[start:start + c]

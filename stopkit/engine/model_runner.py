@@ -273,7 +273,7 @@ class ModelRunner:
             return module(**inputs, **{self._cache_arg: _PagedCache(batch)}, use_cache=True,
                           stopkit_batch=batch)
         finally:
-            for c, impl in zip(self._configs, saved):
+            for c, impl in zip(self._configs, saved, strict=True):
                 c._attn_implementation_internal = impl
 
 

@@ -257,7 +257,7 @@ class Scheduler:
         fully cached, in batch order. A row that just cached its prompt (no tokens yet) is forked
         for its waiting siblings (sharing its blocks and copying its logits)."""
         done = []
-        for r, start, c in zip(batch.rows, batch.starts, batch.counts):
+        for r, start, c in zip(batch.rows, batch.starts, batch.counts, strict=True):
             r.num_cached = start + c
             if c == 1 and start >= len(r.prompt) and r.num_cached == r.num_tokens:
                 self.stats.decode_tokens += 1
@@ -288,7 +288,7 @@ class Scheduler:
         need = self.cache.row_blocks_needed(wants, self.index_of(feeding))
         if int(need.sum()) > self._available():
             return False
-        for r, take in zip(feeding, wants):
+        for r, take in zip(feeding, wants, strict=True):
             if take:
                 self._plan[id(r)] = take
         self._reserved += int(need.sum())

@@ -141,9 +141,9 @@ class _Server:
                            "message (its text is the prompt) or use /v1/completions", "messages")
         try:
             text = self.tokenizer.apply_chat_template(
-                [{**m.model_extra, "role": m.role, "content": t} for m, t in zip(messages, texts)],
+                [{**m.model_extra, "role": m.role, "content": t} for m, t in zip(messages, texts, strict=True)],
                 tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 (the template refuses these messages, e.g. roles)
+        except Exception as e:  # the template refuses these messages (e.g. roles)
             raise ApiError(400, f"the chat template refused the messages: {e}", "messages") from e
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -395,7 +395,7 @@ def create_app(reasoner: ParallelReasoner, *, model_name: str, defaults: Default
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception) -> JSONResponse:
-        log.exception("error answering %s", request.url.path)
+        log.error("error answering %s", request.url.path, exc_info=e)
         return _error(500, f"internal error: {type(e).__name__}")
 
     @app.post("/v1/chat/completions")

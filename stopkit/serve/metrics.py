@@ -72,7 +72,7 @@ class Metrics:
         family("stopkit_requests_total", "counter", "Requests by outcome.",
                [(f'{{outcome="{o}"}}', n) for o, n in self.requests.items()])
         cumulative, samples = 0, []
-        for le, n in zip((*LATENCY_BUCKETS, math.inf), self._buckets):
+        for le, n in zip((*LATENCY_BUCKETS, math.inf), self._buckets, strict=True):
             cumulative += n
             samples.append((f'_bucket{{le="{_number(le)}"}}', cumulative))
         samples += [("_sum", self._latency_sum), ("_count", cumulative)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import queue
 import threading
@@ -65,10 +66,8 @@ class Job:
 
     def post(self, kind: str, payload: Any = None) -> None:
         """Hand an event to the job's loop (from the worker thread)."""
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
-        except RuntimeError:  # the loop is closed: the server is gone, nobody listens
-            pass
 
 
 class _TokenRate:
@@ -165,10 +164,8 @@ class Worker:
 
     def _reply(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
         snapshot = self._snapshot()
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed
             loop.call_soon_threadsafe(_set_result, future, snapshot)
-        except RuntimeError:  # the loop is closed
-            pass
 
     def _drain(self, block: bool) -> list[tuple[str, Any]]:
         items = [self._inbox.get()] if block else []

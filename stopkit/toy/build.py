@@ -58,7 +58,7 @@ def make_batch(problems: list[Problem], tokenizer: PreTrainedTokenizerBase,
     ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), T), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, (r, s) in enumerate(zip(rows, starts)):
+    for i, (r, s) in enumerate(zip(rows, starts, strict=True)):
         ids[i, :len(r)] = torch.tensor(r)
         labels[i, s:len(r)] = ids[i, s:len(r)]
         mask[i, :len(r)] = 1
@@ -107,7 +107,7 @@ def first_slip(problem: Problem, text: str) -> int | None:
     """Index of the first step of ``text`` that differs from the chain its approach (careful or
     quick) would write without slips, None if none."""
     ref, x = [], problem.start
-    for (op, c), y in zip(problem.ops, problem.chain(quick_op if is_quick(text) else apply_op)):
+    for (op, c), y in zip(problem.ops, problem.chain(quick_op if is_quick(text) else apply_op), strict=True):
         ref.append((x, op, c, y))
         x = y
     got = extract_steps(text)
@@ -239,16 +239,16 @@ def build_adapter(model_dir: Path, out: Path, *, label_seeds: list[int], problem
     work_dir.mkdir(parents=True, exist_ok=True)
     files = [work_dir / f"labels-{shard}.jsonl" for shard in label_seeds]
     args = [(model_dir, f, shard, problems, prefix_tokens, rollouts, traces, 1 if jobs > 1 else
-             torch.get_num_threads()) for f, shard in zip(files, label_seeds)]
+             torch.get_num_threads()) for f, shard in zip(files, label_seeds, strict=True)]
     t0 = time.perf_counter()
     if jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            stats = dict(zip(label_seeds, pool.map(_label_shard, *zip(*args))))
+            stats = dict(zip(label_seeds, pool.map(_label_shard, *zip(*args, strict=True)), strict=True))
     else:
-        stats = {shard: _label_shard(*a) for shard, a in zip(label_seeds, args)}
+        stats = {shard: _label_shard(*a) for shard, a in zip(label_seeds, args, strict=True)}
     model, tokenizer = load_model(path=model_dir)
     label_s = time.perf_counter() - t0
     records = [r for f in files for r in load_labels(f)]

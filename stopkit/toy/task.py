@@ -118,7 +118,7 @@ class Problem:
         """The reference chain of thought (careful, no slips) and final line, one
         ``#i prev op c = result`` per step."""
         steps, x = [], self.start
-        for i, ((op, c), y) in enumerate(zip(self.ops, self.values), 1):
+        for i, ((op, c), y) in enumerate(zip(self.ops, self.values, strict=True), 1):
             steps.append(f"#{i} {x} {op} {c} = {y}")
             x = y
         return "careful " + " ".join(steps) + f" answer: {self.answer}"

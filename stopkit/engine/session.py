@@ -7,12 +7,16 @@ session's live rows are always the cache's rows, in cache order.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from stopkit._checks import check_int
 from stopkit.engine.sequence import Group, Row
-from stopkit.pruning import PruneResult, select
+from stopkit.pruning import PruneResult, Scores, select
+
+if TYPE_CHECKING:
+    from stopkit.engine.engine import Engine
 
 __all__ = ["Session"]
 
@@ -28,7 +32,7 @@ class Session:
     call :meth:`close`.
     """
 
-    def __init__(self, engine, groups: list[Group]) -> None:
+    def __init__(self, engine: Engine, groups: list[Group]) -> None:
         self.engine = engine
         self.groups = groups
         self.all_rows = [r for g in groups for r in g.rows]
@@ -54,7 +58,7 @@ class Session:
         return produced
 
     # ---- pruning -------------------------------------------------------------------------------
-    def prune(self, scores, *, keep: int | None = None, ratio: float | None = None,
+    def prune(self, scores: Scores, *, keep: int | None = None, ratio: float | None = None,
               threshold: float | None = None, min_keep: int = 1) -> PruneResult:
         """Keep the best live rows by ``scores`` (``[len(rows)]``, higher is better) with
         :func:`stopkit.prune`'s criteria (NaN last, ties to the lower index); the others end as
@@ -104,5 +108,5 @@ class Session:
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

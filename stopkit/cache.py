@@ -177,6 +177,7 @@ class PagedKVCache:
             if num_blocks < 1:
                 raise ValueError(f"memory_bytes = {memory_bytes} is less than one block "
                                  f"({per_block} bytes for this config)")
+        assert num_blocks is not None
         return cls(config.num_hidden_layers, kv_heads, head_dim, num_blocks=num_blocks,
                    block_size=block_size, dtype=dtype, device=device)
 

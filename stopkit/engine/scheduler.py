@@ -75,7 +75,7 @@ class SchedulerStats:
     peak_rows: int = 0            # most rows in the cache at once
 
 
-def _priority(row: Row) -> tuple[int, int]:
+def _priority(row: Row) -> tuple[float, int]:
     return row.group.order, row.sample_index
 
 
@@ -181,6 +181,7 @@ class Scheduler:
                 r.status, r.num_cached = RowStatus.RUNNING, source.num_tokens
             self.running += fork
             self._pos = None
+            assert self.logits is not None  # the source row is running
             self.logits = torch.cat([self.logits, self.logits[idx].expand(len(fork), -1)])
             self._peaks()
         self._sync_waiting(group)
@@ -411,6 +412,7 @@ class Scheduler:
             r.status, r.num_cached = RowStatus.RUNNING, row.num_cached
         self.running += waiting
         self._pos = None
+        assert self.logits is not None  # the source row is running
         self.logits = torch.cat([self.logits, self.logits[idx].expand(len(waiting), -1)])
         self._sync_waiting(row.group)
         self._peaks()

@@ -154,7 +154,7 @@ class Group:
     """
 
     index: int
-    order: int
+    order: float
     prompt: list[int]
     sampling: SamplingParams
     key: int

@@ -7,6 +7,7 @@ session's live rows are always the cache's rows, in cache order.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import torch
@@ -82,7 +83,7 @@ class Session:
         return self.engine.end_rows([live[i] for i in rows], "pruned")
 
     # ---- scoring -------------------------------------------------------------------------------
-    def forward_suffix(self, inputs_embeds: torch.Tensor, adapter: Callable | object | None = None,
+    def forward_suffix(self, inputs_embeds: torch.Tensor, adapter: AbstractContextManager | Callable | None = None,
                        *, final_norm: bool = False) -> torch.Tensor:
         """:meth:`Engine.forward_suffix` over every live row (``inputs_embeds`` ``[len(rows), K,
         hidden_size]``)."""

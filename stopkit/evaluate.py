@@ -40,6 +40,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from pathlib import Path as FsPath
 
 from stopkit._checks import check_int, check_ints, check_real
@@ -58,7 +59,7 @@ RECORDS = "records.jsonl"
 
 
 # ---- one problem -------------------------------------------------------------------------------
-def problem_record(solution, reference, checker: Callable[[str, object], bool]) -> dict:
+def problem_record(solution, reference, checker: Callable[[str, Any], bool]) -> dict:
     """The JSON record of one Solution against ``reference``: the voted answer and whether it is
     right, and per path its length, score, fate and whether its own answer is right."""
     paths = []
@@ -211,7 +212,7 @@ def _run(reasoner, items, key: dict, records_file: FsPath | None, done: dict, ch
 
 def evaluate(reasoner, problems: Sequence, methods, *, n: int = 64, keep: int = 8,
              prefix_tokens: int = 2048, max_new_tokens: int = 8192, seeds: Sequence[int] = (0,),
-             vote: str = "majority", checker: Callable[[str, object], bool] | None = None,
+             vote: str = "majority", checker: Callable[[str, Any], bool] | None = None,
              out: str | FsPath | None = None, progress: bool = True, **solve_kwargs) -> dict:
     """Run ``methods`` on ``problems`` for each seed; returns ``{"methods": {name: metrics},
     "config": {...}}`` (module docstring).
@@ -280,7 +281,7 @@ def evaluate(reasoner, problems: Sequence, methods, *, n: int = 64, keep: int = 
 def sweep(reasoner, problems: Sequence, methods, *, n: int = 64,
           keeps: Sequence[int] | None = None, ratios: Sequence[float] | None = None,
           prefixes: Sequence[int] = (2048,), max_new_tokens: int = 8192,
-          seeds: Sequence[int] = (0,), checker: Callable[[str, object], bool] | None = None,
+          seeds: Sequence[int] = (0,), checker: Callable[[str, Any], bool] | None = None,
           out: str | FsPath | None = None, progress: bool = True, **solve_kwargs) -> dict:
     """Budget curves (module docstring): for each pruning method, l_p in ``prefixes`` and keep in
     ``keeps`` (or ``ceil(ratio * n)`` for ``ratios``), avg@k|N, maj@k, pass@k and tokens per

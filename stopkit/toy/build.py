@@ -21,6 +21,7 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
+from typing import cast
 
 import torch
 from tqdm import tqdm
@@ -39,7 +40,7 @@ def model_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, intermediate_size=512, max_position_embeddings=256,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,  # type: ignore[call-arg]
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
 
@@ -65,7 +66,8 @@ def make_batch(problems: list[Problem], tokenizer: PreTrainedTokenizerBase,
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def train_base(steps: int, batch_size: int, lr: float, seed: int, log_every: int = 50):
+def train_base(steps: int, batch_size: int, lr: float, seed: int, log_every: int = 50
+               ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """Train the toy model from scratch; returns (model, tokenizer)."""
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
@@ -149,7 +151,7 @@ def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
             answers, right = [], 0
             for row in new[j * n:(j + 1) * n]:
                 length = int((row != tokenizer.pad_token_id).sum())
-                text = tokenizer.decode(row, skip_special_tokens=True)
+                text = cast(str, tokenizer.decode(row, skip_special_tokens=True))  # one row: a str
                 a = extract_answer(text)
                 ok = a == p.answer
                 answers.append(a)
@@ -200,7 +202,8 @@ def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path)
         do_sample=True, temperature=TEMPERATURE, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
-    model.to(torch.float32).save_pretrained(out, safe_serialization=True)
+    model.to(torch.float32)  # type: ignore[arg-type]  # mypy misreads transformers' wrapped .to
+    model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
 
@@ -259,7 +262,7 @@ def build_adapter(model_dir: Path, out: Path, *, label_seeds: list[int], problem
              100 * sum(s == 0 for s in soft) / len(soft), 100 * sum(s == 1 for s in soft) / len(soft))
     scorer = StopScorer.new(model, lora_rank=lora_rank, lora_alpha=2 * lora_rank, seed=seed,
                             targets=targets, head_hidden=head_hidden,
-                            token_id=tokenizer.convert_tokens_to_ids(STOP_TOKEN))
+                            token_id=cast(int, tokenizer.convert_tokens_to_ids(STOP_TOKEN)))
     t0 = time.perf_counter()
     history = train_scorer(scorer, train, val, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
                            seed=seed)

@@ -97,7 +97,7 @@ class Worker:
         self.engine = reasoner.engine
         self.progress_interval = progress_interval
         self.error: str | None = None        # set when the engine is unusable (health fails)
-        self.run: ReasoningRun | None = None
+        self.run: ReasoningRun  # opened by start
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: dict[int, Job] = {}      # index in the run -> job
         self._next_index = 0
@@ -217,7 +217,7 @@ class Worker:
             return
         progress = self.run.progress()
         for job in streaming:
-            p = progress.get(job.index)
+            p = progress.get(job.index) if job.index is not None else None
             if p is not None and p != job.last_progress:
                 job.last_progress = p
                 job.post("progress", p)

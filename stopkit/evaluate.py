@@ -298,6 +298,7 @@ def sweep(reasoner, problems: Sequence, methods, *, n: int = 64,
     if keeps is not None:
         ks = sorted({check_int(f"keeps[{i}]", k, 1, n) for i, k in enumerate(keeps)})
     else:
+        assert ratios is not None  # exactly one of the two (above)
         ks = sorted({math.ceil(round(check_real(f"ratios[{i}]", r, 0, 1, low_open=True) * n, 9))
                      for i, r in enumerate(ratios)})
     if not ks:
@@ -323,7 +324,8 @@ def sweep(reasoner, problems: Sequence, methods, *, n: int = 64,
         FsPath(out).mkdir(parents=True, exist_ok=True)
         records_file = FsPath(out) / RECORDS
     existing = _read_records(records_file)
-    points, full_rows = [], []
+    points: list[dict[str, Any]] = []
+    full_rows: list[dict[str, Any]] = []
     for name, method in named.items():
         for lp in prefixes:
             runs = []

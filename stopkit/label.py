@@ -33,12 +33,16 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from stopkit._checks import check_int
 from stopkit.answers import Checker, check_answer
 from stopkit.loading import PromptFormat, eos_token_id
+
+if TYPE_CHECKING:
+    from stopkit.engine import Engine, Group
 
 __all__ = ["LabelTask", "label_stream", "label_problems", "finished_ids", "label_statistics",
            "MAX_NEW_TOKENS"]
@@ -101,14 +105,14 @@ class _Problem:
     pid: object
     problem: dict
     prompt: list[int]
-    traces: object = None                              # the engine Group of its traces
-    forks: dict[int, object] = field(default_factory=dict)  # trace sample index -> rollout Group
+    traces: Group | None = None                        # the engine Group of its traces
+    forks: dict[int, Group] = field(default_factory=dict)  # trace sample index -> rollout Group
     correct: dict[int, int] = field(default_factory=dict)
     ended_in_prefix: int = 0
     traces_done: bool = False
 
 
-def label_stream(engine, tokenizer, items: Sequence[tuple[object, dict, list[int]]],
+def label_stream(engine: Engine, tokenizer: Any, items: Sequence[tuple[object, dict, list[int]]],
                  task: LabelTask, *, progress: bool = True) -> Iterator[tuple[object, list[dict], int]]:
     """Label ``items`` ((id, problem, prompt ids), from :func:`check_problems`) on ``engine`` (an
     idle :class:`~stopkit.engine.Engine`); yields ``(id, records, traces ended in the prefix)`` for
@@ -228,7 +232,7 @@ def label_problems(model, tokenizer, problems: Sequence[dict], out: str | Path, 
     (already in ``out``), records written, traces that ended inside the prefix."""
     from stopkit.engine import Engine
 
-    task = LabelTask(**task)
+    label_task = LabelTask(**task)
     items = check_problems(problems, tokenizer, prompt)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +243,7 @@ def label_problems(model, tokenizer, problems: Sequence[dict], out: str | Path, 
     if todo:
         engine = engine if engine is not None else Engine(model)
         with out.open("a", encoding="utf-8") as f:
-            for _, records, ended in label_stream(engine, tokenizer, todo, task, progress=progress):
+            for _, records, ended in label_stream(engine, tokenizer, todo, label_task, progress=progress):
                 f.write("".join(json.dumps(r) + "\n" for r in records))
                 f.flush()
                 stats["problems"] += 1

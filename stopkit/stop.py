@@ -282,7 +282,8 @@ class StopScorer(nn.Module):
         from peft import LoraConfig
 
         rank = max(lo.A.shape[0] for lo in self.loras)
-        LoraConfig(r=rank, lora_alpha=self.lora_alpha,  # type: ignore[arg-type]  # PEFT takes floats too lora_dropout=self.lora_dropout,
+        LoraConfig(r=rank, lora_dropout=self.lora_dropout,
+                   lora_alpha=self.lora_alpha,  # type: ignore[arg-type]  # PEFT takes floats too
                    use_rslora=self.use_rslora, task_type=task_type,
                    target_modules=sorted({lo.path.split(".")[-1] for lo in self.loras}),
                    rank_pattern={lo.path: lo.A.shape[0] for lo in self.loras
@@ -338,8 +339,8 @@ class StopScorer(nn.Module):
         handles = []
         try:
             for lo in self.loras:  # one at a time: on a failure, the hooks added so far come off
-                handles.append(self.model.get_submodule(lo.path).register_forward_hook(  # noqa: PERF401
-                    self._lora_hook(lo)))
+                module = self.model.get_submodule(lo.path)
+                handles.append(module.register_forward_hook(self._lora_hook(lo)))
             yield
         finally:
             for h in handles:

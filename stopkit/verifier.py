@@ -326,7 +326,8 @@ def _load_qwen_prm(path: str, dtype: str | torch.dtype) -> _QwenProcessRewardMod
             raise ValueError(f"verifier {path}: Qwen2ForProcessRewardModel weights must be "
                              f"safetensors, {name} not found")
         with safe_open(file, framework="pt") as f:
-            state.update({k[len("score."):]: f.get_tensor(k) for k in f.keys() if k.startswith("score.")})  # noqa: SIM118 (safe_open is not iterable)
+            names = f.keys()  # a safe_open handle is not iterable itself
+            state.update({k[len("score."):]: f.get_tensor(k) for k in names if k.startswith("score.")})
     hidden = backbone.config.hidden_size
     head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
     expected = set(head.state_dict())

@@ -56,7 +56,7 @@ def test_bench_scheduler(benchmark):
         s = engine.stats
         results[name] = dict(
             questions_per_s=PROBLEMS / seconds, seconds=seconds,
-            vote_accuracy=sum(sol.answer == p.answer for sol, p in zip(sols, problems)) / PROBLEMS,
+            vote_accuracy=sum(sol.answer == p.answer for sol, p in zip(sols, problems, strict=True)) / PROBLEMS,
             tokens=sum(sol.generated_tokens for sol in sols) / PROBLEMS,
             peak_blocks=s.peak_blocks, peak_rows=s.peak_rows, preemptions=s.preemptions)
 

@@ -198,7 +198,7 @@ def _run(benchmark) -> None:
         finally:
             server.stop()
         def metric(name: str) -> int:
-            return int(float(re.search(rf"^{name} (\S+)$", metrics, re.M).group(1)))
+            return int(float(re.search(rf"^{name} (\S+)$", metrics, re.MULTILINE).group(1)))
 
         results["server"] = dict(questions_per_s=PROBLEMS / seconds, seconds=seconds,
                                  p50_s=percentile(latencies, 50), p99_s=percentile(latencies, 99),

@@ -40,6 +40,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from pathlib import Path as FsPath
 
 from stopkit._checks import check_int, check_ints, check_real
@@ -58,7 +59,7 @@ RECORDS = "records.jsonl"
 
 
 # ---- one problem -------------------------------------------------------------------------------
-def problem_record(solution, reference, checker: Callable[[str, object], bool]) -> dict:
+def problem_record(solution, reference, checker: Callable[[str, Any], bool]) -> dict:
     """The JSON record of one Solution against ``reference``: the voted answer and whether it is
     right, and per path its length, score, fate and whether its own answer is right."""
     paths = []
@@ -216,7 +217,7 @@ def _run(reasoner, items, key: dict, records_file: FsPath | None, done: dict, ch
 
 def evaluate(reasoner, problems: Sequence, methods, *, n: int = 64, keep: int = 8,
              prefix_tokens: int = 2048, max_new_tokens: int = 8192, seeds: Sequence[int] = (0,),
-             vote: str = "majority", checker: Callable[[str, object], bool] | None = None,
+             vote: str = "majority", checker: Callable[[str, Any], bool] | None = None,
              out: str | FsPath | None = None, progress: bool = True, **solve_kwargs) -> dict:
     """Run ``methods`` on ``problems`` for each seed; returns ``{"methods": {name: metrics},
     "config": {...}}`` (module docstring).
@@ -287,7 +288,7 @@ def evaluate(reasoner, problems: Sequence, methods, *, n: int = 64, keep: int = 
 def sweep(reasoner, problems: Sequence, methods, *, n: int = 64,
           keeps: Sequence[int] | None = None, ratios: Sequence[float] | None = None,
           prefixes: Sequence[int] = (2048,), max_new_tokens: int = 8192,
-          seeds: Sequence[int] = (0,), checker: Callable[[str, object], bool] | None = None,
+          seeds: Sequence[int] = (0,), checker: Callable[[str, Any], bool] | None = None,
           out: str | FsPath | None = None, progress: bool = True, **solve_kwargs) -> dict:
     """Budget curves (module docstring): for each pruning method, l_p in ``prefixes`` and keep in
     ``keeps`` (or ``ceil(ratio * n)`` for ``ratios``), avg@k|N, maj@k, pass@k and tokens per
@@ -305,6 +306,7 @@ def sweep(reasoner, problems: Sequence, methods, *, n: int = 64,
     if keeps is not None:
         ks = sorted({check_int(f"keeps[{i}]", k, 1, n) for i, k in enumerate(keeps)})
     else:
+        assert ratios is not None  # exactly one of the two (above)
         ks = sorted({math.ceil(round(check_real(f"ratios[{i}]", r, 0, 1, low_open=True) * n, 9))
                      for i, r in enumerate(ratios)})
     if not ks:
@@ -330,7 +332,8 @@ def sweep(reasoner, problems: Sequence, methods, *, n: int = 64,
         FsPath(out).mkdir(parents=True, exist_ok=True)
         records_file = FsPath(out) / RECORDS
     existing = _read_records(records_file)
-    points, full_rows = [], []
+    points: list[dict[str, Any]] = []
+    full_rows: list[dict[str, Any]] = []
     for name, method in named.items():
         for lp in prefixes:
             runs = []
@@ -430,8 +433,8 @@ def write_sweep(result: dict, out_dir: str | FsPath) -> dict[str, FsPath]:
     curves: dict[tuple, list] = {}
     for p in result["points"]:
         curves.setdefault((p["method"], p["prefix_tokens"]), []).append(p)
-    for i, ((method, lp), pts) in enumerate(curves.items()):
-        pts = sorted(pts, key=lambda p: p["tokens"])
+    for i, ((method, lp), unsorted) in enumerate(curves.items()):
+        pts = sorted(unsorted, key=lambda p: p["tokens"])
         ax.plot([p["tokens"] for p in pts], [100 * p["avg_at_k"] for p in pts], marker="o",
                 color=f"C{i % 10}", label=f"{method}, l_p={lp}")
     ax.scatter([result["full"]["tokens"]], [100 * result["full"]["avg_at_k"]], color="black",
@@ -496,8 +499,7 @@ def format_sweep(result: dict) -> str:
     """The best point per token budget, as lines of text."""
     full = result["full"]
     lines = [f"full: avg@N {100 * full['avg_at_k']:.1f}%, {full['tokens']:.0f} tokens"]
-    for b in result["best"]:
-        lines.append(f"budget {100 * b['budget']:.0f}% of full's tokens: best {b['method']} "
-                     f"l_p={b['prefix_tokens']} keep={b['keep']} (retention {b['retention']:.2f}): "
-                     f"avg@k|N {100 * b['avg_at_k']:.1f}%, {b['tokens']:.0f} tokens")
+    lines += [f"budget {100 * b['budget']:.0f}% of full's tokens: best {b['method']} "
+              f"l_p={b['prefix_tokens']} keep={b['keep']} (retention {b['retention']:.2f}): "
+              f"avg@k|N {100 * b['avg_at_k']:.1f}%, {b['tokens']:.0f} tokens" for b in result["best"]]
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from types import ModuleType
+from typing import Literal, overload
 
 import torch
 
@@ -32,9 +33,9 @@ _DTYPE_CODES = {getattr(torch, name): code for name, code in _C.dtype_codes().it
 _ACTIVATIONS = {None: _C.activation_codes()["none"], **_C.activation_codes()}
 
 try:  # built only where nvcc was found
-    from stopkit import _C_cuda  # type: ignore[attr-defined]
+    from stopkit import _C_cuda
 except ImportError:
-    _C_cuda = None
+    _C_cuda = None  # type: ignore[assignment]  # the module, or None where not built
 
 # The current stream of a device as a cudaStream_t address, without building a torch Stream
 # object per call (torch's inductor reads it the same way); the public route where absent.
@@ -121,7 +122,9 @@ def _addr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _tensor(name: str, t, *, ndim: int | None = None, dtype=None, device=None) -> torch.Tensor:
+def _tensor(name: str, t: object, *, ndim: int | None = None,
+            dtype: torch.dtype | tuple[torch.dtype, ...] | None = None,
+            device: torch.device | None = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
@@ -173,12 +176,28 @@ def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, block_s
                          f"(seq_lens[{b}] = {int(seq_lens[b])}) but must lie in [0, {num_blocks})")
 
 
+@overload
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                    suffix_k: torch.Tensor | None = ..., suffix_v: torch.Tensor | None = ...,
+                    scale: float | None = ..., sinks: torch.Tensor | None = ...,
+                    window: int | None = ..., return_lse: Literal[False] = ...,
+                    check_indices: bool = ..., max_seq_len: int | None = ...) -> torch.Tensor: ...
+@overload
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                    suffix_k: torch.Tensor | None = ..., suffix_v: torch.Tensor | None = ...,
+                    scale: float | None = ..., sinks: torch.Tensor | None = ...,
+                    window: int | None = ..., return_lse: Literal[True],
+                    check_indices: bool = ..., max_seq_len: int | None = ...
+                    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_table: torch.Tensor, seq_lens: torch.Tensor, *,
                     suffix_k: torch.Tensor | None = None, suffix_v: torch.Tensor | None = None,
                     scale: float | None = None, sinks: torch.Tensor | None = None,
                     window: int | None = None, return_lse: bool = False,
-                    check_indices: bool = True, max_seq_len: int | None = None):
+                    check_indices: bool = True, max_seq_len: int | None = None
+                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of a few queries per row against that row's paged KV cache (and a causal suffix).
 
     q ``[B, S, H, D]`` (S in 1..16); k_cache, v_cache ``[num_blocks, block_size, Hkv, D]``;
@@ -277,7 +296,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             num_blocks=num_blocks, max_blocks_per_row=max_blocks, scale=float(scale),
             window=int(window or 0), dtype=_DTYPE_CODES[dtype], **extra)
         del workspace  # freed in stream order, after the launch that uses it
-    return (out, lse) if return_lse else out
+    return (out, lse) if lse is not None else out  # lse is None unless return_lse
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

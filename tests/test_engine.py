@@ -74,7 +74,7 @@ def test_greedy_equals_generate(family):
     prompts = _prompts(3, 17, 33)  # one block, several, and > 16 queries (chunked prefill)
     out = Engine(model).generate(prompts, max_new_tokens=14)
     assert model.config._attn_implementation == impl  # switched back after the engine's passes
-    for p, samples in zip(prompts, out):
+    for p, samples in zip(prompts, out, strict=True):
         assert len(samples) == 1
         assert samples[0] == _hf_greedy(model, p, 14)
 
@@ -241,7 +241,7 @@ class _FakeLora:
 
     def __enter__(self):
         self.handles = [m.register_forward_hook(lambda mod, args, out, a=a, b=b: out + args[0] @ a @ b)
-                        for m, (a, b) in zip(self.mods, self.ab)]
+                        for m, (a, b) in zip(self.mods, self.ab, strict=True)]
         return self
 
     def __exit__(self, *exc):
@@ -326,9 +326,9 @@ def test_forward_suffix_gradients_match_transformers():
 
         out, got = grads(lambda x, a: s.forward_suffix(x, adapter=a, final_norm=True), emb, lora)
         ref32, hf32 = grads(hf(model), emb, lora)
-        ref64, hf64 = grads(hf(model64), emb.double(), lora64)
+        _ref64, hf64 = grads(hf(model64), emb.double(), lora64)
         torch.testing.assert_close(out, ref32, rtol=1e-5, atol=1e-5)
-        for g, g32, g64 in zip(got, hf32, hf64):
+        for g, g32, g64 in zip(got, hf32, hf64, strict=True):
             err, err_hf = (g.double() - g64).abs().max(), (g32.double() - g64).abs().max()
             assert err <= max(2 * err_hf, 1e-5 * g64.abs().max()), (err, err_hf)
 
@@ -424,9 +424,9 @@ def test_session_misuse():
         s.forward_suffix(torch.randn(2, 2, 128, dtype=torch.float64))
     with pytest.raises(TypeError, match="adapter"):
         s.forward_suffix(torch.randn(2, 2, 128), adapter=3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rows must lie in"):
         s.drop([2])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_tokens"):
         s.step(0)
     s2 = engine.start(_prompts(6), max_new_tokens=4)  # closes s
     with pytest.raises(RuntimeError, match="closed"):

@@ -86,7 +86,7 @@ def test_model_path(tmp_path):
     assert model_path("org/name", "x") == "org/name"  # a hub id is left to transformers
     with pytest.raises(FileNotFoundError, match="no verifier model at /no/such/dir"):
         model_path("/no/such/dir", "verifier model")
-    with pytest.raises(FileNotFoundError, match="no embedding model at ./missing"):
+    with pytest.raises(FileNotFoundError, match=r"no embedding model at \./missing"):
         model_path("./missing", "embedding model")
 
 

@@ -73,7 +73,7 @@ def test_kept_rows_attend_exactly_as_before(dtype, prompt_lens, kernel_threads):
     assert torch.equal(cache.storage, storage)  # compaction moved no KV
     assert torch.equal(cache.seq_lens, lens[result.kept])
     after = attend(result.kept)
-    for (out0, lse0), (out1, lse1) in zip(before, after):
+    for (out0, lse0), (out1, lse1) in zip(before, after, strict=True):
         assert torch.equal(out0[result.kept], out1) and torch.equal(lse0[result.kept], lse1)
 
 

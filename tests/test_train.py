@@ -201,7 +201,7 @@ DIFFICULTY = [("a", 0.0), ("a", 0.0), ("b", 1.0), ("b", 1.0), ("c", 0.0), ("c", 
 def difficulty_records(model=None) -> list[dict]:
     ids = torch.randint(4, VOCAB, (len(DIFFICULTY), 6)).tolist()
     return [{"id": pid, "prefix_token_ids": p, "soft_label": label}
-            for (pid, label), p in zip(DIFFICULTY, ids)]
+            for (pid, label), p in zip(DIFFICULTY, ids, strict=True)]
 
 
 def test_difficulty_filter(tmp_path, caplog):
@@ -264,7 +264,7 @@ def test_training_step_uses_the_soft_label_cross_entropy():
     scorer = StopScorer.new(model, lora_rank=4, seed=5, lora_dropout=0.0)
     records = synthetic(model, 6)
     p = torch.tensor([0.1, 0.3, 0.6, 0.8, 0.25, 0.9], dtype=torch.float64)
-    for r, label in zip(records, p.tolist()):
+    for r, label in zip(records, p.tolist(), strict=True):
         r["soft_label"] = label
     features = []
     handle = scorer.head.register_forward_pre_hook(lambda m, args: features.append(args[0].detach()))

@@ -166,7 +166,7 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                         "(default: <extra_0> when its tokenizer has it)")
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
+def add_sampling_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The paths, the check and the vote: --n, --keep, --prefix-tokens, --max-new-tokens, --vote,
     --temperature, --top-p, --early-stop."""
     p.add_argument("--n", type=int, default=64, help="paths launched per question (default 64)")

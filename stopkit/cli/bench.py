@@ -56,6 +56,7 @@ def find_bench_dir() -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    bench_dir: Path | None
     if args.dir is not None:
         bench_dir = Path(args.dir)
         if not bench_dir.is_dir():

@@ -8,9 +8,13 @@ import argparse
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from stopkit._checks import check_int
 from stopkit.cli.errors import UserError, one_line, options, reading
+
+if TYPE_CHECKING:
+    from stopkit.distributed import ModelSpec
 
 __all__ = ["load_model", "load_scorer", "load_reasoner", "load_problems", "load_checker",
            "ray_pool", "output_dir", "output_file"]
@@ -19,7 +23,7 @@ __all__ = ["load_model", "load_scorer", "load_reasoner", "load_problems", "load_
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace | ModelSpec):
     """(model, tokenizer) from ``--model`` with ``--dtype`` on ``--device``."""
     from stopkit.loading import load_model as load  # noqa: PLC0415 (transformers)
 
@@ -48,7 +52,7 @@ def load_scorer(flag: str, path: str, model):
         return StopScorer.load(path, model)
 
 
-def prompt_format(args: argparse.Namespace):
+def prompt_format(args: argparse.Namespace | ModelSpec):
     """The PromptFormat of ``add_prompt_args``'s options; a bad value is a UserError."""
     from stopkit.loading import PromptFormat  # noqa: PLC0415
 
@@ -57,7 +61,7 @@ def prompt_format(args: argparse.Namespace):
                             reasoning_effort=args.reasoning_effort)
 
 
-def make_engine(args: argparse.Namespace, model):
+def make_engine(args: argparse.Namespace | ModelSpec, model):
     """A stopkit.Engine on ``model`` with the budget options of ``add_engine_args``; a bad value
     is a UserError naming the option."""
     from stopkit.engine import Engine  # noqa: PLC0415
@@ -72,14 +76,14 @@ def make_engine(args: argparse.Namespace, model):
         raise UserError(f"{flag}: {e}") from e
 
 
-def load_reasoner(args: argparse.Namespace):
+def load_reasoner(args: argparse.Namespace | ModelSpec):
     """A ParallelReasoner on ``--model`` with the StopScorer of ``--adapter`` when given, on an
     engine with the budget options."""
     from stopkit.reasoner import ParallelReasoner  # noqa: PLC0415
 
     model, tokenizer = load_model(args)
     scorer = load_scorer("--adapter", args.adapter, model) if args.adapter else None
-    external = {}
+    external: dict[str, Any] = {}
     if hasattr(args, "similarity_diversity"):
         external = dict(similarity_diversity=args.similarity_diversity,
                         external_device=args.external_device,

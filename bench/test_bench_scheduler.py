@@ -23,8 +23,7 @@ import torch
 from stopkit.engine import Engine
 from stopkit.reasoner import ParallelReasoner
 from stopkit.stop import StopScorer
-from stopkit.toy import ADAPTER_DIR, load_model, task
-from stopkit.toy import MAX_NEW_TOKENS, PREFIX_TOKENS, TEMPERATURE
+from stopkit.toy import ADAPTER_DIR, MAX_NEW_TOKENS, PREFIX_TOKENS, TEMPERATURE, load_model, task
 
 PROBLEMS, N, KEEP, CHUNK, BUDGET_SHARE, MAX_NUM_SEQS = 128, 32, 8, 8, 0.25, 1024
 TARGET_STOP, TARGET_CONTINUOUS = 2.0, 1.3

@@ -45,8 +45,15 @@ from stopkit import _C
 from stopkit.engine import Engine
 from stopkit.reasoner import ParallelReasoner, ReasoningRun
 from stopkit.stop import StopScorer
-from stopkit.toy import (ADAPTER_DIR, MAX_NEW_TOKENS, MODEL_DIR, PREFIX_TOKENS, TEMPERATURE,
-                         load_model, task)
+from stopkit.toy import (
+    ADAPTER_DIR,
+    MAX_NEW_TOKENS,
+    MODEL_DIR,
+    PREFIX_TOKENS,
+    TEMPERATURE,
+    load_model,
+    task,
+)
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")

@@ -48,8 +48,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 from fractions import Fraction
+from typing import Any
 
 __all__ = ["Checker", "TIME_LIMIT", "extract_answer", "normalize_answer", "answers_equal",
            "check_answer", "load_checker"]

@@ -16,8 +16,8 @@ import math
 import mmap
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import Any, TypeAlias
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch

@@ -40,8 +40,8 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 from pathlib import Path as FsPath
+from typing import Any
 
 from stopkit._checks import check_int, check_ints, check_real
 from stopkit.methods import method_type

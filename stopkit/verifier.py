@@ -173,8 +173,12 @@ class Verifier:
         ``options``: the keyword arguments of :class:`Verifier` (positive_label, step_marker,
         step_separator, system_prompt, chat, max_length, batch_size). ValueError naming what was
         found for a checkpoint that is neither a classifier nor a reward model."""
-        from transformers import (AutoConfig, AutoModelForSequenceClassification,
-                                  AutoModelForTokenClassification, AutoTokenizer)
+        from transformers import (
+            AutoConfig,
+            AutoModelForSequenceClassification,
+            AutoModelForTokenClassification,
+            AutoTokenizer,
+        )
 
         path = model_path(path, "verifier model")
         torch_dtype = model_dtype(dtype)

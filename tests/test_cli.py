@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, str]:
     """Paths of good and broken inputs, by name (for str.format in the argv below)."""
-    from stopkit.stop import StopScorer
     from test_reasoner import build_tiny
+
+    from stopkit.stop import StopScorer
 
     root = tmp_path_factory.mktemp("cli")
     model, _tok = build_tiny()  # hidden size 128; the toy model's is 256
@@ -200,8 +201,8 @@ def test_a_bug_after_loading_keeps_its_traceback(error, monkeypatch, capsys):
      "stopkit label: interrupted; rerun the same command to resume\n"),
 ])
 def test_ctrl_c_is_one_line_and_exit_130(command, argv, message, inputs, monkeypatch, capsys):
-    import stopkit.reasoner
     import stopkit.label
+    import stopkit.reasoner
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

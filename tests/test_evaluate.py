@@ -282,9 +282,9 @@ def test_cli_refuses_bad_arguments_before_loading(argv, match, tmp_path):
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama, its tokenizer and a StopScorer checkpoint saved to disk."""
     import torch
+    from test_reasoner import build_tiny
 
     from stopkit.stop import StopScorer
-    from test_reasoner import build_tiny
 
     model, tok = build_tiny()
     root = tmp_path_factory.mktemp("tiny")

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from stopkit import loading
-from stopkit.loading import (DEFAULT_TEMPLATE, INSTRUCTION, PromptFormat, load_problems,
-                             prompt_ids)
+from stopkit.loading import DEFAULT_TEMPLATE, INSTRUCTION, PromptFormat, load_problems, prompt_ids
 
 
 # ---- benchmark files -----------------------------------------------------------------------------

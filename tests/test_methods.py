@@ -6,8 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stopkit.methods import (METHOD_KINDS, TYPE_NAMES, length_limit, method_type, model_dtype,
-                             model_path, parse_method, right_pad)
+from stopkit.methods import (
+    METHOD_KINDS,
+    TYPE_NAMES,
+    length_limit,
+    method_type,
+    model_dtype,
+    model_path,
+    parse_method,
+    right_pad,
+)
 
 
 @pytest.mark.parametrize("spec, kind, path, typ", [

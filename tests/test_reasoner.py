@@ -13,8 +13,14 @@ from test_stop import head_of, peft_twin, two_stage_reference
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from stopkit.reasoner import (ParallelReasoner, Solution, confidence_score, default_extractor,
-                              entropy_score, vote)
+from stopkit.reasoner import (
+    ParallelReasoner,
+    Solution,
+    confidence_score,
+    default_extractor,
+    entropy_score,
+    vote,
+)
 from stopkit.stop import StopScorer
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", *map(str, range(10)), "+", "=", "answer:", "so", "is", "x",
@@ -103,7 +109,7 @@ def _hf_stop_scores(scorer: StopScorer, prompt: list[int], prefixes: dict) -> di
     factors: the prefix without the adapter, then the [STOP] tokens with it, final norm -> head."""
     ref = two_stage_reference(peft_twin(scorer), scorer.token.detach(), scorer.num_tokens,
                               head_of(scorer), [prompt + p for p in prefixes.values()])
-    return dict(zip(prefixes, ref.tolist()))
+    return dict(zip(prefixes, ref.tolist(), strict=True))
 
 
 # ---- pure functions ---------------------------------------------------------------------------
@@ -471,7 +477,8 @@ def test_stop_needs_a_matching_scorer(tiny, monkeypatch):
 
 # ---- external methods (the paper's Types I and II) ----------------------------------------------
 def _classifier(path):
-    from transformers import LlamaConfig as Cfg, LlamaForSequenceClassification
+    from transformers import LlamaConfig as Cfg
+    from transformers import LlamaForSequenceClassification
 
     from stopkit.toy.tokenizer import build_tokenizer
 

@@ -30,6 +30,7 @@ openai = pytest.importorskip("openai")
 
 import torch  # noqa: E402
 import uvicorn  # noqa: E402
+
 text_string_to_metric_families = pytest.importorskip(
     "prometheus_client.parser").text_string_to_metric_families
 

@@ -12,8 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from stopkit.similarity import (SimilarityScorer, TfidfEmbedding, TransformersEmbedding,
-                                consensus_scores, cosine_matrix, diversity_order)
+from stopkit.similarity import (
+    SimilarityScorer,
+    TfidfEmbedding,
+    TransformersEmbedding,
+    cosine_matrix,
+    diversity_order,
+)
 from stopkit.toy.task import apply_op, generate, quick_op
 from stopkit.toy.tokenizer import build_tokenizer
 

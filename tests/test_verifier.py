@@ -60,9 +60,17 @@ def save(model, tok, path):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Saved tiny checkpoints by name."""
-    from transformers import (BertConfig, BertModel, LlamaConfig, LlamaForCausalLM,
-                              LlamaForSequenceClassification, LlamaForTokenClassification,
-                              Qwen2Config, Qwen2ForSequenceClassification, Qwen2Model)
+    from transformers import (
+        BertConfig,
+        BertModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+        LlamaForTokenClassification,
+        Qwen2Config,
+        Qwen2ForSequenceClassification,
+        Qwen2Model,
+    )
 
     torch.manual_seed(20260)
     out = {}

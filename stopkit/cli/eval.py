@@ -26,9 +26,17 @@ import argparse
 import contextlib
 
 from stopkit._checks import check_int
-from stopkit.cli.args import (add_command, add_engine_args, add_method_args, add_model_args,
-                              add_prompt_args, add_ray_args, add_sampling_args, int_list,
-                              name_list)
+from stopkit.cli.args import (
+    add_command,
+    add_engine_args,
+    add_method_args,
+    add_model_args,
+    add_prompt_args,
+    add_ray_args,
+    add_sampling_args,
+    int_list,
+    name_list,
+)
 from stopkit.cli.errors import UserError, options
 from stopkit.cli.inputs import load_checker, load_problems, load_reasoner, output_dir, ray_pool
 from stopkit.cli.solve import check_solve_options

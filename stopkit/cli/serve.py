@@ -14,8 +14,14 @@ import logging
 import socket
 
 from stopkit._checks import check_int
-from stopkit.cli.args import (add_command, add_engine_args, add_method_args, add_model_args,
-                              add_prompt_args, add_sampling_args)
+from stopkit.cli.args import (
+    add_command,
+    add_engine_args,
+    add_method_args,
+    add_model_args,
+    add_prompt_args,
+    add_sampling_args,
+)
 from stopkit.cli.errors import UserError, options
 from stopkit.cli.inputs import load_reasoner
 from stopkit.cli.solve import check_solve_options

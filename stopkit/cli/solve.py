@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from stopkit.cli.args import (add_command, add_engine_args, add_method_args, add_model_args,
-                              add_prompt_args, add_sampling_args, check_sampling_args)
+from stopkit.cli.args import (
+    add_command,
+    add_engine_args,
+    add_method_args,
+    add_model_args,
+    add_prompt_args,
+    add_sampling_args,
+    check_sampling_args,
+)
 from stopkit.cli.errors import UserError, options
 from stopkit.cli.inputs import load_reasoner
 

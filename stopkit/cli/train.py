@@ -81,8 +81,13 @@ def _init_token(value: str | None, tokenizer) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     from stopkit.stop import StopScorer  # noqa: PLC0415 (transformers)
-    from stopkit.train import (check_records, drop_uniform_problems, load_labels,  # noqa: PLC0415
-                               split_by_problem, train_scorer)
+    from stopkit.train import (  # noqa: PLC0415
+        check_records,
+        drop_uniform_problems,
+        load_labels,
+        split_by_problem,
+        train_scorer,
+    )
 
     with options():
         for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),

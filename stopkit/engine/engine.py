@@ -28,8 +28,15 @@ from stopkit.cache import CacheFullError, PagedKVCache
 from stopkit.engine.model_runner import ModelRunner, enter, model_head_dim
 from stopkit.engine.sampler import sample_rows
 from stopkit.engine.scheduler import ScheduledBatch, Scheduler, SchedulerStats
-from stopkit.engine.sequence import (FINISH_REASONS, Group, Row, RowStatus, SamplingParams,
-                                     request_key)
+from stopkit.engine.sequence import (
+    FINISH_REASONS,
+    Group,
+    Row,
+    RowStatus,
+    SamplingParams,
+    request_key,
+)
+
 if TYPE_CHECKING:
     from stopkit.engine.session import Session
 

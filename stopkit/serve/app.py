@@ -39,9 +39,18 @@ from stopkit._checks import check_int, check_real, check_token_ids
 from stopkit.loading import prompt_ids
 from stopkit.reasoner import ParallelReasoner, check_solve_args
 from stopkit.serve.metrics import CONTENT_TYPE, Metrics
-from stopkit.serve.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, Kind,
-                                    StopkitOptions, completion_response, error_body,
-                                    progress_chunk, result_chunks, sse)
+from stopkit.serve.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    Kind,
+    StopkitOptions,
+    completion_response,
+    error_body,
+    progress_chunk,
+    result_chunks,
+    sse,
+)
 from stopkit.serve.worker import BadRequest, Job, RequestFailed, ServerClosing, Worker
 
 __all__ = ["create_app", "Defaults", "ApiError"]

@@ -14,8 +14,20 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stopkit.toy.task import (MAX_STEPS, MIN_STEPS, OPS, P, Problem, check, extract_answer,
-                              extract_steps, generate, slip_rate, split_of, write_jsonl)
+from stopkit.toy.task import (
+    MAX_STEPS,
+    MIN_STEPS,
+    OPS,
+    P,
+    Problem,
+    check,
+    extract_answer,
+    extract_steps,
+    generate,
+    slip_rate,
+    split_of,
+    write_jsonl,
+)
 
 __all__ = ["ASSETS", "MODEL_DIR", "ADAPTER_DIR", "TEMPERATURE", "PREFIX_TOKENS", "MAX_NEW_TOKENS",
            "load_model", "P", "OPS", "MIN_STEPS", "MAX_STEPS", "Problem",

@@ -159,13 +159,15 @@ class _Run:
 
     def step(self) -> None:
         from stopkit.evaluate import problem_record
+        from stopkit.label import LabelRun
 
-        for key, *out in self.run.step():
-            if self.kind == "label":
-                self.owners.pop(key).finish((key, *out))
-            else:
-                call, pid, answer = self.owners.pop(key)
-                call.finish((pid, problem_record(out[0], answer, call.arg[0])))
+        if isinstance(self.run, LabelRun):
+            for pid, records, ended in self.run.step():
+                self.owners.pop(pid).finish((pid, records, ended))
+            return
+        for i, solution in self.run.step():
+            call, pid, answer = self.owners.pop(i)
+            call.finish((pid, problem_record(solution, answer, call.arg[0])))
 
     @property
     def done(self) -> bool:

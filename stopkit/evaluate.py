@@ -39,12 +39,16 @@ import csv
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path as FsPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stopkit._checks import check_int, check_ints, check_real
 from stopkit.methods import method_type
+
+if TYPE_CHECKING:
+    from stopkit.distributed import RayPool
+    from stopkit.reasoner import Method, ParallelReasoner, Solution
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,8 @@ RECORDS = "records.jsonl"
 
 
 # ---- one problem -------------------------------------------------------------------------------
-def problem_record(solution, reference, checker: Callable[[str, Any], bool]) -> dict:
+def problem_record(solution: Solution, reference: object, checker: Callable[[str, Any], bool]
+                   ) -> dict:
     """The JSON record of one Solution against ``reference``: the voted answer and whether it is
     right, and per path its length, score, fate and whether its own answer is right."""
     paths = []
@@ -114,7 +119,7 @@ def record_metrics(record: dict, k: int | None) -> dict[str, float]:
             "external_tokens": record["external_tokens"], "seconds": record["seconds"]}
 
 
-def _mean(values) -> float:
+def _mean(values: Iterable[float]) -> float:
     values = list(values)
     return sum(map(float, values)) / len(values) if values else 0.0
 
@@ -135,7 +140,7 @@ def aggregate(rows: Sequence[dict]) -> dict[str, float]:
 
 
 # ---- the harness -------------------------------------------------------------------------------
-def _named(methods) -> dict[str, str | Callable]:
+def _named(methods: str | Sequence[Method] | Mapping[str, Method]) -> dict[str, str | Callable]:
     if isinstance(methods, Mapping):
         named = dict(methods)
     elif isinstance(methods, str):
@@ -189,8 +194,9 @@ def _read_records(path: FsPath | None) -> list[dict]:
     return records
 
 
-def _run(reasoner, items, key: dict, records_file: FsPath | None, done: dict, checker,
-         progress, **solve_kwargs) -> None:
+def _run(reasoner: ParallelReasoner | RayPool, items: Sequence[tuple[str, Any, object]],
+         key: dict, records_file: FsPath | None, done: dict, checker: Callable[[str, Any], bool],
+         progress: bool, **solve_kwargs: Any) -> None:
     """Solve the items not in ``done`` (keyed by id) together and record each as it ends. A
     :class:`stopkit.distributed.RayPool` standing in for the reasoner makes the same records on
     its Ray workers (``solve_records``)."""
@@ -215,10 +221,11 @@ def _run(reasoner, items, key: dict, records_file: FsPath | None, done: dict, ch
             f.close()
 
 
-def evaluate(reasoner, problems: Sequence, methods, *, n: int = 64, keep: int = 8,
+def evaluate(reasoner: ParallelReasoner | RayPool, problems: Sequence,
+             methods: str | Sequence[Method] | Mapping[str, Method], *, n: int = 64, keep: int = 8,
              prefix_tokens: int = 2048, max_new_tokens: int = 8192, seeds: Sequence[int] = (0,),
              vote: str = "majority", checker: Callable[[str, Any], bool] | None = None,
-             out: str | FsPath | None = None, progress: bool = True, **solve_kwargs) -> dict:
+             out: str | FsPath | None = None, progress: bool = True, **solve_kwargs: Any) -> dict:
     """Run ``methods`` on ``problems`` for each seed; returns ``{"methods": {name: metrics},
     "config": {...}}`` (module docstring).
 
@@ -285,11 +292,12 @@ def evaluate(reasoner, problems: Sequence, methods, *, n: int = 64, keep: int = 
 
 
 # ---- budget sweeps -----------------------------------------------------------------------------
-def sweep(reasoner, problems: Sequence, methods, *, n: int = 64,
+def sweep(reasoner: ParallelReasoner | RayPool, problems: Sequence,
+          methods: str | Sequence[Method] | Mapping[str, Method], *, n: int = 64,
           keeps: Sequence[int] | None = None, ratios: Sequence[float] | None = None,
           prefixes: Sequence[int] = (2048,), max_new_tokens: int = 8192,
           seeds: Sequence[int] = (0,), checker: Callable[[str, Any], bool] | None = None,
-          out: str | FsPath | None = None, progress: bool = True, **solve_kwargs) -> dict:
+          out: str | FsPath | None = None, progress: bool = True, **solve_kwargs: Any) -> dict:
     """Budget curves (module docstring): for each pruning method, l_p in ``prefixes`` and keep in
     ``keeps`` (or ``ceil(ratio * n)`` for ``ratios``), avg@k|N, maj@k, pass@k and tokens per
     problem, from one score-only run per (method, l_p, seed); plus the ``full`` point (every path

@@ -27,6 +27,7 @@ import contextlib
 
 from stopkit._checks import check_int
 from stopkit.cli.args import (
+    Parser,
     add_command,
     add_engine_args,
     add_method_args,
@@ -58,7 +59,7 @@ whose last \\boxed{} is taken); GPQA rows become multiple choice.
 """
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
     p = add_command(subparsers, "eval", help="compare pruning methods on a benchmark",
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=True)

@@ -19,6 +19,7 @@ import json
 
 from stopkit._checks import check_int
 from stopkit.cli.args import (
+    Parser,
     add_command,
     add_engine_args,
     add_model_args,
@@ -51,7 +52,7 @@ problems JSONL: one {"question": ..., "answer": ..., "id": optional} per line.
 """
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
     p = add_command(subparsers, "label", help="Monte-Carlo labels of reasoning prefixes (JSONL)",
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=False)

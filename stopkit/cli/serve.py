@@ -15,6 +15,7 @@ import socket
 
 from stopkit._checks import check_int
 from stopkit.cli.args import (
+    Parser,
     add_command,
     add_engine_args,
     add_method_args,
@@ -40,7 +41,7 @@ EXAMPLES = """
 INSTALL_HINT = "needs the serve extra (FastAPI and uvicorn): pip install 'stopkit[serve]'"
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
     p = add_command(subparsers, "serve", help="an OpenAI-compatible server answering with STOP",
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=True)

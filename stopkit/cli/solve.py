@@ -6,6 +6,7 @@ import argparse
 import json
 
 from stopkit.cli.args import (
+    Parser,
     add_command,
     add_engine_args,
     add_method_args,
@@ -28,7 +29,7 @@ EXAMPLES = """
 """
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
     p = add_command(subparsers, "solve", help="answer one question with parallel paths and pruning",
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=True)

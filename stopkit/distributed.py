@@ -274,7 +274,7 @@ class _Worker:
                     run.add(call)
                 assert run is not None  # the loop above opened one: `waiting` was not empty
                 run.step()
-            except Exception as e:  # noqa: BLE001 (any error must reach the callers blocked on its chunks)
+            except Exception as e:  # noqa: BLE001 (every error must reach its chunks' callers)
                 # a bad chunk or a bug: its run's chunks all fail with it
                 if run is None:
                     call.future.set_exception(e)
@@ -362,7 +362,7 @@ class RayPool:
         actors = [actor.remote(spec) for _ in range(n)]
         try:
             where = ray.get([a.load.remote() for a in actors])
-        except BaseException as e:  # noqa: BLE001 (re-raised by _raise_cause once the actors are killed)
+        except BaseException as e:  # noqa: BLE001 (_raise_cause re-raises it)
             for a in actors:
                 ray.kill(a)
             _raise_cause(ray, e)

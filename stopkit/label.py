@@ -272,9 +272,9 @@ def label_problems(model: PreTrainedModel, tokenizer: Any, problems: Sequence[di
     ``question`` (str or prompt ids), ``answer`` and optional ``id`` (default the index).
     task_fields: :class:`LabelTask`'s fields (prefix_tokens, rollouts, traces, max_new_tokens,
     temperature, top_p, top_k, seed, checker(text, answer) with text = decoded prefix +
-    continuation). engine: an Engine of ``model`` to run on (default: a new one). prompt: the prompt format (use the one the
-    scorer will be used with). Returns counts: problems labelled, skipped
-    (already in ``out``), records written, traces that ended inside the prefix."""
+    continuation). engine: an Engine of ``model`` to run on (default: a new one). prompt: the
+    prompt format (use the one the scorer will be used with). Returns counts: problems labelled,
+    skipped (already in ``out``), records written, traces that ended inside the prefix."""
     from stopkit.engine import Engine
 
     task = LabelTask(**task_fields)

@@ -34,7 +34,8 @@ def add_global_flags(parser: argparse.ArgumentParser, *, suppress: bool = False)
                         help="on an error, show the Python traceback instead of one line")
 
 
-def add_command(subparsers: argparse._SubParsersAction[Parser], name: str, *, help: str, description: str, examples: str) -> Parser:
+def add_command(subparsers: argparse._SubParsersAction[Parser], name: str, *, help: str,
+                description: str, examples: str) -> Parser:
     """A command's parser, with its examples under the options in ``--help``."""
     p = subparsers.add_parser(name, help=help, description=description,
                               epilog="examples:\n" + examples.strip("\n"),

@@ -243,7 +243,8 @@ def build_adapter(model_dir: Path, out: Path, *, label_seeds: list[int], problem
                       for i, p in enumerate(generate(problems, seed=shard, split="train"))]
               for shard in label_seeds}
     task: dict[str, Any] = dict(prefix_tokens=prefix_tokens, rollouts=rollouts, traces=traces,
-                max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0, checker=check)
+                                max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0,
+                                checker=check)
     model, tokenizer = load_model(path=model_dir)
     t0 = time.perf_counter()
     if jobs > 1:

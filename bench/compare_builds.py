@@ -20,6 +20,7 @@ quartiles) of its per-round ratios to the baseline.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import shutil
 import statistics
@@ -51,7 +52,7 @@ def load_build(path: str, index: int, workdir: Path, isa: str | None = None):
 def paired(samples: list[float], base: list[float]) -> str:
     """The median and quartiles of the per-round ratios to the baseline: each round times the
     builds back to back, so this follows the VM's drift better than a ratio of medians."""
-    ratios = [s / b for s, b in zip(samples, base)]
+    ratios = [s / b for s, b in zip(samples, base, strict=True)]
     if len(ratios) < 2:
         return ""
     q1, _, q3 = statistics.quantiles(ratios, n=4)
@@ -106,8 +107,8 @@ def main() -> None:
                     for r in range(args.rounds):
                         for name, module, (k, v) in variants if r % 2 == 0 else variants[::-1]:
                             ops._C = module
-                            call = lambda: ops.paged_attention(q, k, v, tables[table], seq_lens,
-                                                               check_indices=False)
+                            call = functools.partial(ops.paged_attention, q, k, v, tables[table],
+                                                     seq_lens, check_indices=False)
                             call()
                             start = time.perf_counter()
                             for _ in range(args.calls):

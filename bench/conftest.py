@@ -13,7 +13,6 @@ import time
 import pytest
 import torch
 
-
 _RESULTS = pytest.StashKey[list]()
 _COPY = pytest.StashKey[dict]()
 

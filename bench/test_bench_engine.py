@@ -14,6 +14,7 @@ Run: pytest bench/test_bench_engine.py --benchmark-only -s
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -58,10 +59,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
             return self
-        try:
+        with contextlib.suppress(OSError):  # not glibc
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:  # not glibc
-            pass
         self.base = self._rss()
         self._stop = threading.Event()
 

@@ -43,7 +43,7 @@ class Case:
 
     @property
     def id(self) -> str:
-        B, ctx, H, Hkv, D, _ = SHAPES[self.shape]
+        B, ctx, H, Hkv, _, _ = SHAPES[self.shape]
         return f"{self.device}-{self.shape}-B{B}-ctx{ctx}-H{H}-KV{Hkv}-q{self.q_len}-{self.dtype}"
 
 
@@ -113,7 +113,10 @@ class Inputs:
         if "_fa" not in self.kv:
             kv = self.kv
             B, M = kv["block_table"].shape
-            gather = lambda c: reference.gather_pages(c, kv["block_table"])  # [B, ctx, Hkv, D]
+
+            def gather(c: torch.Tensor) -> torch.Tensor:  # [B, ctx, Hkv, D]
+                return reference.gather_pages(c, kv["block_table"])
+
             pages = B * M * BLOCK_SIZE // 256
             perm = torch.randperm(pages, device=kv["k_cache"].device)
             k, v = (gather(c).reshape(pages, 256, *c.shape[2:])[perm] for c in (kv["k_cache"], kv["v_cache"]))

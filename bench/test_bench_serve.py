@@ -47,8 +47,15 @@ from stopkit import _C
 from stopkit.engine import Engine
 from stopkit.reasoner import ParallelReasoner, ReasoningRun
 from stopkit.stop import StopScorer
-from stopkit.toy import (ADAPTER_DIR, MAX_NEW_TOKENS, MODEL_DIR, PREFIX_TOKENS, TEMPERATURE,
-                         load_model, task)
+from stopkit.toy import (
+    ADAPTER_DIR,
+    MAX_NEW_TOKENS,
+    MODEL_DIR,
+    PREFIX_TOKENS,
+    TEMPERATURE,
+    load_model,
+    task,
+)
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -200,7 +207,7 @@ def _run(benchmark) -> None:
         finally:
             server.stop()
         def metric(name: str) -> int:
-            return int(float(re.search(rf"^{name} (\S+)$", metrics, re.M).group(1)))
+            return int(float(re.search(rf"^{name} (\S+)$", metrics, re.MULTILINE).group(1)))
 
         results["server"] = dict(questions_per_s=PROBLEMS / seconds, seconds=seconds,
                                  p50_s=percentile(latencies, 50), p99_s=percentile(latencies, 99),

@@ -6,6 +6,7 @@ on first use of their names: ``stopkit.Engine``, ``stopkit.StopScorer``, ``stopk
 
 import importlib
 import logging
+from typing import Any
 
 from stopkit import ops, reference
 from stopkit.cache import CacheFullError, PagedKVCache
@@ -19,11 +20,13 @@ _LAZY = {
     "ParallelReasoner": "stopkit.reasoner", "Solution": "stopkit.reasoner", "Path": "stopkit.reasoner",
     "plan": "stopkit.planner", "Plan": "stopkit.planner",
 }
+# Spelled out (not `*_LAZY`) so that linters and type checkers can read it.
 __all__ = ["ops", "reference", "__version__", "PagedKVCache", "CacheFullError", "prune",
-           "PruneResult", *_LAZY]
+           "PruneResult", "Engine", "Session", "Row", "StopScorer", "ParallelReasoner", "Solution",
+           "Path", "plan", "Plan"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
@@ -31,7 +34,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'stopkit' has no attribute {name!r}")
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 

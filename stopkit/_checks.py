@@ -13,6 +13,7 @@ import math
 import numbers
 import operator
 from collections.abc import Collection, Iterable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ __all__ = ["check_int", "check_real", "check_bool", "check_choice", "check_ints"
            "check_dtype", "check_tensor"]
 
 
-def _bounds(low, high, low_open: bool = False, high_open: bool = False) -> str:
+def _bounds(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
     """" >= 1", " in (0, 1]", ...: the range part of a message ("" when unbounded)."""
     if low is not None and high is not None:
         return f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
@@ -32,17 +33,17 @@ def _bounds(low, high, low_open: bool = False, high_open: bool = False) -> str:
     return ""
 
 
-def _type_name(value) -> str:
+def _type_name(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {_dtype_name(value.dtype)} tensor"
     return type(value).__name__
 
 
-def _dtype_name(dtype) -> str:
+def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
     """``value`` as an int, within ``[low, high]`` (either bound optional).
 
     Accepts anything with ``__index__`` (Python and NumPy ints, a one-element integer tensor)
@@ -59,7 +60,7 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None)
     return value
 
 
-def check_real(name: str, value, low: float | None = None, high: float | None = None, *,
+def check_real(name: str, value: Any, low: float | None = None, high: float | None = None, *,
                low_open: bool = False, high_open: bool = False) -> float:
     """``value`` as a float within the interval from ``low`` to ``high`` (closed unless
     ``low_open`` / ``high_open``; a missing bound is an open infinity, so infinities pass only a
@@ -81,7 +82,7 @@ def check_real(name: str, value, low: float | None = None, high: float | None = 
     return value
 
 
-def check_bool(name: str, value) -> bool:
+def check_bool(name: str, value: Any) -> bool:
     """``value`` itself when it is a bool (NumPy's included); TypeError otherwise (0 and 1 are
     not bools: a flag given a number is a mistake)."""
     if not isinstance(value, (bool, np.bool_)):
@@ -89,7 +90,10 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
-def check_choice(name: str, value, choices: Collection):
+_Choice = TypeVar("_Choice")
+
+
+def check_choice(name: str, value: Any, choices: Collection[_Choice]) -> _Choice:
     """``value`` when it is one of ``choices``; ValueError otherwise: ``"vote must be one of
     majority, score, entropy, got 'nope'"``."""
     try:
@@ -101,7 +105,7 @@ def check_choice(name: str, value, choices: Collection):
     return value
 
 
-def check_ints(name: str, values, low: int | None = None, high: int | None = None) -> list[int]:
+def check_ints(name: str, values: Any, low: int | None = None, high: int | None = None) -> list[int]:
     """A list of ints from a sequence of ints or a 1-D integer tensor, each within ``[low, high]``.
 
     TypeError for a str, a non-iterable, a non-integer tensor or element (``"rows[2] must be an
@@ -124,7 +128,7 @@ def check_ints(name: str, values, low: int | None = None, high: int | None = Non
     return [check_int(f"{name}[{i}]", v, low, high) for i, v in enumerate(values)]
 
 
-def check_token_ids(name: str, ids, vocab_size: int | None = None) -> list[int]:
+def check_token_ids(name: str, ids: Any, vocab_size: int | None = None) -> list[int]:
     """A non-empty list of token ids (ints, or a 1-D integer tensor) in ``[0, vocab_size)``.
 
     TypeError for a str or a non-int element; ValueError for an empty list or an id out of range:
@@ -142,7 +146,7 @@ def check_token_ids(name: str, ids, vocab_size: int | None = None) -> list[int]:
     return ids
 
 
-def check_dtype(name: str, dtype, allowed: Sequence[torch.dtype]) -> torch.dtype:
+def check_dtype(name: str, dtype: Any, allowed: Sequence[torch.dtype]) -> torch.dtype:
     """``dtype`` when it is one of ``allowed``; TypeError otherwise: ``"dtype must be float32,
     float16 or bfloat16, got torch.int32"``."""
     if dtype not in allowed:
@@ -155,7 +159,7 @@ def _alternatives(dtypes: Sequence[torch.dtype]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def check_tensor(name: str, t, *, dtype: torch.dtype | Sequence[torch.dtype] | None = None,
+def check_tensor(name: str, t: Any, *, dtype: torch.dtype | Sequence[torch.dtype] | None = None,
                  ndim: int | None = None, shape: Sequence[int | None] | None = None,
                  device: str | torch.device | None = None) -> torch.Tensor:
     """``t`` when it is a tensor of one of the ``dtype`` s, with ``ndim`` dimensions, of ``shape``
@@ -174,11 +178,11 @@ def check_tensor(name: str, t, *, dtype: torch.dtype | Sequence[torch.dtype] | N
                             f"got {_dtype_name(t.dtype)}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if shape is not None:
-        if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
-            want = ", ".join("*" if s is None else str(s) for s in shape)
-            raise ValueError(f"{name} must have shape ({want}{',' if len(shape) == 1 else ''}), "
-                             f"got {tuple(t.shape)}")
+    if shape is not None and (t.dim() != len(shape) or any(
+            s is not None and s != n for s, n in zip(shape, t.shape, strict=True))):
+        want = ", ".join("*" if s is None else str(s) for s in shape)
+        raise ValueError(f"{name} must have shape ({want}{',' if len(shape) == 1 else ''}), "
+                         f"got {tuple(t.shape)}")
     if device is not None:
         device = torch.device(device)
         if t.device.type != device.type or device.index not in (None, t.device.index):

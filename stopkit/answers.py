@@ -49,6 +49,7 @@ import threading
 import time
 from collections.abc import Callable
 from fractions import Fraction
+from typing import Any
 
 __all__ = ["Checker", "TIME_LIMIT", "extract_answer", "normalize_answer", "answers_equal",
            "check_answer", "load_checker"]
@@ -188,7 +189,7 @@ def _choice(s: str) -> str | None:
     return None if m is None else (m.group(1) or m.group(2))
 
 
-def _str_arg(name: str, value) -> str:
+def _str_arg(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, got {type(value).__name__}")
     return value
@@ -300,13 +301,15 @@ class _CheckerProcess:
             raise RuntimeError(f"the answer checker process could not start: {ready} "
                                "(stopkit.answers needs math-verify: pip install math-verify)")
 
-    def call(self, request: list, timeout: float):
+    def call(self, request: list, timeout: float) -> Any:
         """The reply to ``request`` (``[op, a, b, cpu seconds]``) within ``timeout`` seconds."""
+        assert self.proc.stdin is not None  # opened with stdin=PIPE
         self.proc.stdin.write(json.dumps(request).encode() + b"\n")
         self.proc.stdin.flush()
         return self._read(time.monotonic() + timeout)
 
-    def _read(self, deadline: float):
+    def _read(self, deadline: float) -> Any:
+        assert self.proc.stdout is not None  # opened with stdout=PIPE
         fd = self.proc.stdout.fileno()
         while b"\n" not in self.buffer:
             left = deadline - time.monotonic()
@@ -323,14 +326,15 @@ class _CheckerProcess:
         self.proc.kill()
         self.proc.wait()
         for f in (self.proc.stdin, self.proc.stdout):
-            f.close()
+            if f is not None:
+                f.close()
 
 
 _idle: list[_CheckerProcess] = []
 _idle_lock = threading.Lock()
 
 
-def _ask(op: str, a: str, b: str, timeout: float):
+def _ask(op: str, a: str, b: str, timeout: float) -> Any:
     """The checker process's reply to ``op`` on ``a`` and ``b``; None when it took over ``timeout``
     seconds (the process is killed) or failed."""
     with _idle_lock:
@@ -356,7 +360,7 @@ def _ask(op: str, a: str, b: str, timeout: float):
 
 def _forget_inherited() -> None:
     # a forked child must not share its parent's pipes: it starts its own checker processes
-    global _idle_lock
+    global _idle_lock  # noqa: PLW0603 (a parent's thread may have held the lock at the fork)
     _idle.clear()
     _idle_lock = threading.Lock()
 
@@ -435,7 +439,7 @@ def _mv_key(answer: str) -> str | None:
     return _sympy_key(parsed[0])
 
 
-def _sympy_key(x) -> str:
+def _sympy_key(x: Any) -> str:
     """A canonical string of a parsed answer (see the module docstring)."""
     import sympy
     from sympy.core.relational import Relational

@@ -15,8 +15,9 @@ import logging
 import math
 import mmap
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -52,7 +53,11 @@ class CacheFullError(RuntimeError):
     """Not enough free blocks for a reservation. Raised before any state changes."""
 
 
-def _int_array(name: str, values, low: int, high: int) -> np.ndarray:
+# Row indices or per-row counts as callers give them: ints, or a 1-D integer tensor or array.
+Ints: TypeAlias = "Sequence[int] | torch.Tensor | np.ndarray"
+
+
+def _int_array(name: str, values: Ints, low: int, high: int) -> np.ndarray:
     """A 1-D int64 array in ``[low, high]`` from a sequence of ints or a 1-D integer tensor
     (vectorised: rows and counts come every decode step); errors worded as check_ints'."""
     if isinstance(values, torch.Tensor):
@@ -76,7 +81,7 @@ def _int_array(name: str, values, low: int, high: int) -> np.ndarray:
     return out
 
 
-def _cdiv(x, d: int):
+def _cdiv(x: Any, d: int) -> Any:  # an int or an integer array
     return -(-x // d)
 
 
@@ -139,7 +144,7 @@ class PagedKVCache:
         self._dev_lens: torch.Tensor | None = None
 
     @classmethod
-    def for_model(cls, config, *, num_blocks: int | None = None, memory_bytes: int | None = None,
+    def for_model(cls, config: Any, *, num_blocks: int | None = None, memory_bytes: int | None = None,
                   block_size: int = 16, dtype: torch.dtype | None = None,
                   device: str | torch.device = "cpu") -> PagedKVCache:
         """A cache shaped for a transformers config (its text config for multimodal wrappers):
@@ -172,6 +177,7 @@ class PagedKVCache:
             if num_blocks < 1:
                 raise ValueError(f"memory_bytes = {memory_bytes} is less than one block "
                                  f"({per_block} bytes for this config)")
+        assert num_blocks is not None
         return cls(config.num_hidden_layers, kv_heads, head_dim, num_blocks=num_blocks,
                    block_size=block_size, dtype=dtype, device=device)
 
@@ -255,7 +261,7 @@ class PagedKVCache:
                        np.concatenate([self._lens, np.full(n, length, np.int64)]))
         return list(range(first, first + n))
 
-    def free(self, rows) -> int:
+    def free(self, rows: Ints) -> int:
         """Drop ``rows`` (ints or a 1-D integer tensor), release blocks no row holds any more and
         compact the surviving rows to 0..k-1 in their original order (metadata only). Returns the
         number of blocks released."""
@@ -271,7 +277,7 @@ class PagedKVCache:
         self._set_rows(self._table[keep], self._lens[keep])
         return int(freed.size)
 
-    def extend(self, num_tokens, *, rows=None) -> torch.Tensor:
+    def extend(self, num_tokens: int | Ints, *, rows: Ints | None = None) -> torch.Tensor:
         """Reserve the next ``num_tokens`` positions of every row (or of ``rows``) and return their
         slots, int64 ``[len(rows), T]`` on the cache's device, for :func:`stopkit.ops.write_kv`.
 
@@ -322,7 +328,7 @@ class PagedKVCache:
         slots[step >= counts[:, None]] = -1
         return torch.from_numpy(slots).to(self.device)
 
-    def blocks_needed(self, num_tokens, *, rows=None) -> int:
+    def blocks_needed(self, num_tokens: int | Ints, *, rows: Ints | None = None) -> int:
         """Free blocks :meth:`extend` would take for the same arguments (new blocks plus
         copy-on-write copies); changes nothing."""
         rows, counts, _ = self._counts(num_tokens, rows)
@@ -331,7 +337,7 @@ class PagedKVCache:
         grow = _cdiv(old + counts, self.block_size) - old_blocks
         return int(grow.sum()) + len(self._cow_plan(rows, counts, old, old_blocks)[0])
 
-    def row_blocks_needed(self, num_tokens, rows) -> np.ndarray:
+    def row_blocks_needed(self, num_tokens: int | Ints, rows: Ints | None) -> np.ndarray:
         """Per row, an upper bound of the blocks :meth:`extend` takes for it (a shared, partially
         filled last block counted as copied; extend copies one fewer when all its holders write):
         int64 ``[len(rows)]``. Changes nothing."""
@@ -346,7 +352,8 @@ class PagedKVCache:
         return need
 
     # ---- internals -------------------------------------------------------------------------
-    def _counts(self, num_tokens, rows) -> tuple[np.ndarray, np.ndarray, int]:
+    def _counts(self, num_tokens: int | Ints, rows: Ints | None
+                ) -> tuple[np.ndarray, np.ndarray, int]:
         """(rows, per-row counts, T) of an extend: num_tokens an int or one count per row."""
         rows = np.arange(self.batch_size) if rows is None else self._rows(rows)
         R = rows.size
@@ -359,7 +366,8 @@ class PagedKVCache:
         T = check_int("num_tokens", num_tokens, 0)
         return rows, np.full(R, T, dtype=np.int64), T
 
-    def _cow_plan(self, rows, counts, old, old_blocks) -> tuple[list[int], list[int], list[int]]:
+    def _cow_plan(self, rows: np.ndarray, counts: np.ndarray, old: np.ndarray,
+                  old_blocks: np.ndarray) -> tuple[list[int], list[int], list[int]]:
         """(rows, columns, source blocks) of the copies extend must make: rows about to write a
         partially filled last block that other rows hold too. When every holder writes, the first
         keeps the block and only the others copy."""
@@ -375,11 +383,11 @@ class PagedKVCache:
         writers = Counter(last[shared].tolist())
         kept_in_place: set[int] = set()
         plan: tuple[list[int], list[int], list[int]] = ([], [], [])
-        for r, c, b, n in zip(*(a[shared].tolist() for a in (rows, cols, last, refs))):
+        for r, c, b, n in zip(*(a[shared].tolist() for a in (rows, cols, last, refs)), strict=True):
             if writers[b] == n and b not in kept_in_place:
                 kept_in_place.add(b)
                 continue
-            for out, x in zip(plan, (r, c, b)):
+            for out, x in zip(plan, (r, c, b), strict=True):
                 out.append(x)
         return plan
 
@@ -388,7 +396,7 @@ class PagedKVCache:
         ops.copy_blocks(self.storage, torch.tensor(src, dtype=torch.int64, device=self.device),
                         torch.from_numpy(dst.astype(np.int64)).to(self.device))
 
-    def _blocks_in_use(self, rows) -> np.ndarray:
+    def _blocks_in_use(self, rows: np.ndarray | slice) -> np.ndarray:
         """The block ids ``rows`` (an index array or slice) hold: each row's first
         ``ceil(len / block_size)`` table entries."""
         used = np.arange(self._table.shape[1]) < _cdiv(self._lens[rows], self.block_size)[:, None]
@@ -404,7 +412,7 @@ class PagedKVCache:
     def _row(self, row: int) -> int:
         return check_int("row", row, 0, self.batch_size - 1)
 
-    def _rows(self, rows) -> np.ndarray:
+    def _rows(self, rows: Ints) -> np.ndarray:
         rows = _int_array("rows", rows, 0, self.batch_size - 1)
         if np.unique(rows).size != rows.size:
             raise ValueError(f"rows must be distinct, got {rows.tolist()}")

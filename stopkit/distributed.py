@@ -37,10 +37,19 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from tqdm.auto import tqdm
 
 from stopkit._checks import check_int
+
+if TYPE_CHECKING:
+    import argparse
+
+    from stopkit.label import LabelRun, LabelTask
+    from stopkit.loading import PromptFormat
+    from stopkit.reasoner import ParallelReasoner, ReasoningRun, _Plan
 
 __all__ = ["ModelSpec", "RayPool", "INSTALL_HINT", "require_ray"]
 
@@ -49,7 +58,7 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = 'Ray is not installed: pip install "stopkit[ray]"'
 
 
-def require_ray():
+def require_ray() -> ModuleType:
     """The ``ray`` module; ImportError with :data:`INSTALL_HINT` when it is not installed."""
     try:
         import ray
@@ -92,7 +101,7 @@ class ModelSpec:
                              f"any), got {self.device!r}")
 
     @classmethod
-    def from_args(cls, args, **overrides) -> ModelSpec:
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> ModelSpec:
         """The spec of a parsed command line (the options it has; ``overrides`` win). Paths that
         exist here are made absolute: workers on other nodes read them on a shared file system."""
         given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
@@ -106,12 +115,12 @@ class _Call:
     """One chunk handed to a worker: its results as they finish, and who waits for them. epoch:
     the driver's run it belongs to (an abort drops the chunks of its epoch and those before)."""
 
-    def __init__(self, kind: str, items: list, arg, epoch: int) -> None:
+    def __init__(self, kind: str, items: list, arg: Any, epoch: int) -> None:
         self.kind, self.items, self.arg, self.epoch = kind, items, arg, epoch
         self.results: list = []
         self.future: concurrent.futures.Future = concurrent.futures.Future()
 
-    def finish(self, result) -> None:
+    def finish(self, result: tuple) -> None:
         self.results.append(result)
         if len(self.results) == len(self.items):
             self.future.set_result(self.results)
@@ -121,11 +130,12 @@ class _Run:
     """The open run of a worker's engine thread (labelling or solving) and the chunk each of its
     problems came in."""
 
-    def __init__(self, reasoner, kind: str) -> None:
+    def __init__(self, reasoner: ParallelReasoner, kind: str) -> None:
         from stopkit.label import LabelRun
         from stopkit.reasoner import ReasoningRun
 
         self.kind = kind
+        self.run: LabelRun | ReasoningRun
         if kind == "label":
             self.run = LabelRun(reasoner.engine, reasoner.tokenizer, reasoner.prompt)
         else:
@@ -135,8 +145,10 @@ class _Run:
         self._index = itertools.count()
 
     def add(self, call: _Call) -> None:
+        from stopkit.label import LabelRun
+
         self.calls.append(call)
-        if self.kind == "label":
+        if isinstance(self.run, LabelRun):
             self.run.add(call.items, call.arg)
             self.owners.update((item[0], call) for item in call.items)
             return
@@ -148,13 +160,15 @@ class _Run:
 
     def step(self) -> None:
         from stopkit.evaluate import problem_record
+        from stopkit.label import LabelRun
 
-        for key, *out in self.run.step():
-            if self.kind == "label":
-                self.owners.pop(key).finish((key, *out))
-            else:
-                call, pid, answer = self.owners.pop(key)
-                call.finish((pid, problem_record(out[0], answer, call.arg[0])))
+        if isinstance(self.run, LabelRun):
+            for pid, records, ended in self.run.step():
+                self.owners.pop(pid).finish((pid, records, ended))
+            return
+        for i, solution in self.run.step():
+            call, pid, answer = self.owners.pop(i)
+            call.finish((pid, problem_record(solution, answer, call.arg[0])))
 
     @property
     def done(self) -> bool:
@@ -201,7 +215,7 @@ class _Worker:
         threading.Thread(target=self._loop, name="stopkit-engine", daemon=True).start()
         return f"{os.uname().nodename} pid {os.getpid()} on {self.reasoner.engine.device}"
 
-    def label(self, epoch: int, items: list, task) -> list:
+    def label(self, epoch: int, items: list, task: LabelTask) -> list:
         """Label ``items`` ((id, problem, prompt ids or None)) for ``task`` (a LabelTask);
         returns ``(id, records, traces ended in the prefix)`` per problem."""
         return self._submit(_Call("label", items, task, epoch))
@@ -259,8 +273,10 @@ class _Worker:
                     if run is None:
                         run = _Run(self.reasoner, call.kind)
                     run.add(call)
+                assert run is not None  # the loop above opened one: `waiting` was not empty
                 run.step()
-            except Exception as e:  # a bad chunk or a bug: its run's chunks all fail with it
+            except Exception as e:  # noqa: BLE001 (every error must reach its chunks' callers)
+                # a bad chunk or a bug: its run's chunks all fail with it
                 if run is None:
                     call.future.set_exception(e)
                 else:
@@ -347,7 +363,7 @@ class RayPool:
         actors = [actor.remote(spec) for _ in range(n)]
         try:
             where = ray.get([a.load.remote() for a in actors])
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 (_raise_cause re-raises it)
             for a in actors:
                 ray.kill(a)
             _raise_cause(ray, e)
@@ -367,12 +383,12 @@ class RayPool:
     def __enter__(self) -> RayPool:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ---- the work --------------------------------------------------------------------------------
     @property
-    def prompt(self):
+    def prompt(self) -> PromptFormat:
         """The workers' :class:`~stopkit.loading.PromptFormat` (as a reasoner's ``prompt``)."""
         from stopkit.loading import PromptFormat
 
@@ -380,23 +396,23 @@ class RayPool:
                             reasoning_effort=self.spec.reasoning_effort)
 
     def label_problems(self, problems: Sequence[dict], out: str | Path, *, progress: bool = True,
-                       **task) -> dict[str, int]:
+                       **task_fields: Any) -> dict[str, int]:
         """:func:`stopkit.label.label_problems` over the workers: the same records appended to
         ``out`` as each problem's chunk returns; ids already there are skipped. Returns its
         counts."""
         from stopkit.label import LabelTask, check_problems, write_labels
 
-        task = LabelTask(**task)
+        task = LabelTask(**task_fields)
         items = check_problems(problems, None)
         return write_labels(out, items,
                             lambda todo: self.label_stream(todo, task, progress=progress))
 
-    def label_stream(self, items: Sequence, task, *, progress: bool = True) -> Iterator:
+    def label_stream(self, items: Sequence, task: LabelTask, *, progress: bool = True) -> Iterator:
         """:func:`stopkit.label.label_stream` over the workers: ``(id, records, traces ended in
         the prefix)`` per problem as its chunk returns."""
         return self._map("label", items, (task,), progress)
 
-    def check_args(self, **kwargs):
+    def check_args(self, **kwargs: Any) -> _Plan:
         """Validate solve's arguments as the workers' reasoner will
         (:func:`stopkit.reasoner.check_solve_args`)."""
         from stopkit.reasoner import check_solve_args
@@ -404,7 +420,7 @@ class RayPool:
         return check_solve_args(**kwargs, has_scorer=self.spec.adapter is not None)
 
     def solve_records(self, items: Sequence[tuple[str, object, object]], checker: Callable, *,
-                      progress: bool = True, **solve_kwargs) -> Iterator[tuple[str, dict]]:
+                      progress: bool = True, **solve_kwargs: Any) -> Iterator[tuple[str, dict]]:
         """Solve ``items`` ((id, question, answer)) over the workers; yields ``(id,
         problem_record)`` per problem as its chunk returns (what :func:`stopkit.evaluate.evaluate`
         records)."""
@@ -421,11 +437,11 @@ class RayPool:
                 ray.exceptions.ObjectLostError)
         self.start()
         self._epoch += 1
-        args = [ray.put(a) for a in args]  # shipped once, not once per chunk
+        refs = [ray.put(a) for a in args]  # shipped once, not once per chunk
         queued = deque(list(items[i:i + self.chunk_size])
                        for i in range(0, len(items), self.chunk_size))
         in_flight: dict = {}   # ObjectRef -> (actor, chunk)
-        load = {a: 0 for a in self.actors}
+        load = dict.fromkeys(self.actors, 0)
         finished = False
         try:
             with tqdm(total=len(items), desc=method, unit="problem", disable=not progress) as bar:
@@ -433,7 +449,7 @@ class RayPool:
                     for a in self.actors:
                         while queued and load[a] < self.chunks_per_worker:
                             chunk = queued.popleft()
-                            ref = getattr(a, method).remote(self._epoch, chunk, *args)
+                            ref = getattr(a, method).remote(self._epoch, chunk, *refs)
                             in_flight[ref] = (a, chunk)
                             load[a] += 1
                     [ref], _ = ray.wait(list(in_flight), num_returns=1)
@@ -464,7 +480,7 @@ class RayPool:
                 ray.kill(actor)
                 self.actors = [a for a in self.actors if a is not actor]
 
-    def _lose(self, actor, chunk: list, error: BaseException, queued: deque, in_flight: dict,
+    def _lose(self, actor: Any, chunk: list, error: BaseException, queued: deque, in_flight: dict,
               load: dict) -> None:
         """``actor`` died running ``chunk``: that chunk and its others in flight go back to the
         front of the queue."""
@@ -484,7 +500,7 @@ class RayPool:
                 from error
 
 
-def _raise_cause(ray, error: BaseException):
+def _raise_cause(ray: ModuleType, error: BaseException) -> NoReturn:
     """Raise what a worker raised, with its own type and message (Ray's wrapping, with the
     remote traceback, stays chained)."""
     if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:

@@ -39,11 +39,16 @@ import csv
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path as FsPath
+from typing import TYPE_CHECKING, Any
 
 from stopkit._checks import check_int, check_ints, check_real
 from stopkit.methods import method_type
+
+if TYPE_CHECKING:
+    from stopkit.distributed import RayPool
+    from stopkit.reasoner import Method, ParallelReasoner, Solution
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,8 @@ RECORDS = "records.jsonl"
 
 
 # ---- one problem -------------------------------------------------------------------------------
-def problem_record(solution, reference, checker: Callable[[str, object], bool]) -> dict:
+def problem_record(solution: Solution, reference: object, checker: Callable[[str, Any], bool]
+                   ) -> dict:
     """The JSON record of one Solution against ``reference``: the voted answer and whether it is
     right, and per path its length, score, fate and whether its own answer is right."""
     paths = []
@@ -113,7 +119,7 @@ def record_metrics(record: dict, k: int | None) -> dict[str, float]:
             "external_tokens": record["external_tokens"], "seconds": record["seconds"]}
 
 
-def _mean(values) -> float:
+def _mean(values: Iterable[float]) -> float:
     values = list(values)
     return sum(map(float, values)) / len(values) if values else 0.0
 
@@ -134,7 +140,7 @@ def aggregate(rows: Sequence[dict]) -> dict[str, float]:
 
 
 # ---- the harness -------------------------------------------------------------------------------
-def _named(methods) -> dict[str, str | Callable]:
+def _named(methods: str | Sequence[Method] | Mapping[str, Method]) -> dict[str, str | Callable]:
     if isinstance(methods, Mapping):
         named = dict(methods)
     elif isinstance(methods, str):
@@ -188,8 +194,9 @@ def _read_records(path: FsPath | None) -> list[dict]:
     return records
 
 
-def _run(reasoner, items, key: dict, records_file: FsPath | None, done: dict, checker,
-         progress, **solve_kwargs) -> None:
+def _run(reasoner: ParallelReasoner | RayPool, items: Sequence[tuple[str, Any, object]],
+         key: dict, records_file: FsPath | None, done: dict, checker: Callable[[str, Any], bool],
+         progress: bool, **solve_kwargs: Any) -> None:
     """Solve the items not in ``done`` (keyed by id) together and record each as it ends. A
     :class:`stopkit.distributed.RayPool` standing in for the reasoner makes the same records on
     its Ray workers (``solve_records``)."""
@@ -214,10 +221,11 @@ def _run(reasoner, items, key: dict, records_file: FsPath | None, done: dict, ch
             f.close()
 
 
-def evaluate(reasoner, problems: Sequence, methods, *, n: int = 64, keep: int = 8,
+def evaluate(reasoner: ParallelReasoner | RayPool, problems: Sequence,
+             methods: str | Sequence[Method] | Mapping[str, Method], *, n: int = 64, keep: int = 8,
              prefix_tokens: int = 2048, max_new_tokens: int = 8192, seeds: Sequence[int] = (0,),
-             vote: str = "majority", checker: Callable[[str, object], bool] | None = None,
-             out: str | FsPath | None = None, progress: bool = True, **solve_kwargs) -> dict:
+             vote: str = "majority", checker: Callable[[str, Any], bool] | None = None,
+             out: str | FsPath | None = None, progress: bool = True, **solve_kwargs: Any) -> dict:
     """Run ``methods`` on ``problems`` for each seed; returns ``{"methods": {name: metrics},
     "config": {...}}`` (module docstring).
 
@@ -284,11 +292,12 @@ def evaluate(reasoner, problems: Sequence, methods, *, n: int = 64, keep: int = 
 
 
 # ---- budget sweeps -----------------------------------------------------------------------------
-def sweep(reasoner, problems: Sequence, methods, *, n: int = 64,
+def sweep(reasoner: ParallelReasoner | RayPool, problems: Sequence,
+          methods: str | Sequence[Method] | Mapping[str, Method], *, n: int = 64,
           keeps: Sequence[int] | None = None, ratios: Sequence[float] | None = None,
           prefixes: Sequence[int] = (2048,), max_new_tokens: int = 8192,
-          seeds: Sequence[int] = (0,), checker: Callable[[str, object], bool] | None = None,
-          out: str | FsPath | None = None, progress: bool = True, **solve_kwargs) -> dict:
+          seeds: Sequence[int] = (0,), checker: Callable[[str, Any], bool] | None = None,
+          out: str | FsPath | None = None, progress: bool = True, **solve_kwargs: Any) -> dict:
     """Budget curves (module docstring): for each pruning method, l_p in ``prefixes`` and keep in
     ``keeps`` (or ``ceil(ratio * n)`` for ``ratios``), avg@k|N, maj@k, pass@k and tokens per
     problem, from one score-only run per (method, l_p, seed); plus the ``full`` point (every path
@@ -305,6 +314,7 @@ def sweep(reasoner, problems: Sequence, methods, *, n: int = 64,
     if keeps is not None:
         ks = sorted({check_int(f"keeps[{i}]", k, 1, n) for i, k in enumerate(keeps)})
     else:
+        assert ratios is not None  # exactly one of the two (above)
         ks = sorted({math.ceil(round(check_real(f"ratios[{i}]", r, 0, 1, low_open=True) * n, 9))
                      for i, r in enumerate(ratios)})
     if not ks:
@@ -330,7 +340,8 @@ def sweep(reasoner, problems: Sequence, methods, *, n: int = 64,
         FsPath(out).mkdir(parents=True, exist_ok=True)
         records_file = FsPath(out) / RECORDS
     existing = _read_records(records_file)
-    points, full_rows = [], []
+    points: list[dict[str, Any]] = []
+    full_rows: list[dict[str, Any]] = []
     for name, method in named.items():
         for lp in prefixes:
             runs = []
@@ -430,8 +441,8 @@ def write_sweep(result: dict, out_dir: str | FsPath) -> dict[str, FsPath]:
     curves: dict[tuple, list] = {}
     for p in result["points"]:
         curves.setdefault((p["method"], p["prefix_tokens"]), []).append(p)
-    for i, ((method, lp), pts) in enumerate(curves.items()):
-        pts = sorted(pts, key=lambda p: p["tokens"])
+    for i, ((method, lp), unsorted) in enumerate(curves.items()):
+        pts = sorted(unsorted, key=lambda p: p["tokens"])
         ax.plot([p["tokens"] for p in pts], [100 * p["avg_at_k"] for p in pts], marker="o",
                 color=f"C{i % 10}", label=f"{method}, l_p={lp}")
     ax.scatter([result["full"]["tokens"]], [100 * result["full"]["avg_at_k"]], color="black",
@@ -496,8 +507,7 @@ def format_sweep(result: dict) -> str:
     """The best point per token budget, as lines of text."""
     full = result["full"]
     lines = [f"full: avg@N {100 * full['avg_at_k']:.1f}%, {full['tokens']:.0f} tokens"]
-    for b in result["best"]:
-        lines.append(f"budget {100 * b['budget']:.0f}% of full's tokens: best {b['method']} "
-                     f"l_p={b['prefix_tokens']} keep={b['keep']} (retention {b['retention']:.2f}): "
-                     f"avg@k|N {100 * b['avg_at_k']:.1f}%, {b['tokens']:.0f} tokens")
+    lines += [f"budget {100 * b['budget']:.0f}% of full's tokens: best {b['method']} "
+              f"l_p={b['prefix_tokens']} keep={b['keep']} (retention {b['retention']:.2f}): "
+              f"avg@k|N {100 * b['avg_at_k']:.1f}%, {b['tokens']:.0f} tokens" for b in result["best"]]
     return "\n".join(lines)

@@ -33,12 +33,18 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from stopkit._checks import check_int
 from stopkit.answers import Checker, check_answer
 from stopkit.loading import PromptFormat, eos_token_id
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from stopkit.engine import Engine, Group, SamplingParams
 
 __all__ = ["LabelTask", "LabelRun", "label_stream", "label_problems", "write_labels",
            "check_problems", "finished_ids", "label_statistics", "MAX_NEW_TOKENS"]
@@ -48,7 +54,7 @@ log = logging.getLogger(__name__)
 MAX_NEW_TOKENS = 16384  # default rollout budget (prefix included): long enough for reasoning models
 
 
-def _seed(*parts) -> int:
+def _seed(*parts: object) -> int:
     return zlib.crc32(":".join(str(p) for p in parts).encode())
 
 
@@ -78,7 +84,7 @@ class LabelTask:
             raise TypeError("checker must be a callable (text, answer) -> bool")
 
 
-def check_problems(problems: Sequence[dict], tokenizer, prompt: PromptFormat | None = None
+def check_problems(problems: Sequence[dict], tokenizer: Any, prompt: PromptFormat | None = None
                    ) -> list[tuple[object, dict, list[int] | None]]:
     """(id, problem, prompt ids) of each problem (``question``, ``answer``, optional ``id``,
     default its index; ``prompt``: the prompt format, as the reasoner's); ValueError for a
@@ -104,8 +110,8 @@ class _Problem:
     problem: dict
     prompt: list[int]
     task: LabelTask
-    traces: object = None                              # the engine Group of its traces
-    forks: dict[int, object] = field(default_factory=dict)  # trace sample index -> rollout Group
+    traces: Group | None = None                           # the engine Group of its traces
+    forks: dict[int, Group] = field(default_factory=dict)  # trace sample index -> rollout Group
     correct: dict[int, int] = field(default_factory=dict)
     ended_in_prefix: int = 0
     traces_done: bool = False
@@ -117,12 +123,12 @@ class LabelRun:
     come, so its engine never drains between chunks. One run drives its engine at a time.
     prompt: the format of the prompts it makes itself (items without prompt ids)."""
 
-    def __init__(self, engine, tokenizer, prompt: PromptFormat | None = None) -> None:
+    def __init__(self, engine: Engine, tokenizer: Any, prompt: PromptFormat | None = None) -> None:
         engine._check_idle()
         self.engine, self.tokenizer = engine, tokenizer
         self.prompt = prompt or PromptFormat()
         self._eos = eos_token_id(engine.model, tokenizer)  # as the reasoner ends paths
-        self._groups: dict[int, tuple[object, _Problem]] = {}  # id(unfinished group) -> both
+        self._groups: dict[int, tuple[Group, _Problem]] = {}  # id(unfinished group) -> both
         self._left = 0
 
     @property
@@ -133,9 +139,9 @@ class LabelRun:
     def add(self, items: Sequence[tuple[object, dict, list[int] | None]], task: LabelTask) -> None:
         """Queue ``items`` ((id, problem, prompt ids or None), from :func:`check_problems`) for
         ``task``."""
-        for pid, prob, prompt in items:
-            if prompt is None:
-                prompt = self.prompt.prompt_ids(self.tokenizer, prob["question"])
+        for pid, prob, given in items:
+            prompt = (given if given is not None
+                      else self.prompt.prompt_ids(self.tokenizer, prob["question"]))
             p = _Problem(pid, prob, prompt, task)
             p.traces = self.engine.add_request(prompt, self._sampling(p, "traces", None),
                                                n=task.traces, checks=[task.prefix_tokens])
@@ -181,15 +187,16 @@ class LabelRun:
         self._groups.clear()
         self._left = 0
 
-    def _sampling(self, p: _Problem, what: str, max_new_tokens: int | None):
+    def _sampling(self, p: _Problem, what: str, max_new_tokens: int | None) -> SamplingParams:
         t = p.task
         return self.engine.sampling_params(max_new_tokens=max_new_tokens,
                                            temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
                                            seed=_seed(t.seed, p.pid, what), eos_token_id=self._eos)
 
 
-def label_stream(engine, tokenizer, items: Sequence[tuple[object, dict, list[int]]],
-                 task: LabelTask, *, progress: bool = True) -> Iterator[tuple[object, list[dict], int]]:
+def label_stream(engine: Engine, tokenizer: Any,
+                 items: Sequence[tuple[object, dict, list[int] | None]], task: LabelTask, *,
+                 progress: bool = True) -> Iterator[tuple[object, list[dict], int]]:
     """Label ``items`` ((id, problem, prompt ids), from :func:`check_problems`) on ``engine`` (an
     idle :class:`~stopkit.engine.Engine`); yields ``(id, records, traces ended in the prefix)`` for
     each problem as soon as its last rollout ends. Leaving the loop early (or an error) aborts what
@@ -256,26 +263,27 @@ def label_statistics(records: Sequence[dict]) -> dict[str, float]:
             "all_1_problems": sum(min(v) == 1 for v in by_problem.values()) / len(by_problem)}
 
 
-def label_problems(model, tokenizer, problems: Sequence[dict], out: str | Path, *,
-                   engine=None, prompt: PromptFormat | None = None, progress: bool = True,
-                   **task) -> dict[str, int]:
+def label_problems(model: PreTrainedModel, tokenizer: Any, problems: Sequence[dict],
+                   out: str | Path, *, engine: Engine | None = None,
+                   prompt: PromptFormat | None = None, progress: bool = True,
+                   **task_fields: Any) -> dict[str, int]:
     """Monte-Carlo labels of ``problems`` appended to the JSONL ``out`` as each problem completes
     (module docstring); problem ids already in ``out`` are skipped. problems: dicts with
-    ``question`` (str or prompt ids), ``answer`` and optional ``id`` (default the index). task:
-    :class:`LabelTask`'s fields (prefix_tokens, rollouts, traces, max_new_tokens, temperature,
-    top_p, top_k, seed, checker(text, answer) with text = decoded prefix + continuation). engine: an
-    Engine of ``model`` to run on (default: a new one). prompt: the prompt format (use the one the
-    scorer will be used with). Returns counts: problems labelled, skipped
-    (already in ``out``), records written, traces that ended inside the prefix."""
+    ``question`` (str or prompt ids), ``answer`` and optional ``id`` (default the index).
+    task_fields: :class:`LabelTask`'s fields (prefix_tokens, rollouts, traces, max_new_tokens,
+    temperature, top_p, top_k, seed, checker(text, answer) with text = decoded prefix +
+    continuation). engine: an Engine of ``model`` to run on (default: a new one). prompt: the
+    prompt format (use the one the scorer will be used with). Returns counts: problems labelled,
+    skipped (already in ``out``), records written, traces that ended inside the prefix."""
     from stopkit.engine import Engine
 
-    task = LabelTask(**task)
+    task = LabelTask(**task_fields)
     items = check_problems(problems, tokenizer, prompt)
     return write_labels(out, items, lambda todo: label_stream(
         engine if engine is not None else Engine(model), tokenizer, todo, task, progress=progress))
 
 
-def write_labels(out: str | Path, items: Sequence[tuple[object, dict, list[int]]],
+def write_labels(out: str | Path, items: Sequence[tuple[object, dict, list[int] | None]],
                  label: Callable[[list], Iterable[tuple[object, list[dict], int]]]) -> dict[str, int]:
     """Append to the JSONL ``out`` the records of the ``items`` whose ids it does not hold yet,
     each problem's as soon as ``label(todo)`` yields ``(id, records, ended in prefix)`` for it

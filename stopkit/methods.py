@@ -19,6 +19,7 @@ Also here: what the two external-model methods share when they load and run a mo
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -65,7 +66,7 @@ def method_type(spec: str) -> str | None:
 
 
 # ---- what the external-model methods (similarity:PATH, verifier:PATH) share ----------------------
-def model_dtype(dtype) -> torch.dtype | str:
+def model_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     """The ``dtype`` argument of ``from_pretrained`` for an external model (embedding model,
     verifier): "auto" (the checkpoint's), "float32", "float16", "bfloat16", or a floating
     torch.dtype. ValueError naming the argument otherwise."""
@@ -79,7 +80,7 @@ def model_dtype(dtype) -> torch.dtype | str:
                      f"torch.dtype, got {dtype!r}")
 
 
-def model_path(path, what: str) -> str:
+def model_path(path: str | os.PathLike[str], what: str) -> str:
     """``path`` as a str for ``from_pretrained``; FileNotFoundError naming ``what`` when it is
     clearly a local path (absolute or starting with ".") that does not exist, rather than the hub
     error transformers would give."""
@@ -89,17 +90,18 @@ def model_path(path, what: str) -> str:
     return path
 
 
-def length_limit(tokenizer, config) -> int | None:
+def length_limit(tokenizer: Any, config: Any) -> int | None:
     """Tokens an external model takes at most: the tighter of the tokenizer's model_max_length
     (when set: transformers uses a huge sentinel otherwise) and the config's
     max_position_embeddings; None when neither is known."""
-    limits = [getattr(config, "max_position_embeddings", None),
-              getattr(tokenizer, "model_max_length", None)]
-    limits = [x for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+    candidates = [getattr(config, "max_position_embeddings", None),
+                  getattr(tokenizer, "model_max_length", None)]
+    limits = [x for x in candidates if isinstance(x, int) and 0 < x < 1_000_000]
     return min(limits) if limits else None
 
 
-def right_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def right_pad(rows: list[list[int]], pad: int, device: str | torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) int64 [B, longest row] on ``device``, right-padded with ``pad``:
     every row starts at position 0, as it would alone."""
     width = max(map(len, rows))

@@ -4,7 +4,8 @@ others and compacts the kept ones (exported as ``stopkit.prune``)."""
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, TypeAlias
 
 import torch
 
@@ -23,7 +24,11 @@ class PruneResult(NamedTuple):
     freed_blocks: int
 
 
-def _scores(scores, batch: int) -> torch.Tensor:
+# One real score per row: a tensor (any real dtype and device) or a sequence of numbers.
+Scores: TypeAlias = "torch.Tensor | Sequence[float]"
+
+
+def _scores(scores: Scores, batch: int) -> torch.Tensor:
     if isinstance(scores, torch.Tensor):
         if scores.dtype.is_complex or scores.dtype == torch.bool:
             raise TypeError(f"scores must be real numbers, got {scores.dtype}")
@@ -46,7 +51,7 @@ def ranking(scores: torch.Tensor) -> torch.Tensor:
     return order[torch.sort(nan[order].to(torch.uint8), stable=True).indices]
 
 
-def select(scores, batch: int, *, keep: int | None = None, ratio: float | None = None,
+def select(scores: Scores, batch: int, *, keep: int | None = None, ratio: float | None = None,
            threshold: float | None = None, min_keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept, dropped): int64 CPU tensors of row indices, ascending, for ``scores`` ``[batch]``
     under exactly one criterion (see :func:`prune`). Changes nothing."""
@@ -67,7 +72,7 @@ def select(scores, batch: int, *, keep: int | None = None, ratio: float | None =
     return order[:k].sort().values, order[k:].sort().values
 
 
-def prune(cache: PagedKVCache, scores, *, keep: int | None = None, ratio: float | None = None,
+def prune(cache: PagedKVCache, scores: Scores, *, keep: int | None = None, ratio: float | None = None,
           threshold: float | None = None, min_keep: int = 1) -> PruneResult:
     """Keep the best rows of ``cache`` by ``scores`` (tensor or list ``[batch]``, higher is better,
     any real dtype and device), free the others' blocks and compact the kept rows to 0..k-1 in

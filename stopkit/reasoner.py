@@ -61,6 +61,7 @@ import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -71,6 +72,14 @@ from stopkit.engine import Engine, Group, Row
 from stopkit.loading import PromptFormat, eos_token_id
 from stopkit.methods import parse_method
 from stopkit.pruning import ranking
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from stopkit.engine import StepOutput
+    from stopkit.similarity import SimilarityScorer
+    from stopkit.stop import StopScorer
+    from stopkit.verifier import Verifier
 
 __all__ = ["ParallelReasoner", "ReasoningRun", "Solution", "Path", "METHODS", "VOTES", "vote",
            "check_solve_args", "confidence_score", "entropy_score", "default_extractor"]
@@ -180,10 +189,10 @@ def vote(answers: Sequence[Hashable | None], weights: Sequence[float]) -> tuple[
                          f"{len(weights)}")
     totals: dict = {}
     counts: dict = {}
-    for a, w in zip(answers, weights):
+    for a, weight in zip(answers, weights, strict=True):
         if a is None:
             continue
-        w = float(w)
+        w = float(weight)
         if not math.isfinite(w) or w < 0:
             raise ValueError(f"vote weights must be finite and >= 0, got {w} for answer {a!r}")
         totals[a] = totals.get(a, 0.0) + w
@@ -218,7 +227,7 @@ def check_solve_args(*, n: int = 64, keep: int = 8, prefix_tokens: int = 2048,
     n = check_int("n", n, 1)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 2)
     if isinstance(method, str):
-        kind, path = parse_method(method)
+        kind, _ = parse_method(method)
         if kind == "stop" and not has_scorer:
             raise ValueError("method 'stop' needs a scorer: ParallelReasoner(model, tokenizer, "
                              "scorer=StopScorer.load(path, model))")
@@ -233,6 +242,7 @@ def check_solve_args(*, n: int = 64, keep: int = 8, prefix_tokens: int = 2048,
                          f"vote='majority' or 'entropy'")
     if early_stop is not None:
         early_stop = check_int("early_stop", early_stop, 1)
+    rounds: list[tuple[int, int | None]]
     if schedule is None:
         rounds = [(check_int("prefix_tokens", prefix_tokens, 1),
                    None if method == "full" else check_int("keep", keep, 1))]
@@ -242,16 +252,17 @@ def check_solve_args(*, n: int = 64, keep: int = 8, prefix_tokens: int = 2048,
         if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence) or not schedule:
             raise TypeError(f"schedule must be a non-empty list of (prefix_tokens, keep) pairs, "
                             f"got {schedule!r:.80}")
-        rounds = []
+        pairs: list[tuple[int, int]] = []
         for i, item in enumerate(schedule):
             if not isinstance(item, Sequence) or len(item) != 2:
                 raise TypeError(f"schedule[{i}] must be a (prefix_tokens, keep) pair, got {item!r}")
-            rounds.append((check_int(f"schedule[{i}] prefix_tokens", item[0], 1),
-                           check_int(f"schedule[{i}] keep", item[1], 1)))
-        for i in range(1, len(rounds)):
-            if rounds[i][0] <= rounds[i - 1][0] or rounds[i][1] > rounds[i - 1][1]:
+            pairs.append((check_int(f"schedule[{i}] prefix_tokens", item[0], 1),
+                          check_int(f"schedule[{i}] keep", item[1], 1)))
+        for i in range(1, len(pairs)):
+            if pairs[i][0] <= pairs[i - 1][0] or pairs[i][1] > pairs[i - 1][1]:
                 raise ValueError(f"schedule must have strictly increasing prefix_tokens and "
-                                 f"non-increasing keep, got {rounds}")
+                                 f"non-increasing keep, got {pairs}")
+        rounds = [*pairs]
     if rounds[0][1] is not None and rounds[0][1] > n:
         raise ValueError(f"keep must be <= n ({n}), got {rounds[0][1]}")
     if rounds[-1][0] >= max_new_tokens:
@@ -277,9 +288,11 @@ class ParallelReasoner:
     the paper's instruction in the chat template). Use the same for labelling and solving.
     """
 
-    def __init__(self, model, tokenizer, scorer=None, *, engine: Engine | None = None,
-                 confidence_window: int = 2048, confidence_top_k: int = 20,
-                 similarity_diversity: float = 0.0, external_device=None, external_dtype="auto",
+    def __init__(self, model: PreTrainedModel, tokenizer: Any, scorer: StopScorer | None = None, *,
+                 engine: Engine | None = None, confidence_window: int = 2048,
+                 confidence_top_k: int = 20, similarity_diversity: float = 0.0,
+                 external_device: str | torch.device | None = None,
+                 external_dtype: str | torch.dtype = "auto",
                  verifier_options: dict | None = None, prompt: PromptFormat | None = None) -> None:
         if tokenizer is None or not hasattr(tokenizer, "decode"):
             raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
@@ -298,17 +311,18 @@ class ParallelReasoner:
         self.external_device = self.engine.device if external_device is None else external_device
         self.external_dtype = external_dtype
         self.verifier_options = dict(verifier_options or {})
-        self._external: dict[str, object] = {}
+        self._external: dict[str, SimilarityScorer | Verifier] = {}
         if prompt is not None and not isinstance(prompt, PromptFormat):
             raise TypeError(f"prompt must be a PromptFormat, got {type(prompt).__name__}")
         self.prompt = prompt or PromptFormat()
         self._eos = eos_token_id(model, tokenizer)
 
-    def external_scorer(self, method: str):
+    def external_scorer(self, method: str) -> SimilarityScorer | Verifier:
         """The scorer of an external method (``similarity``, ``similarity:PATH``,
         ``verifier:PATH``), loaded once and kept."""
         if method not in self._external:
             kind, path = parse_method(method)
+            scorer: SimilarityScorer | Verifier
             if kind == "similarity":
                 from stopkit.similarity import SimilarityScorer
 
@@ -318,6 +332,7 @@ class ParallelReasoner:
             elif kind == "verifier":
                 from stopkit.verifier import Verifier
 
+                assert path is not None  # parse_method requires verifier:PATH
                 scorer = Verifier.load(path, device=self.external_device, dtype=self.external_dtype,
                                        **self.verifier_options)
             else:
@@ -330,27 +345,27 @@ class ParallelReasoner:
         """Prompt token ids of a question in this reasoner's prompt format."""
         return self.prompt.prompt_ids(self.tokenizer, question)
 
-    def check_args(self, **kwargs) -> _Plan:
+    def check_args(self, **kwargs: Any) -> _Plan:
         """Validate solve's arguments (see :func:`check_solve_args`) for this reasoner (method
         ``"stop"`` needs its scorer). Called by solve before any generation."""
         return check_solve_args(**kwargs, has_scorer=self.scorer is not None)
 
     # ---- solving -------------------------------------------------------------------------------
-    def solve(self, question: str | Sequence[int], **kwargs) -> Solution:
+    def solve(self, question: str | Sequence[int], **kwargs: Any) -> Solution:
         """Solve one question; keyword arguments as :meth:`solve_iter`."""
         return self.solve_batch([question], **kwargs)[0]
 
-    def solve_batch(self, questions: Sequence[str | Sequence[int]], **kwargs) -> list[Solution]:
+    def solve_batch(self, questions: Sequence[str | Sequence[int]], **kwargs: Any) -> list[Solution]:
         """Solve any number of questions together (:meth:`solve_iter`); returns their Solutions
         in the order of ``questions``."""
         out: list[Solution | None] = [None] * len(questions) if isinstance(questions, Sequence) \
             else []
         for i, sol in self.solve_iter(questions, **kwargs):
             out[i] = sol
-        return out
+        return cast(list[Solution], out)  # every index was filled
 
     def solve_iter(self, questions: Sequence[str | Sequence[int]], *, progress: bool | None = None,
-                   **kwargs) -> Iterator[tuple[int, Solution]]:
+                   **kwargs: Any) -> Iterator[tuple[int, Solution]]:
         """Solve any number of questions through the engine's scheduler, all admitted as the KV
         budget allows, each advancing on its own; yields ``(index, Solution)`` as each finishes.
         Every argument is checked (ValueError/TypeError naming it) before anything runs.
@@ -386,7 +401,7 @@ class _Question:
         self.text, self.prune = text, prune  # the question as text (external scorers read it)
         self.external_tokens = 0
         self.compute_seconds = 0.0
-        self.group: Group | None = None
+        self.group: Group  # the engine request, made by ReasoningRun.add right after
         self.t_start = time.perf_counter()
         self.t_first_check: float | None = None
         self.phases = {"launch": 0.0, "check": 0.0, "resume": 0.0}
@@ -486,9 +501,9 @@ class ReasoningRun:
             self._check([self._questions[id(g)] for g in out.checks])
         done = []
         for group in out.finished + self.engine.scheduler.finished_groups():
-            q = self._questions.pop(id(group), None)
-            if q is not None:
-                done.append((q.index, self._solution(q, time.perf_counter())))
+            finished = self._questions.pop(id(group), None)
+            if finished is not None:
+                done.append((finished.index, self._solution(finished, time.perf_counter())))
         return done
 
     def results(self) -> Iterator[tuple[int, Solution]]:
@@ -509,7 +524,7 @@ class ReasoningRun:
         self._bar.close()
 
     # ---- internals -----------------------------------------------------------------------------
-    def _share(self, seconds: float, out) -> None:
+    def _share(self, seconds: float, out: StepOutput) -> None:
         """Split a step's time over the questions by their rows in it."""
         rows: dict[int, int] = {}
         for r in self.engine.scheduler.running + out.ended:
@@ -553,9 +568,11 @@ class ReasoningRun:
         stop_rows = [r for q in questions if q.plan.method == "stop"
                      and q.plan.rounds[q.group.check_index][1] is not None for r in q.group.live_rows]
         stop_scores = {}
+        scorer = self.r.scorer  # check_args refuses method "stop" without one
         if stop_rows:
-            scores = self.r.scorer.score_rows(self.engine, stop_rows).float().cpu().tolist()
-            stop_scores = {id(r): s for r, s in zip(stop_rows, scores)}
+            assert scorer is not None
+            scores = scorer.score_rows(self.engine, stop_rows).float().cpu().tolist()
+            stop_scores = {id(r): s for r, s in zip(stop_rows, scores, strict=True)}
         for q in questions:
             keep = q.plan.rounds[q.group.check_index][1]
             if keep is not None:
@@ -563,8 +580,9 @@ class ReasoningRun:
                 scores = ([stop_scores[id(r)] for r in rows] if q.plan.method == "stop"
                           else self._method_scores(q, rows))
                 if q.plan.method == "stop":
-                    q.scoring_tokens += self.r.scorer.num_tokens * len(rows)
-                for r, s in zip(rows, scores):
+                    assert scorer is not None
+                    q.scoring_tokens += scorer.num_tokens * len(rows)
+                for r, s in zip(rows, scores, strict=True):
                     q.scores[r.sample_index] = s
                 order = ranking(torch.tensor(scores, dtype=torch.float64)).tolist()
                 drop = [rows[j] for j in order[keep:]] if q.prune else []
@@ -596,7 +614,8 @@ class ReasoningRun:
             seed = (q.seed * 0x9E3779B97F4A7C15 ^ q.group.key ^ q.group.check_index) & (2**63 - 1)
             return torch.rand(len(rows), generator=torch.Generator().manual_seed(seed),
                               dtype=torch.float64).tolist()
-        out = []
+        assert callable(method)  # the named methods returned above
+        out: list[float] = []
         for r in rows:
             s = method(list(r.tokens), self.r.tokenizer.decode(r.tokens, skip_special_tokens=True))
             if isinstance(s, torch.Tensor) and s.numel() == 1:
@@ -609,6 +628,7 @@ class ReasoningRun:
     def _solution(self, q: _Question, now: float) -> Solution:
         paths = []
         for row in q.group.rows:
+            assert row.finish_reason is not None  # the question is done: every row ended
             voted = row.finish_reason in ("eos", "length")
             text, answer = (self._text_answer(q, row) if voted else
                             (self.r.tokenizer.decode(row.tokens, skip_special_tokens=True), None))
@@ -623,8 +643,9 @@ class ReasoningRun:
                 p.finished_in_prefix = p.finish_reason == "eos" and len(p.tokens) <= first
             q.phases["launch"] = now - q.t_start
         else:
+            assert q.t_first_check is not None  # a check ran
             q.phases["resume"] = now - q.t_first_check - q.phases["check"]
-        voters = [(p, row) for p, row in zip(paths, q.group.rows) if p.voted]
+        voters = [(p, row) for p, row in zip(paths, q.group.rows, strict=True) if p.voted]
         if q.plan.vote == "majority":
             weights = [1.0] * len(voters)
         elif q.plan.vote == "score":

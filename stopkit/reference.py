@@ -7,6 +7,8 @@ passing float64 tensors gives the float64 reference of the flash-attention test 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ __all__ = ["gather_pages", "paged_attention", "paged_attention_sdpa", "write_kv"
 def gather_pages(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     """cache ``[num_blocks, block_size, Hkv, D]``, block_table ``[B, M]`` -> ``[B, M*block_size, Hkv, D]``
     (entries past a row's length are garbage; out-of-range ids are clamped, callers mask them)."""
-    num_blocks, block_size = cache.shape[:2]
+    num_blocks = cache.shape[0]
     idx = block_table.long().clamp(0, num_blocks - 1)
     return cache[idx].flatten(1, 2)
 
@@ -48,17 +50,39 @@ def _visible(seq_lens: torch.Tensor, total: int, S: int, has_suffix: bool,
     return visible.expand(B, S, total)
 
 
-def _keys_values(k_cache, v_cache, block_table, suffix_k, suffix_v):
+def _keys_values(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                 suffix_k: torch.Tensor | None, suffix_v: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row's gathered pages, then its suffix: k, v ``[B, M*block_size (+ S), Hkv, D]``."""
     k, v = gather_pages(k_cache, block_table), gather_pages(v_cache, block_table)
     if suffix_k is not None:
+        assert suffix_v is not None
         k, v = torch.cat([k, suffix_k], dim=1), torch.cat([v, suffix_v], dim=1)
     return k, v
 
 
-def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, suffix_k=None, suffix_v=None,
-                    scale=None, sinks=None, window=None, return_lse=False, check_indices=True,
-                    max_seq_len=None):
+@overload
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                    suffix_k: torch.Tensor | None = ..., suffix_v: torch.Tensor | None = ...,
+                    scale: float | None = ..., sinks: torch.Tensor | None = ...,
+                    window: int | None = ..., return_lse: Literal[False] = ...,
+                    check_indices: bool = ..., max_seq_len: int | None = ...) -> torch.Tensor: ...
+@overload
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                    suffix_k: torch.Tensor | None = ..., suffix_v: torch.Tensor | None = ...,
+                    scale: float | None = ..., sinks: torch.Tensor | None = ...,
+                    window: int | None = ..., return_lse: Literal[True],
+                    check_indices: bool = ..., max_seq_len: int | None = ...
+                    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                    suffix_k: torch.Tensor | None = None, suffix_v: torch.Tensor | None = None,
+                    scale: float | None = None, sinks: torch.Tensor | None = None,
+                    window: int | None = None, return_lse: bool = False,
+                    check_indices: bool = True, max_seq_len: int | None = None
+                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Oracle of :func:`stopkit.ops.paged_attention` (explicit softmax in q's dtype)."""
     B, S, H, D = q.shape
     Hkv = k_cache.shape[2]
@@ -85,8 +109,10 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, suffix_k=None
     return out
 
 
-def paged_attention_sdpa(q, k_cache, v_cache, block_table, seq_lens, *, suffix_k=None,
-                         suffix_v=None, scale=None, window=None):
+def paged_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                         suffix_k: torch.Tensor | None = None, suffix_v: torch.Tensor | None = None,
+                         scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """The usual torch baseline: gather the pages, then ``F.scaled_dot_product_attention`` with
     ``enable_gqa`` and a boolean mask (no sinks, no LSE). Same semantics otherwise."""
     S = q.shape[1]
@@ -97,7 +123,8 @@ def paged_attention_sdpa(q, k_cache, v_cache, block_table, seq_lens, *, suffix_k
     return out.transpose(1, 2).nan_to_num(0.0)
 
 
-def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
     """Oracle of :func:`stopkit.ops.write_kv`."""
     block_size = k_cache.shape[1]
     keep = slot_mapping >= 0
@@ -106,18 +133,22 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     v_cache[slots // block_size, slots % block_size] = v[keep]
 
 
-def copy_blocks(cache, src, dst, *, block_dim: int = -4) -> None:
+def copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *,
+                block_dim: int = -4) -> None:
     """Oracle of :func:`stopkit.ops.copy_blocks`."""
     moved = cache.movedim(block_dim, 0)
     moved[dst] = moved[src]
 
 
-_ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh,
+_ACT: dict[str | None, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh,
         "none": lambda x: x, None: lambda x: x}
 
 
-def stop_score(hidden, head_weight, head_bias=None, *, norm_weight=None, eps=1e-6,
-               hidden_weight=None, hidden_bias=None, activation="gelu"):
+def stop_score(hidden: torch.Tensor, head_weight: torch.Tensor,
+               head_bias: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None,
+               eps: float = 1e-6, hidden_weight: torch.Tensor | None = None,
+               hidden_bias: torch.Tensor | None = None, activation: str | None = "gelu"
+               ) -> torch.Tensor:
     """Oracle of :func:`stopkit.ops.stop_score`; computes in float32 (float64 if hidden is)."""
     ct = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     x = hidden.to(ct)

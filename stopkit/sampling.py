@@ -106,6 +106,8 @@ def sample(logits: torch.Tensor, u: torch.Tensor | None, *, temperature: float, 
     greedy). temperature 0 is greedy (argmax, the lowest id on ties). Returns int64 ``[B]``."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
+    if u is None:
+        raise ValueError("u (one uniform per row) is needed when temperature > 0")
     x = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     return _inverse_cdf(torch.softmax(x, dim=-1), u)
 

@@ -48,6 +48,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,7 +130,8 @@ class TransformersEmbedding:
 
     POOLINGS = ("mean", "cls", "lasttoken")
 
-    def __init__(self, path: str | Path, *, device: str | torch.device = "cpu", dtype="auto",
+    def __init__(self, path: str | Path, *, device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype = "auto",
                  batch_size: int = 32, max_length: int | None = None,
                  pooling: str | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
@@ -172,7 +174,7 @@ class TransformersEmbedding:
                 pooled = hidden[:, 0]
             else:
                 pooled = hidden[torch.arange(len(rows), device=hidden.device), mask.sum(1) - 1]
-            for i, row in zip(rows, torch.nn.functional.normalize(pooled, dim=-1).cpu()):
+            for i, row in zip(rows, torch.nn.functional.normalize(pooled, dim=-1).cpu(), strict=True):
                 out[i] = row
             self.tokens += int(mask.sum())
         return torch.stack(out)
@@ -269,7 +271,8 @@ class SimilarityScorer:
 
     @classmethod
     def from_spec(cls, spec: str = "similarity", *, device: str | torch.device = "cpu",
-                  dtype="auto", diversity: float = 0.0, **embedding_kwargs) -> SimilarityScorer:
+                  dtype: str | torch.dtype = "auto", diversity: float = 0.0,
+                  **embedding_kwargs: Any) -> SimilarityScorer:
         """``"similarity"`` (TF-IDF; ``embedding_kwargs``: ngram) or ``"similarity:PATH"`` (a
         :class:`TransformersEmbedding` of PATH on ``device`` / ``dtype``; ``embedding_kwargs``:
         batch_size, max_length, pooling)."""

@@ -46,8 +46,9 @@ import logging
 import math
 import pickle
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,11 @@ from torch import nn
 
 from stopkit import ops
 from stopkit._checks import check_choice, check_int, check_real, check_token_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from stopkit.engine import Engine, Row, Session
 
 # transformers, peft and stopkit.engine are imported where they are used, so that importing this
 # module stays cheap.
@@ -78,7 +84,7 @@ OWN_LAYOUT = ("stop_config.json, stop.safetensors (token [d], head.weight [2, d|
 AUTHORS_LAYOUT = ("assess_token_config.json, assess_token_embedding.pth (input_embedding [d]), "
                   "classifier_head.pth (weight [2, d], bias [2]), adapter/classifier/adapter_config.json, "
                   "adapter/classifier/adapter_model.bin or .safetensors, tokenizer/ (optional)")
-_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False}
 
@@ -117,6 +123,10 @@ class StopScorer(nn.Module):
     is referenced, not owned: it is not in ``parameters()`` or ``state_dict()``.
     """
 
+    _model: PreTrainedModel
+    _backbone: nn.Module
+    loras: Sequence[_Lora]  # an nn.ModuleList
+
     def __init__(self, model: nn.Module, *, num_tokens: int, token: torch.Tensor,
                  loras: list[_Lora], lora_alpha: float, use_rslora: bool, lora_dropout: float,
                  head_weight: torch.Tensor, head_bias: torch.Tensor, hidden_weight: torch.Tensor | None = None,
@@ -130,10 +140,10 @@ class StopScorer(nn.Module):
         self.lora_dropout = float(lora_dropout)
         device = next(model.parameters()).device
         self.token = nn.Parameter(token.detach().to(device, torch.float32).clone())
-        self.loras = nn.ModuleList(loras).to(device, torch.float32)
+        self.loras = cast(Sequence[_Lora], nn.ModuleList(loras).to(device, torch.float32))
         self.hidden = None if hidden_weight is None else _linear(hidden_weight, hidden_bias, device)
         self.head = _linear(head_weight, head_bias, device)
-        self._engine = None
+        self._engine: Engine | None = None
         self.eval()  # inference by default; training calls .train() (LoRA dropout)
 
     # ---- construction ---------------------------------------------------------------------------
@@ -230,7 +240,7 @@ class StopScorer(nn.Module):
                              f"layout")
         return layout
 
-    def save(self, path: str | Path, layout: str = "stopkit", *, tokenizer=None) -> None:
+    def save(self, path: str | Path, layout: str = "stopkit", *, tokenizer: Any = None) -> None:
         """Write directory ``path`` (created; files overwritten, the other layout's files removed so
         that :meth:`load` reads what was written) in ``layout`` (module docstring):
 
@@ -272,7 +282,8 @@ class StopScorer(nn.Module):
         from peft import LoraConfig
 
         rank = max(lo.A.shape[0] for lo in self.loras)
-        LoraConfig(r=rank, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+        LoraConfig(r=rank, lora_dropout=self.lora_dropout,
+                   lora_alpha=self.lora_alpha,  # type: ignore[arg-type]  # PEFT takes floats too
                    use_rslora=self.use_rslora, task_type=task_type,
                    target_modules=sorted({lo.path.split(".")[-1] for lo in self.loras}),
                    rank_pattern={lo.path: lo.A.shape[0] for lo in self.loras
@@ -285,7 +296,7 @@ class StopScorer(nn.Module):
             tensors[f"base_model.model.{lo.path}.lora_B.weight"] = lo.B.detach().cpu().contiguous()
         save_file(tensors, str(adapter_dir / "adapter_model.safetensors"))
 
-    def _save_authors(self, path: Path, tokenizer) -> None:
+    def _save_authors(self, path: Path, tokenizer: Any) -> None:
         """The authors' head, [STOP] embedding, config and tokenizer files (see :meth:`save`)."""
         dtype = _embeddings(self.model).weight.dtype
         special_token_id = -1
@@ -312,7 +323,7 @@ class StopScorer(nn.Module):
 
     # ---- properties -----------------------------------------------------------------------------
     @property
-    def model(self) -> nn.Module:
+    def model(self) -> PreTrainedModel:
         """The causal LM this scorer is bound to."""
         return self._model
 
@@ -327,15 +338,15 @@ class StopScorer(nn.Module):
         Linears, removed on exit). Dropout (``lora_dropout``) applies in training mode only."""
         handles = []
         try:
-            for lo in self.loras:
-                handles.append(self.model.get_submodule(lo.path).register_forward_hook(
-                    self._lora_hook(lo)))
+            for lo in self.loras:  # one at a time: on a failure, the hooks added so far come off
+                module = self.model.get_submodule(lo.path)
+                handles.append(module.register_forward_hook(self._lora_hook(lo)))
             yield
         finally:
             for h in handles:
                 h.remove()
 
-    def _lora_hook(self, lo: _Lora):
+    def _lora_hook(self, lo: _Lora) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             x = F.dropout(args[0].to(lo.A.dtype), self.lora_dropout, self.training)
             return out + (F.linear(F.linear(x, lo.A), lo.B) * lo.scaling).to(out.dtype)
@@ -405,7 +416,7 @@ class StopScorer(nn.Module):
 
     # ---- inference ------------------------------------------------------------------------------
     @torch.no_grad()
-    def score_rows(self, engine, rows) -> torch.Tensor:
+    def score_rows(self, engine: Engine, rows: Sequence[Row]) -> torch.Tensor:
         """Scores float32 ``[len(rows)]`` of running, fully cached engine rows (e.g. every row at
         a check, across requests): one [STOP] pass over their paged prefixes (the cache is read,
         never written; the rows resume unchanged), then one ops.stop_score call."""
@@ -417,7 +428,7 @@ class StopScorer(nn.Module):
         return self._fused_score(hidden[:, -1], weight, eps)
 
     @torch.no_grad()
-    def score_session(self, session, rows: Sequence[int] | None = None) -> torch.Tensor:
+    def score_session(self, session: Session, rows: Sequence[int] | None = None) -> torch.Tensor:
         """Scores float32 ``[len(session.rows)]`` (or ``[len(rows)]``) of the live rows of an engine
         session (:meth:`score_rows` over all of them). ``rows`` selects live row indices of the
         result (the pass itself always covers every live row)."""
@@ -440,26 +451,27 @@ class StopScorer(nn.Module):
         with self._engine.start(prefixes, n=1, seed=0) as session:
             return self.score_session(session)
 
-    def _check_prefixes(self, prefixes) -> list[list[int]]:
+    def _check_prefixes(self, prefixes: Sequence[Sequence[int]]) -> list[list[int]]:
         if isinstance(prefixes, (str, bytes)) or not isinstance(prefixes, Sequence) or not prefixes:
             raise TypeError(f"prefixes must be a non-empty list of token-id lists, got {prefixes!r:.80}")
         V = _embeddings(self.model).weight.shape[0]
         return [check_token_ids(f"prefixes[{i}]", p, V) for i, p in enumerate(prefixes)]
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor, device: torch.device) -> nn.Linear:
-    """An nn.Linear holding float32 copies of weight ``[out, in]`` and bias ``[out]`` (built on the
-    meta device: no random init, the global RNG is not touched)."""
-    layer = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device) -> nn.Linear:
+    """An nn.Linear holding float32 copies of weight ``[out, in]`` and bias ``[out]`` (None: no
+    bias; built on the meta device: no random init, the global RNG is not touched)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     layer.weight = nn.Parameter(weight.detach().to(device, torch.float32).clone())
-    layer.bias = nn.Parameter(bias.detach().to(device, torch.float32).clone())
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(device, torch.float32).clone())
     return layer
 
 
 def _embeddings(model: nn.Module) -> nn.Embedding:
     if not isinstance(model, nn.Module) or not hasattr(model, "get_input_embeddings"):
         raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
-    return model.get_input_embeddings()
+    return cast(nn.Embedding, cast("PreTrainedModel", model).get_input_embeddings())
 
 
 # ---- checkpoint readers -------------------------------------------------------------------------
@@ -480,7 +492,7 @@ def _read_json(file: Path) -> dict:
     return config
 
 
-def _read_tensors(file: Path):
+def _read_tensors(file: Path) -> dict[str, Any]:
     """What a ``.safetensors`` file or a ``torch.save`` file (tensors only) holds; ValueError naming
     the file when it cannot be read (truncated, corrupt, or not such a file)."""
     try:
@@ -592,21 +604,21 @@ def _read_adapter(adapter_dir: Path, model: nn.Module) -> tuple[list[_Lora], dic
     for name, ab in sorted(factors.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{weights_file}: module {name} needs both lora_A and lora_B")
-        module = None
+        module, path = None, name
         for candidate in (name, f"{prefix}.{name}"):  # adapters of the backbone alone omit the prefix
             try:
-                module, name = model.get_submodule(candidate), candidate
+                module, path = model.get_submodule(candidate), candidate
                 break
             except AttributeError:
                 continue
         if not isinstance(module, nn.Linear):
-            raise ValueError(f"{weights_file}: adapter module {name} is not an nn.Linear of the model")
+            raise ValueError(f"{weights_file}: adapter module {path} is not an nn.Linear of the model")
         A, B = ab["A"].float(), ab["B"].float()
         r = A.shape[0]
         if A.shape != (r, module.in_features) or B.shape != (module.out_features, r):
-            raise ValueError(f"{weights_file}: LoRA factors of {name} have shapes A {tuple(A.shape)}, "
+            raise ValueError(f"{weights_file}: LoRA factors of {path} have shapes A {tuple(A.shape)}, "
                              f"B {tuple(B.shape)} but the model's Linear is {module.in_features} -> "
                              f"{module.out_features} (hidden size mismatch?)")
-        loras.append(_Lora(name, A, B, alpha / (math.sqrt(r) if use_rslora else r)))
+        loras.append(_Lora(path, A, B, alpha / (math.sqrt(r) if use_rslora else r)))
     return loras, {"lora_alpha": alpha, "use_rslora": use_rslora,
                    "lora_dropout": float(config.get("lora_dropout", 0.0))}

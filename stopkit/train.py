@@ -19,8 +19,9 @@ import json
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ __all__ = ["auroc", "pair_accuracy", "metrics", "LABEL_KEYS", "PREFIX_KEYS", "lo
 log = logging.getLogger(__name__)
 
 # ---- metrics -------------------------------------------------------------------------------------
-def auroc(scores, targets) -> float:
+def auroc(scores: torch.Tensor | Sequence[float], targets: torch.Tensor | Sequence[bool]) -> float:
     """Area under the ROC curve of ``scores`` ``[N]`` for boolean ``targets`` ``[N]`` (rank
     statistic, ties count one half). NaN when only one class is present."""
     s = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
@@ -56,7 +57,8 @@ def auroc(scores, targets) -> float:
     return u / (n_pos * n_neg)
 
 
-def pair_accuracy(scores, labels, groups, *, margin: float = 0.25) -> float:
+def pair_accuracy(scores: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequence[float],
+                  groups: Sequence[Hashable], *, margin: float = 0.25) -> float:
     """How often ``scores`` order two prefixes of the same group (problem) as their soft labels
     do, over the pairs whose labels differ by more than ``margin`` (ties count one half). This is
     what pruning needs: it ranks the paths of one question. NaN when there is no such pair."""
@@ -70,7 +72,7 @@ def pair_accuracy(scores, labels, groups, *, margin: float = 0.25) -> float:
     order = torch.argsort(g, stable=True)  # one group at a time: memory ~ the largest group^2
     counts = torch.bincount(g, minlength=len(index)).tolist()
     wins, pairs = 0.0, 0
-    for gs, gp in zip(s[order].split(counts), p[order].split(counts)):
+    for gs, gp in zip(s[order].split(counts), p[order].split(counts), strict=True):
         better = gp[:, None] - gp[None, :] > margin  # row i's label beats row j's
         ds = (gs[:, None] - gs[None, :])[better]
         wins += float((ds > 0).sum()) + 0.5 * float((ds == 0).sum())
@@ -78,7 +80,8 @@ def pair_accuracy(scores, labels, groups, *, margin: float = 0.25) -> float:
     return wins / pairs if pairs else math.nan
 
 
-def metrics(scores, labels, groups=None) -> dict[str, float]:
+def metrics(scores: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequence[float],
+            groups: Sequence[Hashable] | None = None) -> dict[str, float]:
     """{"mse", "auroc", "accuracy"} of scores ``[N]`` against soft labels ``[N]`` (binary target
     ``label >= 0.5``; a prediction is positive when ``score >= 0.5``), and with ``groups`` ``[N]``
     (problem ids) the within-problem ``pair_accuracy``."""
@@ -102,7 +105,8 @@ LABEL_KEYS = ("Soft_label", "soft_label", "good_probability", "label_prob", "sco
 PREFIX_KEYS = ("prefix_token_ids",)
 
 
-def _check_record(rec: dict, where: str, vocab_size: int | None = None, default_id=None) -> dict:
+def _check_record(rec: dict, where: str, vocab_size: int | None = None,
+                  default_id: Hashable = None) -> dict:
     """A label record as ``{"id", "prefix_token_ids", "soft_label"}``, checked; ValueError (never
     TypeError: a record is data) naming ``where`` (a file:line or a list element)."""
     if not isinstance(rec, dict):
@@ -206,7 +210,7 @@ def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
                  out: str | Path | None = None, epochs: int = 3, batch_size: int = 8,
                  grad_accum: int = 1, lr: float = 1e-4, weight_decay: float = 0.01,
                  seed: int = 0, drop_uniform: bool = False, layout: str = "stopkit",
-                 tokenizer=None, progress: bool = True) -> list[dict]:
+                 tokenizer: Any = None, progress: bool = True) -> list[dict]:
     """Train ``scorer`` (token, LoRA, head; the model stays frozen) on label records.
 
     train, val: label records (:func:`check_records`). Each optimizer step sees ``batch_size *
@@ -227,7 +231,7 @@ def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
     scorer.check_layout(layout)
     if not train:
         raise ValueError("train must hold at least one record")
-    vocab = scorer.model.get_input_embeddings().weight.shape[0]
+    vocab = int(cast(torch.nn.Embedding, scorer.model.get_input_embeddings()).weight.shape[0])
     train = check_records(train, vocab, "train")
     val = check_records(val, vocab, "val")
     if drop_uniform:
@@ -260,8 +264,8 @@ def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
             bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", disable=not progress)
             for i, batch in enumerate(bar):
                 logits = scorer([r["prefix_token_ids"] for r in batch])
-                p = torch.tensor([r["soft_label"] for r in batch], device=logits.device)
-                loss = F.cross_entropy(logits, torch.stack([1 - p, p], dim=1))
+                label = torch.tensor([r["soft_label"] for r in batch], device=logits.device)
+                loss = F.cross_entropy(logits, torch.stack([1 - label, label], dim=1))
                 # weight by records so an uneven last group counts like the others
                 group = batches[i - i % grad_accum: i - i % grad_accum + grad_accum]
                 (loss * len(batch) / sum(len(b) for b in group)).backward()

@@ -50,12 +50,16 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from stopkit._checks import check_int
 from stopkit.methods import length_limit, model_dtype, model_path, right_pad
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["Verifier", "QWEN_PRM_MARKER", "QWEN_PRM_SYSTEM", "SUPPORTED"]
 
@@ -74,7 +78,7 @@ _BODY = "\x1fSTOPKIT-SOLUTION\x1f"  # stands for the solution while the chat tem
 class _QwenProcessRewardModel(nn.Module):
     """Qwen2ForProcessRewardModel without its remote code: a Qwen2Model and the 2-layer head."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Sequential) -> None:
+    def __init__(self, backbone: PreTrainedModel, head: nn.Sequential) -> None:
         super().__init__()
         self.model, self.score = backbone, head
         self.config = backbone.config
@@ -84,7 +88,7 @@ class _QwenProcessRewardModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         from transformers.modeling_outputs import TokenClassifierOutput
 
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -105,7 +109,7 @@ class Verifier:
 
     method_type = "II"
 
-    def __init__(self, model: nn.Module, tokenizer, *, kind: str, positive_label: int = 1,
+    def __init__(self, model: PreTrainedModel | _QwenProcessRewardModel, tokenizer: Any, *, kind: str, positive_label: int = 1,
                  step_marker: str | None = None, step_separator: str = "\n\n",
                  system_prompt: str | None = None, chat: bool | None = None,
                  max_length: int | None = None, batch_size: int = 8,
@@ -162,15 +166,19 @@ class Verifier:
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype="auto",
-             **options) -> Verifier:
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu",
+             dtype: str | torch.dtype = "auto", **options: Any) -> Verifier:
         """Load a verifier from a local path or hub id (no remote code), on ``device`` in ``dtype``
         ("auto" = the checkpoint's, "float32", "float16", "bfloat16" or a torch.dtype).
         ``options``: the keyword arguments of :class:`Verifier` (positive_label, step_marker,
         step_separator, system_prompt, chat, max_length, batch_size). ValueError naming what was
         found for a checkpoint that is neither a classifier nor a reward model."""
-        from transformers import (AutoConfig, AutoModelForSequenceClassification,
-                                  AutoModelForTokenClassification, AutoTokenizer)
+        from transformers import (
+            AutoConfig,
+            AutoModelForSequenceClassification,
+            AutoModelForTokenClassification,
+            AutoTokenizer,
+        )
 
         path = model_path(path, "verifier model")
         torch_dtype = model_dtype(dtype)
@@ -207,9 +215,11 @@ class Verifier:
         which pools itself) of one (question, partial solution), truncated to max_length."""
         steps = [s.strip() for s in solution.split(self.step_separator)] if self.kind == "prm" else []
         steps = [s for s in steps if s]
+        inside: Sequence[int]
         if self.chat:  # the rendered conversation, tokenised in one piece like the model saw it
+            marker = self.step_marker or ""  # set for a PRM
             body = solution if self.kind == "classifier" else \
-                "".join(s + self.step_marker for s in steps) or self.step_marker
+                "".join(s + marker for s in steps) or marker
             head, tail = self._chat_frame(question)
             enc = self.tokenizer(head + body + tail, add_special_tokens=False,
                                  return_offsets_mapping=True)
@@ -218,10 +228,10 @@ class Verifier:
                       if len(head) <= a < len(head) + len(body)]
         elif self.kind == "prm":  # TRL PRMTrainer's rows: [bos] prompt, then each step + marker
             bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-            head = bos + self._ids(question)
-            ids = head + ([t for s in steps for t in self._ids(s) + self.marker_ids]
-                          or list(self.marker_ids))
-            inside = range(len(head), len(ids))
+            prompt = bos + self._ids(question)
+            ids = prompt + ([t for s in steps for t in self._ids(s) + self.marker_ids]
+                            or list(self.marker_ids))
+            inside = range(len(prompt), len(ids))
         else:  # the tokenizer's pair encoding, e.g. [CLS] question [SEP] solution [SEP]
             enc = self.tokenizer(question, solution)
             ids = enc["input_ids"]
@@ -276,7 +286,7 @@ class Verifier:
                 probs = torch.sigmoid(logits[:, 0])
             else:
                 probs = torch.softmax(logits, dim=-1)[:, self.positive_label]
-            for i, p in zip(rows, probs.cpu().tolist()):
+            for i, p in zip(rows, probs.cpu().tolist(), strict=True):
                 scores[i] = p
             self.tokens += int(mask.sum())
         self.seconds += time.perf_counter() - t0
@@ -293,7 +303,7 @@ def _check_complete(path: str, arch: str, info: dict) -> None:
                          f"not a trained classifier or reward model; {SUPPORTED}")
 
 
-def _load_qwen_prm(path: str, dtype) -> _QwenProcessRewardModel:
+def _load_qwen_prm(path: str, dtype: str | torch.dtype) -> _QwenProcessRewardModel:
     """A Qwen2ForProcessRewardModel checkpoint as Qwen2Model + its head, without remote code."""
     from safetensors import safe_open
     from transformers import Qwen2Model
@@ -301,9 +311,10 @@ def _load_qwen_prm(path: str, dtype) -> _QwenProcessRewardModel:
 
     class Qwen2Backbone(Qwen2Model):
         # the head is loaded below; some of these checkpoints still carry an unused lm_head
-        _keys_to_ignore_on_load_unexpected = [r"^score\.", r"^lm_head\."]
+        _keys_to_ignore_on_load_unexpected = [r"^score\.", r"^lm_head\."]  # noqa: RUF012 (transformers' attribute)
 
-    backbone, info = Qwen2Backbone.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    backbone, info = cast("tuple[Qwen2Model, dict]", Qwen2Backbone.from_pretrained(
+        path, dtype=dtype, output_loading_info=True))
     _check_complete(path, "Qwen2ForProcessRewardModel", info)
     index = cached_file(path, "model.safetensors.index.json",
                         _raise_exceptions_for_missing_entries=False)
@@ -319,7 +330,8 @@ def _load_qwen_prm(path: str, dtype) -> _QwenProcessRewardModel:
             raise ValueError(f"verifier {path}: Qwen2ForProcessRewardModel weights must be "
                              f"safetensors, {name} not found")
         with safe_open(file, framework="pt") as f:
-            state.update({k[len("score."):]: f.get_tensor(k) for k in f.keys() if k.startswith("score.")})
+            names = f.keys()  # a safe_open handle is not iterable itself
+            state.update({k[len("score."):]: f.get_tensor(k) for k in names if k.startswith("score.")})
     hidden = backbone.config.hidden_size
     head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
     expected = set(head.state_dict())

@@ -170,7 +170,7 @@ def _timed(fn, limit: float):
 def test_pathological_answer_counts_wrong_within_the_limit():
     check_answer(r"\boxed{1}", "1")  # a checker process is up
     for text in PATHOLOGICAL:
-        verdict, seconds = _timed(lambda: check_answer(text, "5", timeout=1.0), 60)
+        verdict, seconds = _timed(lambda text=text: check_answer(text, "5", timeout=1.0), 60)
         assert verdict is False
         assert seconds < 1.0 + 15, seconds  # the limit, plus starting a fresh checker process
     # the next check still works (a fresh process replaced the killed one)

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from stopkit._checks import (check_bool, check_choice, check_dtype, check_int, check_ints,
-                             check_real, check_tensor, check_token_ids)
+from stopkit._checks import (
+    check_bool,
+    check_choice,
+    check_dtype,
+    check_int,
+    check_ints,
+    check_real,
+    check_tensor,
+    check_token_ids,
+)
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 

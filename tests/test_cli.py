@@ -28,11 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, str]:
     """Paths of good and broken inputs, by name (for str.format in the argv below)."""
-    from stopkit.stop import StopScorer
     from test_reasoner import build_tiny
 
+    from stopkit.stop import StopScorer
+
     root = tmp_path_factory.mktemp("cli")
-    model, tok = build_tiny()  # hidden size 128; the toy model's is 256
+    model, _tok = build_tiny()  # hidden size 128; the toy model's is 256
     StopScorer.new(model, num_tokens=4, lora_rank=4, seed=0).save(root / "tiny-adapter")
 
     def broken_copy(src: Path, name: str, file: str, data: bytes | None = None) -> None:
@@ -100,8 +101,8 @@ USER_ERRORS = {
         r"checkpoint \S*/tiny-adapter has hidden size 128 .* the model's hidden size is 256$"),
     "truncated adapter safetensors": (
         ["solve", *SMALL, "--model", "{toy}", "--adapter", "{adapter_trunc}", "q"],
-        r"\S*/adapter-trunc/stop.safetensors is not a readable safetensors file \(truncated or "
-        r"corrupt\?\): Error while deserializing header"),
+        (r"\S*/adapter-trunc/stop.safetensors is not a readable safetensors file \(truncated or "
+        r"corrupt\?\): Error while deserializing header")),
     "garbage .pth": (
         ["solve", *SMALL, "--model", "{toy}", "--adapter", "{authors_garbage}", "q"],
         r"\S*/assess_token_embedding.pth is not a readable torch.save file"),
@@ -156,13 +157,13 @@ def test_user_error_is_one_line_and_exit_2(case, inputs, capsys):
 
 def test_user_error_in_a_subprocess(tmp_path):
     p = subprocess.run([sys.executable, "-m", "stopkit", *SOLVE, "--model", str(tmp_path / "nope"),
-                        "q"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                        "q"], capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert p.returncode == 2
-    assert without_progress_bars(p.stderr) == f"stopkit solve: --model {tmp_path / 'nope'}: no such folder (nor a Hugging " \
-                       "Face hub id)\n"
+    assert without_progress_bars(p.stderr) == (f"stopkit solve: --model {tmp_path / 'nope'}: no such folder (nor a Hugging "
+                                               "Face hub id)\n")
     p = subprocess.run([sys.executable, "-m", "stopkit", "--debug", *SOLVE, "--model",
                         str(tmp_path / "nope"), "q"], capture_output=True, text=True, timeout=300,
-                       cwd=ROOT)
+                       cwd=ROOT, check=False)
     assert p.returncode == 1
     assert p.stderr.startswith("Traceback (most recent call last):")
     assert p.stderr.rstrip().splitlines()[-1].startswith("stopkit.cli.errors.UserError: --model ")
@@ -172,7 +173,7 @@ def test_user_error_in_a_subprocess(tmp_path):
 def test_debug_shows_the_traceback(where, inputs, capsys):
     argv = ["solve", *SMALL, "--model", TOY, "--adapter", inputs["adapter_trunc"], "q"]
     argv = ["--debug", *argv] if where == "before" else [*argv, "--debug"]
-    with pytest.raises(UserError, match="stop.safetensors is not a readable") as e:
+    with pytest.raises(UserError, match=r"stop\.safetensors is not a readable") as e:
         main(argv)
     # the chain keeps the original error for the traceback
     assert isinstance(e.value.__cause__, ValueError)
@@ -200,8 +201,8 @@ def test_a_bug_after_loading_keeps_its_traceback(error, monkeypatch, capsys):
      "stopkit label: interrupted; rerun the same command to resume\n"),
 ])
 def test_ctrl_c_is_one_line_and_exit_130(command, argv, message, inputs, monkeypatch, capsys):
-    import stopkit.reasoner
     import stopkit.label
+    import stopkit.reasoner
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -269,8 +270,8 @@ def test_bench_without_a_checkout_says_so(monkeypatch, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("stopkit bench: the benchmarks are in bench/ of a stopkit checkout")
     code, _, err = run(["bench", "--dir", str(tmp_path / "nope")], capsys)
-    assert (code, err) == (2, f"stopkit bench: --dir {tmp_path / 'nope'}: no such folder; expected "
-                              "bench/ of a stopkit checkout\n")
+    assert (code, err) == (2, (f"stopkit bench: --dir {tmp_path / 'nope'}: no such folder; expected "
+                              "bench/ of a stopkit checkout\n"))
 
 
 def test_bench_finds_the_checkout_it_was_installed_from(monkeypatch, tmp_path):

@@ -186,13 +186,13 @@ def _attention_inputs() -> dict:
 
 @pytest.mark.parametrize("value", [-1, 2.0, True, "20"])
 def test_max_seq_len_must_be_a_count(value):
-    with pytest.raises(ValueError, match="^max_seq_len must be an int >= 0 or None"):
+    with pytest.raises(ValueError, match=r"^max_seq_len must be an int >= 0 or None"):
         ops.paged_attention(**_attention_inputs(), max_seq_len=value)
 
 
 def test_max_seq_len_below_a_row_is_rejected_when_checked():
     kw = _attention_inputs()
-    with pytest.raises(ValueError, match="^max_seq_len must be >= every seq_lens entry, got 19 below 20"):
+    with pytest.raises(ValueError, match=r"^max_seq_len must be >= every seq_lens entry, got 19 below 20"):
         ops.paged_attention(**kw, max_seq_len=19)
     ops.paged_attention(**kw, max_seq_len=19, check_indices=False)  # a hint only: not checked
 

@@ -28,8 +28,14 @@ from stopkit.label import LabelTask, check_problems, label_problems, label_strea
 from stopkit.loading import PromptFormat
 from stopkit.reasoner import ParallelReasoner
 from stopkit.stop import StopScorer
-from stopkit.toy import (ADAPTER_DIR, MAX_NEW_TOKENS, MODEL_DIR, PREFIX_TOKENS, TEMPERATURE,
-                         load_model)
+from stopkit.toy import (
+    ADAPTER_DIR,
+    MAX_NEW_TOKENS,
+    MODEL_DIR,
+    PREFIX_TOKENS,
+    TEMPERATURE,
+    load_model,
+)
 from stopkit.toy.task import check, generate
 
 # as `stopkit label` reads them (answers as str); check(text, answer) compares with int(answer)

@@ -11,10 +11,13 @@ import functools
 import pytest
 import torch
 import transformers as T
-from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-import stopkit.engine as engine_mod
 from stopkit import sampling
 from stopkit.cache import CacheFullError
 from stopkit.engine import SUPPORTED_MODEL_TYPES, Engine
@@ -39,7 +42,7 @@ FAMILIES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_model(family: str) -> T.PreTrainedModel:
     config_cls, extra = FAMILIES[family]
     with torch.random.fork_rng():
@@ -74,7 +77,7 @@ def test_greedy_equals_generate(family):
     prompts = _prompts(3, 17, 33)  # one block, several, and > 16 queries (chunked prefill)
     out = Engine(model).generate(prompts, max_new_tokens=14)
     assert model.config._attn_implementation == impl  # switched back after the engine's passes
-    for p, samples in zip(prompts, out):
+    for p, samples in zip(prompts, out, strict=True):
         assert len(samples) == 1
         assert samples[0] == _hf_greedy(model, p, 14)
 
@@ -155,7 +158,7 @@ def test_sampler_draws_the_filtered_distribution(vocab, kw):
     n = 40000
     keys = torch.tensor([sampling.sample_key(5, 0, s) for s in range(n)])
     u = sampling.uniforms(keys, torch.full((n,), 3, dtype=torch.int64))
-    assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+    assert float(u.min()) > 0 and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
     probs = torch.softmax(sampling.filter_logits(logits, **kw), -1)
     tokens = sampling._inverse_cdf(probs.expand(n, -1), u)
     assert torch.equal(tokens[:50], sampling.sample(logits.expand(50, -1), u[:50], **kw))
@@ -241,7 +244,7 @@ class _FakeLora:
 
     def __enter__(self):
         self.handles = [m.register_forward_hook(lambda mod, args, out, a=a, b=b: out + args[0] @ a @ b)
-                        for m, (a, b) in zip(self.mods, self.ab)]
+                        for m, (a, b) in zip(self.mods, self.ab, strict=True)]
         return self
 
     def __exit__(self, *exc):
@@ -326,9 +329,9 @@ def test_forward_suffix_gradients_match_transformers():
 
         out, got = grads(lambda x, a: s.forward_suffix(x, adapter=a, final_norm=True), emb, lora)
         ref32, hf32 = grads(hf(model), emb, lora)
-        ref64, hf64 = grads(hf(model64), emb.double(), lora64)
+        _ref64, hf64 = grads(hf(model64), emb.double(), lora64)
         torch.testing.assert_close(out, ref32, rtol=1e-5, atol=1e-5)
-        for g, g32, g64 in zip(got, hf32, hf64):
+        for g, g32, g64 in zip(got, hf32, hf64, strict=True):
             err, err_hf = (g.double() - g64).abs().max(), (g32.double() - g64).abs().max()
             assert err <= max(2 * err_hf, 1e-5 * g64.abs().max()), (err, err_hf)
 
@@ -424,9 +427,9 @@ def test_session_misuse():
         s.forward_suffix(torch.randn(2, 2, 128, dtype=torch.float64))
     with pytest.raises(TypeError, match="adapter"):
         s.forward_suffix(torch.randn(2, 2, 128), adapter=3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rows must lie in"):
         s.drop([2])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_tokens"):
         s.step(0)
     s2 = engine.start(_prompts(6), max_new_tokens=4)  # closes s
     with pytest.raises(RuntimeError, match="closed"):

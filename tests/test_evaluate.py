@@ -59,7 +59,7 @@ def _random_solution(rng, ref, method):
     """N=8 paths: some finished in the prefix, the rest scored; stop prunes all but the best 3."""
     wrong = str(int(ref) + 1)
     paths = []
-    for i in range(8):
+    for _ in range(8):
         in_prefix = rng.random() < 0.2
         answer = rng.choice([ref, ref, wrong, wrong, "9999"])
         score = None if in_prefix else rng.choice([0.1, 0.5, 0.5, 0.9, rng.random()])
@@ -282,9 +282,9 @@ def test_cli_refuses_bad_arguments_before_loading(argv, match, tmp_path):
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama, its tokenizer and a StopScorer checkpoint saved to disk."""
     import torch
+    from test_reasoner import build_tiny
 
     from stopkit.stop import StopScorer
-    from test_reasoner import build_tiny
 
     model, tok = build_tiny()
     root = tmp_path_factory.mktemp("tiny")
@@ -327,7 +327,7 @@ def test_evaluate_real_reasoner(tiny_dir):
         votes, kept, tokens = [], [], []
         for seed in (0, 1):
             sols = [r.solve(p["question"], method=method, seed=seed, **kw) for p in PROBLEMS]
-            for p, sol in zip(PROBLEMS, sols):
+            for p, sol in zip(PROBLEMS, sols, strict=True):
                 votes.append(sol.answer == p["answer"])
                 k = [q for q in sol.paths if not q.pruned]
                 kept.append(sum(q.answer == p["answer"] for q in k) / len(k))

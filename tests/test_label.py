@@ -76,7 +76,7 @@ def test_sampled_labels_count_what_the_checker_saw(tmp_path):
         seen[text] = verdict
         return verdict
 
-    problems = [{"id": name, "question": q, "answer": "7"} for name, q in zip("ab", QUESTIONS)]
+    problems = [{"id": name, "question": q, "answer": "7"} for name, q in zip("ab", QUESTIONS, strict=False)]
     kw = dict(prefix_tokens=4, rollouts=6, traces=3, max_new_tokens=11, temperature=1.0,
               top_p=1.0, seed=5, progress=False)
     out = tmp_path / "l.jsonl"
@@ -124,7 +124,7 @@ def test_label_streams_do_not_depend_on_order_or_budget(tmp_path):
     """Each problem's samples derive from (seed, problem id, prompt): the order of the problems,
     a resumed run or a tight KV budget (preemptions) does not change them; another seed does."""
     model = tiny_model()
-    problems = [{"id": name, "question": q, "answer": "3"} for name, q in zip("abc", QUESTIONS)]
+    problems = [{"id": name, "question": q, "answer": "3"} for name, q in zip("abc", QUESTIONS, strict=True)]
     kw = dict(prefix_tokens=4, rollouts=8, traces=3, max_new_tokens=10, temperature=1.0,
               top_p=1.0, checker=lambda text, answer: "3" in text.split(), progress=False)
     runs = {}

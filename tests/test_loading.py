@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from stopkit import loading
-from stopkit.loading import (DEFAULT_TEMPLATE, INSTRUCTION, PromptFormat, load_problems,
-                             prompt_ids)
+from stopkit.loading import DEFAULT_TEMPLATE, INSTRUCTION, PromptFormat, load_problems, prompt_ids
 
 
 # ---- benchmark files -----------------------------------------------------------------------------
@@ -63,14 +62,14 @@ def test_gpqa_becomes_multiple_choice_with_a_reproducible_shuffle(tmp_path):
     rows = gpqa_rows(40)
     f = write_jsonl(tmp_path / "gpqa.jsonl", rows)
     probs = load_problems(f)
-    for row, p in zip(rows, probs):
+    for row, p in zip(rows, probs, strict=True):
         letter = p["answer"]
         assert letter in "ABCD" and len(letter) == 1
         assert sorted(p["choices"]) == sorted(row[k] for k in loading.GPQA_KEYS[1:])
         assert p["choices"]["ABCD".index(letter)] == row["Correct Answer"]
         lines = p["question"].split("\n")
         assert lines[0] == row["Question"] and lines[1] == ""
-        assert lines[2:] == [f"{c}) {t}" for c, t in zip("ABCD", p["choices"])]
+        assert lines[2:] == [f"{c}) {t}" for c, t in zip("ABCD", p["choices"], strict=True)]
     letters = Counter(p["answer"] for p in probs)
     assert len(letters) == 4 and max(letters.values()) < 25  # shuffled, not always A
     # the same letters on every load and in any row order (the seed is the question's)
@@ -88,8 +87,8 @@ def test_gpqa_becomes_multiple_choice_with_a_reproducible_shuffle(tmp_path):
     ('[{"problem": "p", "answer": 1}, 3]', r"item 1 of the array must be a JSON object"),
     ('{"question": "q", "answer": ""}\n', r"bad\.jsonl:1: the answer must be"),
     ('{"question": "", "answer": "1"}\n', r"bad\.jsonl:1: 'question' must be"),
-    ('{"Question": "q", "Correct Answer": "a", "Incorrect Answer 1": "b", '
-     '"Incorrect Answer 2": "", "Incorrect Answer 3": "d"}\n', r"bad\.jsonl:1: GPQA fields"),
+    (('{"Question": "q", "Correct Answer": "a", "Incorrect Answer 1": "b", '
+     '"Incorrect Answer 2": "", "Incorrect Answer 3": "d"}\n'), r"bad\.jsonl:1: GPQA fields"),
     ("[]", "holds no problems"),
 ])
 def test_bad_files_name_the_place(tmp_path, content, match):
@@ -243,5 +242,5 @@ def test_converted_gguf_is_cached_and_loads_back(tmp_path, monkeypatch):
 def test_find_packaged_gguf_names_the_missing_package():
     with pytest.raises(FileNotFoundError, match="not installed"):
         loading.find_packaged_gguf("stopkit_no_such_package")
-    with pytest.raises(FileNotFoundError, match="one .gguf"):
+    with pytest.raises(FileNotFoundError, match=r"one \.gguf"):
         loading.find_packaged_gguf("stopkit")

@@ -6,8 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stopkit.methods import (METHOD_KINDS, TYPE_NAMES, length_limit, method_type, model_dtype,
-                             model_path, parse_method, right_pad)
+from stopkit.methods import (
+    METHOD_KINDS,
+    TYPE_NAMES,
+    length_limit,
+    method_type,
+    model_dtype,
+    model_path,
+    parse_method,
+    right_pad,
+)
 
 
 @pytest.mark.parametrize("spec, kind, path, typ", [
@@ -86,7 +94,7 @@ def test_model_path(tmp_path):
     assert model_path("org/name", "x") == "org/name"  # a hub id is left to transformers
     with pytest.raises(FileNotFoundError, match="no verifier model at /no/such/dir"):
         model_path("/no/such/dir", "verifier model")
-    with pytest.raises(FileNotFoundError, match="no embedding model at ./missing"):
+    with pytest.raises(FileNotFoundError, match=r"no embedding model at \./missing"):
         model_path("./missing", "embedding model")
 
 

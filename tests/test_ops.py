@@ -124,7 +124,7 @@ def test_write_kv_native_checks_slots(bad):
     before = [kw[n].clone() for n in ("k_cache", "v_cache")]
     with pytest.raises(ValueError, match="slot_mapping"):
         ops.write_kv(**kw, check_indices=False)
-    assert all(torch.equal(kw[n], b) for n, b in zip(("k_cache", "v_cache"), before))
+    assert all(torch.equal(kw[n], b) for n, b in zip(("k_cache", "v_cache"), before, strict=True))
 
 
 @pytest.mark.parametrize("rule", WRITE_BAD)
@@ -136,7 +136,7 @@ def test_write_kv_bad_input(rule):
     with pytest.raises(exc, match=pattern):
         ops.write_kv(**kw)
     after = [t for t in (kw["k_cache"], kw["v_cache"]) if isinstance(t, torch.Tensor) and t.device != META]
-    assert all(torch.equal(a, b) for a, b in zip(before, after)), "a rejected call changed the cache"
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "a rejected call changed the cache"
 
 
 # ---- copy_blocks ----
@@ -233,7 +233,7 @@ def test_stop_score(device, dtypes, layer, norm, bias):
 
 
 @pytest.mark.parametrize("B,d,h", [(1, 1100, 70), (19, 513, 33), (8, 40, 32), (70, 2048, 200)],
-                         ids=lambda v: str(v))
+                         ids=str)
 @pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.bfloat16, torch.float16)],
                          ids=lambda d: "hidden={}-weights={}".format(*(str(x)[6:] for x in d)))
 def test_stop_score_hidden_layer_tiles(device, B, d, h, dtypes):

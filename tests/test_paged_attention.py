@@ -22,11 +22,11 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+from _cpu import ISA_FLAGS, KERNEL_THREADS, cpu_flags, runnable_isas, using_isa, using_threads
 from conftest import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _cpu import ISA_FLAGS, KERNEL_THREADS, cpu_flags, runnable_isas, using_isa, using_threads
 from stopkit import _C, ops, reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -395,7 +395,7 @@ def test_set_isa_refuses_builds_the_processor_cannot_run():
             else:
                 with pytest.raises(ValueError, match=f"^stopkit: isa {isa}: this processor cannot run"):
                     _C.set_isa(isa)
-        with pytest.raises(ValueError, match="isa must be a build this module has .*generic.*, got sse9$"):
+        with pytest.raises(ValueError, match=r"isa must be a build this module has .*generic.*, got sse9$"):
             _C.set_isa("sse9")
     finally:
         _C.set_isa(default)

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from _cpu import kernel_threads  # noqa: F401 (a fixture)
 from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _cpu import kernel_threads  # noqa: F401 (a fixture)
 from stopkit import _C, ops, reference
 from stopkit.cache import PagedKVCache
 from stopkit.pruning import PruneResult, prune
@@ -40,7 +40,8 @@ def filled_cache(gen: torch.Generator, dtype=torch.float32, prompt_lens=(13, 30)
 @pytest.mark.parametrize("prompt_lens", [(13, 30), (_C.split_keys() + 188, 2 * _C.split_keys() + 76)],
                          ids=["short", "long"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kept_rows_attend_exactly_as_before(dtype, prompt_lens, kernel_threads):
+@pytest.mark.usefixtures("kernel_threads")
+def test_kept_rows_attend_exactly_as_before(dtype, prompt_lens):
     """The kept rows' attention is the same bits after pruning, at each of KERNEL_THREADS kernel
     threads. The guarantee: exact for a fixed split plan. On the CPU a row's plan (its chunks of
     _C.split_keys() keys, merged in order) follows its own length only, never the batch or the
@@ -73,7 +74,7 @@ def test_kept_rows_attend_exactly_as_before(dtype, prompt_lens, kernel_threads):
     assert torch.equal(cache.storage, storage)  # compaction moved no KV
     assert torch.equal(cache.seq_lens, lens[result.kept])
     after = attend(result.kept)
-    for (out0, lse0), (out1, lse1) in zip(before, after):
+    for (out0, lse0), (out1, lse1) in zip(before, after, strict=True):
         assert torch.equal(out0[result.kept], out1) and torch.equal(lse0[result.kept], lse1)
 
 

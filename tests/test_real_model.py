@@ -69,7 +69,7 @@ def test_engine_greedy_equals_transformers_generate(smollm2):
     prompts = [prompt_ids(tok, q, template="{question}", system="You are a concise assistant.")
                for q in questions]
     got = Engine(model).generate(prompts, max_new_tokens=24, temperature=0.0)
-    for prompt, samples in zip(prompts, got):
+    for prompt, samples in zip(prompts, got, strict=True):
         want = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
         assert samples == [want[0, len(prompt):].tolist()]
 
@@ -83,7 +83,7 @@ def test_answers_are_found_in_the_models_own_outputs(smollm2):
     texts = [tok.decode(o[0], skip_special_tokens=True) for o in outputs]
     found = [extract_answer(t) for t in texts]
     numbers = [a for a in found if a is not None and re.fullmatch(r"-?[\d,]+(?:\.\d+)?", a)]
-    assert len(numbers) >= 6, list(zip(found, [t[-120:] for t in texts]))
+    assert len(numbers) >= 6, list(zip(found, [t[-120:] for t in texts], strict=True))
 
 
 def _cli(argv):
@@ -114,7 +114,7 @@ def test_label_train_eval_end_to_end(smollm2, tmp_path):
     problems = tmp_path / "problems.jsonl"
     answers = ["10", "21", "8"]
     problems.write_text("".join(json.dumps({"id": i, "question": q, "answer": a}) + "\n"
-                                for i, (q, a) in enumerate(zip(QUESTIONS[:3], answers))))
+                                for i, (q, a) in enumerate(zip(QUESTIONS[:3], answers, strict=True))))
     model = ["--model", str(GGUF), "--dtype", "float32"]
     prompt = ["--prompt-template", TEMPLATE]
     labels = tmp_path / "labels.jsonl"

@@ -13,8 +13,14 @@ from test_stop import head_of, peft_twin, two_stage_reference
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from stopkit.reasoner import (ParallelReasoner, Solution, confidence_score, default_extractor,
-                              entropy_score, vote)
+from stopkit.reasoner import (
+    ParallelReasoner,
+    Solution,
+    confidence_score,
+    default_extractor,
+    entropy_score,
+    vote,
+)
 from stopkit.stop import StopScorer
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", *map(str, range(10)), "+", "=", "answer:", "so", "is", "x",
@@ -103,7 +109,7 @@ def _hf_stop_scores(scorer: StopScorer, prompt: list[int], prefixes: dict) -> di
     factors: the prefix without the adapter, then the [STOP] tokens with it, final norm -> head."""
     ref = two_stage_reference(peft_twin(scorer), scorer.token.detach(), scorer.num_tokens,
                               head_of(scorer), [prompt + p for p in prefixes.values()])
-    return dict(zip(prefixes, ref.tolist()))
+    return dict(zip(prefixes, ref.tolist(), strict=True))
 
 
 # ---- pure functions ---------------------------------------------------------------------------
@@ -129,7 +135,7 @@ def test_vote_random_against_counting():
         weights = [rng.choice([0.5, 1.0, 2.0]) for _ in answers]
         winner, totals = vote(answers, weights)
         expect = {}
-        for a, w in zip(answers, weights):
+        for a, w in zip(answers, weights, strict=True):
             if a is not None:
                 expect[a] = expect.get(a, 0.0) + w
         assert totals == pytest.approx(expect)
@@ -206,7 +212,7 @@ def test_pruning_method(method, reasoner, tiny, full):
     unfinished = [i for i, p in enumerate(full.paths) if not p.finished_in_prefix]
     assert len(unfinished) == 6
     # prefixes and resumed paths are exactly those of the no-pruning run (per-path random streams)
-    for i, (p, f) in enumerate(zip(sol.paths, full.paths)):
+    for i, (p, f) in enumerate(zip(sol.paths, full.paths, strict=True)):
         assert p.finished_in_prefix == f.finished_in_prefix
         if p.pruned:
             assert i in unfinished and p.tokens == f.tokens[:6] and p.answer is None
@@ -217,7 +223,7 @@ def test_pruning_method(method, reasoner, tiny, full):
     # exact accounting
     assert sol.generated_tokens == sum(len(p.tokens) for p in sol.paths)
     assert sol.generated_tokens == (full.generated_tokens
-                                    - sum(len(f.tokens) - 6 for p, f in zip(sol.paths, full.paths)
+                                    - sum(len(f.tokens) - 6 for p, f in zip(sol.paths, full.paths, strict=True)
                                           if p.pruned))
     assert sol.scoring_tokens == (4 * len(unfinished) if method == "stop" else 0)
     # the kept paths are the best 3 unfinished ones by score (ties to the earlier path)
@@ -314,7 +320,7 @@ def test_schedule(reasoner, tiny, full):
         assert (p.score is None) == (expect is None)
         if expect is not None:
             assert p.score == pytest.approx(expect, rel=1e-5)
-    for p, f, end in zip(sol.paths, full.paths, ends):
+    for p, f, end in zip(sol.paths, full.paths, ends, strict=True):
         assert p.tokens == (f.tokens[:len(p.tokens)] if p.pruned else f.tokens)
         assert p.finished_in_prefix == (end <= 4)
     assert sol.generated_tokens == sum(lens)
@@ -371,7 +377,7 @@ def test_early_stop(reasoner, full):
     assert max(len(p.tokens) for p in sol.paths) == stop_at
     assert sol.answer == "A" and sol.votes["A"] == sum(e <= stop_at for e in ends) >= 2
     assert sol.generated_tokens == sum(len(p.tokens) for p in sol.paths) < full.generated_tokens
-    for p, f in zip(sol.paths, full.paths):
+    for p, f in zip(sol.paths, full.paths, strict=True):
         assert p.tokens == f.tokens[:len(p.tokens)]
     # a threshold no answer reaches changes nothing
     never = reasoner.solve(QUESTION, method="full", early_stop=99, **run)
@@ -471,7 +477,8 @@ def test_stop_needs_a_matching_scorer(tiny, monkeypatch):
 
 # ---- external methods (the paper's Types I and II) ----------------------------------------------
 def _classifier(path):
-    from transformers import LlamaConfig as Cfg, LlamaForSequenceClassification
+    from transformers import LlamaConfig as Cfg
+    from transformers import LlamaForSequenceClassification
 
     from stopkit.toy.tokenizer import build_tokenizer
 
@@ -505,7 +512,7 @@ def test_external_methods(kind, tiny, full, tmp_path):
     assert [sol.paths[i].score for i in unfinished] == pytest.approx(expect, rel=1e-5)
     best = sorted(range(len(unfinished)), key=lambda j: (-expect[j], j))[:3]
     assert sorted(unfinished[j] for j in best) == [i for i in unfinished if not sol.paths[i].pruned]
-    for p, f in zip(sol.paths, full.paths):
+    for p, f in zip(sol.paths, full.paths, strict=True):
         assert p.tokens == (f.tokens[:6] if p.pruned else f.tokens)
     assert sol.external_tokens == fresh.tokens and (fresh.tokens > 0) == (kind == "verifier")
     assert sol.scoring_tokens == 0

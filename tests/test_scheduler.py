@@ -251,7 +251,7 @@ def test_fork_continues_a_row_as_a_fresh_request_would():
     engine.end_rows(traces.rows, "length")
     while engine.has_unfinished():
         engine.step()
-    for row, fork in zip(traces.rows, forks):
+    for row, fork in zip(traces.rows, forks, strict=True):
         assert len(row.tokens) == 7 and row.finish_reason == "length"
         expect = Engine(model).generate([row.prompt + row.tokens], n=4, max_new_tokens=20,
                                         **{**SAMPLED, "seed": 5})[0]

@@ -30,6 +30,7 @@ openai = pytest.importorskip("openai")
 
 import torch  # noqa: E402
 import uvicorn  # noqa: E402
+
 text_string_to_metric_families = pytest.importorskip(
     "prometheus_client.parser").text_string_to_metric_families
 
@@ -170,7 +171,7 @@ def assert_same(body: dict, sol, prompt_tokens: int) -> None:
     assert st["paths"]["launched"] == len(sol.paths)
     assert st["paths"]["pruned"] == sum(p.pruned for p in sol.paths)
     assert len(body["choices"]) == len(voters)
-    for choice, (i, path) in zip(body["choices"], voters):
+    for choice, (i, path) in zip(body["choices"], voters, strict=True):
         assert choice["stopkit"]["path"] == i
         assert choice["stopkit"]["token_ids"] == path.tokens
         assert choice["finish_reason"] == {"eos": "stop", "length": "length"}[path.finish_reason]
@@ -211,7 +212,7 @@ def test_32_concurrent_requests_equal_solve(served, reference):
     for m, (method, keep, seed) in enumerate(METHODS):
         sols = reference.solve_batch(questions[m::4], **{**SOLVE, "method": method, "keep": keep,
                                                          "seed": seed})
-        for i, sol in zip(range(m, 32, 4), sols):
+        for i, sol in zip(range(m, 32, 4), sols, strict=True):
             body = responses[i].model_dump()
             assert body["object"] == ("chat.completion" if i % 2 else "text_completion")
             assert body["stopkit"]["method"] == method and body["stopkit"]["seed"] == seed
@@ -313,7 +314,7 @@ def blocks_of(engine: Engine, prompt: list[int]) -> set[int]:
     sched, cache = engine.scheduler, engine.cache
     rows = [r for r in sched.running if r.prompt == prompt]
     out = set()
-    for r, i in zip(rows, sched.index_of(rows)):
+    for _r, i in zip(rows, sched.index_of(rows), strict=True):
         n = -(-int(cache.seq_lens[i]) // cache.block_size)
         out.update(cache.block_table[i, :n].tolist())
     return out

@@ -12,8 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from stopkit.similarity import (SimilarityScorer, TfidfEmbedding, TransformersEmbedding,
-                                consensus_scores, cosine_matrix, diversity_order)
+from stopkit.similarity import (
+    SimilarityScorer,
+    TfidfEmbedding,
+    TransformersEmbedding,
+    cosine_matrix,
+    diversity_order,
+)
 from stopkit.toy.task import apply_op, generate, quick_op
 from stopkit.toy.tokenizer import build_tokenizer
 
@@ -164,7 +169,7 @@ def test_consensus_ranks_majority_answer_paths_above_an_outlier_on_the_toy_task(
     prefixes = [tok.decode(x) for x in ids]
     scores = SimilarityScorer().score(problem.question, prefixes, ids)
     outlier = scores[-1]
-    assert all(s > outlier for s, a in zip(scores, answers) if a == majority)
+    assert all(s > outlier for s, a in zip(scores, answers, strict=True) if a == majority)
     assert min(range(len(scores)), key=lambda i: scores[i]) == len(scores) - 1
 
 

@@ -16,8 +16,14 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
-from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from stopkit.engine import Engine
 from stopkit.stop import ASSESS_TOKEN, StopScorer
@@ -228,7 +234,7 @@ def test_new_is_seeded_and_leaves_global_rng():
     assert torch.equal(torch.get_rng_state(), before)
     b = StopScorer.new(model, lora_rank=4, seed=3, token_id=token_id)
     c = StopScorer.new(model, lora_rank=4, seed=4)
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
     assert not torch.equal(a.loras[0].A, c.loras[0].A)
     assert torch.equal(a.token, model.get_input_embeddings().weight[token_id])
@@ -253,7 +259,7 @@ def test_save_load_round_trip(tmp_path, head_hidden):
     assert sorted(written["target_modules"]) == ["q_proj", "v_proj"]
     assert (loaded.lora_dropout, loaded.lora_alpha) == (0.125, 16)
     assert scorer.state_dict().keys() == loaded.state_dict().keys()
-    for (name, x), y in zip(scorer.state_dict().items(), loaded.state_dict().values()):
+    for (name, x), y in zip(scorer.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
     batch = prefixes((2, 19, 31))
     assert torch.equal(loaded.score(batch), scorer.score(batch))
@@ -394,7 +400,7 @@ def test_save_in_authors_layout(tmp_path, caplog):
     torch.testing.assert_close(ref, got, atol=1e-5, rtol=1e-5)
     loaded = StopScorer.load(path, model)
     assert loaded.num_tokens == 3
-    for (name, x), y in zip(scorer.state_dict().items(), loaded.state_dict().values()):
+    for (name, x), y in zip(scorer.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
     assert torch.equal(loaded.score(batch), got)
 
@@ -422,7 +428,7 @@ def test_authors_layout_in_the_model_dtype(tmp_path):
     loaded = StopScorer.load(tmp_path, model)
     assert torch.equal(loaded.head.weight, scorer.head.weight.to(torch.bfloat16).float())
     assert torch.equal(loaded.token, scorer.token.to(torch.bfloat16).float())
-    for a, b in zip(scorer.loras, loaded.loras):
+    for a, b in zip(scorer.loras, loaded.loras, strict=True):
         assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
 
 
@@ -469,7 +475,7 @@ def test_missing_file_lists_layout(tmp_path, layout, missing, listed):
 
 def test_not_a_checkpoint(tmp_path):
     model = tiny_model()
-    with pytest.raises(FileNotFoundError, match="stop_config.json.*assess_token_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"stop_config\.json.*assess_token_config\.json"):
         StopScorer.load(tmp_path, model)  # empty directory
     with pytest.raises(FileNotFoundError, match="no StopScorer checkpoint directory"):
         StopScorer.load(tmp_path / "nowhere", model)
@@ -494,7 +500,7 @@ def test_bad_arguments():
         StopScorer.new(model, num_tokens=17)
     with pytest.raises(ValueError, match="lora_rank"):
         StopScorer.new(model, lora_rank=0)
-    with pytest.raises(ValueError, match="match no nn.Linear"):
+    with pytest.raises(ValueError, match=r"match no nn\.Linear"):
         StopScorer.new(model, targets=("q_proj", "nope"))
     with pytest.raises(ValueError, match="token_id"):
         StopScorer.new(model, token_id=VOCAB)

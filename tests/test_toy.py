@@ -71,7 +71,7 @@ def test_sampled_solutions_slip_at_their_rates_and_never_recover(seed):
         assert task.extract_answer(text) == got[-1][3]
         step = task.quick_op if task.is_quick(text) else task.apply_op
         wrong = [y != step(x, op, c) for x, op, c, y in got]
-        for (op, c), w in zip(p.ops, wrong):
+        for (op, c), w in zip(p.ops, wrong, strict=True):
             key = task.slip_rate(op, c)
             slips[key] = slips.get(key, 0) + w
             steps[key] = steps.get(key, 0) + 1
@@ -92,7 +92,7 @@ def test_quick_traces_carry_the_misconception(seed):
     hits = 0
     for p in task.generate(300, seed):
         quick_chain = p.chain(task.quick_op)
-        met = any(op == "-" and c > x for x, (op, c) in zip([p.start] + quick_chain[:-1], p.ops))
+        met = any(op == "-" and c > x for x, (op, c) in zip([p.start] + quick_chain[:-1], p.ops, strict=True))
         hits += met
         # without slips a quick trace writes the quick chain, and ends wrong exactly when it met a
         # subtraction of a larger number (and did not land back on the answer by chance)
@@ -176,7 +176,7 @@ def test_shipped_model_matches_tokenizer(shipped):
     assert tok.get_vocab() == build_tokenizer().get_vocab()
     assert model.config.vocab_size == len(tok)
     assert model.generation_config.eos_token_id == tok.eos_token_id
-    with pytest.raises(FileNotFoundError, match="stopkit.toy.build"):
+    with pytest.raises(FileNotFoundError, match=r"stopkit\.toy\.build"):
         toy.load_model(path=toy.ASSETS / "missing")
     with pytest.raises(TypeError, match="dtype"):
         toy.load_model(dtype=torch.int32)
@@ -192,7 +192,7 @@ def test_shipped_model_greedy_solves_easy_problems(shipped, seed):
     with torch.no_grad():
         out = model.generate(**enc, do_sample=False, max_new_tokens=100)
     right = 0
-    for p, row in zip(problems, out[:, enc["input_ids"].shape[1]:]):
+    for p, row in zip(problems, out[:, enc["input_ids"].shape[1]:], strict=True):
         assert tok.eos_token_id in row.tolist()
         text = tok.decode(row, skip_special_tokens=True)
         steps = task.extract_steps(text)
@@ -212,7 +212,7 @@ def test_first_slip_finds_the_first_wrong_step(seed):
         assert first_slip(p, p.solution) is None
         text = p.sample_solution(rng)
         ref = p.chain(task.quick_op if task.is_quick(text) else task.apply_op)
-        wrong = [i for i, ((x, op, c, y), v) in enumerate(zip(task.extract_steps(text), ref))
+        wrong = [i for i, ((x, op, c, y), v) in enumerate(zip(task.extract_steps(text), ref, strict=True))
                  if y != v]
         assert first_slip(p, text) == (wrong[0] if wrong else None)
         cut = p.solution.split(" #4 ")[0]

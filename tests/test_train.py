@@ -8,20 +8,32 @@ import argparse
 import itertools
 import json
 import logging
-import math
 import random
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from stopkit.answers import (answers_equal, check_answer, extract_answer, load_checker,
-                             normalize_answer)
+from stopkit.answers import (
+    answers_equal,
+    check_answer,
+    extract_answer,
+    load_checker,
+    normalize_answer,
+)
 from stopkit.cli import build_parser, main
 from stopkit.label import label_statistics
 from stopkit.stop import StopScorer
-from stopkit.train import (auroc, check_records, evaluate_scorer, load_labels, metrics,
-                           pair_accuracy, split_by_problem, train_scorer)
+from stopkit.train import (
+    auroc,
+    check_records,
+    evaluate_scorer,
+    load_labels,
+    metrics,
+    pair_accuracy,
+    split_by_problem,
+    train_scorer,
+)
 
 STOP_TOKEN = "[STOP]"
 
@@ -201,7 +213,7 @@ DIFFICULTY = [("a", 0.0), ("a", 0.0), ("b", 1.0), ("b", 1.0), ("c", 0.0), ("c", 
 def difficulty_records(model=None) -> list[dict]:
     ids = torch.randint(4, VOCAB, (len(DIFFICULTY), 6)).tolist()
     return [{"id": pid, "prefix_token_ids": p, "soft_label": label}
-            for (pid, label), p in zip(DIFFICULTY, ids)]
+            for (pid, label), p in zip(DIFFICULTY, ids, strict=True)]
 
 
 def test_difficulty_filter(tmp_path, caplog):
@@ -264,7 +276,7 @@ def test_training_step_uses_the_soft_label_cross_entropy():
     scorer = StopScorer.new(model, lora_rank=4, seed=5, lora_dropout=0.0)
     records = synthetic(model, 6)
     p = torch.tensor([0.1, 0.3, 0.6, 0.8, 0.25, 0.9], dtype=torch.float64)
-    for r, label in zip(records, p.tolist()):
+    for r, label in zip(records, p.tolist(), strict=True):
         r["soft_label"] = label
     features = []
     handle = scorer.head.register_forward_pre_hook(lambda m, args: features.append(args[0].detach()))
@@ -279,7 +291,7 @@ def test_training_step_uses_the_soft_label_cross_entropy():
     target = torch.stack([1 - p, p], dim=1)
     loss = (-(1 - p) * q[:, 0].log() - p * q[:, 1].log()).mean()
     grad_w, grad_b = (q - target).T @ x / len(p), (q - target).mean(0)
-    assert 0.02 < q[:, 1].min() and q[:, 1].max() < 0.98 and grad_w.abs().max() > 1e-3
+    assert q[:, 1].min() > 0.02 and q[:, 1].max() < 0.98 and grad_w.abs().max() > 1e-3
 
     grads = {}
 

@@ -60,15 +60,24 @@ def save(model, tok, path):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Saved tiny checkpoints by name."""
-    from transformers import (BertConfig, BertModel, LlamaConfig, LlamaForCausalLM,
-                              LlamaForSequenceClassification, LlamaForTokenClassification,
-                              Qwen2Config, Qwen2ForSequenceClassification, Qwen2Model)
+    from transformers import (
+        BertConfig,
+        BertModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+        LlamaForTokenClassification,
+        Qwen2Config,
+        Qwen2ForSequenceClassification,
+        Qwen2Model,
+    )
 
     torch.manual_seed(20260)
     out = {}
     root = tmp_path_factory.mktemp("verifiers")
     plain, marked = tokenizer(), tokenizer(marker=True)
-    llama = lambda **kw: LlamaConfig(vocab_size=len(plain), pad_token_id=plain.pad_token_id, **TINY, **kw)
+    def llama(**kw):
+        return LlamaConfig(vocab_size=len(plain), pad_token_id=plain.pad_token_id, **TINY, **kw)
     out["cls2"] = save(LlamaForSequenceClassification(llama(num_labels=2)), plain, root / "cls2")
     out["cls1"] = save(LlamaForSequenceClassification(llama(num_labels=1)), plain, root / "cls1")
     out["cls3"] = save(LlamaForSequenceClassification(llama(num_labels=3)), plain, root / "cls3")
@@ -320,7 +329,7 @@ def test_remote_code_only_checkpoint_is_a_clear_error(tmp_path):
         "model_type": "my_custom_rm", "architectures": ["MyCustomRewardModel"],
         "auto_map": {"AutoConfig": "configuration_custom.MyConfig",
                      "AutoModel": "modeling_custom.MyCustomRewardModel"}}))
-    with pytest.raises(ValueError, match="cannot read its config without remote code.*supported"):
+    with pytest.raises(ValueError, match=r"cannot read its config without remote code.*supported"):
         Verifier.load(tmp_path)
 
 

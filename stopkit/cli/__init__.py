@@ -16,6 +16,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import TextIO
 
 from stopkit.cli.args import Parser, add_global_flags
 from stopkit.cli.errors import UserError
@@ -54,11 +55,11 @@ class _StderrHandler(logging.StreamHandler):
         self.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
 
     @property
-    def stream(self):
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:
+    def stream(self, value: TextIO) -> None:
         pass
 
 

@@ -4,6 +4,7 @@ option groups of the commands that run a model."""
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
 
 from stopkit._checks import check_real
 from stopkit.cli.errors import UserError
@@ -19,7 +20,7 @@ class Parser(argparse.ArgumentParser):
     main as ``stopkit solve: argument --n: invalid int value: 'x'``) instead of printing the usage
     and exiting."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         raise UserError(message, prog=self.prog)
 
 
@@ -33,7 +34,8 @@ def add_global_flags(parser: argparse.ArgumentParser, *, suppress: bool = False)
                         help="on an error, show the Python traceback instead of one line")
 
 
-def add_command(subparsers, name: str, *, help: str, description: str, examples: str) -> Parser:
+def add_command(subparsers: argparse._SubParsersAction[Parser], name: str, *, help: str,
+                description: str, examples: str) -> Parser:
     """A command's parser, with its examples under the options in ``--help``."""
     p = subparsers.add_parser(name, help=help, description=description,
                               epilog="examples:\n" + examples.strip("\n"),
@@ -169,7 +171,7 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                         "(default: <extra_0> when its tokenizer has it)")
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
+def add_sampling_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The paths, the check and the vote: --n, --keep, --prefix-tokens, --max-new-tokens, --vote,
     --temperature, --top-p, --early-stop."""
     p.add_argument("--n", type=int, default=64, help="paths launched per question (default 64)")

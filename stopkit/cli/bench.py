@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from stopkit.cli.args import add_command
+from stopkit.cli.args import Parser, add_command
 from stopkit.cli.errors import UserError
 from stopkit.cli.inputs import output_file
 
@@ -32,7 +32,7 @@ EXAMPLES = """
 """
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
     p = add_command(subparsers, "bench", help="run the microbenchmarks (pytest-benchmark)",
                     description=__doc__, examples=EXAMPLES)
     p.add_argument("--dir", default=None,
@@ -56,6 +56,7 @@ def find_bench_dir() -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    bench_dir: Path | None
     if args.dir is not None:
         bench_dir = Path(args.dir)
         if not bench_dir.is_dir():

@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 
-from stopkit.cli.args import add_command, int_list, name_list
+from stopkit.cli.args import Parser, add_command, int_list, name_list
 from stopkit.cli.errors import options
 from stopkit.cli.inputs import output_file
 from stopkit.toy.demo import DemoConfig, run_demo
@@ -26,7 +26,7 @@ EXAMPLES = """
 """
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
     d = DemoConfig()
     p = add_command(subparsers, "demo", help="STOP vs full decoding and baselines on the embedded toy task",
                     description=__doc__, examples=EXAMPLES)

@@ -26,9 +26,18 @@ import argparse
 import contextlib
 
 from stopkit._checks import check_int
-from stopkit.cli.args import (add_command, add_engine_args, add_method_args, add_model_args,
-                              add_prompt_args, add_ray_args, add_sampling_args, int_list,
-                              name_list)
+from stopkit.cli.args import (
+    Parser,
+    add_command,
+    add_engine_args,
+    add_method_args,
+    add_model_args,
+    add_prompt_args,
+    add_ray_args,
+    add_sampling_args,
+    int_list,
+    name_list,
+)
 from stopkit.cli.errors import UserError, options
 from stopkit.cli.inputs import load_checker, load_problems, load_reasoner, output_dir, ray_pool
 from stopkit.cli.solve import check_solve_options
@@ -50,7 +59,7 @@ whose last \\boxed{} is taken); GPQA rows become multiple choice.
 """
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
     p = add_command(subparsers, "eval", help="compare pruning methods on a benchmark",
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=True)

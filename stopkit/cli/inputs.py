@@ -8,9 +8,20 @@ import argparse
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from stopkit._checks import check_int
 from stopkit.cli.errors import UserError, one_line, options, reading
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from stopkit.answers import Checker
+    from stopkit.distributed import ModelSpec, RayPool
+    from stopkit.engine import Engine
+    from stopkit.loading import PromptFormat
+    from stopkit.reasoner import ParallelReasoner
+    from stopkit.stop import StopScorer
 
 __all__ = ["load_model", "load_scorer", "load_reasoner", "load_problems", "load_checker",
            "ray_pool", "output_dir", "output_file"]
@@ -19,7 +30,7 @@ __all__ = ["load_model", "load_scorer", "load_reasoner", "load_problems", "load_
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace | ModelSpec) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) from ``--model`` with ``--dtype`` on ``--device``."""
     from stopkit.loading import load_model as load  # noqa: PLC0415 (transformers)
 
@@ -39,7 +50,7 @@ def load_model(args: argparse.Namespace):
         return load(args.model, dtype=args.dtype, device=args.device or "cpu")
 
 
-def load_scorer(flag: str, path: str, model):
+def load_scorer(flag: str, path: str, model: PreTrainedModel) -> StopScorer:
     """A StopScorer checkpoint bound to ``model``: a missing or corrupt file, or a checkpoint of
     another model (its hidden size or LoRA shapes differ) is a UserError."""
     from stopkit.stop import StopScorer  # noqa: PLC0415
@@ -48,7 +59,7 @@ def load_scorer(flag: str, path: str, model):
         return StopScorer.load(path, model)
 
 
-def prompt_format(args: argparse.Namespace):
+def prompt_format(args: argparse.Namespace | ModelSpec) -> PromptFormat:
     """The PromptFormat of ``add_prompt_args``'s options; a bad value is a UserError."""
     from stopkit.loading import PromptFormat  # noqa: PLC0415
 
@@ -57,7 +68,7 @@ def prompt_format(args: argparse.Namespace):
                             reasoning_effort=args.reasoning_effort)
 
 
-def make_engine(args: argparse.Namespace, model):
+def make_engine(args: argparse.Namespace | ModelSpec, model: PreTrainedModel) -> Engine:
     """A stopkit.Engine on ``model`` with the budget options of ``add_engine_args``; a bad value
     is a UserError naming the option."""
     from stopkit.engine import Engine  # noqa: PLC0415
@@ -73,14 +84,14 @@ def make_engine(args: argparse.Namespace, model):
         raise UserError(f"{flag}: {e}") from e
 
 
-def load_reasoner(args: argparse.Namespace):
+def load_reasoner(args: argparse.Namespace | ModelSpec) -> ParallelReasoner:
     """A ParallelReasoner on ``--model`` with the StopScorer of ``--adapter`` when given, on an
     engine with the budget options."""
     from stopkit.reasoner import ParallelReasoner  # noqa: PLC0415
 
     model, tokenizer = load_model(args)
     scorer = load_scorer("--adapter", args.adapter, model) if args.adapter else None
-    external = {}
+    external: dict[str, Any] = {}
     if hasattr(args, "similarity_diversity"):
         external = dict(similarity_diversity=args.similarity_diversity,
                         external_device=args.external_device,
@@ -90,7 +101,7 @@ def load_reasoner(args: argparse.Namespace):
                             prompt=prompt_format(args), **external)
 
 
-def ray_pool(args: argparse.Namespace):
+def ray_pool(args: argparse.Namespace) -> RayPool | None:
     """A started stopkit.distributed.RayPool of ``--ray``, ``--workers``, ``--worker-threads`` and
     the model options (every worker has loaded the model); None without ``--ray``. A missing Ray,
     a cluster that cannot be reached or cannot hold the workers, and a model or adapter a worker
@@ -128,7 +139,7 @@ def load_problems(flag: str, path: str) -> list[dict]:
         return load(path)
 
 
-def load_checker(spec: str | None):
+def load_checker(spec: str | None) -> Checker:
     """The answer checker ``module:function`` of ``--checker`` (None: the built-in one)."""
     from stopkit.answers import load_checker as load  # noqa: PLC0415
 

@@ -18,11 +18,25 @@ import argparse
 import json
 
 from stopkit._checks import check_int
-from stopkit.cli.args import (add_command, add_engine_args, add_model_args, add_prompt_args,
-                              add_ray_args, check_sampling_args)
+from stopkit.cli.args import (
+    Parser,
+    add_command,
+    add_engine_args,
+    add_model_args,
+    add_prompt_args,
+    add_ray_args,
+    check_sampling_args,
+)
 from stopkit.cli.errors import UserError, options
-from stopkit.cli.inputs import (load_checker, load_model, load_problems, make_engine, output_file,
-                                prompt_format, ray_pool)
+from stopkit.cli.inputs import (
+    load_checker,
+    load_model,
+    load_problems,
+    make_engine,
+    output_file,
+    prompt_format,
+    ray_pool,
+)
 
 MAX_NEW_TOKENS = 16384  # stopkit.label.MAX_NEW_TOKENS (not imported: parsing stays cheap)
 
@@ -38,7 +52,7 @@ problems JSONL: one {"question": ..., "answer": ..., "id": optional} per line.
 """
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
     p = add_command(subparsers, "label", help="Monte-Carlo labels of reasoning prefixes (JSONL)",
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=False)

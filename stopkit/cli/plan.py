@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from stopkit.cli.args import add_command
+from stopkit.cli.args import Parser, add_command
 from stopkit.cli.errors import options
 from stopkit.planner import plan
 
@@ -20,7 +20,7 @@ EXAMPLES = """
 """
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
     p = add_command(subparsers, "plan", help="largest N of paths that fits a token budget",
                     description=__doc__, examples=EXAMPLES)
     p.add_argument("--budget", type=int, required=True, help="token budget per question")

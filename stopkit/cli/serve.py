@@ -14,8 +14,15 @@ import logging
 import socket
 
 from stopkit._checks import check_int
-from stopkit.cli.args import (add_command, add_engine_args, add_method_args, add_model_args,
-                              add_prompt_args, add_sampling_args)
+from stopkit.cli.args import (
+    Parser,
+    add_command,
+    add_engine_args,
+    add_method_args,
+    add_model_args,
+    add_prompt_args,
+    add_sampling_args,
+)
 from stopkit.cli.errors import UserError, options
 from stopkit.cli.inputs import load_reasoner
 from stopkit.cli.solve import check_solve_options
@@ -34,7 +41,7 @@ EXAMPLES = """
 INSTALL_HINT = "needs the serve extra (FastAPI and uvicorn): pip install 'stopkit[serve]'"
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
     p = add_command(subparsers, "serve", help="an OpenAI-compatible server answering with STOP",
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=True)

@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
-from stopkit.cli.args import (add_command, add_engine_args, add_method_args, add_model_args,
-                              add_prompt_args, add_sampling_args, check_sampling_args)
+from stopkit.cli.args import (
+    Parser,
+    add_command,
+    add_engine_args,
+    add_method_args,
+    add_model_args,
+    add_prompt_args,
+    add_sampling_args,
+    check_sampling_args,
+)
 from stopkit.cli.errors import UserError, options
 from stopkit.cli.inputs import load_reasoner
 
@@ -21,7 +29,7 @@ EXAMPLES = """
 """
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
     p = add_command(subparsers, "solve", help="answer one question with parallel paths and pruning",
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=True)

@@ -14,11 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from typing import TYPE_CHECKING, Any, cast
 
 from stopkit._checks import check_int, check_real
-from stopkit.cli.args import add_command, add_model_args, name_list
+from stopkit.cli.args import Parser, add_command, add_model_args, name_list
 from stopkit.cli.errors import options, reading
 from stopkit.cli.inputs import load_model, load_scorer, output_dir
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,7 @@ EXAMPLES = """
 """
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
     p = add_command(subparsers, "train", help="train a StopScorer on Monte-Carlo labels",
                     description=__doc__, examples=EXAMPLES)
     add_model_args(p, adapter=False)
@@ -69,7 +73,7 @@ def register(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def _init_token(value: str | None, tokenizer) -> int | None:
+def _init_token(value: str | None, tokenizer: Any) -> int | None:
     """--init-token as a token id: an id as given, a token string through the tokenizer."""
     if value is None or value.isdigit():
         return None if value is None else int(value)
@@ -81,8 +85,13 @@ def _init_token(value: str | None, tokenizer) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     from stopkit.stop import StopScorer  # noqa: PLC0415 (transformers)
-    from stopkit.train import (check_records, drop_uniform_problems, load_labels,  # noqa: PLC0415
-                               split_by_problem, train_scorer)
+    from stopkit.train import (  # noqa: PLC0415
+        check_records,
+        drop_uniform_problems,
+        load_labels,
+        split_by_problem,
+        train_scorer,
+    )
 
     with options():
         for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
@@ -109,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                                  "--drop-uniform left no training records")
     out = output_dir("--out", args.out)
     model, tokenizer = load_model(args)
-    vocab_size = model.get_input_embeddings().weight.shape[0]
+    vocab_size = int(cast("torch.nn.Embedding", model.get_input_embeddings()).weight.shape[0])
     for flag, path, recs in (("--data", args.data, records), ("--val-data", args.val_data, val)):
         if path:
             with reading(flag, path):

@@ -9,11 +9,14 @@ ended and those whose rows all reached a check (they wait until :meth:`Engine.re
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -25,9 +28,18 @@ from stopkit.cache import CacheFullError, PagedKVCache
 from stopkit.engine.compiled import CompiledDecode
 from stopkit.engine.model_runner import ModelRunner, enter, model_head_dim
 from stopkit.engine.sampler import sample_rows
-from stopkit.engine.scheduler import Scheduler, SchedulerStats
-from stopkit.engine.sequence import (FINISH_REASONS, Group, Row, RowStatus, SamplingParams,
-                                     request_key)
+from stopkit.engine.scheduler import ScheduledBatch, Scheduler, SchedulerStats
+from stopkit.engine.sequence import (
+    FINISH_REASONS,
+    Group,
+    Row,
+    RowStatus,
+    SamplingParams,
+    request_key,
+)
+
+if TYPE_CHECKING:
+    from stopkit.engine.session import Session
 
 __all__ = ["Engine", "StepOutput", "CPU_MEMORY_SHARE", "GPU_MEMORY_UTILIZATION"]
 
@@ -107,7 +119,7 @@ class Engine:
                                                          max_num_seqs=max_num_seqs)
         self.scheduler = Scheduler(self.cache, max_num_seqs=max_num_seqs,
                                    max_batch_tokens=max_batch_tokens)
-        self._session = None
+        self._session: Session | None = None
         log.debug("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
                  self.cache.memory_bytes / 2**20)
 
@@ -157,12 +169,13 @@ class Engine:
                                    None)
             if eos_token_id is None:
                 eos_token_id = getattr(self.model.config, "eos_token_id", None)
+        eos: tuple[int, ...]
         if eos_token_id is None:
             eos = ()
         elif isinstance(eos_token_id, numbers.Integral) and not isinstance(eos_token_id, bool):
             eos = (int(eos_token_id),)
         else:
-            eos = tuple(check_int("eos_token_id[i]", e) for e in eos_token_id)
+            eos = tuple(check_int("eos_token_id[i]", e) for e in cast(Sequence[int], eos_token_id))
         if any(not 0 <= e < V for e in eos):
             raise ValueError(f"eos_token_id must lie in [0, {V}), got {list(eos)}")
         record_logprobs = check_bool("record_logprobs", record_logprobs)
@@ -170,7 +183,7 @@ class Engine:
         return SamplingParams(temperature, top_p, top_k, min_p, seed, eos, max_new_tokens,
                               record_logprobs, top_logprobs)
 
-    def check_prompt(self, prompt, name: str = "prompt") -> list[int]:
+    def check_prompt(self, prompt: Sequence[int] | torch.Tensor, name: str = "prompt") -> list[int]:
         """``prompt`` (token ids: a sequence of ints or a 1-D tensor) as a list, checked against the
         vocabulary."""
         return check_token_ids(name, prompt, self.vocab_size)
@@ -187,7 +200,7 @@ class Engine:
         prompt = self.check_prompt(prompt)
         n = check_int("n", n, low=1)
         checks = tuple(check_int(f"checks[{i}]", c, low=1) for i, c in enumerate(checks))
-        if any(b <= a for a, b in zip(checks, checks[1:])):
+        if any(b <= a for a, b in itertools.pairwise(checks)):
             raise ValueError(f"checks must be strictly increasing, got {list(checks)}")
         group = Group(index=index, order=0, prompt=prompt, sampling=sampling,
                       key=request_key(prompt) if key is None else key, n=n, checks=checks, tag=tag)
@@ -239,7 +252,7 @@ class Engine:
 
     # ---- scoring ------------------------------------------------------------------------------
     def forward_suffix(self, rows: Sequence[Row], inputs_embeds: torch.Tensor,
-                       adapter: Callable | object | None = None, *,
+                       adapter: contextlib.AbstractContextManager | Callable | None = None, *,
                        final_norm: bool = False) -> torch.Tensor:
         """Run the model over K extra embeddings after each of ``rows``' cached tokens, without
         writing the cache.
@@ -323,7 +336,7 @@ class Engine:
               max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
               top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
               eos_token_id: int | Sequence[int] | None = None, record_logprobs: bool = False,
-              top_logprobs: int = 0):
+              top_logprobs: int = 0) -> Session:
         """Prefill ``prompts`` and return a :class:`~stopkit.engine.Session` of ``n`` samples per
         prompt, driven by hand (every row stays in the cache; nothing is preempted). Sampling
         arguments as in :meth:`generate`; max_new_tokens None: rows end only at EOS (or when
@@ -361,7 +374,7 @@ class Engine:
             raise
         return session
 
-    def check_prompts(self, prompts) -> list[list[int]]:
+    def check_prompts(self, prompts: Sequence[Sequence[int]] | torch.Tensor) -> list[list[int]]:
         """A non-empty list of prompts (token-id lists, or a 2-D tensor ``[P, L]``), checked."""
         if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
             prompts = prompts.tolist()
@@ -378,6 +391,7 @@ class Engine:
         if sample:
             rows = sched.decode_rows()
             if rows:
+                assert sched.logits is not None  # set by the step that fed these rows
                 logits = sched.logits[torch.tensor(sched.index_of(rows), device=sched.logits.device)]
                 sample_rows(rows, logits)
                 out.sampled = rows
@@ -416,12 +430,14 @@ class Engine:
                                  f"{self.block_size} tokens beside the others")
         return out
 
-    def _forward(self, batch) -> torch.Tensor:
+    def _forward(self, batch: ScheduledBatch) -> torch.Tensor:
         """Run the model on a ScheduledBatch; float32 logits of the rows it completes."""
         dev = self.device
-        ids, positions, logits_at = [], [], []
+        ids: list[int] = []
+        positions: list[int] = []
+        logits_at: list[int] = []
         offset = 0
-        for r, start, c in zip(batch.rows, batch.starts, batch.counts):
+        for r, start, c in zip(batch.rows, batch.starts, batch.counts, strict=True):
             P = len(r.prompt)
             if start < P:
                 ids += r.prompt[start:start + c]
@@ -451,7 +467,8 @@ class Engine:
         if self._session is not None and not self._session.closed:
             raise RuntimeError("a Session is open on this engine: close it first")
 
-    def _blocks_from_memory(self, kv_cache_memory, max_num_seqs: int, max_batch_tokens: int) -> int:
+    def _blocks_from_memory(self, kv_cache_memory: int | float | None, max_num_seqs: int,
+                            max_batch_tokens: int) -> int:
         config = self.model.config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads

@@ -24,7 +24,7 @@ import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -80,7 +80,7 @@ class _PagedCache(Cache):
         self.batch = batch
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """key_states, value_states ``[1, Hkv, T, D]`` (packed) or ``[T, Hkv, 1, D]`` (a decode
         step); returned as they are."""
         b = self.batch
@@ -102,27 +102,30 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None = None,
                dropout: float = 0.0, sliding_window: int | None = None,
                s_aux: torch.Tensor | None = None, stopkit_batch: ForwardBatch | None = None,
-               **kwargs) -> tuple[torch.Tensor, None]:
+               **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The registered attention function. query ``[1, H, T, D]``, key/value ``[1, Hkv, T, D]`` (this
     pass's tokens, packed) -> ``([1, T, H, D], None)``; in a decode step (``single_all``) the
     tokens are a batch instead: ``[T, H, 1, D]`` -> ``[T, 1, H, D]``."""
     if stopkit_batch is None:
         raise RuntimeError(f"the {ATTENTION_NAME!r} attention runs only inside stopkit.Engine")
     b = stopkit_batch
-    layer = module.layer_idx
+    layer = cast(int, module.layer_idx)
     kc, vc = b.k_caches[layer], b.v_caches[layer]
-    extra = {"scale": scaling, "window": sliding_window or None,
+    extra: dict[str, Any] = {"scale": scaling, "window": sliding_window or None,
              "sinks": None if s_aux is None else s_aux.detach().float(), "check_indices": False,
              "max_seq_len": b.max_seq_len}
     if b.single_all:
+        assert b.single_table is not None and b.single_lens is not None
         return ops.paged_attention(query.transpose(1, 2), kc, vc, b.single_table, b.single_lens,
                                    **extra), None
     q = query[0].transpose(0, 1)  # [T, H, D]
     out = torch.zeros_like(q) if b.differentiable else torch.empty_like(q)
     if b.single_index is not None:
+        assert b.single_table is not None and b.single_lens is not None
         out[b.single_index] = ops.paged_attention(q[b.single_index][:, None], kc, vc, b.single_table,
                                                   b.single_lens, **extra)[:, 0]
     if b.piece_lens is not None:
+        assert b.piece_table is not None
         k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
         attend = reference.paged_attention if b.differentiable else ops.paged_attention
         if b.piece_index is None:  # the pieces tile the packed axis: a plain reshape
@@ -143,7 +146,7 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
 AttentionInterface.register(ATTENTION_NAME, _attention)
 
 
-def model_head_dim(config) -> int:
+def model_head_dim(config: PretrainedConfig) -> int:
     heads = config.num_attention_heads
     return getattr(config, "head_dim", None) or config.hidden_size // heads
 
@@ -173,8 +176,8 @@ class ModelRunner:
         self.vocab_size = config.vocab_size
         self.device, self.dtype = model.device, model.dtype
         # every config object an attention module may read its implementation from
-        self._configs = list({id(m.config): m.config for m in model.modules()
-                              if isinstance(getattr(m, "config", None), PretrainedConfig)}.values())
+        self._configs = list({id(c): c for m in model.modules()
+                              if isinstance(c := getattr(m, "config", None), PretrainedConfig)}.values())
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._k: list[torch.Tensor] = []
@@ -190,10 +193,13 @@ class ModelRunner:
     def final_norm_params(self) -> tuple[torch.Tensor, float]:
         """(weight ``[hidden_size]``, eps) of the final RMSNorm, for ``ops.stop_score``."""
         eps = getattr(self.norm, "variance_epsilon", getattr(self.norm, "eps", None))
+        if eps is None:
+            raise TypeError(f"the final norm {type(self.norm).__name__} has no eps")
         return self.norm.weight, float(eps)
 
     # ---- batches -----------------------------------------------------------------------------
-    def batch(self, block_table: torch.Tensor, starts: Sequence[int], counts: Sequence[int], *,
+    def batch(self, block_table: torch.Tensor, starts: Sequence[int] | np.ndarray,
+              counts: Sequence[int] | np.ndarray, *,
               slots: torch.Tensor | None, differentiable: bool = False) -> ForwardBatch:
         """The ForwardBatch of rows feeding ``counts[i]`` tokens after ``starts[i]`` cached ones.
 
@@ -204,7 +210,7 @@ class ModelRunner:
         counts = np.asarray(counts, dtype=np.int64)
         max_len = int((starts + counts).max()) if counts.size else 0
         b = ForwardBatch(self._k, self._v, slots, max_len, differentiable=differentiable)
-        single = (counts == 1) if slots is not None else np.zeros(counts.size, dtype=bool)
+        single = (counts == 1) if slots is not None else np.zeros(counts.size, dtype=np.bool_)
         offsets = np.cumsum(counts) - counts
         if single.all():
             b.single_all = True
@@ -273,7 +279,7 @@ class ModelRunner:
         hidden = out.last_hidden_state if final_norm else captured[-1]
         return hidden.reshape(B, K, d)
 
-    def run(self, module: torch.nn.Module, batch: ForwardBatch, **inputs):
+    def run(self, module: torch.nn.Module, batch: ForwardBatch, **inputs: Any) -> Any:
         """One forward of ``module`` (the LM or its backbone) with stopkit's attention and cache."""
         with self.paged_attention():
             return self.call(module, batch, **inputs)
@@ -293,7 +299,7 @@ class ModelRunner:
         try:
             yield
         finally:
-            for c, impl in zip(self._configs, saved):
+            for c, impl in zip(self._configs, saved, strict=True):
                 c._attn_implementation_internal = impl
 
 

@@ -40,13 +40,12 @@ def sample_rows(rows: list[Row], logits: torch.Tensor) -> list[int]:
     host = [tokens.double()]
     lp_rows = [i for i, r in enumerate(rows) if r.group.sampling.record_logprobs]
     top_k = max((r.group.sampling.top_logprobs for r in rows), default=0)
-    logp = None
     if lp_rows or top_k:
         logp = torch.log_softmax(logits, dim=-1)
     if lp_rows:
         host += [logp.gather(1, tokens[:, None])[:, 0].double(),
                  torch.special.entr(logp.exp()).sum(-1).double()]
-    top = None
+    top: tuple[torch.Tensor, torch.Tensor] | None = None
     if top_k:
         t = torch.topk(logp, top_k, dim=-1)
         top = (t.values.cpu(), t.indices.cpu())
@@ -57,6 +56,7 @@ def sample_rows(rows: list[Row], logits: torch.Tensor) -> list[int]:
         token = int(values[i][0])
         row_top = None
         if sp.top_logprobs:
+            assert top is not None  # top_k >= sp.top_logprobs
             row_top = (top[0][i, :sp.top_logprobs].clone(), top[1][i, :sp.top_logprobs].clone())
         if sp.record_logprobs:
             r.record(token, values[i][1], values[i][2], row_top)

@@ -75,7 +75,7 @@ class SchedulerStats:
     peak_rows: int = 0            # most rows in the cache at once
 
 
-def _priority(row: Row) -> tuple[int, int]:
+def _priority(row: Row) -> tuple[float, int]:
     return row.group.order, row.sample_index
 
 
@@ -182,6 +182,7 @@ class Scheduler:
                 r.status, r.num_cached = RowStatus.RUNNING, source.num_tokens
             self.running += fork
             self._pos = None
+            assert self.logits is not None  # the source row is running
             self.logits = torch.cat([self.logits, self.logits[idx].expand(len(fork), -1)])
             self._peaks()
         self._sync_waiting(group)
@@ -258,7 +259,7 @@ class Scheduler:
         fully cached, in batch order. A row that just cached its prompt (no tokens yet) is forked
         for its waiting siblings (sharing its blocks and copying its logits)."""
         done = []
-        for r, start, c in zip(batch.rows, batch.starts, batch.counts):
+        for r, start, c in zip(batch.rows, batch.starts, batch.counts, strict=True):
             r.num_cached = start + c
             if c == 1 and start >= len(r.prompt) and r.num_cached == r.num_tokens:
                 self.stats.decode_tokens += 1
@@ -289,7 +290,7 @@ class Scheduler:
         need = self.cache.row_blocks_needed(wants, self.index_of(feeding))
         if int(need.sum()) > self._available():
             return False
-        for r, take in zip(feeding, wants):
+        for r, take in zip(feeding, wants, strict=True):
             if take:
                 self._plan[id(r)] = take
         self._reserved += int(need.sum())
@@ -413,6 +414,7 @@ class Scheduler:
             r.status, r.num_cached = RowStatus.RUNNING, row.num_cached
         self.running += waiting
         self._pos = None
+        assert self.logits is not None  # the source row is running
         self.logits = torch.cat([self.logits, self.logits[idx].expand(len(waiting), -1)])
         self._sync_waiting(row.group)
         self._peaks()

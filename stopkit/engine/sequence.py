@@ -135,7 +135,7 @@ class Row:
     def record(self, token: int, logprob: float | None, entropy: float | None,
                top: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         self.tokens.append(token)
-        if logprob is not None:
+        if logprob is not None and entropy is not None:  # both or neither
             self.logprobs.append(logprob)
             self.entropies.append(entropy)
         if top is not None:
@@ -154,7 +154,7 @@ class Group:
     """
 
     index: int
-    order: int
+    order: float
     prompt: list[int]
     sampling: SamplingParams
     key: int

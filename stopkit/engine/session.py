@@ -7,12 +7,17 @@ session's live rows are always the cache's rows, in cache order.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 import torch
 
 from stopkit._checks import check_int
 from stopkit.engine.sequence import Group, Row
-from stopkit.pruning import PruneResult, select
+from stopkit.pruning import PruneResult, Scores, select
+
+if TYPE_CHECKING:
+    from stopkit.engine.engine import Engine
 
 __all__ = ["Session"]
 
@@ -28,7 +33,7 @@ class Session:
     call :meth:`close`.
     """
 
-    def __init__(self, engine, groups: list[Group]) -> None:
+    def __init__(self, engine: Engine, groups: list[Group]) -> None:
         self.engine = engine
         self.groups = groups
         self.all_rows = [r for g in groups for r in g.rows]
@@ -54,7 +59,7 @@ class Session:
         return produced
 
     # ---- pruning -------------------------------------------------------------------------------
-    def prune(self, scores, *, keep: int | None = None, ratio: float | None = None,
+    def prune(self, scores: Scores, *, keep: int | None = None, ratio: float | None = None,
               threshold: float | None = None, min_keep: int = 1) -> PruneResult:
         """Keep the best live rows by ``scores`` (``[len(rows)]``, higher is better) with
         :func:`stopkit.prune`'s criteria (NaN last, ties to the lower index); the others end as
@@ -78,7 +83,7 @@ class Session:
         return self.engine.end_rows([live[i] for i in rows], "pruned")
 
     # ---- scoring -------------------------------------------------------------------------------
-    def forward_suffix(self, inputs_embeds: torch.Tensor, adapter: Callable | object | None = None,
+    def forward_suffix(self, inputs_embeds: torch.Tensor, adapter: AbstractContextManager | Callable | None = None,
                        *, final_norm: bool = False) -> torch.Tensor:
         """:meth:`Engine.forward_suffix` over every live row (``inputs_embeds`` ``[len(rows), K,
         hidden_size]``)."""
@@ -104,5 +109,5 @@ class Session:
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

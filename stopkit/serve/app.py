@@ -25,21 +25,32 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from stopkit._checks import check_int, check_real, check_token_ids
 from stopkit.loading import prompt_ids
 from stopkit.reasoner import ParallelReasoner, check_solve_args
 from stopkit.serve.metrics import CONTENT_TYPE, Metrics
-from stopkit.serve.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest,
-                                    StopkitOptions, completion_response, error_body,
-                                    progress_chunk, result_chunks, sse)
+from stopkit.serve.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    Kind,
+    StopkitOptions,
+    completion_response,
+    error_body,
+    progress_chunk,
+    result_chunks,
+    sse,
+)
 from stopkit.serve.worker import BadRequest, Job, RequestFailed, ServerClosing, Worker
 
 __all__ = ["create_app", "Defaults", "ApiError"]
@@ -76,7 +87,11 @@ class ApiError(Exception):
         self.status, self.param = status, param
 
 
-def _pick(value, default):
+_T = TypeVar("_T")
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
+def _pick(value: _T | None, default: _T) -> _T:
     return default if value is None else value
 
 
@@ -85,7 +100,7 @@ class _Accepted:
     """A request handed to the engine thread: its job and what its response needs."""
 
     job: Job
-    kind: str          # "chat" or "text"
+    kind: Kind
     rid: str
     created: int
     prompt_tokens: int
@@ -131,7 +146,7 @@ class _Server:
                 if any(part.type != "text" or part.text is None for part in m.content):
                     raise ApiError(400, "only text content parts are supported",
                                    f"messages[{i}].content")
-                texts.append("".join(part.text for part in m.content))
+                texts.append("".join(part.text or "" for part in m.content))  # all str (above)
             else:
                 texts.append(m.content or "")
         if len(messages) == 1 and messages[0].role == "user":
@@ -141,9 +156,9 @@ class _Server:
                            "message (its text is the prompt) or use /v1/completions", "messages")
         try:
             text = self.tokenizer.apply_chat_template(
-                [{**m.model_extra, "role": m.role, "content": t} for m, t in zip(messages, texts)],
+                [{**(m.model_extra or {}), "role": m.role, "content": t} for m, t in zip(messages, texts, strict=True)],
                 tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 (the template refuses these messages, e.g. roles)
+        except Exception as e:  # the template refuses these messages (e.g. roles)
             raise ApiError(400, f"the chat template refused the messages: {e}", "messages") from e
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -158,7 +173,7 @@ class _Server:
         except (TypeError, ValueError) as e:
             raise ApiError(400, str(e), "prompt") from e
 
-    def accept(self, body: ChatCompletionRequest | CompletionRequest, kind: str) -> _Accepted:
+    def accept(self, body: ChatCompletionRequest | CompletionRequest, kind: Kind) -> _Accepted:
         """Check ``body`` (ApiError naming the field), build its job and count it in flight
         (ApiError 503 when ``max_queue`` are already)."""
         if body.model is not None and body.model != self.model_name:
@@ -167,10 +182,11 @@ class _Server:
         if (field := body.unsupported()) is not None:
             raise ApiError(400, f"{field} is not supported by stopkit serve", field)
         prompt_param = "messages" if kind == "chat" else "prompt"
-        prompt = self.chat_prompt(body.messages) if kind == "chat" else self.text_prompt(body.prompt)
+        prompt = (self.chat_prompt(body.messages) if isinstance(body, ChatCompletionRequest)
+                  else self.text_prompt(body.prompt))
         o, d = body.stopkit or StopkitOptions(), self.defaults
         max_tokens = body.max_tokens
-        if kind == "chat" and body.max_completion_tokens is not None:
+        if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
         if self.context is not None:
             room = self.context - len(prompt)
@@ -184,7 +200,7 @@ class _Server:
                 raise ApiError(400, f"max_tokens must be <= {room} (the model's context of "
                                f"{self.context} tokens minus the prompt's {len(prompt)}), got "
                                f"{max_tokens}", "max_tokens")
-        kwargs = dict(n=_pick(body.n, d.n), keep=_pick(o.keep, d.keep),
+        kwargs: dict[str, Any] = dict(n=_pick(body.n, d.n), keep=_pick(o.keep, d.keep),
                       prefix_tokens=_pick(o.prefix_tokens, d.prefix_tokens),
                       max_new_tokens=_pick(max_tokens, d.max_new_tokens),
                       method=_pick(o.method, d.method), vote=_pick(o.vote, d.vote),
@@ -285,12 +301,12 @@ class _EventStream(StreamingResponse):
     """Server-sent events; ``on_close`` runs however the response ends (a client that went away
     included, even before the first event)."""
 
-    def __init__(self, events: AsyncIterator[str], *, on_close) -> None:
+    def __init__(self, events: AsyncIterator[str], *, on_close: Callable[[], None]) -> None:
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache"})
         self.on_close = on_close
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
@@ -303,7 +319,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _next_event(job: Job, request: Request):
+async def _next_event(job: Job, request: Request) -> tuple[str, Any] | None:
     """The job's next event, None when the client disconnected first."""
     get = asyncio.ensure_future(job.events.get())
     gone = asyncio.ensure_future(_disconnected(request))
@@ -324,7 +340,7 @@ def _api_error(e: Exception) -> ApiError:
     return ApiError(500, str(e) if isinstance(e, RequestFailed) else "internal error")
 
 
-async def _parse(request: Request, schema: type[BaseModel]) -> BaseModel:
+async def _parse(request: Request, schema: type[_Body]) -> _Body:
     """The request's JSON body as ``schema`` (whatever its Content-Type: curl's -d sends a form
     type); ApiError 400 naming the field otherwise."""
     try:
@@ -373,7 +389,7 @@ def create_app(reasoner: ParallelReasoner, *, model_name: str, defaults: Default
                      progress_interval=progress_interval)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.worker.start()
         try:
             yield
@@ -395,7 +411,7 @@ def create_app(reasoner: ParallelReasoner, *, model_name: str, defaults: Default
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception) -> JSONResponse:
-        log.exception("error answering %s", request.url.path)
+        log.error("error answering %s", request.url.path, exc_info=e)
         return _error(500, f"internal error: {type(e).__name__}")
 
     @app.post("/v1/chat/completions")

@@ -71,8 +71,9 @@ class Metrics:
         one("stopkit_engine_steps_total", "counter", "Engine steps.", snapshot["steps"])
         family("stopkit_requests_total", "counter", "Requests by outcome.",
                [(f'{{outcome="{o}"}}', n) for o, n in self.requests.items()])
-        cumulative, samples = 0, []
-        for le, n in zip((*LATENCY_BUCKETS, math.inf), self._buckets):
+        cumulative = 0
+        samples: list[tuple[str, float]] = []
+        for le, n in zip((*LATENCY_BUCKETS, math.inf), self._buckets, strict=True):
             cumulative += n
             samples.append((f'_bucket{{le="{_number(le)}"}}', cumulative))
         samples += [("_sum", self._latency_sum), ("_count", cumulative)]

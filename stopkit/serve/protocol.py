@@ -28,7 +28,7 @@ FINISH_REASONS = {"eos": "stop", "length": "length"}  # the voting paths' ends, 
 # OpenAI fields stopkit cannot honour: refused when set to anything but their neutral value
 UNSUPPORTED = ("stop", "logprobs", "top_logprobs", "logit_bias", "presence_penalty",
                "frequency_penalty", "tools", "functions", "echo", "suffix", "best_of")
-_NEUTRAL = (None, False, 0, [], {}, "")  # e.g. penalties 0, logprobs false (and best_of 1)
+_NEUTRAL: tuple[object, ...] = (None, False, 0, [], {}, "")  # e.g. penalties 0, logprobs false (and best_of 1)
 
 
 class StopkitOptions(BaseModel):
@@ -109,7 +109,7 @@ def _choices(kind: Kind, sol: Solution, token_ids: bool, *, delta: bool = False)
     out = []
     voters = [(index, path) for index, path in enumerate(sol.paths) if path.voted]
     for i, (index, path) in enumerate(voters):
-        info = {"path": index, "answer": _answer(path.answer), "score": path.score,
+        info: dict[str, Any] = {"path": index, "answer": _answer(path.answer), "score": path.score,
                 "finished_in_prefix": path.finished_in_prefix, "num_tokens": len(path.tokens)}
         if token_ids:
             info["token_ids"] = list(path.tokens)

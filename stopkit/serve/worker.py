@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import queue
 import threading
@@ -65,10 +66,8 @@ class Job:
 
     def post(self, kind: str, payload: Any = None) -> None:
         """Hand an event to the job's loop (from the worker thread)."""
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
-        except RuntimeError:  # the loop is closed: the server is gone, nobody listens
-            pass
 
 
 class _TokenRate:
@@ -98,7 +97,7 @@ class Worker:
         self.engine = reasoner.engine
         self.progress_interval = progress_interval
         self.error: str | None = None        # set when the engine is unusable (health fails)
-        self.run: ReasoningRun | None = None
+        self.run: ReasoningRun  # opened by start
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: dict[int, Job] = {}      # index in the run -> job
         self._next_index = 0
@@ -165,10 +164,8 @@ class Worker:
 
     def _reply(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
         snapshot = self._snapshot()
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed
             loop.call_soon_threadsafe(_set_result, future, snapshot)
-        except RuntimeError:  # the loop is closed
-            pass
 
     def _drain(self, block: bool) -> list[tuple[str, Any]]:
         items = [self._inbox.get()] if block else []
@@ -220,7 +217,7 @@ class Worker:
             return
         progress = self.run.progress()
         for job in streaming:
-            p = progress.get(job.index)
+            p = progress.get(job.index) if job.index is not None else None
             if p is not None and p != job.last_progress:
                 job.last_progress = p
                 job.post("progress", p)

@@ -7,11 +7,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from stopkit.toy.task import (MAX_STEPS, MIN_STEPS, OPS, P, Problem, check, extract_answer,
-                              extract_steps, generate, slip_rate, split_of, write_jsonl)
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from stopkit.toy.task import (
+    MAX_STEPS,
+    MIN_STEPS,
+    OPS,
+    P,
+    Problem,
+    check,
+    extract_answer,
+    extract_steps,
+    generate,
+    slip_rate,
+    split_of,
+    write_jsonl,
+)
 
 __all__ = ["ASSETS", "MODEL_DIR", "ADAPTER_DIR", "TEMPERATURE", "PREFIX_TOKENS", "MAX_NEW_TOKENS",
            "load_model", "P", "OPS", "MIN_STEPS", "MAX_STEPS", "Problem",
@@ -28,7 +44,8 @@ PREFIX_TOKENS = 12  # l_p: tokens decoded before the [STOP] check
 MAX_NEW_TOKENS = 100  # a 14-step solution is 87 tokens with eos
 
 
-def load_model(dtype: torch.dtype = torch.float32, path: str | Path | None = None):
+def load_model(dtype: torch.dtype = torch.float32, path: str | Path | None = None
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) of the shipped toy model (or the one saved at ``path``), eval, on CPU."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 

@@ -21,14 +21,25 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from stopkit.toy import ADAPTER_DIR, MAX_NEW_TOKENS, MODEL_DIR, PREFIX_TOKENS, TEMPERATURE
-from stopkit.toy.task import (QUICK_SHARE, Problem, apply_op, check, extract_answer, extract_steps,
-                              generate, is_quick, quick_op, slip_rate)
+from stopkit.toy.task import (
+    QUICK_SHARE,
+    Problem,
+    apply_op,
+    check,
+    extract_answer,
+    extract_steps,
+    generate,
+    is_quick,
+    quick_op,
+    slip_rate,
+)
 from stopkit.toy.tokenizer import build_tokenizer
 
 log = logging.getLogger("stopkit.toy.build")
@@ -39,7 +50,9 @@ def model_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, intermediate_size=512, max_position_embeddings=256,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+        # rope_theta: transformers 5 maps it to rope_parameters, which 4.x (supported) lacks
+        rms_norm_eps=1e-5, rope_theta=10000.0,  # type: ignore[call-arg]
+        tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
 
@@ -58,14 +71,15 @@ def make_batch(problems: list[Problem], tokenizer: PreTrainedTokenizerBase,
     ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), T), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, (r, s) in enumerate(zip(rows, starts)):
+    for i, (r, s) in enumerate(zip(rows, starts, strict=True)):
         ids[i, :len(r)] = torch.tensor(r)
         labels[i, s:len(r)] = ids[i, s:len(r)]
         mask[i, :len(r)] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def train_base(steps: int, batch_size: int, lr: float, seed: int, log_every: int = 50):
+def train_base(steps: int, batch_size: int, lr: float, seed: int, log_every: int = 50
+               ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """Train the toy model from scratch; returns (model, tokenizer)."""
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
@@ -107,7 +121,8 @@ def first_slip(problem: Problem, text: str) -> int | None:
     """Index of the first step of ``text`` that differs from the chain its approach (careful or
     quick) would write without slips, None if none."""
     ref, x = [], problem.start
-    for (op, c), y in zip(problem.ops, problem.chain(quick_op if is_quick(text) else apply_op)):
+    for (op, c), y in zip(problem.ops, problem.chain(quick_op if is_quick(text) else apply_op),
+                          strict=True):
         ref.append((x, op, c, y))
         x = y
     got = extract_steps(text)
@@ -149,7 +164,7 @@ def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
             answers, right = [], 0
             for row in new[j * n:(j + 1) * n]:
                 length = int((row != tokenizer.pad_token_id).sum())
-                text = tokenizer.decode(row, skip_special_tokens=True)
+                text = cast(str, tokenizer.decode(row, skip_special_tokens=True))  # one sequence
                 a = extract_answer(text)
                 ok = a == p.answer
                 answers.append(a)
@@ -200,7 +215,7 @@ def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path)
         do_sample=True, temperature=TEMPERATURE, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
-    model.to(torch.float32).save_pretrained(out, safe_serialization=True)
+    model.float().save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
 
@@ -227,8 +242,9 @@ def build_adapter(model_dir: Path, out: Path, *, label_seeds: list[int], problem
     shards = {shard: [{"id": f"{shard}-{i}", "question": p.question, "answer": p.answer}
                       for i, p in enumerate(generate(problems, seed=shard, split="train"))]
               for shard in label_seeds}
-    task = dict(prefix_tokens=prefix_tokens, rollouts=rollouts, traces=traces,
-                max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0, checker=check)
+    task: dict[str, Any] = dict(prefix_tokens=prefix_tokens, rollouts=rollouts, traces=traces,
+                                max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0,
+                                checker=check)
     model, tokenizer = load_model(path=model_dir)
     t0 = time.perf_counter()
     if jobs > 1:
@@ -249,7 +265,7 @@ def build_adapter(model_dir: Path, out: Path, *, label_seeds: list[int], problem
              100 * sum(s == 0 for s in soft) / len(soft), 100 * sum(s == 1 for s in soft) / len(soft))
     scorer = StopScorer.new(model, lora_rank=lora_rank, lora_alpha=2 * lora_rank, seed=seed,
                             targets=targets, head_hidden=head_hidden,
-                            token_id=tokenizer.convert_tokens_to_ids(STOP_TOKEN))
+                            token_id=cast(int, tokenizer.convert_tokens_to_ids(STOP_TOKEN)))
     t0 = time.perf_counter()
     history = train_scorer(scorer, train, val, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
                            seed=seed)

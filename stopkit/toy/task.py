@@ -42,7 +42,7 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +96,7 @@ class Problem:
         """The intermediate results, one per operation; the last one is the answer."""
         return self.chain(apply_op)
 
-    def chain(self, step=apply_op) -> list[int]:
+    def chain(self, step: Callable[[int, str, int], int] = apply_op) -> list[int]:
         """The results of applying ``step(x, op, c)`` (``apply_op`` or ``quick_op``) in turn."""
         out, x = [], self.start
         for op, c in self.ops:
@@ -118,7 +118,7 @@ class Problem:
         """The reference chain of thought (careful, no slips) and final line, one
         ``#i prev op c = result`` per step."""
         steps, x = [], self.start
-        for i, ((op, c), y) in enumerate(zip(self.ops, self.values), 1):
+        for i, ((op, c), y) in enumerate(zip(self.ops, self.values, strict=True), 1):
             steps.append(f"#{i} {x} {op} {c} = {y}")
             x = y
         return "careful " + " ".join(steps) + f" answer: {self.answer}"

@@ -61,17 +61,26 @@ def paired(samples: list[float], base: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("builds", nargs="+", help="paths of _C shared objects; the first is the baseline")
-    parser.add_argument("--shape", choices=[s for s, spec in SHAPES.items() if "cpu" in spec[-1]],
-                        default="1.5B")
+    parser.add_argument(
+        "builds", nargs="+", help="paths of _C shared objects; the first is the baseline"
+    )
+    parser.add_argument(
+        "--shape", choices=[s for s, spec in SHAPES.items() if "cpu" in spec[-1]], default="1.5B"
+    )
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     parser.add_argument("--q-lens", default="1,4")
     parser.add_argument("--tables", default="random", help="comma-separated: random, hot")
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--calls", type=int, default=5, help="calls per timed sample")
-    parser.add_argument("--pages", choices=("huge", "plain", "both"), default="huge",
-                        help="caches from zeros_kv_storage (huge) or torch.empty (plain)")
-    parser.add_argument("--isa", help="run every build on this instruction set (set_isa), e.g. avx512")
+    parser.add_argument(
+        "--pages",
+        choices=("huge", "plain", "both"),
+        default="huge",
+        help="caches from zeros_kv_storage (huge) or torch.empty (plain)",
+    )
+    parser.add_argument(
+        "--isa", help="run every build on this instruction set (set_isa), e.g. avx512"
+    )
     parser.add_argument("--batch", type=int, help="the first BATCH rows of the shape only")
     parser.add_argument("--threads", type=int, help="OpenMP threads (default: torch's)")
     args = parser.parse_args()
@@ -88,16 +97,21 @@ def main() -> None:
     if args.pages != "huge":
         caches["plain"] = tuple(torch.empty_like(c).copy_(c) for c in huge)
     random_table = first["block_table"][rows]
-    tables = {"random": random_table,
-              "hot": (torch.arange(random_table.numel(), dtype=torch.int32) % 8).view(random_table.shape)}
+    tables = {
+        "random": random_table,
+        "hot": (torch.arange(random_table.numel(), dtype=torch.int32) % 8).view(random_table.shape),
+    }
 
     native = ops._C
     with tempfile.TemporaryDirectory() as tmp:
         modules = [load_build(p, i, Path(tmp), args.isa) for i, p in enumerate(args.builds)]
         for i, p in enumerate(args.builds):
             print(f"[{i}] {p}")
-        variants = [(f"[{i}]" + (f" {pages}" if len(caches) > 1 else ""), module, kv)
-                    for i, module in enumerate(modules) for pages, kv in caches.items()]
+        variants = [
+            (f"[{i}]" + (f" {pages}" if len(caches) > 1 else ""), module, kv)
+            for i, module in enumerate(modules)
+            for pages, kv in caches.items()
+        ]
         try:
             for q_len in map(int, args.q_lens.split(",")):
                 x = inputs.get(Case("cpu", args.shape, q_len, args.dtype))
@@ -107,8 +121,15 @@ def main() -> None:
                     for r in range(args.rounds):
                         for name, module, (k, v) in variants if r % 2 == 0 else variants[::-1]:
                             ops._C = module
-                            call = functools.partial(ops.paged_attention, q, k, v, tables[table],
-                                                     seq_lens, check_indices=False)
+                            call = functools.partial(
+                                ops.paged_attention,
+                                q,
+                                k,
+                                v,
+                                tables[table],
+                                seq_lens,
+                                check_indices=False,
+                            )
                             call()
                             start = time.perf_counter()
                             for _ in range(args.calls):
@@ -116,11 +137,17 @@ def main() -> None:
                             seconds[name].append((time.perf_counter() - start) / args.calls)
                     base_samples = seconds[variants[0][0]]
                     base = statistics.median(base_samples)
-                    cells = [f"{name}: {statistics.median(s) * 1e3:.2f} ms ({statistics.median(s) / base:.3f}x"
-                             + (paired(s, base_samples) if i else "") + ")"
-                             for i, (name, s) in enumerate(seconds.items())]
+                    cells = [
+                        f"{name}: {statistics.median(s) * 1e3:.2f} ms ({statistics.median(s) / base:.3f}x"
+                        + (paired(s, base_samples) if i else "")
+                        + ")"
+                        for i, (name, s) in enumerate(seconds.items())
+                    ]
                     batch = f" B={q.shape[0]}" if args.batch else ""
-                    print(f"{args.shape}{batch} {args.dtype} q_len {q_len} {table:>6}  " + "  ".join(cells))
+                    print(
+                        f"{args.shape}{batch} {args.dtype} q_len {q_len} {table:>6}  "
+                        + "  ".join(cells)
+                    )
         finally:
             ops._C = native
 

@@ -18,8 +18,11 @@ _COPY = pytest.StashKey[dict]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--bench-devices", default="cpu,cuda",
-                     help="comma-separated devices to benchmark (cuda is skipped without a GPU build)")
+    parser.addoption(
+        "--bench-devices",
+        default="cpu,cuda",
+        help="comma-separated devices to benchmark (cuda is skipped without a GPU build)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -70,6 +73,7 @@ def copy_bandwidth(pytestconfig: pytest.Config):
         gbps = meters[key].measure()
         seen.setdefault(key, []).append(gbps)
         return gbps
+
     yield measure
     meters.clear()
 
@@ -91,23 +95,37 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     write = terminalreporter.write_line
     terminalreporter.section("paged_attention benchmarks")
     for device, measured in config.stash[_COPY].items():
-        write(f"copy bandwidth {device}: {min(measured):.1f}-{max(measured):.1f} GB/s (read + write), "
-              f"measured after each benchmark")
-    header = (f"{'case':<38} {'ours ms':>9} {'ref ms':>9} {'speedup':>8} {'GB/s':>7} {'copy':>7} "
-              f"{'% copy':>7}  peers")
+        write(
+            f"copy bandwidth {device}: {min(measured):.1f}-{max(measured):.1f} GB/s (read + write), "
+            f"measured after each benchmark"
+        )
+    header = (
+        f"{'case':<38} {'ours ms':>9} {'ref ms':>9} {'speedup':>8} {'GB/s':>7} {'copy':>7} "
+        f"{'% copy':>7}  peers"
+    )
     write(header)
     write("-" * len(header))
     for case, impls in by_case.items():
         ours, ref = impls.get("stopkit"), impls.get("torch-sdpa")
         main = ours or ref
-        cells = [f"{case:<38}",
-                 f"{ours['seconds'] * 1e3:9.3f}" if ours else f"{'-':>9}",
-                 f"{ref['seconds'] * 1e3:9.3f}" if ref else f"{'-':>9}",
-                 f"{ref['seconds'] / ours['seconds']:7.1f}x" if ours and ref else f"{'-':>8}",
-                 f"{main['gbps']:7.1f}", f"{main['copy_gbps']:7.1f}", f"{100 * main['fraction']:6.1f}%"]
-        peers = [f"{name} {r['seconds'] * 1e3:.3f} ms" + (f" ({r['seconds'] / ours['seconds']:.2f}x ours)" if ours else "")
-                 for name, r in impls.items() if name not in ("stopkit", "torch-sdpa")]
+        cells = [
+            f"{case:<38}",
+            f"{ours['seconds'] * 1e3:9.3f}" if ours else f"{'-':>9}",
+            f"{ref['seconds'] * 1e3:9.3f}" if ref else f"{'-':>9}",
+            f"{ref['seconds'] / ours['seconds']:7.1f}x" if ours and ref else f"{'-':>8}",
+            f"{main['gbps']:7.1f}",
+            f"{main['copy_gbps']:7.1f}",
+            f"{100 * main['fraction']:6.1f}%",
+        ]
+        peers = [
+            f"{name} {r['seconds'] * 1e3:.3f} ms"
+            + (f" ({r['seconds'] / ours['seconds']:.2f}x ours)" if ours else "")
+            for name, r in impls.items()
+            if name not in ("stopkit", "torch-sdpa")
+        ]
         write(" ".join(cells) + ("  " + "; ".join(peers) if peers else ""))
-    write("GB/s, copy (the copy bandwidth measured right after the timing) and % copy are ours "
-          "(the reference's where ours did not run); "
-          "speedup = reference time / our time; a peer's (Nx ours) = its time / our time.")
+    write(
+        "GB/s, copy (the copy bandwidth measured right after the timing) and % copy are ours "
+        "(the reference's where ours did not run); "
+        "speedup = reference time / our time; a peer's (Nx ours) = its time / our time."
+    )

@@ -33,14 +33,25 @@ def load_runs(paths: list[Path]) -> tuple[list[dict], dict[str, list[dict]]]:
             raise ValueError(f"{path}: not a pytest-benchmark JSON file ({e})") from None
         ours = [b for b in data["benchmarks"] if b["params"].get("impl") == OURS]
         if not ours:
-            raise ValueError(f"{path}: no {OURS} rows (expected the JSON of a paged_attention benchmark run)")
+            raise ValueError(
+                f"{path}: no {OURS} rows (expected the JSON of a paged_attention benchmark run)"
+            )
         info = ours[0]["extra_info"]
         commit = (data.get("commit_info") or {}).get("id", "?")[:7]
-        runs.append(dict(path=path.name, time=data["datetime"][:19], commit=commit, isa=info.get("isa"),
-                         threads=info.get("threads")))
+        runs.append(
+            dict(
+                path=path.name,
+                time=data["datetime"][:19],
+                commit=commit,
+                isa=info.get("isa"),
+                threads=info.get("threads"),
+            )
+        )
         for b in ours:
             case = b["param"][: -len(OURS) - 1]
-            by_case.setdefault(case, []).append(dict(ms=b["stats"]["median"] * 1e3, **b["extra_info"]))
+            by_case.setdefault(case, []).append(
+                dict(ms=b["stats"]["median"] * 1e3, **b["extra_info"])
+            )
     return runs, by_case
 
 
@@ -50,22 +61,36 @@ def spread(values: list[float], fmt: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="pytest-benchmark JSON files, one per run")
-    parser.add_argument("--min-speedup", type=float, default=10.0, help="speedup threshold counted (default 10)")
-    parser.add_argument("--speedup-cases", default=r"1\.5B-.*-q4-bf16$",
-                        help="regular expression: the cases whose speedups are counted (default: issue 2's)")
-    parser.add_argument("--min-copy", type=float, default=0.5, help="fraction of the copy counted (default 0.5)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "runs", nargs="+", type=Path, help="pytest-benchmark JSON files, one per run"
+    )
+    parser.add_argument(
+        "--min-speedup", type=float, default=10.0, help="speedup threshold counted (default 10)"
+    )
+    parser.add_argument(
+        "--speedup-cases",
+        default=r"1\.5B-.*-q4-bf16$",
+        help="regular expression: the cases whose speedups are counted (default: issue 2's)",
+    )
+    parser.add_argument(
+        "--min-copy", type=float, default=0.5, help="fraction of the copy counted (default 0.5)"
+    )
     args = parser.parse_args()
     try:
         runs, by_case = load_runs(args.runs)
     except (OSError, ValueError) as e:
         parser.error(str(e))
     for run in runs:
-        print(f"{run['path']}: {run['time']} commit {run['commit']}, isa {run['isa']}, {run['threads']} threads")
-    header = (f"{'case':<38} {'runs':>4} {'ours ms':>22} {'speedup':>22} {'% copy':>22} "
-              f"{'>=' + format(args.min_speedup, 'g') + 'x':>6} {'>=' + format(100 * args.min_copy, 'g') + '%':>6}")
+        print(
+            f"{run['path']}: {run['time']} commit {run['commit']}, isa {run['isa']}, {run['threads']} threads"
+        )
+    header = (
+        f"{'case':<38} {'runs':>4} {'ours ms':>22} {'speedup':>22} {'% copy':>22} "
+        f"{'>=' + format(args.min_speedup, 'g') + 'x':>6} {'>=' + format(100 * args.min_copy, 'g') + '%':>6}"
+    )
     print(header)
     print("-" * len(header))
     for case, rows in by_case.items():
@@ -73,11 +98,15 @@ def main() -> None:
         fractions = [100 * r["copy_fraction"] for r in rows]
         counted = speedups and re.search(args.speedup_cases, case)
         fast = f"{sum(s >= args.min_speedup for s in speedups)}/{len(speedups)}" if counted else "-"
-        print(f"{case:<38} {len(rows):>4} {spread([r['ms'] for r in rows], '.2f'):>22} "
-              f"{spread(speedups, '.1f') if speedups else '-':>22} {spread(fractions, '.1f'):>22} "
-              f"{fast:>6} {f'{sum(f >= 100 * args.min_copy for f in fractions)}/{len(fractions)}':>6}")
-    print("median [min-max] over the runs; speedup = the reference's time / ours in the same run; "
-          "% copy = our KV read rate over the copy bandwidth measured right after our timing.")
+        print(
+            f"{case:<38} {len(rows):>4} {spread([r['ms'] for r in rows], '.2f'):>22} "
+            f"{spread(speedups, '.1f') if speedups else '-':>22} {spread(fractions, '.1f'):>22} "
+            f"{fast:>6} {f'{sum(f >= 100 * args.min_copy for f in fractions)}/{len(fractions)}':>6}"
+        )
+    print(
+        "median [min-max] over the runs; speedup = the reference's time / ours in the same run; "
+        "% copy = our KV read rate over the copy bandwidth measured right after our timing."
+    )
 
 
 if __name__ == "__main__":

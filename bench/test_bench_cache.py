@@ -32,8 +32,14 @@ def reset(cache: PagedKVCache) -> None:
 def setup():
     """The cache (about 1 GiB of random bfloat16 K/V) and the times of one attention call."""
     gen = torch.Generator().manual_seed(0)
-    cache = PagedKVCache(1, KV_HEADS, HEAD_DIM, num_blocks=ROWS * (BLOCKS_PER_ROW + 1),
-                         block_size=BLOCK_SIZE, dtype=torch.bfloat16)
+    cache = PagedKVCache(
+        1,
+        KV_HEADS,
+        HEAD_DIM,
+        num_blocks=ROWS * (BLOCKS_PER_ROW + 1),
+        block_size=BLOCK_SIZE,
+        dtype=torch.bfloat16,
+    )
     cache.storage.normal_(generator=gen)
     reset(cache)
     q = torch.randn(ROWS, 1, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
@@ -55,7 +61,9 @@ def record(benchmark, attention_s: list[float]) -> None:
     if benchmark.stats is None:  # --benchmark-disable
         return
     stats = benchmark.stats.stats
-    benchmark.extra_info["fraction_of_attention_median"] = stats.median / statistics.median(attention_s)
+    benchmark.extra_info["fraction_of_attention_median"] = stats.median / statistics.median(
+        attention_s
+    )
     fraction = stats.min / min(attention_s)
     benchmark.extra_info["fraction_of_attention_min"] = fraction
     assert fraction < TARGET, f"bookkeeping takes {fraction:.1%} of one attention call"

@@ -84,9 +84,18 @@ class PeakMemory:
 
 def test_bench_engine_vs_generate(benchmark, device):
     torch.manual_seed(0)
-    config = T.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=1024,
-                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                           head_dim=64, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config = T.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     model = T.LlamaForCausalLM(config).eval().to(device)
     model.generation_config.pad_token_id = 0  # silences a warning; there is no EOS to pad after
     prompt = torch.randint(0, VOCAB, (PROMPT_LEN,)).tolist()
@@ -94,8 +103,14 @@ def test_bench_engine_vs_generate(benchmark, device):
     sampling = dict(temperature=1.0, top_p=1.0, top_k=0)
     engine.generate([prompt], n=4, max_new_tokens=4, seed=0, **sampling)  # warm-up
     ids = torch.tensor([prompt], device=device)
-    hf_args = dict(attention_mask=torch.ones_like(ids), do_sample=True, num_return_sequences=N,
-                   max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **sampling)
+    hf_args = dict(
+        attention_mask=torch.ones_like(ids),
+        do_sample=True,
+        num_return_sequences=N,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        **sampling,
+    )
     with torch.no_grad():
         model.generate(ids, **{**hf_args, "max_new_tokens": 4, "min_new_tokens": 4})
 
@@ -110,8 +125,12 @@ def test_bench_engine_vs_generate(benchmark, device):
             start, cpu = time.perf_counter(), time.process_time()
             tokens = run()
             sync()
-            results[name] = (tokens, time.perf_counter() - start, time.process_time() - cpu,
-                             mem.peak)
+            results[name] = (
+                tokens,
+                time.perf_counter() - start,
+                time.process_time() - cpu,
+                mem.peak,
+            )
 
     def ours():
         out = engine.generate([prompt], n=N, max_new_tokens=NEW_TOKENS, seed=1, **sampling)
@@ -129,11 +148,15 @@ def test_bench_engine_vs_generate(benchmark, device):
         benchmark.extra_info[f"{name}_tokens_per_s"] = tokens / seconds
         benchmark.extra_info[f"{name}_tokens_per_cpu_s"] = tokens / cpu
         benchmark.extra_info[f"{name}_peak_mib"] = peak / 2**20
-        print(f"\n{device} {name:>12}: {tokens / seconds:8.1f} tokens/s ({seconds:.2f} s wall, "
-              f"{cpu:.2f} s cpu), peak memory +{peak / 2**20:.1f} MiB")
+        print(
+            f"\n{device} {name:>12}: {tokens / seconds:8.1f} tokens/s ({seconds:.2f} s wall, "
+            f"{cpu:.2f} s cpu), peak memory +{peak / 2**20:.1f} MiB"
+        )
     speedup = results["transformers"][1] / results["ours"][1]
     cpu_speedup = results["transformers"][2] / results["ours"][2]
     benchmark.extra_info.update(speedup=speedup, cpu_speedup=cpu_speedup)
-    print(f"{device} speedup {speedup:.2f}x wall, {cpu_speedup:.2f}x cpu time (target {TARGET}x), "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"{device} speedup {speedup:.2f}x wall, {cpu_speedup:.2f}x cpu time (target {TARGET}x), "
+        f"torch threads {torch.get_num_threads()}"
+    )
     assert speedup >= TARGET, f"stopkit.Engine is {speedup:.2f}x transformers, target {TARGET}x"

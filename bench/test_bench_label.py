@@ -23,8 +23,15 @@ from stopkit.toy import MAX_NEW_TOKENS, MODEL_DIR, PREFIX_TOKENS, TEMPERATURE, l
 from stopkit.toy.task import check, generate
 
 PROBLEMS, TRACES, ROLLOUTS, ROUNDS = 64, 2, 8, 3
-TASK = LabelTask(prefix_tokens=PREFIX_TOKENS, rollouts=ROLLOUTS, traces=TRACES,
-                 max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0, checker=check)
+TASK = LabelTask(
+    prefix_tokens=PREFIX_TOKENS,
+    rollouts=ROLLOUTS,
+    traces=TRACES,
+    max_new_tokens=MAX_NEW_TOKENS,
+    temperature=TEMPERATURE,
+    top_p=1.0,
+    checker=check,
+)
 
 
 def test_bench_label(benchmark):
@@ -33,8 +40,10 @@ def test_bench_label(benchmark):
     from stopkit.engine import CPU_MEMORY_SHARE, Engine
 
     torch.set_num_threads(1)
-    problems = [{"id": i, "question": p.question, "answer": str(p.answer)}
-                for i, p in enumerate(generate(PROBLEMS, seed=11, split="train"))]
+    problems = [
+        {"id": i, "question": p.question, "answer": str(p.answer)}
+        for i, p in enumerate(generate(PROBLEMS, seed=11, split="train"))
+    ]
     model, tokenizer = load_model()
     items = check_problems(problems, tokenizer)
 
@@ -51,8 +60,10 @@ def test_bench_label(benchmark):
 
     def one_process() -> dict:
         sampled[0] = 0
-        records = {pid: (recs, ended) for pid, recs, ended in
-                   label_stream(engine, tokenizer, items, TASK, progress=False)}
+        records = {
+            pid: (recs, ended)
+            for pid, recs, ended in label_stream(engine, tokenizer, items, TASK, progress=False)
+        }
         return {"records": records, "sampled": sampled[0]}
 
     reference = one_process()
@@ -69,8 +80,7 @@ def test_bench_label(benchmark):
 
     for _ in range(ROUNDS):
         timed("1 process", lambda: one_process()["records"])
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         ray_items = check_problems(problems, None)
         for workers in (1, 2):
@@ -79,8 +89,10 @@ def test_bench_label(benchmark):
                 pool.start()
 
                 def run():
-                    return {pid: (recs, e) for pid, recs, e in
-                            pool.label_stream(ray_items, TASK, progress=False)}
+                    return {
+                        pid: (recs, e)
+                        for pid, recs, e in pool.label_stream(ray_items, TASK, progress=False)
+                    }
 
                 if workers == 2:
                     benchmark.pedantic(timed, args=(name, run), rounds=ROUNDS, iterations=1)
@@ -90,13 +102,17 @@ def test_bench_label(benchmark):
     finally:
         ray.shutdown()
     load = os.getloadavg()
-    print(f"\n{PROBLEMS} problems x {TRACES} traces x {ROLLOUTS} rollouts: {rollout_tokens} "
-          f"rollout tokens; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} "
-          f"cores")
+    print(
+        f"\n{PROBLEMS} problems x {TRACES} traces x {ROLLOUTS} rollouts: {rollout_tokens} "
+        f"rollout tokens; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} "
+        f"cores"
+    )
     print(f"{'run':<14} {'rollout tok/s':>14} {'seconds (median)':>17}  all")
     base = statistics.median(seconds["1 process"])
     for name, s in seconds.items():
         med = statistics.median(s)
         benchmark.extra_info[f"{name} rollout_tokens_per_s"] = rollout_tokens / med
-        print(f"{name:<14} {rollout_tokens / med:>14.0f} {med:>17.2f}  "
-              f"{' '.join(f'{x:.2f}' for x in s)}  ({base / med:.2f}x one process)")
+        print(
+            f"{name:<14} {rollout_tokens / med:>14.0f} {med:>17.2f}  "
+            f"{' '.join(f'{x:.2f}' for x in s)}  ({base / med:.2f}x one process)"
+        )

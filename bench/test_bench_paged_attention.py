@@ -58,12 +58,18 @@ def impls(case: Case) -> list[str]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if {"case", "impl"} <= set(metafunc.fixturenames):
         wanted = [d.strip() for d in metafunc.config.getoption("--bench-devices").split(",")]
-        devices = [d for d in ("cpu", "cuda") if d in wanted and (d == "cpu" or ops.cuda_available())]
-        pairs = [(Case(dev, shape, q_len, dt), impl)
-                 for dev in devices
-                 for shape, spec in SHAPES.items() if dev in spec[-1]
-                 for dt in DTYPES for q_len in (1, 4)
-                 for impl in impls(Case(dev, shape, q_len, dt))]
+        devices = [
+            d for d in ("cpu", "cuda") if d in wanted and (d == "cpu" or ops.cuda_available())
+        ]
+        pairs = [
+            (Case(dev, shape, q_len, dt), impl)
+            for dev in devices
+            for shape, spec in SHAPES.items()
+            if dev in spec[-1]
+            for dt in DTYPES
+            for q_len in (1, 4)
+            for impl in impls(Case(dev, shape, q_len, dt))
+        ]
         metafunc.parametrize("case,impl", pairs, ids=[f"{c.id}-{i}" for c, i in pairs])
 
 
@@ -103,10 +109,15 @@ class Inputs:
             for chunk in out.split(max(1, num_blocks // 16)):  # bounded float32 temporaries
                 chunk.copy_(torch.randn(chunk.shape, generator=gen))
             return out
-        return dict(k_cache=cache(), v_cache=cache(),
-                    block_table=torch.randperm(num_blocks, generator=gen, dtype=torch.int32)
-                    .view(B, per_row).to(device),
-                    seq_lens=torch.full((B,), ctx, dtype=torch.int32, device=device))
+
+        return dict(
+            k_cache=cache(),
+            v_cache=cache(),
+            block_table=torch.randperm(num_blocks, generator=gen, dtype=torch.int32)
+            .view(B, per_row)
+            .to(device),
+            seq_lens=torch.full((B,), ctx, dtype=torch.int32, device=device),
+        )
 
     def flash_attn_cache(self) -> dict:
         """The same KV as 256-token pages (flash-attn's paged mode needs page sizes % 256 == 0)."""
@@ -119,7 +130,10 @@ class Inputs:
 
             pages = B * M * BLOCK_SIZE // 256
             perm = torch.randperm(pages, device=kv["k_cache"].device)
-            k, v = (gather(c).reshape(pages, 256, *c.shape[2:])[perm] for c in (kv["k_cache"], kv["v_cache"]))
+            k, v = (
+                gather(c).reshape(pages, 256, *c.shape[2:])[perm]
+                for c in (kv["k_cache"], kv["v_cache"])
+            )
             table = torch.argsort(perm).to(torch.int32).view(B, -1)
             kv["_fa"] = dict(k_cache=k, v_cache=v, block_table=table)
         return kv["_fa"]
@@ -140,11 +154,19 @@ def make_fn(impl: str, case: Case, x: dict, store: Inputs):
     Hkv = x["k_cache"].shape[2]
     if impl == "flash-attn":
         from flash_attn import flash_attn_with_kvcache
+
         fa = store.flash_attn_cache()
-        return lambda: flash_attn_with_kvcache(x["q"], fa["k_cache"], fa["v_cache"], cache_seqlens=x["seq_lens"],
-                                               block_table=fa["block_table"], causal=False)
+        return lambda: flash_attn_with_kvcache(
+            x["q"],
+            fa["k_cache"],
+            fa["v_cache"],
+            cache_seqlens=x["seq_lens"],
+            block_table=fa["block_table"],
+            causal=False,
+        )
     if impl == "flashinfer":
         import flashinfer
+
         device, M = x["q"].device, x["block_table"].shape[1]
         workspace = torch.empty(256 << 20, dtype=torch.uint8, device=device)
         kv_indptr = torch.arange(B + 1, dtype=torch.int32, device=device) * M
@@ -154,19 +176,42 @@ def make_fn(impl: str, case: Case, x: dict, store: Inputs):
         paged = (x["k_cache"], x["v_cache"])
         if S == 1:
             w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
-            w.plan(kv_indptr, kv_indices, last_page_len, H, Hkv, D, BLOCK_SIZE, q_data_type=dtype, kv_data_type=dtype)
+            w.plan(
+                kv_indptr,
+                kv_indices,
+                last_page_len,
+                H,
+                Hkv,
+                D,
+                BLOCK_SIZE,
+                q_data_type=dtype,
+                kv_data_type=dtype,
+            )
             q = x["q"].view(B, H, D)
         else:
             w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
             qo_indptr = torch.arange(B + 1, dtype=torch.int32, device=device) * S
-            w.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, H, Hkv, D, BLOCK_SIZE, causal=False,
-                   q_data_type=dtype, kv_data_type=dtype)
+            w.plan(
+                qo_indptr,
+                kv_indptr,
+                kv_indices,
+                last_page_len,
+                H,
+                Hkv,
+                D,
+                BLOCK_SIZE,
+                causal=False,
+                q_data_type=dtype,
+                kv_data_type=dtype,
+            )
             q = x["q"].view(B * S, H, D)
         return lambda: w.run(q, paged).view(B, S, H, D)
     raise ValueError(f"unknown implementation {impl}")
 
 
-def test_paged_attention(benchmark, case: Case, impl: str, inputs: Inputs, copy_bandwidth, bench_results):
+def test_paged_attention(
+    benchmark, case: Case, impl: str, inputs: Inputs, copy_bandwidth, bench_results
+):
     device = torch.device(case.device)
     x = inputs.get(case)
     fn = make_fn(impl, case, x, inputs)
@@ -184,23 +229,49 @@ def test_paged_attention(benchmark, case: Case, impl: str, inputs: Inputs, copy_
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
     slow = impl == REFERENCE  # up to seconds a call on the CPU: 3 rounds; ours: a median of 15
     if case.device == "cpu":
         benchmark.pedantic(run, rounds=3 if slow else 15, iterations=1)
     else:  # several launches per synchronisation
-        benchmark.pedantic(run, rounds=3 if slow else 10, iterations=2 if slow else 10, warmup_rounds=1)
+        benchmark.pedantic(
+            run, rounds=3 if slow else 10, iterations=2 if slow else 10, warmup_rounds=1
+        )
     if benchmark.stats is None:  # --benchmark-disable: ran once, nothing measured
         return
     seconds = benchmark.stats.stats.median
-    kv_bytes = 2 * int(x["seq_lens"].sum()) * x["k_cache"].shape[2] * x["k_cache"].shape[3] * x["k_cache"].element_size()
+    kv_bytes = (
+        2
+        * int(x["seq_lens"].sum())
+        * x["k_cache"].shape[2]
+        * x["k_cache"].shape[3]
+        * x["k_cache"].element_size()
+    )
     gbps = kv_bytes / seconds / 1e9
     copy_gbps = copy_bandwidth(device)
-    info = dict(kv_bytes=kv_bytes, gbps=gbps, copy_gbps=copy_gbps, copy_fraction=gbps / copy_gbps,
-                threads=_C.num_threads() if case.device == "cpu" else None,
-                isa=_C.isa() if case.device == "cpu" else None)
+    info = dict(
+        kv_bytes=kv_bytes,
+        gbps=gbps,
+        copy_gbps=copy_gbps,
+        copy_fraction=gbps / copy_gbps,
+        threads=_C.num_threads() if case.device == "cpu" else None,
+        isa=_C.isa() if case.device == "cpu" else None,
+    )
     if impl == REFERENCE:
         inputs.seconds[case] = seconds
     elif case in inputs.seconds:
-        info.update(reference_seconds=inputs.seconds[case], speedup_vs_reference=inputs.seconds[case] / seconds)
+        info.update(
+            reference_seconds=inputs.seconds[case],
+            speedup_vs_reference=inputs.seconds[case] / seconds,
+        )
     benchmark.extra_info.update(info)
-    bench_results.append(dict(case=case.id, impl=impl, seconds=seconds, gbps=gbps, copy_gbps=copy_gbps, fraction=gbps / copy_gbps))
+    bench_results.append(
+        dict(
+            case=case.id,
+            impl=impl,
+            seconds=seconds,
+            gbps=gbps,
+            copy_gbps=copy_gbps,
+            fraction=gbps / copy_gbps,
+        )
+    )

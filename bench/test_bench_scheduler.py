@@ -29,8 +29,7 @@ import torch
 from stopkit.engine import Engine
 from stopkit.reasoner import ParallelReasoner
 from stopkit.stop import StopScorer
-from stopkit.toy import ADAPTER_DIR, load_model, task
-from stopkit.toy import MAX_NEW_TOKENS, PREFIX_TOKENS, TEMPERATURE
+from stopkit.toy import ADAPTER_DIR, MAX_NEW_TOKENS, PREFIX_TOKENS, TEMPERATURE, load_model, task
 
 PROBLEMS, N, KEEP, CHUNK, BUDGET_SHARE, MAX_NUM_SEQS = 128, 32, 8, 8, 0.25, 1024
 ROUNDS = 2
@@ -44,12 +43,21 @@ def test_bench_scheduler(benchmark):
     problems = task.generate(PROBLEMS, seed=1234, split="test")
     questions = [p.question for p in problems]
     bs = 16
-    all_at_once = sum(N * -(-(len(tokenizer(q)["input_ids"]) + MAX_NEW_TOKENS) // bs)
-                      for q in questions)
+    all_at_once = sum(
+        N * -(-(len(tokenizer(q)["input_ids"]) + MAX_NEW_TOKENS) // bs) for q in questions
+    )
     num_blocks = int(BUDGET_SHARE * all_at_once)
-    args = dict(n=N, keep=KEEP, prefix_tokens=PREFIX_TOKENS, max_new_tokens=MAX_NEW_TOKENS,
-                temperature=TEMPERATURE, top_p=1.0, extractor=task.extract_answer, seed=0,
-                progress=False)
+    args = dict(
+        n=N,
+        keep=KEEP,
+        prefix_tokens=PREFIX_TOKENS,
+        max_new_tokens=MAX_NEW_TOKENS,
+        temperature=TEMPERATURE,
+        top_p=1.0,
+        extractor=task.extract_answer,
+        seed=0,
+        progress=False,
+    )
     runs: dict[str, list[dict]] = {"full": [], "stop": [], "full chunked": []}
 
     def run(method: str, chunk: int, count: int = PROBLEMS) -> dict:
@@ -58,14 +66,21 @@ def test_bench_scheduler(benchmark):
         wall, cpu = time.perf_counter(), time.process_time()
         sols = []
         for i in range(0, count, chunk):
-            sols += reasoner.solve_batch(questions[i:min(i + chunk, count)], method=method, **args)
+            sols += reasoner.solve_batch(
+                questions[i : min(i + chunk, count)], method=method, **args
+            )
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         s = engine.stats
         return dict(
-            questions_per_s=count / wall, questions_per_cpu_s=count / cpu, seconds=wall,
+            questions_per_s=count / wall,
+            questions_per_cpu_s=count / cpu,
+            seconds=wall,
             vote_accuracy=sum(sol.answer == p.answer for sol, p in zip(sols, problems)) / count,
             tokens=sum(sol.generated_tokens for sol in sols) / count,
-            peak_blocks=s.peak_blocks, peak_rows=s.peak_rows, preemptions=s.preemptions)
+            peak_blocks=s.peak_blocks,
+            peak_rows=s.peak_rows,
+            preemptions=s.preemptions,
+        )
 
     run("stop", PROBLEMS, count=16)  # warm-up: the allocator, the kernels, the adapter
 
@@ -75,16 +90,24 @@ def test_bench_scheduler(benchmark):
         runs["full chunked"].append(run("full", CHUNK))
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
-    results = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
-               for name, rs in runs.items()}
-    print(f"\nKV budget {num_blocks} blocks of {bs} tokens ({BUDGET_SHARE:.0%} of {all_at_once}), "
-          f"max_num_seqs {MAX_NUM_SEQS}, medians of {ROUNDS} rounds")
-    print(f"{'run':<13} {'q/s':>6} {'q/cpu s':>8} {'vote acc':>9} {'tokens':>7} {'peak blocks':>12} "
-          f"{'peak rows':>10} {'preempt':>8}")
+    results = {
+        name: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+        for name, rs in runs.items()
+    }
+    print(
+        f"\nKV budget {num_blocks} blocks of {bs} tokens ({BUDGET_SHARE:.0%} of {all_at_once}), "
+        f"max_num_seqs {MAX_NUM_SEQS}, medians of {ROUNDS} rounds"
+    )
+    print(
+        f"{'run':<13} {'q/s':>6} {'q/cpu s':>8} {'vote acc':>9} {'tokens':>7} {'peak blocks':>12} "
+        f"{'peak rows':>10} {'preempt':>8}"
+    )
     for name, r in results.items():
-        print(f"{name:<13} {r['questions_per_s']:>6.2f} {r['questions_per_cpu_s']:>8.2f} "
-              f"{100 * r['vote_accuracy']:>8.1f}% {r['tokens']:>7.0f} {r['peak_blocks']:>12.0f} "
-              f"{r['peak_rows']:>10.0f} {r['preemptions']:>8.0f}")
+        print(
+            f"{name:<13} {r['questions_per_s']:>6.2f} {r['questions_per_cpu_s']:>8.2f} "
+            f"{100 * r['vote_accuracy']:>8.1f}% {r['tokens']:>7.0f} {r['peak_blocks']:>12.0f} "
+            f"{r['peak_rows']:>10.0f} {r['preemptions']:>8.0f}"
+        )
         for key, value in r.items():
             benchmark.extra_info[f"{name}_{key}"] = value
 
@@ -94,9 +117,11 @@ def test_bench_scheduler(benchmark):
     stop_x = ratio("stop", "full", "questions_per_cpu_s")
     cont_x = ratio("full", "full chunked", "questions_per_cpu_s")
     benchmark.extra_info.update(stop_vs_full=stop_x, continuous_vs_chunked=cont_x)
-    print(f"stop / full: {stop_x:.2f}x process time, {ratio('stop', 'full', 'questions_per_s'):.2f}x "
-          f"wall (target {TARGET_STOP}x); continuous / chunked full: {cont_x:.2f}x process time, "
-          f"{ratio('full', 'full chunked', 'questions_per_s'):.2f}x wall (target {TARGET_CONTINUOUS}x)")
+    print(
+        f"stop / full: {stop_x:.2f}x process time, {ratio('stop', 'full', 'questions_per_s'):.2f}x "
+        f"wall (target {TARGET_STOP}x); continuous / chunked full: {cont_x:.2f}x process time, "
+        f"{ratio('full', 'full chunked', 'questions_per_s'):.2f}x wall (target {TARGET_CONTINUOUS}x)"
+    )
     assert all(r["peak_blocks"] <= num_blocks for rs in runs.values() for r in rs)
     assert results["full"]["vote_accuracy"] == results["full chunked"]["vote_accuracy"]
     if stop_x < TARGET_STOP or cont_x < TARGET_CONTINUOUS:

@@ -75,8 +75,13 @@ class ServerProcess:
 
     def __init__(self, args: list[str]) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "stopkit", "serve", "--port", "0", *args],
-                                     cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stopkit", "serve", "--port", "0", *args],
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.log: list[str] = []
         found = threading.Event()
         self.url = None
@@ -103,7 +108,9 @@ class ServerProcess:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("stopkit serve did not become healthy:\n" + "".join(self.log[-20:]))
+                raise RuntimeError(
+                    "stopkit serve did not become healthy:\n" + "".join(self.log[-20:])
+                )
             time.sleep(0.1)
 
     def cpu_seconds(self) -> float | None:
@@ -161,16 +168,26 @@ def _run(benchmark) -> None:
     scorer = StopScorer.load(ADAPTER_DIR, model)
     problems = task.generate(PROBLEMS, seed=1234, split="test")
     questions = [p.question for p in problems]
-    all_at_once = sum(N * -(-(len(tokenizer(q)["input_ids"]) + MAX_NEW_TOKENS) // BLOCK_SIZE)
-                      for q in questions)
+    all_at_once = sum(
+        N * -(-(len(tokenizer(q)["input_ids"]) + MAX_NEW_TOKENS) // BLOCK_SIZE) for q in questions
+    )
     num_blocks = int(BUDGET_SHARE * all_at_once)
     results = {}
-    args = dict(n=N, keep=KEEP, prefix_tokens=PREFIX_TOKENS, max_new_tokens=MAX_NEW_TOKENS,
-                method="stop", temperature=TEMPERATURE, top_p=1.0, seed=0)
+    args = dict(
+        n=N,
+        keep=KEEP,
+        prefix_tokens=PREFIX_TOKENS,
+        max_new_tokens=MAX_NEW_TOKENS,
+        method="stop",
+        temperature=TEMPERATURE,
+        top_p=1.0,
+        seed=0,
+    )
 
     def in_process(name: str, in_flight: int | None) -> None:
-        engine = Engine(model, num_blocks=num_blocks, block_size=BLOCK_SIZE,
-                        max_num_seqs=MAX_NUM_SEQS)
+        engine = Engine(
+            model, num_blocks=num_blocks, block_size=BLOCK_SIZE, max_num_seqs=MAX_NUM_SEQS
+        )
         reasoner = ParallelReasoner(model, tokenizer, scorer, engine=engine)
         start, cpu = time.perf_counter(), time.process_time()
         if in_flight is None:
@@ -186,19 +203,42 @@ def _run(benchmark) -> None:
                         run.add(questions[j], index=j, **args)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         latencies = [s.seconds for s in sols.values()]
-        results[name] = dict(questions_per_s=PROBLEMS / seconds, seconds=seconds,
-                             p50_s=percentile(latencies, 50), p99_s=percentile(latencies, 99),
-                             answers=[sols[i].answer for i in range(PROBLEMS)],
-                             preemptions=engine.stats.preemptions, steps=engine.stats.steps,
-                             cpu_s=cpu)
+        results[name] = dict(
+            questions_per_s=PROBLEMS / seconds,
+            seconds=seconds,
+            p50_s=percentile(latencies, 50),
+            p99_s=percentile(latencies, 99),
+            answers=[sols[i].answer for i in range(PROBLEMS)],
+            preemptions=engine.stats.preemptions,
+            steps=engine.stats.steps,
+            cpu_s=cpu,
+        )
 
     def served() -> None:
-        server = ServerProcess([
-            "--model", str(MODEL_DIR), "--adapter", str(ADAPTER_DIR),
-            "--num-blocks", str(num_blocks), "--max-num-seqs", str(MAX_NUM_SEQS),
-            "--n", str(N), "--keep", str(KEEP), "--prefix-tokens", str(PREFIX_TOKENS),
-            "--max-new-tokens", str(MAX_NEW_TOKENS), "--temperature", str(TEMPERATURE),
-            "--top-p", "1"])
+        server = ServerProcess(
+            [
+                "--model",
+                str(MODEL_DIR),
+                "--adapter",
+                str(ADAPTER_DIR),
+                "--num-blocks",
+                str(num_blocks),
+                "--max-num-seqs",
+                str(MAX_NUM_SEQS),
+                "--n",
+                str(N),
+                "--keep",
+                str(KEEP),
+                "--prefix-tokens",
+                str(PREFIX_TOKENS),
+                "--max-new-tokens",
+                str(MAX_NEW_TOKENS),
+                "--temperature",
+                str(TEMPERATURE),
+                "--top-p",
+                "1",
+            ]
+        )
         try:
             cpu = server.cpu_seconds()
             seconds, answers, latencies = asyncio.run(_clients(server.url, questions, {"seed": 0}))
@@ -206,45 +246,66 @@ def _run(benchmark) -> None:
             metrics = httpx.get(server.url + "/metrics").text
         finally:
             server.stop()
+
         def metric(name: str) -> int:
             return int(float(re.search(rf"^{name} (\S+)$", metrics, re.MULTILINE).group(1)))
 
-        results["server"] = dict(questions_per_s=PROBLEMS / seconds, seconds=seconds,
-                                 p50_s=percentile(latencies, 50), p99_s=percentile(latencies, 99),
-                                 answers=answers, preemptions=metric("stopkit_preemptions_total"),
-                                 steps=metric("stopkit_engine_steps_total"), cpu_s=cpu)
+        results["server"] = dict(
+            questions_per_s=PROBLEMS / seconds,
+            seconds=seconds,
+            p50_s=percentile(latencies, 50),
+            p99_s=percentile(latencies, 99),
+            answers=answers,
+            preemptions=metric("stopkit_preemptions_total"),
+            steps=metric("stopkit_engine_steps_total"),
+            cpu_s=cpu,
+        )
 
     in_process("in process, all", None)
     in_process("in process, 16", CLIENTS)
     benchmark.pedantic(served, rounds=1, iterations=1)
     in_process("in process, 16 (after)", CLIENTS)
-    same = statistics.mean(results[k]["questions_per_s"] for k in ("in process, 16",
-                                                                   "in process, 16 (after)"))
+    same = statistics.mean(
+        results[k]["questions_per_s"] for k in ("in process, 16", "in process, 16 (after)")
+    )
     ratio = results["server"]["questions_per_s"] / same
     cpu_ratio = None
     if results["server"]["cpu_s"] is not None:  # questions per CPU second, server / in process
-        cpu_ratio = statistics.mean(results[k]["cpu_s"] for k in ("in process, 16",
-                                                                  "in process, 16 (after)"))
+        cpu_ratio = statistics.mean(
+            results[k]["cpu_s"] for k in ("in process, 16", "in process, 16 (after)")
+        )
         cpu_ratio /= results["server"]["cpu_s"]
     ratio_all = results["server"]["questions_per_s"] / results["in process, all"]["questions_per_s"]
     load = os.getloadavg()
-    print(f"\nKV budget {num_blocks} blocks of {BLOCK_SIZE} tokens ({BUDGET_SHARE:.0%} of "
-          f"{all_at_once}), N={N}, k={KEEP}, l_p={PREFIX_TOKENS}, {CLIENTS} clients; load "
-          f"average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores")
-    print(f"{'run':<23} {'q/s':>6} {'seconds':>8} {'p50 s':>7} {'p99 s':>7} {'preempt':>8} {'steps':>6} {'cpu s':>6}")
+    print(
+        f"\nKV budget {num_blocks} blocks of {BLOCK_SIZE} tokens ({BUDGET_SHARE:.0%} of "
+        f"{all_at_once}), N={N}, k={KEEP}, l_p={PREFIX_TOKENS}, {CLIENTS} clients; load "
+        f"average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores"
+    )
+    print(
+        f"{'run':<23} {'q/s':>6} {'seconds':>8} {'p50 s':>7} {'p99 s':>7} {'preempt':>8} {'steps':>6} {'cpu s':>6}"
+    )
     for name, r in results.items():
-        print(f"{name:<23} {r['questions_per_s']:>6.2f} {r['seconds']:>8.1f} {r['p50_s']:>7.2f} "
-              f"{r['p99_s']:>7.2f} {r['preemptions']:>8} {r['steps']:>6} "
-              f"{'-' if r['cpu_s'] is None else format(r['cpu_s'], '6.1f'):>6}")
+        print(
+            f"{name:<23} {r['questions_per_s']:>6.2f} {r['seconds']:>8.1f} {r['p50_s']:>7.2f} "
+            f"{r['p99_s']:>7.2f} {r['preemptions']:>8} {r['steps']:>6} "
+            f"{'-' if r['cpu_s'] is None else format(r['cpu_s'], '6.1f'):>6}"
+        )
         for key, value in r.items():
             if key != "answers":
                 benchmark.extra_info[f"{name}_{key}"] = value
-    benchmark.extra_info.update(server_vs_in_process=ratio, server_vs_in_process_cpu=cpu_ratio,
-                                server_vs_solve_iter=ratio_all, load_average=load)
+    benchmark.extra_info.update(
+        server_vs_in_process=ratio,
+        server_vs_in_process_cpu=cpu_ratio,
+        server_vs_solve_iter=ratio_all,
+        load_average=load,
+    )
     judged = ratio if cpu_ratio is None else cpu_ratio
-    print(f"server / in process with {CLIENTS} in flight: {ratio:.2f}x wall"
-          + ("" if cpu_ratio is None else f", {cpu_ratio:.2f}x per CPU second")
-          + f" (target >= {TARGET}x); server / solve_iter all at once: {ratio_all:.2f}x wall")
+    print(
+        f"server / in process with {CLIENTS} in flight: {ratio:.2f}x wall"
+        + ("" if cpu_ratio is None else f", {cpu_ratio:.2f}x per CPU second")
+        + f" (target >= {TARGET}x); server / solve_iter all at once: {ratio_all:.2f}x wall"
+    )
     for name, r in results.items():
         assert r["answers"] == results["server"]["answers"], name
     if judged < TARGET:

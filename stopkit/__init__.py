@@ -15,15 +15,35 @@ from stopkit.pruning import PruneResult, prune
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Engine": "stopkit.engine", "Session": "stopkit.engine", "Row": "stopkit.engine",
+    "Engine": "stopkit.engine",
+    "Session": "stopkit.engine",
+    "Row": "stopkit.engine",
     "StopScorer": "stopkit.stop",
-    "ParallelReasoner": "stopkit.reasoner", "Solution": "stopkit.reasoner", "Path": "stopkit.reasoner",
-    "plan": "stopkit.planner", "Plan": "stopkit.planner",
+    "ParallelReasoner": "stopkit.reasoner",
+    "Solution": "stopkit.reasoner",
+    "Path": "stopkit.reasoner",
+    "plan": "stopkit.planner",
+    "Plan": "stopkit.planner",
 }
 # Spelled out (not `*_LAZY`) so that linters and type checkers can read it.
-__all__ = ["ops", "reference", "__version__", "PagedKVCache", "CacheFullError", "prune",
-           "PruneResult", "Engine", "Session", "Row", "StopScorer", "ParallelReasoner", "Solution",
-           "Path", "plan", "Plan"]
+__all__ = [
+    "ops",
+    "reference",
+    "__version__",
+    "PagedKVCache",
+    "CacheFullError",
+    "prune",
+    "PruneResult",
+    "Engine",
+    "Session",
+    "Row",
+    "StopScorer",
+    "ParallelReasoner",
+    "Solution",
+    "Path",
+    "plan",
+    "Plan",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -18,12 +18,22 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-__all__ = ["check_int", "check_real", "check_bool", "check_choice", "check_ints", "check_token_ids",
-           "check_dtype", "check_tensor"]
+__all__ = [
+    "check_int",
+    "check_real",
+    "check_bool",
+    "check_choice",
+    "check_ints",
+    "check_token_ids",
+    "check_dtype",
+    "check_tensor",
+]
 
 
-def _bounds(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
-    """" >= 1", " in (0, 1]", ...: the range part of a message ("" when unbounded)."""
+def _bounds(
+    low: float | None, high: float | None, low_open: bool = False, high_open: bool = False
+) -> str:
+    """ " >= 1", " in (0, 1]", ...: the range part of a message ("" when unbounded)."""
     if low is not None and high is not None:
         return f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     if low is not None:
@@ -60,8 +70,15 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
     return value
 
 
-def check_real(name: str, value: Any, low: float | None = None, high: float | None = None, *,
-               low_open: bool = False, high_open: bool = False) -> float:
+def check_real(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     """``value`` as a float within the interval from ``low`` to ``high`` (closed unless
     ``low_open`` / ``high_open``; a missing bound is an open infinity, so infinities pass only a
     closed infinite bound, e.g. ``high=math.inf``). NaN never passes.
@@ -77,8 +94,9 @@ def check_real(name: str, value: Any, low: float | None = None, high: float | No
     below = value < hi if (high_open or high is None) else value <= hi
     if not (above and below):  # NaN fails both
         kind = "real number" if low is not None and high is not None else "finite real number"
-        raise ValueError(f"{name} must be a {kind}{_bounds(low, high, low_open, high_open)}, "
-                         f"got {value}")
+        raise ValueError(
+            f"{name} must be a {kind}{_bounds(low, high, low_open, high_open)}, got {value}"
+        )
     return value
 
 
@@ -105,7 +123,9 @@ def check_choice(name: str, value: Any, choices: Collection[_Choice]) -> _Choice
     return value
 
 
-def check_ints(name: str, values: Any, low: int | None = None, high: int | None = None) -> list[int]:
+def check_ints(
+    name: str, values: Any, low: int | None = None, high: int | None = None
+) -> list[int]:
     """A list of ints from a sequence of ints or a 1-D integer tensor, each within ``[low, high]``.
 
     TypeError for a str, a non-iterable, a non-integer tensor or element (``"rows[2] must be an
@@ -117,14 +137,18 @@ def check_ints(name: str, values: Any, low: int | None = None, high: int | None 
         if values.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(values.shape)}")
         out = values.tolist()
-        bad = [i for i, v in enumerate(out)
-               if (low is not None and v < low) or (high is not None and v > high)]
+        bad = [
+            i
+            for i, v in enumerate(out)
+            if (low is not None and v < low) or (high is not None and v > high)
+        ]
         if bad:
             check_int(f"{name}[{bad[0]}]", out[bad[0]], low, high)
         return out
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise TypeError(f"{name} must be a sequence of ints or a 1-D integer tensor, "
-                        f"got {_type_name(values)}")
+        raise TypeError(
+            f"{name} must be a sequence of ints or a 1-D integer tensor, got {_type_name(values)}"
+        )
     return [check_int(f"{name}[{i}]", v, low, high) for i, v in enumerate(values)]
 
 
@@ -159,9 +183,15 @@ def _alternatives(dtypes: Sequence[torch.dtype]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def check_tensor(name: str, t: Any, *, dtype: torch.dtype | Sequence[torch.dtype] | None = None,
-                 ndim: int | None = None, shape: Sequence[int | None] | None = None,
-                 device: str | torch.device | None = None) -> torch.Tensor:
+def check_tensor(
+    name: str,
+    t: Any,
+    *,
+    dtype: torch.dtype | Sequence[torch.dtype] | None = None,
+    ndim: int | None = None,
+    shape: Sequence[int | None] | None = None,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
     """``t`` when it is a tensor of one of the ``dtype`` s, with ``ndim`` dimensions, of ``shape``
     (None: any size in that dimension) and on ``device`` (``"cuda"`` without an index: any GPU);
     each requirement optional.
@@ -174,15 +204,19 @@ def check_tensor(name: str, t: Any, *, dtype: torch.dtype | Sequence[torch.dtype
     if dtype is not None:
         allowed = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
         if t.dtype not in allowed:
-            raise TypeError(f"{name} must have dtype {_alternatives(allowed)}, "
-                            f"got {_dtype_name(t.dtype)}")
+            raise TypeError(
+                f"{name} must have dtype {_alternatives(allowed)}, got {_dtype_name(t.dtype)}"
+            )
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if shape is not None and (t.dim() != len(shape) or any(
-            s is not None and s != n for s, n in zip(shape, t.shape, strict=True))):
+    if shape is not None and (
+        t.dim() != len(shape)
+        or any(s is not None and s != n for s, n in zip(shape, t.shape, strict=True))
+    ):
         want = ", ".join("*" if s is None else str(s) for s in shape)
-        raise ValueError(f"{name} must have shape ({want}{',' if len(shape) == 1 else ''}), "
-                         f"got {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have shape ({want}{',' if len(shape) == 1 else ''}), got {tuple(t.shape)}"
+        )
     if device is not None:
         device = torch.device(device)
         if t.device.type != device.type or device.index not in (None, t.device.index):

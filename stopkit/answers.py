@@ -51,8 +51,15 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["Checker", "TIME_LIMIT", "extract_answer", "normalize_answer", "answers_equal",
-           "check_answer", "load_checker"]
+__all__ = [
+    "Checker",
+    "TIME_LIMIT",
+    "extract_answer",
+    "normalize_answer",
+    "answers_equal",
+    "check_answer",
+    "load_checker",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +71,15 @@ TIME_LIMIT = 5.0  # seconds per math-verify call, as math-verify's own default
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANCHOR_RE = re.compile(
     r"####\s*|(?:final\s+answer|answer|correct\s+(?:option|choice))\s*\**\s*(?:is\s*:?|:)\s*\**\s*",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 _MATH_SPAN_RE = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]")
 # a number that ends where the answer does: "72 dollars", "$18.", "3.5", "1,000" but not the "2" of
 # "2\\sqrt{3}" or "2x" nor the "3" of the list "3, 4, 5"
 _LEADING_NUMBER_RE = re.compile(
     r"[-+]?\\?\$?\s*[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?"
-    r"(?:\s*(?:\\?%|percent\b))?(?=\s|$|[.;:!?)$\"']|,(?!\s*[-+]?\d))")
+    r"(?:\s*(?:\\?%|percent\b))?(?=\s|$|[.;:!?)$\"']|,(?!\s*[-+]?\d))"
+)
 _LEADING_CHOICE_RE = re.compile(r"\(?([A-J])\)?(?=[\s.,:;)]|$)")
 _SENTENCE_END_RE = re.compile(r"\.(?:\s|$)|\s+(?:because|since|so|which)\s", re.IGNORECASE)
 _EQUALS_RE = re.compile(r"(?<![<>!=:\\])=(?!=)")
@@ -98,7 +107,7 @@ def _cut_stated_answer(rest: str) -> str:
     of "2 * 4 = 8 bolts." the part after the last equals sign, then a leading number, a math span,
     a choice letter, else the sentence."""
     end = _SENTENCE_END_RE.search(rest)
-    rest = _EQUALS_RE.split(rest[:end.start()] if end else rest)[-1]
+    rest = _EQUALS_RE.split(rest[: end.start()] if end else rest)[-1]
     rest = rest.strip().strip("*").strip()
     number = _LEADING_NUMBER_RE.match(rest)
     if number and re.search(r"\d", number.group()):
@@ -122,7 +131,7 @@ def extract_answer(text: str) -> str | None:
         return boxed.strip()
     for match in reversed(list(_ANCHOR_RE.finditer(text))):
         line_end = text.find("\n", match.end())
-        answer = _cut_stated_answer(text[match.end(): None if line_end < 0 else line_end])
+        answer = _cut_stated_answer(text[match.end() : None if line_end < 0 else line_end])
         if answer:
             return answer
     return None
@@ -134,14 +143,28 @@ _NUMBER_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
 _FRAC_RE = re.compile(r"([+-]?)\\frac\{([^{}]+)\}\{([^{}]+)\}")
 _SLASH_RE = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))/([+-]?(?:\d+\.?\d*|\.\d+))")
 _WRAPPER_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
-_UNIT_RE = re.compile(r"(\d)\s*(?:\\(?:text|mbox)\s*\{\s*[A-Za-z]|\\mathrm\s*\{\s*[A-Za-z]{2})"
-                      r"[A-Za-z\s.]*\}(?!\s*\^)")
+_UNIT_RE = re.compile(
+    r"(\d)\s*(?:\\(?:text|mbox)\s*\{\s*[A-Za-z]|\\mathrm\s*\{\s*[A-Za-z]{2})"
+    r"[A-Za-z\s.]*\}(?!\s*\^)"
+)
 _ASSIGN_RE = re.compile(r"^[A-Za-z]\s*=\s*(?=[^=\s])")
 _CHOICE_RE = re.compile(r"\(([A-J])\)(?:\s.*)?|([A-J])(?:[).:]\s?.*)?", re.DOTALL)
 _WORDS_RE = re.compile(r"[A-Za-z]{2,}(?:[\s-]+[A-Za-z]+)*")
 _PERCENT_RE = re.compile(r"\s*(?:\\%|%|\\text\{\s*percent\s*\}|percent)$")
-_DROP = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\ ", "\\$", "$", "^\\circ",
-         "^{\\circ}", "\\displaystyle")
+_DROP = (
+    "\\left",
+    "\\right",
+    "\\!",
+    "\\,",
+    "\\;",
+    "\\:",
+    "\\ ",
+    "\\$",
+    "$",
+    "^\\circ",
+    "^{\\circ}",
+    "\\displaystyle",
+)
 
 
 def _clean(answer: str, *, keep_percent: bool) -> str:
@@ -271,8 +294,12 @@ def load_checker(spec: str | None) -> Checker:
 
 
 # ---- checker processes ---------------------------------------------------------------------------
-_STARTUP_LIMIT = 120.0  # seconds for a checker process to import math-verify (a cold disk, a busy CI)
-_MEMORY_LIMIT = 4 << 30  # address space of a checker process: a runaway expansion fails, not the host
+_STARTUP_LIMIT = (
+    120.0  # seconds for a checker process to import math-verify (a cold disk, a busy CI)
+)
+_MEMORY_LIMIT = (
+    4 << 30
+)  # address space of a checker process: a runaway expansion fails, not the host
 # Run this file as a plain script: ``python -m stopkit.answers`` would import the stopkit package
 # (and torch) into every checker process.
 _LAUNCH = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__stopkit_checker__')"
@@ -286,8 +313,11 @@ class _CheckerProcess:
     """One checker process: a JSON request per line on its stdin, a JSON reply per line on stdout."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-W", "ignore", "-c", _LAUNCH, __file__],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-W", "ignore", "-c", _LAUNCH, __file__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         self.buffer = b""
         try:
             ready = self._read(time.monotonic() + _STARTUP_LIMIT)
@@ -298,8 +328,10 @@ class _CheckerProcess:
             raise
         if ready != "ready":
             self.kill()
-            raise RuntimeError(f"the answer checker process could not start: {ready} "
-                               "(stopkit.answers needs math-verify: pip install math-verify)")
+            raise RuntimeError(
+                f"the answer checker process could not start: {ready} "
+                "(stopkit.answers needs math-verify: pip install math-verify)"
+            )
 
     def call(self, request: list, timeout: float) -> Any:
         """The reply to ``request`` (``[op, a, b, cpu seconds]``) within ``timeout`` seconds."""
@@ -344,13 +376,15 @@ def _ask(op: str, a: str, b: str, timeout: float) -> Any:
     try:
         reply = proc.call([op, a, b, timeout], timeout)
     except _CheckerTimeout:
-        log.warning("math-verify %s of %.80r took over %.3gs: killed, counted as no match", op,
-                    a, timeout)
+        log.warning(
+            "math-verify %s of %.80r took over %.3gs: killed, counted as no match", op, a, timeout
+        )
         proc.kill()
         return None
     except (RuntimeError, OSError, ValueError) as e:
-        log.warning("the answer checker process failed on %s of %.80r (%s): counted as no match",
-                    op, a, e)
+        log.warning(
+            "the answer checker process failed on %s of %.80r (%s): counted as no match", op, a, e
+        )
         proc.kill()
         return None
     with _idle_lock:
@@ -384,7 +418,9 @@ def _serve() -> None:
     logging.disable(logging.CRITICAL)  # math-verify warns that its timeout is off: we kill instead
     out, sys.stdout = sys.stdout, sys.stderr  # stdout carries replies only
     with contextlib.suppress(ValueError, OSError):  # macOS refuses address-space limits
-        resource.setrlimit(resource.RLIMIT_AS, (_MEMORY_LIMIT, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        resource.setrlimit(
+            resource.RLIMIT_AS, (_MEMORY_LIMIT, resource.getrlimit(resource.RLIMIT_AS)[1])
+        )
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file when the CPU limit below hits
     try:
         import math_verify  # noqa: F401
@@ -400,7 +436,9 @@ def _serve() -> None:
         # this process once the call has used its seconds of CPU, even inside a C loop
         usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu_limit = int(usage.ru_utime + usage.ru_stime + seconds) + 2
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, resource.getrlimit(resource.RLIMIT_CPU)[1]))
+        resource.setrlimit(
+            resource.RLIMIT_CPU, (cpu_limit, resource.getrlimit(resource.RLIMIT_CPU)[1])
+        )
         try:
             reply = _mv_key(a) if op == "key" else _mv_equal(a, b)
         except Exception:  # noqa: BLE001 - any failure of sympy on a model's answer is a non-match
@@ -412,8 +450,11 @@ def _serve() -> None:
 def _mv_parse(s: str) -> list:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
-    return parse("\\boxed{" + s + "}", [LatexExtractionConfig(), ExprExtractionConfig()],
-                 parsing_timeout=None)
+    return parse(
+        "\\boxed{" + s + "}",
+        [LatexExtractionConfig(), ExprExtractionConfig()],
+        parsing_timeout=None,
+    )
 
 
 def _mv_equal(gold: str, pred: str) -> bool:
@@ -424,8 +465,11 @@ def _mv_equal(gold: str, pred: str) -> bool:
     g, p = _mv_parse(gold), _mv_parse(pred)
     if not g or not p:
         return False
-    if isinstance(g[0], (sympy.Basic, sympy.MatrixBase)) and \
-            isinstance(p[0], (sympy.Basic, sympy.MatrixBase)) and _sympy_key(g[0]) == _sympy_key(p[0]):
+    if (
+        isinstance(g[0], (sympy.Basic, sympy.MatrixBase))
+        and isinstance(p[0], (sympy.Basic, sympy.MatrixBase))
+        and _sympy_key(g[0]) == _sympy_key(p[0])
+    ):
         return True
     return verify(g, p, timeout_seconds=None)
 
@@ -445,20 +489,29 @@ def _sympy_key(x: Any) -> str:
     from sympy.core.relational import Relational
 
     if isinstance(x, sympy.MatrixBase):
-        return "[" + ";".join(",".join(_sympy_key(v) for v in x.row(i)) for i in range(x.rows)) + "]"
+        return (
+            "[" + ";".join(",".join(_sympy_key(v) for v in x.row(i)) for i in range(x.rows)) + "]"
+        )
     if isinstance(x, sympy.Eq) and isinstance(x.lhs, sympy.Symbol):
         return _sympy_key(x.rhs)  # x = 7 answers 7
     if isinstance(x, sympy.FiniteSet):  # sets and unordered lists
-        items = (f"{e.lhs}={_sympy_key(e.rhs)}" if isinstance(e, sympy.Eq) else _sympy_key(e)
-                 for e in x.args)
+        items = (
+            f"{e.lhs}={_sympy_key(e.rhs)}" if isinstance(e, sympy.Eq) else _sympy_key(e)
+            for e in x.args
+        )
         return "{" + ",".join(sorted(items)) + "}"
     if isinstance(x, sympy.Tuple):
         return "(" + ",".join(_sympy_key(e) for e in x.args) + ")"
     if isinstance(x, (Relational, sympy.And)) and len(x.free_symbols) == 1:
         x = x.as_set()  # 1 < x <= 2 answers (1, 2]
     if isinstance(x, sympy.Interval):
-        return ("(" if x.left_open else "[") + _sympy_key(x.start) + "," + _sympy_key(x.end) + \
-            (")" if x.right_open else "]")
+        return (
+            ("(" if x.left_open else "[")
+            + _sympy_key(x.start)
+            + ","
+            + _sympy_key(x.end)
+            + (")" if x.right_open else "]")
+        )
     if isinstance(x, sympy.Union):
         return "U".join(sorted(_sympy_key(a) for a in x.args))
     if isinstance(x, sympy.Set) or not isinstance(x, sympy.Expr):

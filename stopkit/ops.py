@@ -28,12 +28,23 @@ import torch
 
 from stopkit import _C
 
-__all__ = ["paged_attention", "write_kv", "copy_blocks", "stop_score", "cuda_available",
-           "cuda_launch_plan", "check_block_table", "MAX_Q_LEN", "MIN_HEAD_DIM", "MAX_HEAD_DIM",
-           "MIN_BLOCK_SIZE", "MAX_BLOCK_SIZE"]
+__all__ = [
+    "paged_attention",
+    "write_kv",
+    "copy_blocks",
+    "stop_score",
+    "cuda_available",
+    "cuda_launch_plan",
+    "check_block_table",
+    "MAX_Q_LEN",
+    "MIN_HEAD_DIM",
+    "MAX_HEAD_DIM",
+    "MIN_BLOCK_SIZE",
+    "MAX_BLOCK_SIZE",
+]
 
 # Kernel limits, read by every layer above (the engine checks a model against them).
-MAX_Q_LEN = 16                       # queries per row in one paged_attention call
+MAX_Q_LEN = 16  # queries per row in one paged_attention call
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256  # head_dim: a multiple of 16 in this range
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 8, 256  # block_size: a power of two in this range
 _DTYPE_CODES = {getattr(torch, name): code for name, code in _C.dtype_codes().items()}
@@ -47,7 +58,8 @@ except ImportError:
 # The current stream of a device as a cudaStream_t address, without building a torch Stream
 # object per call (torch's inductor reads it the same way); the public route where absent.
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
-    lambda index: torch.cuda.current_stream(index).cuda_stream)
+    lambda index: torch.cuda.current_stream(index).cuda_stream
+)
 
 
 def _smem_limit_from_env() -> int:
@@ -81,8 +93,10 @@ def _backend(device: torch.device) -> tuple[ModuleType, dict]:
         return _C, {}
     if device.type == "cuda":
         if _C_cuda is None:
-            raise RuntimeError("stopkit was built without CUDA kernels (nvcc was not found at build "
-                               "time, or STOPKIT_CUDA=0); reinstall with STOPKIT_CUDA=1")
+            raise RuntimeError(
+                "stopkit was built without CUDA kernels (nvcc was not found at build "
+                "time, or STOPKIT_CUDA=0); reinstall with STOPKIT_CUDA=1"
+            )
         index = device.index if device.index is not None else torch.cuda.current_device()
         return _C_cuda, {"stream": _raw_stream(index), "device": index}
     raise ValueError(f"stopkit ops run on cpu or cuda tensors, got device {device}")
@@ -99,8 +113,9 @@ def _workspace(nbytes: int, device: torch.device, extra: dict) -> torch.Tensor |
     return ws
 
 
-def cuda_launch_plan(dtype: torch.dtype, head_dim: int, q_len: int, max_shared_memory: int, *,
-                     group_size: int = 1) -> dict:
+def cuda_launch_plan(
+    dtype: torch.dtype, head_dim: int, q_len: int, max_shared_memory: int, *, group_size: int = 1
+) -> dict:
     """The CUDA paged-attention kernel's launch plan on a GPU whose opt-in shared memory per block
     is ``max_shared_memory`` bytes (101376 on sm_86/89/120 parts, 166912 on A100, 232448 on
     H100/H200); ``group_size`` query heads share a kv head. Needs no GPU: the CUDA module launches
@@ -110,18 +125,27 @@ def cuda_launch_plan(dtype: torch.dtype, head_dim: int, q_len: int, max_shared_m
     compiled head_dim serving ``head_dim``, and threads per block."""
     if dtype not in _DTYPE_CODES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    for name, value, lo, hi in (("head_dim", head_dim, 32, 256), ("q_len", q_len, 1, MAX_Q_LEN),
-                                ("group_size", group_size, 1, 1 << 16),
-                                ("max_shared_memory", max_shared_memory, 1, 1 << 30)):
+    for name, value, lo, hi in (
+        ("head_dim", head_dim, 32, 256),
+        ("q_len", q_len, 1, MAX_Q_LEN),
+        ("group_size", group_size, 1, 1 << 16),
+        ("max_shared_memory", max_shared_memory, 1, 1 << 30),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise ValueError(f"{name} must be an int in {lo}..{hi}, got {value!r}")
     if head_dim % 16:
         raise ValueError(f"head_dim must be a multiple of 16 in 32..256, got {head_dim}")
-    plan = _C.cuda_launch_plan(elem_bytes=dtype.itemsize, head_dim=head_dim, rows=group_size * q_len,
-                               max_shared_memory=max_shared_memory)
+    plan = _C.cuda_launch_plan(
+        elem_bytes=dtype.itemsize,
+        head_dim=head_dim,
+        rows=group_size * q_len,
+        max_shared_memory=max_shared_memory,
+    )
     if plan["blocks_per_sm"] == 0:
-        raise ValueError(f"no launch plan of the CUDA paged-attention kernel fits {max_shared_memory} "
-                         f"bytes of shared memory per block ({dtype}, head_dim {head_dim})")
+        raise ValueError(
+            f"no launch plan of the CUDA paged-attention kernel fits {max_shared_memory} "
+            f"bytes of shared memory per block ({dtype}, head_dim {head_dim})"
+        )
     return plan
 
 
@@ -161,13 +185,16 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 def _dense_cache(name: str, t: torch.Tensor) -> torch.Tensor:
     if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (a cache is written and read in place; "
-                         f"got strides {t.stride()})")
+        raise ValueError(
+            f"{name} must be contiguous (a cache is written and read in place; "
+            f"got strides {t.stride()})"
+        )
     return t
 
 
-def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
-                      num_blocks: int) -> None:
+def check_block_table(
+    block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int, num_blocks: int
+) -> None:
     """Raise ValueError unless every block a row uses (``ceil(seq_lens[b] / block_size)`` entries of
     ``block_table[b]``) lies in ``[0, num_blocks)``. One reduction; syncs once on CUDA."""
     max_blocks = block_table.shape[1]
@@ -177,8 +204,10 @@ def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, block_s
     bad = in_use & ((block_table < 0) | (block_table >= num_blocks))
     if bool(bad.any()):
         b, j = (int(x) for x in bad.nonzero()[0])
-        raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is in use by row {b} "
-                         f"(seq_lens[{b}] = {int(seq_lens[b])}) but must lie in [0, {num_blocks})")
+        raise ValueError(
+            f"block_table[{b}, {j}] = {int(block_table[b, j])} is in use by row {b} "
+            f"(seq_lens[{b}] = {int(seq_lens[b])}) but must lie in [0, {num_blocks})"
+        )
 
 
 # ---- the custom ops: the native calls behind the public functions --------------------------------
@@ -195,9 +224,21 @@ def _register(schema: str, impl, fake) -> None:
     torch.library.register_fake(f"stopkit::{name}", fake, lib=_LIB)
 
 
-def _paged_attention_impl(q, k_cache, v_cache, block_table, seq_lens, suffix_k, suffix_v, sinks,
-                          scale: float, window: int, max_seq_len: int, return_lse: bool,
-                          check_indices: bool):
+def _paged_attention_impl(
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    seq_lens,
+    suffix_k,
+    suffix_v,
+    sinks,
+    scale: float,
+    window: int,
+    max_seq_len: int,
+    return_lse: bool,
+    check_indices: bool,
+):
     device = q.device
     B, S, H, D = q.shape
     num_blocks, block_size, Hkv, _ = k_cache.shape
@@ -208,11 +249,14 @@ def _paged_attention_impl(q, k_cache, v_cache, block_table, seq_lens, suffix_k, 
         if lo < 0:
             raise ValueError(f"seq_lens must be >= 0, got a minimum of {lo}")
         if hi > max_blocks * block_size:
-            raise ValueError(f"seq_lens must be <= max_blocks_per_row * block_size = "
-                             f"{max_blocks * block_size}, got {hi}")
+            raise ValueError(
+                f"seq_lens must be <= max_blocks_per_row * block_size = "
+                f"{max_blocks * block_size}, got {hi}"
+            )
         if max_seq_len >= 0 and hi > max_seq_len:
-            raise ValueError(f"max_seq_len must be >= every seq_lens entry, got {max_seq_len} "
-                             f"below {hi}")
+            raise ValueError(
+                f"max_seq_len must be >= every seq_lens entry, got {max_seq_len} below {hi}"
+            )
         check_block_table(block_table, seq_lens, block_size, num_blocks)
         longest = hi
     q, block_table, seq_lens = _dense(q), _dense(block_table), _dense(seq_lens)
@@ -227,30 +271,78 @@ def _paged_attention_impl(q, k_cache, v_cache, block_table, seq_lens, suffix_k, 
         workspace = None
         if backend is _C_cuda:  # plans its context split from max_seq_len; the split's workspace
             extra["max_seq_len"] = longest
-            workspace = _workspace(_C_cuda.paged_attention_workspace_bytes(
-                batch=B, q_len=S, num_heads=H, num_kv_heads=Hkv, head_dim=D, block_size=block_size,
-                max_blocks_per_row=max_blocks, window=window, dtype=_DTYPE_CODES[q.dtype],
-                max_seq_len=longest, device=extra["device"]), device, extra)
+            workspace = _workspace(
+                _C_cuda.paged_attention_workspace_bytes(
+                    batch=B,
+                    q_len=S,
+                    num_heads=H,
+                    num_kv_heads=Hkv,
+                    head_dim=D,
+                    block_size=block_size,
+                    max_blocks_per_row=max_blocks,
+                    window=window,
+                    dtype=_DTYPE_CODES[q.dtype],
+                    max_seq_len=longest,
+                    device=extra["device"],
+                ),
+                device,
+                extra,
+            )
         backend.paged_attention(
-            out=_addr(out), lse=_addr(lse), q=_addr(q),
-            k_cache=_addr(k_cache), v_cache=_addr(v_cache), block_table=_addr(block_table),
-            seq_lens=_addr(seq_lens), suffix_k=_addr(suffix_k), suffix_v=_addr(suffix_v),
-            sinks=_addr(sinks), batch=B, q_len=S, num_heads=H, num_kv_heads=Hkv, head_dim=D,
-            block_size=block_size, num_blocks=num_blocks, max_blocks_per_row=max_blocks,
-            scale=scale, window=window, dtype=_DTYPE_CODES[q.dtype], **extra)
+            out=_addr(out),
+            lse=_addr(lse),
+            q=_addr(q),
+            k_cache=_addr(k_cache),
+            v_cache=_addr(v_cache),
+            block_table=_addr(block_table),
+            seq_lens=_addr(seq_lens),
+            suffix_k=_addr(suffix_k),
+            suffix_v=_addr(suffix_v),
+            sinks=_addr(sinks),
+            batch=B,
+            q_len=S,
+            num_heads=H,
+            num_kv_heads=Hkv,
+            head_dim=D,
+            block_size=block_size,
+            num_blocks=num_blocks,
+            max_blocks_per_row=max_blocks,
+            scale=scale,
+            window=window,
+            dtype=_DTYPE_CODES[q.dtype],
+            **extra,
+        )
         del workspace  # freed in stream order, after the launch that uses it
     return out, lse
 
 
-def _paged_attention_fake(q, k_cache, v_cache, block_table, seq_lens, suffix_k, suffix_v, sinks,
-                          scale, window, max_seq_len, return_lse, check_indices):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32) if return_lse else None
+def _paged_attention_fake(
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    seq_lens,
+    suffix_k,
+    suffix_v,
+    sinks,
+    scale,
+    window,
+    max_seq_len,
+    return_lse,
+    check_indices,
+):
+    return torch.empty_like(q), q.new_empty(
+        q.shape[:3], dtype=torch.float32
+    ) if return_lse else None
 
 
-_register("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
-          "Tensor seq_lens, Tensor? suffix_k, Tensor? suffix_v, Tensor? sinks, float scale, "
-          "int window, int max_seq_len, bool return_lse, bool check_indices) -> (Tensor, Tensor?)",
-          _paged_attention_impl, _paged_attention_fake)
+_register(
+    "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+    "Tensor seq_lens, Tensor? suffix_k, Tensor? suffix_v, Tensor? sinks, float scale, "
+    "int window, int max_seq_len, bool return_lse, bool check_indices) -> (Tensor, Tensor?)",
+    _paged_attention_impl,
+    _paged_attention_fake,
+)
 
 
 def _write_kv_impl(k, v, k_cache, v_cache, slot_mapping, check_indices: bool) -> None:
@@ -261,15 +353,28 @@ def _write_kv_impl(k, v, k_cache, v_cache, slot_mapping, check_indices: bool) ->
         _check_slots(slot_mapping, num_blocks * block_size)
     k, v, slot_mapping = _dense(k), _dense(v), _dense(slot_mapping)
     backend, extra = _backend(k_cache.device)
-    backend.write_kv(k=_addr(k), v=_addr(v), k_cache=_addr(k_cache), v_cache=_addr(v_cache),
-                     slot_mapping=_addr(slot_mapping), num_tokens=k.shape[0], num_kv_heads=Hkv,
-                     head_dim=D, block_size=block_size, num_blocks=num_blocks,
-                     dtype=_DTYPE_CODES[k_cache.dtype], **extra)
+    backend.write_kv(
+        k=_addr(k),
+        v=_addr(v),
+        k_cache=_addr(k_cache),
+        v_cache=_addr(v_cache),
+        slot_mapping=_addr(slot_mapping),
+        num_tokens=k.shape[0],
+        num_kv_heads=Hkv,
+        head_dim=D,
+        block_size=block_size,
+        num_blocks=num_blocks,
+        dtype=_DTYPE_CODES[k_cache.dtype],
+        **extra,
+    )
 
 
-_register("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-          "Tensor slot_mapping, bool check_indices) -> ()",
-          _write_kv_impl, lambda k, v, k_cache, v_cache, slot_mapping, check_indices: None)
+_register(
+    "write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+    "Tensor slot_mapping, bool check_indices) -> ()",
+    _write_kv_impl,
+    lambda k, v, k_cache, v_cache, slot_mapping, check_indices: None,
+)
 
 
 def _copy_blocks_impl(cache, src, dst, block_dim: int) -> None:
@@ -282,59 +387,105 @@ def _copy_blocks_impl(cache, src, dst, block_dim: int) -> None:
     if lo < 0 or hi >= num_blocks:
         raise ValueError(f"src and dst must lie in [0, {num_blocks}), got values in [{lo}, {hi}]")
     if torch.unique(dst).numel() != P or bool(torch.isin(dst, src).any()):
-        raise ValueError("dst entries must be distinct and disjoint from src "
-                         "(a block cannot be both read and written; a src may repeat)")
+        raise ValueError(
+            "dst entries must be distinct and disjoint from src "
+            "(a block cannot be both read and written; a src may repeat)"
+        )
     src, dst = _dense(src), _dense(dst)
     num_planes = math.prod(cache.shape[:block_dim])
-    block_bytes = math.prod(cache.shape[block_dim + 1:]) * cache.element_size()
+    block_bytes = math.prod(cache.shape[block_dim + 1 :]) * cache.element_size()
     backend, extra = _backend(cache.device)
-    backend.copy_blocks(cache=_addr(cache), src=_addr(src), dst=_addr(dst), num_pairs=P,
-                        num_planes=num_planes, num_blocks=num_blocks, block_bytes=block_bytes,
-                        **extra)
+    backend.copy_blocks(
+        cache=_addr(cache),
+        src=_addr(src),
+        dst=_addr(dst),
+        num_pairs=P,
+        num_planes=num_planes,
+        num_blocks=num_blocks,
+        block_bytes=block_bytes,
+        **extra,
+    )
 
 
-_register("copy_blocks(Tensor(a!) cache, Tensor src, Tensor dst, int block_dim) -> ()",
-          _copy_blocks_impl, lambda cache, src, dst, block_dim: None)
+_register(
+    "copy_blocks(Tensor(a!) cache, Tensor src, Tensor dst, int block_dim) -> ()",
+    _copy_blocks_impl,
+    lambda cache, src, dst, block_dim: None,
+)
 
 
-def _stop_score_impl(hidden, head_weight, head_bias, norm_weight, hidden_weight, hidden_bias,
-                     eps: float, activation: int):
+def _stop_score_impl(
+    hidden,
+    head_weight,
+    head_bias,
+    norm_weight,
+    hidden_weight,
+    hidden_bias,
+    eps: float,
+    activation: int,
+):
     device = hidden.device
     B, d = hidden.shape
     h = 0 if hidden_weight is None else hidden_weight.shape[0]
     hidden, head_weight, head_bias, norm_weight, hidden_weight, hidden_bias = (
         None if t is None else _dense(t)
-        for t in (hidden, head_weight, head_bias, norm_weight, hidden_weight, hidden_bias))
+        for t in (hidden, head_weight, head_bias, norm_weight, hidden_weight, hidden_bias)
+    )
     out = torch.empty(B, dtype=torch.float32, device=device)
     if B == 0:
         return out
     backend, extra = _backend(device)
     workspace = None
     if backend is _C_cuda:  # the hidden layer's per-tile shares of the logits
-        workspace = _workspace(_C_cuda.stop_score_workspace_bytes(batch=B, hidden_dim=h), device, extra)
-    backend.stop_score(out=_addr(out), hidden=_addr(hidden), norm_weight=_addr(norm_weight),
-                       hidden_weight=_addr(hidden_weight), hidden_bias=_addr(hidden_bias),
-                       head_weight=_addr(head_weight), head_bias=_addr(head_bias), batch=B,
-                       dim=d, hidden_dim=h, eps=eps, activation=activation,
-                       hidden_dtype=_DTYPE_CODES[hidden.dtype],
-                       weight_dtype=_DTYPE_CODES[head_weight.dtype], **extra)
+        workspace = _workspace(
+            _C_cuda.stop_score_workspace_bytes(batch=B, hidden_dim=h), device, extra
+        )
+    backend.stop_score(
+        out=_addr(out),
+        hidden=_addr(hidden),
+        norm_weight=_addr(norm_weight),
+        hidden_weight=_addr(hidden_weight),
+        hidden_bias=_addr(hidden_bias),
+        head_weight=_addr(head_weight),
+        head_bias=_addr(head_bias),
+        batch=B,
+        dim=d,
+        hidden_dim=h,
+        eps=eps,
+        activation=activation,
+        hidden_dtype=_DTYPE_CODES[hidden.dtype],
+        weight_dtype=_DTYPE_CODES[head_weight.dtype],
+        **extra,
+    )
     del workspace  # freed in stream order, after the launch that uses it
     return out
 
 
-_register("stop_score(Tensor hidden, Tensor head_weight, Tensor? head_bias, Tensor? norm_weight, "
-          "Tensor? hidden_weight, Tensor? hidden_bias, float eps, int activation) -> Tensor",
-          _stop_score_impl,
-          lambda hidden, *args: hidden.new_empty(hidden.shape[:1], dtype=torch.float32))
+_register(
+    "stop_score(Tensor hidden, Tensor head_weight, Tensor? head_bias, Tensor? norm_weight, "
+    "Tensor? hidden_weight, Tensor? hidden_bias, float eps, int activation) -> Tensor",
+    _stop_score_impl,
+    lambda hidden, *args: hidden.new_empty(hidden.shape[:1], dtype=torch.float32),
+)
 
 
 # ---- the public functions: checks, then the custom op ----------------------------------------------
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-                    suffix_k: torch.Tensor | None = None, suffix_v: torch.Tensor | None = None,
-                    scale: float | None = None, sinks: torch.Tensor | None = None,
-                    window: int | None = None, return_lse: bool = False,
-                    check_indices: bool = True, max_seq_len: int | None = None):
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    suffix_k: torch.Tensor | None = None,
+    suffix_v: torch.Tensor | None = None,
+    scale: float | None = None,
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
+    return_lse: bool = False,
+    check_indices: bool = True,
+    max_seq_len: int | None = None,
+):
     """Attention of a few queries per row against that row's paged KV cache (and a causal suffix).
 
     q ``[B, S, H, D]`` (S in 1..16); k_cache, v_cache ``[num_blocks, block_size, Hkv, D]``;
@@ -364,18 +515,25 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if Dk != D:
         raise ValueError(f"k_cache head_dim (shape[3]) must equal q's head_dim {D}, got {Dk}")
     if D % 16 != 0 or not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be a multiple of 16 in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, "
-                         f"got {D}")
+        raise ValueError(
+            f"head_dim must be a multiple of 16 in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {D}"
+        )
     if block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
-        raise ValueError(f"block_size (k_cache.shape[1]) must be a power of two in "
-                         f"{MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}, got {block_size}")
+        raise ValueError(
+            f"block_size (k_cache.shape[1]) must be a power of two in "
+            f"{MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}, got {block_size}"
+        )
     if Hkv < 1 or H < 1 or H % Hkv != 0:
-        raise ValueError(f"num_heads (q.shape[2] = {H}) must be a multiple of num_kv_heads "
-                         f"(k_cache.shape[2] = {Hkv})")
+        raise ValueError(
+            f"num_heads (q.shape[2] = {H}) must be a multiple of num_kv_heads "
+            f"(k_cache.shape[2] = {Hkv})"
+        )
     block_table = _tensor("block_table", block_table, ndim=2, dtype=torch.int32, device=device)
     seq_lens = _tensor("seq_lens", seq_lens, ndim=1, dtype=torch.int32, device=device)
     if block_table.shape[0] != B:
-        raise ValueError(f"block_table must have one row per batch row ({B}), got {block_table.shape[0]}")
+        raise ValueError(
+            f"block_table must have one row per batch row ({B}), got {block_table.shape[0]}"
+        )
     _shape("seq_lens", seq_lens, (B,))
     if (suffix_k is None) != (suffix_v is None):
         raise ValueError("suffix_k and suffix_v must be given together")
@@ -387,10 +545,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if sinks is not None:
         sinks = _tensor("sinks", sinks, ndim=1, dtype=torch.float32, device=device)
         _shape("sinks", sinks, (H,))
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < 1
+    ):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
-    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
-                                    or max_seq_len < 0):
+    if max_seq_len is not None and (
+        isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 0
+    ):
         raise ValueError(f"max_seq_len must be an int >= 0 or None, got {max_seq_len!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -399,14 +560,32 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     k_cache = _dense_cache("k_cache", k_cache)
     v_cache = _dense_cache("v_cache", v_cache)
     out, lse = torch.ops.stopkit.paged_attention(
-        q, k_cache, v_cache, block_table, seq_lens, suffix_k, suffix_v, sinks, float(scale),
-        window or 0, -1 if max_seq_len is None else max_seq_len, bool(return_lse),
-        bool(check_indices))
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        suffix_k,
+        suffix_v,
+        sinks,
+        float(scale),
+        window or 0,
+        -1 if max_seq_len is None else max_seq_len,
+        bool(return_lse),
+        bool(check_indices),
+    )
     return (out, lse) if return_lse else out
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, *, check_indices: bool = True) -> None:
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    check_indices: bool = True,
+) -> None:
     """Write k, v ``[T, Hkv, D]`` into the caches ``[num_blocks, block_size, Hkv, D]`` in place.
 
     slot_mapping int64 ``[T]``: token t goes to slot ``slot_mapping[t]`` (block
@@ -442,16 +621,20 @@ def _check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
     repeated = (slots[1:] == slots[:-1]) & (slots[1:] >= 0)
     lo, hi, n_repeated = torch.stack([slots[0], slots[-1], repeated.sum()]).tolist()
     if lo < -1 or hi >= num_slots:
-        raise ValueError(f"slot_mapping entries must be -1 or in [0, {num_slots}), "
-                         f"got values in [{lo}, {hi}]")
+        raise ValueError(
+            f"slot_mapping entries must be -1 or in [0, {num_slots}), got values in [{lo}, {hi}]"
+        )
     if n_repeated:
         slot = int(slots[1:][repeated][0])
-        raise ValueError(f"slot_mapping must not repeat a slot (only -1 may repeat): slot {slot} "
-                         f"appears more than once")
+        raise ValueError(
+            f"slot_mapping must not repeat a slot (only -1 may repeat): slot {slot} "
+            f"appears more than once"
+        )
 
 
-def copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *,
-                block_dim: int = -4) -> None:
+def copy_blocks(
+    cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *, block_dim: int = -4
+) -> None:
     """Copy block ``src[i]`` to block ``dst[i]`` in place, in every plane of ``cache``.
 
     cache: ``[..., num_blocks, block_size, Hkv, D]`` (dense; e.g. PagedKVCache's
@@ -462,10 +645,14 @@ def copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *,
     cache = _tensor("cache", cache)
     device = cache.device
     if cache.dim() < 2:
-        raise ValueError(f"cache must have a blocks dimension and per-block data, got shape {tuple(cache.shape)}")
+        raise ValueError(
+            f"cache must have a blocks dimension and per-block data, got shape {tuple(cache.shape)}"
+        )
     if not (isinstance(block_dim, int) and -cache.dim() <= block_dim < cache.dim()):
-        raise ValueError(f"block_dim must be an int in [{-cache.dim()}, {cache.dim()}) for a cache of "
-                         f"shape {tuple(cache.shape)}, got {block_dim!r}")
+        raise ValueError(
+            f"block_dim must be an int in [{-cache.dim()}, {cache.dim()}) for a cache of "
+            f"shape {tuple(cache.shape)}, got {block_dim!r}"
+        )
     block_dim = block_dim % cache.dim()
     src = _tensor("src", src, ndim=1, dtype=torch.int64, device=device)
     dst = _tensor("dst", dst, ndim=1, dtype=torch.int64, device=device)
@@ -474,10 +661,17 @@ def copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *,
     torch.ops.stopkit.copy_blocks(cache, src, dst, block_dim)  # checks src and dst on the data
 
 
-def stop_score(hidden: torch.Tensor, head_weight: torch.Tensor,
-               head_bias: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None,
-               eps: float = 1e-6, hidden_weight: torch.Tensor | None = None,
-               hidden_bias: torch.Tensor | None = None, activation: str | None = "gelu") -> torch.Tensor:
+def stop_score(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    hidden_weight: torch.Tensor | None = None,
+    hidden_bias: torch.Tensor | None = None,
+    activation: str | None = "gelu",
+) -> torch.Tensor:
     """STOP score head in one native call: optional RMSNorm (``norm_weight`` ``[d]``) ->
     optional hidden layer (``hidden_weight`` ``[h, d]``, ``hidden_bias`` ``[h]``) + activation
     (gelu (erf), relu, silu, tanh) -> Linear (``head_weight`` ``[2, h or d]``, ``head_bias`` ``[2]``)
@@ -486,16 +680,22 @@ def stop_score(hidden: torch.Tensor, head_weight: torch.Tensor,
     hidden = _tensor("hidden", hidden, ndim=2, dtype=tuple(_DTYPE_CODES))
     device = hidden.device
     B, d = hidden.shape
-    head_weight = _tensor("head_weight", head_weight, ndim=2, dtype=tuple(_DTYPE_CODES), device=device)
+    head_weight = _tensor(
+        "head_weight", head_weight, ndim=2, dtype=tuple(_DTYPE_CODES), device=device
+    )
     wdtype = head_weight.dtype
     if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of gelu, relu, silu, tanh, none; got {activation!r}")
+        raise ValueError(
+            f"activation must be one of gelu, relu, silu, tanh, none; got {activation!r}"
+        )
     if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     if hidden_bias is not None and hidden_weight is None:
         raise ValueError("hidden_bias needs hidden_weight")
     if d < 1:
-        raise ValueError(f"hidden must have at least one feature (shape[1] >= 1), got {tuple(hidden.shape)}")
+        raise ValueError(
+            f"hidden must have at least one feature (shape[1] >= 1), got {tuple(hidden.shape)}"
+        )
     h = 0
     if norm_weight is not None:
         norm_weight = _tensor("norm_weight", norm_weight, ndim=1, dtype=wdtype, device=device)
@@ -513,8 +713,16 @@ def stop_score(hidden: torch.Tensor, head_weight: torch.Tensor,
     if head_bias is not None:
         head_bias = _tensor("head_bias", head_bias, ndim=1, dtype=wdtype, device=device)
         _shape("head_bias", head_bias, (2,))
-    return torch.ops.stopkit.stop_score(hidden, head_weight, head_bias, norm_weight, hidden_weight,
-                                        hidden_bias, float(eps), _ACTIVATIONS[activation])
+    return torch.ops.stopkit.stop_score(
+        hidden,
+        head_weight,
+        head_bias,
+        norm_weight,
+        hidden_weight,
+        hidden_bias,
+        float(eps),
+        _ACTIVATIONS[activation],
+    )
 
 
 if os.environ.get("STOPKIT_CPU_ISA"):  # force an instruction-set build (benchmarks, tests)

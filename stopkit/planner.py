@@ -33,8 +33,14 @@ def _expected(n: int, keep: int, prefix: int, task: int) -> int:
     return n * prefix + keep * (task - prefix)
 
 
-def plan(budget_tokens: int, prefix_tokens: int, task_tokens: int, *,
-         keep: int | None = None, ratio: float | None = None) -> Plan:
+def plan(
+    budget_tokens: int,
+    prefix_tokens: int,
+    task_tokens: int,
+    *,
+    keep: int | None = None,
+    ratio: float | None = None,
+) -> Plan:
     """The largest N with ``N * prefix_tokens + keep * (task_tokens - prefix_tokens) <= budget_tokens``.
 
     Give exactly one of ``keep`` (a fixed number of resumed paths, N >= keep) or ``ratio`` (keep =
@@ -63,15 +69,18 @@ def plan(budget_tokens: int, prefix_tokens: int, task_tokens: int, *,
     if prefix > task:
         raise ValueError(f"prefix_tokens ({prefix}) must be <= task_tokens ({task})")
     if (keep is None) == (ratio is None):
-        raise ValueError("give exactly one of keep (paths resumed) or ratio (fraction resumed), "
-                         f"got keep={keep!r}, ratio={ratio!r}")
+        raise ValueError(
+            "give exactly one of keep (paths resumed) or ratio (fraction resumed), "
+            f"got keep={keep!r}, ratio={ratio!r}"
+        )
     if keep is not None:
         keep = check_int("keep", keep, 1)
         n = (budget - keep * (task - prefix)) // prefix
         if n < keep:
             raise ValueError(
                 f"budget_tokens={budget} is too small: even n=keep={keep} paths need "
-                f"{_expected(keep, keep, prefix, task)} tokens")
+                f"{_expected(keep, keep, prefix, task)} tokens"
+            )
         return Plan(n=n, keep=keep, expected_tokens=_expected(n, keep, prefix, task))
 
     ratio = check_real("ratio", ratio, 0, 1, low_open=True)
@@ -83,7 +92,9 @@ def plan(budget_tokens: int, prefix_tokens: int, task_tokens: int, *,
         return _expected(n, keep_of(n), prefix, task)
 
     if cost(1) > budget:
-        raise ValueError(f"budget_tokens={budget} is too small: even n=1 path needs {cost(1)} tokens")
+        raise ValueError(
+            f"budget_tokens={budget} is too small: even n=1 path needs {cost(1)} tokens"
+        )
     lo, hi = 1, budget // prefix + 1  # cost(n) >= n * prefix, so n <= budget // prefix
     while hi - lo > 1:  # invariant: cost(lo) <= budget < cost(hi)
         mid = (lo + hi) // 2

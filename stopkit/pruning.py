@@ -39,7 +39,9 @@ def _scores(scores: Scores, batch: int) -> torch.Tensor:
         except (TypeError, ValueError, RuntimeError) as e:
             raise TypeError(f"scores must be a 1-D tensor or a list of numbers: {e}") from None
     if scores.shape != (batch,):
-        raise ValueError(f"scores must have shape ({batch},), one per cache row, got {tuple(scores.shape)}")
+        raise ValueError(
+            f"scores must have shape ({batch},), one per cache row, got {tuple(scores.shape)}"
+        )
     return scores
 
 
@@ -51,8 +53,15 @@ def ranking(scores: torch.Tensor) -> torch.Tensor:
     return order[torch.sort(nan[order].to(torch.uint8), stable=True).indices]
 
 
-def select(scores: Scores, batch: int, *, keep: int | None = None, ratio: float | None = None,
-           threshold: float | None = None, min_keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def select(
+    scores: Scores,
+    batch: int,
+    *,
+    keep: int | None = None,
+    ratio: float | None = None,
+    threshold: float | None = None,
+    min_keep: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept, dropped): int64 CPU tensors of row indices, ascending, for ``scores`` ``[batch]``
     under exactly one criterion (see :func:`prune`). Changes nothing."""
     scores = _scores(scores, batch)
@@ -65,15 +74,24 @@ def select(scores: Scores, batch: int, *, keep: int | None = None, ratio: float 
         ratio = check_real("ratio", ratio, 0, 1, low_open=True)
         k = math.ceil(round(ratio * batch, 9))  # round: 0.1 * 30 is 3.0000000000000004
     else:
-        threshold = check_real("threshold", threshold, -math.inf, math.inf)  # infinities pass, NaN not
+        threshold = check_real(
+            "threshold", threshold, -math.inf, math.inf
+        )  # infinities pass, NaN not
         k = int((scores >= threshold).sum())
     k = min(batch, max(k, min_keep))
     order = ranking(scores)
     return order[:k].sort().values, order[k:].sort().values
 
 
-def prune(cache: PagedKVCache, scores: Scores, *, keep: int | None = None, ratio: float | None = None,
-          threshold: float | None = None, min_keep: int = 1) -> PruneResult:
+def prune(
+    cache: PagedKVCache,
+    scores: Scores,
+    *,
+    keep: int | None = None,
+    ratio: float | None = None,
+    threshold: float | None = None,
+    min_keep: int = 1,
+) -> PruneResult:
     """Keep the best rows of ``cache`` by ``scores`` (tensor or list ``[batch]``, higher is better,
     any real dtype and device), free the others' blocks and compact the kept rows to 0..k-1 in
     their original order (metadata only: no KV is copied).
@@ -85,6 +103,7 @@ def prune(cache: PagedKVCache, scores: Scores, *, keep: int | None = None, ratio
     """
     if not isinstance(cache, PagedKVCache):
         raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
-    kept, dropped = select(scores, cache.batch_size, keep=keep, ratio=ratio, threshold=threshold,
-                           min_keep=min_keep)
+    kept, dropped = select(
+        scores, cache.batch_size, keep=keep, ratio=ratio, threshold=threshold, min_keep=min_keep
+    )
     return PruneResult(kept, dropped, cache.free(dropped))

@@ -81,13 +81,24 @@ if TYPE_CHECKING:
     from stopkit.stop import StopScorer
     from stopkit.verifier import Verifier
 
-__all__ = ["ParallelReasoner", "ReasoningRun", "Solution", "Path", "METHODS", "VOTES", "vote",
-           "check_solve_args", "confidence_score", "entropy_score", "default_extractor"]
+__all__ = [
+    "ParallelReasoner",
+    "ReasoningRun",
+    "Solution",
+    "Path",
+    "METHODS",
+    "VOTES",
+    "vote",
+    "check_solve_args",
+    "confidence_score",
+    "entropy_score",
+    "default_extractor",
+]
 
 log = logging.getLogger(__name__)
 
 METHODS = ("stop", "confidence", "entropy", "similarity", "random", "full")  # + similarity:PATH,
-                                                                            # verifier:PATH
+# verifier:PATH
 VOTES = ("majority", "score", "entropy")
 ENTROPY_EPS = 1e-6  # floor of a path's mean entropy in the entropy vote (1 / 0 would be infinite)
 
@@ -178,15 +189,18 @@ def entropy_score(entropies: torch.Tensor) -> float:
     return -float(entropies.double().mean())
 
 
-def vote(answers: Sequence[Hashable | None], weights: Sequence[float]) -> tuple[Hashable | None, dict]:
+def vote(
+    answers: Sequence[Hashable | None], weights: Sequence[float]
+) -> tuple[Hashable | None, dict]:
     """Weighted vote over the paths' answers -> (winner, {answer: total weight}).
 
     Paths with answer None do not vote. Ties go to the answer with the highest total weight, then
     the most paths, then the one that occurs first in ``answers`` (launch order).
     """
     if len(answers) != len(weights):
-        raise ValueError(f"answers and weights must have the same length, got {len(answers)} and "
-                         f"{len(weights)}")
+        raise ValueError(
+            f"answers and weights must have the same length, got {len(answers)} and {len(weights)}"
+        )
     totals: dict = {}
     counts: dict = {}
     for a, weight in zip(answers, weights, strict=True):
@@ -204,7 +218,6 @@ def vote(answers: Sequence[Hashable | None], weights: Sequence[float]) -> tuple[
     return winner, totals
 
 
-
 @dataclass(frozen=True)
 class _Plan:
     """Validated arguments of a solve: the check rounds [(prefix, keep or None for full)]."""
@@ -217,11 +230,18 @@ class _Plan:
     early_stop: int | None
 
 
-def check_solve_args(*, n: int = 64, keep: int = 8, prefix_tokens: int = 2048,
-                     max_new_tokens: int = 8192, method: Method = "stop", vote: str = "majority",
-                     early_stop: int | None = None,
-                     schedule: Sequence[tuple[int, int]] | None = None,
-                     has_scorer: bool = True) -> _Plan:
+def check_solve_args(
+    *,
+    n: int = 64,
+    keep: int = 8,
+    prefix_tokens: int = 2048,
+    max_new_tokens: int = 8192,
+    method: Method = "stop",
+    vote: str = "majority",
+    early_stop: int | None = None,
+    schedule: Sequence[tuple[int, int]] | None = None,
+    has_scorer: bool = True,
+) -> _Plan:
     """Validate solve's arguments (ValueError/TypeError naming the argument) and return the
     check rounds. has_scorer: whether a StopScorer is there (method ``"stop"`` needs one)."""
     n = check_int("n", n, 1)
@@ -229,45 +249,63 @@ def check_solve_args(*, n: int = 64, keep: int = 8, prefix_tokens: int = 2048,
     if isinstance(method, str):
         kind, _ = parse_method(method)
         if kind == "stop" and not has_scorer:
-            raise ValueError("method 'stop' needs a scorer: ParallelReasoner(model, tokenizer, "
-                             "scorer=StopScorer.load(path, model))")
+            raise ValueError(
+                "method 'stop' needs a scorer: ParallelReasoner(model, tokenizer, "
+                "scorer=StopScorer.load(path, model))"
+            )
     elif not callable(method):
         raise TypeError(f"method must be a str or a callable, got {type(method).__name__}")
     if vote not in VOTES:
         raise ValueError(f"vote must be one of {', '.join(VOTES)}, got {vote!r}")
-    if vote == "score" and (method == "entropy" or (isinstance(method, str)
-                                                    and method.startswith("similarity:"))):
-        raise ValueError(f"vote 'score' weighs paths by their score, which must be >= 0; method "
-                         f"{method!r} scores can be negative (minus entropies, cosines): use "
-                         f"vote='majority' or 'entropy'")
+    if vote == "score" and (
+        method == "entropy" or (isinstance(method, str) and method.startswith("similarity:"))
+    ):
+        raise ValueError(
+            f"vote 'score' weighs paths by their score, which must be >= 0; method "
+            f"{method!r} scores can be negative (minus entropies, cosines): use "
+            f"vote='majority' or 'entropy'"
+        )
     if early_stop is not None:
         early_stop = check_int("early_stop", early_stop, 1)
     rounds: list[tuple[int, int | None]]
     if schedule is None:
-        rounds = [(check_int("prefix_tokens", prefix_tokens, 1),
-                   None if method == "full" else check_int("keep", keep, 1))]
+        rounds = [
+            (
+                check_int("prefix_tokens", prefix_tokens, 1),
+                None if method == "full" else check_int("keep", keep, 1),
+            )
+        ]
     else:
         if method == "full":
             raise ValueError("method 'full' does not prune; a schedule needs a pruning method")
         if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence) or not schedule:
-            raise TypeError(f"schedule must be a non-empty list of (prefix_tokens, keep) pairs, "
-                            f"got {schedule!r:.80}")
+            raise TypeError(
+                f"schedule must be a non-empty list of (prefix_tokens, keep) pairs, "
+                f"got {schedule!r:.80}"
+            )
         pairs: list[tuple[int, int]] = []
         for i, item in enumerate(schedule):
             if not isinstance(item, Sequence) or len(item) != 2:
                 raise TypeError(f"schedule[{i}] must be a (prefix_tokens, keep) pair, got {item!r}")
-            pairs.append((check_int(f"schedule[{i}] prefix_tokens", item[0], 1),
-                          check_int(f"schedule[{i}] keep", item[1], 1)))
+            pairs.append(
+                (
+                    check_int(f"schedule[{i}] prefix_tokens", item[0], 1),
+                    check_int(f"schedule[{i}] keep", item[1], 1),
+                )
+            )
         for i in range(1, len(pairs)):
             if pairs[i][0] <= pairs[i - 1][0] or pairs[i][1] > pairs[i - 1][1]:
-                raise ValueError(f"schedule must have strictly increasing prefix_tokens and "
-                                 f"non-increasing keep, got {pairs}")
+                raise ValueError(
+                    f"schedule must have strictly increasing prefix_tokens and "
+                    f"non-increasing keep, got {pairs}"
+                )
         rounds = [*pairs]
     if rounds[0][1] is not None and rounds[0][1] > n:
         raise ValueError(f"keep must be <= n ({n}), got {rounds[0][1]}")
     if rounds[-1][0] >= max_new_tokens:
-        raise ValueError(f"prefix_tokens must be < max_new_tokens ({max_new_tokens}), got "
-                         f"{rounds[-1][0]}")
+        raise ValueError(
+            f"prefix_tokens must be < max_new_tokens ({max_new_tokens}), got {rounds[-1][0]}"
+        )
     return _Plan(n, tuple(rounds), max_new_tokens, method, vote, early_stop)
 
 
@@ -288,26 +326,42 @@ class ParallelReasoner:
     the paper's instruction in the chat template). Use the same for labelling and solving.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: Any, scorer: StopScorer | None = None, *,
-                 engine: Engine | None = None, confidence_window: int = 2048,
-                 confidence_top_k: int = 20, similarity_diversity: float = 0.0,
-                 external_device: str | torch.device | None = None,
-                 external_dtype: str | torch.dtype = "auto",
-                 verifier_options: dict | None = None, prompt: PromptFormat | None = None) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: Any,
+        scorer: StopScorer | None = None,
+        *,
+        engine: Engine | None = None,
+        confidence_window: int = 2048,
+        confidence_top_k: int = 20,
+        similarity_diversity: float = 0.0,
+        external_device: str | torch.device | None = None,
+        external_dtype: str | torch.dtype = "auto",
+        verifier_options: dict | None = None,
+        prompt: PromptFormat | None = None,
+    ) -> None:
         if tokenizer is None or not hasattr(tokenizer, "decode"):
-            raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+            raise TypeError(
+                f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}"
+            )
         self.engine = engine if engine is not None else Engine(model)
-        if engine is not None and engine.model is not model and \
-                getattr(model, "get_base_model", lambda: None)() is not engine.model:
+        if (
+            engine is not None
+            and engine.model is not model
+            and getattr(model, "get_base_model", lambda: None)() is not engine.model
+        ):
             raise ValueError("engine must run the same model as the reasoner")
         if scorer is not None and getattr(scorer, "model", None) not in (model, self.engine.model):
-            raise ValueError("scorer must be bound to the reasoner's model (StopScorer.new/load "
-                             "with this model)")
+            raise ValueError(
+                "scorer must be bound to the reasoner's model (StopScorer.new/load with this model)"
+            )
         self.model, self.tokenizer, self.scorer = model, tokenizer, scorer
         self.confidence_window = check_int("confidence_window", confidence_window, 1)
         self.confidence_top_k = check_int("confidence_top_k", confidence_top_k, 1)
-        self.similarity_diversity = check_real("similarity_diversity", float(similarity_diversity),
-                                               0.0, 1.0)
+        self.similarity_diversity = check_real(
+            "similarity_diversity", float(similarity_diversity), 0.0, 1.0
+        )
         self.external_device = self.engine.device if external_device is None else external_device
         self.external_dtype = external_dtype
         self.verifier_options = dict(verifier_options or {})
@@ -326,15 +380,22 @@ class ParallelReasoner:
             if kind == "similarity":
                 from stopkit.similarity import SimilarityScorer
 
-                scorer = SimilarityScorer.from_spec(method, device=self.external_device,
-                                                    dtype=self.external_dtype,
-                                                    diversity=self.similarity_diversity)
+                scorer = SimilarityScorer.from_spec(
+                    method,
+                    device=self.external_device,
+                    dtype=self.external_dtype,
+                    diversity=self.similarity_diversity,
+                )
             elif kind == "verifier":
                 from stopkit.verifier import Verifier
 
                 assert path is not None  # parse_method requires verifier:PATH
-                scorer = Verifier.load(path, device=self.external_device, dtype=self.external_dtype,
-                                       **self.verifier_options)
+                scorer = Verifier.load(
+                    path,
+                    device=self.external_device,
+                    dtype=self.external_dtype,
+                    **self.verifier_options,
+                )
             else:
                 raise ValueError(f"{method!r} is not an external method")
             self._external[method] = scorer
@@ -355,17 +416,25 @@ class ParallelReasoner:
         """Solve one question; keyword arguments as :meth:`solve_iter`."""
         return self.solve_batch([question], **kwargs)[0]
 
-    def solve_batch(self, questions: Sequence[str | Sequence[int]], **kwargs: Any) -> list[Solution]:
+    def solve_batch(
+        self, questions: Sequence[str | Sequence[int]], **kwargs: Any
+    ) -> list[Solution]:
         """Solve any number of questions together (:meth:`solve_iter`); returns their Solutions
         in the order of ``questions``."""
-        out: list[Solution | None] = [None] * len(questions) if isinstance(questions, Sequence) \
-            else []
+        out: list[Solution | None] = (
+            [None] * len(questions) if isinstance(questions, Sequence) else []
+        )
         for i, sol in self.solve_iter(questions, **kwargs):
             out[i] = sol
         return cast(list[Solution], out)  # every index was filled
 
-    def solve_iter(self, questions: Sequence[str | Sequence[int]], *, progress: bool | None = None,
-                   **kwargs: Any) -> Iterator[tuple[int, Solution]]:
+    def solve_iter(
+        self,
+        questions: Sequence[str | Sequence[int]],
+        *,
+        progress: bool | None = None,
+        **kwargs: Any,
+    ) -> Iterator[tuple[int, Solution]]:
         """Solve any number of questions through the engine's scheduler, all admitted as the KV
         budget allows, each advancing on its own; yields ``(index, Solution)`` as each finishes.
         Every argument is checked (ValueError/TypeError naming it) before anything runs.
@@ -380,7 +449,11 @@ class ParallelReasoner:
         If the loop is left early or fails (an exception from a callable method, an interrupt),
         every path still running is aborted and its blocks freed; the engine stays usable.
         """
-        if isinstance(questions, (str, bytes)) or not isinstance(questions, Sequence) or not questions:
+        if (
+            isinstance(questions, (str, bytes))
+            or not isinstance(questions, Sequence)
+            or not questions
+        ):
             raise TypeError("questions must be a non-empty list of questions (str or token ids)")
         run = ReasoningRun(self, progress=progress)
         try:
@@ -395,8 +468,9 @@ class ParallelReasoner:
 class _Question:
     """One question of a :class:`ReasoningRun`: its plan, group and book-keeping."""
 
-    def __init__(self, index: int, plan: _Plan, extractor: Callable, seed: int, text: str,
-                 prune: bool) -> None:
+    def __init__(
+        self, index: int, plan: _Plan, extractor: Callable, seed: int, text: str, prune: bool
+    ) -> None:
         self.index, self.plan, self.extractor, self.seed = index, plan, extractor, seed
         self.text, self.prune = text, prune  # the question as text (external scorers read it)
         self.external_tokens = 0
@@ -406,7 +480,7 @@ class _Question:
         self.t_first_check: float | None = None
         self.phases = {"launch": 0.0, "check": 0.0, "resume": 0.0}
         self.scoring_tokens = 0
-        self.scores: dict[int, float] = {}   # sample index -> last score
+        self.scores: dict[int, float] = {}  # sample index -> last score
         self.in_prefix: set[int] = set()
         self.answers: dict[int, tuple[str, Hashable | None]] = {}  # sample -> (text, answer)
 
@@ -421,11 +495,15 @@ class ReasoningRun:
         self.r = reasoner
         self.engine = reasoner.engine
         self.engine._check_idle()
-        self._questions: dict[int, _Question] = {}   # id(group) -> question
+        self._questions: dict[int, _Question] = {}  # id(group) -> question
         self._next = 0
         self.sampled_tokens = 0  # tokens sampled by this run's steps, over every path
-        self._bar = tqdm(desc="solve", unit="tok", leave=False,
-                         disable=None if progress is None else not progress)
+        self._bar = tqdm(
+            desc="solve",
+            unit="tok",
+            leave=False,
+            disable=None if progress is None else not progress,
+        )
 
     @property
     def pending(self) -> int:
@@ -436,41 +514,84 @@ class ReasoningRun:
         """Each pending question's progress, ``{index: {"tokens": sampled so far over its paths,
         "live_paths": paths not ended, "checks": checks resolved, "started": a path was admitted
         to the engine}}`` (a server's progress events and metrics)."""
-        return {q.index: {"tokens": sum(len(r.tokens) for r in q.group.rows),
-                          "live_paths": len(q.group.live_rows), "checks": q.group.check_index,
-                          "started": q.group.started} for q in self._questions.values()}
+        return {
+            q.index: {
+                "tokens": sum(len(r.tokens) for r in q.group.rows),
+                "live_paths": len(q.group.live_rows),
+                "checks": q.group.check_index,
+                "started": q.group.started,
+            }
+            for q in self._questions.values()
+        }
 
-    def add(self, question: str | Sequence[int], *, index: int | None = None, n: int = 64,
-            keep: int = 8, prefix_tokens: int = 2048, max_new_tokens: int = 8192,
-            method: Method = "stop", vote: str = "majority", early_stop: int | None = None,
-            seed: int = 0, temperature: float = 0.6, top_p: float = 0.95, top_k: int = 0,
-            min_p: float = 0.0, schedule: Sequence[tuple[int, int]] | None = None,
-            extractor: Callable[[str], Hashable | None] | None = None, prune: bool = True) -> int:
+    def add(
+        self,
+        question: str | Sequence[int],
+        *,
+        index: int | None = None,
+        n: int = 64,
+        keep: int = 8,
+        prefix_tokens: int = 2048,
+        max_new_tokens: int = 8192,
+        method: Method = "stop",
+        vote: str = "majority",
+        early_stop: int | None = None,
+        seed: int = 0,
+        temperature: float = 0.6,
+        top_p: float = 0.95,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        schedule: Sequence[tuple[int, int]] | None = None,
+        extractor: Callable[[str], Hashable | None] | None = None,
+        prune: bool = True,
+    ) -> int:
         """Queue a question (arguments as :meth:`ParallelReasoner.solve_iter`); returns its index
         (``index``, default the number of questions added before). prune False: every check
         scores the live paths but keeps them all (a budget sweep reads one such run for every
         keep). Raises before queueing anything on bad arguments, and CacheFullError when the
         question can never fit the KV budget."""
-        plan = self.r.check_args(n=n, keep=keep, prefix_tokens=prefix_tokens,
-                                 max_new_tokens=max_new_tokens, method=method, vote=vote,
-                                 early_stop=early_stop, schedule=schedule)
+        plan = self.r.check_args(
+            n=n,
+            keep=keep,
+            prefix_tokens=prefix_tokens,
+            max_new_tokens=max_new_tokens,
+            method=method,
+            vote=vote,
+            early_stop=early_stop,
+            schedule=schedule,
+        )
         seed = check_int("seed", seed, 0)
         if extractor is not None and not callable(extractor):
-            raise TypeError(f"extractor must be a callable text -> answer, got {type(extractor).__name__}")
+            raise TypeError(
+                f"extractor must be a callable text -> answer, got {type(extractor).__name__}"
+            )
         prompt = self.r.prompt_ids(question)
-        if isinstance(plan.method, str) and parse_method(plan.method)[0] in ("similarity", "verifier"):
+        if isinstance(plan.method, str) and parse_method(plan.method)[0] in (
+            "similarity",
+            "verifier",
+        ):
             self.r.external_scorer(plan.method)  # load (and check) it before anything runs
-        text = question if isinstance(question, str) else \
-            self.r.tokenizer.decode(prompt, skip_special_tokens=True)
+        text = (
+            question
+            if isinstance(question, str)
+            else self.r.tokenizer.decode(prompt, skip_special_tokens=True)
+        )
         sampling = self.engine.sampling_params(
-            max_new_tokens=plan.max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            min_p=min_p, seed=seed, eos_token_id=self.r._eos,
+            max_new_tokens=plan.max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            seed=seed,
+            eos_token_id=self.r._eos,
             record_logprobs=plan.method == "entropy" or plan.vote == "entropy",
-            top_logprobs=self.r.confidence_top_k if plan.method == "confidence" else 0)
+            top_logprobs=self.r.confidence_top_k if plan.method == "confidence" else 0,
+        )
         index = self._next if index is None else index
         q = _Question(index, plan, extractor or default_extractor, seed, text, bool(prune))
-        q.group = self.engine.add_request(prompt, sampling, n=plan.n, index=index,
-                                          checks=[prefix for prefix, _ in plan.rounds])
+        q.group = self.engine.add_request(
+            prompt, sampling, n=plan.n, index=index, checks=[prefix for prefix, _ in plan.rounds]
+        )
         self._questions[id(q.group)] = q
         self._next = max(self._next, index + 1)
         return index
@@ -565,8 +686,12 @@ class ReasoningRun:
                 q.t_first_check = t0
                 q.phases["launch"] = t0 - q.t_start
                 q.in_prefix = {r.sample_index for r in q.group.rows if r.finish_reason == "eos"}
-        stop_rows = [r for q in questions if q.plan.method == "stop"
-                     and q.plan.rounds[q.group.check_index][1] is not None for r in q.group.live_rows]
+        stop_rows = [
+            r
+            for q in questions
+            if q.plan.method == "stop" and q.plan.rounds[q.group.check_index][1] is not None
+            for r in q.group.live_rows
+        ]
         stop_scores = {}
         scorer = self.r.scorer  # check_args refuses method "stop" without one
         if stop_rows:
@@ -577,8 +702,11 @@ class ReasoningRun:
             keep = q.plan.rounds[q.group.check_index][1]
             if keep is not None:
                 rows = q.group.live_rows
-                scores = ([stop_scores[id(r)] for r in rows] if q.plan.method == "stop"
-                          else self._method_scores(q, rows))
+                scores = (
+                    [stop_scores[id(r)] for r in rows]
+                    if q.plan.method == "stop"
+                    else self._method_scores(q, rows)
+                )
                 if q.plan.method == "stop":
                     assert scorer is not None
                     q.scoring_tokens += scorer.num_tokens * len(rows)
@@ -588,8 +716,13 @@ class ReasoningRun:
                 drop = [rows[j] for j in order[keep:]] if q.prune else []
                 if drop:
                     self.engine.end_rows(drop, "pruned")
-                log.debug("question %d: check %d scored %d paths, dropped %d", q.index,
-                          q.group.check_index, len(rows), len(drop))
+                log.debug(
+                    "question %d: check %d scored %d paths, dropped %d",
+                    q.index,
+                    q.group.check_index,
+                    len(rows),
+                    len(drop),
+                )
             self.engine.resume(q.group)
         dt = time.perf_counter() - t0
         for q in pruning:
@@ -606,14 +739,17 @@ class ReasoningRun:
             q.external_tokens += scorer.tokens - before
             return [float(x) for x in scores]
         if method == "confidence":
-            return [confidence_score(r.top_logprobs, self.r.confidence_window,
-                                     self.r.confidence_top_k) for r in rows]
+            return [
+                confidence_score(r.top_logprobs, self.r.confidence_window, self.r.confidence_top_k)
+                for r in rows
+            ]
         if method == "entropy":
             return [entropy_score(torch.tensor(r.entropies)) for r in rows]
         if method == "random":
             seed = (q.seed * 0x9E3779B97F4A7C15 ^ q.group.key ^ q.group.check_index) & (2**63 - 1)
-            return torch.rand(len(rows), generator=torch.Generator().manual_seed(seed),
-                              dtype=torch.float64).tolist()
+            return torch.rand(
+                len(rows), generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+            ).tolist()
         assert callable(method)  # the named methods returned above
         out: list[float] = []
         for r in rows:
@@ -630,13 +766,22 @@ class ReasoningRun:
         for row in q.group.rows:
             assert row.finish_reason is not None  # the question is done: every row ended
             voted = row.finish_reason in ("eos", "length")
-            text, answer = (self._text_answer(q, row) if voted else
-                            (self.r.tokenizer.decode(row.tokens, skip_special_tokens=True), None))
-            paths.append(Path(tokens=list(row.tokens), text=text, answer=answer,
-                              score=q.scores.get(row.sample_index),
-                              pruned=row.finish_reason == "pruned",
-                              finished_in_prefix=row.sample_index in q.in_prefix,
-                              finish_reason=row.finish_reason))
+            text, answer = (
+                self._text_answer(q, row)
+                if voted
+                else (self.r.tokenizer.decode(row.tokens, skip_special_tokens=True), None)
+            )
+            paths.append(
+                Path(
+                    tokens=list(row.tokens),
+                    text=text,
+                    answer=answer,
+                    score=q.scores.get(row.sample_index),
+                    pruned=row.finish_reason == "pruned",
+                    finished_in_prefix=row.sample_index in q.in_prefix,
+                    finish_reason=row.finish_reason,
+                )
+            )
         if not q.group.check_index:  # every path ended before the first check
             first = q.plan.rounds[0][0]
             for p in paths:
@@ -651,14 +796,21 @@ class ReasoningRun:
         elif q.plan.vote == "score":
             weights = [1.0 if p.score is None else p.score for p, _ in voters]
         else:
-            weights = [1.0 / max(sum(row.entropies) / len(row.entropies), ENTROPY_EPS)
-                       for _, row in voters]
+            weights = [
+                1.0 / max(sum(row.entropies) / len(row.entropies), ENTROPY_EPS) for _, row in voters
+            ]
         answer, votes = vote([p.answer for p, _ in voters], weights)
         generated = sum(len(p.tokens) for p in paths)
         launch = sum(min(len(p.tokens), q.plan.rounds[0][0]) for p in paths)
-        return Solution(answer=answer, votes=votes, paths=paths, generated_tokens=generated,
-                        scoring_tokens=q.scoring_tokens, seconds=now - q.t_start,
-                        phases=dict(q.phases),
-                        tokens={"launch": launch, "check": q.scoring_tokens,
-                                "resume": generated - launch},
-                        external_tokens=q.external_tokens, compute_seconds=q.compute_seconds)
+        return Solution(
+            answer=answer,
+            votes=votes,
+            paths=paths,
+            generated_tokens=generated,
+            scoring_tokens=q.scoring_tokens,
+            seconds=now - q.t_start,
+            phases=dict(q.phases),
+            tokens={"launch": launch, "check": q.scoring_tokens, "resume": generated - launch},
+            external_tokens=q.external_tokens,
+            compute_seconds=q.compute_seconds,
+        )

@@ -13,8 +13,14 @@ from typing import Literal, overload
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gather_pages", "paged_attention", "paged_attention_sdpa", "write_kv", "copy_blocks",
-           "stop_score"]
+__all__ = [
+    "gather_pages",
+    "paged_attention",
+    "paged_attention_sdpa",
+    "write_kv",
+    "copy_blocks",
+    "stop_score",
+]
 
 
 def gather_pages(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -25,15 +31,16 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor
     return cache[idx].flatten(1, 2)
 
 
-def _visible(seq_lens: torch.Tensor, total: int, S: int, has_suffix: bool,
-             window: int | None) -> torch.Tensor:
+def _visible(
+    seq_lens: torch.Tensor, total: int, S: int, has_suffix: bool, window: int | None
+) -> torch.Tensor:
     """Boolean ``[B, S, total]``: which of the positions ``[0, total)`` query s of row b sees, where
     positions ``[0, M*bs)`` are cached and (with a suffix) ``M*bs + j`` is suffix position j."""
     B = seq_lens.shape[0]
     device = seq_lens.device
-    L = seq_lens.long()[:, None, None]                      # [B, 1, 1]
-    s = torch.arange(S, device=device)[None, :, None]       # [1, S, 1]
-    p = torch.arange(total, device=device)[None, None, :]   # [1, 1, total]
+    L = seq_lens.long()[:, None, None]  # [B, 1, 1]
+    s = torch.arange(S, device=device)[None, :, None]  # [1, S, 1]
+    p = torch.arange(total, device=device)[None, None, :]  # [1, 1, total]
     cached_span = total - S if has_suffix else total
     is_cached = p < cached_span
     if has_suffix:
@@ -50,9 +57,13 @@ def _visible(seq_lens: torch.Tensor, total: int, S: int, has_suffix: bool,
     return visible.expand(B, S, total)
 
 
-def _keys_values(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                 suffix_k: torch.Tensor | None, suffix_v: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _keys_values(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    suffix_k: torch.Tensor | None,
+    suffix_v: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row's gathered pages, then its suffix: k, v ``[B, M*block_size (+ S), Hkv, D]``."""
     k, v = gather_pages(k_cache, block_table), gather_pages(v_cache, block_table)
     if suffix_k is not None:
@@ -62,27 +73,55 @@ def _keys_values(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torc
 
 
 @overload
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-                    suffix_k: torch.Tensor | None = ..., suffix_v: torch.Tensor | None = ...,
-                    scale: float | None = ..., sinks: torch.Tensor | None = ...,
-                    window: int | None = ..., return_lse: Literal[False] = ...,
-                    check_indices: bool = ..., max_seq_len: int | None = ...) -> torch.Tensor: ...
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    suffix_k: torch.Tensor | None = ...,
+    suffix_v: torch.Tensor | None = ...,
+    scale: float | None = ...,
+    sinks: torch.Tensor | None = ...,
+    window: int | None = ...,
+    return_lse: Literal[False] = ...,
+    check_indices: bool = ...,
+    max_seq_len: int | None = ...,
+) -> torch.Tensor: ...
 @overload
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-                    suffix_k: torch.Tensor | None = ..., suffix_v: torch.Tensor | None = ...,
-                    scale: float | None = ..., sinks: torch.Tensor | None = ...,
-                    window: int | None = ..., return_lse: Literal[True],
-                    check_indices: bool = ..., max_seq_len: int | None = ...
-                    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-                    suffix_k: torch.Tensor | None = None, suffix_v: torch.Tensor | None = None,
-                    scale: float | None = None, sinks: torch.Tensor | None = None,
-                    window: int | None = None, return_lse: bool = False,
-                    check_indices: bool = True, max_seq_len: int | None = None
-                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    suffix_k: torch.Tensor | None = ...,
+    suffix_v: torch.Tensor | None = ...,
+    scale: float | None = ...,
+    sinks: torch.Tensor | None = ...,
+    window: int | None = ...,
+    return_lse: Literal[True],
+    check_indices: bool = ...,
+    max_seq_len: int | None = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    suffix_k: torch.Tensor | None = None,
+    suffix_v: torch.Tensor | None = None,
+    scale: float | None = None,
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
+    return_lse: bool = False,
+    check_indices: bool = True,
+    max_seq_len: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Oracle of :func:`stopkit.ops.paged_attention` (explicit softmax in q's dtype)."""
     B, S, H, D = q.shape
     Hkv = k_cache.shape[2]
@@ -109,22 +148,41 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-def paged_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-                         suffix_k: torch.Tensor | None = None, suffix_v: torch.Tensor | None = None,
-                         scale: float | None = None, window: int | None = None) -> torch.Tensor:
+def paged_attention_sdpa(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    suffix_k: torch.Tensor | None = None,
+    suffix_v: torch.Tensor | None = None,
+    scale: float | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
     """The usual torch baseline: gather the pages, then ``F.scaled_dot_product_attention`` with
     ``enable_gqa`` and a boolean mask (no sinks, no LSE). Same semantics otherwise."""
     S = q.shape[1]
     k, v = _keys_values(k_cache, v_cache, block_table, suffix_k, suffix_v)
     visible = _visible(seq_lens, k.shape[1], S, suffix_k is not None, window)[:, None]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=visible, scale=scale, enable_gqa=True)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=visible,
+        scale=scale,
+        enable_gqa=True,
+    )
     return out.transpose(1, 2).nan_to_num(0.0)
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
     """Oracle of :func:`stopkit.ops.write_kv`."""
     block_size = k_cache.shape[1]
     keep = slot_mapping >= 0
@@ -133,22 +191,35 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache[slots // block_size, slots % block_size] = v[keep]
 
 
-def copy_blocks(cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *,
-                block_dim: int = -4) -> None:
+def copy_blocks(
+    cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *, block_dim: int = -4
+) -> None:
     """Oracle of :func:`stopkit.ops.copy_blocks`."""
     moved = cache.movedim(block_dim, 0)
     moved[dst] = moved[src]
 
 
-_ACT: dict[str | None, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh,
-        "none": lambda x: x, None: lambda x: x}
+_ACT: dict[str | None, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "none": lambda x: x,
+    None: lambda x: x,
+}
 
 
-def stop_score(hidden: torch.Tensor, head_weight: torch.Tensor,
-               head_bias: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None,
-               eps: float = 1e-6, hidden_weight: torch.Tensor | None = None,
-               hidden_bias: torch.Tensor | None = None, activation: str | None = "gelu"
-               ) -> torch.Tensor:
+def stop_score(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    hidden_weight: torch.Tensor | None = None,
+    hidden_bias: torch.Tensor | None = None,
+    activation: str | None = "gelu",
+) -> torch.Tensor:
     """Oracle of :func:`stopkit.ops.stop_score`; computes in float32 (float64 if hidden is)."""
     ct = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     x = hidden.to(ct)

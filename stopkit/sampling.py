@@ -77,8 +77,14 @@ def _uniforms_torch(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     return (x.double() + 0.5) * (1.0 / 4294967296.0)
 
 
-def filter_logits(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                  min_p: float = 0.0) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+) -> torch.Tensor:
     """float32 ``[B, V]`` logits -> the sampling distribution's logits, in the order of transformers'
     warpers: divide by temperature (> 0), keep the top_k largest (0: all; ties at the k-th value
     kept), keep the smallest set of tokens whose probability sums to at least top_p, drop tokens
@@ -100,8 +106,15 @@ def filter_logits(logits: torch.Tensor, *, temperature: float, top_k: int = 0, t
     return x
 
 
-def sample(logits: torch.Tensor, u: torch.Tensor | None, *, temperature: float, top_k: int = 0,
-           top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    u: torch.Tensor | None,
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+) -> torch.Tensor:
     """Draw one token per row. logits float32 ``[B, V]``; u float64 ``[B]`` in (0, 1) (ignored when
     greedy). temperature 0 is greedy (argmax, the lowest id on ties). Returns int64 ``[B]``."""
     if temperature == 0.0:
@@ -122,11 +135,13 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 128) -> torc
     if nb * block != V:
         probs = torch.nn.functional.pad(probs, (0, nb * block - V))
     blocks = probs.view(B, nb, block)
-    csum = blocks.sum(-1).double().cumsum_(-1)                                     # [B, nb]
+    csum = blocks.sum(-1).double().cumsum_(-1)  # [B, nb]
     target = (u * csum[:, -1]).unsqueeze(1)
-    j = torch.searchsorted(csum, target).clamp_(max=nb - 1)                        # [B, 1]
+    j = torch.searchsorted(csum, target).clamp_(max=nb - 1)  # [B, 1]
     before = torch.where(j > 0, csum.gather(1, (j - 1).clamp(min=0)), 0.0)
-    inner = blocks.gather(1, j[:, :, None].expand(B, 1, block))[:, 0].cumsum(-1, dtype=torch.float64)
+    inner = blocks.gather(1, j[:, :, None].expand(B, 1, block))[:, 0].cumsum(
+        -1, dtype=torch.float64
+    )
     # rounding may put the rest just past this block's own sum: take its last non-zero token then
     rest = torch.minimum(target - before, inner[:, -1:])
     i = torch.searchsorted(inner, rest).clamp_(max=block - 1)

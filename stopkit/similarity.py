@@ -56,8 +56,14 @@ import torch
 from stopkit._checks import check_int
 from stopkit.methods import length_limit, model_dtype, model_path, parse_method, right_pad
 
-__all__ = ["SimilarityScorer", "TfidfEmbedding", "TransformersEmbedding", "cosine_matrix",
-           "consensus_scores", "diversity_order"]
+__all__ = [
+    "SimilarityScorer",
+    "TfidfEmbedding",
+    "TransformersEmbedding",
+    "cosine_matrix",
+    "consensus_scores",
+    "diversity_order",
+]
 
 Embed = Callable[[list[str], list[list[int]]], torch.Tensor]
 
@@ -94,15 +100,16 @@ class TfidfEmbedding:
             if not valid.any():
                 break
             if k > 1:  # a k-gram: the dense id of its (k-1)-gram prefix, then the next token
-                gram[:-(k - 1)] = gram[:-(k - 1)] * base + toks[k - 1:]
+                gram[: -(k - 1)] = gram[: -(k - 1)] * base + toks[k - 1 :]
             uniq, inv = np.unique(gram[valid], return_inverse=True)
             docs.append(owner[valid])
             terms.append(inv.ravel() + num_terms)
             num_terms += uniq.size
             gram = np.zeros_like(toks)
             gram[valid] = inv.ravel()  # dense ids keep the next codes small (no int64 overflow)
-        pair, count = np.unique(np.concatenate(docs) * num_terms + np.concatenate(terms),
-                                return_counts=True)
+        pair, count = np.unique(
+            np.concatenate(docs) * num_terms + np.concatenate(terms), return_counts=True
+        )
         doc, term = pair // num_terms, pair % num_terms
         df = np.bincount(term, minlength=num_terms)
         w = (1 + np.log(count)) * (np.log((1 + n) / (1 + df[term])) + 1)
@@ -112,7 +119,8 @@ class TfidfEmbedding:
         out = np.zeros((n, shared_terms.size + n))
         out[doc[shared], column.ravel()] = w[shared]
         out[np.arange(n), shared_terms.size + np.arange(n)] = np.sqrt(
-            np.bincount(doc[~shared], weights=w[~shared] ** 2, minlength=n))
+            np.bincount(doc[~shared], weights=w[~shared] ** 2, minlength=n)
+        )
         return torch.from_numpy(out)
 
 
@@ -130,10 +138,16 @@ class TransformersEmbedding:
 
     POOLINGS = ("mean", "cls", "lasttoken")
 
-    def __init__(self, path: str | Path, *, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype = "auto",
-                 batch_size: int = 32, max_length: int | None = None,
-                 pooling: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "auto",
+        batch_size: int = 32,
+        max_length: int | None = None,
+        pooling: str | None = None,
+    ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         self.path = model_path(path, "embedding model")
@@ -141,30 +155,41 @@ class TransformersEmbedding:
         st = _sentence_transformers_config(Path(path))
         self.pooling = pooling if pooling is not None else st.get("pooling", "mean")
         if self.pooling not in self.POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(self.POOLINGS)}, got {self.pooling!r}")
+            raise ValueError(
+                f"pooling must be one of {', '.join(self.POOLINGS)}, got {self.pooling!r}"
+            )
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.tokenizer.truncation_side = "left"  # keep the end of long prefixes
-        self.model = AutoModel.from_pretrained(self.path, dtype=model_dtype(dtype),
-                                               trust_remote_code=False).to(device).eval()
+        self.model = (
+            AutoModel.from_pretrained(self.path, dtype=model_dtype(dtype), trust_remote_code=False)
+            .to(device)
+            .eval()
+        )
         self.device = self.model.device
         if max_length is None:
             max_length = st.get("max_seq_length") or length_limit(self.tokenizer, self.model.config)
             if max_length is None:
-                raise ValueError(f"{self.path}: no length limit found in the tokenizer or config; "
-                                 "pass max_length")
+                raise ValueError(
+                    f"{self.path}: no length limit found in the tokenizer or config; "
+                    "pass max_length"
+                )
         self.max_length = check_int("max_length", max_length, 2)
         self.tokens = 0
 
     @torch.inference_mode()
-    def __call__(self, texts: Sequence[str], ids: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    def __call__(
+        self, texts: Sequence[str], ids: Sequence[Sequence[int]] | None = None
+    ) -> torch.Tensor:
         if not texts:
             return torch.zeros(0, 0)
-        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)[
+            "input_ids"
+        ]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out: list = [None] * len(texts)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
+            rows = order[start : start + self.batch_size]
             input_ids, mask = right_pad([encoded[i] for i in rows], pad, self.device)
             hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
             if self.pooling == "mean":
@@ -174,14 +199,19 @@ class TransformersEmbedding:
                 pooled = hidden[:, 0]
             else:
                 pooled = hidden[torch.arange(len(rows), device=hidden.device), mask.sum(1) - 1]
-            for i, row in zip(rows, torch.nn.functional.normalize(pooled, dim=-1).cpu(), strict=True):
+            for i, row in zip(
+                rows, torch.nn.functional.normalize(pooled, dim=-1).cpu(), strict=True
+            ):
                 out[i] = row
             self.tokens += int(mask.sum())
         return torch.stack(out)
 
 
-_ST_POOLING = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
-               "lasttoken": "pooling_mode_lasttoken"}
+_ST_POOLING = {
+    "mean": "pooling_mode_mean_tokens",
+    "cls": "pooling_mode_cls_token",
+    "lasttoken": "pooling_mode_lasttoken",
+}
 
 
 def _sentence_transformers_config(path: Path) -> dict:
@@ -197,8 +227,10 @@ def _sentence_transformers_config(path: Path) -> dict:
                 cfg = json.loads((path / module["path"] / "config.json").read_text())
                 modes = [m for m, key in _ST_POOLING.items() if cfg.get(key)]
                 if len(modes) != 1:
-                    raise ValueError(f"{path}: sentence-transformers pooling {cfg} is not one of "
-                                     "mean, cls, lasttoken; pass pooling=")
+                    raise ValueError(
+                        f"{path}: sentence-transformers pooling {cfg} is not one of "
+                        "mean, cls, lasttoken; pass pooling="
+                    )
                 found["pooling"] = modes[0]
     return found
 
@@ -231,7 +263,7 @@ def diversity_order(sim: torch.Tensor, diversity: float) -> list[int]:
         return []
     relevance = consensus_scores(sim)
     order = [int(torch.argmax(relevance))]  # argmax returns the first maximum
-    closest = sim[order[0]].clone()         # max similarity to the chosen set
+    closest = sim[order[0]].clone()  # max similarity to the chosen set
     chosen = torch.zeros(n, dtype=torch.bool)
     chosen[order[0]] = True
     while len(order) < n:
@@ -256,31 +288,44 @@ class SimilarityScorer:
 
     method_type = "I"
 
-    def __init__(self, embed: Embed | None = None, *, diversity: float = 0.0,
-                 name: str = "similarity") -> None:
+    def __init__(
+        self, embed: Embed | None = None, *, diversity: float = 0.0, name: str = "similarity"
+    ) -> None:
         if embed is not None and not callable(embed):
-            raise TypeError(f"embed must be a callable (texts, ids) -> Tensor [n, d], got "
-                            f"{type(embed).__name__}")
+            raise TypeError(
+                f"embed must be a callable (texts, ids) -> Tensor [n, d], got "
+                f"{type(embed).__name__}"
+            )
         if not isinstance(diversity, (int, float)) or not 0.0 <= diversity <= 1.0:
-            raise ValueError(f"diversity must be a float in [0, 1] (or a bool: 0 / 1), got "
-                             f"{diversity!r}")
+            raise ValueError(
+                f"diversity must be a float in [0, 1] (or a bool: 0 / 1), got {diversity!r}"
+            )
         self.embed = embed if embed is not None else TfidfEmbedding()
         self.diversity = float(diversity)
         self.name = name
         self.seconds = 0.0
 
     @classmethod
-    def from_spec(cls, spec: str = "similarity", *, device: str | torch.device = "cpu",
-                  dtype: str | torch.dtype = "auto", diversity: float = 0.0,
-                  **embedding_kwargs: Any) -> SimilarityScorer:
+    def from_spec(
+        cls,
+        spec: str = "similarity",
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "auto",
+        diversity: float = 0.0,
+        **embedding_kwargs: Any,
+    ) -> SimilarityScorer:
         """``"similarity"`` (TF-IDF; ``embedding_kwargs``: ngram) or ``"similarity:PATH"`` (a
         :class:`TransformersEmbedding` of PATH on ``device`` / ``dtype``; ``embedding_kwargs``:
         batch_size, max_length, pooling)."""
         kind, path = parse_method(spec)
         if kind != "similarity":
             raise ValueError(f"spec must be 'similarity' or 'similarity:PATH', got {spec!r}")
-        embed = (TfidfEmbedding(**embedding_kwargs) if path is None else
-                 TransformersEmbedding(path, device=device, dtype=dtype, **embedding_kwargs))
+        embed = (
+            TfidfEmbedding(**embedding_kwargs)
+            if path is None
+            else TransformersEmbedding(path, device=device, dtype=dtype, **embedding_kwargs)
+        )
         return cls(embed, diversity=diversity, name=spec)
 
     @property
@@ -288,19 +333,26 @@ class SimilarityScorer:
         """Tokens the embedding model processed so far (0 for TF-IDF)."""
         return int(getattr(self.embed, "tokens", 0))
 
-    def similarities(self, prefixes: Sequence[str], prefix_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    def similarities(
+        self, prefixes: Sequence[str], prefix_ids: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
         """Cosine similarities float64 [n, n] of one question's prefixes."""
         if len(prefixes) != len(prefix_ids):
-            raise ValueError(f"prefixes and prefix_ids must have the same length, got "
-                             f"{len(prefixes)} and {len(prefix_ids)}")
+            raise ValueError(
+                f"prefixes and prefix_ids must have the same length, got "
+                f"{len(prefixes)} and {len(prefix_ids)}"
+            )
         emb = self.embed(list(prefixes), [list(x) for x in prefix_ids])
         if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[0] != len(prefixes):
-            raise ValueError(f"embed must return a Tensor [{len(prefixes)}, d], got "
-                             f"{getattr(emb, 'shape', type(emb).__name__)}")
+            raise ValueError(
+                f"embed must return a Tensor [{len(prefixes)}, d], got "
+                f"{getattr(emb, 'shape', type(emb).__name__)}"
+            )
         return cosine_matrix(emb)
 
-    def score(self, question: str, prefixes: Sequence[str],
-              prefix_ids: Sequence[Sequence[int]]) -> list[float]:
+    def score(
+        self, question: str, prefixes: Sequence[str], prefix_ids: Sequence[Sequence[int]]
+    ) -> list[float]:
         """Scores of ONE question's unfinished paths, higher = keep (consensus, or the diversity
         order's (n - position) / n). ``question`` is unused: every path shares it."""
         t0 = time.perf_counter()

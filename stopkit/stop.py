@@ -78,13 +78,22 @@ _OWN_FILES = ("stop_config.json", "stop.safetensors")
 _AUTHORS_FILES = ("assess_token_config.json", "assess_token_embedding.pth", "classifier_head.pth")
 FORMAT = "stopkit.stop"
 FORMAT_VERSION = 1
-OWN_LAYOUT = ("stop_config.json, stop.safetensors (token [d], head.weight [2, d|h], head.bias [2], "
-              "optional hidden.weight [h, d], hidden.bias [h]), adapter/classifier/adapter_config.json, "
-              "adapter/classifier/adapter_model.safetensors")
-AUTHORS_LAYOUT = ("assess_token_config.json, assess_token_embedding.pth (input_embedding [d]), "
-                  "classifier_head.pth (weight [2, d], bias [2]), adapter/classifier/adapter_config.json, "
-                  "adapter/classifier/adapter_model.bin or .safetensors, tokenizer/ (optional)")
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
+OWN_LAYOUT = (
+    "stop_config.json, stop.safetensors (token [d], head.weight [2, d|h], head.bias [2], "
+    "optional hidden.weight [h, d], hidden.bias [h]), adapter/classifier/adapter_config.json, "
+    "adapter/classifier/adapter_model.safetensors"
+)
+AUTHORS_LAYOUT = (
+    "assess_token_config.json, assess_token_embedding.pth (input_embedding [d]), "
+    "classifier_head.pth (weight [2, d], bias [2]), adapter/classifier/adapter_config.json, "
+    "adapter/classifier/adapter_model.bin or .safetensors, tokenizer/ (optional)"
+)
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+}
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False}
 
@@ -93,8 +102,10 @@ def _backbone(model: nn.Module) -> nn.Module:
     prefix = getattr(model, "base_model_prefix", None)
     backbone = getattr(model, prefix, None) if prefix else None
     if backbone is None or not hasattr(backbone, "norm"):
-        raise TypeError(f"model must be a transformers causal LM with a decoder backbone that has a "
-                        f"final norm (model.{prefix}.norm), got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a transformers causal LM with a decoder backbone that has a "
+            f"final norm (model.{prefix}.norm), got {type(model).__name__}"
+        )
     return backbone
 
 
@@ -127,10 +138,22 @@ class StopScorer(nn.Module):
     _backbone: nn.Module
     loras: Sequence[_Lora]  # an nn.ModuleList
 
-    def __init__(self, model: nn.Module, *, num_tokens: int, token: torch.Tensor,
-                 loras: list[_Lora], lora_alpha: float, use_rslora: bool, lora_dropout: float,
-                 head_weight: torch.Tensor, head_bias: torch.Tensor, hidden_weight: torch.Tensor | None = None,
-                 hidden_bias: torch.Tensor | None = None, activation: str = "gelu") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_tokens: int,
+        token: torch.Tensor,
+        loras: list[_Lora],
+        lora_alpha: float,
+        use_rslora: bool,
+        lora_dropout: float,
+        head_weight: torch.Tensor,
+        head_bias: torch.Tensor,
+        hidden_weight: torch.Tensor | None = None,
+        hidden_bias: torch.Tensor | None = None,
+        activation: str = "gelu",
+    ) -> None:
         super().__init__()
         object.__setattr__(self, "_model", model)  # referenced, not a submodule
         object.__setattr__(self, "_backbone", _backbone(model))
@@ -148,10 +171,20 @@ class StopScorer(nn.Module):
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
-    def new(cls, model: nn.Module, num_tokens: int = 4, lora_rank: int = 64,
-            lora_alpha: float | None = None, targets: Sequence[str] = ("q_proj", "v_proj"),
-            seed: int = 0, *, lora_dropout: float = 0.05, token_id: int | None = None,
-            head_hidden: int | None = None, activation: str = "gelu") -> StopScorer:
+    def new(
+        cls,
+        model: nn.Module,
+        num_tokens: int = 4,
+        lora_rank: int = 64,
+        lora_alpha: float | None = None,
+        targets: Sequence[str] = ("q_proj", "v_proj"),
+        seed: int = 0,
+        *,
+        lora_dropout: float = 0.05,
+        token_id: int | None = None,
+        head_hidden: int | None = None,
+        activation: str = "gelu",
+    ) -> StopScorer:
         """A freshly initialised scorer bound to ``model`` (a transformers causal LM).
 
         lora_alpha: default ``2 * lora_rank`` (128 at rank 64). targets: names of the Linears that
@@ -168,15 +201,20 @@ class StopScorer(nn.Module):
         lora_alpha = check_real("lora_alpha", lora_alpha, 0, low_open=True)
         lora_dropout = check_real("lora_dropout", lora_dropout, 0, 1, high_open=True)
         if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
-            raise TypeError(f"targets must be a non-empty sequence of module names, got {targets!r}")
+            raise TypeError(
+                f"targets must be a non-empty sequence of module names, got {targets!r}"
+            )
         seed = check_int("seed", seed, 0)
         d = embed.weight.shape[1]
         if token_id is not None:
             token_id = check_int("token_id", token_id, 0, embed.weight.shape[0] - 1)
         if head_hidden is not None:
             head_hidden = check_int("head_hidden", head_hidden, 1)
-        found = [(name, m) for name, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and name.split(".")[-1] in targets]
+        found = [
+            (name, m)
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.split(".")[-1] in targets
+        ]
         missing = set(targets) - {name.split(".")[-1] for name, _ in found}
         if missing:
             raise ValueError(f"targets {sorted(missing)} match no nn.Linear of the model")
@@ -186,18 +224,28 @@ class StopScorer(nn.Module):
             for name, m in found:
                 A = torch.empty(lora_rank, m.in_features)
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-                loras.append(_Lora(name, A, torch.zeros(m.out_features, lora_rank),
-                                   lora_alpha / lora_rank))
+                loras.append(
+                    _Lora(name, A, torch.zeros(m.out_features, lora_rank), lora_alpha / lora_rank)
+                )
             hidden = nn.Linear(d, head_hidden) if head_hidden else None
             head = nn.Linear(head_hidden or d, 2)
         with torch.no_grad():
-            rows = embed.weight if token_id is None else embed.weight[token_id:token_id + 1]
+            rows = embed.weight if token_id is None else embed.weight[token_id : token_id + 1]
             token = rows.float().mean(0)
-        return cls(model, num_tokens=num_tokens, token=token, loras=loras,
-                   lora_alpha=float(lora_alpha), use_rslora=False, lora_dropout=float(lora_dropout),
-                   head_weight=head.weight.data, head_bias=head.bias.data,
-                   hidden_weight=None if hidden is None else hidden.weight.data,
-                   hidden_bias=None if hidden is None else hidden.bias.data, activation=activation)
+        return cls(
+            model,
+            num_tokens=num_tokens,
+            token=token,
+            loras=loras,
+            lora_alpha=float(lora_alpha),
+            use_rslora=False,
+            lora_dropout=float(lora_dropout),
+            head_weight=head.weight.data,
+            head_bias=head.bias.data,
+            hidden_weight=None if hidden is None else hidden.weight.data,
+            hidden_bias=None if hidden is None else hidden.bias.data,
+            activation=activation,
+        )
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module) -> StopScorer:
@@ -207,37 +255,60 @@ class StopScorer(nn.Module):
         hidden size differs from the model's)."""
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"no StopScorer checkpoint directory at {path}; expected either "
-                                    f"the stopkit layout ({OWN_LAYOUT}) or the authors' layout "
-                                    f"({AUTHORS_LAYOUT})")
+            raise FileNotFoundError(
+                f"no StopScorer checkpoint directory at {path}; expected either "
+                f"the stopkit layout ({OWN_LAYOUT}) or the authors' layout "
+                f"({AUTHORS_LAYOUT})"
+            )
         d = _embeddings(model).weight.shape[1]
         if (path / "stop_config.json").is_file():
             parts = _read_own(path)
-        elif (path / "assess_token_config.json").is_file() or (path / "classifier_head.pth").is_file():
+        elif (path / "assess_token_config.json").is_file() or (
+            path / "classifier_head.pth"
+        ).is_file():
             parts = _read_authors(path)
         else:
-            raise FileNotFoundError(f"{path} holds neither stop_config.json (stopkit layout: "
-                                    f"{OWN_LAYOUT}) nor assess_token_config.json (authors' layout: "
-                                    f"{AUTHORS_LAYOUT})")
-        first = parts["hidden_weight"] if parts["hidden_weight"] is not None else parts["head_weight"]
-        for name, size in (("[STOP] token", parts["token"].numel()), ("head input", first.shape[1])):
+            raise FileNotFoundError(
+                f"{path} holds neither stop_config.json (stopkit layout: "
+                f"{OWN_LAYOUT}) nor assess_token_config.json (authors' layout: "
+                f"{AUTHORS_LAYOUT})"
+            )
+        first = (
+            parts["hidden_weight"] if parts["hidden_weight"] is not None else parts["head_weight"]
+        )
+        for name, size in (
+            ("[STOP] token", parts["token"].numel()),
+            ("head input", first.shape[1]),
+        ):
             if size != d:
-                raise ValueError(f"checkpoint {path} has hidden size {size} ({name}) but the "
-                                 f"model's hidden size is {d}")
+                raise ValueError(
+                    f"checkpoint {path} has hidden size {size} ({name}) but the "
+                    f"model's hidden size is {d}"
+                )
         loras, lora = _read_adapter(parts["adapter_dir"], model)
-        return cls(model, num_tokens=parts["num_tokens"], token=parts["token"].reshape(d),
-                   loras=loras, **lora, head_weight=parts["head_weight"],
-                   head_bias=parts["head_bias"], hidden_weight=parts["hidden_weight"],
-                   hidden_bias=parts["hidden_bias"], activation=parts["activation"])
+        return cls(
+            model,
+            num_tokens=parts["num_tokens"],
+            token=parts["token"].reshape(d),
+            loras=loras,
+            **lora,
+            head_weight=parts["head_weight"],
+            head_bias=parts["head_bias"],
+            hidden_weight=parts["hidden_weight"],
+            hidden_bias=parts["hidden_bias"],
+            activation=parts["activation"],
+        )
 
     def check_layout(self, layout: str) -> str:
         """``layout`` when :meth:`save` can write this scorer in it; ValueError otherwise."""
         check_choice("layout", layout, LAYOUTS)
         if layout == "authors" and self.hidden is not None:
-            raise ValueError(f"the authors' layout holds a Linear(d, 2) head only "
-                             f"(classifier_head.pth), but this scorer's head has a hidden layer "
-                             f"(head_hidden={self.hidden.out_features}); save it in the stopkit "
-                             f"layout")
+            raise ValueError(
+                f"the authors' layout holds a Linear(d, 2) head only "
+                f"(classifier_head.pth), but this scorer's head has a hidden layer "
+                f"(head_hidden={self.hidden.out_features}); save it in the stopkit "
+                f"layout"
+            )
         return layout
 
     def save(self, path: str | Path, layout: str = "stopkit", *, tokenizer: Any = None) -> None:
@@ -257,7 +328,7 @@ class StopScorer(nn.Module):
         path = Path(path)
         adapter_dir = path / "adapter" / ADAPTER_NAME
         adapter_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (_AUTHORS_FILES if layout == "stopkit" else _OWN_FILES):
+        for stale in _AUTHORS_FILES if layout == "stopkit" else _OWN_FILES:
             (path / stale).unlink(missing_ok=True)
         # an older .bin beside the new .safetensors would be a second, stale copy of the adapter
         (adapter_dir / "adapter_model.bin").unlink(missing_ok=True)
@@ -265,15 +336,26 @@ class StopScorer(nn.Module):
         if layout == "authors":
             self._save_authors(path, tokenizer)
         else:
-            own = {"token": self.token, "head.weight": self.head.weight, "head.bias": self.head.bias}
+            own = {
+                "token": self.token,
+                "head.weight": self.head.weight,
+                "head.bias": self.head.bias,
+            }
             if self.hidden is not None:
                 own.update({"hidden.weight": self.hidden.weight, "hidden.bias": self.hidden.bias})
-            save_file({k: v.detach().cpu().float().contiguous() for k, v in own.items()},
-                      str(path / "stop.safetensors"))
-            config = {"format": FORMAT, "version": FORMAT_VERSION, "hidden_size": self.hidden_size,
-                      "num_tokens": self.num_tokens, "head_hidden": None if self.hidden is None
-                      else self.hidden.out_features, "activation": self.activation,
-                      "adapter": f"adapter/{ADAPTER_NAME}"}
+            save_file(
+                {k: v.detach().cpu().float().contiguous() for k, v in own.items()},
+                str(path / "stop.safetensors"),
+            )
+            config = {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "hidden_size": self.hidden_size,
+                "num_tokens": self.num_tokens,
+                "head_hidden": None if self.hidden is None else self.hidden.out_features,
+                "activation": self.activation,
+                "adapter": f"adapter/{ADAPTER_NAME}",
+            }
             (path / "stop_config.json").write_text(json.dumps(config, indent=2) + "\n")
         log.info("saved StopScorer to %s (%s layout)", path, layout)
 
@@ -282,14 +364,16 @@ class StopScorer(nn.Module):
         from peft import LoraConfig
 
         rank = max(lo.A.shape[0] for lo in self.loras)
-        LoraConfig(r=rank, lora_dropout=self.lora_dropout,
-                   lora_alpha=self.lora_alpha,  # type: ignore[arg-type]  # PEFT takes floats too
-                   use_rslora=self.use_rslora, task_type=task_type,
-                   target_modules=sorted({lo.path.split(".")[-1] for lo in self.loras}),
-                   rank_pattern={lo.path: lo.A.shape[0] for lo in self.loras
-                                 if lo.A.shape[0] != rank},
-                   base_model_name_or_path=getattr(self.model.config, "_name_or_path", None) or None,
-                   ).save_pretrained(str(adapter_dir))
+        LoraConfig(
+            r=rank,
+            lora_dropout=self.lora_dropout,
+            lora_alpha=self.lora_alpha,  # type: ignore[arg-type]  # PEFT takes floats too
+            use_rslora=self.use_rslora,
+            task_type=task_type,
+            target_modules=sorted({lo.path.split(".")[-1] for lo in self.loras}),
+            rank_pattern={lo.path: lo.A.shape[0] for lo in self.loras if lo.A.shape[0] != rank},
+            base_model_name_or_path=getattr(self.model.config, "_name_or_path", None) or None,
+        ).save_pretrained(str(adapter_dir))
         tensors = {}
         for lo in self.loras:
             tensors[f"base_model.model.{lo.path}.lora_A.weight"] = lo.A.detach().cpu().contiguous()
@@ -307,18 +391,33 @@ class StopScorer(nn.Module):
             special_token_id = int(tokenizer.convert_tokens_to_ids(ASSESS_TOKEN))
             tokenizer.save_pretrained(str(path / "tokenizer"))
         else:
-            log.warning("saving the authors' layout without a tokenizer: special_token_id is -1, "
-                        "and the authors' deployment skips scoring without a token id")
-        torch.save({"weight": self.head.weight.detach().cpu().to(dtype).contiguous(),
-                    "bias": self.head.bias.detach().cpu().to(dtype).contiguous()},
-                   path / "classifier_head.pth")
-        torch.save({"assess_token": ASSESS_TOKEN, "special_token_id": special_token_id,
-                    "input_embedding": self.token.detach().cpu().to(dtype).contiguous(),
-                    "output_embedding": None}, path / "assess_token_embedding.pth")
-        config = {"assess_token": ASSESS_TOKEN, "special_token_id": special_token_id,
-                  "num_assess_tokens": self.num_tokens,
-                  "tokenizer_dir": "tokenizer" if tokenizer is not None else None,
-                  "embedding_path": "assess_token_embedding.pth"}
+            log.warning(
+                "saving the authors' layout without a tokenizer: special_token_id is -1, "
+                "and the authors' deployment skips scoring without a token id"
+            )
+        torch.save(
+            {
+                "weight": self.head.weight.detach().cpu().to(dtype).contiguous(),
+                "bias": self.head.bias.detach().cpu().to(dtype).contiguous(),
+            },
+            path / "classifier_head.pth",
+        )
+        torch.save(
+            {
+                "assess_token": ASSESS_TOKEN,
+                "special_token_id": special_token_id,
+                "input_embedding": self.token.detach().cpu().to(dtype).contiguous(),
+                "output_embedding": None,
+            },
+            path / "assess_token_embedding.pth",
+        )
+        config = {
+            "assess_token": ASSESS_TOKEN,
+            "special_token_id": special_token_id,
+            "num_assess_tokens": self.num_tokens,
+            "tokenizer_dir": "tokenizer" if tokenizer is not None else None,
+            "embedding_path": "assess_token_embedding.pth",
+        }
         (path / "assess_token_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     # ---- properties -----------------------------------------------------------------------------
@@ -350,6 +449,7 @@ class StopScorer(nn.Module):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             x = F.dropout(args[0].to(lo.A.dtype), self.lora_dropout, self.training)
             return out + (F.linear(F.linear(x, lo.A), lo.B) * lo.scaling).to(out.dtype)
+
         return hook
 
     def suffix_embeds(self, batch: int) -> torch.Tensor:
@@ -365,14 +465,21 @@ class StopScorer(nn.Module):
             x = _ACTIVATIONS[self.activation](self.hidden(x))
         return self.head(x)
 
-    def _fused_score(self, hidden: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def _fused_score(
+        self, hidden: torch.Tensor, norm_weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
         """Final norm + head + softmax on PRE-norm hidden ``[B, d]`` in one ops.stop_score call."""
         h = self.hidden
-        return ops.stop_score(hidden, self.head.weight.detach(), self.head.bias.detach(),
-                              norm_weight=norm_weight.detach().float(), eps=eps,
-                              hidden_weight=None if h is None else h.weight.detach(),
-                              hidden_bias=None if h is None else h.bias.detach(),
-                              activation=self.activation)
+        return ops.stop_score(
+            hidden,
+            self.head.weight.detach(),
+            self.head.bias.detach(),
+            norm_weight=norm_weight.detach().float(),
+            eps=eps,
+            hidden_weight=None if h is None else h.weight.detach(),
+            hidden_bias=None if h is None else h.bias.detach(),
+            activation=self.activation,
+        )
 
     def forward(self, prefixes: Sequence[Sequence[int]]) -> torch.Tensor:
         """Training forward with plain transformers: logits float32 ``[B, 2]`` of token-id prefixes.
@@ -395,7 +502,7 @@ class StopScorer(nn.Module):
         L = int(lens.max())
         ids = torch.zeros(B, L, dtype=torch.int64)
         for i, p in enumerate(prefixes):
-            ids[i, L - len(p):] = torch.tensor(p)
+            ids[i, L - len(p) :] = torch.tensor(p)
         ids = ids.to(device)
         pad = (L - lens)[:, None]
         slots = torch.arange(L, device=device)[None]
@@ -405,13 +512,23 @@ class StopScorer(nn.Module):
         cache = DynamicCache(config=self.model.config)
         kw = _cache_kwarg(self._backbone)
         with torch.no_grad():
-            self._backbone(input_ids=ids, attention_mask=mask,
-                           position_ids=(slots - pad).clamp(min=0), use_cache=True, **{kw: cache})
+            self._backbone(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(slots - pad).clamp(min=0),
+                use_cache=True,
+                **{kw: cache},
+            )
         positions = lens[:, None] + torch.arange(K, device=device)
         mask = torch.cat([mask, mask.new_ones(B, K)], dim=1)
         with self.adapter():
-            out = self._backbone(inputs_embeds=self.suffix_embeds(B), attention_mask=mask,
-                                 position_ids=positions, use_cache=True, **{kw: cache})
+            out = self._backbone(
+                inputs_embeds=self.suffix_embeds(B),
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{kw: cache},
+            )
         return self.head_logits(out.last_hidden_state[:, -1])
 
     # ---- inference ------------------------------------------------------------------------------
@@ -421,7 +538,9 @@ class StopScorer(nn.Module):
         a check, across requests): one [STOP] pass over their paged prefixes (the cache is read,
         never written; the rows resume unchanged), then one ops.stop_score call."""
         if engine.model is not self.model:
-            raise ValueError("the engine runs a different model than the one this scorer is bound to")
+            raise ValueError(
+                "the engine runs a different model than the one this scorer is bound to"
+            )
         rows = list(rows)
         hidden = engine.forward_suffix(rows, self.suffix_embeds(len(rows)), adapter=self.adapter)
         weight, eps = engine.final_norm_params()
@@ -453,7 +572,9 @@ class StopScorer(nn.Module):
 
     def _check_prefixes(self, prefixes: Sequence[Sequence[int]]) -> list[list[int]]:
         if isinstance(prefixes, (str, bytes)) or not isinstance(prefixes, Sequence) or not prefixes:
-            raise TypeError(f"prefixes must be a non-empty list of token-id lists, got {prefixes!r:.80}")
+            raise TypeError(
+                f"prefixes must be a non-empty list of token-id lists, got {prefixes!r:.80}"
+            )
         V = _embeddings(self.model).weight.shape[0]
         return [check_token_ids(f"prefixes[{i}]", p, V) for i, p in enumerate(prefixes)]
 
@@ -503,8 +624,9 @@ def _read_tensors(file: Path) -> dict[str, Any]:
         # torch's and safetensors' messages run to paragraphs: their first sentence says it
         reason = str(e).split(". ")[0].split("\n")[0] or type(e).__name__
         kind = "safetensors" if file.suffix == ".safetensors" else "torch.save"
-        raise ValueError(f"{file} is not a readable {kind} file (truncated or corrupt?): "
-                         f"{reason}") from e
+        raise ValueError(
+            f"{file} is not a readable {kind} file (truncated or corrupt?): {reason}"
+        ) from e
 
 
 def _config_int(config: dict, key: str, file: Path) -> int:
@@ -518,22 +640,33 @@ def _config_int(config: dict, key: str, file: Path) -> int:
 def _read_own(path: Path) -> dict:
     config = _read_json(_need(path / "stop_config.json", OWN_LAYOUT))
     if config.get("format") != FORMAT:
-        raise ValueError(f"{path / 'stop_config.json'} is not a {FORMAT} config (format "
-                         f"{config.get('format')!r})")
+        raise ValueError(
+            f"{path / 'stop_config.json'} is not a {FORMAT} config (format "
+            f"{config.get('format')!r})"
+        )
     if config.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path} was written by a newer stopkit (format version "
-                         f"{config['version']} > {FORMAT_VERSION})")
+        raise ValueError(
+            f"{path} was written by a newer stopkit (format version "
+            f"{config['version']} > {FORMAT_VERSION})"
+        )
     t = _read_tensors(_need(path / "stop.safetensors", OWN_LAYOUT))
     for key in ("token", "head.weight", "head.bias"):
         if key not in t:
-            raise ValueError(f"{path / 'stop.safetensors'} lacks tensor {key!r}; expected: {OWN_LAYOUT}")
+            raise ValueError(
+                f"{path / 'stop.safetensors'} lacks tensor {key!r}; expected: {OWN_LAYOUT}"
+            )
     adapter_dir = path / config.get("adapter", f"adapter/{ADAPTER_NAME}")
     _need(adapter_dir / "adapter_config.json", OWN_LAYOUT)
-    return {"num_tokens": _config_int(config, "num_tokens", path / "stop_config.json"),
-            "token": t["token"],
-            "head_weight": t["head.weight"], "head_bias": t["head.bias"],
-            "hidden_weight": t.get("hidden.weight"), "hidden_bias": t.get("hidden.bias"),
-            "activation": config.get("activation", "gelu"), "adapter_dir": adapter_dir}
+    return {
+        "num_tokens": _config_int(config, "num_tokens", path / "stop_config.json"),
+        "token": t["token"],
+        "head_weight": t["head.weight"],
+        "head_bias": t["head.bias"],
+        "hidden_weight": t.get("hidden.weight"),
+        "hidden_bias": t.get("hidden.bias"),
+        "activation": config.get("activation", "gelu"),
+        "adapter_dir": adapter_dir,
+    }
 
 
 def _read_authors(path: Path) -> dict:
@@ -548,20 +681,32 @@ def _read_authors(path: Path) -> dict:
     head = _read_tensors(_need(path / "classifier_head.pth", AUTHORS_LAYOUT))
     if not isinstance(emb, dict) or not isinstance(emb.get("input_embedding"), torch.Tensor):
         raise ValueError(f"{emb_file} must hold a dict with an 'input_embedding' tensor [d]")
-    if not isinstance(head, dict) or not all(isinstance(head.get(k), torch.Tensor)
-                                             for k in ("weight", "bias")):
+    if not isinstance(head, dict) or not all(
+        isinstance(head.get(k), torch.Tensor) for k in ("weight", "bias")
+    ):
         got = sorted(head) if isinstance(head, dict) else type(head).__name__
-        raise ValueError(f"{path / 'classifier_head.pth'} must hold a Linear state dict "
-                         f"(weight [2, d], bias [2] tensors), got {got}")
+        raise ValueError(
+            f"{path / 'classifier_head.pth'} must hold a Linear state dict "
+            f"(weight [2, d], bias [2] tensors), got {got}"
+        )
     adapter_dir = path / "adapter" / ADAPTER_NAME
-    if not (adapter_dir / "adapter_config.json").is_file() and (path / "adapter" / "adapter_config.json").is_file():
+    if (
+        not (adapter_dir / "adapter_config.json").is_file()
+        and (path / "adapter" / "adapter_config.json").is_file()
+    ):
         adapter_dir = path / "adapter"  # saved under PEFT's default adapter name
     _need(adapter_dir / "adapter_config.json", AUTHORS_LAYOUT)
     num_tokens = _config_int(config, "num_assess_tokens", path / "assess_token_config.json")
-    return {"num_tokens": num_tokens, "token": emb["input_embedding"].float().reshape(-1),
-            "head_weight": head["weight"].float(), "head_bias": head["bias"].float(),
-            "hidden_weight": None, "hidden_bias": None, "activation": "gelu",
-            "adapter_dir": adapter_dir}
+    return {
+        "num_tokens": num_tokens,
+        "token": emb["input_embedding"].float().reshape(-1),
+        "head_weight": head["weight"].float(),
+        "head_bias": head["bias"].float(),
+        "hidden_weight": None,
+        "hidden_bias": None,
+        "activation": "gelu",
+        "adapter_dir": adapter_dir,
+    }
 
 
 def _read_adapter(adapter_dir: Path, model: nn.Module) -> tuple[list[_Lora], dict]:
@@ -574,26 +719,37 @@ def _read_adapter(adapter_dir: Path, model: nn.Module) -> tuple[list[_Lora], dic
     for key, ok in _UNSUPPORTED.items():
         if bool(config.get(key, ok)) != ok:
             raise ValueError(f"{config_file}: {key}={config[key]!r} is not supported by stopkit")
-    if config.get("bias", "none") != "none" or config.get("alpha_pattern") or config.get("modules_to_save"):
-        raise ValueError(f"{config_file}: LoRA bias, alpha_pattern and modules_to_save are not "
-                         "supported by stopkit")
+    if (
+        config.get("bias", "none") != "none"
+        or config.get("alpha_pattern")
+        or config.get("modules_to_save")
+    ):
+        raise ValueError(
+            f"{config_file}: LoRA bias, alpha_pattern and modules_to_save are not "
+            "supported by stopkit"
+        )
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         if (adapter_dir / name).is_file():
             weights_file = adapter_dir / name
             break
     else:
-        raise FileNotFoundError(f"missing {adapter_dir}/adapter_model.safetensors (or .bin); "
-                                f"expected layout: {OWN_LAYOUT} or {AUTHORS_LAYOUT}")
+        raise FileNotFoundError(
+            f"missing {adapter_dir}/adapter_model.safetensors (or .bin); "
+            f"expected layout: {OWN_LAYOUT} or {AUTHORS_LAYOUT}"
+        )
     weights = _read_tensors(weights_file)
     if not isinstance(weights, dict):
-        raise ValueError(f"{weights_file} must hold a dict of LoRA tensors, "
-                         f"got {type(weights).__name__}")
+        raise ValueError(
+            f"{weights_file} must hold a dict of LoRA tensors, got {type(weights).__name__}"
+        )
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
         m = _KEY_RE.match(key)
         if m is None:
-            raise ValueError(f"{weights_file}: unexpected tensor {key!r} (only lora_A / lora_B "
-                             "weights are supported)")
+            raise ValueError(
+                f"{weights_file}: unexpected tensor {key!r} (only lora_A / lora_B "
+                "weights are supported)"
+            )
         factors.setdefault(m.group(1), {})[m.group(2)] = value
     if not factors:
         raise ValueError(f"{weights_file} holds no LoRA weights")
@@ -605,20 +761,30 @@ def _read_adapter(adapter_dir: Path, model: nn.Module) -> tuple[list[_Lora], dic
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{weights_file}: module {name} needs both lora_A and lora_B")
         module, path = None, name
-        for candidate in (name, f"{prefix}.{name}"):  # adapters of the backbone alone omit the prefix
+        for candidate in (
+            name,
+            f"{prefix}.{name}",
+        ):  # adapters of the backbone alone omit the prefix
             try:
                 module, path = model.get_submodule(candidate), candidate
                 break
             except AttributeError:
                 continue
         if not isinstance(module, nn.Linear):
-            raise ValueError(f"{weights_file}: adapter module {path} is not an nn.Linear of the model")
+            raise ValueError(
+                f"{weights_file}: adapter module {path} is not an nn.Linear of the model"
+            )
         A, B = ab["A"].float(), ab["B"].float()
         r = A.shape[0]
         if A.shape != (r, module.in_features) or B.shape != (module.out_features, r):
-            raise ValueError(f"{weights_file}: LoRA factors of {path} have shapes A {tuple(A.shape)}, "
-                             f"B {tuple(B.shape)} but the model's Linear is {module.in_features} -> "
-                             f"{module.out_features} (hidden size mismatch?)")
+            raise ValueError(
+                f"{weights_file}: LoRA factors of {path} have shapes A {tuple(A.shape)}, "
+                f"B {tuple(B.shape)} but the model's Linear is {module.in_features} -> "
+                f"{module.out_features} (hidden size mismatch?)"
+            )
         loras.append(_Lora(path, A, B, alpha / (math.sqrt(r) if use_rslora else r)))
-    return loras, {"lora_alpha": alpha, "use_rslora": use_rslora,
-                   "lora_dropout": float(config.get("lora_dropout", 0.0))}
+    return loras, {
+        "lora_alpha": alpha,
+        "use_rslora": use_rslora,
+        "lora_dropout": float(config.get("lora_dropout", 0.0)),
+    }

@@ -32,11 +32,22 @@ from stopkit.label import label_statistics
 from stopkit.loading import read_jsonl
 from stopkit.stop import StopScorer
 
-__all__ = ["auroc", "pair_accuracy", "metrics", "LABEL_KEYS", "PREFIX_KEYS", "load_labels",
-           "check_records", "drop_uniform_problems", "split_by_problem", "evaluate_scorer",
-           "train_scorer"]
+__all__ = [
+    "auroc",
+    "pair_accuracy",
+    "metrics",
+    "LABEL_KEYS",
+    "PREFIX_KEYS",
+    "load_labels",
+    "check_records",
+    "drop_uniform_problems",
+    "split_by_problem",
+    "evaluate_scorer",
+    "train_scorer",
+]
 
 log = logging.getLogger(__name__)
+
 
 # ---- metrics -------------------------------------------------------------------------------------
 def auroc(scores: torch.Tensor | Sequence[float], targets: torch.Tensor | Sequence[bool]) -> float:
@@ -45,7 +56,9 @@ def auroc(scores: torch.Tensor | Sequence[float], targets: torch.Tensor | Sequen
     s = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
     y = torch.as_tensor(targets).reshape(-1).bool()
     if s.shape != y.shape:
-        raise ValueError(f"scores and targets must have the same length, got {s.numel()} and {y.numel()}")
+        raise ValueError(
+            f"scores and targets must have the same length, got {s.numel()} and {y.numel()}"
+        )
     n_pos = int(y.sum())
     n_neg = y.numel() - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -57,8 +70,13 @@ def auroc(scores: torch.Tensor | Sequence[float], targets: torch.Tensor | Sequen
     return u / (n_pos * n_neg)
 
 
-def pair_accuracy(scores: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequence[float],
-                  groups: Sequence[Hashable], *, margin: float = 0.25) -> float:
+def pair_accuracy(
+    scores: torch.Tensor | Sequence[float],
+    labels: torch.Tensor | Sequence[float],
+    groups: Sequence[Hashable],
+    *,
+    margin: float = 0.25,
+) -> float:
     """How often ``scores`` order two prefixes of the same group (problem) as their soft labels
     do, over the pairs whose labels differ by more than ``margin`` (ties count one half). This is
     what pruning needs: it ranks the paths of one question. NaN when there is no such pair."""
@@ -67,8 +85,10 @@ def pair_accuracy(scores: torch.Tensor | Sequence[float], labels: torch.Tensor |
     index: dict[str, int] = {}
     g = torch.as_tensor([index.setdefault(str(x), len(index)) for x in groups], dtype=torch.int64)
     if not s.shape == p.shape == g.shape:
-        raise ValueError(f"scores, labels and groups must have one length, got {s.numel()}, "
-                         f"{p.numel()} and {g.numel()}")
+        raise ValueError(
+            f"scores, labels and groups must have one length, got {s.numel()}, "
+            f"{p.numel()} and {g.numel()}"
+        )
     order = torch.argsort(g, stable=True)  # one group at a time: memory ~ the largest group^2
     counts = torch.bincount(g, minlength=len(index)).tolist()
     wins, pairs = 0.0, 0
@@ -80,19 +100,27 @@ def pair_accuracy(scores: torch.Tensor | Sequence[float], labels: torch.Tensor |
     return wins / pairs if pairs else math.nan
 
 
-def metrics(scores: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequence[float],
-            groups: Sequence[Hashable] | None = None) -> dict[str, float]:
+def metrics(
+    scores: torch.Tensor | Sequence[float],
+    labels: torch.Tensor | Sequence[float],
+    groups: Sequence[Hashable] | None = None,
+) -> dict[str, float]:
     """{"mse", "auroc", "accuracy"} of scores ``[N]`` against soft labels ``[N]`` (binary target
     ``label >= 0.5``; a prediction is positive when ``score >= 0.5``), and with ``groups`` ``[N]``
     (problem ids) the within-problem ``pair_accuracy``."""
     s = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
     p = torch.as_tensor(labels, dtype=torch.float64).reshape(-1)
     if s.shape != p.shape or s.numel() == 0:
-        raise ValueError(f"scores and labels must be non-empty and of one length, got {s.numel()} "
-                         f"and {p.numel()}")
+        raise ValueError(
+            f"scores and labels must be non-empty and of one length, got {s.numel()} "
+            f"and {p.numel()}"
+        )
     y = p >= 0.5
-    out = {"mse": float(((s - p) ** 2).mean()), "auroc": auroc(s, y),
-           "accuracy": float(((s >= 0.5) == y).double().mean())}
+    out = {
+        "mse": float(((s - p) ** 2).mean()),
+        "auroc": auroc(s, y),
+        "accuracy": float(((s >= 0.5) == y).double().mean()),
+    }
     if groups is not None:
         out["pair_accuracy"] = pair_accuracy(s, p, groups)
     return out
@@ -105,8 +133,9 @@ LABEL_KEYS = ("Soft_label", "soft_label", "good_probability", "label_prob", "sco
 PREFIX_KEYS = ("prefix_token_ids",)
 
 
-def _check_record(rec: dict, where: str, vocab_size: int | None = None,
-                  default_id: Hashable = None) -> dict:
+def _check_record(
+    rec: dict, where: str, vocab_size: int | None = None, default_id: Hashable = None
+) -> dict:
     """A label record as ``{"id", "prefix_token_ids", "soft_label"}``, checked; ValueError (never
     TypeError: a record is data) naming ``where`` (a file:line or a list element)."""
     if not isinstance(rec, dict):
@@ -115,12 +144,15 @@ def _check_record(rec: dict, where: str, vocab_size: int | None = None,
     for what, keys in (("prefix ids", PREFIX_KEYS), ("label", LABEL_KEYS)):
         key = next((k for k in keys if k in rec), None)
         if key is None:
-            raise ValueError(f"{where}: no {what}: the record has keys {sorted(rec)[:12]}, "
-                             f"accepted {'one of ' if len(keys) > 1 else ''}{', '.join(keys)}")
+            raise ValueError(
+                f"{where}: no {what}: the record has keys {sorted(rec)[:12]}, "
+                f"accepted {'one of ' if len(keys) > 1 else ''}{', '.join(keys)}"
+            )
         fields[what] = key
     try:
-        ids = check_token_ids(f"{where}: {fields['prefix ids']}", rec[fields["prefix ids"]],
-                              vocab_size)
+        ids = check_token_ids(
+            f"{where}: {fields['prefix ids']}", rec[fields["prefix ids"]], vocab_size
+        )
         p = check_real(f"{where}: {fields['label']}", rec[fields["label"]], 0, 1)
     except TypeError as e:
         raise ValueError(str(e)) from None
@@ -137,9 +169,14 @@ def drop_uniform_problems(records: list[dict]) -> list[dict]:
         labels.setdefault(str(r["id"]), set()).add(r["soft_label"])
     keep = {pid for pid, v in labels.items() if v != {0.0} and v != {1.0}}
     kept = [r for r in records if str(r["id"]) in keep]
-    log.info("difficulty filter: dropped %d of %d problems (%d of %d records) whose labels are all "
-             "0 or all 1", len(labels) - len(keep), len(labels), len(records) - len(kept),
-             len(records))
+    log.info(
+        "difficulty filter: dropped %d of %d problems (%d of %d records) whose labels are all "
+        "0 or all 1",
+        len(labels) - len(keep),
+        len(labels),
+        len(records) - len(kept),
+        len(records),
+    )
     return kept
 
 
@@ -151,20 +188,25 @@ def load_labels(path: str | Path, *, drop_uniform: bool = False) -> list[dict]:
     ``prefix_token_ids``, ``soft_label``. drop_uniform: leave out the problems whose labels are all
     0 or all 1 (:func:`drop_uniform_problems`). Raises ValueError naming the line of a bad record."""
     path = Path(path)
-    records = [_check_record(rec, f"{path}:{lineno}", default_id=lineno)
-               for lineno, rec in read_jsonl(path, "label")]
+    records = [
+        _check_record(rec, f"{path}:{lineno}", default_id=lineno)
+        for lineno, rec in read_jsonl(path, "label")
+    ]
     if not records:
         raise ValueError(f"{path} holds no records")
     if drop_uniform:
         records = drop_uniform_problems(records)
         if not records:
-            raise ValueError(f"{path}: every problem's labels are all 0 or all 1; the difficulty "
-                             "filter (drop_uniform) left no records")
+            raise ValueError(
+                f"{path}: every problem's labels are all 0 or all 1; the difficulty "
+                "filter (drop_uniform) left no records"
+            )
     return records
 
 
-def split_by_problem(records: list[dict], val_fraction: float, seed: int = 0
-                     ) -> tuple[list[dict], list[dict]]:
+def split_by_problem(
+    records: list[dict], val_fraction: float, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
     """(train, val): a seeded random ``val_fraction`` of the problem ids (at least one when the
     fraction is > 0 and there are two ids or more) goes to validation, so no problem's prefixes are
     on both sides."""
@@ -173,44 +215,65 @@ def split_by_problem(records: list[dict], val_fraction: float, seed: int = 0
     random.Random(seed).shuffle(ids)
     n_val = min(len(ids) - 1, math.ceil(val_fraction * len(ids))) if val_fraction > 0 else 0
     val_ids = set(ids[:n_val])
-    return ([r for r in records if str(r["id"]) not in val_ids],
-            [r for r in records if str(r["id"]) in val_ids])
+    return (
+        [r for r in records if str(r["id"]) not in val_ids],
+        [r for r in records if str(r["id"]) in val_ids],
+    )
 
 
 def check_records(records: list[dict], vocab_size: int, name: str) -> list[dict]:
     """The records as ``{"id", "prefix_token_ids", "soft_label"}`` (label keys as in
     :func:`load_labels`; ``id`` default the index); ValueError naming ``name[i]`` unless every
     record has prefix ids in ``[0, vocab_size)`` (the model's vocabulary) and a label in [0, 1]."""
-    return [_check_record(r, f"{name}[{i}]", vocab_size, default_id=i)
-            for i, r in enumerate(records)]
+    return [
+        _check_record(r, f"{name}[{i}]", vocab_size, default_id=i) for i, r in enumerate(records)
+    ]
 
 
 # ---- training ------------------------------------------------------------------------------------
 def _batches(records: list[dict], batch_size: int) -> list[list[dict]]:
-    return [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+    return [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
 
 
 @torch.no_grad()
-def evaluate_scorer(scorer: StopScorer, records: list[dict], *, batch_size: int = 8,
-                    progress: bool = False) -> dict[str, float]:
+def evaluate_scorer(
+    scorer: StopScorer, records: list[dict], *, batch_size: int = 8, progress: bool = False
+) -> dict[str, float]:
     """Validation metrics (:func:`metrics`) of ``scorer`` on label records, computed with the
     training forward in eval mode (no dropout)."""
     was_training = scorer.training
     scorer.eval()
     try:
-        scores = [torch.softmax(scorer([r["prefix_token_ids"] for r in batch]), dim=-1)[:, 1].cpu()
-                  for batch in tqdm(_batches(records, batch_size), desc="validate", leave=False,
-                                    disable=not progress)]
+        scores = [
+            torch.softmax(scorer([r["prefix_token_ids"] for r in batch]), dim=-1)[:, 1].cpu()
+            for batch in tqdm(
+                _batches(records, batch_size), desc="validate", leave=False, disable=not progress
+            )
+        ]
     finally:
         scorer.train(was_training)
-    return metrics(torch.cat(scores), [r["soft_label"] for r in records], [r["id"] for r in records])
+    return metrics(
+        torch.cat(scores), [r["soft_label"] for r in records], [r["id"] for r in records]
+    )
 
 
-def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
-                 out: str | Path | None = None, epochs: int = 3, batch_size: int = 8,
-                 grad_accum: int = 1, lr: float = 1e-4, weight_decay: float = 0.01,
-                 seed: int = 0, drop_uniform: bool = False, layout: str = "stopkit",
-                 tokenizer: Any = None, progress: bool = True) -> list[dict]:
+def train_scorer(
+    scorer: StopScorer,
+    train: list[dict],
+    val: list[dict],
+    *,
+    out: str | Path | None = None,
+    epochs: int = 3,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    lr: float = 1e-4,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    drop_uniform: bool = False,
+    layout: str = "stopkit",
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> list[dict]:
     """Train ``scorer`` (token, LoRA, head; the model stays frozen) on label records.
 
     train, val: label records (:func:`check_records`). Each optimizer step sees ``batch_size *
@@ -237,8 +300,10 @@ def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
     if drop_uniform:
         train = drop_uniform_problems(train)
         if not train:
-            raise ValueError("every training problem's labels are all 0 or all 1: the difficulty "
-                             "filter (drop_uniform) left no training records")
+            raise ValueError(
+                "every training problem's labels are all 0 or all 1: the difficulty "
+                "filter (drop_uniform) left no training records"
+            )
     for name, records in (("training", train), ("validation", val)):
         if records:
             log.info("%s labels: %s", name, json.dumps(label_statistics(records)))
@@ -249,8 +314,13 @@ def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=weight_decay)
     rng = random.Random(seed)
-    history = [{"epoch": 0, "train_loss": math.nan,
-                **(evaluate_scorer(scorer, val, batch_size=batch_size) if val else {})}]
+    history = [
+        {
+            "epoch": 0,
+            "train_loss": math.nan,
+            **(evaluate_scorer(scorer, val, batch_size=batch_size) if val else {}),
+        }
+    ]
     log.info("epoch 0 (untrained): %s", _fmt(history[0]))
     best = {"mse": math.inf}
     try:
@@ -267,7 +337,7 @@ def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
                 label = torch.tensor([r["soft_label"] for r in batch], device=logits.device)
                 loss = F.cross_entropy(logits, torch.stack([1 - label, label], dim=1))
                 # weight by records so an uneven last group counts like the others
-                group = batches[i - i % grad_accum: i - i % grad_accum + grad_accum]
+                group = batches[i - i % grad_accum : i - i % grad_accum + grad_accum]
                 (loss * len(batch) / sum(len(b) for b in group)).backward()
                 if i % grad_accum == grad_accum - 1 or i == len(batches) - 1:
                     optimizer.step()
@@ -276,8 +346,11 @@ def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
                 seen += len(batch)
                 bar.set_postfix(loss=f"{total / seen:.4f}")
             scorer.eval()
-            row = {"epoch": epoch, "train_loss": total / seen,
-                   **(evaluate_scorer(scorer, val, batch_size=batch_size) if val else {})}
+            row = {
+                "epoch": epoch,
+                "train_loss": total / seen,
+                **(evaluate_scorer(scorer, val, batch_size=batch_size) if val else {}),
+            }
             history.append(row)
             improved = not val or row["mse"] < best["mse"]
             log.info("epoch %d: %s%s", epoch, _fmt(row), " (best)" if improved and val else "")
@@ -286,8 +359,9 @@ def train_scorer(scorer: StopScorer, train: list[dict], val: list[dict], *,
                 if out is not None:
                     scorer.save(out, layout=layout, tokenizer=tokenizer)
             if out is not None:
-                (out / "metrics.json").write_text(json.dumps(
-                    {"best": best, "history": history}, indent=2) + "\n")
+                (out / "metrics.json").write_text(
+                    json.dumps({"best": best, "history": history}, indent=2) + "\n"
+                )
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)

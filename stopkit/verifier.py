@@ -67,10 +67,12 @@ log = logging.getLogger(__name__)
 
 QWEN_PRM_MARKER = "<extra_0>"
 QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
-SUPPORTED = ("supported: a sequence classifier or reward model (*ForSequenceClassification, "
-             "num_labels 1 or 2), a token-classification process reward model "
-             "(*ForTokenClassification, num_labels 2, with a step marker), or a Qwen2.5-Math-PRM "
-             "checkpoint (Qwen2ForProcessRewardModel)")
+SUPPORTED = (
+    "supported: a sequence classifier or reward model (*ForSequenceClassification, "
+    "num_labels 1 or 2), a token-classification process reward model "
+    "(*ForTokenClassification, num_labels 2, with a step marker), or a Qwen2.5-Math-PRM "
+    "checkpoint (Qwen2ForProcessRewardModel)"
+)
 KINDS = ("classifier", "prm")
 _BODY = "\x1fSTOPKIT-SOLUTION\x1f"  # stands for the solution while the chat template renders
 
@@ -109,19 +111,31 @@ class Verifier:
 
     method_type = "II"
 
-    def __init__(self, model: PreTrainedModel | _QwenProcessRewardModel, tokenizer: Any, *, kind: str, positive_label: int = 1,
-                 step_marker: str | None = None, step_separator: str = "\n\n",
-                 system_prompt: str | None = None, chat: bool | None = None,
-                 max_length: int | None = None, batch_size: int = 8,
-                 name: str = "verifier") -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel | _QwenProcessRewardModel,
+        tokenizer: Any,
+        *,
+        kind: str,
+        positive_label: int = 1,
+        step_marker: str | None = None,
+        step_separator: str = "\n\n",
+        system_prompt: str | None = None,
+        chat: bool | None = None,
+        max_length: int | None = None,
+        batch_size: int = 8,
+        name: str = "verifier",
+    ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         self.model, self.tokenizer, self.kind, self.name = model, tokenizer, kind, name
         self.num_labels = model.config.num_labels
         allowed = (1, 2) if kind == "classifier" else (2,)
         if self.num_labels not in allowed:
-            raise ValueError(f"{name}: a {kind} verifier needs num_labels in {allowed}, the model "
-                             f"has {self.num_labels}; {SUPPORTED}")
+            raise ValueError(
+                f"{name}: a {kind} verifier needs num_labels in {allowed}, the model "
+                f"has {self.num_labels}; {SUPPORTED}"
+            )
         self.positive_label = check_int("positive_label", positive_label, 0, 1)
         self.batch_size = check_int("batch_size", batch_size, 1)
         if chat is None:
@@ -132,7 +146,9 @@ class Verifier:
         if max_length is None:
             max_length = length_limit(tokenizer, model.config)
             if max_length is None:
-                raise ValueError(f"{name}: no length limit in the tokenizer or config; pass max_length")
+                raise ValueError(
+                    f"{name}: no length limit in the tokenizer or config; pass max_length"
+                )
         self.max_length = check_int("max_length", max_length, 2)
         if not isinstance(step_separator, str) or not step_separator:
             raise ValueError(f"step_separator must be a non-empty str, got {step_separator!r}")
@@ -141,14 +157,18 @@ class Verifier:
         if kind == "prm":
             if step_marker is None:
                 if QWEN_PRM_MARKER not in tokenizer.get_vocab():
-                    raise ValueError(f"{name}: a token-classification PRM needs step_marker (the "
-                                     f"text after each step, e.g. '\\n' for TRL's PRMTrainer); "
-                                     f"the tokenizer has no {QWEN_PRM_MARKER} token")
+                    raise ValueError(
+                        f"{name}: a token-classification PRM needs step_marker (the "
+                        f"text after each step, e.g. '\\n' for TRL's PRMTrainer); "
+                        f"the tokenizer has no {QWEN_PRM_MARKER} token"
+                    )
                 step_marker = QWEN_PRM_MARKER
             self.marker_ids = tokenizer.encode(step_marker, add_special_tokens=False)
             if not self.marker_ids or tokenizer.unk_token_id in self.marker_ids:
-                raise ValueError(f"step_marker {step_marker!r} must encode to known tokens, got "
-                                 f"{self.marker_ids}")
+                raise ValueError(
+                    f"step_marker {step_marker!r} must encode to known tokens, got "
+                    f"{self.marker_ids}"
+                )
         self.step_marker = step_marker
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         if kind == "classifier":
@@ -156,8 +176,9 @@ class Verifier:
             if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
                 model.config.pad_token_id = tokenizer.pad_token_id
             if model.config.pad_token_id is None:
-                log.warning("%s: no pad token in the config or tokenizer: one sequence per forward",
-                            name)
+                log.warning(
+                    "%s: no pad token in the config or tokenizer: one sequence per forward", name
+                )
                 self.batch_size = 1
             else:
                 self.pad_id = model.config.pad_token_id
@@ -166,8 +187,14 @@ class Verifier:
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu",
-             dtype: str | torch.dtype = "auto", **options: Any) -> Verifier:
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "auto",
+        **options: Any,
+    ) -> Verifier:
         """Load a verifier from a local path or hub id (no remote code), on ``device`` in ``dtype``
         ("auto" = the checkpoint's, "float32", "float16", "bfloat16" or a torch.dtype).
         ``options``: the keyword arguments of :class:`Verifier` (positive_label, step_marker,
@@ -186,25 +213,37 @@ class Verifier:
             config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         except (ValueError, KeyError) as e:  # a model_type transformers lacks: remote code only
             first_line = str(e).strip().splitlines()[0]
-            raise ValueError(f"verifier {path}: transformers cannot read its config without remote "
-                             f"code ({first_line}); {SUPPORTED}") from None
+            raise ValueError(
+                f"verifier {path}: transformers cannot read its config without remote "
+                f"code ({first_line}); {SUPPORTED}"
+            ) from None
         arch = (config.architectures or [None])[0]
         if arch == "Qwen2ForProcessRewardModel":
             model, kind = _load_qwen_prm(path, torch_dtype), "prm"
             options.setdefault("system_prompt", QWEN_PRM_SYSTEM)
-        elif arch is not None and arch.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        elif arch is not None and arch.endswith(
+            ("ForSequenceClassification", "ForTokenClassification")
+        ):
             kind = "classifier" if arch.endswith("ForSequenceClassification") else "prm"
-            auto = AutoModelForSequenceClassification if kind == "classifier" else \
-                AutoModelForTokenClassification
-            model, info = auto.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False,
-                                               output_loading_info=True)
+            auto = (
+                AutoModelForSequenceClassification
+                if kind == "classifier"
+                else AutoModelForTokenClassification
+            )
+            model, info = auto.from_pretrained(
+                path, dtype=torch_dtype, trust_remote_code=False, output_loading_info=True
+            )
             _check_complete(path, arch, info)
         else:
             found = arch or "a config.json without architectures"
-            raise ValueError(f"verifier {path} is {found} (model_type {config.model_type!r}), not a "
-                             f"classifier or reward model; {SUPPORTED}")
+            raise ValueError(
+                f"verifier {path} is {found} (model_type {config.model_type!r}), not a "
+                f"classifier or reward model; {SUPPORTED}"
+            )
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return cls(model.to(device).eval(), tokenizer, kind=kind, name=f"verifier:{path}", **options)
+        return cls(
+            model.to(device).eval(), tokenizer, kind=kind, name=f"verifier:{path}", **options
+        )
 
     # ---- inputs --------------------------------------------------------------------------------
     def _ids(self, text: str) -> list[int]:
@@ -213,24 +252,34 @@ class Verifier:
     def encode(self, question: str, solution: str) -> tuple[list[int], int]:
         """(input ids, the position whose token logits give a PRM's score; -1 for a classifier,
         which pools itself) of one (question, partial solution), truncated to max_length."""
-        steps = [s.strip() for s in solution.split(self.step_separator)] if self.kind == "prm" else []
+        steps = (
+            [s.strip() for s in solution.split(self.step_separator)] if self.kind == "prm" else []
+        )
         steps = [s for s in steps if s]
         inside: Sequence[int]
         if self.chat:  # the rendered conversation, tokenised in one piece like the model saw it
             marker = self.step_marker or ""  # set for a PRM
-            body = solution if self.kind == "classifier" else \
-                "".join(s + marker for s in steps) or marker
+            body = (
+                solution
+                if self.kind == "classifier"
+                else "".join(s + marker for s in steps) or marker
+            )
             head, tail = self._chat_frame(question)
-            enc = self.tokenizer(head + body + tail, add_special_tokens=False,
-                                 return_offsets_mapping=True)
+            enc = self.tokenizer(
+                head + body + tail, add_special_tokens=False, return_offsets_mapping=True
+            )
             ids = enc["input_ids"]
-            inside = [i for i, (a, _) in enumerate(enc["offset_mapping"])
-                      if len(head) <= a < len(head) + len(body)]
+            inside = [
+                i
+                for i, (a, _) in enumerate(enc["offset_mapping"])
+                if len(head) <= a < len(head) + len(body)
+            ]
         elif self.kind == "prm":  # TRL PRMTrainer's rows: [bos] prompt, then each step + marker
             bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
             prompt = bos + self._ids(question)
-            ids = prompt + ([t for s in steps for t in self._ids(s) + self.marker_ids]
-                            or list(self.marker_ids))
+            ids = prompt + (
+                [t for s in steps for t in self._ids(s) + self.marker_ids] or list(self.marker_ids)
+            )
             inside = range(len(prompt), len(ids))
         else:  # the tokenizer's pair encoding, e.g. [CLS] question [SEP] solution [SEP]
             enc = self.tokenizer(question, solution)
@@ -242,10 +291,12 @@ class Verifier:
         if excess > 0:
             keep_at_least = len(self.marker_ids) if self.kind == "prm" else 1
             if last - first - excess < keep_at_least:
-                raise ValueError(f"{self.name}: the question and template take "
-                                 f"{len(ids) - (last - first)} tokens, leaving no room for the "
-                                 f"solution within max_length {self.max_length}")
-            ids = ids[:first] + ids[first + excess:]
+                raise ValueError(
+                    f"{self.name}: the question and template take "
+                    f"{len(ids) - (last - first)} tokens, leaving no room for the "
+                    f"solution within max_length {self.max_length}"
+                )
+            ids = ids[:first] + ids[first + excess :]
             last -= excess
         return ids, (last - 1 if self.kind == "prm" else -1)
 
@@ -253,18 +304,25 @@ class Verifier:
         """The rendered conversation before and after the assistant's text."""
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": _BODY}]
-        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=False)
+        rendered = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=False
+        )
         if rendered.count(_BODY) != 1:
-            raise ValueError(f"{self.name}: the chat template does not keep the assistant turn "
-                             "verbatim; pass chat=False")
+            raise ValueError(
+                f"{self.name}: the chat template does not keep the assistant turn "
+                "verbatim; pass chat=False"
+            )
         head, tail = rendered.split(_BODY)
         return head, tail
 
     # ---- scoring -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def score(self, question: str, prefixes: Sequence[str],
-              prefix_ids: Sequence[Sequence[int]] | None = None) -> list[float]:
+    def score(
+        self,
+        question: str,
+        prefixes: Sequence[str],
+        prefix_ids: Sequence[Sequence[int]] | None = None,
+    ) -> list[float]:
         """Scores in [0, 1] of ONE question's unfinished paths, higher = keep. ``prefixes``: the
         decoded partial solutions; ``prefix_ids`` (the reasoning model's ids) is unused: the
         verifier has its own tokenizer."""
@@ -276,7 +334,7 @@ class Verifier:
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))  # little padding
         device = self.model.device
         for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
+            rows = order[start : start + self.batch_size]
             ids, mask = right_pad([encoded[i][0] for i in rows], self.pad_id, device)
             logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
             if self.kind == "prm":
@@ -298,9 +356,11 @@ def _check_complete(path: str, arch: str, info: dict) -> None:
     initialise at random would score noise)."""
     missing = sorted(info.get("missing_keys") or ())
     if missing:
-        raise ValueError(f"verifier {path}: the checkpoint lacks {len(missing)} weight(s) of "
-                         f"{arch} ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): "
-                         f"not a trained classifier or reward model; {SUPPORTED}")
+        raise ValueError(
+            f"verifier {path}: the checkpoint lacks {len(missing)} weight(s) of "
+            f"{arch} ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): "
+            f"not a trained classifier or reward model; {SUPPORTED}"
+        )
 
 
 def _load_qwen_prm(path: str, dtype: str | torch.dtype) -> _QwenProcessRewardModel:
@@ -313,11 +373,14 @@ def _load_qwen_prm(path: str, dtype: str | torch.dtype) -> _QwenProcessRewardMod
         # the head is loaded below; some of these checkpoints still carry an unused lm_head
         _keys_to_ignore_on_load_unexpected = [r"^score\.", r"^lm_head\."]  # noqa: RUF012 (transformers' attribute)
 
-    backbone, info = cast("tuple[Qwen2Model, dict]", Qwen2Backbone.from_pretrained(
-        path, dtype=dtype, output_loading_info=True))
+    backbone, info = cast(
+        "tuple[Qwen2Model, dict]",
+        Qwen2Backbone.from_pretrained(path, dtype=dtype, output_loading_info=True),
+    )
     _check_complete(path, "Qwen2ForProcessRewardModel", info)
-    index = cached_file(path, "model.safetensors.index.json",
-                        _raise_exceptions_for_missing_entries=False)
+    index = cached_file(
+        path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False
+    )
     if index is not None:
         weight_map = json.loads(Path(index).read_text())["weight_map"]
         files = {weight_map[k] for k in weight_map if k.startswith("score.")}
@@ -327,16 +390,22 @@ def _load_qwen_prm(path: str, dtype: str | torch.dtype) -> _QwenProcessRewardMod
     for name in files:
         file = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
         if file is None:
-            raise ValueError(f"verifier {path}: Qwen2ForProcessRewardModel weights must be "
-                             f"safetensors, {name} not found")
+            raise ValueError(
+                f"verifier {path}: Qwen2ForProcessRewardModel weights must be "
+                f"safetensors, {name} not found"
+            )
         with safe_open(file, framework="pt") as f:
             names = f.keys()  # a safe_open handle is not iterable itself
-            state.update({k[len("score."):]: f.get_tensor(k) for k in names if k.startswith("score.")})
+            state.update(
+                {k[len("score.") :]: f.get_tensor(k) for k in names if k.startswith("score.")}
+            )
     hidden = backbone.config.hidden_size
     head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
     expected = set(head.state_dict())
     if set(state) != expected:
-        raise ValueError(f"verifier {path}: a Qwen2ForProcessRewardModel head has {sorted(expected)} "
-                         f"under score., the checkpoint has {sorted(state)}")
+        raise ValueError(
+            f"verifier {path}: a Qwen2ForProcessRewardModel head has {sorted(expected)} "
+            f"under score., the checkpoint has {sorted(state)}"
+        )
     head.load_state_dict(state)
     return _QwenProcessRewardModel(backbone, head.to(next(backbone.parameters()).dtype))

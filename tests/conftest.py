@@ -32,10 +32,13 @@ _NO_CUDA = "needs stopkit's CUDA kernels and a GPU"
 torch.set_num_threads(1)
 
 
-settings.register_profile("ci", max_examples=100, derandomize=True, database=None, print_blob=True,
-                          deadline=None)
+settings.register_profile(
+    "ci", max_examples=100, derandomize=True, database=None, print_blob=True, deadline=None
+)
 settings.register_profile("dev", max_examples=500, deadline=None)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default")
+)
 
 
 def examples(n: int) -> int:
@@ -57,14 +60,20 @@ def _seed(request: pytest.FixtureRequest) -> int:
     return seed
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not ops.cuda_available(), reason=_NO_CUDA))])
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not ops.cuda_available(), reason=_NO_CUDA)),
+    ]
+)
 def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
 
 
-@pytest.fixture(params=[f"cpu-{isa}" for isa in ISAS] + [pytest.param("cuda", marks=pytest.mark.skipif(
-    not ops.cuda_available(), reason=_NO_CUDA))])
+@pytest.fixture(
+    params=[f"cpu-{isa}" for isa in ISAS]
+    + [pytest.param("cuda", marks=pytest.mark.skipif(not ops.cuda_available(), reason=_NO_CUDA))]
+)
 def backend(request: pytest.FixtureRequest):
     if request.param == "cuda":
         yield torch.device("cuda")

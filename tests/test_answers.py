@@ -85,43 +85,49 @@ def test_grades(text, gold, verdict):
     assert check_answer(text, gold) is verdict
 
 
-@pytest.mark.parametrize("text,expected", [
-    (r"so the result is \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
-    (r"\boxed{1} then \boxed{\sqrt{x^{2}}} end", r"\sqrt{x^{2}}"),  # last box, nested braces
-    (r"\boxed{3} and a cut \boxed{4", "3"),                         # unbalanced last box skipped
-    (r"\fbox{7}", "7"),
-    ("step 1\n#### 1,234\n", "1,234"),
-    ("#### 5 first\nThe answer is 6.", "6"),                          # the last anchor wins
-    ("The answer is $18 per day.", "18"),
-    ("The answer is 72 dollars because she sold 8.", "72"),
-    ('Then write "The answer is 20".', "20"),
-    ("Thus the final answer is $x^2 + 1$.\nDone", "x^2 + 1"),
-    ("the correct answer is (B) since it conserves energy", "B"),
-    ("The answer is 3, 4, 5.", "3, 4, 5"),                          # a list is not cut to its head
-    ("The answer is x = 5 because it fits.", "5"),
-    ("4. So, the answer is 2 * 4 = 8 bolts.\n", "8"),                # after the last equals sign
-    ("The answer is $x \\le 5$.", "x \\le 5"),
-    ("The answer is x <= 5.", "x <= 5"),
-    ("I will put it in \\boxed{}.\nSo, the answer is: 220", "220"),  # an empty box is no answer
-    ("I computed 18 but I am not sure.", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (r"so the result is \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
+        (r"\boxed{1} then \boxed{\sqrt{x^{2}}} end", r"\sqrt{x^{2}}"),  # last box, nested braces
+        (r"\boxed{3} and a cut \boxed{4", "3"),  # unbalanced last box skipped
+        (r"\fbox{7}", "7"),
+        ("step 1\n#### 1,234\n", "1,234"),
+        ("#### 5 first\nThe answer is 6.", "6"),  # the last anchor wins
+        ("The answer is $18 per day.", "18"),
+        ("The answer is 72 dollars because she sold 8.", "72"),
+        ('Then write "The answer is 20".', "20"),
+        ("Thus the final answer is $x^2 + 1$.\nDone", "x^2 + 1"),
+        ("the correct answer is (B) since it conserves energy", "B"),
+        ("The answer is 3, 4, 5.", "3, 4, 5"),  # a list is not cut to its head
+        ("The answer is x = 5 because it fits.", "5"),
+        ("4. So, the answer is 2 * 4 = 8 bolts.\n", "8"),  # after the last equals sign
+        ("The answer is $x \\le 5$.", "x \\le 5"),
+        ("The answer is x <= 5.", "x <= 5"),
+        ("I will put it in \\boxed{}.\nSo, the answer is: 220", "220"),  # an empty box is no answer
+        ("I computed 18 but I am not sure.", None),
+        ("", None),
+    ],
+)
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
-@pytest.mark.parametrize("equal_answers", [
-    ["1/2", "0.5", r"\frac{2}{4}", r"\dfrac{1}{2}", "0.50", "$\\frac12$"],
-    ["1000", "1,000", "1000.0", r"1{,}000", "+1000"],
-    ["B", "(B)", r"\text{(B)}", "B) 42", "(B) 42"],
-    [r"\{1, 2, 3\}", "3, 1, 2", "1,2,3", r"\{3,2,1\}"],
-    [r"\{\log_2 8, y\}", r"\{3, y\}", "y, 3"],  # the elements' keys, sorted (not sympy's order)
-    ["(1, 2]", r"1 < x \le 2", r"\left(1,2\right]"],
-    ["(x+1)^2", "x^2+2x+1", "1 + 2x + x^2"],
-    [r"2\sqrt{2}", r"\sqrt{8}", r"\sqrt{2}\cdot 2"],
-    ["7", "x = 7", r"\text{7}"],
-    ["Paris", r"\text{paris}", "PARIS"],
-])
+@pytest.mark.parametrize(
+    "equal_answers",
+    [
+        ["1/2", "0.5", r"\frac{2}{4}", r"\dfrac{1}{2}", "0.50", "$\\frac12$"],
+        ["1000", "1,000", "1000.0", r"1{,}000", "+1000"],
+        ["B", "(B)", r"\text{(B)}", "B) 42", "(B) 42"],
+        [r"\{1, 2, 3\}", "3, 1, 2", "1,2,3", r"\{3,2,1\}"],
+        [r"\{\log_2 8, y\}", r"\{3, y\}", "y, 3"],  # the elements' keys, sorted (not sympy's order)
+        ["(1, 2]", r"1 < x \le 2", r"\left(1,2\right]"],
+        ["(x+1)^2", "x^2+2x+1", "1 + 2x + x^2"],
+        [r"2\sqrt{2}", r"\sqrt{8}", r"\sqrt{2}\cdot 2"],
+        ["7", "x = 7", r"\text{7}"],
+        ["Paris", r"\text{paris}", "PARIS"],
+    ],
+)
 def test_equal_answers_share_a_vote_key(equal_answers):
     keys = {normalize_answer(a) for a in equal_answers}
     assert len(keys) == 1, keys
@@ -130,8 +136,25 @@ def test_equal_answers_share_a_vote_key(equal_answers):
 
 
 def test_different_answers_keep_different_keys():
-    different = ["1/2", "1/3", "0.333", "B", "C", r"\{1,2\}", r"\{1,2,3\}", "(1,2]", "[1,2)",
-                 "x^2+1", "x^2-1", r"\sqrt{2}", "12", "21", "paris", "rome", "-1/2"]
+    different = [
+        "1/2",
+        "1/3",
+        "0.333",
+        "B",
+        "C",
+        r"\{1,2\}",
+        r"\{1,2,3\}",
+        "(1,2]",
+        "[1,2)",
+        "x^2+1",
+        "x^2-1",
+        r"\sqrt{2}",
+        "12",
+        "21",
+        "paris",
+        "rome",
+        "-1/2",
+    ]
     keys = [normalize_answer(a) for a in different]
     assert len(set(keys)) == len(keys), keys
 
@@ -181,9 +204,14 @@ def test_pathological_answer_counts_wrong_within_the_limit():
 
 def test_time_limit_off_the_main_thread():
     # the server and Ray actors check from worker threads, where signal-based timeouts cannot work
-    cases = [(PATHOLOGICAL[0], "7", False), (r"\boxed{3, 1, 2}", r"\{1,2,3\}", True),
-             (PATHOLOGICAL[1], "6", False), (r"\boxed{x^2 - 1}", "(x-1)(x+1)", True),
-             (r"\boxed{2\sqrt{2}}", r"\sqrt{8}", True), (r"\boxed{\frac{7}{2}}", "3.5", True)]
+    cases = [
+        (PATHOLOGICAL[0], "7", False),
+        (r"\boxed{3, 1, 2}", r"\{1,2,3\}", True),
+        (PATHOLOGICAL[1], "6", False),
+        (r"\boxed{x^2 - 1}", "(x-1)(x+1)", True),
+        (r"\boxed{2\sqrt{2}}", r"\sqrt{8}", True),
+        (r"\boxed{\frac{7}{2}}", "3.5", True),
+    ]
     assert threading.current_thread() is threading.main_thread()
 
     def run_all():

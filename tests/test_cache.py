@@ -22,9 +22,15 @@ from stopkit.pruning import prune
 
 def snapshot(cache: PagedKVCache) -> list:
     """Everything a failed call must leave as it was (allocator internals included)."""
-    return [cache.batch_size, cache.num_free_blocks, cache.block_table.clone(),
-            cache.seq_lens.clone(), cache._ref.copy(), cache._free[:cache._num_free].copy(),
-            cache.storage.clone()]
+    return [
+        cache.batch_size,
+        cache.num_free_blocks,
+        cache.block_table.clone(),
+        cache.seq_lens.clone(),
+        cache._ref.copy(),
+        cache._free[: cache._num_free].copy(),
+        cache.storage.clone(),
+    ]
 
 
 def assert_same(a: list, b: list) -> None:
@@ -39,13 +45,13 @@ def check_accounting(cache: PagedKVCache) -> None:
     refs = torch.zeros(cache.num_blocks, dtype=torch.int64)
     widest = 1
     for b in range(cache.batch_size):
-        blocks = table[b, :math.ceil(int(lens[b]) / cache.block_size)]
+        blocks = table[b, : math.ceil(int(lens[b]) / cache.block_size)]
         widest = max(widest, blocks.numel())
         assert blocks.unique().numel() == blocks.numel(), f"row {b} holds a block twice"
         refs[blocks] += 1
     assert table.shape == (cache.batch_size, widest)
     assert torch.equal(refs, torch.from_numpy(cache._ref).long())
-    free = torch.from_numpy(cache._free[:cache._num_free])
+    free = torch.from_numpy(cache._free[: cache._num_free])
     assert free.unique().numel() == free.numel() == cache.num_free_blocks
     assert torch.equal(free.sort().values, (refs == 0).nonzero().squeeze(1))
 
@@ -53,8 +59,12 @@ def check_accounting(cache: PagedKVCache) -> None:
 def write_random(cache: PagedKVCache, slots: torch.Tensor, gen: torch.Generator) -> None:
     flat = slots.reshape(-1)
     for layer in range(cache.num_layers):
-        k, v = (torch.randn(flat.numel(), cache.num_kv_heads, cache.head_dim, generator=gen)
-                .to(cache.dtype) for _ in range(2))
+        k, v = (
+            torch.randn(flat.numel(), cache.num_kv_heads, cache.head_dim, generator=gen).to(
+                cache.dtype
+            )
+            for _ in range(2)
+        )
         ops.write_kv(k, v, cache.k_cache(layer), cache.v_cache(layer), flat)
 
 
@@ -83,8 +93,14 @@ def test_storage_views_and_lazy_tables():
     check_accounting(cache)
 
 
-@pytest.mark.parametrize("shape,dtype", [((3, 5), torch.float32), ((2, 2, 64, 16, 2, 64), torch.bfloat16),
-                                         ((1, 2, 300, 16, 4, 128), torch.float16)])
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [
+        ((3, 5), torch.float32),
+        ((2, 2, 64, 16, 2, 64), torch.bfloat16),
+        ((1, 2, 300, 16, 4, 128), torch.float16),
+    ],
+)
 def test_zeros_kv_storage(shape, dtype):
     t = zeros_kv_storage(shape, dtype)
     assert t.shape == shape and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
@@ -100,11 +116,13 @@ def test_zeros_kv_storage(shape, dtype):
 
 
 @pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no madvise huge pages here")
-@pytest.mark.parametrize("mode,warned", [("always [madvise] never", False),
-                                         ("always madvise [never]", True)])
+@pytest.mark.parametrize(
+    "mode,warned", [("always [madvise] never", False), ("always madvise [never]", True)]
+)
 def test_zeros_kv_storage_warns_without_huge_pages(tmp_path, monkeypatch, caplog, mode, warned):
     """Huge pages off: a warning, logged once however many caches are made."""
     from stopkit import cache as cache_module
+
     (tmp_path / "enabled").write_text(mode + "\n")
     monkeypatch.setattr(cache_module, "_THP_MODE", tmp_path / "enabled")
     cache_module._warn_plain_pages.cache_clear()
@@ -116,12 +134,15 @@ def test_zeros_kv_storage_warns_without_huge_pages(tmp_path, monkeypatch, caplog
     cache_module._warn_plain_pages.cache_clear()
 
 
-@pytest.mark.parametrize("shape,dtype,error,match", [
-    ((2, -1), torch.float32, ValueError, r"^shape\[1\] must be an int >= 0, got -1$"),
-    ((2, 1.5), torch.float32, TypeError, r"^shape\[1\] must be an int, got float$"),
-    (4, torch.float32, TypeError, "^shape must be a list or tuple"),
-    ((2, 3), torch.int32, TypeError, "^dtype must be float32, float16 or bfloat16"),
-])
+@pytest.mark.parametrize(
+    "shape,dtype,error,match",
+    [
+        ((2, -1), torch.float32, ValueError, r"^shape\[1\] must be an int >= 0, got -1$"),
+        ((2, 1.5), torch.float32, TypeError, r"^shape\[1\] must be an int, got float$"),
+        (4, torch.float32, TypeError, "^shape must be a list or tuple"),
+        ((2, 3), torch.int32, TypeError, "^dtype must be float32, float16 or bfloat16"),
+    ],
+)
 def test_zeros_kv_storage_bad_input(shape, dtype, error, match):
     with pytest.raises(error, match=match):
         zeros_kv_storage(shape, dtype)
@@ -169,7 +190,10 @@ def test_fork_shares_blocks_and_copies_a_partial_last_block_on_write():
     write_random(cache, cache.extend(11), gen)  # 2 blocks, the last one partial
     prompt = row_contents(cache, 0).clone()
     assert cache.fork(0, 3) == [1, 2, 3]
-    assert cache.num_free_blocks == 18 and cache._ref[cache.block_table[0].numpy()].tolist() == [4, 4]
+    assert cache.num_free_blocks == 18 and cache._ref[cache.block_table[0].numpy()].tolist() == [
+        4,
+        4,
+    ]
     slots = cache.extend(2)
     # every row writes the shared partial block: row 0 keeps it, rows 1-3 copy it; nothing else
     assert cache.num_free_blocks == 15
@@ -179,7 +203,7 @@ def test_fork_shares_blocks_and_copies_a_partial_last_block_on_write():
         assert torch.equal(row_contents(cache, b)[:, :, :11], prompt)  # copies carry the prompt
     new = []
     for b in range(4):
-        write_random(cache, slots[b:b + 1], gen)
+        write_random(cache, slots[b : b + 1], gen)
         new.append(cache.storage[:, :, slots[b] // 8, slots[b] % 8].clone())
     for b in range(4):  # each row sees the prompt and only its own new tokens
         assert torch.equal(row_contents(cache, b), torch.cat([prompt, new[b]], dim=2))
@@ -248,27 +272,30 @@ def test_cache_full_raises_before_changing_anything():
     check_accounting(cache)
 
 
-@pytest.mark.parametrize("call, error", [
-    (lambda c: c.free([3]), ValueError),
-    (lambda c: c.free([0, 0]), ValueError),
-    (lambda c: c.free([-1]), ValueError),
-    (lambda c: c.free([0.5]), TypeError),
-    (lambda c: c.free(torch.tensor([0.0])), TypeError),
-    (lambda c: c.free(1), TypeError),
-    (lambda c: c.fork(3, 1), ValueError),
-    (lambda c: c.fork(0, -1), ValueError),
-    (lambda c: c.fork(True, 1), TypeError),
-    (lambda c: c.add(-1), ValueError),
-    (lambda c: c.add(1.0), TypeError),
-    (lambda c: c.extend(-1), ValueError),
-    (lambda c: c.extend([1, 2]), ValueError),
-    (lambda c: c.extend([1, -2, 0]), ValueError),
-    (lambda c: c.extend(1, rows=[0, 0]), ValueError),
-    (lambda c: c.extend(1, rows=[2, 3]), ValueError),
-    (lambda c: c.extend([1, 1], rows=[0]), ValueError),
-    (lambda c: c.k_cache(2), ValueError),
-    (lambda c: c.v_cache(-1), ValueError),
-])
+@pytest.mark.parametrize(
+    "call, error",
+    [
+        (lambda c: c.free([3]), ValueError),
+        (lambda c: c.free([0, 0]), ValueError),
+        (lambda c: c.free([-1]), ValueError),
+        (lambda c: c.free([0.5]), TypeError),
+        (lambda c: c.free(torch.tensor([0.0])), TypeError),
+        (lambda c: c.free(1), TypeError),
+        (lambda c: c.fork(3, 1), ValueError),
+        (lambda c: c.fork(0, -1), ValueError),
+        (lambda c: c.fork(True, 1), TypeError),
+        (lambda c: c.add(-1), ValueError),
+        (lambda c: c.add(1.0), TypeError),
+        (lambda c: c.extend(-1), ValueError),
+        (lambda c: c.extend([1, 2]), ValueError),
+        (lambda c: c.extend([1, -2, 0]), ValueError),
+        (lambda c: c.extend(1, rows=[0, 0]), ValueError),
+        (lambda c: c.extend(1, rows=[2, 3]), ValueError),
+        (lambda c: c.extend([1, 1], rows=[0]), ValueError),
+        (lambda c: c.k_cache(2), ValueError),
+        (lambda c: c.v_cache(-1), ValueError),
+    ],
+)
 def test_bad_arguments_raise_and_change_nothing(call, error):
     gen = torch.Generator().manual_seed(5)
     cache = PagedKVCache(2, 1, 16, num_blocks=8, block_size=8)
@@ -281,10 +308,15 @@ def test_bad_arguments_raise_and_change_nothing(call, error):
     assert_same(snapshot(cache), before)
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    (dict(num_blocks=0), ValueError), (dict(num_blocks=4, block_size=0), ValueError),
-    (dict(num_blocks=4, dtype=torch.int8), TypeError), (dict(num_blocks=4.0), TypeError),
-])
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(num_blocks=0), ValueError),
+        (dict(num_blocks=4, block_size=0), ValueError),
+        (dict(num_blocks=4, dtype=torch.int8), TypeError),
+        (dict(num_blocks=4.0), TypeError),
+    ],
+)
 def test_bad_construction(kwargs, error):
     with pytest.raises(error):
         PagedKVCache(1, 1, 16, **kwargs)
@@ -293,13 +325,20 @@ def test_bad_construction(kwargs, error):
 def test_for_model_reads_the_config():
     from transformers import LlamaConfig, LlavaConfig
 
-    config = LlamaConfig(num_hidden_layers=3, hidden_size=128, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, vocab_size=100)
+    config = LlamaConfig(
+        num_hidden_layers=3,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+    )
     cache = PagedKVCache.for_model(config, num_blocks=5, block_size=8)
     assert cache.storage.shape == (3, 2, 5, 8, 2, 32) and cache.dtype == torch.float32
     per_block = 3 * 2 * 16 * 2 * 32 * 2
-    cache = PagedKVCache.for_model(config, memory_bytes=7 * per_block + per_block // 2,
-                                   dtype=torch.bfloat16)
+    cache = PagedKVCache.for_model(
+        config, memory_bytes=7 * per_block + per_block // 2, dtype=torch.bfloat16
+    )
     assert cache.num_blocks == 7 and cache.memory_bytes == 7 * per_block
     config.head_dim, config.num_key_value_heads = 48, None
     config.dtype = torch.float16
@@ -326,15 +365,17 @@ RATIOS = [0.1, 0.2, 0.25, 0.3, 0.5, 0.7, 1.0]
 
 def oracle_kept(scores: list[float], keep, ratio, threshold, min_keep: int) -> list[int]:
     B = len(scores)
-    order = sorted(range(B), key=lambda i: (math.isnan(scores[i]),
-                                            0.0 if math.isnan(scores[i]) else -scores[i], i))
+    order = sorted(
+        range(B),
+        key=lambda i: (math.isnan(scores[i]), 0.0 if math.isnan(scores[i]) else -scores[i], i),
+    )
     if keep is not None:
         k = keep
     elif ratio is not None:
         k = math.ceil(Fraction(str(ratio)) * B)
     else:
         k = sum(1 for s in scores if s >= threshold)
-    return sorted(order[:min(B, max(k, min_keep))])
+    return sorted(order[: min(B, max(k, min_keep))])
 
 
 class CacheMachine(RuleBasedStateMachine):
@@ -346,7 +387,9 @@ class CacheMachine(RuleBasedStateMachine):
 
     def draw_rows(self, data) -> list[int]:
         B = len(self.rows)
-        return data.draw(st.lists(st.integers(0, B - 1), unique=True, max_size=B) if B else st.just([]))
+        return data.draw(
+            st.lists(st.integers(0, B - 1), unique=True, max_size=B) if B else st.just([])
+        )
 
     @initialize(lens=st.lists(st.integers(0, 9), min_size=1, max_size=3), n=st.integers(0, 3))
     def prompts(self, lens, n):  # a start that shares partially filled blocks
@@ -383,8 +426,11 @@ class CacheMachine(RuleBasedStateMachine):
 
     @staticmethod
     def draw_counts(data, R: int, per_row: bool) -> int | list[int]:
-        return (data.draw(st.lists(st.integers(0, 7), min_size=R, max_size=R)) if per_row
-                else data.draw(st.integers(0, 7)))
+        return (
+            data.draw(st.lists(st.integers(0, 7), min_size=R, max_size=R))
+            if per_row
+            else data.draw(st.integers(0, 7))
+        )
 
     def extend_and_write(self, counts: int | list[int], rows: list[int] | None):
         idx = range(len(self.rows)) if rows is None else rows
@@ -392,7 +438,10 @@ class CacheMachine(RuleBasedStateMachine):
         per_row = isinstance(counts, list)
         per = counts if per_row else [counts] * R
         lens = [len(self.rows[r]) for r in idx]
-        new_blocks = sum(-(-(n + c) // BLOCK_SIZE) - (-(-n // BLOCK_SIZE)) for n, c in zip(lens, per, strict=True))
+        new_blocks = sum(
+            -(-(n + c) // BLOCK_SIZE) - (-(-n // BLOCK_SIZE))
+            for n, c in zip(lens, per, strict=True)
+        )
         may_copy = sum(1 for n, c in zip(lens, per, strict=True) if c and n % BLOCK_SIZE)
         free = self.cache.num_free_blocks
         try:
@@ -413,19 +462,27 @@ class CacheMachine(RuleBasedStateMachine):
             self.marker += c
         for layer in range(LAYERS):
             k = (markers.reshape(-1) + layer / 4)[:, None, None].expand(-1, 1, 4).contiguous()
-            ops.write_kv(k, -k, self.cache.k_cache(layer), self.cache.v_cache(layer),
-                         slots.reshape(-1))
+            ops.write_kv(
+                k, -k, self.cache.k_cache(layer), self.cache.v_cache(layer), slots.reshape(-1)
+            )
 
-    @rule(data=st.data(), criterion=st.sampled_from(["keep", "ratio", "threshold"]),
-          min_keep=st.integers(0, 3))
+    @rule(
+        data=st.data(),
+        criterion=st.sampled_from(["keep", "ratio", "threshold"]),
+        min_keep=st.integers(0, 3),
+    )
     def prune(self, data, criterion, min_keep):
         B = len(self.rows)
         scores = data.draw(st.lists(SCORES, min_size=B, max_size=B))
-        value = {"keep": st.integers(1, 8), "ratio": st.sampled_from(RATIOS),
-                 "threshold": st.floats(-1, 1.5)}[criterion]
+        value = {
+            "keep": st.integers(1, 8),
+            "ratio": st.sampled_from(RATIOS),
+            "threshold": st.floats(-1, 1.5),
+        }[criterion]
         kwargs = {criterion: data.draw(value)}
-        kept = oracle_kept(scores, kwargs.get("keep"), kwargs.get("ratio"), kwargs.get("threshold"),
-                           min_keep)
+        kept = oracle_kept(
+            scores, kwargs.get("keep"), kwargs.get("ratio"), kwargs.get("threshold"), min_keep
+        )
         free = self.cache.num_free_blocks
         result = prune(self.cache, scores, min_keep=min_keep, **kwargs)
         assert result.kept.tolist() == kept
@@ -444,11 +501,19 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def bad_call(self, data):
         B = len(self.rows)
-        call = data.draw(st.sampled_from([
-            lambda: self.cache.free([B]), lambda: self.cache.free([0, 0]) if B else self.cache.free([0]),
-            lambda: self.cache.extend(-1), lambda: self.cache.extend([1] * (B + 1)),
-            lambda: self.cache.fork(B, 1), lambda: prune(self.cache, [0.0] * (B + 1), keep=1),
-            lambda: prune(self.cache, [0.0] * B, keep=1, ratio=0.5)]))
+        call = data.draw(
+            st.sampled_from(
+                [
+                    lambda: self.cache.free([B]),
+                    lambda: self.cache.free([0, 0]) if B else self.cache.free([0]),
+                    lambda: self.cache.extend(-1),
+                    lambda: self.cache.extend([1] * (B + 1)),
+                    lambda: self.cache.fork(B, 1),
+                    lambda: prune(self.cache, [0.0] * (B + 1), keep=1),
+                    lambda: prune(self.cache, [0.0] * B, keep=1, ratio=0.5),
+                ]
+            )
+        )
         with pytest.raises(ValueError):  # noqa: PT011 (one of several calls, each its own message)
             call()
 
@@ -465,6 +530,10 @@ class CacheMachine(RuleBasedStateMachine):
             assert torch.equal(row_contents(cache, b), expected)
 
 
-CacheMachine.TestCase.settings = settings(max_examples=examples(60), stateful_step_count=25,
-                                          deadline=None, suppress_health_check=[HealthCheck.too_slow])
+CacheMachine.TestCase.settings = settings(
+    max_examples=examples(60),
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 test_cache_machine = CacheMachine.TestCase

@@ -16,16 +16,26 @@ from stopkit.engine import Engine
 from stopkit.engine.compiled import CompiledDecode, decode_buckets
 
 VOCAB = 128
-COMMON = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=64, initializer_range=0.2,
-              bos_token_id=1, eos_token_id=3, pad_token_id=0)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    initializer_range=0.2,
+    bos_token_id=1,
+    eos_token_id=3,
+    pad_token_id=0,
+)
 FAMILIES = {
     "llama": (T.LlamaConfig, {}),
     "gpt_oss": (T.GptOssConfig, dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8)),
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_model(family: str) -> T.PreTrainedModel:
     config_cls, extra = FAMILIES[family]
     with torch.random.fork_rng():
@@ -55,7 +65,8 @@ def _compiled_engine(model, backend=None, **kw) -> Engine:
     engine = Engine(model, compile=True, **kw)
     if backend is not None:
         engine.runner.compiled_decode = CompiledDecode(
-            engine.runner, engine.cache, max_num_seqs=engine.max_num_seqs, backend=backend)
+            engine.runner, engine.cache, max_num_seqs=engine.max_num_seqs, backend=backend
+        )
     return engine
 
 
@@ -107,9 +118,12 @@ def test_one_compile_per_bucket_and_none_per_step():
     prompts = [torch.randint(4, VOCAB, (5,)).tolist() for _ in range(5)]
 
     def run(engine: Engine) -> list[list[int]]:
-        groups = [engine.add_request(p, engine.sampling_params(max_new_tokens=3 * (i + 1),
-                                                                eos_token_id=[]))
-                  for i, p in enumerate(prompts)]
+        groups = [
+            engine.add_request(
+                p, engine.sampling_params(max_new_tokens=3 * (i + 1), eos_token_id=[])
+            )
+            for i, p in enumerate(prompts)
+        ]
         while engine.has_unfinished():
             engine.step()
         return [g.rows[0].tokens for g in groups]
@@ -145,8 +159,11 @@ def test_stop_lifecycle_equals_eager():
 
     def solve(engine: Engine):
         sols = ParallelReasoner(model, tok, scorer, engine=engine).solve_batch(questions, **run)
-        return [[(p.tokens, p.pruned, p.finished_in_prefix) for p in s.paths] for s in sols], \
-            [[p.score or 0.0 for p in s.paths] for s in sols], [(s.answer, s.votes) for s in sols]
+        return (
+            [[(p.tokens, p.pruned, p.finished_in_prefix) for p in s.paths] for s in sols],
+            [[p.score or 0.0 for p in s.paths] for s in sols],
+            [(s.answer, s.votes) for s in sols],
+        )
 
     kw = dict(num_blocks=64, max_num_seqs=16)  # aot_eager copies the storage per write_kv
     want_paths, want_scores, want_votes = solve(Engine(model, **kw))
@@ -167,8 +184,9 @@ def test_engines_compile_apart():
     torch._dynamo.reset()
     for _ in range(3):
         engine = Engine(_cpu_model("llama"), num_blocks=16, max_num_seqs=1)
-        engine.runner.compiled_decode = CompiledDecode(engine.runner, engine.cache,
-                                                       max_num_seqs=1, backend=backend)
+        engine.runner.compiled_decode = CompiledDecode(
+            engine.runner, engine.cache, max_num_seqs=1, backend=backend
+        )
         engine.generate([[5, 6, 7]], max_new_tokens=4, eos_token_id=[])
     assert backend.graphs == 3
 

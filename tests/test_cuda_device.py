@@ -10,7 +10,9 @@ import torch
 
 from stopkit import ops, reference
 
-pytestmark = pytest.mark.skipif(not ops.cuda_available(), reason="needs stopkit's CUDA kernels and a GPU")
+pytestmark = pytest.mark.skipif(
+    not ops.cuda_available(), reason="needs stopkit's CUDA kernels and a GPU"
+)
 
 if ops.cuda_available():
     from stopkit import _C_cuda
@@ -20,8 +22,18 @@ CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 SMEM_99KB = 101_376
 
 
-def paged_inputs(device, *, dtype=torch.bfloat16, batch=3, q_len=1, heads=(8, 2), head_dim=128,
-                 block_size=16, lens=(300, 17, 1000), suffix=False) -> dict:
+def paged_inputs(
+    device,
+    *,
+    dtype=torch.bfloat16,
+    batch=3,
+    q_len=1,
+    heads=(8, 2),
+    head_dim=128,
+    block_size=16,
+    lens=(300, 17, 1000),
+    suffix=False,
+) -> dict:
     """Random inputs: rows of `lens` cached tokens on shuffled blocks (spare blocks filled too)."""
     H, Hkv = heads
     used = [-(-n // block_size) for n in lens]
@@ -30,23 +42,36 @@ def paged_inputs(device, *, dtype=torch.bfloat16, batch=3, q_len=1, heads=(8, 2)
     table = torch.full((batch, max(used) + 1), -1, dtype=torch.int32)
     at = 0
     for b, n in enumerate(used):
-        table[b, :n] = ids[at:at + n]
+        table[b, :n] = ids[at : at + n]
         at += n
-    kw = dict(q=torch.randn(batch, q_len, H, head_dim), k_cache=torch.randn(num_blocks, block_size, Hkv, head_dim),
-              v_cache=torch.randn(num_blocks, block_size, Hkv, head_dim), block_table=table,
-              seq_lens=torch.tensor(lens, dtype=torch.int32))
+    kw = dict(
+        q=torch.randn(batch, q_len, H, head_dim),
+        k_cache=torch.randn(num_blocks, block_size, Hkv, head_dim),
+        v_cache=torch.randn(num_blocks, block_size, Hkv, head_dim),
+        block_table=table,
+        seq_lens=torch.tensor(lens, dtype=torch.int32),
+    )
     if suffix:
-        kw.update(suffix_k=torch.randn(batch, q_len, Hkv, head_dim), suffix_v=torch.randn(batch, q_len, Hkv, head_dim))
+        kw.update(
+            suffix_k=torch.randn(batch, q_len, Hkv, head_dim),
+            suffix_v=torch.randn(batch, q_len, Hkv, head_dim),
+        )
     return {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in kw.items()}
 
 
 def assert_matches_reference(out, lse, kw, **options):
     exact, exact_lse = reference.paged_attention(
-        **{k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()}, **options, return_lse=True)
+        **{k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()},
+        **options,
+        return_lse=True,
+    )
     half = None if out.dtype == torch.float32 else reference.paged_attention(**kw, **options)
     err = (out.double() - exact).abs().max()
-    bound = (1e-5 * exact.abs().max().clamp_min(1.0) if out.dtype == torch.float32
-             else 2 * (half.double() - exact).abs().max() + 1e-6)
+    bound = (
+        1e-5 * exact.abs().max().clamp_min(1.0)
+        if out.dtype == torch.float32
+        else 2 * (half.double() - exact).abs().max() + 1e-6
+    )
     assert torch.isfinite(out).all() and err <= bound, f"error {err:.3g} > {bound:.3g}"
     finite = torch.isfinite(exact_lse)
     assert torch.equal(torch.isfinite(lse), finite)
@@ -77,9 +102,15 @@ def test_plan_is_what_the_runtime_fits(dtype, smem_limit):
         smem_limit(forced)
         for head_dim in (64, 96, 128, 256):
             for q_len, group in ((1, 1), (1, 8), (16, 4)):
-                plan = ops.cuda_launch_plan(dtype, head_dim, q_len, min(limit, forced or limit), group_size=group)
-                occupancy = _C_cuda.paged_attention_occupancy(dtype=CODES[dtype], head_dim=head_dim,
-                                                               rows=q_len * group, device=torch.cuda.current_device())
+                plan = ops.cuda_launch_plan(
+                    dtype, head_dim, q_len, min(limit, forced or limit), group_size=group
+                )
+                occupancy = _C_cuda.paged_attention_occupancy(
+                    dtype=CODES[dtype],
+                    head_dim=head_dim,
+                    rows=q_len * group,
+                    device=torch.cuda.current_device(),
+                )
                 assert occupancy >= plan["blocks_per_sm"], (head_dim, q_len, group, plan, occupancy)
 
 
@@ -91,7 +122,9 @@ def test_at_the_99kb_limit(dtype, head_dim, smem_limit, forced_splits):
     smem_limit(SMEM_99KB)
     for splits in (0, 3):
         forced_splits(splits)
-        kw = paged_inputs("cuda", dtype=dtype, q_len=16, heads=(8, 2), head_dim=head_dim, suffix=True)
+        kw = paged_inputs(
+            "cuda", dtype=dtype, q_len=16, heads=(8, 2), head_dim=head_dim, suffix=True
+        )
         out, lse = ops.paged_attention(**kw, return_lse=True)
         assert_matches_reference(out, lse, kw)
 
@@ -102,9 +135,18 @@ def test_split_workspace_comes_from_torch(forced_splits):
     forced_splits(8)
     B, S, H, D = kw["q"].shape
     need = _C_cuda.paged_attention_workspace_bytes(
-        batch=B, q_len=S, num_heads=H, num_kv_heads=2, head_dim=D, block_size=16,
-        max_blocks_per_row=kw["block_table"].shape[1], window=0, dtype=CODES[torch.bfloat16], max_seq_len=3000,
-        device=torch.cuda.current_device())
+        batch=B,
+        q_len=S,
+        num_heads=H,
+        num_kv_heads=2,
+        head_dim=D,
+        block_size=16,
+        max_blocks_per_row=kw["block_table"].shape[1],
+        window=0,
+        dtype=CODES[torch.bfloat16],
+        max_seq_len=3000,
+        device=torch.cuda.current_device(),
+    )
     assert need == 8 * B * S * H * (D + 1) * 4
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -117,10 +159,22 @@ def test_split_workspace_comes_from_torch(forced_splits):
 
 def test_max_seq_len_sizes_the_split():
     """Short real rows in a wide block table: the hint (or the checked lengths) plans from them."""
-    args = dict(batch=1, q_len=1, num_heads=8, num_kv_heads=1, head_dim=128, block_size=16,
-                max_blocks_per_row=4096, window=0, dtype=CODES[torch.bfloat16], device=torch.cuda.current_device())
+    args = dict(
+        batch=1,
+        q_len=1,
+        num_heads=8,
+        num_kv_heads=1,
+        head_dim=128,
+        block_size=16,
+        max_blocks_per_row=4096,
+        window=0,
+        dtype=CODES[torch.bfloat16],
+        device=torch.cuda.current_device(),
+    )
     assert _C_cuda.paged_attention_workspace_bytes(**args, max_seq_len=100) == 0
-    assert _C_cuda.paged_attention_workspace_bytes(**args, max_seq_len=-1) > 0  # the table's 65536 keys
+    assert (
+        _C_cuda.paged_attention_workspace_bytes(**args, max_seq_len=-1) > 0
+    )  # the table's 65536 keys
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
@@ -150,9 +204,12 @@ def test_tensors_on_another_device():
 
         x, w = torch.randn(20, 64, device=dev), torch.randn(2, 48, device=dev)
         hw = torch.randn(48, 64, device=dev) / 8
-        torch.testing.assert_close(ops.stop_score(x, w, hidden_weight=hw).double(),
-                                   reference.stop_score(x.double(), w.double(), hidden_weight=hw.double()),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            ops.stop_score(x, w, hidden_weight=hw).double(),
+            reference.stop_score(x.double(), w.double(), hidden_weight=hw.double()),
+            rtol=1e-5,
+            atol=1e-6,
+        )
         torch.cuda.synchronize(dev)
         assert torch.cuda.current_device() == 0
 
@@ -164,7 +221,9 @@ def test_decode_step_in_a_cuda_graph(splits, forced_splits):
     forced_splits(splits)
     B, H, Hkv, D, bs = 4, 8, 2, 128, 16
     lens = [33, 200, 7, 64]
-    static = paged_inputs("cuda", batch=B, heads=(H, Hkv), head_dim=D, block_size=bs, lens=[n + 1 for n in lens])
+    static = paged_inputs(
+        "cuda", batch=B, heads=(H, Hkv), head_dim=D, block_size=bs, lens=[n + 1 for n in lens]
+    )
     new_k, new_v = torch.randn(2, B, Hkv, D, device="cuda").bfloat16().unbind(0)
     table = static["block_table"]
     slots = torch.stack([table[b, n // bs].long() * bs + n % bs for b, n in enumerate(lens)])
@@ -172,7 +231,9 @@ def test_decode_step_in_a_cuda_graph(splits, forced_splits):
 
     def step():
         ops.write_kv(new_k, new_v, static["k_cache"], static["v_cache"], slots, check_indices=False)
-        return ops.paged_attention(**static, check_indices=False, max_seq_len=max_seq_len, return_lse=True)
+        return ops.paged_attention(
+            **static, check_indices=False, max_seq_len=max_seq_len, return_lse=True
+        )
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -199,8 +260,11 @@ def test_decode_step_in_a_cuda_graph(splits, forced_splits):
 def test_stop_score_in_a_cuda_graph():
     """The hidden-layer head (its tickets reset by a memset node) replays in a graph."""
     x = torch.randn(24, 256, device="cuda")
-    kw = dict(norm_weight=torch.randn(256, device="cuda"), hidden_weight=torch.randn(96, 256, device="cuda") / 16,
-              hidden_bias=torch.randn(96, device="cuda"))
+    kw = dict(
+        norm_weight=torch.randn(256, device="cuda"),
+        hidden_weight=torch.randn(96, 256, device="cuda") / 16,
+        hidden_bias=torch.randn(96, device="cuda"),
+    )
     w = torch.randn(2, 96, device="cuda") / 8
     ops.stop_score(x, w, **kw)
     graph = torch.cuda.CUDAGraph()
@@ -210,5 +274,9 @@ def test_stop_score_in_a_cuda_graph():
         x.copy_(3 * torch.randn_like(x))
         graph.replay()
         torch.cuda.synchronize()
-        torch.testing.assert_close(out.double(), reference.stop_score(x.double(), w.double(), **{
-            k: v.double() for k, v in kw.items()}), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            out.double(),
+            reference.stop_score(x.double(), w.double(), **{k: v.double() for k, v in kw.items()}),
+            rtol=1e-5,
+            atol=1e-6,
+        )

@@ -43,8 +43,9 @@ def test_every_configuration_fits(limit):
                     where = f"{dtype} head_dim={head_dim} q_len={q_len} group={group}: {plan}"
                     assert 2 <= plan["stages"] <= 4, where
                     assert plan["smem_bytes"] <= limit, where
-                    assert plan["smem_bytes"] == layout_bytes(dtype, head_dim, plan["stages"],
-                                                              plan["query_rows"]), where
+                    assert plan["smem_bytes"] == layout_bytes(
+                        dtype, head_dim, plan["stages"], plan["query_rows"]
+                    ), where
                     by_smem = (limit + RESERVED) // (plan["smem_bytes"] + RESERVED)
                     assert plan["blocks_per_sm"] == min(2, by_smem) >= 1, where
                     assert plan["query_rows"] in (16, 32, 64), where
@@ -75,8 +76,10 @@ def test_99kb_parts_run_two_stages():
 
 def test_plans_prefer_two_blocks_then_depth():
     """Two blocks per SM wherever two fit, then the deepest pipeline that keeps that many."""
+
     def fits(blocks: int, smem: int, limit: int) -> bool:
         return smem <= limit and blocks * (smem + RESERVED) <= limit + RESERVED
+
     for limit in LIMITS.values():
         for dtype in DTYPES:
             for head_dim in (64, 96, 128, 256):
@@ -84,8 +87,17 @@ def test_plans_prefer_two_blocks_then_depth():
                     plan = ops.cuda_launch_plan(dtype, head_dim, q_len, limit, group_size=group)
                     rows = plan["query_rows"]
                     blocks = 2 if fits(2, layout_bytes(dtype, head_dim, 2, rows), limit) else 1
-                    stages = max(s for s in (2, 3, 4) if fits(blocks, layout_bytes(dtype, head_dim, s, rows), limit))
-                    assert (plan["blocks_per_sm"], plan["stages"]) == (blocks, stages), (limit, dtype, head_dim, plan)
+                    stages = max(
+                        s
+                        for s in (2, 3, 4)
+                        if fits(blocks, layout_bytes(dtype, head_dim, s, rows), limit)
+                    )
+                    assert (plan["blocks_per_sm"], plan["stages"]) == (blocks, stages), (
+                        limit,
+                        dtype,
+                        head_dim,
+                        plan,
+                    )
 
 
 def test_decode_keeps_two_blocks_per_sm_on_h100():
@@ -97,26 +109,34 @@ def test_decode_keeps_two_blocks_per_sm_on_h100():
                 assert plan["blocks_per_sm"] == 2, (dtype, head_dim, group, plan)
 
 
-@pytest.mark.parametrize("kwargs,exc,pattern", [
-    (dict(dtype=torch.float64), TypeError, "^dtype must be"),
-    (dict(head_dim=40), ValueError, "^head_dim must be a multiple of 16"),
-    (dict(head_dim=272), ValueError, "^head_dim must be an int in 32..256"),
-    (dict(q_len=0), ValueError, "^q_len must be an int in 1..16"),
-    (dict(q_len=17), ValueError, "^q_len must be an int in 1..16"),
-    (dict(group_size=0), ValueError, "^group_size must be"),
-    (dict(max_shared_memory=True), ValueError, "^max_shared_memory must be an int"),
-    (dict(max_shared_memory=48 * 1024), ValueError, "^no launch plan .* fits 49152 bytes"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,pattern",
+    [
+        (dict(dtype=torch.float64), TypeError, "^dtype must be"),
+        (dict(head_dim=40), ValueError, "^head_dim must be a multiple of 16"),
+        (dict(head_dim=272), ValueError, "^head_dim must be an int in 32..256"),
+        (dict(q_len=0), ValueError, "^q_len must be an int in 1..16"),
+        (dict(q_len=17), ValueError, "^q_len must be an int in 1..16"),
+        (dict(group_size=0), ValueError, "^group_size must be"),
+        (dict(max_shared_memory=True), ValueError, "^max_shared_memory must be an int"),
+        (dict(max_shared_memory=48 * 1024), ValueError, "^no launch plan .* fits 49152 bytes"),
+    ],
+)
 def test_launch_plan_bad_input(kwargs, exc, pattern):
-    args = dict(dtype=torch.bfloat16, head_dim=128, q_len=1, max_shared_memory=LIMITS["99KB"]) | kwargs
+    args = (
+        dict(dtype=torch.bfloat16, head_dim=128, q_len=1, max_shared_memory=LIMITS["99KB"]) | kwargs
+    )
     with pytest.raises(exc, match=pattern):
         ops.cuda_launch_plan(**args)
 
 
 # ---- the split heuristic: splits of the context from waves and the longest row ----
 
+
 def splits(blocks: int, max_keys: int, num_sms: int = 132, blocks_per_sm: int = 2) -> int:
-    return _C.cuda_num_splits(blocks=blocks, max_keys=max_keys, num_sms=num_sms, blocks_per_sm=blocks_per_sm)
+    return _C.cuda_num_splits(
+        blocks=blocks, max_keys=max_keys, num_sms=num_sms, blocks_per_sm=blocks_per_sm
+    )
 
 
 def waves_time(blocks: int, n: int, max_keys: int, slots: int) -> float:
@@ -173,15 +193,23 @@ def test_split_bounds_over_many_shapes():
                     assert n == 1 or max_keys // n >= 128, (num_sms, per_sm, blocks, max_keys, n)
                     # never slower than not splitting, by the waves-x-keys measure plus the merge
                     slots = num_sms * per_sm
-                    assert waves_time(blocks, n, max_keys, slots) <= waves_time(blocks, 1, max_keys, slots)
+                    assert waves_time(blocks, n, max_keys, slots) <= waves_time(
+                        blocks, 1, max_keys, slots
+                    )
 
 
 # ---- the max_seq_len hint of paged_attention ----
 
+
 def _attention_inputs() -> dict:
     table = torch.tensor([[3, 0, 1], [2, 4, -1]], dtype=torch.int32)
-    return dict(q=torch.randn(2, 1, 4, 32), k_cache=torch.randn(5, 8, 2, 32), v_cache=torch.randn(5, 8, 2, 32),
-                block_table=table, seq_lens=torch.tensor([20, 11], dtype=torch.int32))
+    return dict(
+        q=torch.randn(2, 1, 4, 32),
+        k_cache=torch.randn(5, 8, 2, 32),
+        v_cache=torch.randn(5, 8, 2, 32),
+        block_table=table,
+        seq_lens=torch.tensor([20, 11], dtype=torch.int32),
+    )
 
 
 @pytest.mark.parametrize("value", [-1, 2.0, True, "20"])
@@ -192,7 +220,9 @@ def test_max_seq_len_must_be_a_count(value):
 
 def test_max_seq_len_below_a_row_is_rejected_when_checked():
     kw = _attention_inputs()
-    with pytest.raises(ValueError, match=r"^max_seq_len must be >= every seq_lens entry, got 19 below 20"):
+    with pytest.raises(
+        ValueError, match=r"^max_seq_len must be >= every seq_lens entry, got 19 below 20"
+    ):
         ops.paged_attention(**kw, max_seq_len=19)
     ops.paged_attention(**kw, max_seq_len=19, check_indices=False)  # a hint only: not checked
 

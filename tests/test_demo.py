@@ -46,9 +46,27 @@ def test_demo_is_pinned():
     not)."""
     config = demo.DemoConfig(problems=32, n=8, keep=2, methods=("stop", "random"))
     here = demo.run_demo(config, progress=False)
-    out = subprocess.run([sys.executable, "-m", "stopkit", "demo", "--json", "--problems", "32",
-                          "--n", "8", "--keep", "2", "--methods", "stop,random"],
-                         capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stopkit",
+            "demo",
+            "--json",
+            "--problems",
+            "32",
+            "--n",
+            "8",
+            "--keep",
+            "2",
+            "--methods",
+            "stop,random",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     there = json.loads(out.stdout)
     assert json.dumps(_without_wall_clock(there)) == json.dumps(_without_wall_clock(here))
     stop, rand = here["methods"]["stop"], here["methods"]["random"]
@@ -57,9 +75,27 @@ def test_demo_is_pinned():
 
 
 def test_demo_cli_json():
-    out = subprocess.run([sys.executable, "-m", "stopkit", "demo", "--json", "--problems", "1", "--n",
-                          "4", "--keep", "2", "--methods", "full,stop"],
-                         capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stopkit",
+            "demo",
+            "--json",
+            "--problems",
+            "1",
+            "--n",
+            "4",
+            "--keep",
+            "2",
+            "--methods",
+            "full,stop",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     results = json.loads(out.stdout)
     assert set(results["methods"]) == {"full", "stop"}
     assert set(results["methods"]["stop"]) >= KEYS
@@ -75,8 +111,18 @@ def test_build_adapter_stage_runs_the_label_and_train_pipeline(tmp_path):
     from stopkit.toy import MODEL_DIR, load_model
     from stopkit.toy.build import build_adapter
 
-    kw = dict(label_seeds=[5, 6], problems=3, prefix_tokens=8, rollouts=2, traces=2, epochs=1,
-              lr=1e-3, lora_rank=4, batch_size=4, seed=0)
+    kw = dict(
+        label_seeds=[5, 6],
+        problems=3,
+        prefix_tokens=8,
+        rollouts=2,
+        traces=2,
+        epochs=1,
+        lr=1e-3,
+        lora_rank=4,
+        batch_size=4,
+        seed=0,
+    )
     report = build_adapter(MODEL_DIR, tmp_path / "adapter", work_dir=tmp_path / "work", **kw)
     assert report["records"] == 12
     # labelled by 2 Ray workers (a local Ray instance, started and stopped): the same records

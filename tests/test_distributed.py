@@ -39,13 +39,32 @@ from stopkit.toy import (
 from stopkit.toy.task import check, generate
 
 # as `stopkit label` reads them (answers as str); check(text, answer) compares with int(answer)
-PROBLEMS = [{"id": f"q{i}", "question": p.question, "answer": str(p.answer)}
-            for i, p in enumerate(generate(16, seed=7, split="train"))]
-TASK = dict(prefix_tokens=PREFIX_TOKENS, rollouts=4, traces=2, max_new_tokens=MAX_NEW_TOKENS,
-            temperature=TEMPERATURE, top_p=1.0, seed=3, checker=check)
+PROBLEMS = [
+    {"id": f"q{i}", "question": p.question, "answer": str(p.answer)}
+    for i, p in enumerate(generate(16, seed=7, split="train"))
+]
+TASK = dict(
+    prefix_tokens=PREFIX_TOKENS,
+    rollouts=4,
+    traces=2,
+    max_new_tokens=MAX_NEW_TOKENS,
+    temperature=TEMPERATURE,
+    top_p=1.0,
+    seed=3,
+    checker=check,
+)
 METHODS = "full,stop,random"
-SOLVE = dict(n=6, keep=2, prefix_tokens=PREFIX_TOKENS, max_new_tokens=MAX_NEW_TOKENS, seeds=[0, 1],
-             temperature=TEMPERATURE, top_p=1.0, checker=check, progress=False)
+SOLVE = dict(
+    n=6,
+    keep=2,
+    prefix_tokens=PREFIX_TOKENS,
+    max_new_tokens=MAX_NEW_TOKENS,
+    seeds=[0, 1],
+    temperature=TEMPERATURE,
+    top_p=1.0,
+    checker=check,
+    progress=False,
+)
 SWEEP = {k: v for k, v in SOLVE.items() if k not in ("keep", "prefix_tokens")}
 SPEC = ModelSpec(str(MODEL_DIR), adapter=str(ADAPTER_DIR))
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,11 +72,35 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def label_argv(problems, out, *ray) -> list[str]:
     """``stopkit label`` of TASK on the problems file ``problems``, with ``--ray *ray``."""
-    return ["label", "--ray", *ray, "--workers", "2", "--model", str(MODEL_DIR),
-            "--problems", str(problems), "--out", str(out), "--prefix-tokens", str(PREFIX_TOKENS),
-            "--rollouts", "4", "--traces", "2", "--max-new-tokens", str(MAX_NEW_TOKENS),
-            "--temperature", str(TEMPERATURE), "--top-p", "1.0", "--seed", "3",
-            "--checker", "stopkit.toy.task:check"]
+    return [
+        "label",
+        "--ray",
+        *ray,
+        "--workers",
+        "2",
+        "--model",
+        str(MODEL_DIR),
+        "--problems",
+        str(problems),
+        "--out",
+        str(out),
+        "--prefix-tokens",
+        str(PREFIX_TOKENS),
+        "--rollouts",
+        "4",
+        "--traces",
+        "2",
+        "--max-new-tokens",
+        str(MAX_NEW_TOKENS),
+        "--temperature",
+        str(TEMPERATURE),
+        "--top-p",
+        "1.0",
+        "--seed",
+        "3",
+        "--checker",
+        "stopkit.toy.task:check",
+    ]
 
 
 def write_problems(path, problems) -> Path:
@@ -68,8 +111,13 @@ def write_problems(path, problems) -> Path:
 @pytest.fixture(scope="module")
 def cluster():
     # 4 logical CPUs on however many cores: the shared pool and the CLI's, of 2 workers each, fit
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level=logging.ERROR, log_to_driver=False)
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 
@@ -88,10 +136,20 @@ def one_process(tmp_path_factory):
     label_problems(model, tokenizer, PROBLEMS, root / "labels.jsonl", progress=False, **TASK)
     reasoner = ParallelReasoner(model, tokenizer, scorer=StopScorer.load(ADAPTER_DIR, model))
     ev.evaluate(reasoner, PROBLEMS[:6], METHODS, out=root / "eval", **SOLVE)
-    ev.sweep(reasoner, PROBLEMS[:6], "stop", keeps=[1, 2], prefixes=[6, PREFIX_TOKENS],
-             out=root / "sweep", **SWEEP)
-    return {"labels": lines(root / "labels.jsonl"), "eval": records(root / "eval"),
-            "sweep": records(root / "sweep")}
+    ev.sweep(
+        reasoner,
+        PROBLEMS[:6],
+        "stop",
+        keeps=[1, 2],
+        prefixes=[6, PREFIX_TOKENS],
+        out=root / "sweep",
+        **SWEEP,
+    )
+    return {
+        "labels": lines(root / "labels.jsonl"),
+        "eval": records(root / "eval"),
+        "sweep": records(root / "sweep"),
+    }
 
 
 def lines(path) -> list[str]:
@@ -132,8 +190,15 @@ def test_label_eval_and_sweep_over_ray_equal_one_process(pool, one_process, tmp_
     result = ev.evaluate(pool, PROBLEMS[:6], METHODS, out=tmp_path / "eval", **SOLVE)
     assert records(tmp_path / "eval") == one_process["eval"]
     assert result["methods"]["stop"]["runs"] == 12
-    ev.sweep(pool, PROBLEMS[:6], "stop", keeps=[1, 2], prefixes=[6, PREFIX_TOKENS],
-             out=tmp_path / "sweep", **SWEEP)
+    ev.sweep(
+        pool,
+        PROBLEMS[:6],
+        "stop",
+        keeps=[1, 2],
+        prefixes=[6, PREFIX_TOKENS],
+        out=tmp_path / "sweep",
+        **SWEEP,
+    )
     assert records(tmp_path / "sweep") == one_process["sweep"]
 
 
@@ -141,8 +206,13 @@ def test_an_interrupted_label_run_resumes_through_the_cli(pool, one_process, tmp
     out = tmp_path / "labels.jsonl"
     items = check_problems(PROBLEMS, None)
     with pytest.raises(KeyboardInterrupt):
-        write_labels(out, items, lambda todo: interrupt_after(
-            5, pool.label_stream(todo, LabelTask(**TASK), progress=False)))
+        write_labels(
+            out,
+            items,
+            lambda todo: interrupt_after(
+                5, pool.label_stream(todo, LabelTask(**TASK), progress=False)
+            ),
+        )
     assert len(lines(out)) == 5 * 2  # each problem's records were written as it arrived
     assert main(label_argv(write_problems(tmp_path / "problems.jsonl", PROBLEMS), out)) == 0
     stats = json.loads(capsys.readouterr().out.splitlines()[-1])
@@ -161,11 +231,15 @@ def test_a_killed_driver_loses_nothing_written(pool, one_process, tmp_path):
     free = ray.cluster_resources()["CPU"] - len(pool.actors)
     wait_for_free_cpus(free)  # those of the last test's workers come back
     problems, out = PROBLEMS[:6], tmp_path / "labels.jsonl"
-    argv = label_argv(write_problems(tmp_path / "problems.jsonl", problems), out,
-                      ray.get_runtime_context().gcs_address)
+    argv = label_argv(
+        write_problems(tmp_path / "problems.jsonl", problems),
+        out,
+        ray.get_runtime_context().gcs_address,
+    )
     with (tmp_path / "driver.log").open("w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "stopkit", *argv], cwd=ROOT,
-                                  stdout=log, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "stopkit", *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             deadline = time.monotonic() + 300
             while not (out.is_file() and out.stat().st_size) and driver.poll() is None:
@@ -185,8 +259,9 @@ def test_a_killed_driver_loses_nothing_written(pool, one_process, tmp_path):
 
 
 def test_the_prompt_options_reach_the_workers(cluster):
-    args = build_parser().parse_args(label_argv("p.jsonl", "l.jsonl") +
-                                     ["--prompt-template", "mod {question}"])
+    args = build_parser().parse_args(
+        label_argv("p.jsonl", "l.jsonl") + ["--prompt-template", "mod {question}"]
+    )
     spec = ModelSpec.from_args(args)
     prompt = PromptFormat(template="mod {question}")
     assert RayPool(spec).prompt == prompt  # what eval writes in its config
@@ -195,29 +270,62 @@ def test_the_prompt_options_reach_the_workers(cluster):
     assert worker.reasoner.prompt == prompt  # what eval's workers solve with
     got = worker.label(1, check_problems(PROBLEMS[:2], None), LabelTask(**TASK))
     model, tokenizer = load_model()
-    want = label_stream(Engine(model), tokenizer, check_problems(PROBLEMS[:2], tokenizer, prompt),
-                        LabelTask(**TASK), progress=False)
+    want = label_stream(
+        Engine(model),
+        tokenizer,
+        check_problems(PROBLEMS[:2], tokenizer, prompt),
+        LabelTask(**TASK),
+        progress=False,
+    )
     assert sorted(got) == sorted(want)
     mod = tokenizer.convert_tokens_to_ids("mod")
     assert all(r["prefix_token_ids"][1] == mod for _, recs, _ in got for r in recs)
 
 
-def test_an_interrupted_eval_resumes_through_the_cli(pool, one_process, tmp_path, monkeypatch,
-                                                     capsys):
+def test_an_interrupted_eval_resumes_through_the_cli(
+    pool, one_process, tmp_path, monkeypatch, capsys
+):
     folder = tmp_path / "eval"
     solve_records = pool.solve_records
-    monkeypatch.setattr(pool, "solve_records",
-                        lambda *a, **kw: interrupt_after(4, solve_records(*a, **kw)))
+    monkeypatch.setattr(
+        pool, "solve_records", lambda *a, **kw: interrupt_after(4, solve_records(*a, **kw))
+    )
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(pool, PROBLEMS[:6], METHODS, out=folder, **SOLVE)
     assert len((folder / ev.RECORDS).read_text().splitlines()) == 4
     (tmp_path / "problems.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS[:6]))
-    argv = ["eval", "--ray", "--workers", "2", "--model", str(MODEL_DIR), "--adapter",
-            str(ADAPTER_DIR), "--data", str(tmp_path / "problems.jsonl"), "--methods", METHODS,
-            "--n", "6", "--keep", "2", "--prefix-tokens", str(PREFIX_TOKENS),
-            "--max-new-tokens", str(MAX_NEW_TOKENS), "--seeds", "0,1",
-            "--temperature", str(TEMPERATURE), "--top-p", "1.0",
-            "--checker", "stopkit.toy.task:check", "--out", str(folder)]
+    argv = [
+        "eval",
+        "--ray",
+        "--workers",
+        "2",
+        "--model",
+        str(MODEL_DIR),
+        "--adapter",
+        str(ADAPTER_DIR),
+        "--data",
+        str(tmp_path / "problems.jsonl"),
+        "--methods",
+        METHODS,
+        "--n",
+        "6",
+        "--keep",
+        "2",
+        "--prefix-tokens",
+        str(PREFIX_TOKENS),
+        "--max-new-tokens",
+        str(MAX_NEW_TOKENS),
+        "--seeds",
+        "0,1",
+        "--temperature",
+        str(TEMPERATURE),
+        "--top-p",
+        "1.0",
+        "--checker",
+        "stopkit.toy.task:check",
+        "--out",
+        str(folder),
+    ]
     assert main(argv) == 0
     assert "stop" in capsys.readouterr().out
     assert records(folder) == one_process["eval"]
@@ -232,8 +340,9 @@ def test_a_killed_worker_hands_its_problems_to_the_other(pool, one_process, monk
     victim, results = None, []
     try:
         with caplog.at_level(logging.WARNING, logger="stopkit.distributed"):
-            for result in pool.label_stream(check_problems(PROBLEMS, None), LabelTask(**TASK),
-                                            progress=False):
+            for result in pool.label_stream(
+                check_problems(PROBLEMS, None), LabelTask(**TASK), progress=False
+            ):
                 results.append(result)
                 if victim is None:
                     victim = pool.actors[0]
@@ -263,7 +372,8 @@ def test_a_worker_runs_its_chunks_on_one_engine_and_drops_them_on_abort(cluster,
         got = [r for c in chunks for _, recs, _ in c.result() for r in recs]
         first4 = {p["id"] for p in PROBLEMS[:4]}
         assert sorted(map(json.dumps, got)) == [
-            line for line in one_process["labels"] if json.loads(line)["id"] in first4]
+            line for line in one_process["labels"] if json.loads(line)["id"] in first4
+        ]
         dropped = threads.submit(worker.label, 2, items, task)
         while not engine.scheduler.has_work():  # the chunk is on the engine (for seconds)
             time.sleep(0.001)
@@ -276,14 +386,51 @@ def test_a_worker_runs_its_chunks_on_one_engine_and_drops_them_on_abort(cluster,
 def test_cli_without_ray_says_how_to_install_it(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     (tmp_path / "p.jsonl").write_text(json.dumps(PROBLEMS[0]) + "\n")
-    assert main(["label", "--ray", "--model", str(MODEL_DIR), "--problems",
-                 str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "l.jsonl"),
-                 "--prefix-tokens", "4"]) == 2
+    assert (
+        main(
+            [
+                "label",
+                "--ray",
+                "--model",
+                str(MODEL_DIR),
+                "--problems",
+                str(tmp_path / "p.jsonl"),
+                "--out",
+                str(tmp_path / "l.jsonl"),
+                "--prefix-tokens",
+                "4",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err == 'stopkit label: Ray is not installed: pip install "stopkit[ray]"\n'
-    assert main(["eval", "--workers", "2", "--model", str(MODEL_DIR), "--data",
-                 str(tmp_path / "p.jsonl"), "--methods", "full", "--n", "2", "--keep", "1",
-                 "--prefix-tokens", "4", "--max-new-tokens", "8", "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--workers",
+                "2",
+                "--model",
+                str(MODEL_DIR),
+                "--data",
+                str(tmp_path / "p.jsonl"),
+                "--methods",
+                "full",
+                "--n",
+                "2",
+                "--keep",
+                "1",
+                "--prefix-tokens",
+                "4",
+                "--max-new-tokens",
+                "8",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err == "stopkit eval: --workers needs --ray\n"
 
 

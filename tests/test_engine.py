@@ -23,19 +23,42 @@ from stopkit.cache import CacheFullError
 from stopkit.engine import SUPPORTED_MODEL_TYPES, Engine
 
 VOCAB, EOS = 128, 3
-COMMON = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=64, initializer_range=0.2,
-              bos_token_id=1, eos_token_id=EOS, pad_token_id=0)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    initializer_range=0.2,
+    bos_token_id=1,
+    eos_token_id=EOS,
+    pad_token_id=0,
+)
 # small sliding windows so that prompts + decode run past them
 FAMILIES = {
     "llama": (T.LlamaConfig, {}),
     "mistral": (T.MistralConfig, dict(sliding_window=8)),
-    "mixtral": (T.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "mixtral": (
+        T.MixtralConfig,
+        dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    ),
     "qwen2": (T.Qwen2Config, dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
     "qwen3": (T.Qwen3Config, {}),
-    "qwen3_moe": (T.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)),
-    "granite": (T.GraniteConfig, dict(attention_multiplier=0.05, embedding_multiplier=2.0,
-                                      residual_multiplier=0.5, logits_scaling=2.0)),
+    "qwen3_moe": (
+        T.Qwen3MoeConfig,
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64),
+    ),
+    "granite": (
+        T.GraniteConfig,
+        dict(
+            attention_multiplier=0.05,
+            embedding_multiplier=2.0,
+            residual_multiplier=0.5,
+            logits_scaling=2.0,
+        ),
+    ),
     "olmo2": (T.Olmo2Config, {}),
     "phi3": (T.Phi3Config, {}),
     "gpt_oss": (T.GptOssConfig, dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8)),
@@ -61,9 +84,10 @@ def _prompts(*lengths: int) -> list[list[int]]:
 
 def _hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     ids = torch.tensor([prompt], device=model.device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                         max_new_tokens=max_new_tokens)[0, len(prompt):].tolist()
-    return out[:out.index(EOS) + 1] if EOS in out else out
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens
+    )[0, len(prompt) :].tolist()
+    return out[: out.index(EOS) + 1] if EOS in out else out
 
 
 def test_supported_families_are_the_tested_ones():
@@ -88,8 +112,10 @@ def test_greedy_on_device_and_in_prefill_chunks(device):
     expected = [[_hf_greedy(model, p, 10)] for p in prompts]
     assert Engine(model).generate(prompts, max_new_tokens=10) == expected
     # prompts in chunks of at most 16 tokens, beside other rows' decode tokens
-    assert Engine(model, block_size=8, max_batch_tokens=16).generate(
-        prompts, max_new_tokens=10) == expected
+    assert (
+        Engine(model, block_size=8, max_batch_tokens=16).generate(prompts, max_new_tokens=10)
+        == expected
+    )
 
 
 # ---- sampling ------------------------------------------------------------------------------------
@@ -132,26 +158,36 @@ def test_pruning_other_rows_does_not_change_a_sample():
         for r in s.all_rows:
             got = full[(r.prompt_index, r.sample_index)]
             if r.finish_reason == "pruned":
-                assert r.tokens == got[:len(r.tokens)] and len(r.tokens) in (5, 8)
+                assert r.tokens == got[: len(r.tokens)] and len(r.tokens) in (5, 8)
             else:
                 assert r.finish_reason == "length" and r.tokens == got
 
 
 def test_filters_match_transformers_warpers():
     logits = torch.randn(6, 300) * 3
-    for t, k, p, m in [(0.7, 0, 1.0, 0.0), (1.3, 20, 1.0, 0.0), (1.0, 0, 0.8, 0.0),
-                       (1.0, 0, 1.0, 0.1), (0.9, 50, 0.9, 0.05)]:
+    for t, k, p, m in [
+        (0.7, 0, 1.0, 0.0),
+        (1.3, 20, 1.0, 0.0),
+        (1.0, 0, 0.8, 0.0),
+        (1.0, 0, 1.0, 0.1),
+        (0.9, 50, 0.9, 0.05),
+    ]:
         ref = TemperatureLogitsWarper(t)(None, logits.clone())
-        for warper in ([TopKLogitsWarper(k)] if k else []) + ([TopPLogitsWarper(p)] if p < 1 else []) \
-                + ([MinPLogitsWarper(m)] if m else []):
+        for warper in (
+            ([TopKLogitsWarper(k)] if k else [])
+            + ([TopPLogitsWarper(p)] if p < 1 else [])
+            + ([MinPLogitsWarper(m)] if m else [])
+        ):
             ref = warper(None, ref)
         got = sampling.filter_logits(logits, temperature=t, top_k=k, top_p=p, min_p=m)
         assert torch.equal(got.isinf(), ref.isinf())
         torch.testing.assert_close(got[~got.isinf()], ref[~ref.isinf()])
 
 
-@pytest.mark.parametrize("vocab, kw", [(10, dict(top_k=6)), (1000, dict(top_p=0.9)),
-                                        (300, dict(temperature=0.5, min_p=0.01))])
+@pytest.mark.parametrize(
+    "vocab, kw",
+    [(10, dict(top_k=6)), (1000, dict(top_p=0.9)), (300, dict(temperature=0.5, min_p=0.01))],
+)
 def test_sampler_draws_the_filtered_distribution(vocab, kw):
     kw = {"temperature": 1.0, **kw}
     logits = torch.randn(1, vocab) * 2
@@ -188,20 +224,30 @@ def test_uniforms_numpy_and_torch_paths_agree():
 def test_logprobs_entropies_and_top_logprobs():
     model = _model("qwen3")
     prompts = _prompts(9, 4)
-    with Engine(model).start(prompts, n=2, max_new_tokens=8, temperature=1.0, seed=1,
-                             eos_token_id=[], record_logprobs=True, top_logprobs=5) as s:
+    with Engine(model).start(
+        prompts,
+        n=2,
+        max_new_tokens=8,
+        temperature=1.0,
+        seed=1,
+        eos_token_id=[],
+        record_logprobs=True,
+        top_logprobs=5,
+    ) as s:
         s.step(8)
         for r in s.all_rows:
             ids = torch.tensor([r.prompt + r.tokens])
             with torch.no_grad():
-                logits = model(ids).logits[0, len(r.prompt) - 1:-1].double()
+                logits = model(ids).logits[0, len(r.prompt) - 1 : -1].double()
             logp = torch.log_softmax(logits, -1)
             chosen = logp.gather(1, torch.tensor(r.tokens)[:, None])[:, 0]
-            torch.testing.assert_close(torch.tensor(r.logprobs, dtype=torch.float64), chosen,
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                torch.tensor(r.logprobs, dtype=torch.float64), chosen, rtol=1e-5, atol=1e-5
+            )
             entropy = -(logp.exp() * logp).sum(-1)
-            torch.testing.assert_close(torch.tensor(r.entropies, dtype=torch.float64), entropy,
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                torch.tensor(r.entropies, dtype=torch.float64), entropy, rtol=1e-5, atol=1e-5
+            )
             top = logp.topk(5, dim=-1)
             assert r.top_logprobs.shape == (8, 5) and r.top_logprobs.dtype == torch.float32
             torch.testing.assert_close(r.top_logprobs.double(), top.values, rtol=1e-5, atol=1e-5)
@@ -219,17 +265,18 @@ def test_eos_ends_a_row_and_frees_it():
         live_blocks = engine.cache.num_free_blocks
         s.step(1)  # prompt 1 samples eos now and leaves the batch
         r1 = s.all_rows[1]
-        assert r1.finish_reason == "eos" and r1.tokens == plain[1][0][:first + 1]
+        assert r1.finish_reason == "eos" and r1.tokens == plain[1][0][: first + 1]
         assert s.rows == [s.all_rows[0]] or s.all_rows[0].finish_reason == "eos"
         assert engine.cache.batch_size == len(s.rows)
         assert engine.cache.num_free_blocks >= live_blocks
         s.step(12)
         r0 = s.all_rows[0]
-        exp0 = plain[0][0][:plain[0][0].index(eos) + 1] if eos in plain[0][0] else plain[0][0]
+        exp0 = plain[0][0][: plain[0][0].index(eos) + 1] if eos in plain[0][0] else plain[0][0]
         assert r0.tokens == exp0 and r0.finished
     assert engine.generate(prompts, max_new_tokens=12, eos_token_id=[7, eos]) == [
-        [t[:min([t.index(e) + 1 for e in (7, eos) if e in t], default=12)] for t in p]
-        for p in plain]
+        [t[: min([t.index(e) + 1 for e in (7, eos) if e in t], default=12)] for t in p]
+        for p in plain
+    ]
 
 
 # ---- forward_suffix ------------------------------------------------------------------------------
@@ -239,12 +286,19 @@ class _FakeLora:
     def __init__(self, model, rank: int = 4):
         self.model, self.handles = model, []
         self.mods = [m for name, m in model.named_modules() if name.endswith(("q_proj", "v_proj"))]
-        self.ab = [(torch.randn(m.in_features, rank, device=model.device) * 0.3,
-                    torch.randn(rank, m.out_features, device=model.device) * 0.3) for m in self.mods]
+        self.ab = [
+            (
+                torch.randn(m.in_features, rank, device=model.device) * 0.3,
+                torch.randn(rank, m.out_features, device=model.device) * 0.3,
+            )
+            for m in self.mods
+        ]
 
     def __enter__(self):
-        self.handles = [m.register_forward_hook(lambda mod, args, out, a=a, b=b: out + args[0] @ a @ b)
-                        for m, (a, b) in zip(self.mods, self.ab, strict=True)]
+        self.handles = [
+            m.register_forward_hook(lambda mod, args, out, a=a, b=b: out + args[0] @ a @ b)
+            for m, (a, b) in zip(self.mods, self.ab, strict=True)
+        ]
         return self
 
     def __exit__(self, *exc):
@@ -260,9 +314,12 @@ def _two_stage(model, prefix: list[int], suffix: torch.Tensor, adapter) -> torch
     out = model.model(ids, use_cache=True)
     L, K = len(prefix), suffix.shape[0]
     with adapter:
-        return model.model(inputs_embeds=suffix[None], cache=out.cache, use_cache=True,
-                           position_ids=torch.arange(L, L + K, device=model.device)[None]
-                           ).last_hidden_state[0]
+        return model.model(
+            inputs_embeds=suffix[None],
+            cache=out.cache,
+            use_cache=True,
+            position_ids=torch.arange(L, L + K, device=model.device)[None],
+        ).last_hidden_state[0]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_oss", "granite"])
@@ -292,7 +349,9 @@ def test_forward_suffix_equals_transformers_and_leaves_the_cache(family, device)
                 torch.testing.assert_close(post[b], ref, rtol=1e-4, atol=1e-4)
                 torch.testing.assert_close(engine.final_norm(pre[b]), ref, rtol=1e-4, atol=1e-4)
         assert torch.equal(engine.cache.storage, storage)
-        assert torch.equal(engine.cache.block_table, table) and torch.equal(engine.cache.seq_lens, lens)
+        assert torch.equal(engine.cache.block_table, table) and torch.equal(
+            engine.cache.seq_lens, lens
+        )
         s.step(30)
         scored = _rows(s)
     with engine.start(prompts, **kw) as s:  # resuming after a check is as if never checked
@@ -324,8 +383,12 @@ def test_forward_suffix_gradients_match_transformers():
             return out.detach(), [x.grad] + [b.grad for _, b in adapter.ab]
 
         def hf(model_):
-            return lambda x, adapter: torch.stack([
-                _two_stage(model_, r.prompt + r.tokens, x[i], adapter) for i, r in enumerate(s.rows)])
+            return lambda x, adapter: torch.stack(
+                [
+                    _two_stage(model_, r.prompt + r.tokens, x[i], adapter)
+                    for i, r in enumerate(s.rows)
+                ]
+            )
 
         out, got = grads(lambda x, a: s.forward_suffix(x, adapter=a, final_norm=True), emb, lora)
         ref32, hf32 = grads(hf(model), emb, lora)
@@ -348,13 +411,22 @@ def test_bad_input_fails_before_any_work():
     calls, hook = _count_forwards(model)
     try:
         good = _prompts(5)
-        for kw, err in [(dict(prompts=[]), ValueError), (dict(prompts=[[]]), ValueError),
-                        (dict(prompts=[[1, VOCAB]]), ValueError), (dict(prompts="abc"), TypeError),
-                        (dict(n=0), ValueError), (dict(n=1.5), TypeError),
-                        (dict(max_new_tokens=0), ValueError), (dict(temperature=-0.1), ValueError),
-                        (dict(temperature=float("nan")), ValueError), (dict(top_p=0.0), ValueError),
-                        (dict(top_k=-1), ValueError), (dict(min_p=1.5), ValueError),
-                        (dict(eos_token_id=VOCAB), ValueError), (dict(seed="x"), TypeError)]:
+        for kw, err in [
+            (dict(prompts=[]), ValueError),
+            (dict(prompts=[[]]), ValueError),
+            (dict(prompts=[[1, VOCAB]]), ValueError),
+            (dict(prompts="abc"), TypeError),
+            (dict(n=0), ValueError),
+            (dict(n=1.5), TypeError),
+            (dict(max_new_tokens=0), ValueError),
+            (dict(temperature=-0.1), ValueError),
+            (dict(temperature=float("nan")), ValueError),
+            (dict(top_p=0.0), ValueError),
+            (dict(top_k=-1), ValueError),
+            (dict(min_p=1.5), ValueError),
+            (dict(eos_token_id=VOCAB), ValueError),
+            (dict(seed="x"), TypeError),
+        ]:
             args = {"prompts": good, "max_new_tokens": 4, **kw}
             with pytest.raises(err):
                 engine.generate(args.pop("prompts"), **args)

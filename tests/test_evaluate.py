@@ -18,9 +18,15 @@ from stopkit.reasoner import Path, Solution
 
 def _path(answer, *, score=None, fate="eos", in_prefix=False, n_tokens=5):
     text = f"so the answer: {answer}"
-    return Path(tokens=list(range(n_tokens)), text=text, answer=None if fate == "pruned" else answer,
-                score=score, pruned=fate == "pruned", finished_in_prefix=in_prefix,
-                finish_reason=fate)
+    return Path(
+        tokens=list(range(n_tokens)),
+        text=text,
+        answer=None if fate == "pruned" else answer,
+        score=score,
+        pruned=fate == "pruned",
+        finished_in_prefix=in_prefix,
+        finish_reason=fate,
+    )
 
 
 class FakeReasoner:
@@ -49,10 +55,17 @@ def _solution(paths, answer, *, scoring=0, launch=10):
         if p.voted and p.answer is not None:
             votes[p.answer] = votes.get(p.answer, 0) + 1
     generated = sum(len(p.tokens) for p in paths)
-    return Solution(answer=answer, votes=votes, paths=paths, generated_tokens=generated,
-                    scoring_tokens=scoring, seconds=0.0, phases={},
-                    tokens={"launch": launch, "check": scoring, "resume": generated - launch},
-                    compute_seconds=0.25)
+    return Solution(
+        answer=answer,
+        votes=votes,
+        paths=paths,
+        generated_tokens=generated,
+        scoring_tokens=scoring,
+        seconds=0.0,
+        phases={},
+        tokens={"launch": launch, "check": scoring, "resume": generated - launch},
+        compute_seconds=0.25,
+    )
 
 
 def _random_solution(rng, ref, method):
@@ -63,16 +76,23 @@ def _random_solution(rng, ref, method):
         in_prefix = rng.random() < 0.2
         answer = rng.choice([ref, ref, wrong, wrong, "9999"])
         score = None if in_prefix else rng.choice([0.1, 0.5, 0.5, 0.9, rng.random()])
-        paths.append(_path(answer, score=score, in_prefix=in_prefix,
-                           n_tokens=rng.randrange(3, 5) if in_prefix else rng.randrange(6, 30)))
+        paths.append(
+            _path(
+                answer,
+                score=score,
+                in_prefix=in_prefix,
+                n_tokens=rng.randrange(3, 5) if in_prefix else rng.randrange(6, 30),
+            )
+        )
     if method == "stop":
         rest = [i for i, p in enumerate(paths) if not p.finished_in_prefix]
         for i in sorted(rest, key=lambda i: (-paths[i].score, i))[3:]:
             p = paths[i]
             paths[i] = _path(p.answer, score=p.score, fate="pruned", n_tokens=4)
     else:
-        paths = [_path(p.answer, in_prefix=p.finished_in_prefix, n_tokens=len(p.tokens))
-                 for p in paths]
+        paths = [
+            _path(p.answer, in_prefix=p.finished_in_prefix, n_tokens=len(p.tokens)) for p in paths
+        ]
     answers = [p.answer for p in paths if p.voted]
     top = max(answers, key=answers.count)
     return _solution(paths, top, scoring=4 * 8 if method == "stop" else 0)
@@ -85,8 +105,11 @@ def _direct(sol, ref, k):
         kept = list(paths)
     else:
         done = [p for p in paths if p.finished_in_prefix]
-        resumed = [(p.score, -i, p) for i, p in enumerate(paths)
-                   if not p.finished_in_prefix and not p.pruned]
+        resumed = [
+            (p.score, -i, p)
+            for i, p in enumerate(paths)
+            if not p.finished_in_prefix and not p.pruned
+        ]
         kept = (done + [t[2] for t in sorted(resumed, reverse=True)])[:k]
     right = [p.answer == ref for p in kept]
     counts = {}
@@ -100,8 +123,9 @@ def _direct(sol, ref, k):
 @pytest.fixture
 def setup():
     rng = random.Random(1234)
-    problems = [{"id": f"p{i}", "question": f"q{i}", "answer": str(rng.randrange(100))}
-                for i in range(6)]
+    problems = [
+        {"id": f"p{i}", "question": f"q{i}", "answer": str(rng.randrange(100))} for i in range(6)
+    ]
     table = {}
     for method in ("full", "stop"):
         for seed in (0, 1):
@@ -118,8 +142,19 @@ def test_paper_metrics_records_and_resume(setup, tmp_path):
     problems, table = setup
     fake = FakeReasoner(table)
     out = tmp_path / "out"
-    res = ev.evaluate(fake, problems, "full,stop", n=8, keep=3, prefix_tokens=5, seeds=[0, 1],
-                      out=out, checker=_check, progress=False, temperature=0.7)
+    res = ev.evaluate(
+        fake,
+        problems,
+        "full,stop",
+        n=8,
+        keep=3,
+        prefix_tokens=5,
+        seeds=[0, 1],
+        out=out,
+        checker=_check,
+        progress=False,
+        temperature=0.7,
+    )
     assert list(res["methods"]) == ["full", "stop"]
     for method, k in (("full", None), ("stop", 3)):
         m = res["methods"][method]
@@ -134,7 +169,8 @@ def test_paper_metrics_records_and_resume(setup, tmp_path):
         assert m["runs"] == 12 and [s["seed"] for s in m["per_seed"]] == [0, 1]
     assert res["methods"]["stop"]["type"] == "IV" and res["methods"]["full"]["type"] is None
     assert res["methods"]["stop"]["token_reduction"] == pytest.approx(
-        1 - res["methods"]["stop"]["tokens"] / res["methods"]["full"]["tokens"])
+        1 - res["methods"]["stop"]["tokens"] / res["methods"]["full"]["tokens"]
+    )
     # one call per (method, seed), every problem at once; keyword arguments forwarded
     assert len(fake.calls) == 4 and all(len(c[0]) == 6 for c in fake.calls)
     assert all(c[3]["temperature"] == 0.7 and c[3]["n"] == 8 for c in fake.calls)
@@ -144,10 +180,23 @@ def test_paper_metrics_records_and_resume(setup, tmp_path):
     assert len(records) == 24
     (out / ev.RECORDS).write_text("\n".join(records[:9]) + "\n" + records[9][:30])
     fake2 = FakeReasoner(table)
-    again = ev.evaluate(fake2, problems, "full,stop", n=8, keep=3, prefix_tokens=5, seeds=[0, 1],
-                        out=out, checker=_check, progress=False, temperature=0.7)
+    again = ev.evaluate(
+        fake2,
+        problems,
+        "full,stop",
+        n=8,
+        keep=3,
+        prefix_tokens=5,
+        seeds=[0, 1],
+        out=out,
+        checker=_check,
+        progress=False,
+        temperature=0.7,
+    )
     assert [len(c[0]) for c in fake2.calls] == [3, 6, 6]  # (full, 1) lost 3, the rest not started
-    assert json.dumps(again["methods"], sort_keys=True) == json.dumps(res["methods"], sort_keys=True)
+    assert json.dumps(again["methods"], sort_keys=True) == json.dumps(
+        res["methods"], sort_keys=True
+    )
 
     paths = ev.write_results(res, tmp_path / "files")
     data = json.loads(paths["json"].read_text())
@@ -167,15 +216,32 @@ def test_sweep_reads_every_keep_off_one_run(setup, tmp_path):
     rng = random.Random(7)
     for (q, method, seed), sol in table.items():
         if method == "full":
-            paths = [_path(p.answer, score=None if p.finished_in_prefix else rng.random(),
-                           in_prefix=p.finished_in_prefix, n_tokens=len(p.tokens))
-                     for p in sol.paths]
+            paths = [
+                _path(
+                    p.answer,
+                    score=None if p.finished_in_prefix else rng.random(),
+                    in_prefix=p.finished_in_prefix,
+                    n_tokens=len(p.tokens),
+                )
+                for p in sol.paths
+            ]
             scored[q, "stop", seed] = _solution(paths, sol.answer, scoring=4 * 8)
     fake.table = scored
-    res = ev.sweep(fake, problems, ["full", "stop"], n=8, keeps=[1, 3, 8], prefixes=[5],
-                   seeds=[0, 1], checker=_check, progress=False, out=tmp_path)
-    assert len(fake.calls) == 2 and all(c[3]["prune"] is False and c[3]["keep"] == 8
-                                        for c in fake.calls)
+    res = ev.sweep(
+        fake,
+        problems,
+        ["full", "stop"],
+        n=8,
+        keeps=[1, 3, 8],
+        prefixes=[5],
+        seeds=[0, 1],
+        checker=_check,
+        progress=False,
+        out=tmp_path,
+    )
+    assert len(fake.calls) == 2 and all(
+        c[3]["prune"] is False and c[3]["keep"] == 8 for c in fake.calls
+    )
     by_keep = {p["keep"]: p for p in res["points"]}
     for k in (1, 3, 8):
         direct, tokens = [], []
@@ -183,20 +249,31 @@ def test_sweep_reads_every_keep_off_one_run(setup, tmp_path):
             for p in problems:
                 sol = scored[p["question"], "stop", s]
                 done = [x for x in sol.paths if x.finished_in_prefix]
-                rest = sorted([(x.score, -i, x) for i, x in enumerate(sol.paths)
-                               if not x.finished_in_prefix], reverse=True)
+                rest = sorted(
+                    [(x.score, -i, x) for i, x in enumerate(sol.paths) if not x.finished_in_prefix],
+                    reverse=True,
+                )
                 kept = (done + [t[2] for t in rest])[:k]
                 direct.append(sum(x.answer == p["answer"] for x in kept) / len(kept))
-                tokens.append(sum(len(x.tokens) if any(x is y for y in kept)
-                                  else min(len(x.tokens), 5) for x in sol.paths) + 32)
+                tokens.append(
+                    sum(
+                        len(x.tokens) if any(x is y for y in kept) else min(len(x.tokens), 5)
+                        for x in sol.paths
+                    )
+                    + 32
+                )
         assert by_keep[k]["avg_at_k"] == pytest.approx(sum(direct) / 12)
         assert by_keep[k]["tokens"] == pytest.approx(sum(tokens) / 12)
         assert by_keep[k]["retention"] == k / 8
-    full = [_direct(scored[p["question"], "stop", s], p["answer"], None)
-            for s in (0, 1) for p in problems]
+    full = [
+        _direct(scored[p["question"], "stop", s], p["answer"], None)
+        for s in (0, 1)
+        for p in problems
+    ]
     assert res["full"]["avg_at_k"] == pytest.approx(sum(d[0] for d in full) / 12)
-    assert res["best"] and all(b["tokens"] <= b["budget"] * res["full"]["tokens"]
-                               for b in res["best"])
+    assert res["best"] and all(
+        b["tokens"] <= b["budget"] * res["full"]["tokens"] for b in res["best"]
+    )
     files = ev.write_sweep(res, tmp_path / "files")
     assert list(csv.DictReader(files["csv"].open()))[-1]["method"] == "full"
     assert files["png"].stat().st_size > 1000 and "budget" in ev.format_sweep(res)
@@ -215,8 +292,9 @@ def test_vote_checked_through_a_path_text(setup):
         seen.append(text)
         return text.endswith(f": {answer}")
 
-    res = ev.evaluate(FakeReasoner(table), problems[:1], ["stop"], seeds=[0], progress=False,
-                      checker=checker)
+    res = ev.evaluate(
+        FakeReasoner(table), problems[:1], ["stop"], seeds=[0], progress=False, checker=checker
+    )
     assert seen and all(isinstance(t, str) for t in seen)
     sol = table["q0", "stop", 0]
     assert res["methods"]["stop"]["vote_accuracy"] == float(sol.answer == problems[0]["answer"])
@@ -253,23 +331,49 @@ def test_cli_help_has_examples(command, capsys):
 
 
 def test_cli_plan(capsys):
-    args = _parser().parse_args(["plan", "--budget", "100000", "--prefix-tokens", "2048",
-                                 "--task-tokens", "8192", "--keep", "8", "--json"])
+    args = _parser().parse_args(
+        [
+            "plan",
+            "--budget",
+            "100000",
+            "--prefix-tokens",
+            "2048",
+            "--task-tokens",
+            "8192",
+            "--keep",
+            "8",
+            "--json",
+        ]
+    )
     assert args.run(args) == 0
     assert json.loads(capsys.readouterr().out) == {"n": 24, "keep": 8, "expected_tokens": 98304}
-    args = _parser().parse_args(["plan", "--budget", "10", "--prefix-tokens", "2048",
-                                 "--task-tokens", "8192", "--ratio", "0.5"])
+    args = _parser().parse_args(
+        [
+            "plan",
+            "--budget",
+            "10",
+            "--prefix-tokens",
+            "2048",
+            "--task-tokens",
+            "8192",
+            "--ratio",
+            "0.5",
+        ]
+    )
     with pytest.raises(UserError, match="too small"):
         args.run(args)
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["eval", "--data", "x.jsonl", "--methods", "full,stop"], "--adapter"),
-    (["eval", "--data", "x.jsonl", "--methods", "full,nope"], "method"),
-    (["eval", "--data", "x.jsonl", "--methods", "random", "--keep", "9", "--n", "4"], "keep"),
-    (["solve", "--method", "random", "--prefix-tokens", "0", "q"], "prefix_tokens"),
-    (["solve", "--method", "entropy", "--vote", "score", "q"], "vote"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["eval", "--data", "x.jsonl", "--methods", "full,stop"], "--adapter"),
+        (["eval", "--data", "x.jsonl", "--methods", "full,nope"], "method"),
+        (["eval", "--data", "x.jsonl", "--methods", "random", "--keep", "9", "--n", "4"], "keep"),
+        (["solve", "--method", "random", "--prefix-tokens", "0", "q"], "prefix_tokens"),
+        (["solve", "--method", "entropy", "--vote", "score", "q"], "vote"),
+    ],
+)
 def test_cli_refuses_bad_arguments_before_loading(argv, match, tmp_path):
     # --model points at an empty folder: loading it would fail, so these errors come first
     args = _parser().parse_args([argv[0], "--model", str(tmp_path), *argv[1:]])
@@ -297,8 +401,11 @@ def tiny_dir(tmp_path_factory):
     torch.set_num_threads(before)
 
 
-PROBLEMS = [{"question": "1 + 2 =", "answer": "3"}, {"question": "2 + 2 = x", "answer": "4"},
-            {"question": "so 7 is", "answer": "7"}]
+PROBLEMS = [
+    {"question": "1 + 2 =", "answer": "3"},
+    {"question": "2 + 2 = x", "answer": "4"},
+    {"question": "so 7 is", "answer": "7"},
+]
 
 
 def _last_digit(text):
@@ -312,11 +419,25 @@ def test_evaluate_real_reasoner(tiny_dir):
 
     model, tok = load_model(str(tiny_dir / "model"), dtype="float32")
     r = ParallelReasoner(model, tok, StopScorer.load(tiny_dir / "adapter", model))
-    kw = dict(n=6, keep=2, prefix_tokens=4, max_new_tokens=14, temperature=1.0, top_p=1.0,
-              extractor=_last_digit)
+    kw = dict(
+        n=6,
+        keep=2,
+        prefix_tokens=4,
+        max_new_tokens=14,
+        temperature=1.0,
+        top_p=1.0,
+        extractor=_last_digit,
+    )
     checker = lambda text, ans: _last_digit(text) == ans  # noqa: E731
-    res = ev.evaluate(r, PROBLEMS, "full,stop,confidence,entropy,random", seeds=[0, 1],
-                      checker=checker, progress=False, **kw)
+    res = ev.evaluate(
+        r,
+        PROBLEMS,
+        "full,stop,confidence,entropy,random",
+        seeds=[0, 1],
+        checker=checker,
+        progress=False,
+        **kw,
+    )
     m = res["methods"]
     assert list(m) == ["full", "stop", "confidence", "entropy", "random"]
     # the same launched prefixes for every method: pruning only removes tokens
@@ -340,11 +461,42 @@ def test_evaluate_real_reasoner(tiny_dir):
 def test_cli_eval_and_solve(tiny_dir, tmp_path, capsys):
     data = tmp_path / "bench.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
-    common = ["--model", str(tiny_dir / "model"), "--adapter", str(tiny_dir / "adapter"),
-              "--n", "4", "--keep", "2", "--prefix-tokens", "3", "--max-new-tokens", "8",
-              "--temperature", "1.0", "--top-p", "1.0", "--dtype", "float32"]
-    args = _parser().parse_args(["eval", *common, "--data", str(data), "--methods", "full,stop",
-                                 "--seeds", "0,1", "--limit", "2", "--out", str(tmp_path / "out")])
+    common = [
+        "--model",
+        str(tiny_dir / "model"),
+        "--adapter",
+        str(tiny_dir / "adapter"),
+        "--n",
+        "4",
+        "--keep",
+        "2",
+        "--prefix-tokens",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "1.0",
+        "--dtype",
+        "float32",
+    ]
+    args = _parser().parse_args(
+        [
+            "eval",
+            *common,
+            "--data",
+            str(data),
+            "--methods",
+            "full,stop",
+            "--seeds",
+            "0,1",
+            "--limit",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert args.run(args) == 0
     out = tmp_path / "out"
     res = json.loads((out / "results.json").read_text())
@@ -359,7 +511,8 @@ def test_cli_eval_and_solve(tiny_dir, tmp_path, capsys):
     assert args.run(args) == 0
     sol = json.loads(capsys.readouterr().out)
     assert len(sol["paths"]) == 4 and sol["scoring_tokens"] == 4 * sum(
-        not p["finished_in_prefix"] for p in sol["paths"])
+        not p["finished_in_prefix"] for p in sol["paths"]
+    )
     assert sol["generated_tokens"] == sum(p["num_tokens"] for p in sol["paths"])
     args = _parser().parse_args(["solve", *common, "--method", "random", "1 + 2 ="])
     assert args.run(args) == 0

@@ -21,9 +21,14 @@ def last_word(text: str, answer: str) -> bool:
 
 
 def greedy(model, prompt: list[int], new: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new,
-                         min_new_tokens=new, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]),
+        do_sample=False,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_label_matches_greedy_generation_and_resumes(tmp_path):
@@ -32,11 +37,20 @@ def test_label_matches_greedy_generation_and_resumes(tmp_path):
     conts = [greedy(model, prompt_ids(TOKENIZER, q), M) for q in QUESTIONS]
     texts = [TOKENIZER.decode(c, skip_special_tokens=True) for c in conts]
     # problem 0 and 2 answered right (their greedy text's last word), problem 1 wrong
-    problems = [{"id": f"p{i}", "question": q, "answer": texts[i].split()[-1] if i != 1 else "no"}
-                for i, q in enumerate(QUESTIONS)]
+    problems = [
+        {"id": f"p{i}", "question": q, "answer": texts[i].split()[-1] if i != 1 else "no"}
+        for i, q in enumerate(QUESTIONS)
+    ]
     out = tmp_path / "labels.jsonl"
-    kw = dict(prefix_tokens=P, rollouts=3, traces=2, max_new_tokens=M, temperature=0.0,
-              checker=last_word, progress=False)
+    kw = dict(
+        prefix_tokens=P,
+        rollouts=3,
+        traces=2,
+        max_new_tokens=M,
+        temperature=0.0,
+        checker=last_word,
+        progress=False,
+    )
     stats = label_problems(model, TOKENIZER, problems, out, **kw)
     assert stats == {"problems": 3, "skipped": 0, "records": 6, "ended_in_prefix": 0}
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -76,30 +90,64 @@ def test_sampled_labels_count_what_the_checker_saw(tmp_path):
         seen[text] = verdict
         return verdict
 
-    problems = [{"id": name, "question": q, "answer": "7"} for name, q in zip("ab", QUESTIONS, strict=False)]
-    kw = dict(prefix_tokens=4, rollouts=6, traces=3, max_new_tokens=11, temperature=1.0,
-              top_p=1.0, seed=5, progress=False)
+    problems = [
+        {"id": name, "question": q, "answer": "7"} for name, q in zip("ab", QUESTIONS, strict=False)
+    ]
+    kw = dict(
+        prefix_tokens=4,
+        rollouts=6,
+        traces=3,
+        max_new_tokens=11,
+        temperature=1.0,
+        top_p=1.0,
+        seed=5,
+        progress=False,
+    )
     out = tmp_path / "l.jsonl"
     label_problems(model, TOKENIZER, problems, out, checker=checker, **kw)
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(records) == 6
     for rec in records:
-        prompt, prefix = rec["prefix_token_ids"][:rec["prompt_len"]], rec["prefix_token_ids"][rec["prompt_len"]:]
+        prompt, prefix = (
+            rec["prefix_token_ids"][: rec["prompt_len"]],
+            rec["prefix_token_ids"][rec["prompt_len"] :],
+        )
         assert len(prefix) == 4
-        conts = Engine(model).generate([prompt + prefix], n=6, max_new_tokens=7, temperature=1.0,
-                                       top_p=1.0, seed=_seed(5, rec["id"], "rollouts"))[0]
+        conts = Engine(model).generate(
+            [prompt + prefix],
+            n=6,
+            max_new_tokens=7,
+            temperature=1.0,
+            top_p=1.0,
+            seed=_seed(5, rec["id"], "rollouts"),
+        )[0]
         assert len({tuple(c) for c in conts}) > 1  # sampled: the rollouts differ
         texts = [TOKENIZER.decode(prefix + c, skip_special_tokens=True) for c in conts]
         assert all(t in seen for t in texts)  # the checker saw prefix + continuation
         assert rec["n_correct"] == sum(seen[t] for t in texts)
         assert rec["soft_label"] == rec["n_correct"] / 6
     # the rollouts have their own streams: a trace's own continuation is not rollout 0
-    trace = Engine(model).generate([prompt_ids(TOKENIZER, QUESTIONS[0])], n=3, max_new_tokens=11,
-                                   temperature=1.0, top_p=1.0, seed=_seed(5, "a", "traces"))[0]
+    trace = Engine(model).generate(
+        [prompt_ids(TOKENIZER, QUESTIONS[0])],
+        n=3,
+        max_new_tokens=11,
+        temperature=1.0,
+        top_p=1.0,
+        seed=_seed(5, "a", "traces"),
+    )[0]
     first = [r for r in records if r["id"] == "a"]
-    assert [r["prefix_token_ids"][r["prompt_len"]:] for r in first] == [t[:4] for t in trace]
-    rollout0 = [Engine(model).generate([r["prefix_token_ids"]], n=1, max_new_tokens=7, temperature=1.0,
-                                       top_p=1.0, seed=_seed(5, "a", "rollouts"))[0][0] for r in first]
+    assert [r["prefix_token_ids"][r["prompt_len"] :] for r in first] == [t[:4] for t in trace]
+    rollout0 = [
+        Engine(model).generate(
+            [r["prefix_token_ids"]],
+            n=1,
+            max_new_tokens=7,
+            temperature=1.0,
+            top_p=1.0,
+            seed=_seed(5, "a", "rollouts"),
+        )[0][0]
+        for r in first
+    ]
     assert rollout0 != [t[4:] for t in trace]
 
 
@@ -114,9 +162,18 @@ def test_label_skips_traces_that_end_in_the_prefix(tmp_path, eos_from):
         model.generation_config.eos_token_id = eos
     else:
         tokenizer = word_tokenizer(eos_token=TOKENIZER.convert_ids_to_tokens(eos))
-    stats = label_problems(model, tokenizer, [{"question": QUESTIONS[0], "answer": "1"}],
-                           tmp_path / "l.jsonl", prefix_tokens=5, rollouts=2, traces=2,
-                           max_new_tokens=9, temperature=0.0, progress=False)
+    stats = label_problems(
+        model,
+        tokenizer,
+        [{"question": QUESTIONS[0], "answer": "1"}],
+        tmp_path / "l.jsonl",
+        prefix_tokens=5,
+        rollouts=2,
+        traces=2,
+        max_new_tokens=9,
+        temperature=0.0,
+        progress=False,
+    )
     assert stats == {"problems": 1, "skipped": 0, "records": 0, "ended_in_prefix": 2}
 
 
@@ -124,13 +181,27 @@ def test_label_streams_do_not_depend_on_order_or_budget(tmp_path):
     """Each problem's samples derive from (seed, problem id, prompt): the order of the problems,
     a resumed run or a tight KV budget (preemptions) does not change them; another seed does."""
     model = tiny_model()
-    problems = [{"id": name, "question": q, "answer": "3"} for name, q in zip("abc", QUESTIONS, strict=True)]
-    kw = dict(prefix_tokens=4, rollouts=8, traces=3, max_new_tokens=10, temperature=1.0,
-              top_p=1.0, checker=lambda text, answer: "3" in text.split(), progress=False)
+    problems = [
+        {"id": name, "question": q, "answer": "3"} for name, q in zip("abc", QUESTIONS, strict=True)
+    ]
+    kw = dict(
+        prefix_tokens=4,
+        rollouts=8,
+        traces=3,
+        max_new_tokens=10,
+        temperature=1.0,
+        top_p=1.0,
+        checker=lambda text, answer: "3" in text.split(),
+        progress=False,
+    )
     runs = {}
     tight = Engine(model, num_blocks=14, block_size=8, max_num_seqs=12)
-    for name, order, seed, engine in (("a", problems, 7, None), ("b", problems[::-1], 7, None),
-                                      ("c", problems, 8, None), ("d", problems, 7, tight)):
+    for name, order, seed, engine in (
+        ("a", problems, 7, None),
+        ("b", problems[::-1], 7, None),
+        ("c", problems, 8, None),
+        ("d", problems, 7, tight),
+    ):
         label_problems(model, TOKENIZER, order, tmp_path / name, seed=seed, engine=engine, **kw)
         runs[name] = sorted((tmp_path / name).read_text().splitlines())
     assert tight.stats.preemptions > 0
@@ -140,11 +211,21 @@ def test_label_streams_do_not_depend_on_order_or_budget(tmp_path):
 
 
 def test_label_statistics_and_defaults():
-    recs = [{"id": "a", "soft_label": 0.0}, {"id": "a", "soft_label": 0.0},
-            {"id": "b", "soft_label": 1.0}, {"id": "b", "soft_label": 0.5}]
-    assert label_statistics(recs) == {"records": 4, "problems": 2, "mean_label": 0.375,
-                                      "at_0": 0.5, "at_1": 0.25, "all_0_problems": 0.5,
-                                      "all_1_problems": 0.0}
+    recs = [
+        {"id": "a", "soft_label": 0.0},
+        {"id": "a", "soft_label": 0.0},
+        {"id": "b", "soft_label": 1.0},
+        {"id": "b", "soft_label": 0.5},
+    ]
+    assert label_statistics(recs) == {
+        "records": 4,
+        "problems": 2,
+        "mean_label": 0.375,
+        "at_0": 0.5,
+        "at_1": 0.25,
+        "all_0_problems": 0.5,
+        "all_1_problems": 0.0,
+    }
     assert CLI_MAX_NEW_TOKENS == MAX_NEW_TOKENS >= 16384  # reasoning rollouts are not cut short
 
 
@@ -158,6 +239,11 @@ def test_label_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="question"):
         label_problems(model, TOKENIZER, [{"answer": "1"}], tmp_path / "x", prefix_tokens=2)
     with pytest.raises(ValueError, match="unique"):
-        label_problems(model, TOKENIZER, [dict(good[0], id=3), dict(good[0], id="3")],
-                       tmp_path / "x", prefix_tokens=2)
+        label_problems(
+            model,
+            TOKENIZER,
+            [dict(good[0], id=3), dict(good[0], id="3")],
+            tmp_path / "x",
+            prefix_tokens=2,
+        )
     assert not (tmp_path / "x").exists()

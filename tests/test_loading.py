@@ -22,9 +22,11 @@ def write_jsonl(path, records):
 
 def test_authors_json_array(tmp_path):
     # AIME / HMMT / BRUMO as the authors ship them: a JSON array of {"problem", "answer"}
-    rows = [{"problem": "Find $x$ if $2x = 408$.", "answer": 204},
-            {"problem": "Compute $\\frac{1}{2} + \\frac{1}{3}$.", "answer": "\\frac{5}{6}"},
-            {"id": "2024-I-3", "problem": "How many?", "answer": "033"}]
+    rows = [
+        {"problem": "Find $x$ if $2x = 408$.", "answer": 204},
+        {"problem": "Compute $\\frac{1}{2} + \\frac{1}{3}$.", "answer": "\\frac{5}{6}"},
+        {"id": "2024-I-3", "problem": "How many?", "answer": "033"},
+    ]
     f = tmp_path / "aime24.json"
     f.write_text(json.dumps(rows, indent=2), encoding="utf-8")
     probs = load_problems(f)
@@ -35,15 +37,27 @@ def test_authors_json_array(tmp_path):
 
 
 def test_gsm8k_math_and_prompt_layouts(tmp_path):
-    f = write_jsonl(tmp_path / "mixed.jsonl", [
-        {"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
-         "answer": "In May she sold 48/2 = <<48/2=24>>24 clips.\nShe sold 48+24 = <<48+24=72>>72.\n#### 72"},
-        {"problem": "What is $\\sqrt{16}$?", "level": "Level 1",
-         "solution": "We have $\\sqrt{16} = \\boxed{4}$, since... so the answer is $\\boxed{\\frac{8}{2}}$."},
-        {"problem": "Simplify.", "solution": "long text \\boxed{\\text{wrong}}", "answer": "\\{1,2\\}"},
-        {"prompt": "2+2?", "answer": 4.5},
-        {"question": [1, 5, 6], "answer": "7"},
-    ])
+    f = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {
+                "question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+                "answer": "In May she sold 48/2 = <<48/2=24>>24 clips.\nShe sold 48+24 = <<48+24=72>>72.\n#### 72",
+            },
+            {
+                "problem": "What is $\\sqrt{16}$?",
+                "level": "Level 1",
+                "solution": "We have $\\sqrt{16} = \\boxed{4}$, since... so the answer is $\\boxed{\\frac{8}{2}}$.",
+            },
+            {
+                "problem": "Simplify.",
+                "solution": "long text \\boxed{\\text{wrong}}",
+                "answer": "\\{1,2\\}",
+            },
+            {"prompt": "2+2?", "answer": 4.5},
+            {"question": [1, 5, 6], "answer": "7"},
+        ],
+    )
     probs = load_problems(f)
     assert [p["answer"] for p in probs] == ["72", "\\frac{8}{2}", "\\{1,2\\}", "4.5", "7"]
     assert [p["id"] for p in probs] == [1, 2, 3, 4, 5]  # line numbers
@@ -52,10 +66,17 @@ def test_gsm8k_math_and_prompt_layouts(tmp_path):
 
 
 def gpqa_rows(n):
-    return [{"Record ID": f"rec{i}", "Question": f"Which particle is number {i}?",
-             "Correct Answer": f"right {i}", "Incorrect Answer 1": f"wrong a{i}",
-             "Incorrect Answer 2": f"wrong b{i}", "Incorrect Answer 3": f"wrong c{i}"}
-            for i in range(n)]
+    return [
+        {
+            "Record ID": f"rec{i}",
+            "Question": f"Which particle is number {i}?",
+            "Correct Answer": f"right {i}",
+            "Incorrect Answer 1": f"wrong a{i}",
+            "Incorrect Answer 2": f"wrong b{i}",
+            "Incorrect Answer 3": f"wrong c{i}",
+        }
+        for i in range(n)
+    ]
 
 
 def test_gpqa_becomes_multiple_choice_with_a_reproducible_shuffle(tmp_path):
@@ -78,19 +99,35 @@ def test_gpqa_becomes_multiple_choice_with_a_reproducible_shuffle(tmp_path):
     assert [p["answer"] for p in again[::-1]] == [p["answer"] for p in probs]
 
 
-@pytest.mark.parametrize("content,match", [
-    ('{"question": "q", "answer": "1"}\n{"text": "q", "label": 3}\n',
-     r"bad\.jsonl:2: cannot tell .*\['label', 'text'\].*question / problem / prompt.*Correct Answer"),
-    ('{"question": "q", "answer": "1"}\n\nnot json\n', r"bad\.jsonl:3: not valid JSON"),
-    ('[{"problem": "p", "answer": 1}, {"problem": "p"}]', r"item 1: cannot tell .*\['problem'\]"),
-    ('[{"problem": "p", "answer": 1},\n {"problem": "p" "answer": 2}]', r"bad\.jsonl:2: not valid JSON"),
-    ('[{"problem": "p", "answer": 1}, 3]', r"item 1 of the array must be a JSON object"),
-    ('{"question": "q", "answer": ""}\n', r"bad\.jsonl:1: the answer must be"),
-    ('{"question": "", "answer": "1"}\n', r"bad\.jsonl:1: 'question' must be"),
-    (('{"Question": "q", "Correct Answer": "a", "Incorrect Answer 1": "b", '
-     '"Incorrect Answer 2": "", "Incorrect Answer 3": "d"}\n'), r"bad\.jsonl:1: GPQA fields"),
-    ("[]", "holds no problems"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (
+            '{"question": "q", "answer": "1"}\n{"text": "q", "label": 3}\n',
+            r"bad\.jsonl:2: cannot tell .*\['label', 'text'\].*question / problem / prompt.*Correct Answer",
+        ),
+        ('{"question": "q", "answer": "1"}\n\nnot json\n', r"bad\.jsonl:3: not valid JSON"),
+        (
+            '[{"problem": "p", "answer": 1}, {"problem": "p"}]',
+            r"item 1: cannot tell .*\['problem'\]",
+        ),
+        (
+            '[{"problem": "p", "answer": 1},\n {"problem": "p" "answer": 2}]',
+            r"bad\.jsonl:2: not valid JSON",
+        ),
+        ('[{"problem": "p", "answer": 1}, 3]', r"item 1 of the array must be a JSON object"),
+        ('{"question": "q", "answer": ""}\n', r"bad\.jsonl:1: the answer must be"),
+        ('{"question": "", "answer": "1"}\n', r"bad\.jsonl:1: 'question' must be"),
+        (
+            (
+                '{"Question": "q", "Correct Answer": "a", "Incorrect Answer 1": "b", '
+                '"Incorrect Answer 2": "", "Incorrect Answer 3": "d"}\n'
+            ),
+            r"bad\.jsonl:1: GPQA fields",
+        ),
+        ("[]", "holds no problems"),
+    ],
+)
 def test_bad_files_name_the_place(tmp_path, content, match):
     f = tmp_path / "bad.jsonl"
     f.write_text(content, encoding="utf-8")
@@ -108,22 +145,45 @@ def word_tokenizer(chat_template: str | None = None):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<unk>", "<s>", "|", "sys", "user", "asst", "Reasoning:", "low", "medium", "high",
-             "What", "is", "2+2?", "Q:", "\\boxed{}", "Be", "brief.", *INSTRUCTION.split()]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))},
-                                     unk_token="<unk>"))
+    words = [
+        "<unk>",
+        "<s>",
+        "|",
+        "sys",
+        "user",
+        "asst",
+        "Reasoning:",
+        "low",
+        "medium",
+        "high",
+        "What",
+        "is",
+        "2+2?",
+        "Q:",
+        "\\boxed{}",
+        "Be",
+        "brief.",
+        *INSTRUCTION.split(),
+    ]
+    tok = Tokenizer(
+        models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="<unk>")
+    )
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     out = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
     out.chat_template = chat_template
     return out
 
 
-CHAT = ("<s> {% for m in messages %}| {{ {'system': 'sys', 'user': 'user'}[m['role']] }} "
-        "{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}| asst{% endif %}")
+CHAT = (
+    "<s> {% for m in messages %}| {{ {'system': 'sys', 'user': 'user'}[m['role']] }} "
+    "{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}| asst{% endif %}"
+)
 # gpt-oss's template reads the reasoning effort into its system message
-GPT_OSS_LIKE = ("<s> | sys Reasoning: {{ reasoning_effort | default('medium') }} "
-                "{% for m in messages %}| {{ {'system': 'sys', 'user': 'user'}[m['role']] }} "
-                "{{ m['content'] }} {% endfor %}| asst")
+GPT_OSS_LIKE = (
+    "<s> | sys Reasoning: {{ reasoning_effort | default('medium') }} "
+    "{% for m in messages %}| {{ {'system': 'sys', 'user': 'user'}[m['role']] }} "
+    "{{ m['content'] }} {% endfor %}| asst"
+)
 
 
 def words(tok, ids):
@@ -137,13 +197,39 @@ def test_default_prompt_is_the_papers_instruction_on_chat_models():
     got = words(tok, prompt_ids(tok, "What is 2+2?"))
     assert got == ["<s>", "|", "user", "What", "is", "2+2?", *INSTRUCTION.split(), "|", "asst"]
     # as is, with template="{question}"; a template's other braces are literal
-    assert words(tok, prompt_ids(tok, "What is 2+2?", template="{question}")) == \
-        ["<s>", "|", "user", "What", "is", "2+2?", "|", "asst"]
-    assert words(tok, prompt_ids(tok, "2+2?", template="Q: {question} \\boxed{}")) == \
-        ["<s>", "|", "user", "Q:", "2+2?", "\\boxed{}", "|", "asst"]
+    assert words(tok, prompt_ids(tok, "What is 2+2?", template="{question}")) == [
+        "<s>",
+        "|",
+        "user",
+        "What",
+        "is",
+        "2+2?",
+        "|",
+        "asst",
+    ]
+    assert words(tok, prompt_ids(tok, "2+2?", template="Q: {question} \\boxed{}")) == [
+        "<s>",
+        "|",
+        "user",
+        "Q:",
+        "2+2?",
+        "\\boxed{}",
+        "|",
+        "asst",
+    ]
     # a system turn
-    assert words(tok, prompt_ids(tok, "2+2?", template="{question}", system="Be brief.")) == \
-        ["<s>", "|", "sys", "Be", "brief.", "|", "user", "2+2?", "|", "asst"]
+    assert words(tok, prompt_ids(tok, "2+2?", template="{question}", system="Be brief.")) == [
+        "<s>",
+        "|",
+        "sys",
+        "Be",
+        "brief.",
+        "|",
+        "user",
+        "2+2?",
+        "|",
+        "asst",
+    ]
 
 
 def test_prompt_without_chat_template_and_token_ids():
@@ -161,19 +247,35 @@ def test_prompt_without_chat_template_and_token_ids():
 def test_reasoning_effort_goes_through_the_chat_template():
     tok = word_tokenizer(GPT_OSS_LIKE)
     fmt = PromptFormat(template="{question}", reasoning_effort="high")
-    assert words(tok, fmt.prompt_ids(tok, "2+2?")) == \
-        ["<s>", "|", "sys", "Reasoning:", "high", "|", "user", "2+2?", "|", "asst"]
-    assert words(tok, prompt_ids(tok, "2+2?", template="{question}"))[3:5] == ["Reasoning:", "medium"]
+    assert words(tok, fmt.prompt_ids(tok, "2+2?")) == [
+        "<s>",
+        "|",
+        "sys",
+        "Reasoning:",
+        "high",
+        "|",
+        "user",
+        "2+2?",
+        "|",
+        "asst",
+    ]
+    assert words(tok, prompt_ids(tok, "2+2?", template="{question}"))[3:5] == [
+        "Reasoning:",
+        "medium",
+    ]
     with pytest.raises(ValueError, match="does not read it"):
         prompt_ids(word_tokenizer(CHAT), "2+2?", reasoning_effort="low")
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(template="no placeholder"), ValueError, "template"),
-    (dict(template=3), TypeError, "template"),
-    (dict(reasoning_effort="max"), ValueError, "reasoning_effort"),
-    (dict(system=["x"]), TypeError, "system"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(template="no placeholder"), ValueError, "template"),
+        (dict(template=3), TypeError, "template"),
+        (dict(reasoning_effort="max"), ValueError, "reasoning_effort"),
+        (dict(system=["x"]), TypeError, "system"),
+    ],
+)
 def test_bad_prompt_formats(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         PromptFormat(**kwargs)
@@ -189,12 +291,12 @@ def test_gguf_paths_and_cache_dir(tmp_path, monkeypatch):
 
     d = tmp_path / "models"
     d.mkdir()
-    assert loading._gguf_file(str(d)) is None               # no GGUF: not ours
+    assert loading._gguf_file(str(d)) is None  # no GGUF: not ours
     (d / "a.gguf").write_bytes(b"GGUF")
-    assert loading._gguf_file(str(d)) == d / "a.gguf"       # a directory holding one
+    assert loading._gguf_file(str(d)) == d / "a.gguf"  # a directory holding one
     assert loading._gguf_file(str(d / "a.gguf")) == d / "a.gguf"
     (d / "config.json").write_text("{}")
-    assert loading._gguf_file(str(d)) is None               # a checkpoint directory
+    assert loading._gguf_file(str(d)) is None  # a checkpoint directory
     (d / "config.json").unlink()
     (d / "b.gguf").write_bytes(b"GGUF")
     with pytest.raises(ValueError, match="several GGUF files"):
@@ -212,9 +314,16 @@ def test_converted_gguf_is_cached_and_loads_back(tmp_path, monkeypatch):
     monkeypatch.setenv("STOPKIT_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF" + bytes(16))
-    source = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1,
-                                          num_attention_heads=2, intermediate_size=48,
-                                          tie_word_embeddings=True)).eval()
+    source = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=40,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=48,
+            tie_word_embeddings=True,
+        )
+    ).eval()
     source.config.quantization_config = {"quant_method": "gguf"}  # as transformers leaves it
     reads = []
 
@@ -226,14 +335,16 @@ def test_converted_gguf_is_cached_and_loads_back(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "_read_gguf", read_gguf)
     model, tok = loading.load_model(str(f))
     out = loading.convert_gguf(f)
-    assert len(reads) == 1 and out.parent == tmp_path / "cache" / "gguf" and out.name.startswith("m-")
+    assert (
+        len(reads) == 1 and out.parent == tmp_path / "cache" / "gguf" and out.name.startswith("m-")
+    )
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     assert model.dtype == torch.float32 and tok.chat_template == CHAT
     for name, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    loading.load_model(str(tmp_path))                        # the directory holding it
-    assert len(reads) == 1                                   # cached: converted once
+    loading.load_model(str(tmp_path))  # the directory holding it
+    assert len(reads) == 1  # cached: converted once
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
     assert loading.convert_gguf(f) != out and len(reads) == 2  # a changed file: converted again
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no leftovers

@@ -18,42 +18,64 @@ from stopkit.methods import (
 )
 
 
-@pytest.mark.parametrize("spec, kind, path, typ", [
-    ("stop", "stop", None, "IV"),
-    ("confidence", "confidence", None, "III"),
-    ("entropy", "entropy", None, "III"),
-    ("similarity", "similarity", None, "I"),
-    ("similarity:/models/minilm", "similarity", "/models/minilm", "I"),
-    ("similarity:org/embedder", "similarity", "org/embedder", "I"),
-    ("verifier:/ckpt/prm", "verifier", "/ckpt/prm", "II"),
-    ("verifier:C:/models/rm", "verifier", "C:/models/rm", "II"),  # only the first ':' splits
-    ("random", "random", None, None),
-    ("full", "full", None, None),
-])
+@pytest.mark.parametrize(
+    "spec, kind, path, typ",
+    [
+        ("stop", "stop", None, "IV"),
+        ("confidence", "confidence", None, "III"),
+        ("entropy", "entropy", None, "III"),
+        ("similarity", "similarity", None, "I"),
+        ("similarity:/models/minilm", "similarity", "/models/minilm", "I"),
+        ("similarity:org/embedder", "similarity", "org/embedder", "I"),
+        ("verifier:/ckpt/prm", "verifier", "/ckpt/prm", "II"),
+        ("verifier:C:/models/rm", "verifier", "C:/models/rm", "II"),  # only the first ':' splits
+        ("random", "random", None, None),
+        ("full", "full", None, None),
+    ],
+)
 def test_parse_method_and_type(spec, kind, path, typ):
     assert parse_method(spec) == (kind, path)
     assert method_type(spec) == typ
 
 
 def test_every_kind_has_a_type_entry_and_the_four_types_are_named():
-    assert set(METHOD_KINDS) == {"stop", "confidence", "entropy", "similarity", "verifier",
-                                 "random", "full"}
-    assert {method_type(k if k != "verifier" else "verifier:x") for k in METHOD_KINDS} == \
-        {"I", "II", "III", "IV", None}
-    assert TYPE_NAMES == {"I": "external, non-learnable", "II": "external, learnable",
-                          "III": "internal, non-learnable", "IV": "internal, learnable"}
+    assert set(METHOD_KINDS) == {
+        "stop",
+        "confidence",
+        "entropy",
+        "similarity",
+        "verifier",
+        "random",
+        "full",
+    }
+    assert {method_type(k if k != "verifier" else "verifier:x") for k in METHOD_KINDS} == {
+        "I",
+        "II",
+        "III",
+        "IV",
+        None,
+    }
+    assert TYPE_NAMES == {
+        "I": "external, non-learnable",
+        "II": "external, learnable",
+        "III": "internal, non-learnable",
+        "IV": "internal, learnable",
+    }
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("verifier", "needs a model path"),
-    ("verifier:", "is empty"),
-    ("similarity:", "is empty"),
-    ("stop:/x", "takes no path"),
-    ("full:x", "takes no path"),
-    ("judge:/x", "must be one of"),
-    ("Similarity", "must be one of"),
-    ("", "must be one of"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("verifier", "needs a model path"),
+        ("verifier:", "is empty"),
+        ("similarity:", "is empty"),
+        ("stop:/x", "takes no path"),
+        ("full:x", "takes no path"),
+        ("judge:/x", "must be one of"),
+        ("Similarity", "must be one of"),
+        ("", "must be one of"),
+    ],
+)
 def test_parse_method_rejects(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_method(spec)

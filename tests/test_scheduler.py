@@ -39,7 +39,7 @@ def test_samples_do_not_depend_on_budget_preemption_or_neighbours(family):
     # a prompt's samples are the same alone, in another batch, and under preemption (these
     # peaked random models have no near-tie that float rounding could flip)
     alone = [Engine(model).generate([p], **kw)[0] for p in prompts]
-    other = Engine(model).generate(prompts[::-1] + _prompts(12), **kw)[:len(prompts)][::-1]
+    other = Engine(model).generate(prompts[::-1] + _prompts(12), **kw)[: len(prompts)][::-1]
     assert got == ref == alone == other
 
 
@@ -74,8 +74,9 @@ def test_chunked_prefill_shares_steps_with_decode():
     assert mixed >= 2  # the prompt went in chunks while the first request kept decoding
     while engine.has_unfinished():
         engine.step()
-    assert [r.tokens for r in second.rows] == Engine(model).generate([long_prompt], n=2,
-                                                                     max_new_tokens=30, **SAMPLED)[0]
+    assert [r.tokens for r in second.rows] == Engine(model).generate(
+        [long_prompt], n=2, max_new_tokens=30, **SAMPLED
+    )[0]
 
 
 def test_admission_keeps_room_and_seats():
@@ -95,11 +96,14 @@ def test_admission_keeps_room_and_seats():
 # ---- bad input ---------------------------------------------------------------------------------
 def test_budget_arguments():
     model = _model("llama")
-    for kw, match in [(dict(max_num_seqs=0), "max_num_seqs"), (dict(max_batch_tokens=8), "max_batch_tokens"),
-                      (dict(num_blocks=10, kv_cache_memory=1 << 20), "at most one"),
-                      (dict(kv_cache_memory=1.5), "kv_cache_memory"),
-                      (dict(kv_cache_memory=0.0), "kv_cache_memory"),
-                      (dict(kv_cache_memory=100), "less than one block")]:
+    for kw, match in [
+        (dict(max_num_seqs=0), "max_num_seqs"),
+        (dict(max_batch_tokens=8), "max_batch_tokens"),
+        (dict(num_blocks=10, kv_cache_memory=1 << 20), "at most one"),
+        (dict(kv_cache_memory=1.5), "kv_cache_memory"),
+        (dict(kv_cache_memory=0.0), "kv_cache_memory"),
+        (dict(kv_cache_memory=100), "less than one block"),
+    ]:
         with pytest.raises(ValueError, match=match):
             Engine(model, **kw)
     per_block = 2 * 2 * 16 * 2 * 64 * 4  # layers x K/V x block x kv heads x head_dim x float32
@@ -158,7 +162,8 @@ def test_reasoner_under_a_budget_equals_unconstrained(tiny, method):
         assert _key(got[i]) == _key(sol)
         assert [p.score is None for p in got[i].paths] == [p.score is None for p in sol.paths]
         assert [p.score or 0.0 for p in got[i].paths] == pytest.approx(
-            [p.score or 0.0 for p in sol.paths], rel=1e-5)
+            [p.score or 0.0 for p in sol.paths], rel=1e-5
+        )
     for i in range(len(QUESTIONS)):  # and alone
         assert _key(r.solve(QUESTIONS[i], method=method, **RUN)) == _key(ref[i])
 
@@ -215,8 +220,10 @@ def test_a_failure_inside_a_step_frees_everything(tiny, error):
         r.solve_batch(QUESTIONS, method=judge, **RUN)
     assert _free(engine)
     sol = r.solve(QUESTION, method="confidence", **RUN)  # still usable
-    assert sol.answer == ParallelReasoner(model, tok).solve(QUESTION, method="confidence",
-                                                            **RUN).answer
+    assert (
+        sol.answer
+        == ParallelReasoner(model, tok).solve(QUESTION, method="confidence", **RUN).answer
+    )
     # leaving solve_iter early aborts what is left
     it = r.solve_iter(QUESTIONS, method="stop", **RUN)
     next(it)
@@ -253,7 +260,8 @@ def test_fork_continues_a_row_as_a_fresh_request_would():
         engine.step()
     for row, fork in zip(traces.rows, forks, strict=True):
         assert len(row.tokens) == 7 and row.finish_reason == "length"
-        expect = Engine(model).generate([row.prompt + row.tokens], n=4, max_new_tokens=20,
-                                        **{**SAMPLED, "seed": 5})[0]
+        expect = Engine(model).generate(
+            [row.prompt + row.tokens], n=4, max_new_tokens=20, **{**SAMPLED, "seed": 5}
+        )[0]
         assert [r.tokens for r in fork.rows] == expect
     assert _free(engine)

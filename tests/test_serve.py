@@ -32,7 +32,8 @@ import torch  # noqa: E402
 import uvicorn  # noqa: E402
 
 text_string_to_metric_families = pytest.importorskip(
-    "prometheus_client.parser").text_string_to_metric_families
+    "prometheus_client.parser"
+).text_string_to_metric_families
 
 from stopkit import toy  # noqa: E402
 from stopkit.engine import Engine  # noqa: E402
@@ -41,11 +42,25 @@ from stopkit.serve import Defaults, create_app  # noqa: E402
 from stopkit.stop import StopScorer  # noqa: E402
 
 MODEL = "toy"
-DEFAULTS = Defaults(n=8, keep=2, prefix_tokens=toy.PREFIX_TOKENS, max_new_tokens=toy.MAX_NEW_TOKENS,
-                    method="stop", temperature=toy.TEMPERATURE, top_p=1.0)
+DEFAULTS = Defaults(
+    n=8,
+    keep=2,
+    prefix_tokens=toy.PREFIX_TOKENS,
+    max_new_tokens=toy.MAX_NEW_TOKENS,
+    method="stop",
+    temperature=toy.TEMPERATURE,
+    top_p=1.0,
+)
 # the solve arguments of a request that leaves everything to DEFAULTS
-SOLVE = dict(n=8, keep=2, prefix_tokens=toy.PREFIX_TOKENS, max_new_tokens=toy.MAX_NEW_TOKENS,
-             method="stop", temperature=toy.TEMPERATURE, top_p=1.0)
+SOLVE = dict(
+    n=8,
+    keep=2,
+    prefix_tokens=toy.PREFIX_TOKENS,
+    max_new_tokens=toy.MAX_NEW_TOKENS,
+    method="stop",
+    temperature=toy.TEMPERATURE,
+    top_p=1.0,
+)
 NUM_BLOCKS, MAX_NUM_SEQS = 600, 1024
 QUESTIONS = [p.question for p in toy.task.generate(34, seed=7, split="test")]
 
@@ -63,15 +78,16 @@ def toy_reasoner(**engine_kwargs) -> ParallelReasoner:
     """A reasoner on its own copy of the toy model and adapter."""
     model, tokenizer = toy.load_model()
     scorer = StopScorer.load(toy.ADAPTER_DIR, model)
-    engine = Engine(model, **{"num_blocks": NUM_BLOCKS, "max_num_seqs": MAX_NUM_SEQS,
-                              **engine_kwargs})
+    engine = Engine(
+        model, **{"num_blocks": NUM_BLOCKS, "max_num_seqs": MAX_NUM_SEQS, **engine_kwargs}
+    )
     return ParallelReasoner(model, tokenizer, scorer, engine=engine)
 
 
 @dataclass
 class Served:
     url: str
-    state: object    # the app's _Server: its worker, engine, metrics
+    state: object  # the app's _Server: its worker, engine, metrics
 
     @property
     def engine(self) -> Engine:
@@ -122,11 +138,14 @@ class Served:
 @contextlib.contextmanager
 def serving(reasoner: ParallelReasoner, **kwargs) -> Iterator[Served]:
     """uvicorn on a free loopback port in a thread, stopped on exit."""
-    app = create_app(reasoner, model_name=MODEL, defaults=kwargs.pop("defaults", DEFAULTS), **kwargs)
+    app = create_app(
+        reasoner, model_name=MODEL, defaults=kwargs.pop("defaults", DEFAULTS), **kwargs
+    )
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_config=None, log_level="warning", timeout_graceful_shutdown=5)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -178,9 +197,11 @@ def assert_same(body: dict, sol, prompt_tokens: int) -> None:
         text = choice["message"]["content"] if "message" in choice else choice["text"]
         assert text == path.text
     usage = {k: body["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    assert usage == {"prompt_tokens": prompt_tokens,
-                             "completion_tokens": sol.generated_tokens,
-                             "total_tokens": prompt_tokens + sol.generated_tokens}
+    assert usage == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": sol.generated_tokens,
+        "total_tokens": prompt_tokens + sol.generated_tokens,
+    }
 
 
 # ---- the openai client; concurrency; equality with solve -------------------------------------------
@@ -198,20 +219,23 @@ def test_32_concurrent_requests_equal_solve(served, reference):
         extra = {"stopkit": {"method": method, "keep": keep, "return_token_ids": True}}
         if i % 2:
             return await client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": q}], seed=seed, extra_body=extra)
+                model=MODEL, messages=[{"role": "user", "content": q}], seed=seed, extra_body=extra
+            )
         return await client.completions.create(model=MODEL, prompt=q, seed=seed, extra_body=extra)
 
     async def ask_all():
-        async with openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="none",
-                                      max_retries=0, timeout=300) as client:
+        async with openai.AsyncOpenAI(
+            base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=300
+        ) as client:
             return await asyncio.gather(*(ask(client, i, q) for i, q in enumerate(questions)))
 
     responses = asyncio.run(ask_all())
     # requests ran together in the scheduler: more rows at once than one request has
     assert served.engine.stats.peak_rows >= 3 * SOLVE["n"]
     for m, (method, keep, seed) in enumerate(METHODS):
-        sols = reference.solve_batch(questions[m::4], **{**SOLVE, "method": method, "keep": keep,
-                                                         "seed": seed})
+        sols = reference.solve_batch(
+            questions[m::4], **{**SOLVE, "method": method, "keep": keep, "seed": seed}
+        )
         for i, sol in zip(range(m, 32, 4), sols, strict=True):
             body = responses[i].model_dump()
             assert body["object"] == ("chat.completion" if i % 2 else "text_completion")
@@ -220,8 +244,9 @@ def test_32_concurrent_requests_equal_solve(served, reference):
     # solve itself, one question at a time, says the same
     for i in (0, 5):
         method, keep, seed = METHODS[i % 4]
-        sol = reference.solve(questions[i], **{**SOLVE, "method": method, "keep": keep,
-                                               "seed": seed})
+        sol = reference.solve(
+            questions[i], **{**SOLVE, "method": method, "keep": keep, "seed": seed}
+        )
         assert_same(responses[i].model_dump(), sol, len(reference.prompt_ids(questions[i])))
 
 
@@ -229,7 +254,9 @@ def test_defaults_models_and_health(served, reference):
     """A request with nothing but the prompt runs the server's defaults with a random seed that
     the response reports and that reproduces it."""
     q = QUESTIONS[32]
-    body = served.post("/v1/completions", json={"prompt": q, "stopkit": {"return_token_ids": True}}).json()
+    body = served.post(
+        "/v1/completions", json={"prompt": q, "stopkit": {"return_token_ids": True}}
+    ).json()
     seed = body["stopkit"]["seed"]
     assert body["stopkit"]["method"] == "stop" and len(body["stopkit"]["votes"]) >= 1
     assert_same(body, reference.solve(q, **SOLVE, seed=seed), len(reference.prompt_ids(q)))
@@ -247,7 +274,7 @@ def read_sse(response: httpx.Response) -> list:
     for line in response.iter_lines():
         if line:
             assert line.startswith("data: "), line
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
@@ -255,10 +282,16 @@ def read_sse(response: httpx.Response) -> list:
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_stream_sends_progress_then_the_result(path, served, reference):
     q = QUESTIONS[33]
-    payload = {"stream": True, "seed": 5, "n": 16, "stream_options": {"include_usage": True},
-               "stopkit": {"method": "confidence", "keep": 4, "return_token_ids": True}}
-    payload.update({"messages": [{"role": "user", "content": q}]} if "chat" in path
-                   else {"prompt": q})
+    payload = {
+        "stream": True,
+        "seed": 5,
+        "n": 16,
+        "stream_options": {"include_usage": True},
+        "stopkit": {"method": "confidence", "keep": 4, "return_token_ids": True},
+    }
+    payload.update(
+        {"messages": [{"role": "user", "content": q}]} if "chat" in path else {"prompt": q}
+    )
     with httpx.stream("POST", served.url + path, json=payload, timeout=120) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -269,9 +302,10 @@ def test_stream_sends_progress_then_the_result(path, served, reference):
     assert all(c["object"] == kind and c["model"] == MODEL for c in chunks)
     assert len({c["id"] for c in chunks}) == 1
     progress = [c["stopkit"]["progress"] for c in chunks if "progress" in c.get("stopkit", {})]
-    results = chunks[len(progress):]
-    assert chunks[:len(progress)] == [c for c in chunks if c["choices"] == [] and
-                                      "progress" in c["stopkit"]]   # progress first
+    results = chunks[len(progress) :]
+    assert chunks[: len(progress)] == [
+        c for c in chunks if c["choices"] == [] and "progress" in c["stopkit"]
+    ]  # progress first
     assert progress[0] == {"phase": "queued", "tokens": 0, "live_paths": 16}
     tokens = [p["tokens"] for p in progress]
     assert tokens == sorted(tokens) and tokens[-1] > 0
@@ -284,8 +318,11 @@ def test_stream_sends_progress_then_the_result(path, served, reference):
     for c in choices:
         if "delta" in c:
             c["message"] = c.pop("delta")
-    assert_same({"choices": choices, "stopkit": last["stopkit"], "usage": last["usage"]}, sol,
-                len(reference.prompt_ids(q)))
+    assert_same(
+        {"choices": choices, "stopkit": last["stopkit"], "usage": last["usage"]},
+        sol,
+        len(reference.prompt_ids(q)),
+    )
 
 
 def test_stream_through_the_openai_client(served):
@@ -293,8 +330,9 @@ def test_stream_through_the_openai_client(served):
     args = dict(model=MODEL, messages=[{"role": "user", "content": QUESTIONS[0]}], seed=1)
     chunks = list(client.chat.completions.create(stream=True, **args))
     whole = client.chat.completions.create(**args)
-    assert [c.choices[0].delta.content for c in chunks if c.choices] == \
-        [c.message.content for c in whole.choices]
+    assert [c.choices[0].delta.content for c in chunks if c.choices] == [
+        c.message.content for c in whole.choices
+    ]
     assert chunks[-1].stopkit["votes"] == whole.stopkit["votes"]
 
 
@@ -304,8 +342,11 @@ def raw_request(served: Served, payload: dict, path: str = "/v1/completions") ->
     body = json.dumps(payload).encode()
     host, port = served.url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
     return sock
 
 
@@ -331,18 +372,20 @@ def test_disconnect_frees_its_blocks_at_once(stream, served, reference):
     aborted = served.metrics()['stopkit_requests_total{outcome="aborted"}']
     b_args = {"seed": 3, "n": 16, "stopkit": {"method": "full", "return_token_ids": True}}
     b, b_result = in_background(served.post, "/v1/completions", json={"prompt": qb, **b_args})
-    sock = raw_request(served, {"prompt": qa, "n": 16, "stream": stream,
-                                "stopkit": {"method": "full"}})
+    sock = raw_request(
+        served, {"prompt": qa, "n": 16, "stream": stream, "stopkit": {"method": "full"}}
+    )
     served.wait_for("both requests running", lambda m: m["stopkit_running_questions"] == 2)
     with served.paused():
         held_b = blocks_of(engine, pb)
         assert held_b and blocks_of(engine, pa)
         assert engine.cache.num_blocks - engine.cache.num_free_blocks > len(held_b)
         sock.close()
-        m = served.wait_for("A's blocks freed", lambda m: m["stopkit_kv_blocks_used"] == len(held_b),
-                            timeout=10)
+        m = served.wait_for(
+            "A's blocks freed", lambda m: m["stopkit_kv_blocks_used"] == len(held_b), timeout=10
+        )
         assert m['stopkit_requests_total{outcome="aborted"}'] == aborted + 1
-        assert m["stopkit_running_questions"] == 1      # B still runs
+        assert m["stopkit_running_questions"] == 1  # B still runs
         assert blocks_of(engine, pb) == held_b and not blocks_of(engine, pa)
     b.join(120)
     body = b_result[0].json()
@@ -357,47 +400,99 @@ LONG = " ".join(["1 #1 + 2"] * 80)  # far more than the toy model's 256-token co
 BAD = {
     "invalid JSON": ("/v1/completions", b'{"prompt": "1 + 1", ', None, "JSON"),
     "not an object": ("/v1/completions", [1, 2], None, "JSON object"),
-    "unknown method": ("/v1/completions", {"prompt": "1", "stopkit": {"method": "nope"}},
-                       "stopkit.method", "method must be one of"),
-    "keep > n": ("/v1/completions", {"prompt": "1", "n": 4, "stopkit": {"keep": 5}},
-                 "stopkit.keep", "keep must be <= n"),
-    "prefix >= max_tokens": ("/v1/completions", {"prompt": "1", "max_tokens": 10},
-                             "stopkit.prefix_tokens", "max_tokens"),
+    "unknown method": (
+        "/v1/completions",
+        {"prompt": "1", "stopkit": {"method": "nope"}},
+        "stopkit.method",
+        "method must be one of",
+    ),
+    "keep > n": (
+        "/v1/completions",
+        {"prompt": "1", "n": 4, "stopkit": {"keep": 5}},
+        "stopkit.keep",
+        "keep must be <= n",
+    ),
+    "prefix >= max_tokens": (
+        "/v1/completions",
+        {"prompt": "1", "max_tokens": 10},
+        "stopkit.prefix_tokens",
+        "max_tokens",
+    ),
     "long prompt": ("/v1/completions", {"prompt": LONG}, "prompt", "context"),
     "long prompt ids": ("/v1/completions", {"prompt": [5] * 255}, "prompt", "context"),
-    "long chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]},
-                  "messages", "context"),
-    "max_tokens beyond the context": ("/v1/completions", {"prompt": "1", "max_tokens": 300},
-                                      "max_tokens", "context"),
-    "temperature type": ("/v1/completions", {"prompt": "1", "temperature": "hot"},
-                         "temperature", "number"),
+    "long chat": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": LONG}]},
+        "messages",
+        "context",
+    ),
+    "max_tokens beyond the context": (
+        "/v1/completions",
+        {"prompt": "1", "max_tokens": 300},
+        "max_tokens",
+        "context",
+    ),
+    "temperature type": (
+        "/v1/completions",
+        {"prompt": "1", "temperature": "hot"},
+        "temperature",
+        "number",
+    ),
     "n type": ("/v1/completions", {"prompt": "1", "n": "8"}, "n", "integer"),
     "stream type": ("/v1/completions", {"prompt": "1", "stream": "yes"}, "stream", "boolean"),
-    "content type": ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
-                     "messages[0].content", "string"),
+    "content type": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": 5}]},
+        "messages[0].content",
+        "string",
+    ),
     "no prompt": ("/v1/completions", {"n": 2}, "prompt", "required"),
     "no messages": ("/v1/chat/completions", {"messages": []}, "messages", "at least 1"),
-    "unknown stopkit option": ("/v1/completions", {"prompt": "1", "stopkit": {"prefix": 3}},
-                               "stopkit.prefix", "not permitted"),
-    "negative temperature": ("/v1/completions", {"prompt": "1", "temperature": -1},
-                             "temperature", "temperature must be"),
+    "unknown stopkit option": (
+        "/v1/completions",
+        {"prompt": "1", "stopkit": {"prefix": 3}},
+        "stopkit.prefix",
+        "not permitted",
+    ),
+    "negative temperature": (
+        "/v1/completions",
+        {"prompt": "1", "temperature": -1},
+        "temperature",
+        "temperature must be",
+    ),
     "top_p 0": ("/v1/completions", {"prompt": "1", "top_p": 0.0}, "top_p", "top_p must be"),
     "negative seed": ("/v1/completions", {"prompt": "1", "seed": -3}, "seed", "seed must be"),
-    "token id out of the vocabulary": ("/v1/completions", {"prompt": [1, 2, 999]}, "prompt",
-                                       "token id"),
+    "token id out of the vocabulary": (
+        "/v1/completions",
+        {"prompt": [1, 2, 999]},
+        "prompt",
+        "token id",
+    ),
     "empty prompt": ("/v1/completions", {"prompt": ""}, "prompt", "empty"),
-    "stop sequences": ("/v1/completions", {"prompt": "1", "stop": ["\n"]}, "stop",
-                       "not supported"),
-    "n above max_num_seqs": ("/v1/completions", {"prompt": "1", "n": MAX_NUM_SEQS + 1}, "n",
-                             "max-num-seqs"),
-    "never fits the KV budget": ("/v1/completions", {"prompt": "1", "n": 1000}, None,
-                                 "blocks"),
+    "stop sequences": ("/v1/completions", {"prompt": "1", "stop": ["\n"]}, "stop", "not supported"),
+    "n above max_num_seqs": (
+        "/v1/completions",
+        {"prompt": "1", "n": MAX_NUM_SEQS + 1},
+        "n",
+        "max-num-seqs",
+    ),
+    "never fits the KV budget": ("/v1/completions", {"prompt": "1", "n": 1000}, None, "blocks"),
     "several messages, no template": (
-        "/v1/chat/completions", {"messages": [{"role": "system", "content": "be brief"},
-                                              {"role": "user", "content": "1"}]},
-        "messages", "chat template"),
-    "image content": ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content", "text"),
+        "/v1/chat/completions",
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1"}]},
+        "messages",
+        "chat template",
+    ),
+    "image content": (
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+            ]
+        },
+        "messages[0].content",
+        "text",
+    ),
 }
 
 
@@ -418,16 +513,23 @@ def test_unknown_model_is_404_and_the_server_lives_on(served):
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
     assert httpx.get(served.url + "/nope").status_code == 404
     assert httpx.get(served.url + "/health").status_code == 200
-    ok = served.post("/v1/completions", json={"prompt": QUESTIONS[3], "n": 2, "stopkit": {"keep": 1}})
+    ok = served.post(
+        "/v1/completions", json={"prompt": QUESTIONS[3], "n": 2, "stopkit": {"keep": 1}}
+    )
     assert ok.status_code == 200
 
 
 def test_full_queue_is_503(served, monkeypatch):
     monkeypatch.setattr(served.state, "max_queue", 2)
     with served.paused():
-        waiting = [in_background(served.post, "/v1/completions",
-                                 json={"prompt": QUESTIONS[i], "n": 2, "stopkit": {"keep": 1}})
-                   for i in (4, 5)]
+        waiting = [
+            in_background(
+                served.post,
+                "/v1/completions",
+                json={"prompt": QUESTIONS[i], "n": 2, "stopkit": {"keep": 1}},
+            )
+            for i in (4, 5)
+        ]
         served.wait_for("2 in flight", lambda m: m["stopkit_requests_in_flight"] == 2)
         r = served.post("/v1/completions", json={"prompt": QUESTIONS[6]})
         assert r.status_code == 503, r.text
@@ -435,8 +537,12 @@ def test_full_queue_is_503(served, monkeypatch):
     for thread, result in waiting:
         thread.join(60)
         assert result[0].status_code == 200
-    assert served.post("/v1/completions", json={"prompt": QUESTIONS[6], "n": 2,
-                                                "stopkit": {"keep": 1}}).status_code == 200
+    assert (
+        served.post(
+            "/v1/completions", json={"prompt": QUESTIONS[6], "n": 2, "stopkit": {"keep": 1}}
+        ).status_code
+        == 200
+    )
 
 
 def test_a_failing_step_fails_only_the_requests_it_ran(reference):
@@ -447,7 +553,7 @@ def test_a_failing_step_fails_only_the_requests_it_ran(reference):
         real, calls = type(run).step, []
 
         def flaky():
-            if not sending.is_set():    # paused until both requests are in the run
+            if not sending.is_set():  # paused until both requests are in the run
                 time.sleep(0.005)
                 return []
             calls.append(1)
@@ -458,10 +564,14 @@ def test_a_failing_step_fails_only_the_requests_it_ran(reference):
         sending = threading.Event()
         run.step = flaky
         try:
-            sent = [in_background(s.post, "/v1/completions",
-                                  json={"prompt": QUESTIONS[i], "seed": 9,
-                                        "stopkit": {"return_token_ids": True}})
-                    for i in (7, 8)]
+            sent = [
+                in_background(
+                    s.post,
+                    "/v1/completions",
+                    json={"prompt": QUESTIONS[i], "seed": 9, "stopkit": {"return_token_ids": True}},
+                )
+                for i in (7, 8)
+            ]
             s.wait_for("2 in flight", lambda m: m["stopkit_requests_in_flight"] == 2)
             s.metrics()  # both are in the run now (the worker's inbox is first in, first out)
             sending.set()
@@ -482,8 +592,12 @@ def test_a_failing_step_fails_only_the_requests_it_ran(reference):
         assert m['stopkit_requests_total{outcome="failed"}'] == 1
         assert m["stopkit_kv_blocks_used"] == 0
         assert httpx.get(s.url + "/health").status_code == 200
-        assert s.post("/v1/completions", json={"prompt": QUESTIONS[9], "n": 2,
-                                               "stopkit": {"keep": 1}}).status_code == 200
+        assert (
+            s.post(
+                "/v1/completions", json={"prompt": QUESTIONS[9], "n": 2, "stopkit": {"keep": 1}}
+            ).status_code
+            == 200
+        )
 
 
 # ---- chat template ---------------------------------------------------------------------------------
@@ -491,13 +605,19 @@ def test_chat_template_applies_to_the_messages():
     reasoner = toy_reasoner()
     tok = reasoner.tokenizer
     # the user's turns, then the answer opens with the careful approach
-    tok.chat_template = ("<s>{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}"
-                         "{% endif %}{% endfor %}{% if add_generation_prompt %} careful{% endif %}")
-    messages = [{"role": "system", "content": "ignored by this template"},
-                {"role": "user", "content": QUESTIONS[10]}]
+    tok.chat_template = (
+        "<s>{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %} careful{% endif %}"
+    )
+    messages = [
+        {"role": "system", "content": "ignored by this template"},
+        {"role": "user", "content": QUESTIONS[10]},
+    ]
     with serving(reasoner) as s:
-        body = s.post("/v1/chat/completions", json={
-            "messages": messages, "seed": 4, "stopkit": {"return_token_ids": True}}).json()
+        body = s.post(
+            "/v1/chat/completions",
+            json={"messages": messages, "seed": 4, "stopkit": {"return_token_ids": True}},
+        ).json()
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids == tok(QUESTIONS[10])["input_ids"] + tok.convert_tokens_to_ids(["careful"])
@@ -508,29 +628,50 @@ def test_chat_template_applies_to_the_messages():
 # ---- metrics ---------------------------------------------------------------------------------------
 def test_metrics_parse_and_count(served):
     before = served.metrics()
-    usages = [served.post("/v1/completions", json={"prompt": QUESTIONS[i], "n": 4,
-                                                   "stopkit": {"keep": 2}}).json()["usage"]
-              for i in (11, 12)]
-    served.post("/v1/completions", json={"prompt": "1", "n": 0})   # a bad request
+    usages = [
+        served.post(
+            "/v1/completions", json={"prompt": QUESTIONS[i], "n": 4, "stopkit": {"keep": 2}}
+        ).json()["usage"]
+        for i in (11, 12)
+    ]
+    served.post("/v1/completions", json={"prompt": "1", "n": 0})  # a bad request
     text = httpx.get(served.url + "/metrics").text
     families = {f.name: f.type for f in text_string_to_metric_families(text)}
-    for name, kind in [("stopkit_requests_in_flight", "gauge"), ("stopkit_queue_length", "gauge"),
-                       ("stopkit_running_questions", "gauge"), ("stopkit_kv_blocks_used", "gauge"),
-                       ("stopkit_kv_blocks_total", "gauge"),
-                       ("stopkit_generation_tokens_per_second", "gauge"),
-                       ("stopkit_generated_tokens", "counter"), ("stopkit_preemptions", "counter"),
-                       ("stopkit_requests", "counter"),
-                       ("stopkit_request_latency_seconds", "histogram")]:
+    for name, kind in [
+        ("stopkit_requests_in_flight", "gauge"),
+        ("stopkit_queue_length", "gauge"),
+        ("stopkit_running_questions", "gauge"),
+        ("stopkit_kv_blocks_used", "gauge"),
+        ("stopkit_kv_blocks_total", "gauge"),
+        ("stopkit_generation_tokens_per_second", "gauge"),
+        ("stopkit_generated_tokens", "counter"),
+        ("stopkit_preemptions", "counter"),
+        ("stopkit_requests", "counter"),
+        ("stopkit_request_latency_seconds", "histogram"),
+    ]:
         assert families.get(name) == kind, (name, families)
     after = served.metrics()
-    assert after["stopkit_generated_tokens_total"] - before["stopkit_generated_tokens_total"] == \
-        sum(u["completion_tokens"] for u in usages)
-    assert after['stopkit_requests_total{outcome="ok"}'] - before['stopkit_requests_total{outcome="ok"}'] == 2
-    assert after['stopkit_requests_total{outcome="bad_request"}'] - \
-        before['stopkit_requests_total{outcome="bad_request"}'] == 1
-    assert after["stopkit_request_latency_seconds_count"] == after['stopkit_requests_total{outcome="ok"}']
-    assert after['stopkit_request_latency_seconds_bucket{le="+Inf"}'] == \
+    assert after["stopkit_generated_tokens_total"] - before[
+        "stopkit_generated_tokens_total"
+    ] == sum(u["completion_tokens"] for u in usages)
+    assert (
+        after['stopkit_requests_total{outcome="ok"}']
+        - before['stopkit_requests_total{outcome="ok"}']
+        == 2
+    )
+    assert (
+        after['stopkit_requests_total{outcome="bad_request"}']
+        - before['stopkit_requests_total{outcome="bad_request"}']
+        == 1
+    )
+    assert (
         after["stopkit_request_latency_seconds_count"]
+        == after['stopkit_requests_total{outcome="ok"}']
+    )
+    assert (
+        after['stopkit_request_latency_seconds_bucket{le="+Inf"}']
+        == after["stopkit_request_latency_seconds_count"]
+    )
     assert after["stopkit_kv_blocks_total"] == NUM_BLOCKS and after["stopkit_kv_blocks_used"] == 0
     assert after["stopkit_generation_tokens_per_second"] > 0
     assert after["stopkit_preemptions_total"] == served.engine.stats.preemptions

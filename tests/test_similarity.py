@@ -29,17 +29,23 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def tfidf_cosine_reference(ids: list[list[int]], ngram: int) -> np.ndarray:
     """Plain-Python TF-IDF (sublinear tf, smoothed idf over these documents) and cosine."""
     n = len(ids)
-    counts = [Counter(tuple(x[i:i + k]) for k in range(1, ngram + 1) for i in range(len(x) - k + 1))
-              for x in ids]
+    counts = [
+        Counter(tuple(x[i : i + k]) for k in range(1, ngram + 1) for i in range(len(x) - k + 1))
+        for x in ids
+    ]
     df = Counter(t for c in counts for t in c)
-    vecs = [{t: (1 + math.log(v)) * (math.log((1 + n) / (1 + df[t])) + 1) for t, v in c.items()}
-            for c in counts]
+    vecs = [
+        {t: (1 + math.log(v)) * (math.log((1 + n) / (1 + df[t])) + 1) for t, v in c.items()}
+        for c in counts
+    ]
     norms = [math.sqrt(sum(v * v for v in vec.values())) for vec in vecs]
     out = np.zeros((n, n))
     for i in range(n):
         for j in range(n):
             if norms[i] and norms[j]:
-                out[i, j] = sum(v * vecs[j].get(t, 0.0) for t, v in vecs[i].items()) / (norms[i] * norms[j])
+                out[i, j] = sum(v * vecs[j].get(t, 0.0) for t, v in vecs[i].items()) / (
+                    norms[i] * norms[j]
+                )
     return out
 
 
@@ -50,8 +56,15 @@ def mmr_reference(sim: np.ndarray, diversity: float) -> list[int]:
     order = [max(range(n), key=lambda i: (rel[i], -i))]
     while len(order) < n:
         rest = [i for i in range(n) if i not in order]
-        order.append(max(rest, key=lambda i: ((1 - diversity) * rel[i]
-                                               - diversity * max(sim[i, j] for j in order), -i)))
+        order.append(
+            max(
+                rest,
+                key=lambda i: (
+                    (1 - diversity) * rel[i] - diversity * max(sim[i, j] for j in order),
+                    -i,
+                ),
+            )
+        )
     return order
 
 
@@ -115,7 +128,7 @@ def test_diversity_prunes_the_redundant_copies_first():
     scores = SimilarityScorer(diversity=1.0).score("q", [""] * 5, ids)
     order = sorted(range(5), key=lambda i: -scores[i])
     assert order[0] == 0 and set(order[:3]) == {0, 1, 3}  # keep 3: one `a` and the two others
-    assert set(order[3:]) == {2, 4}                        # the redundant copies go first
+    assert set(order[3:]) == {2, 4}  # the redundant copies go first
 
 
 def test_pluggable_embedding_and_its_validation():
@@ -157,8 +170,11 @@ def test_seconds_accumulate_and_tfidf_processes_no_model_token():
 def test_consensus_ranks_majority_answer_paths_above_an_outlier_on_the_toy_task():
     tok = build_tokenizer()
     # a problem whose quick approach (the misconception) departs from the careful chain at once
-    problem = next(p for p in generate(200, seed=3)
-                   if quick_op(p.start, *p.ops[0]) != apply_op(p.start, *p.ops[0]))
+    problem = next(
+        p
+        for p in generate(200, seed=3)
+        if quick_op(p.start, *p.ops[0]) != apply_op(p.start, *p.ops[0])
+    )
     rng = random.Random(0)
     texts = [problem.sample_solution(rng, quick=False) for _ in range(6)]
     texts.append(problem.sample_solution(rng, quick=True))
@@ -180,9 +196,17 @@ def bert_dir(tmp_path_factory):
 
     tok = build_tokenizer()
     torch.manual_seed(1234)
-    model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=2, intermediate_size=64,
-                                 max_position_embeddings=24, pad_token_id=tok.pad_token_id))
+    model = BertModel(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=24,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     path = tmp_path_factory.mktemp("bert")
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -191,7 +215,9 @@ def bert_dir(tmp_path_factory):
 
 def toy_texts(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(p.sample_solution(rng).split()[:rng.randint(1, 30)]) for p in generate(n, seed)]
+    return [
+        " ".join(p.sample_solution(rng).split()[: rng.randint(1, 30)]) for p in generate(n, seed)
+    ]
 
 
 def reference_embedding(path, texts, max_length, pooling="mean"):
@@ -202,7 +228,7 @@ def reference_embedding(path, texts, max_length, pooling="mean"):
     model = AutoModel.from_pretrained(path).eval()
     rows = []
     for t in texts:
-        ids = tok(t, add_special_tokens=False)["input_ids"][-(max_length - 1):]
+        ids = tok(t, add_special_tokens=False)["input_ids"][-(max_length - 1) :]
         with torch.no_grad():
             h = model(input_ids=torch.tensor([[tok.bos_token_id] + ids])).last_hidden_state[0]
         pooled = h.mean(0) if pooling == "mean" else h[0]
@@ -231,8 +257,9 @@ def test_similarity_spec_with_a_model_keeps_the_end_of_long_prefixes(bert_dir):
     scores = scorer.score("q", texts, [[0]] * 6)
     ref = reference_embedding(bert_dir, texts, 8)
     sim = ref @ ref.T
-    np.testing.assert_allclose(scores, ((sim.sum(1) - sim.diagonal()) / 5).numpy(), rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        scores, ((sim.sum(1) - sim.diagonal()) / 5).numpy(), rtol=1e-4, atol=1e-5
+    )
     assert scorer.tokens == sum(min(len(build_tokenizer()(t)["input_ids"]), 8) for t in texts)
 
 
@@ -242,16 +269,33 @@ def test_sentence_transformers_pooling_config_is_honoured(bert_dir, tmp_path):
     path = tmp_path / "st"
     shutil.copytree(bert_dir, path)
     (path / "1_Pooling").mkdir()
-    (path / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
-    (path / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (path / "1_Pooling" / "config.json").write_text(
+        json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False})
+    )
+    (path / "modules.json").write_text(
+        json.dumps(
+            [
+                {
+                    "idx": 0,
+                    "name": "0",
+                    "path": "",
+                    "type": "sentence_transformers.models.Transformer",
+                },
+                {
+                    "idx": 1,
+                    "name": "1",
+                    "path": "1_Pooling",
+                    "type": "sentence_transformers.models.Pooling",
+                },
+            ]
+        )
+    )
     (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 10}))
     emb = TransformersEmbedding(path)
     assert (emb.pooling, emb.max_length) == ("cls", 10)
     texts = toy_texts(4, seed=2)
-    torch.testing.assert_close(emb(texts).double(), reference_embedding(path, texts, 10, "cls"),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        emb(texts).double(), reference_embedding(path, texts, 10, "cls"), rtol=1e-4, atol=1e-5
+    )
     with pytest.raises(ValueError, match="pooling must be one of"):
         TransformersEmbedding(path, pooling="max")

@@ -29,18 +29,32 @@ from stopkit.engine import Engine
 from stopkit.stop import ASSESS_TOKEN, StopScorer
 
 VOCAB = 128
-FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-            "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
 LENGTHS = (1, 5, 16, 17, 40)  # around the 16-token cache blocks
 
 
 def tiny_model(family: str = "llama", hidden: int = 64, heads: int = 2):
     config_cls, model_cls = FAMILIES[family]
-    config = config_cls(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2,
-                        num_attention_heads=heads, num_key_value_heads=1, head_dim=32,
-                        intermediate_size=96, max_position_embeddings=256, rms_norm_eps=1e-5,
-                        tie_word_embeddings=False, eos_token_id=None, bos_token_id=None,
-                        pad_token_id=None, initializer_range=0.2)
+    config = config_cls(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=1,
+        head_dim=32,
+        intermediate_size=96,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+        initializer_range=0.2,
+    )
     return model_cls(config).eval()
 
 
@@ -68,8 +82,9 @@ def _cache_kwarg(module) -> str:
 
 
 @torch.no_grad()
-def two_stage_reference(peft_model: PeftModel, token: torch.Tensor, num_tokens: int, head,
-                        prefix_list: list[list[int]]) -> torch.Tensor:
+def two_stage_reference(
+    peft_model: PeftModel, token: torch.Tensor, num_tokens: int, head, prefix_list: list[list[int]]
+) -> torch.Tensor:
     """The spec, one prefix at a time in plain transformers: prefix with the adapter disabled and
     use_cache; then the [STOP] embeddings as inputs_embeds with that cache at positions
     l..l+K-1 with the adapter on; last hidden state (after the final norm) -> head -> softmax[1].
@@ -86,9 +101,12 @@ def two_stage_reference(peft_model: PeftModel, token: torch.Tensor, num_tokens: 
         with peft_model.disable_adapter():
             backbone(input_ids=torch.tensor([p]), use_cache=True, **{kw: cache})
         L = len(p)
-        h = backbone(inputs_embeds=token.reshape(1, 1, -1).expand(1, num_tokens, -1),
-                     position_ids=torch.arange(L, L + num_tokens)[None], use_cache=True,
-                     **{kw: cache}).last_hidden_state[0, -1]
+        h = backbone(
+            inputs_embeds=token.reshape(1, 1, -1).expand(1, num_tokens, -1),
+            position_ids=torch.arange(L, L + num_tokens)[None],
+            use_cache=True,
+            **{kw: cache},
+        ).last_hidden_state[0, -1]
         if len(head) == 5:
             hw, hb, act, w, b = head
             h = getattr(F, act)(F.linear(h, hw, hb))
@@ -102,9 +120,13 @@ def peft_twin(scorer: StopScorer) -> PeftModel:
     """A PEFT copy of the scorer's model with the spec's adapter (LoRA on q_proj and v_proj, alpha
     2 * rank) holding the scorer's factors, copied by module name (not through scorer.save)."""
     rank = scorer.loras[0].A.shape[0]
-    twin = get_peft_model(copy.deepcopy(scorer.model), LoraConfig(
-        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
-        adapter_name="classifier")
+    twin = get_peft_model(
+        copy.deepcopy(scorer.model),
+        LoraConfig(
+            r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]
+        ),
+        adapter_name="classifier",
+    )
     targets = {name: m for name, m in twin.get_base_model().named_modules() if hasattr(m, "lora_A")}
     assert sorted(lo.path for lo in scorer.loras) == sorted(targets)
     with torch.no_grad():
@@ -117,8 +139,11 @@ def peft_twin(scorer: StopScorer) -> PeftModel:
 def peft_from_save(scorer: StopScorer, tmp_path) -> PeftModel:
     """A copy of the scorer's model with the adapter scorer.save wrote, loaded by PEFT itself."""
     scorer.save(tmp_path / "ckpt")
-    return PeftModel.from_pretrained(copy.deepcopy(scorer.model), tmp_path / "ckpt" / "adapter" /
-                                     "classifier", adapter_name="classifier")
+    return PeftModel.from_pretrained(
+        copy.deepcopy(scorer.model),
+        tmp_path / "ckpt" / "adapter" / "classifier",
+        adapter_name="classifier",
+    )
 
 
 def head_of(scorer: StopScorer) -> tuple:
@@ -134,8 +159,9 @@ def test_scores_equal_transformers_two_stage_forward(family):
     model = tiny_model(family)
     scorer = randomise(StopScorer.new(model, lora_rank=8, seed=1))
     batch = prefixes()
-    ref = two_stage_reference(peft_twin(scorer), scorer.token.detach(), scorer.num_tokens,
-                              head_of(scorer), batch)
+    ref = two_stage_reference(
+        peft_twin(scorer), scorer.token.detach(), scorer.num_tokens, head_of(scorer), batch
+    )
     assert ref.std() > 0.05  # spread-out scores, not all ~0.5
     got = scorer.score(batch)  # paged cache + native kernels + fused norm/head
     assert got.dtype == torch.float32 and got.shape == (len(batch),)
@@ -173,8 +199,9 @@ def test_training_forward_equals_engine_on_sliding_windows(family):
 
 def test_mlp_head_and_more_tokens():
     model = tiny_model()
-    scorer = randomise(StopScorer.new(model, num_tokens=6, lora_rank=4, head_hidden=16,
-                                      activation="silu", seed=2))
+    scorer = randomise(
+        StopScorer.new(model, num_tokens=6, lora_rank=4, head_hidden=16, activation="silu", seed=2)
+    )
     batch = prefixes((3, 33))
     ref = two_stage_reference(peft_twin(scorer), scorer.token.detach(), 6, head_of(scorer), batch)
     torch.testing.assert_close(scorer.score(batch), ref, atol=1e-5, rtol=1e-5)
@@ -248,8 +275,17 @@ def test_new_is_seeded_and_leaves_global_rng():
 @pytest.mark.parametrize("head_hidden", [None, 12])
 def test_save_load_round_trip(tmp_path, head_hidden):
     model = tiny_model()
-    scorer = randomise(StopScorer.new(model, num_tokens=3, lora_rank=8, head_hidden=head_hidden,
-                                      activation="tanh", seed=5, lora_dropout=0.125))
+    scorer = randomise(
+        StopScorer.new(
+            model,
+            num_tokens=3,
+            lora_rank=8,
+            head_hidden=head_hidden,
+            activation="tanh",
+            seed=5,
+            lora_dropout=0.125,
+        )
+    )
     scorer.save(tmp_path / "s")
     loaded = StopScorer.load(tmp_path / "s", model)
     assert loaded.num_tokens == 3 and loaded.activation == "tanh"
@@ -264,8 +300,9 @@ def test_save_load_round_trip(tmp_path, head_hidden):
     batch = prefixes((2, 19, 31))
     assert torch.equal(loaded.score(batch), scorer.score(batch))
     # what save wrote is the adapter for PEFT too
-    ref = two_stage_reference(peft_from_save(scorer, tmp_path), scorer.token.detach(), 3,
-                              head_of(scorer), batch)
+    ref = two_stage_reference(
+        peft_from_save(scorer, tmp_path), scorer.token.detach(), 3, head_of(scorer), batch
+    )
     torch.testing.assert_close(scorer.score(batch), ref, atol=1e-5, rtol=1e-5)
     # saving the loaded scorer writes the same adapter
     loaded.save(tmp_path / "t")
@@ -281,25 +318,48 @@ def test_loads_a_handwritten_checkpoint(tmp_path, variant):
     sqrt(r)), a per-module rank (rank_pattern) and an MLP head."""
     model = tiny_model()
     d, rslora = model.config.hidden_size, variant == "rslora"
-    extra = dict(use_rslora=True, rank_pattern={"model.layers.1.self_attn.v_proj": 4}) if rslora else {}
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], **extra),
-        adapter_name="classifier")
+    extra = (
+        dict(use_rslora=True, rank_pattern={"model.layers.1.self_attn.v_proj": 4}) if rslora else {}
+    )
+    peft_model = get_peft_model(
+        copy.deepcopy(model),
+        LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], **extra
+        ),
+        adapter_name="classifier",
+    )
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.3)
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     k = 12 if rslora else d  # the head's input
-    tensors = {"token": torch.randn(d), "head.weight": torch.randn(2, k) / math.sqrt(k),
-               "head.bias": torch.randn(2) * 0.5}
+    tensors = {
+        "token": torch.randn(d),
+        "head.weight": torch.randn(2, k) / math.sqrt(k),
+        "head.bias": torch.randn(2) * 0.5,
+    }
     if rslora:
-        tensors.update({"hidden.weight": torch.randn(k, d) * 2 / math.sqrt(d),
-                        "hidden.bias": torch.randn(k) * 0.5})
+        tensors.update(
+            {
+                "hidden.weight": torch.randn(k, d) * 2 / math.sqrt(d),
+                "hidden.bias": torch.randn(k) * 0.5,
+            }
+        )
     save_file(tensors, str(tmp_path / "stop.safetensors"))
-    (tmp_path / "stop_config.json").write_text(json.dumps({
-        "format": "stopkit.stop", "version": 1, "hidden_size": d, "num_tokens": 3,
-        "head_hidden": k if rslora else None, "activation": "tanh", "adapter": "adapter/classifier"}))
+    (tmp_path / "stop_config.json").write_text(
+        json.dumps(
+            {
+                "format": "stopkit.stop",
+                "version": 1,
+                "hidden_size": d,
+                "num_tokens": 3,
+                "head_hidden": k if rslora else None,
+                "activation": "tanh",
+                "adapter": "adapter/classifier",
+            }
+        )
+    )
 
     scorer = StopScorer.load(tmp_path, model)
     batch = prefixes((4, 17, 30))
@@ -315,9 +375,13 @@ def write_authors_checkpoint(path, model, *, num_tokens=3, rank=8, hidden=None, 
     """The authors' released layout, built with PEFT and torch.save. Returns (peft model, token,
     head weight, head bias)."""
     d = hidden or model.config.hidden_size
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
-        r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]),
-        adapter_name="classifier")
+    peft_model = get_peft_model(
+        copy.deepcopy(model),
+        LoraConfig(
+            r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]
+        ),
+        adapter_name="classifier",
+    )
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -326,20 +390,35 @@ def write_authors_checkpoint(path, model, *, num_tokens=3, rank=8, hidden=None, 
     token = torch.randn(d)
     weight, bias = torch.randn(2, d) / math.sqrt(d), torch.randn(2) * 0.5
     torch.save({"weight": weight, "bias": bias}, path / "classifier_head.pth")
-    torch.save({"input_embedding": token, "output_embedding": None, "assess_token": "<|assess|>",
-                "special_token_id": VOCAB}, path / "assess_token_embedding.pth")
-    (path / "assess_token_config.json").write_text(json.dumps({
-        "assess_token": "<|assess|>", "special_token_id": VOCAB, "num_assess_tokens": num_tokens,
-        "tokenizer_dir": "/authors/machine/tokenizer",
-        "embedding_path": "/authors/machine/assess_token_embedding.pth"}))
+    torch.save(
+        {
+            "input_embedding": token,
+            "output_embedding": None,
+            "assess_token": "<|assess|>",
+            "special_token_id": VOCAB,
+        },
+        path / "assess_token_embedding.pth",
+    )
+    (path / "assess_token_config.json").write_text(
+        json.dumps(
+            {
+                "assess_token": "<|assess|>",
+                "special_token_id": VOCAB,
+                "num_assess_tokens": num_tokens,
+                "tokenizer_dir": "/authors/machine/tokenizer",
+                "embedding_path": "/authors/machine/assess_token_embedding.pth",
+            }
+        )
+    )
     return peft_model, token, weight, bias
 
 
 @pytest.mark.parametrize("bin_weights", [True, False])
 def test_loads_authors_layout(tmp_path, bin_weights):
     model = tiny_model()
-    peft_model, token, weight, bias = write_authors_checkpoint(tmp_path, model,
-                                                               bin_weights=bin_weights)
+    peft_model, token, weight, bias = write_authors_checkpoint(
+        tmp_path, model, bin_weights=bin_weights
+    )
     expected = "adapter_model.bin" if bin_weights else "adapter_model.safetensors"
     assert (tmp_path / "adapter" / "classifier" / expected).is_file()
     scorer = StopScorer.load(tmp_path, model)
@@ -372,9 +451,13 @@ def test_save_in_authors_layout(tmp_path, caplog):
     saved_tokenizer = AutoTokenizer.from_pretrained(path / config["tokenizer_dir"])
     token_id = saved_tokenizer.convert_tokens_to_ids(ASSESS_TOKEN)
     assert token_id == len(vocab)  # added, as their trainer adds it
-    assert config == {"assess_token": ASSESS_TOKEN, "special_token_id": token_id,
-                      "num_assess_tokens": 3, "tokenizer_dir": "tokenizer",
-                      "embedding_path": "assess_token_embedding.pth"}
+    assert config == {
+        "assess_token": ASSESS_TOKEN,
+        "special_token_id": token_id,
+        "num_assess_tokens": 3,
+        "tokenizer_dir": "tokenizer",
+        "embedding_path": "assess_token_embedding.pth",
+    }
     emb = torch.load(path / config["embedding_path"], weights_only=True)
     assert emb.keys() == {"assess_token", "special_token_id", "input_embedding", "output_embedding"}
     assert emb["assess_token"] == ASSESS_TOKEN and emb["special_token_id"] == token_id
@@ -389,12 +472,18 @@ def test_save_in_authors_layout(tmp_path, caplog):
     assert adapter["r"] == 8 and adapter["lora_alpha"] == 16
     assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
 
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), path / "adapter" / "classifier",
-                                           adapter_name="classifier")
+    peft_model = PeftModel.from_pretrained(
+        copy.deepcopy(model), path / "adapter" / "classifier", adapter_name="classifier"
+    )
     assert sum("lora_A.classifier" in n for n, _ in peft_model.named_parameters()) == 4
     batch = prefixes((4, 18, 33))
-    ref = two_stage_reference(peft_model, emb["input_embedding"], config["num_assess_tokens"],
-                              (head.weight.detach(), head.bias.detach()), batch)
+    ref = two_stage_reference(
+        peft_model,
+        emb["input_embedding"],
+        config["num_assess_tokens"],
+        (head.weight.detach(), head.bias.detach()),
+        batch,
+    )
     got = scorer.score(batch)
     assert ref.std() > 0.05
     torch.testing.assert_close(ref, got, atol=1e-5, rtol=1e-5)
@@ -424,7 +513,9 @@ def test_authors_layout_in_the_model_dtype(tmp_path):
     scorer.save(tmp_path, layout="authors")
     head = torch.load(tmp_path / "classifier_head.pth", weights_only=True)
     emb = torch.load(tmp_path / "assess_token_embedding.pth", weights_only=True)
-    assert head["weight"].dtype == head["bias"].dtype == emb["input_embedding"].dtype == torch.bfloat16
+    assert (
+        head["weight"].dtype == head["bias"].dtype == emb["input_embedding"].dtype == torch.bfloat16
+    )
     loaded = StopScorer.load(tmp_path, model)
     assert torch.equal(loaded.head.weight, scorer.head.weight.to(torch.bfloat16).float())
     assert torch.equal(loaded.token, scorer.token.to(torch.bfloat16).float())
@@ -435,7 +526,9 @@ def test_authors_layout_in_the_model_dtype(tmp_path):
 def test_authors_layout_refuses_a_hidden_layer(tmp_path):
     model = tiny_model()
     scorer = StopScorer.new(model, lora_rank=4, head_hidden=8)
-    with pytest.raises(ValueError, match=r"Linear\(d, 2\) head only.*head_hidden=8.*stopkit layout"):
+    with pytest.raises(
+        ValueError, match=r"Linear\(d, 2\) head only.*head_hidden=8.*stopkit layout"
+    ):
         scorer.save(tmp_path, layout="authors")
     assert not any(tmp_path.iterdir())  # nothing half-written
     with pytest.raises(ValueError, match="layout must be one of stopkit, authors, got 'peft'"):
@@ -454,13 +547,16 @@ def test_hidden_size_mismatch(tmp_path):
         StopScorer.load(tmp_path / "authors", large)
 
 
-@pytest.mark.parametrize("layout,missing,listed", [
-    ("own", "stop.safetensors", "stop_config.json"),
-    ("own", "adapter/classifier/adapter_model.safetensors", "stop.safetensors"),
-    ("authors", "classifier_head.pth", "assess_token_config.json"),
-    ("authors", "assess_token_embedding.pth", "classifier_head.pth"),
-    ("authors", "adapter/classifier/adapter_config.json", "assess_token_embedding.pth"),
-])
+@pytest.mark.parametrize(
+    "layout,missing,listed",
+    [
+        ("own", "stop.safetensors", "stop_config.json"),
+        ("own", "adapter/classifier/adapter_model.safetensors", "stop.safetensors"),
+        ("authors", "classifier_head.pth", "assess_token_config.json"),
+        ("authors", "assess_token_embedding.pth", "classifier_head.pth"),
+        ("authors", "adapter/classifier/adapter_config.json", "assess_token_embedding.pth"),
+    ],
+)
 def test_missing_file_lists_layout(tmp_path, layout, missing, listed):
     model = tiny_model()
     if layout == "own":

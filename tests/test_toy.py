@@ -92,7 +92,10 @@ def test_quick_traces_carry_the_misconception(seed):
     hits = 0
     for p in task.generate(300, seed):
         quick_chain = p.chain(task.quick_op)
-        met = any(op == "-" and c > x for x, (op, c) in zip([p.start] + quick_chain[:-1], p.ops, strict=True))
+        met = any(
+            op == "-" and c > x
+            for x, (op, c) in zip([p.start] + quick_chain[:-1], p.ops, strict=True)
+        )
         hits += met
         # without slips a quick trace writes the quick chain, and ends wrong exactly when it met a
         # subtraction of a larger number (and did not land back on the answer by chance)
@@ -185,14 +188,18 @@ def test_shipped_model_matches_tokenizer(shipped):
 def test_shipped_model_greedy_solves_easy_problems(shipped, seed):
     model, tok = shipped
     rng = random.Random(seed)
-    problems = [task.Problem(rng.randrange(task.P),
-                             tuple((op, rng.randint(2, 5)) for op in rng.choices(task.OPS, k=8)))
-                for _ in range(8)]
+    problems = [
+        task.Problem(
+            rng.randrange(task.P),
+            tuple((op, rng.randint(2, 5)) for op in rng.choices(task.OPS, k=8)),
+        )
+        for _ in range(8)
+    ]
     enc = tok([p.question for p in problems], return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model.generate(**enc, do_sample=False, max_new_tokens=100)
     right = 0
-    for p, row in zip(problems, out[:, enc["input_ids"].shape[1]:], strict=True):
+    for p, row in zip(problems, out[:, enc["input_ids"].shape[1] :], strict=True):
         assert tok.eos_token_id in row.tolist()
         text = tok.decode(row, skip_special_tokens=True)
         steps = task.extract_steps(text)
@@ -212,8 +219,11 @@ def test_first_slip_finds_the_first_wrong_step(seed):
         assert first_slip(p, p.solution) is None
         text = p.sample_solution(rng)
         ref = p.chain(task.quick_op if task.is_quick(text) else task.apply_op)
-        wrong = [i for i, ((x, op, c, y), v) in enumerate(zip(task.extract_steps(text), ref, strict=True))
-                 if y != v]
+        wrong = [
+            i
+            for i, ((x, op, c, y), v) in enumerate(zip(task.extract_steps(text), ref, strict=True))
+            if y != v
+        ]
         assert first_slip(p, text) == (wrong[0] if wrong else None)
         cut = p.solution.split(" #4 ")[0]
         assert first_slip(p, cut) == 3  # stops early: a slip at the missing step

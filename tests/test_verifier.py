@@ -20,8 +20,15 @@ MARKER = "<extra_0>"
 # a space before the content: a byte-level BPE ties it to the first word ("Ġcareful"), so the
 # solution must be tokenised together with the template around it
 CHAT = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            intermediate_size=64, max_position_embeddings=1024, initializer_range=0.2)
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=64,
+    max_position_embeddings=1024,
+    initializer_range=0.2,
+)
 
 
 def tokenizer(marker: bool = False):
@@ -42,11 +49,21 @@ def bpe_tokenizer():
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", MARKER],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>", additional_special_tokens=[MARKER])
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<pad>", "<s>", "</s>", MARKER],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=[MARKER],
+    )
     tok.chat_template = CHAT
     return tok
 
@@ -76,22 +93,41 @@ def models(tmp_path_factory):
     out = {}
     root = tmp_path_factory.mktemp("verifiers")
     plain, marked = tokenizer(), tokenizer(marker=True)
+
     def llama(**kw):
         return LlamaConfig(vocab_size=len(plain), pad_token_id=plain.pad_token_id, **TINY, **kw)
+
     out["cls2"] = save(LlamaForSequenceClassification(llama(num_labels=2)), plain, root / "cls2")
     out["cls1"] = save(LlamaForSequenceClassification(llama(num_labels=1)), plain, root / "cls1")
     out["cls3"] = save(LlamaForSequenceClassification(llama(num_labels=3)), plain, root / "cls3")
     bpe = bpe_tokenizer()
-    out["chat"] = save(Qwen2ForSequenceClassification(Qwen2Config(vocab_size=len(bpe), **TINY)),
-                       bpe, root / "chat")  # no pad id in its config
-    out["token_prm"] = save(LlamaForTokenClassification(LlamaConfig(
-        vocab_size=len(marked), pad_token_id=marked.pad_token_id, **TINY)), marked, root / "token_prm")
-    out["token_prm_nomarker"] = save(LlamaForTokenClassification(llama()), plain,
-                                     root / "token_prm_nomarker")
+    out["chat"] = save(
+        Qwen2ForSequenceClassification(Qwen2Config(vocab_size=len(bpe), **TINY)), bpe, root / "chat"
+    )  # no pad id in its config
+    out["token_prm"] = save(
+        LlamaForTokenClassification(
+            LlamaConfig(vocab_size=len(marked), pad_token_id=marked.pad_token_id, **TINY)
+        ),
+        marked,
+        root / "token_prm",
+    )
+    out["token_prm_nomarker"] = save(
+        LlamaForTokenClassification(llama()), plain, root / "token_prm_nomarker"
+    )
     out["causal"] = save(LlamaForCausalLM(llama()), plain, root / "causal")
-    out["bert"] = save(BertModel(BertConfig(vocab_size=len(plain), hidden_size=32, num_hidden_layers=1,
-                                            num_attention_heads=2, intermediate_size=64)),
-                       plain, root / "bert")
+    out["bert"] = save(
+        BertModel(
+            BertConfig(
+                vocab_size=len(plain),
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+            )
+        ),
+        plain,
+        root / "bert",
+    )
     # a causal LM whose config claims a classifier: the head weights are missing
     headless = root / "headless"
     save(LlamaForCausalLM(llama()), plain, headless)
@@ -109,9 +145,13 @@ def models(tmp_path_factory):
     qwen_prm.mkdir()
     save_file(state, qwen_prm / "model.safetensors")
     cfg = qwen.to_dict()
-    cfg.update(architectures=["Qwen2ForProcessRewardModel"], auto_map={
-        "AutoConfig": "configuration_qwen2_rm.Qwen2RMConfig",
-        "AutoModel": "modeling_qwen2_rm.Qwen2ForProcessRewardModel"})
+    cfg.update(
+        architectures=["Qwen2ForProcessRewardModel"],
+        auto_map={
+            "AutoConfig": "configuration_qwen2_rm.Qwen2RMConfig",
+            "AutoModel": "modeling_qwen2_rm.Qwen2ForProcessRewardModel",
+        },
+    )
     (qwen_prm / "config.json").write_text(json.dumps(cfg))
     bpe.save_pretrained(qwen_prm)
     out["qwen_prm"] = qwen_prm
@@ -126,7 +166,7 @@ def problems(n: int, seed: int) -> tuple[str, list[str]]:
     sols = []
     for _ in range(n):
         words = p.sample_solution(rng).replace(" #", "\n\n#").split(" ")
-        sols.append(" ".join(words[:rng.randint(0, len(words))]))
+        sols.append(" ".join(words[: rng.randint(0, len(words))]))
     return p.question, sols
 
 
@@ -146,7 +186,12 @@ def test_classifier_scores_match_unpadded_forward(models, name, batch_size, devi
     from transformers import AutoModelForSequenceClassification
 
     v = Verifier.load(models[name], device=device, dtype="float32", batch_size=batch_size)
-    assert (v.kind, v.method_type, v.chat, v.name) == ("classifier", "II", False, f"verifier:{models[name]}")
+    assert (v.kind, v.method_type, v.chat, v.name) == (
+        "classifier",
+        "II",
+        False,
+        f"verifier:{models[name]}",
+    )
     question, sols = problems(7, seed=3)
     scores = v.score(question, sols, [[1]] * 7)
     ref_model = AutoModelForSequenceClassification.from_pretrained(models[name]).eval()
@@ -171,14 +216,24 @@ def test_positive_label_and_chat_template_classifier(models):
     tok = AutoTokenizer.from_pretrained(models["chat"])
     ref = []
     for s in sols:
-        text = tok.apply_chat_template([{"role": "user", "content": question},
-                                        {"role": "assistant", "content": s}], tokenize=False)
-        ref.append(torch.softmax(forward_one(ref_model, tok(text, add_special_tokens=False)["input_ids"]), -1)[1])
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": question}, {"role": "assistant", "content": s}],
+            tokenize=False,
+        )
+        ref.append(
+            torch.softmax(
+                forward_one(ref_model, tok(text, add_special_tokens=False)["input_ids"]), -1
+            )[1]
+        )
     torch.testing.assert_close(torch.tensor(scores), torch.stack(ref), rtol=1e-4, atol=1e-5)
     flipped = Verifier.load(models["chat"], positive_label=0).score(question, sols)
-    torch.testing.assert_close(torch.tensor(flipped), 1 - torch.tensor(scores), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(flipped), 1 - torch.tensor(scores), rtol=1e-4, atol=1e-5
+    )
     plain = Verifier.load(models["chat"], chat=False)
-    assert not plain.chat and plain.encode(question, sols[0])[0] == tok(question, sols[0])["input_ids"]
+    assert (
+        not plain.chat and plain.encode(question, sols[0])[0] == tok(question, sols[0])["input_ids"]
+    )
 
 
 def test_classifier_truncates_the_solution_from_the_left(models):
@@ -194,7 +249,7 @@ def test_classifier_truncates_the_solution_from_the_left(models):
     ref, tokens = [], 0
     for s in sols:
         body = tok(s, add_special_tokens=False)["input_ids"]
-        ids = tok(question)["input_ids"] + body[max(0, len(body) - 6):]  # the question stays whole
+        ids = tok(question)["input_ids"] + body[max(0, len(body) - 6) :]  # the question stays whole
         tokens += len(ids)
         ref.append(torch.softmax(forward_one(ref_model, ids), -1)[1])
     assert any(len(tok(s, add_special_tokens=False)["input_ids"]) > 6 for s in sols)
@@ -215,10 +270,13 @@ def test_classifier_without_any_pad_token_runs_one_sequence_per_forward(models, 
     v = Verifier(model, tok, kind="classifier", batch_size=8)
     assert v.batch_size == 1 and "one sequence per forward" in caplog.text
     question, sols = problems(3, seed=5)
-    ref = [torch.softmax(forward_one(model, build_tokenizer()(question, s)["input_ids"]), -1)[1]
-           for s in sols]
-    torch.testing.assert_close(torch.tensor(v.score(question, sols)), torch.stack(ref),
-                               rtol=1e-4, atol=1e-5)
+    ref = [
+        torch.softmax(forward_one(model, build_tokenizer()(question, s)["input_ids"]), -1)[1]
+        for s in sols
+    ]
+    torch.testing.assert_close(
+        torch.tensor(v.score(question, sols)), torch.stack(ref), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_dtype_and_seconds(models):
@@ -267,8 +325,10 @@ def test_prm_truncation_keeps_the_question_and_the_last_marker(models):
     ref_model = AutoModelForTokenClassification.from_pretrained(models["token_prm"]).eval()
     ref = []
     for s in sols:
-        body = tok(" ".join(f"{step} {MARKER}" for step in prm_steps(s)) or MARKER,
-                   add_special_tokens=False)["input_ids"]
+        body = tok(
+            " ".join(f"{step} {MARKER}" for step in prm_steps(s)) or MARKER,
+            add_special_tokens=False,
+        )["input_ids"]
         ids = head + body[-5:]
         assert ids[-1] == tok.convert_tokens_to_ids(MARKER)
         ref.append(torch.softmax(forward_one(ref_model, ids)[-1], -1)[1])
@@ -289,16 +349,26 @@ def test_qwen_math_prm_layout_loads_without_remote_code(models):
 
     backbone, head = models["qwen_prm_parts"]
     v = Verifier.load(models["qwen_prm"], batch_size=4)
-    assert (v.kind, v.chat, v.system_prompt, v.step_marker) == ("prm", True, QWEN_PRM_SYSTEM, MARKER)
+    assert (v.kind, v.chat, v.system_prompt, v.step_marker) == (
+        "prm",
+        True,
+        QWEN_PRM_SYSTEM,
+        MARKER,
+    )
     question, sols = problems(6, seed=13)
     scores = v.score(question, sols)
     tok = AutoTokenizer.from_pretrained(models["qwen_prm"])
     marker_id = tok.convert_tokens_to_ids(MARKER)
     ref = []
     for s in sols:  # as Qwen2.5-Math-PRM's model card builds its input
-        messages = [{"role": "system", "content": QWEN_PRM_SYSTEM}, {"role": "user", "content": question},
-                    {"role": "assistant", "content": MARKER.join(prm_steps(s)) + MARKER}]
-        ids = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+        messages = [
+            {"role": "system", "content": QWEN_PRM_SYSTEM},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": MARKER.join(prm_steps(s)) + MARKER},
+        ]
+        ids = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)[
+            "input_ids"
+        ]
         with torch.no_grad():
             logits = head(backbone(input_ids=torch.tensor([ids])).last_hidden_state[0])
         at = max(i for i, t in enumerate(ids) if t == marker_id)
@@ -307,13 +377,22 @@ def test_qwen_math_prm_layout_loads_without_remote_code(models):
 
 
 # ---- errors -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, message", [
-    ("causal", r"is LlamaForCausalLM \(model_type 'llama'\), not a classifier or reward model; supported"),
-    ("bert", r"is BertModel \(model_type 'bert'\), not a classifier or reward model; supported"),
-    ("headless", r"lacks 1 weight\(s\) of LlamaForSequenceClassification \(score.weight\)"),
-    ("cls3", r"needs num_labels in \(1, 2\), the model has 3"),
-    ("token_prm_nomarker", r"needs step_marker"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        (
+            "causal",
+            r"is LlamaForCausalLM \(model_type 'llama'\), not a classifier or reward model; supported",
+        ),
+        (
+            "bert",
+            r"is BertModel \(model_type 'bert'\), not a classifier or reward model; supported",
+        ),
+        ("headless", r"lacks 1 weight\(s\) of LlamaForSequenceClassification \(score.weight\)"),
+        ("cls3", r"needs num_labels in \(1, 2\), the model has 3"),
+        ("token_prm_nomarker", r"needs step_marker"),
+    ],
+)
 def test_not_a_verifier_is_a_clear_error(models, name, message):
     with pytest.raises(ValueError, match=message):
         Verifier.load(models[name])
@@ -325,10 +404,18 @@ def test_missing_local_path_is_file_not_found(tmp_path):
 
 
 def test_remote_code_only_checkpoint_is_a_clear_error(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "my_custom_rm", "architectures": ["MyCustomRewardModel"],
-        "auto_map": {"AutoConfig": "configuration_custom.MyConfig",
-                     "AutoModel": "modeling_custom.MyCustomRewardModel"}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "my_custom_rm",
+                "architectures": ["MyCustomRewardModel"],
+                "auto_map": {
+                    "AutoConfig": "configuration_custom.MyConfig",
+                    "AutoModel": "modeling_custom.MyCustomRewardModel",
+                },
+            }
+        )
+    )
     with pytest.raises(ValueError, match=r"cannot read its config without remote code.*supported"):
         Verifier.load(tmp_path)
 

@@ -9,9 +9,10 @@ namespace stopkit::cpu {
 
 void copy_blocks(const CopyBlocksParams& p) {
   for (int64_t i = 0; i < p.num_pairs; ++i) {
-    STOPKIT_CHECK(p.src[i] >= 0 && p.src[i] < p.num_blocks && p.dst[i] >= 0 && p.dst[i] < p.num_blocks,
-                  "copy_blocks: pair " + std::to_string(i) + " (" + std::to_string(p.src[i]) + " -> " +
-                      std::to_string(p.dst[i]) + ") outside [0, " + std::to_string(p.num_blocks) + ")");
+    STOPKIT_CHECK(
+        p.src[i] >= 0 && p.src[i] < p.num_blocks && p.dst[i] >= 0 && p.dst[i] < p.num_blocks,
+        "copy_blocks: pair " + std::to_string(i) + " (" + std::to_string(p.src[i]) + " -> " +
+            std::to_string(p.dst[i]) + ") outside [0, " + std::to_string(p.num_blocks) + ")");
   }
   auto* cache = static_cast<char*>(p.cache);
   const int64_t plane_bytes = p.num_blocks * p.block_bytes;

@@ -1,8 +1,8 @@
 // pybind11 module stopkit._C: the CPU ops (signatures in stopkit/bindings.h, shared with
 // stopkit._C_cuda), plus the choice of instruction-set build and the OpenMP thread count.
+#include <omp.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-#include <omp.h>
 #if defined(__x86_64__)
 #include <cpuid.h>
 #endif
@@ -115,7 +115,8 @@ void set_isa(const std::string& isa) {
   }
   std::string names;
   for (const std::string& name : built_isas()) names += (names.empty() ? "" : ", ") + name;
-  throw std::invalid_argument("stopkit: isa must be a build this module has (" + names + "), got " + isa);
+  throw std::invalid_argument("stopkit: isa must be a build this module has (" + names + "), got " +
+                              isa);
 }
 
 struct CpuBackend {  // the CallContext (stream, device, workspace) is for the CUDA module's sake
@@ -142,8 +143,9 @@ PYBIND11_MODULE(_C, m) {
         "processor cannot run.");
   m.def("split_keys", [] { return cpu::kSplitKeys; },
         "paged_attention splits rows longer than this many keys into chunks of this many.");
-  m.def("num_threads", [] { return omp_get_max_threads(); },
-        "The kernels' OpenMP threads (torch's OpenMP runtime: torch.get_num_threads() is the same).");
+  m.def("num_threads", [] {
+    return omp_get_max_threads();
+  }, "The kernels' OpenMP threads (torch's OpenMP runtime: torch.get_num_threads() is the same).");
   m.def("set_num_threads", [](int n) {
     STOPKIT_CHECK(n >= 1, "num_threads must be >= 1");
     omp_set_num_threads(n);

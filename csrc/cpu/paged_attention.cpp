@@ -77,7 +77,9 @@ inline void walk_pages(const PagedAttentionParams& p, const Item& it, float lowe
   const int64_t nblk = (L + bs - 1) / bs;
   auto page_len = [&](int64_t j) { return std::min(bs, L - j * bs); };
   int64_t first = it.blk_lo;
-  while (windowed && first < it.blk_hi && static_cast<float>(first * bs + page_len(first)) <= lowest) ++first;
+  while (windowed && first < it.blk_hi &&
+         static_cast<float>(first * bs + page_len(first)) <= lowest)
+    ++first;
   auto queue = [&](int64_t from, int64_t to) {
     for (int64_t j = from; j < std::min(to, nblk); ++j) {
       const int64_t bytes = page_len(j) * tok_stride * static_cast<int64_t>(sizeof(T));
@@ -116,8 +118,8 @@ inline void walk_pages(const PagedAttentionParams& p, const Item& it, float lowe
 // Runs queries [m0, m0 + MV*W) of every kv head of one work item (ws[kh] holds head kh's state)
 // over its pages (walk_pages). Writes the unnormalised acc [Hkv][M][D] and the states [Hkv][M].
 template <DType DT, int kD, int W, int MV>
-void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::vector<Pass<W, MV>>& ws,
-              TileBuffers& buf, float* acc_out, State* st_out) {
+void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0,
+              std::vector<Pass<W, MV>>& ws, TileBuffers& buf, float* acc_out, State* st_out) {
   using T = typename Elem<DT>::T;
   using V = Vec<W>;
   using vfloat = typename V::f;
@@ -159,7 +161,8 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
         int32_t* dst = reinterpret_cast<int32_t*>(w.q_pairs.data()) + j * W + e;
         for (int64_t pr = 0; pr < D / 2; ++pr)
           dst[pr * MV * W] = static_cast<int32_t>(src[2 * pr] | (uint32_t{src[2 * pr + 1]} << 16));
-      } else if constexpr (kPaired) {  // qt_pairs[pr * pair_vecs + lane / 8][2 * (lane % 8) + d % 2]
+      } else if constexpr (
+          kPaired) {  // qt_pairs[pr * pair_vecs + lane / 8][2 * (lane % 8) + d % 2]
         float* dst = reinterpret_cast<float*>(w.qt_pairs.data()) + lane / 8 * W + 2 * (lane % 8);
         for (int64_t pr = 0; pr < D / 2; ++pr) {
           dst[pr * pair_vecs * W] = Elem<DT>::load(src[2 * pr]) * scale;
@@ -169,7 +172,8 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
         float* dst = reinterpret_cast<float*>(w.qt.data()) + j * W + e;
         for (int64_t d = 0; d < D; ++d) dst[d * MV * W] = Elem<DT>::load(src[d]) * scale;
       }
-      const float lo = windowed ? static_cast<float>(query_position(L, s, has_suffix) - p.window + 1) : kNegInf;
+      const float lo =
+          windowed ? static_cast<float>(query_position(L, s, has_suffix) - p.window + 1) : kNegInf;
       w.lower[j][e] = lo;
       w.qidx[j][e] = static_cast<float>(s);
       lowest = std::min(lowest, lo);
@@ -187,7 +191,8 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
     const int64_t vs = DT == DType::kFloat32 ? tok_stride : D;  // rows_as_float's value rows
     const int64_t tile_keys = std::min<int64_t>(kTile, p.block_size);
     tile_steps = pv_steps(active, D, vs) * tile_keys;
-    if constexpr (kPaired) tile_steps += tile_keys / paired_block_keys(pair_vecs) * kScoreBlockSteps;
+    if constexpr (kPaired)
+      tile_steps += tile_keys / paired_block_keys(pair_vecs) * kScoreBlockSteps;
   }
 #endif
   int64_t ahead = 1, steps = Hkv * page_tiles * tile_steps;
@@ -196,11 +201,13 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
   std::vector<Block> blocks(amx ? Hkv : 0);
   if (amx) {  // the pages of the next block of tiles, over the steps of this block's AMX products
     ahead = std::max<int64_t>(1, kBlockTiles / page_tiles);
-    steps = Hkv * std::max<int64_t>(1, ahead * page_tiles / kBlockTiles) * block_prefetch_steps<MV>(D);
+    steps =
+        Hkv * std::max<int64_t>(1, ahead * page_tiles / kBlockTiles) * block_prefetch_steps<MV>(D);
   }
 #endif
-  walk_pages<T>(p, it, lowest, highest, ahead, steps, buf.prefetch,
-                [&](int64_t kh, const T* k, const T* v, int64_t n, float pos0, bool masked, bool suffix) {
+  walk_pages<T>(
+      p, it, lowest, highest, ahead, steps, buf.prefetch,
+      [&](int64_t kh, const T* k, const T* v, int64_t n, float pos0, bool masked, bool suffix) {
     Pass<W, MV>& w = ws[kh];
 #if defined(__AMX_BF16__)
     if constexpr (kDot && W == 16) {
@@ -215,8 +222,8 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
 #endif
 #if defined(__AVX512BF16__)
     if constexpr (kDot) {
-      attend_tile_bf16<W, MV, kD>(w, k, v, tok_stride, n, D, p.scale, pos0, masked, suffix,
-                                  active, buf);
+      attend_tile_bf16<W, MV, kD>(w, k, v, tok_stride, n, D, p.scale, pos0, masked, suffix, active,
+                                  buf);
       return;
     }
 #endif
@@ -229,7 +236,8 @@ void run_pass(const PagedAttentionParams& p, const Item& it, int64_t m0, std::ve
 #if defined(__AMX_BF16__)
   if constexpr (kDot && W == 16) {
     for (int64_t kh = 0; kh < Hkv && amx; ++kh)
-      run_block<MV, kD>(ws[kh], blocks[kh], tok_stride, D, p.scale, active, *buf.block, buf.prefetch);
+      run_block<MV, kD>(ws[kh], blocks[kh], tok_stride, D, p.scale, active, *buf.block,
+                        buf.prefetch);
   }
 #endif
   for (int64_t kh = 0; kh < Hkv; ++kh) {
@@ -278,7 +286,8 @@ void run_pass_dot(const PagedAttentionParams& p, const Item& it, std::vector<Dot
       const int64_t g = j / S, s = j % S;
       const T* src = q + ((it.b * S + s) * H + kh * G + g) * D;
       for (int64_t d = 0; d < D; ++d) w.q[j * D + d] = Elem<DT>::load(src[d]) * scale;
-      const float lo = windowed ? static_cast<float>(query_position(L, s, has_suffix) - p.window + 1) : kNegInf;
+      const float lo =
+          windowed ? static_cast<float>(query_position(L, s, has_suffix) - p.window + 1) : kNegInf;
       w.lower[j] = lo;
       w.qidx[j] = static_cast<float>(s);
       lowest = std::min(lowest, lo);
@@ -286,9 +295,11 @@ void run_pass_dot(const PagedAttentionParams& p, const Item& it, std::vector<Dot
     }
   }
   // A page ahead, over the steps of its tiles.
-  const int64_t steps = Hkv * ((p.block_size + kTile - 1) / kTile) * dot_steps(MP, std::min<int64_t>(kTile, p.block_size), D);
-  walk_pages<T>(p, it, lowest, highest, 1, steps, buf.prefetch,
-                [&](int64_t kh, const T* k, const T* v, int64_t n, float pos0, bool masked, bool suffix) {
+  const int64_t steps = Hkv * ((p.block_size + kTile - 1) / kTile) *
+                        dot_steps(MP, std::min<int64_t>(kTile, p.block_size), D);
+  walk_pages<T>(
+      p, it, lowest, highest, 1, steps, buf.prefetch,
+      [&](int64_t kh, const T* k, const T* v, int64_t n, float pos0, bool masked, bool suffix) {
     int64_t rs = tok_stride;
     const float* kf = rows_as_float<DT, kD>(k, rs, n, D, buf.k.data());
     rs = tok_stride;
@@ -322,14 +333,15 @@ void run(const PagedAttentionParams& p) {
       const int32_t blk = p.block_table[b * p.max_blocks_per_row + j];
       STOPKIT_CHECK(blk >= 0 && blk < p.num_blocks,
                     "paged_attention: block_table[" + std::to_string(b) + ", " + std::to_string(j) +
-                        "] = " + std::to_string(blk) + " outside [0, " + std::to_string(p.num_blocks) + ")");
+                        "] = " + std::to_string(blk) + " outside [0, " +
+                        std::to_string(p.num_blocks) + ")");
     }
   }
 
   // Work items: (row, chunk of kSplitKeys keys), each running every kv head of its row. Chunks lie
   // on multiples of kSplitKeys, from the first one the row's window reaches; a row that fits one
   // chunk is finished by its item directly.
-  const int64_t HM = Hkv * M;  // query rows of one item
+  const int64_t HM = Hkv * M;             // query rows of one item
   const int64_t chunk = kSplitKeys / bs;  // pages per item (block_size <= 256 divides kSplitKeys)
   std::vector<Item> items;
   std::vector<SplitRow> split_rows;  // rows of more than one item
@@ -337,14 +349,17 @@ void run(const PagedAttentionParams& p) {
   for (int64_t b = 0; b < B; ++b) {
     const int64_t L = p.seq_lens[b], nblk = (L + bs - 1) / bs;
     const int64_t first_key =
-        p.window > 0 ? std::max<int64_t>(0, query_position(L, 0, p.suffix_k != nullptr) - p.window + 1) : 0;
-    const int64_t c_lo = first_key / bs / chunk, c_hi = std::max(c_lo + 1, (nblk + chunk - 1) / chunk);
+        p.window > 0
+            ? std::max<int64_t>(0, query_position(L, 0, p.suffix_k != nullptr) - p.window + 1)
+            : 0;
+    const int64_t c_lo = first_key / bs / chunk,
+                  c_hi = std::max(c_lo + 1, (nblk + chunk - 1) / chunk);
     const int64_t split = c_hi - c_lo > 1 ? static_cast<int64_t>(split_rows.size()) : -1;
     if (split >= 0) split_rows.push_back({b, parts, c_hi - c_lo});
     for (int64_t c = c_lo; c < c_hi; ++c) {
       const int64_t hi = std::min(nblk, (c + 1) * chunk);
-      items.push_back({b, std::min(hi, std::max(first_key / bs, c * chunk)), hi, c == c_hi - 1, split,
-                       split >= 0 ? parts++ : -1});
+      items.push_back({b, std::min(hi, std::max(first_key / bs, c * chunk)), hi, c == c_hi - 1,
+                       split, split >= 0 ? parts++ : -1});
     }
   }
   // Parts still running per split row: the thread that finishes a row's last part merges the row
@@ -355,7 +370,8 @@ void run(const PagedAttentionParams& p) {
   Workspace& ws = workspace();
   if (ws.acc.size() < static_cast<size_t>(parts * HM * D)) ws.acc.resize(parts * HM * D);
   if (ws.states.size() < static_cast<size_t>(parts * HM)) ws.states.resize(parts * HM);
-  float* const part_acc = ws.acc.data();  // (pointers: the team's threads have workspaces of their own)
+  float* const part_acc =
+      ws.acc.data();  // (pointers: the team's threads have workspaces of their own)
   State* const part_st = ws.states.data();
 
   auto* out = static_cast<T*>(p.out);
@@ -424,7 +440,8 @@ void run(const PagedAttentionParams& p) {
         else run_pass_dot<DT, kD>(p, it, dot4, buf, acc_out, st_out);
       }
       for (int64_t m0 = 0; !dot_layout && m0 < M; m0 += kMaxVecs * kLanes) {
-        const int64_t rest = M - m0, vecs = std::min<int64_t>(kMaxVecs, (rest + kLanes - 1) / kLanes);
+        const int64_t rest = M - m0,
+                      vecs = std::min<int64_t>(kMaxVecs, (rest + kLanes - 1) / kLanes);
         if (rest <= 4 && kLanes > 4 && !amx) {  // AMX: 16-lane passes only (a tile row of S)
           run_pass<DT, kD>(p, it, m0, narrow4, buf, acc_out, st_out);
         } else if (rest <= 8 && kLanes > 8 && !amx && !kPairedS<DT, kLanes>) {

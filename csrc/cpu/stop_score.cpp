@@ -71,7 +71,8 @@ void run(const StopScoreParams& p) {
 
 void stop_score(const StopScoreParams& p) {
   dispatch_dtype(p.hidden_dtype, [&](auto hd) {
-    dispatch_dtype(p.weight_dtype, [&](auto wd) { run<decltype(hd)::value, decltype(wd)::value>(p); });
+    dispatch_dtype(p.weight_dtype,
+                   [&](auto wd) { run<decltype(hd)::value, decltype(wd)::value>(p); });
   });
 }
 

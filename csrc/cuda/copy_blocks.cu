@@ -9,8 +9,9 @@ namespace stopkit::cuda {
 namespace {
 
 template <typename V>
-__global__ void copy_blocks_kernel(V* cache, const int64_t* __restrict__ src, const int64_t* __restrict__ dst,
-                                   int64_t num_pairs, int64_t work, int64_t num_blocks, int64_t block_vecs) {
+__global__ void copy_blocks_kernel(V* cache, const int64_t* __restrict__ src,
+                                   const int64_t* __restrict__ dst, int64_t num_pairs, int64_t work,
+                                   int64_t num_blocks, int64_t block_vecs) {
   for (int64_t w = blockIdx.x; w < work; w += gridDim.x) {
     const int64_t plane = w / num_pairs, pair = w - plane * num_pairs;
     const int64_t s = __ldg(src + pair), d = __ldg(dst + pair);

@@ -59,23 +59,23 @@ struct Cfg {
 
 struct Launch {
   PagedAttentionParams p;
-  int G, GS;          // query heads per kv head; query rows per (row, kv head) = G * q_len
-  int mt;             // 16-row query slices per block (1, 2 or 4); key groups = kWarps / mt
-  int stages;         // pipeline depth
+  int G, GS;   // query heads per kv head; query rows per (row, kv head) = G * q_len
+  int mt;      // 16-row query slices per block (1, 2 or 4); key groups = kWarps / mt
+  int stages;  // pipeline depth
   int qtiles, nsplit;
   int log2_bs;
-  float scale2;       // softmax scale * log2(e): scores live in the log2 domain
-  float* ws_o;        // [nsplit][B*S*H][D] or null when nsplit == 1
-  float* ws_lse;      // [nsplit][B*S*H], log2 domain
+  float scale2;   // softmax scale * log2(e): scores live in the log2 domain
+  float* ws_o;    // [nsplit][B*S*H][D] or null when nsplit == 1
+  float* ws_lse;  // [nsplit][B*S*H], log2 domain
 };
 
 // The keys of one block: row b, kv head kvh, split sp, query tile qt.
 struct Work {
   int64_t b;
   int kvh, sp, qt;
-  int L;              // cached keys of the row (seq_len, clamped to the block table)
-  int c_begin;        // first cached position of this split
-  int nc, nk;         // cached keys of this split; plus the suffix keys (last split only)
+  int L;        // cached keys of the row (seq_len, clamped to the block table)
+  int c_begin;  // first cached position of this split
+  int nc, nk;   // cached keys of this split; plus the suffix keys (last split only)
   int ntiles;
 };
 
@@ -114,7 +114,8 @@ __device__ __forceinline__ Work locate(const Launch& a) {
 // writes the keys' positions. The block-table reads of all chunks go out first and the rest is
 // branch-free, so one thread waits for one table read per tile, not one per chunk.
 template <typename T, int DMAX, bool EXACT>
-__device__ __forceinline__ void load_kv_tile(const Launch& a, const Work& w, int tile, T* ks, T* vs, int* kpos) {
+__device__ __forceinline__ void load_kv_tile(const Launch& a, const Work& w, int tile, T* ks, T* vs,
+                                             int* kpos) {
   using C = Cfg<T, DMAX>;
   constexpr int TILE = C::TILE, LD = C::LD, E16 = C::E16;
   const PagedAttentionParams& p = a.p;
@@ -146,8 +147,9 @@ __device__ __forceinline__ void load_kv_tile(const Launch& a, const Work& w, int
     const bool cached = key < w.nc;
     const bool ok = cached ? (page[i] >= 0 && page[i] < p.num_blocks) : key < w.nk;
     if (cached) debug_trap_if(!ok);
-    const int64_t off = cached ? (int64_t(page[i]) * p.block_size + (t & (p.block_size - 1))) * tok_stride
-                               : ((w.b * p.q_len + j) * p.num_kv_heads) * D;
+    const int64_t off =
+        cached ? (int64_t(page[i]) * p.block_size + (t & (p.block_size - 1))) * tok_stride
+               : ((w.b * p.q_len + j) * p.num_kv_heads) * D;
     const int64_t col = int64_t(w.kvh) * D + cc * E16;
     const T* ksrc = ok ? (cached ? kc : sk) + off + col : kc;  // a valid address even when unused
     const T* vsrc = ok ? (cached ? vc : sv) + off + col : vc;
@@ -160,7 +162,8 @@ __device__ __forceinline__ void load_kv_tile(const Launch& a, const Work& w, int
 // Query rows of the block into shared memory: row r is R = row0 + r, R = s * G + g (query s,
 // head kvh * G + g); rows past GS are zero.
 template <typename T, int DMAX, bool EXACT>
-__device__ __forceinline__ void load_queries(const Launch& a, const Work& w, int row0, int rows, T* q_s) {
+__device__ __forceinline__ void load_queries(const Launch& a, const Work& w, int row0, int rows,
+                                             T* q_s) {
   using C = Cfg<T, DMAX>;
   const PagedAttentionParams& p = a.p;
   const int D = EXACT ? DMAX : static_cast<int>(p.head_dim);
@@ -194,7 +197,8 @@ __device__ __forceinline__ const T* q_frag_addr(const T* q_warp, int kk, int lan
 }
 
 template <typename T, int DMAX, bool EXACT>
-__device__ __forceinline__ void load_q_frags(QFrags<T, DMAX>& qf, const T* q_warp, int D, int lane) {
+__device__ __forceinline__ void load_q_frags(QFrags<T, DMAX>& qf, const T* q_warp, int D,
+                                             int lane) {
   using C = Cfg<T, DMAX>;
   if constexpr (C::kQInRegs) {
 #pragma unroll
@@ -207,8 +211,8 @@ __device__ __forceinline__ void load_q_frags(QFrags<T, DMAX>& qf, const T* q_war
 // Scores of 16 keys (chunk ch of the stage) for the warp's 16 query rows:
 // sc[j][e] row g, key ch*16 + j*8 + 2*t4 + e; sc[j][2 + e] row g + 8 (g = lane / 4, t4 = lane % 4).
 template <typename T, int DMAX, bool EXACT>
-__device__ __forceinline__ void qk_chunk(float (&sc)[2][4], const QFrags<T, DMAX>& qf, const T* q_warp,
-                                         const T* ks, int ch, int D, int lane) {
+__device__ __forceinline__ void qk_chunk(float (&sc)[2][4], const QFrags<T, DMAX>& qf,
+                                         const T* q_warp, const T* ks, int ch, int D, int lane) {
   using C = Cfg<T, DMAX>;
   constexpr int LD = C::LD;
 #pragma unroll
@@ -219,13 +223,17 @@ __device__ __forceinline__ void qk_chunk(float (&sc)[2][4], const QFrags<T, DMAX
       if (EXACT || kk < D / 16) {
         uint32_t qa[4];
         if constexpr (C::kQInRegs) {
-          qa[0] = qf.r[kk][0]; qa[1] = qf.r[kk][1]; qa[2] = qf.r[kk][2]; qa[3] = qf.r[kk][3];
+          qa[0] = qf.r[kk][0];
+          qa[1] = qf.r[kk][1];
+          qa[2] = qf.r[kk][2];
+          qa[3] = qf.r[kk][3];
         } else {
           ldmatrix_x4(qa, q_frag_addr<T, LD>(q_warp, kk, lane));
         }
         // B operand (K^T): lanes 0-7 keys 0-7 dims 0-7, 8-15 keys 0-7 dims 8-15, 16-31 keys 8-15.
         uint32_t kb[4];
-        ldmatrix_x4(kb, ks + (ch * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+        ldmatrix_x4(kb, ks + (ch * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 +
+                            ((lane >> 3) & 1) * 8);
         mma_16816<T>(sc[0], qa, kb[0], kb[1]);
         mma_16816<T>(sc[1], qa, kb[2], kb[3]);
       }
@@ -308,8 +316,8 @@ __device__ __forceinline__ void scale_rows(float (&acc)[DMAX / 8][4], const floa
 // acc += P V over the chunk's 16 keys; acc[n] holds dims n*8 + 2*t4 + {0, 1} of rows g, g + 8.
 // ps: the warp's P staging rows (float32 path only).
 template <typename T, int DMAX, bool EXACT>
-__device__ __forceinline__ void pv_chunk(float (&acc)[DMAX / 8][4], const float (&sc)[2][4], const T* vs,
-                                         int ch, int D, float* ps, int lane) {
+__device__ __forceinline__ void pv_chunk(float (&acc)[DMAX / 8][4], const float (&sc)[2][4],
+                                         const T* vs, int ch, int D, float* ps, int lane) {
   using C = Cfg<T, DMAX>;
   constexpr int LD = C::LD;
   if constexpr (C::kMma) {
@@ -320,7 +328,8 @@ __device__ __forceinline__ void pv_chunk(float (&acc)[DMAX / 8][4], const float 
     for (int np = 0; np < DMAX / 16; ++np) {
       if (EXACT || np < D / 16) {
         uint32_t vb[4];
-        ldmatrix_x4_trans(vb, vs + (ch * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + np * 16 + (lane >> 4) * 8);
+        ldmatrix_x4_trans(vb, vs + (ch * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + np * 16 +
+                                  (lane >> 4) * 8);
         mma_16816<T>(acc[2 * np], pa, vb[0], vb[1]);
         mma_16816<T>(acc[2 * np + 1], pa, vb[2], vb[3]);
       }
@@ -378,15 +387,17 @@ __device__ __forceinline__ void epilogue(const Launch& a, const Work& w, int row
     st[i].l += __shfl_xor_sync(0xffffffffu, st[i].l, 1);
     st[i].l += __shfl_xor_sync(0xffffffffu, st[i].l, 2);
   }
-  float* red = reinterpret_cast<float*>(smem);       // [kWarps][16][kRedLd]
-  float* red_ml = red + kWarps * 16 * C::kRedLd;      // [kWarps][16][2]: m, l
+  float* red = reinterpret_cast<float*>(smem);    // [kWarps][16][kRedLd]
+  float* red_ml = red + kWarps * 16 * C::kRedLd;  // [kWarps][16][2]: m, l
   {
     float* ro = red + warp * 16 * C::kRedLd;
 #pragma unroll
     for (int n = 0; n < DMAX / 8; ++n) {
       if (EXACT || n < D / 8) {
-        *reinterpret_cast<float2*>(ro + g * C::kRedLd + n * 8 + 2 * t4) = make_float2(acc[n][0], acc[n][1]);
-        *reinterpret_cast<float2*>(ro + (g + 8) * C::kRedLd + n * 8 + 2 * t4) = make_float2(acc[n][2], acc[n][3]);
+        *reinterpret_cast<float2*>(ro + g * C::kRedLd + n * 8 + 2 * t4) =
+            make_float2(acc[n][0], acc[n][1]);
+        *reinterpret_cast<float2*>(ro + (g + 8) * C::kRedLd + n * 8 + 2 * t4) =
+            make_float2(acc[n][2], acc[n][3]);
       }
     }
     if (t4 == 0) {
@@ -410,7 +421,8 @@ __device__ __forceinline__ void epilogue(const Launch& a, const Work& w, int row
     float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int k = 0; k < n_kg; ++k) {
       const int wk = k * a.mt + slice;
-      const State::Scales c = row.merge({red_ml[(wk * 16 + rr) * 2], red_ml[(wk * 16 + rr) * 2 + 1]});
+      const State::Scales c =
+          row.merge({red_ml[(wk * 16 + rr) * 2], red_ml[(wk * 16 + rr) * 2 + 1]});
       const float4 v = *reinterpret_cast<const float4*>(red + (wk * 16 + rr) * C::kRedLd + d);
       o[0] = o[0] * c.self + v.x * c.other;
       o[1] = o[1] * c.self + v.y * c.other;
@@ -422,7 +434,8 @@ __device__ __forceinline__ void epilogue(const Launch& a, const Work& w, int row
     const int64_t orow = (w.b * p.q_len + s) * p.num_heads + h;
     if (a.ws_o == nullptr) {
       const float scale = finish_row(row, p.sinks, h);
-      store4(static_cast<T*>(p.out) + orow * D + d, o[0] * scale, o[1] * scale, o[2] * scale, o[3] * scale);
+      store4(static_cast<T*>(p.out) + orow * D + d, o[0] * scale, o[1] * scale, o[2] * scale,
+             o[3] * scale);
       if (p.lse && d == 0) p.lse[orow] = row.natural_lse();
     } else {  // this split's normalised rows and their log2-sum-exp, for merge_splits_kernel
       const float scale = row.output_scale();
@@ -435,7 +448,8 @@ __device__ __forceinline__ void epilogue(const Launch& a, const Work& w, int row
 }
 
 template <typename T, int DMAX, bool EXACT>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) paged_attention_kernel(const Launch a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    paged_attention_kernel(const Launch a) {
   using C = Cfg<T, DMAX>;
   constexpr int TILE = C::TILE, LD = C::LD;
   const PagedAttentionParams& p = a.p;
@@ -444,15 +458,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) paged_attention_ker
 
   constexpr TileLayout layout = C::kLayout;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* kv_s = reinterpret_cast<T*>(smem);                                        // [stages][K|V][TILE][LD]
-  int* kpos_s = reinterpret_cast<int*>(smem + layout.kpos_offset(stages));     // [stages][TILE]
-  float* p_s = reinterpret_cast<float*>(smem + layout.p_offset(stages));       // float32 path
-  T* q_s = reinterpret_cast<T*>(smem + layout.q_offset(stages));               // [16 * mt][LD]
+  T* kv_s = reinterpret_cast<T*>(smem);  // [stages][K|V][TILE][LD]
+  int* kpos_s = reinterpret_cast<int*>(smem + layout.kpos_offset(stages));  // [stages][TILE]
+  float* p_s = reinterpret_cast<float*>(smem + layout.p_offset(stages));    // float32 path
+  T* q_s = reinterpret_cast<T*>(smem + layout.q_offset(stages));            // [16 * mt][LD]
   auto k_stage = [&](int s) { return kv_s + size_t(s) * 2 * TILE * LD; };
 
   const Work w = locate<TILE>(a);
   for (int s = 0; s < stages - 1; ++s) {
-    if (s < w.ntiles) load_kv_tile<T, DMAX, EXACT>(a, w, s, k_stage(s), k_stage(s) + TILE * LD, kpos_s + s * TILE);
+    if (s < w.ntiles)
+      load_kv_tile<T, DMAX, EXACT>(a, w, s, k_stage(s), k_stage(s) + TILE * LD, kpos_s + s * TILE);
     cp_async_commit();
   }
   const int rows = 16 * a.mt, row0 = w.qt * rows;
@@ -467,7 +482,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) paged_attention_ker
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int R = row0 + mt * 16 + (lane >> 2) + 8 * i;
-    qpos[i] = R < a.GS ? (has_suffix ? w.L + R / a.G : w.L - 1) : -1;  // -1: padding row, sees nothing
+    qpos[i] =
+        R < a.GS ? (has_suffix ? w.L + R / a.G : w.L - 1) : -1;  // -1: padding row, sees nothing
     qlo[i] = p.window > 0 ? static_cast<int>(max64(0, int64_t(qpos[i]) - p.window + 1)) : 0;
   }
 
@@ -541,7 +557,8 @@ __global__ void merge_splits_kernel(const Launch a) {
     for (int i = 0; i < n; ++i) {
       const float wi = w_s[warp][i];
       if (wi == 0.0f) continue;
-      const float4 v = *reinterpret_cast<const float4*>(a.ws_o + (int64_t(i) * nrows + row) * D + d);
+      const float4 v =
+          *reinterpret_cast<const float4*>(a.ws_o + (int64_t(i) * nrows + row) * D + d);
       o[0] += wi * v.x;
       o[1] += wi * v.y;
       o[2] += wi * v.z;
@@ -567,8 +584,8 @@ void allow_shared_memory(int device, int64_t max_smem_optin) {
         if (smem <= max_smem_optin) most = std::max(most, smem);
       }
     }
-    check(cudaFuncSetAttribute(&paged_attention_kernel<T, DMAX, EXACT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(most)),
+    check(cudaFuncSetAttribute(&paged_attention_kernel<T, DMAX, EXACT>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(most)),
           "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
   });
 }
@@ -592,10 +609,10 @@ Shape shape_of(const PagedAttentionParams& p, const DeviceInfo& info) {
   s.GS = s.G * p.q_len;
   s.plan = plan_paged_attention(elem_bytes(p.dtype), p.head_dim, s.GS, plan_limit(info));
   if (s.plan.blocks_per_sm == 0) {
-    throw std::runtime_error("stopkit CUDA: paged_attention needs " +
-                             std::to_string(TileLayout{elem_bytes(p.dtype), s.plan.dmax}.smem_bytes(kMinStages, 1)) +
-                             " bytes of shared memory per block; the device allows " +
-                             std::to_string(plan_limit(info)));
+    throw std::runtime_error(
+        "stopkit CUDA: paged_attention needs " +
+        std::to_string(TileLayout{elem_bytes(p.dtype), s.plan.dmax}.smem_bytes(kMinStages, 1)) +
+        " bytes of shared memory per block; the device allows " + std::to_string(plan_limit(info)));
   }
   s.qtiles = (s.GS + 16 * s.plan.query_slices - 1) / (16 * s.plan.query_slices);
   const int forced = g_num_splits.load(std::memory_order_relaxed);
@@ -607,7 +624,8 @@ Shape shape_of(const PagedAttentionParams& p, const DeviceInfo& info) {
     int64_t max_keys = p.max_blocks_per_row * p.block_size;
     if (p.max_seq_len >= 0) max_keys = std::min(max_keys, p.max_seq_len);
     if (p.window > 0) max_keys = std::min<int64_t>(max_keys, p.window);
-    s.nsplit = num_splits(p.batch * p.num_kv_heads * s.qtiles, max_keys, info.num_sms, s.plan.blocks_per_sm);
+    s.nsplit = num_splits(p.batch * p.num_kv_heads * s.qtiles, max_keys, info.num_sms,
+                          s.plan.blocks_per_sm);
   }
   return s;
 }
@@ -618,29 +636,39 @@ int64_t workspace_bytes(const PagedAttentionParams& p, const Shape& s) {
 }
 
 template <typename T, int DMAX, bool EXACT>
-void run(const PagedAttentionParams& p, const Shape& s, const CallContext& ctx, int device, const DeviceInfo& info) {
+void run(const PagedAttentionParams& p, const Shape& s, const CallContext& ctx, int device,
+         const DeviceInfo& info) {
   allow_shared_memory<T, DMAX, EXACT>(device, info.max_smem_optin);
   const int64_t grid = p.batch * p.num_kv_heads * s.qtiles * s.nsplit;
   STOPKIT_CHECK(grid <= INT_MAX, "paged_attention: batch * num_kv_heads * query tiles * splits = " +
                                      std::to_string(grid) + " blocks exceeds the grid limit");
-  Launch a{p, static_cast<int>(s.G), static_cast<int>(s.GS), s.plan.query_slices, s.plan.stages,
-           static_cast<int>(s.qtiles), static_cast<int>(s.nsplit),
-           __builtin_ctzll(static_cast<unsigned long long>(p.block_size)), p.scale * Log2::kFromNatural,
-           nullptr, nullptr};
+  Launch a{p,
+           static_cast<int>(s.G),
+           static_cast<int>(s.GS),
+           s.plan.query_slices,
+           s.plan.stages,
+           static_cast<int>(s.qtiles),
+           static_cast<int>(s.nsplit),
+           __builtin_ctzll(static_cast<unsigned long long>(p.block_size)),
+           p.scale * Log2::kFromNatural,
+           nullptr,
+           nullptr};
   const cudaStream_t stream = to_stream(ctx.stream);
   const size_t smem = static_cast<size_t>(s.plan.smem_bytes);
   if (s.nsplit > 1) {
     const int64_t nrows = p.batch * p.q_len * p.num_heads;
     a.ws_o = reinterpret_cast<float*>(ctx.workspace);
     a.ws_lse = a.ws_o + s.nsplit * nrows * p.head_dim;
-    paged_attention_kernel<T, DMAX, EXACT><<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(a);
+    paged_attention_kernel<T, DMAX, EXACT>
+        <<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(a);
     check_launch("paged_attention_kernel");
     const int64_t merge_blocks = (nrows + kWarps - 1) / kWarps;
     STOPKIT_CHECK(merge_blocks <= INT_MAX, "paged_attention: too many output rows");
     merge_splits_kernel<T><<<static_cast<unsigned>(merge_blocks), kThreads, 0, stream>>>(a);
     check_launch("merge_splits_kernel");
   } else {
-    paged_attention_kernel<T, DMAX, EXACT><<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(a);
+    paged_attention_kernel<T, DMAX, EXACT>
+        <<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(a);
     check_launch("paged_attention_kernel");
   }
 }
@@ -654,8 +682,9 @@ void check_params(const PagedAttentionParams& p) {
                 "paged_attention: num_heads must be a multiple of num_kv_heads");
   STOPKIT_CHECK(p.head_dim % 16 == 0 && p.head_dim >= 32 && p.head_dim <= 256,
                 "paged_attention: head_dim must be a multiple of 16 in 32..256");
-  STOPKIT_CHECK(p.block_size >= 1 && p.block_size <= 256 && (p.block_size & (p.block_size - 1)) == 0,
-                "paged_attention: block_size must be a power of two <= 256");
+  STOPKIT_CHECK(
+      p.block_size >= 1 && p.block_size <= 256 && (p.block_size & (p.block_size - 1)) == 0,
+      "paged_attention: block_size must be a power of two <= 256");
   STOPKIT_CHECK(p.num_blocks >= 0 && p.max_blocks_per_row >= 0, "paged_attention: bad cache shape");
   STOPKIT_CHECK(p.max_blocks_per_row * p.block_size + p.q_len < INT_MAX,
                 "paged_attention: max_blocks_per_row * block_size + q_len must stay below 2^31");
@@ -681,30 +710,38 @@ int64_t get_smem_limit() { return g_smem_limit.load(std::memory_order_relaxed); 
 
 AttentionPlan paged_attention_plan(DType dtype, int64_t head_dim, int64_t rows, int device) {
   DeviceGuard guard(device);
-  return plan_paged_attention(elem_bytes(dtype), head_dim, rows, plan_limit(device_info(guard.device())));
+  return plan_paged_attention(elem_bytes(dtype), head_dim, rows,
+                              plan_limit(device_info(guard.device())));
 }
 
 int paged_attention_occupancy(DType dtype, int64_t head_dim, int64_t rows, int device) {
   DeviceGuard guard(device);
   const DeviceInfo& info = device_info(guard.device());
-  const AttentionPlan plan = plan_paged_attention(elem_bytes(dtype), head_dim, rows, plan_limit(info));
+  const AttentionPlan plan =
+      plan_paged_attention(elem_bytes(dtype), head_dim, rows, plan_limit(info));
   STOPKIT_CHECK(plan.blocks_per_sm > 0, "paged_attention_occupancy: no plan fits this device");
   int blocks = 0;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     auto query = [&](auto kernel, auto allow) {
       allow(guard.device(), info.max_smem_optin);
-      check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, plan.smem_bytes),
-            "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+      check(
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, plan.smem_bytes),
+          "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
     };
     const bool exact = head_dim == plan.dmax;
     switch (plan.dmax) {
-      case 64: exact ? query(&paged_attention_kernel<T, 64, true>, allow_shared_memory<T, 64, true>)
-                     : query(&paged_attention_kernel<T, 64, false>, allow_shared_memory<T, 64, false>); break;
-      case 128: exact ? query(&paged_attention_kernel<T, 128, true>, allow_shared_memory<T, 128, true>)
-                      : query(&paged_attention_kernel<T, 128, false>, allow_shared_memory<T, 128, false>); break;
-      default: exact ? query(&paged_attention_kernel<T, 256, true>, allow_shared_memory<T, 256, true>)
-                     : query(&paged_attention_kernel<T, 256, false>, allow_shared_memory<T, 256, false>);
+      case 64:
+        exact ? query(&paged_attention_kernel<T, 64, true>, allow_shared_memory<T, 64, true>)
+              : query(&paged_attention_kernel<T, 64, false>, allow_shared_memory<T, 64, false>);
+        break;
+      case 128:
+        exact ? query(&paged_attention_kernel<T, 128, true>, allow_shared_memory<T, 128, true>)
+              : query(&paged_attention_kernel<T, 128, false>, allow_shared_memory<T, 128, false>);
+        break;
+      default:
+        exact ? query(&paged_attention_kernel<T, 256, true>, allow_shared_memory<T, 256, true>)
+              : query(&paged_attention_kernel<T, 256, false>, allow_shared_memory<T, 256, false>);
     }
   });
   return blocks;
@@ -719,17 +756,19 @@ int64_t paged_attention_workspace_bytes(const PagedAttentionParams& p, int devic
 
 void paged_attention(const PagedAttentionParams& p, const CallContext& ctx) {
   check_params(p);
-  STOPKIT_CHECK(aligned16(p.q) && aligned16(p.out) && aligned16(p.k_cache) && aligned16(p.v_cache) &&
-                    aligned16(p.suffix_k) && aligned16(p.suffix_v),
+  STOPKIT_CHECK(aligned16(p.q) && aligned16(p.out) && aligned16(p.k_cache) &&
+                    aligned16(p.v_cache) && aligned16(p.suffix_k) && aligned16(p.suffix_v),
                 "paged_attention: q, out, caches and suffix must be 16-byte aligned");
   if (p.batch == 0) return;
   DeviceGuard guard(ctx.device);
   const DeviceInfo& info = device_info(guard.device());
   const Shape s = shape_of(p, info);
   const int64_t need = workspace_bytes(p, s);
-  STOPKIT_CHECK(need == 0 || (ctx.workspace != 0 && ctx.workspace_bytes >= need && aligned16(reinterpret_cast<void*>(ctx.workspace))),
-                "paged_attention: the split-KV workspace must be 16-byte aligned and hold " + std::to_string(need) +
-                    " bytes (paged_attention_workspace_bytes), got " + std::to_string(ctx.workspace_bytes));
+  STOPKIT_CHECK(need == 0 || (ctx.workspace != 0 && ctx.workspace_bytes >= need &&
+                              aligned16(reinterpret_cast<void*>(ctx.workspace))),
+                "paged_attention: the split-KV workspace must be 16-byte aligned and hold " +
+                    std::to_string(need) + " bytes (paged_attention_workspace_bytes), got " +
+                    std::to_string(ctx.workspace_bytes));
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const int dev = guard.device();

@@ -18,12 +18,12 @@ namespace {
 
 constexpr int kRowsPerBlock = 4;  // head-only kernel: warps (one row each) per block
 
-constexpr int kLayerWarps = 8;                      // hidden-layer kernel
+constexpr int kLayerWarps = 8;  // hidden-layer kernel
 constexpr int kLayerThreads = kLayerWarps * 32;
-constexpr int kOutPerWarp = 4;                      // hidden outputs per warp
-constexpr int kOutTile = kLayerWarps * kOutPerWarp; // hidden outputs per block
-constexpr int kRowTile = 8;                         // rows per block
-constexpr int kChunk = 512;                         // features per row staged at a time
+constexpr int kOutPerWarp = 4;                       // hidden outputs per warp
+constexpr int kOutTile = kLayerWarps * kOutPerWarp;  // hidden outputs per block
+constexpr int kRowTile = 8;                          // rows per block
+constexpr int kChunk = 512;                          // features per row staged at a time
 static_assert(kRowTile == kLayerWarps, "one warp computes each row's RMS");
 static_assert(kOutPerWarp * kRowTile == 32, "a lane per (output, row) of a warp");
 
@@ -50,11 +50,14 @@ __device__ __forceinline__ float inv_rms(const TH* x, int64_t d, float eps, int 
 }
 
 // softmax(logits)[1] = sigmoid(l1 - l0)
-__device__ __forceinline__ float prob1(float logit0, float logit1) { return 1.0f / (1.0f + expf(logit0 - logit1)); }
+__device__ __forceinline__ float prob1(float logit0, float logit1) {
+  return 1.0f / (1.0f + expf(logit0 - logit1));
+}
 
 // No hidden layer: one warp per row.
 template <typename TH, typename TW>
-__global__ void __launch_bounds__(kRowsPerBlock * 32) stop_score_head_kernel(const StopScoreParams p) {
+__global__ void __launch_bounds__(kRowsPerBlock * 32)
+    stop_score_head_kernel(const StopScoreParams p) {
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
   if (row >= p.batch) return;  // warp-uniform
@@ -79,8 +82,8 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) stop_score_head_kernel(con
 // Hidden layer: block (row tile blockIdx.x, output tile blockIdx.y). partial: [out tiles][batch][2]
 // shares of the logits; tickets: [row tiles], zero at launch.
 template <typename TH, typename TW>
-__global__ void __launch_bounds__(kLayerThreads) stop_score_layer_kernel(const StopScoreParams p, float* partial,
-                                                                         unsigned* tickets) {
+__global__ void __launch_bounds__(kLayerThreads)
+    stop_score_layer_kernel(const StopScoreParams p, float* partial, unsigned* tickets) {
   __shared__ float x_s[kRowTile][kChunk];
   __shared__ float inv_s[kRowTile];
   __shared__ float part_s[kLayerWarps][kRowTile][2];
@@ -127,7 +130,8 @@ __global__ void __launch_bounds__(kLayerThreads) stop_score_layer_kernel(const S
     for (int i = lane; i < n; i += 32) {
       float wv[kOutPerWarp];
 #pragma unroll
-      for (int jj = 0; jj < kOutPerWarp; ++jj) wv[jj] = jj < nj ? to_float(hw[(j0 + jj) * d + c0 + i]) : 0.0f;
+      for (int jj = 0; jj < kOutPerWarp; ++jj)
+        wv[jj] = jj < nj ? to_float(hw[(j0 + jj) * d + c0 + i]) : 0.0f;
 #pragma unroll
       for (int r = 0; r < kRowTile; ++r) {
         const float f = x_s[r][i];
@@ -213,20 +217,23 @@ int64_t stop_score_workspace_bytes(int64_t batch, int64_t hidden_dim) {
 
 void stop_score(const StopScoreParams& p, const CallContext& ctx) {
   STOPKIT_CHECK(p.batch >= 0 && p.dim > 0 && p.hidden_dim >= 0, "stop_score: bad sizes");
-  STOPKIT_CHECK(p.hidden_dim == 0 || p.hidden_weight != nullptr, "stop_score: hidden_dim needs hidden_weight");
+  STOPKIT_CHECK(p.hidden_dim == 0 || p.hidden_weight != nullptr,
+                "stop_score: hidden_dim needs hidden_weight");
   STOPKIT_CHECK(static_cast<int32_t>(p.activation) >= 0 && static_cast<int32_t>(p.activation) <= 4,
                 "stop_score: activation code must be in 0..4");
   if (p.batch == 0) return;
   const int64_t need = stop_score_workspace_bytes(p.batch, p.hidden_dim);
-  STOPKIT_CHECK(need == 0 || (ctx.workspace != 0 && ctx.workspace_bytes >= need && ctx.workspace % 16 == 0),
-                "stop_score: the workspace must be 16-byte aligned and hold " + std::to_string(need) +
-                    " bytes (stop_score_workspace_bytes), got " + std::to_string(ctx.workspace_bytes));
+  STOPKIT_CHECK(
+      need == 0 || (ctx.workspace != 0 && ctx.workspace_bytes >= need && ctx.workspace % 16 == 0),
+      "stop_score: the workspace must be 16-byte aligned and hold " + std::to_string(need) +
+          " bytes (stop_score_workspace_bytes), got " + std::to_string(ctx.workspace_bytes));
   const LayerGrid g = layer_grid(p.batch, p.hidden_dim);
   if (p.hidden_dim > 0) {
     STOPKIT_CHECK(g.row_tiles <= INT_MAX && g.out_tiles <= 65535,
                   "stop_score: batch or hidden_dim too large for one launch");
   } else {
-    STOPKIT_CHECK((p.batch + kRowsPerBlock - 1) / kRowsPerBlock <= INT_MAX, "stop_score: batch too large");
+    STOPKIT_CHECK((p.batch + kRowsPerBlock - 1) / kRowsPerBlock <= INT_MAX,
+                  "stop_score: batch too large");
   }
   DeviceGuard guard(ctx.device);
   const cudaStream_t stream = to_stream(ctx.stream);
@@ -236,13 +243,15 @@ void stop_score(const StopScoreParams& p, const CallContext& ctx) {
       using TW = decltype(weight_tag);
       if (p.hidden_dim == 0) {
         const int64_t blocks = (p.batch + kRowsPerBlock - 1) / kRowsPerBlock;
-        stop_score_head_kernel<TH, TW><<<static_cast<unsigned>(blocks), kRowsPerBlock * 32, 0, stream>>>(p);
+        stop_score_head_kernel<TH, TW>
+            <<<static_cast<unsigned>(blocks), kRowsPerBlock * 32, 0, stream>>>(p);
         check_launch("stop_score_head_kernel");
         return;
       }
       auto* tickets = reinterpret_cast<unsigned*>(ctx.workspace);
       auto* partial = reinterpret_cast<float*>(ctx.workspace + g.ticket_bytes);
-      check(cudaMemsetAsync(tickets, 0, static_cast<size_t>(g.ticket_bytes), stream), "cudaMemsetAsync");
+      check(cudaMemsetAsync(tickets, 0, static_cast<size_t>(g.ticket_bytes), stream),
+            "cudaMemsetAsync");
       const dim3 grid(static_cast<unsigned>(g.row_tiles), static_cast<unsigned>(g.out_tiles));
       stop_score_layer_kernel<TH, TW><<<grid, kLayerThreads, 0, stream>>>(p, partial, tickets);
       check_launch("stop_score_layer_kernel");

@@ -13,9 +13,10 @@ namespace {
 
 // One element i of the flattened [T, row_vecs] input per thread (grid-stride).
 template <typename V>
-__global__ void write_kv_kernel(const V* __restrict__ k, const V* __restrict__ v, V* __restrict__ k_cache,
-                                V* __restrict__ v_cache, const int64_t* __restrict__ slots, int64_t total,
-                                int64_t row_vecs, int64_t num_slots) {
+__global__ void write_kv_kernel(const V* __restrict__ k, const V* __restrict__ v,
+                                V* __restrict__ k_cache, V* __restrict__ v_cache,
+                                const int64_t* __restrict__ slots, int64_t total, int64_t row_vecs,
+                                int64_t num_slots) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / row_vecs, c = i - t * row_vecs;
@@ -51,7 +52,8 @@ void write_kv(const WriteKVParams& p, const CallContext& ctx) {
   const int64_t esize = p.dtype == DType::kFloat32 ? 4 : 2;
   const int64_t row_bytes = p.num_kv_heads * p.head_dim * esize;
   const uintptr_t addr = reinterpret_cast<uintptr_t>(p.k) | reinterpret_cast<uintptr_t>(p.v) |
-                         reinterpret_cast<uintptr_t>(p.k_cache) | reinterpret_cast<uintptr_t>(p.v_cache);
+                         reinterpret_cast<uintptr_t>(p.k_cache) |
+                         reinterpret_cast<uintptr_t>(p.v_cache);
   const uint64_t align = uint64_t(addr) | uint64_t(row_bytes);  // lowest set bit = common alignment
   DeviceGuard guard(ctx.device);
   const cudaStream_t stream = to_stream(ctx.stream);

@@ -35,12 +35,16 @@ _EXAMPLES = """examples:
 
 def build_parser() -> Parser:
     """The ``stopkit`` parser with every command registered."""
-    parser = Parser(prog="stopkit", description="stopkit: prune doomed paths early in parallel LLM "
-                    "reasoning (STOP).", epilog=_EXAMPLES,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(
+        prog="stopkit",
+        description="stopkit: prune doomed paths early in parallel LLM reasoning (STOP).",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_global_flags(parser)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="command",
-                                parser_class=Parser)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="command", parser_class=Parser
+    )
     for name in COMMANDS:
         importlib.import_module(f"stopkit.cli.{name}").register(sub)
     return parser

@@ -33,10 +33,18 @@ EXAMPLES = """
 
 
 def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
-    p = add_command(subparsers, "bench", help="run the microbenchmarks (pytest-benchmark)",
-                    description=__doc__, examples=EXAMPLES)
-    p.add_argument("--dir", default=None,
-                   help="the benchmarks folder (default: bench/ of the checkout stopkit comes from)")
+    p = add_command(
+        subparsers,
+        "bench",
+        help="run the microbenchmarks (pytest-benchmark)",
+        description=__doc__,
+        examples=EXAMPLES,
+    )
+    p.add_argument(
+        "--dir",
+        default=None,
+        help="the benchmarks folder (default: bench/ of the checkout stopkit comes from)",
+    )
     p.add_argument("-k", default=None, help="pytest -k expression selecting benchmarks")
     p.add_argument("--json", default=None, help="write pytest-benchmark's JSON here")
     p.set_defaults(run=run)
@@ -46,8 +54,9 @@ def find_bench_dir() -> Path | None:
     """bench/ of the checkout this stopkit comes from, None when there is none."""
     candidates = [Path(__file__).resolve().parents[2] / "bench"]
     try:
-        url = json.loads(importlib.metadata.distribution("stopkit").read_text("direct_url.json")
-                         or "{}").get("url", "")
+        url = json.loads(
+            importlib.metadata.distribution("stopkit").read_text("direct_url.json") or "{}"
+        ).get("url", "")
     except (importlib.metadata.PackageNotFoundError, ValueError):
         url = ""
     if url.startswith("file://"):
@@ -60,19 +69,32 @@ def run(args: argparse.Namespace) -> int:
     if args.dir is not None:
         bench_dir = Path(args.dir)
         if not bench_dir.is_dir():
-            raise UserError(f"--dir {bench_dir}: no such folder; expected bench/ of a stopkit checkout")
+            raise UserError(
+                f"--dir {bench_dir}: no such folder; expected bench/ of a stopkit checkout"
+            )
     else:
         bench_dir = find_bench_dir()
         if bench_dir is None:
-            raise UserError("the benchmarks are in bench/ of a stopkit checkout, and this stopkit "
-                            "was not installed from one: clone the repository and run it there, "
-                            "or pass --dir")
+            raise UserError(
+                "the benchmarks are in bench/ of a stopkit checkout, and this stopkit "
+                "was not installed from one: clone the repository and run it there, "
+                "or pass --dir"
+            )
     for module in ("pytest", "pytest_benchmark"):
         if importlib.util.find_spec(module) is None:
-            raise UserError(f"needs pytest and pytest-benchmark: pip install 'stopkit[test]' "
-                            f"({module} is missing)")
-    cmd = [sys.executable, "-m", "pytest", str(bench_dir), "-q", "--benchmark-only",
-           "--benchmark-columns=min,median,mean,stddev,rounds"]
+            raise UserError(
+                f"needs pytest and pytest-benchmark: pip install 'stopkit[test]' "
+                f"({module} is missing)"
+            )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(bench_dir),
+        "-q",
+        "--benchmark-only",
+        "--benchmark-columns=min,median,mean,stddev,rounds",
+    ]
     if args.k:
         cmd += ["-k", args.k]
     if args.json:

@@ -26,8 +26,13 @@ __all__ = ["UserError", "options", "reading", "INPUT_ERRORS"]
 # raises for a folder that is not a model), a parse error or an input that does not fit
 # (ValueError, JSONDecodeError among them), a truncated or corrupt checkpoint (EOFError,
 # UnpicklingError, RuntimeError from torch.load, safetensors' SafetensorError, added on first use).
-INPUT_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, EOFError,
-                                                  pickle.UnpicklingError, RuntimeError)
+INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    EOFError,
+    pickle.UnpicklingError,
+    RuntimeError,
+)
 
 
 class UserError(Exception):

@@ -60,31 +60,57 @@ whose last \\boxed{} is taken); GPQA rows become multiple choice.
 
 
 def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
-    p = add_command(subparsers, "eval", help="compare pruning methods on a benchmark",
-                    description=__doc__, examples=EXAMPLES)
+    p = add_command(
+        subparsers,
+        "eval",
+        help="compare pruning methods on a benchmark",
+        description=__doc__,
+        examples=EXAMPLES,
+    )
     add_model_args(p, adapter=True)
     add_engine_args(p)
     add_prompt_args(p)
     add_ray_args(p)
     p.add_argument("--data", required=True, help="problem file (JSONL or JSON array)")
-    p.add_argument("--methods", type=name_list, default="full,stop,confidence,entropy,random",
-                   help="comma-separated methods (default: full,stop,confidence,entropy,random)")
+    p.add_argument(
+        "--methods",
+        type=name_list,
+        default="full,stop,confidence,entropy,random",
+        help="comma-separated methods (default: full,stop,confidence,entropy,random)",
+    )
     add_sampling_args(p)
     add_method_args(p)
     p.add_argument("--seeds", type=int_list, default=[0], help="comma-separated seeds (default 0)")
-    p.add_argument("--checker", default=None,
-                   help="answer checker 'module:function' (text, answer) -> bool (default: built-in)")
+    p.add_argument(
+        "--checker",
+        default=None,
+        help="answer checker 'module:function' (text, answer) -> bool (default: built-in)",
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first LIMIT problems")
-    p.add_argument("--out", default="stopkit-eval",
-                   help="output folder (default: stopkit-eval); its records.jsonl makes reruns resume")
+    p.add_argument(
+        "--out",
+        default="stopkit-eval",
+        help="output folder (default: stopkit-eval); its records.jsonl makes reruns resume",
+    )
     g = p.add_argument_group("budget sweep")
-    g.add_argument("--sweep", action="store_true",
-                   help="sweep keep (or the retention ratio) and l_p instead of one configuration")
-    g.add_argument("--sweep-prefixes", type=int_list, default=None,
-                   help="l_p values (default: --prefix-tokens)")
+    g.add_argument(
+        "--sweep",
+        action="store_true",
+        help="sweep keep (or the retention ratio) and l_p instead of one configuration",
+    )
+    g.add_argument(
+        "--sweep-prefixes",
+        type=int_list,
+        default=None,
+        help="l_p values (default: --prefix-tokens)",
+    )
     g.add_argument("--sweep-keeps", type=int_list, default=None, help="keep values")
-    g.add_argument("--sweep-ratios", type=str, default=None,
-                   help="retention ratios, comma-separated (keep = ceil(ratio * n))")
+    g.add_argument(
+        "--sweep-ratios",
+        type=str,
+        default=None,
+        help="retention ratios, comma-separated (keep = ceil(ratio * n))",
+    )
     p.set_defaults(run=run, on_interrupt="; rerun the same command to resume")
 
 
@@ -112,27 +138,51 @@ def run(args: argparse.Namespace) -> int:
         if all(m == "full" for m in args.methods):
             raise UserError("--sweep needs a pruning method in --methods besides full")
     checker = load_checker(args.checker)
-    problems = load_problems("--data", args.data)[:args.limit]
+    problems = load_problems("--data", args.data)[: args.limit]
     out = output_dir("--out", args.out)
     pool = ray_pool(args)
     with pool if pool is not None else contextlib.nullcontext():  # the workers stop with it
         reasoner = pool if pool is not None else load_reasoner(args)
-        common = dict(n=args.n, max_new_tokens=args.max_new_tokens, seeds=args.seeds,
-                      checker=checker, out=out, temperature=args.temperature, top_p=args.top_p)
+        common = dict(
+            n=args.n,
+            max_new_tokens=args.max_new_tokens,
+            seeds=args.seeds,
+            checker=checker,
+            out=out,
+            temperature=args.temperature,
+            top_p=args.top_p,
+        )
         if args.sweep:
             with options():
                 ratios = None if args.sweep_ratios is None else _ratios(args.sweep_ratios)
-                result = ev.sweep(reasoner, problems, args.methods, keeps=args.sweep_keeps,
-                                  ratios=ratios,
-                                  prefixes=args.sweep_prefixes or [args.prefix_tokens], **common)
+                result = ev.sweep(
+                    reasoner,
+                    problems,
+                    args.methods,
+                    keeps=args.sweep_keeps,
+                    ratios=ratios,
+                    prefixes=args.sweep_prefixes or [args.prefix_tokens],
+                    **common,
+                )
             paths = ev.write_sweep(result, out)
             print(ev.format_sweep(result))
         else:
-            result = ev.evaluate(reasoner, problems, args.methods, keep=args.keep,
-                                 prefix_tokens=args.prefix_tokens, vote=args.vote,
-                                 early_stop=args.early_stop, **common)
-            result["config"].update(model=args.model, adapter=args.adapter, data=str(args.data),
-                                    prompt=vars(reasoner.prompt))
+            result = ev.evaluate(
+                reasoner,
+                problems,
+                args.methods,
+                keep=args.keep,
+                prefix_tokens=args.prefix_tokens,
+                vote=args.vote,
+                early_stop=args.early_stop,
+                **common,
+            )
+            result["config"].update(
+                model=args.model,
+                adapter=args.adapter,
+                data=str(args.data),
+                prompt=vars(reasoner.prompt),
+            )
             paths = ev.write_results(result, out)
             print(ev.format_table(result))
         print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -23,8 +23,16 @@ if TYPE_CHECKING:
     from stopkit.reasoner import ParallelReasoner
     from stopkit.stop import StopScorer
 
-__all__ = ["load_model", "load_scorer", "load_reasoner", "load_problems", "load_checker",
-           "ray_pool", "output_dir", "output_file"]
+__all__ = [
+    "load_model",
+    "load_scorer",
+    "load_reasoner",
+    "load_problems",
+    "load_checker",
+    "ray_pool",
+    "output_dir",
+    "output_file",
+]
 
 # what from_pretrained would look up on the Hugging Face hub: "name" or "org/name"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -38,9 +46,11 @@ def load_model(args: argparse.Namespace | ModelSpec) -> tuple[PreTrainedModel, A
     if path.exists():
         gguf = path.suffix.lower() == ".gguf" or (path.is_dir() and any(path.glob("*.gguf")))
         if not gguf and not (path / "config.json").is_file():
-            raise UserError(f"--model {path}: no config.json there; a transformers model folder "
-                            "holds config.json, the weights and the tokenizer files (or give a "
-                            ".gguf file)")
+            raise UserError(
+                f"--model {path}: no config.json there; a transformers model folder "
+                "holds config.json, the weights and the tokenizer files (or give a "
+                ".gguf file)"
+            )
         shown = args.model
     elif _HUB_ID.fullmatch(args.model) is None:
         raise UserError(f"--model {args.model}: no such folder (nor a Hugging Face hub id)")
@@ -64,8 +74,11 @@ def prompt_format(args: argparse.Namespace | ModelSpec) -> PromptFormat:
     from stopkit.loading import PromptFormat  # noqa: PLC0415
 
     with options():
-        return PromptFormat(template=args.prompt_template, system=args.system_prompt,
-                            reasoning_effort=args.reasoning_effort)
+        return PromptFormat(
+            template=args.prompt_template,
+            system=args.system_prompt,
+            reasoning_effort=args.reasoning_effort,
+        )
 
 
 def make_engine(args: argparse.Namespace | ModelSpec, model: PreTrainedModel) -> Engine:
@@ -74,13 +87,23 @@ def make_engine(args: argparse.Namespace | ModelSpec, model: PreTrainedModel) ->
     from stopkit.engine import Engine  # noqa: PLC0415
 
     try:
-        return Engine(model, num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
-                      max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
-                      compile=args.compile)
+        return Engine(
+            model,
+            num_blocks=args.num_blocks,
+            kv_cache_memory=args.kv_cache_memory,
+            max_num_seqs=args.max_num_seqs,
+            max_batch_tokens=args.max_batch_tokens,
+            compile=args.compile,
+        )
     except (TypeError, ValueError) as e:
-        flag = next((f"--{k.replace('_', '-')}" for k in ("num_blocks", "kv_cache_memory",
-                                                            "max_num_seqs", "max_batch_tokens")
-                     if str(e).startswith(k)), "engine")
+        flag = next(
+            (
+                f"--{k.replace('_', '-')}"
+                for k in ("num_blocks", "kv_cache_memory", "max_num_seqs", "max_batch_tokens")
+                if str(e).startswith(k)
+            ),
+            "engine",
+        )
         raise UserError(f"{flag}: {e}") from e
 
 
@@ -93,12 +116,19 @@ def load_reasoner(args: argparse.Namespace | ModelSpec) -> ParallelReasoner:
     scorer = load_scorer("--adapter", args.adapter, model) if args.adapter else None
     external: dict[str, Any] = {}
     if hasattr(args, "similarity_diversity"):
-        external = dict(similarity_diversity=args.similarity_diversity,
-                        external_device=args.external_device,
-                        verifier_options={} if args.step_marker is None
-                        else {"step_marker": args.step_marker})
-    return ParallelReasoner(model, tokenizer, scorer=scorer, engine=make_engine(args, model),
-                            prompt=prompt_format(args), **external)
+        external = dict(
+            similarity_diversity=args.similarity_diversity,
+            external_device=args.external_device,
+            verifier_options={} if args.step_marker is None else {"step_marker": args.step_marker},
+        )
+    return ParallelReasoner(
+        model,
+        tokenizer,
+        scorer=scorer,
+        engine=make_engine(args, model),
+        prompt=prompt_format(args),
+        **external,
+    )
 
 
 def ray_pool(args: argparse.Namespace) -> RayPool | None:
@@ -121,8 +151,11 @@ def ray_pool(args: argparse.Namespace) -> RayPool | None:
         require_ray()
     except ImportError as e:
         raise UserError(str(e)) from e
-    pool = RayPool(ModelSpec.from_args(args, threads=args.worker_threads), workers=args.workers,
-                   address=args.ray or None)
+    pool = RayPool(
+        ModelSpec.from_args(args, threads=args.worker_threads),
+        workers=args.workers,
+        address=args.ray or None,
+    )
     try:
         with options():
             pool.start()
@@ -167,7 +200,8 @@ def _writable_dir(flag: str, given: Path, folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{flag} {given}: cannot create the folder {e.filename or folder} "
-                        f"({e.strerror or e})") from e
+        raise UserError(
+            f"{flag} {given}: cannot create the folder {e.filename or folder} ({e.strerror or e})"
+        ) from e
     if not os.access(folder, os.W_OK):
         raise UserError(f"{flag} {given}: the folder {folder} is not writable")

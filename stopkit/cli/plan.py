@@ -21,8 +21,13 @@ EXAMPLES = """
 
 
 def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
-    p = add_command(subparsers, "plan", help="largest N of paths that fits a token budget",
-                    description=__doc__, examples=EXAMPLES)
+    p = add_command(
+        subparsers,
+        "plan",
+        help="largest N of paths that fits a token budget",
+        description=__doc__,
+        examples=EXAMPLES,
+    )
     p.add_argument("--budget", type=int, required=True, help="token budget per question")
     p.add_argument("--prefix-tokens", type=int, required=True, help="prefix length l_p")
     p.add_argument("--task-tokens", type=int, required=True, help="expected length of a full path")
@@ -35,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with options():
-        p = plan(args.budget, args.prefix_tokens, args.task_tokens, keep=args.keep, ratio=args.ratio)
+        p = plan(
+            args.budget, args.prefix_tokens, args.task_tokens, keep=args.keep, ratio=args.ratio
+        )
     if args.json:
         print(json.dumps({"n": p.n, "keep": p.keep, "expected_tokens": p.expected_tokens}))
     else:

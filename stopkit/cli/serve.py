@@ -42,22 +42,36 @@ INSTALL_HINT = "needs the serve extra (FastAPI and uvicorn): pip install 'stopki
 
 
 def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
-    p = add_command(subparsers, "serve", help="an OpenAI-compatible server answering with STOP",
-                    description=__doc__, examples=EXAMPLES)
+    p = add_command(
+        subparsers,
+        "serve",
+        help="an OpenAI-compatible server answering with STOP",
+        description=__doc__,
+        examples=EXAMPLES,
+    )
     add_model_args(p, adapter=True)
-    p.add_argument("--served-model-name", default=None,
-                   help="the model id clients use (default: --model as given)")
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id clients use (default: --model as given)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    p.add_argument("--max-queue", type=int, default=512,
-                   help="requests in flight (running and waiting) at most; more get HTTP 503 "
-                        "(default 512)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=512,
+        help="requests in flight (running and waiting) at most; more get HTTP 503 (default 512)",
+    )
     add_engine_args(p)
     add_prompt_args(p)
     defaults = p.add_argument_group("request defaults")
-    defaults.add_argument("--method", default="stop",
-                          help="stop, confidence, entropy, similarity, similarity:PATH, "
-                               "verifier:PATH, random or full (default stop)")
+    defaults.add_argument(
+        "--method",
+        default="stop",
+        help="stop, confidence, entropy, similarity, similarity:PATH, "
+        "verifier:PATH, random or full (default stop)",
+    )
     add_sampling_args(defaults)
     add_method_args(p)
     p.set_defaults(run=run)
@@ -93,14 +107,30 @@ def run(args: argparse.Namespace) -> int:
     sock = _listen(args.host, args.port)
     reasoner = load_reasoner(args)
     engine = reasoner.engine
-    defaults = Defaults(n=args.n, keep=args.keep, prefix_tokens=args.prefix_tokens,
-                        max_new_tokens=args.max_new_tokens, method=args.method, vote=args.vote,
-                        early_stop=args.early_stop, temperature=args.temperature, top_p=args.top_p)
+    defaults = Defaults(
+        n=args.n,
+        keep=args.keep,
+        prefix_tokens=args.prefix_tokens,
+        max_new_tokens=args.max_new_tokens,
+        method=args.method,
+        vote=args.vote,
+        early_stop=args.early_stop,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
     name = args.served_model_name or args.model
     app = create_app(reasoner, model_name=name, defaults=defaults, max_queue=args.max_queue)
-    log.info("serving %s on http://%s:%d (KV cache: %d blocks of %d tokens; method %s, n %d, "
-             "keep %d)", name, args.host, sock.getsockname()[1], engine.cache.num_blocks, engine.block_size,
-             args.method, args.n, args.keep)
+    log.info(
+        "serving %s on http://%s:%d (KV cache: %d blocks of %d tokens; method %s, n %d, keep %d)",
+        name,
+        args.host,
+        sock.getsockname()[1],
+        engine.cache.num_blocks,
+        engine.block_size,
+        args.method,
+        args.n,
+        args.keep,
+    )
     server = uvicorn.Server(uvicorn.Config(app, log_level="debug" if args.verbose else "info"))
     server.run(sockets=[sock])
     return 0

@@ -30,15 +30,23 @@ EXAMPLES = """
 
 
 def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
-    p = add_command(subparsers, "solve", help="answer one question with parallel paths and pruning",
-                    description=__doc__, examples=EXAMPLES)
+    p = add_command(
+        subparsers,
+        "solve",
+        help="answer one question with parallel paths and pruning",
+        description=__doc__,
+        examples=EXAMPLES,
+    )
     add_model_args(p, adapter=True)
     add_engine_args(p)
     add_prompt_args(p)
     p.add_argument("question", help="the question (the chat template is applied when there is one)")
-    p.add_argument("--method", default="stop",
-                   help="stop, confidence, entropy, similarity, similarity:PATH, verifier:PATH, "
-                        "random or full (default stop)")
+    p.add_argument(
+        "--method",
+        default="stop",
+        help="stop, confidence, entropy, similarity, similarity:PATH, verifier:PATH, "
+        "random or full (default stop)",
+    )
     add_sampling_args(p)
     add_method_args(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -55,35 +63,72 @@ def check_solve_options(args: argparse.Namespace, methods: list[str]) -> None:
     with options():
         check_sampling_args(args)
         for method in methods:
-            check_solve_args(n=args.n, keep=args.keep, prefix_tokens=args.prefix_tokens,
-                             max_new_tokens=args.max_new_tokens, method=method, vote=args.vote,
-                             early_stop=args.early_stop)
+            check_solve_args(
+                n=args.n,
+                keep=args.keep,
+                prefix_tokens=args.prefix_tokens,
+                max_new_tokens=args.max_new_tokens,
+                method=method,
+                vote=args.vote,
+                early_stop=args.early_stop,
+            )
 
 
 def run(args: argparse.Namespace) -> int:
     check_solve_options(args, [args.method])
     reasoner = load_reasoner(args)
-    sol = reasoner.solve(args.question, n=args.n, keep=args.keep, prefix_tokens=args.prefix_tokens,
-                         max_new_tokens=args.max_new_tokens, method=args.method, vote=args.vote,
-                         early_stop=args.early_stop, seed=args.seed, temperature=args.temperature,
-                         top_p=args.top_p)
+    sol = reasoner.solve(
+        args.question,
+        n=args.n,
+        keep=args.keep,
+        prefix_tokens=args.prefix_tokens,
+        max_new_tokens=args.max_new_tokens,
+        method=args.method,
+        vote=args.vote,
+        early_stop=args.early_stop,
+        seed=args.seed,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
     if args.json:
-        print(json.dumps({
-            "answer": sol.answer, "votes": {str(k): v for k, v in sol.votes.items()},
-            "generated_tokens": sol.generated_tokens, "scoring_tokens": sol.scoring_tokens,
-            "tokens": sol.tokens, "external_tokens": sol.external_tokens,
-            "seconds": sol.seconds, "phases": sol.phases,
-            "paths": [{"answer": p.answer, "score": p.score, "pruned": p.pruned,
-                       "finished_in_prefix": p.finished_in_prefix,
-                       "finish_reason": p.finish_reason,
-                       "num_tokens": len(p.tokens), "text": p.text} for p in sol.paths]},
-            indent=2, default=str))
+        print(
+            json.dumps(
+                {
+                    "answer": sol.answer,
+                    "votes": {str(k): v for k, v in sol.votes.items()},
+                    "generated_tokens": sol.generated_tokens,
+                    "scoring_tokens": sol.scoring_tokens,
+                    "tokens": sol.tokens,
+                    "external_tokens": sol.external_tokens,
+                    "seconds": sol.seconds,
+                    "phases": sol.phases,
+                    "paths": [
+                        {
+                            "answer": p.answer,
+                            "score": p.score,
+                            "pruned": p.pruned,
+                            "finished_in_prefix": p.finished_in_prefix,
+                            "finish_reason": p.finish_reason,
+                            "num_tokens": len(p.tokens),
+                            "text": p.text,
+                        }
+                        for p in sol.paths
+                    ],
+                },
+                indent=2,
+                default=str,
+            )
+        )
         return 0
     kept = sum(p.voted for p in sol.paths)
     print(f"answer: {sol.answer}")
-    print("votes: " + ", ".join(f"{a!s}={w:.3g}" for a, w in
-                                sorted(sol.votes.items(), key=lambda kv: -kv[1])))
-    print(f"paths: {len(sol.paths)} launched, {kept} kept; tokens: {sol.generated_tokens} "
-          f"generated, {sol.scoring_tokens} [STOP]; {sol.seconds:.2f} s "
-          + " ".join(f"{k}={v:.2f}s" for k, v in sol.phases.items()))
+    print(
+        "votes: "
+        + ", ".join(f"{a!s}={w:.3g}" for a, w in sorted(sol.votes.items(), key=lambda kv: -kv[1]))
+    )
+    print(
+        f"paths: {len(sol.paths)} launched, {kept} kept; tokens: {sol.generated_tokens} "
+        f"generated, {sol.scoring_tokens} [STOP]; {sol.seconds:.2f} s "
+        + " ".join(f"{k}={v:.2f}s" for k, v in sol.phases.items())
+    )
     return 0

@@ -37,39 +37,76 @@ EXAMPLES = """
 
 
 def register(subparsers: argparse._SubParsersAction[Parser]) -> None:
-    p = add_command(subparsers, "train", help="train a StopScorer on Monte-Carlo labels",
-                    description=__doc__, examples=EXAMPLES)
+    p = add_command(
+        subparsers,
+        "train",
+        help="train a StopScorer on Monte-Carlo labels",
+        description=__doc__,
+        examples=EXAMPLES,
+    )
     add_model_args(p, adapter=False)
-    p.add_argument("--data", required=True,
-                   help="label JSONL (prefix_token_ids; soft_label or the authors' label keys)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="label JSONL (prefix_token_ids; soft_label or the authors' label keys)",
+    )
     p.add_argument("--out", required=True, help="checkpoint folder (best validation MSE)")
-    p.add_argument("--layout", choices=("stopkit", "authors"), default="stopkit",
-                   help="checkpoint layout: stopkit's (default) or the authors' (for their code; "
-                        "a Linear head only)")
-    p.add_argument("--drop-uniform", action="store_true",
-                   help="difficulty filter: train without the problems whose labels are all 0 "
-                        "or all 1")
-    p.add_argument("--val-data", default=None, help="validation label JSONL (default: split --data)")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="fraction of problem ids held out for validation when no --val-data (default 0.1)")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the training data (default 3)")
+    p.add_argument(
+        "--layout",
+        choices=("stopkit", "authors"),
+        default="stopkit",
+        help="checkpoint layout: stopkit's (default) or the authors' (for their code; "
+        "a Linear head only)",
+    )
+    p.add_argument(
+        "--drop-uniform",
+        action="store_true",
+        help="difficulty filter: train without the problems whose labels are all 0 or all 1",
+    )
+    p.add_argument(
+        "--val-data", default=None, help="validation label JSONL (default: split --data)"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="fraction of problem ids held out for validation when no --val-data (default 0.1)",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=3, help="passes over the training data (default 3)"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="records per forward (default 8)")
-    p.add_argument("--grad-accum", type=int, default=1, help="forwards per optimizer step (default 1)")
+    p.add_argument(
+        "--grad-accum", type=int, default=1, help="forwards per optimizer step (default 1)"
+    )
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    p.add_argument(
+        "--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--init", default=None, help="start from this StopScorer checkpoint")
     p.add_argument("--num-tokens", type=int, default=4, help="[STOP] tokens K (default 4)")
     p.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (default 64)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 * rank)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
-    p.add_argument("--targets", type=name_list, default="q_proj,v_proj",
-                   help="comma-separated Linear names that get LoRA (default q_proj,v_proj)")
-    p.add_argument("--head-hidden", type=int, default=None,
-                   help="width of a one-hidden-layer MLP head (default: a Linear head)")
-    p.add_argument("--init-token", default=None,
-                   help="token (string or id) whose embedding starts the [STOP] vector "
-                        "(default: the mean embedding)")
+    p.add_argument(
+        "--targets",
+        type=name_list,
+        default="q_proj,v_proj",
+        help="comma-separated Linear names that get LoRA (default q_proj,v_proj)",
+    )
+    p.add_argument(
+        "--head-hidden",
+        type=int,
+        default=None,
+        help="width of a one-hidden-layer MLP head (default: a Linear head)",
+    )
+    p.add_argument(
+        "--init-token",
+        default=None,
+        help="token (string or id) whose embedding starts the [STOP] vector "
+        "(default: the mean embedding)",
+    )
     p.set_defaults(run=run)
 
 
@@ -94,15 +131,20 @@ def run(args: argparse.Namespace) -> int:
     )
 
     with options():
-        for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
-                            ("--grad-accum", args.grad_accum)):
+        for flag, value in (
+            ("--epochs", args.epochs),
+            ("--batch-size", args.batch_size),
+            ("--grad-accum", args.grad_accum),
+        ):
             check_int(flag, value, 1)
         check_real("--lr", args.lr, 0, low_open=True)
         check_real("--weight-decay", args.weight_decay, 0)
         check_real("--val-fraction", args.val_fraction, 0, 1, high_open=True)
         if args.layout == "authors" and args.head_hidden is not None:
-            raise ValueError("--layout authors holds a Linear head only; drop --head-hidden or use "
-                             "--layout stopkit")
+            raise ValueError(
+                "--layout authors holds a Linear head only; drop --head-hidden or use "
+                "--layout stopkit"
+            )
     with reading("--data", args.data):
         records = load_labels(args.data)
     if args.val_data:
@@ -114,8 +156,10 @@ def run(args: argparse.Namespace) -> int:
         with reading("--data", args.data):
             train = drop_uniform_problems(train)
             if not train:
-                raise ValueError("every training problem's labels are all 0 or all 1: "
-                                 "--drop-uniform left no training records")
+                raise ValueError(
+                    "every training problem's labels are all 0 or all 1: "
+                    "--drop-uniform left no training records"
+                )
     out = output_dir("--out", args.out)
     model, tokenizer = load_model(args)
     vocab_size = int(cast("torch.nn.Embedding", model.get_input_embeddings()).weight.shape[0])
@@ -127,17 +171,33 @@ def run(args: argparse.Namespace) -> int:
         scorer = load_scorer("--init", args.init, model)
     else:
         with options():  # the options' values against the model: targets, token, sizes
-            scorer = StopScorer.new(model, num_tokens=args.num_tokens, lora_rank=args.lora_rank,
-                                    lora_alpha=args.lora_alpha, targets=tuple(args.targets),
-                                    seed=args.seed, lora_dropout=args.lora_dropout,
-                                    token_id=_init_token(args.init_token, tokenizer),
-                                    head_hidden=args.head_hidden)
+            scorer = StopScorer.new(
+                model,
+                num_tokens=args.num_tokens,
+                lora_rank=args.lora_rank,
+                lora_alpha=args.lora_alpha,
+                targets=tuple(args.targets),
+                seed=args.seed,
+                lora_dropout=args.lora_dropout,
+                token_id=_init_token(args.init_token, tokenizer),
+                head_hidden=args.head_hidden,
+            )
     with options():
         scorer.check_layout(args.layout)  # e.g. an --init scorer whose head has a hidden layer
     log.info("%d training and %d validation records", len(train), len(val))
-    history = train_scorer(scorer, train, val, out=out, epochs=args.epochs,
-                           batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                           weight_decay=args.weight_decay, seed=args.seed,
-                           layout=args.layout, tokenizer=tokenizer)
+    history = train_scorer(
+        scorer,
+        train,
+        val,
+        out=out,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        layout=args.layout,
+        tokenizer=tokenizer,
+    )
     print(json.dumps(history[-1]))
     return 0

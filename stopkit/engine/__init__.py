@@ -13,5 +13,16 @@ from stopkit.engine.model_runner import ATTENTION_NAME, SUPPORTED_MODEL_TYPES
 from stopkit.engine.sequence import FINISH_REASONS, Group, Row, SamplingParams
 from stopkit.engine.session import Session
 
-__all__ = ["Engine", "Session", "Row", "Group", "SamplingParams", "StepOutput", "FINISH_REASONS",
-           "SUPPORTED_MODEL_TYPES", "ATTENTION_NAME", "GPU_MEMORY_UTILIZATION", "CPU_MEMORY_SHARE"]
+__all__ = [
+    "Engine",
+    "Session",
+    "Row",
+    "Group",
+    "SamplingParams",
+    "StepOutput",
+    "FINISH_REASONS",
+    "SUPPORTED_MODEL_TYPES",
+    "ATTENTION_NAME",
+    "GPU_MEMORY_UTILIZATION",
+    "CPU_MEMORY_SHARE",
+]

@@ -37,8 +37,15 @@ class CompiledDecode:
     """Decode steps of ``runner`` over ``cache``, compiled per batch bucket (and on CUDA replayed
     as CUDA graphs unless ``cuda_graphs=False``). ``backend``: torch.compile's backend."""
 
-    def __init__(self, runner: ModelRunner, cache: PagedKVCache, *, max_num_seqs: int,
-                 cuda_graphs: bool = True, backend: str = "inductor") -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        cache: PagedKVCache,
+        *,
+        max_num_seqs: int,
+        cuda_graphs: bool = True,
+        backend: str = "inductor",
+    ) -> None:
         self.runner = runner
         self.storage = cache.storage
         self.buckets = decode_buckets(max_num_seqs)
@@ -47,8 +54,11 @@ class CompiledDecode:
         config = runner.model.config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         longest = getattr(text, "max_position_embeddings", None)
-        self.width = cache.num_blocks if not longest else \
-            min(cache.num_blocks, -(-longest // cache.block_size))
+        self.width = (
+            cache.num_blocks
+            if not longest
+            else min(cache.num_blocks, -(-longest // cache.block_size))
+        )
         # an upper bound of every length the graph sees, without a device sync (CUDA's split plan)
         self.max_seq_len = self.width * cache.block_size
         n, dev = self.buckets[-1], runner.device
@@ -74,15 +84,18 @@ class CompiledDecode:
     def accepts(self, batch: ForwardBatch) -> bool:
         """Whether the decode step ``batch`` fits the buckets and the block table's width."""
         table = batch.single_table
-        return batch.single_all and table.shape[0] <= self.buckets[-1] and table.shape[1] <= self.width
+        return (
+            batch.single_all and table.shape[0] <= self.buckets[-1] and table.shape[1] <= self.width
+        )
 
     def bucket(self, rows: int) -> int:
         """The batch size ``rows`` rows are padded to."""
         return next(b for b in self.buckets if b >= rows)
 
     @torch.no_grad()
-    def __call__(self, batch: ForwardBatch, token_ids: torch.Tensor,
-                 positions: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, batch: ForwardBatch, token_ids: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
         """The step ``batch`` (accepted; token_ids, positions int64 ``[T]``): float32 logits
         ``[T, V]``, a view of a buffer that the next step overwrites."""
         T = token_ids.shape[0]
@@ -96,8 +109,11 @@ class CompiledDecode:
         self.slots[T:B].fill_(-1)  # padding rows: written nowhere, attend to nothing
         self.lens[T:B].fill_(0)
         if B not in self.compiled:
-            log.info("compiling the decode step for %d rows%s", B,
-                     " (and capturing its CUDA graph)" if self.cuda_graphs else "")
+            log.info(
+                "compiling the decode step for %d rows%s",
+                B,
+                " (and capturing its CUDA graph)" if self.cuda_graphs else "",
+            )
             self.compiled.add(B)
             if self.cuda_graphs:
                 self._capture(B)  # turns cuda_graphs off if the step cannot be captured
@@ -109,19 +125,39 @@ class CompiledDecode:
             return self._step(*self._inputs(B))[:T]
 
     def _inputs(self, B: int) -> tuple[torch.Tensor, ...]:
-        return (self.storage, self.ids[:B], self.positions[:B], self.slots[:B], self.table[:B],
-                self.lens[:B])
+        return (
+            self.storage,
+            self.ids[:B],
+            self.positions[:B],
+            self.slots[:B],
+            self.table[:B],
+            self.lens[:B],
+        )
 
-    def _forward(self, storage: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
-                 slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self,
+        storage: torch.Tensor,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        table: torch.Tensor,
+        lens: torch.Tensor,
+    ) -> torch.Tensor:
         """The traced step. The KV storage goes in whole and is cut into layers inside: views of
         one tensor passed as separate inputs would make AOTAutograd copy the storage per call."""
         layers = range(storage.shape[0])
-        batch = ForwardBatch([storage[i, 0] for i in layers], [storage[i, 1] for i in layers],
-                             slots, self.max_seq_len, single_table=table, single_lens=lens,
-                             single_all=True)
-        out = self.runner.call(self.runner.model, batch, input_ids=ids[:, None],
-                               position_ids=positions[:, None])
+        batch = ForwardBatch(
+            [storage[i, 0] for i in layers],
+            [storage[i, 1] for i in layers],
+            slots,
+            self.max_seq_len,
+            single_table=table,
+            single_lens=lens,
+            single_all=True,
+        )
+        out = self.runner.call(
+            self.runner.model, batch, input_ids=ids[:, None], position_ids=positions[:, None]
+        )
         return out.logits[:, -1].float()
 
     def _capture(self, B: int) -> None:

@@ -46,7 +46,7 @@ __all__ = ["Engine", "StepOutput", "CPU_MEMORY_SHARE", "GPU_MEMORY_UTILIZATION"]
 log = logging.getLogger(__name__)
 
 GPU_MEMORY_UTILIZATION = 0.9  # default share of a GPU's memory the model, steps and KV may use
-CPU_MEMORY_SHARE = 0.25       # default share of the available RAM the KV cache takes on a CPU
+CPU_MEMORY_SHARE = 0.25  # default share of the available RAM the KV cache takes on a CPU
 
 
 @dataclass
@@ -90,17 +90,29 @@ class Engine:
     :mod:`stopkit.engine.compiled`.
     """
 
-    def __init__(self, model: PreTrainedModel, *, block_size: int = 16,
-                 num_blocks: int | None = None, max_num_seqs: int = 256,
-                 max_batch_tokens: int = 8192, kv_cache_memory: int | float | None = None,
-                 compile: bool = False) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_num_seqs: int = 256,
+        max_batch_tokens: int = 8192,
+        kv_cache_memory: int | float | None = None,
+        compile: bool = False,
+    ) -> None:
         self.runner = ModelRunner(model)
         self.model = self.runner.model
         block_size = check_int("block_size", block_size, low=1)
-        if block_size < ops.MIN_BLOCK_SIZE or block_size > ops.MAX_BLOCK_SIZE or \
-                block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two in {ops.MIN_BLOCK_SIZE}.."
-                             f"{ops.MAX_BLOCK_SIZE}, got {block_size}")
+        if (
+            block_size < ops.MIN_BLOCK_SIZE
+            or block_size > ops.MAX_BLOCK_SIZE
+            or block_size & (block_size - 1)
+        ):
+            raise ValueError(
+                f"block_size must be a power of two in {ops.MIN_BLOCK_SIZE}.."
+                f"{ops.MAX_BLOCK_SIZE}, got {block_size}"
+            )
         self.block_size = block_size
         max_num_seqs = check_int("max_num_seqs", max_num_seqs, low=1)
         max_batch_tokens = check_int("max_batch_tokens", max_batch_tokens, low=block_size)
@@ -110,18 +122,28 @@ class Engine:
             num_blocks = check_int("num_blocks", num_blocks, low=1)
         else:
             num_blocks = self._blocks_from_memory(kv_cache_memory, max_num_seqs, max_batch_tokens)
-        self.cache = PagedKVCache.for_model(self.model.config, num_blocks=num_blocks,
-                                            block_size=block_size, dtype=self.model.dtype,
-                                            device=self.model.device)
+        self.cache = PagedKVCache.for_model(
+            self.model.config,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            dtype=self.model.dtype,
+            device=self.model.device,
+        )
         self.runner.bind(self.cache)
         if check_bool("compile", compile):
-            self.runner.compiled_decode = CompiledDecode(self.runner, self.cache,
-                                                         max_num_seqs=max_num_seqs)
-        self.scheduler = Scheduler(self.cache, max_num_seqs=max_num_seqs,
-                                   max_batch_tokens=max_batch_tokens)
+            self.runner.compiled_decode = CompiledDecode(
+                self.runner, self.cache, max_num_seqs=max_num_seqs
+            )
+        self.scheduler = Scheduler(
+            self.cache, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens
+        )
         self._session: Session | None = None
-        log.debug("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
-                 self.cache.memory_bytes / 2**20)
+        log.debug(
+            "KV cache: %d blocks of %d tokens (%.1f MiB)",
+            num_blocks,
+            block_size,
+            self.cache.memory_bytes / 2**20,
+        )
 
     # ---- properties --------------------------------------------------------------------------
     device = property(lambda self: self.runner.device)
@@ -147,10 +169,19 @@ class Engine:
         return self.runner.final_norm_params()
 
     # ---- requests ----------------------------------------------------------------------------
-    def sampling_params(self, *, max_new_tokens: int | None = None, temperature: float = 0.0,
-                        top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                        seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
-                        record_logprobs: bool = False, top_logprobs: int = 0) -> SamplingParams:
+    def sampling_params(
+        self,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        record_logprobs: bool = False,
+        top_logprobs: int = 0,
+    ) -> SamplingParams:
         """Validated SamplingParams (ValueError/TypeError naming the argument). eos_token_id None
         takes the model's (generation_config, then config); an empty list disables EOS. seed
         None: drawn from torch's global RNG."""
@@ -165,8 +196,9 @@ class Engine:
             seed = int(torch.randint(0, 2**62, ()))
         seed = check_int("seed", seed)
         if eos_token_id is None:
-            eos_token_id = getattr(getattr(self.model, "generation_config", None), "eos_token_id",
-                                   None)
+            eos_token_id = getattr(
+                getattr(self.model, "generation_config", None), "eos_token_id", None
+            )
             if eos_token_id is None:
                 eos_token_id = getattr(self.model.config, "eos_token_id", None)
         eos: tuple[int, ...]
@@ -180,17 +212,34 @@ class Engine:
             raise ValueError(f"eos_token_id must lie in [0, {V}), got {list(eos)}")
         record_logprobs = check_bool("record_logprobs", record_logprobs)
         top_logprobs = check_int("top_logprobs", top_logprobs, low=0, high=V)
-        return SamplingParams(temperature, top_p, top_k, min_p, seed, eos, max_new_tokens,
-                              record_logprobs, top_logprobs)
+        return SamplingParams(
+            temperature,
+            top_p,
+            top_k,
+            min_p,
+            seed,
+            eos,
+            max_new_tokens,
+            record_logprobs,
+            top_logprobs,
+        )
 
     def check_prompt(self, prompt: Sequence[int] | torch.Tensor, name: str = "prompt") -> list[int]:
         """``prompt`` (token ids: a sequence of ints or a 1-D tensor) as a list, checked against the
         vocabulary."""
         return check_token_ids(name, prompt, self.vocab_size)
 
-    def add_request(self, prompt: Sequence[int], sampling: SamplingParams, *, n: int = 1,
-                    checks: Sequence[int] = (), key: int | None = None, index: int = 0,
-                    tag: object = None) -> Group:
+    def add_request(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams,
+        *,
+        n: int = 1,
+        checks: Sequence[int] = (),
+        key: int | None = None,
+        index: int = 0,
+        tag: object = None,
+    ) -> Group:
         """Queue ``n`` samples of ``prompt`` (token ids); returns its Group (rows in
         ``group.rows``). checks: increasing token counts at which the rows pause until
         :meth:`resume`. key: the random-stream key (default: a hash of the prompt, so sample s
@@ -202,13 +251,29 @@ class Engine:
         checks = tuple(check_int(f"checks[{i}]", c, low=1) for i, c in enumerate(checks))
         if any(b <= a for a, b in itertools.pairwise(checks)):
             raise ValueError(f"checks must be strictly increasing, got {list(checks)}")
-        group = Group(index=index, order=0, prompt=prompt, sampling=sampling,
-                      key=request_key(prompt) if key is None else key, n=n, checks=checks, tag=tag)
+        group = Group(
+            index=index,
+            order=0,
+            prompt=prompt,
+            sampling=sampling,
+            key=request_key(prompt) if key is None else key,
+            n=n,
+            checks=checks,
+            tag=tag,
+        )
         self.scheduler.add(group)
         return group
 
-    def fork(self, row: Row, sampling: SamplingParams, *, n: int = 1, key: int | None = None,
-             index: int = 0, tag: object = None) -> Group:
+    def fork(
+        self,
+        row: Row,
+        sampling: SamplingParams,
+        *,
+        n: int = 1,
+        key: int | None = None,
+        index: int = 0,
+        tag: object = None,
+    ) -> Group:
         """A new request continuing ``row`` (running and fully cached, e.g. at a check): its
         prompt is ``row``'s prompt and tokens, its ``n`` rows share ``row``'s blocks and start
         from its next-token distribution, nothing is prefilled again (Monte-Carlo rollouts of a
@@ -218,8 +283,15 @@ class Engine:
         self._check_no_session()
         n = check_int("n", n, low=1)
         prompt = row.prompt + row.tokens
-        group = Group(index=index, order=0, prompt=prompt, sampling=sampling,
-                      key=request_key(prompt) if key is None else key, n=n, tag=tag)
+        group = Group(
+            index=index,
+            order=0,
+            prompt=prompt,
+            sampling=sampling,
+            key=request_key(prompt) if key is None else key,
+            n=n,
+            tag=tag,
+        )
         self.scheduler.add_fork(group, row)
         return group
 
@@ -232,7 +304,9 @@ class Engine:
         "length" for a row cut at a limit of the caller's); their blocks are freed at once.
         Returns the blocks freed."""
         if reason not in FINISH_REASONS or reason == "eos":
-            raise ValueError(f"reason must be one of {', '.join(FINISH_REASONS[1:])}, got {reason!r}")
+            raise ValueError(
+                f"reason must be one of {', '.join(FINISH_REASONS[1:])}, got {reason!r}"
+            )
         return self.scheduler.end(rows, reason)
 
     def abort(self, group: Group) -> int:
@@ -251,9 +325,14 @@ class Engine:
         return self._step(session=False)
 
     # ---- scoring ------------------------------------------------------------------------------
-    def forward_suffix(self, rows: Sequence[Row], inputs_embeds: torch.Tensor,
-                       adapter: contextlib.AbstractContextManager | Callable | None = None, *,
-                       final_norm: bool = False) -> torch.Tensor:
+    def forward_suffix(
+        self,
+        rows: Sequence[Row],
+        inputs_embeds: torch.Tensor,
+        adapter: contextlib.AbstractContextManager | Callable | None = None,
+        *,
+        final_norm: bool = False,
+    ) -> torch.Tensor:
         """Run the model over K extra embeddings after each of ``rows``' cached tokens, without
         writing the cache.
 
@@ -268,39 +347,65 @@ class Engine:
         rows = list(rows)
         B = len(rows)
         if not isinstance(inputs_embeds, torch.Tensor):
-            raise TypeError(f"inputs_embeds must be a torch.Tensor, got {type(inputs_embeds).__name__}")
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != B \
-                or inputs_embeds.shape[2] != self.hidden_size:
-            raise ValueError(f"inputs_embeds must have shape [{B} rows, K, {self.hidden_size}], "
-                             f"got {tuple(inputs_embeds.shape)}")
+            raise TypeError(
+                f"inputs_embeds must be a torch.Tensor, got {type(inputs_embeds).__name__}"
+            )
+        if (
+            inputs_embeds.dim() != 3
+            or inputs_embeds.shape[0] != B
+            or inputs_embeds.shape[2] != self.hidden_size
+        ):
+            raise ValueError(
+                f"inputs_embeds must have shape [{B} rows, K, {self.hidden_size}], "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
         K = inputs_embeds.shape[1]
         if not 1 <= K <= ops.MAX_Q_LEN:
-            raise ValueError(f"inputs_embeds must hold 1..{ops.MAX_Q_LEN} suffix tokens per row, got {K}")
+            raise ValueError(
+                f"inputs_embeds must hold 1..{ops.MAX_Q_LEN} suffix tokens per row, got {K}"
+            )
         if inputs_embeds.dtype != self.dtype or inputs_embeds.device != self.device:
-            raise TypeError(f"inputs_embeds must be {self.dtype} on {self.device}, got "
-                            f"{inputs_embeds.dtype} on {inputs_embeds.device}")
+            raise TypeError(
+                f"inputs_embeds must be {self.dtype} on {self.device}, got "
+                f"{inputs_embeds.dtype} on {inputs_embeds.device}"
+            )
         for r in rows:
             if r.status is not RowStatus.RUNNING or r.num_cached != r.num_tokens:
-                raise ValueError("forward_suffix needs rows that are in the cache and fully cached "
-                                 f"(row {r.sample_index} of request {r.group.index} is not)")
+                raise ValueError(
+                    "forward_suffix needs rows that are in the cache and fully cached "
+                    f"(row {r.sample_index} of request {r.group.index} is not)"
+                )
         ctx = enter(adapter)
         if B == 0:
             return inputs_embeds.new_empty(inputs_embeds.shape)
         idx = self.scheduler.index_of(rows)
         table = self.cache.block_table[torch.tensor(idx, device=self.device)]
         starts = [r.num_tokens for r in rows]
-        batch = self.runner.batch(table, starts, [K] * B, slots=None,
-                                  differentiable=torch.is_grad_enabled())
-        positions = (torch.tensor(starts, device=self.device)[:, None]
-                     + torch.arange(K, device=self.device))
-        return self.runner.forward_suffix(batch, inputs_embeds, positions, ctx,
-                                          final_norm=final_norm)
+        batch = self.runner.batch(
+            table, starts, [K] * B, slots=None, differentiable=torch.is_grad_enabled()
+        )
+        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(
+            K, device=self.device
+        )
+        return self.runner.forward_suffix(
+            batch, inputs_embeds, positions, ctx, final_norm=final_norm
+        )
 
     # ---- whole calls --------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, n: int = 1,
-                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                 seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
-                 progress: bool | None = None) -> list[list[list[int]]]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        progress: bool | None = None,
+    ) -> list[list[list[int]]]:
         """Sample ``n`` continuations of each prompt (token-id lists, or a 2-D tensor ``[P, L]``),
         all through the scheduler under the KV budget. Returns, per prompt and per sample, the new
         tokens up to and including EOS (at most max_new_tokens). temperature 0 is greedy; top_k 0
@@ -311,17 +416,28 @@ class Engine:
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
         prompts = self.check_prompts(prompts)
         n = check_int("n", n, low=1)
-        sampling = self.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature,
-                                        top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
-                                        eos_token_id=eos_token_id)
+        sampling = self.sampling_params(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            seed=seed,
+            eos_token_id=eos_token_id,
+        )
         self._check_idle()
         groups = []
         try:
             for i, p in enumerate(prompts):
                 groups.append(self.add_request(p, sampling, n=n, index=i))
             total = len(prompts) * n * max_new_tokens
-            with tqdm(total=total, desc="generate", unit="tok", leave=False,
-                      disable=None if progress is None else not progress) as bar:
+            with tqdm(
+                total=total,
+                desc="generate",
+                unit="tok",
+                leave=False,
+                disable=None if progress is None else not progress,
+            ) as bar:
                 while self.has_unfinished():
                     out = self.step()
                     bar.update(len(out.sampled))
@@ -332,11 +448,21 @@ class Engine:
             raise
         return [[r.tokens for r in g.rows] for g in groups]
 
-    def start(self, prompts: Sequence[Sequence[int]], *, n: int = 1,
-              max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-              top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
-              eos_token_id: int | Sequence[int] | None = None, record_logprobs: bool = False,
-              top_logprobs: int = 0) -> Session:
+    def start(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        n: int = 1,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        record_logprobs: bool = False,
+        top_logprobs: int = 0,
+    ) -> Session:
         """Prefill ``prompts`` and return a :class:`~stopkit.engine.Session` of ``n`` samples per
         prompt, driven by hand (every row stays in the cache; nothing is preempted). Sampling
         arguments as in :meth:`generate`; max_new_tokens None: rows end only at EOS (or when
@@ -349,25 +475,40 @@ class Engine:
         prompts = self.check_prompts(prompts)
         n = check_int("n", n, low=1)
         sampling = self.sampling_params(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            min_p=min_p, seed=seed, eos_token_id=eos_token_id, record_logprobs=record_logprobs,
-            top_logprobs=top_logprobs)
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            seed=seed,
+            eos_token_id=eos_token_id,
+            record_logprobs=record_logprobs,
+            top_logprobs=top_logprobs,
+        )
         if self._session is not None:
             self._session.close()
         self._check_idle()
         prompt_blocks = sum(-(-len(p) // self.block_size) for p in prompts)
         if prompt_blocks > self.cache.num_free_blocks:
-            raise CacheFullError(f"the prompts need {prompt_blocks} blocks of {self.block_size} "
-                                 f"tokens; the KV cache has {self.cache.num_free_blocks} free")
-        groups = [Group(index=i, order=0, prompt=p, sampling=sampling, key=request_key(p), n=n)
-                  for i, p in enumerate(prompts)]
+            raise CacheFullError(
+                f"the prompts need {prompt_blocks} blocks of {self.block_size} "
+                f"tokens; the KV cache has {self.cache.num_free_blocks} free"
+            )
+        groups = [
+            Group(index=i, order=0, prompt=p, sampling=sampling, key=request_key(p), n=n)
+            for i, p in enumerate(prompts)
+        ]
         session = Session(self, groups)
         self._session = session
         try:
             for g in groups:
                 self.scheduler.add(g, session=True)
-            while any(r.status is not RowStatus.RUNNING or r.num_cached < r.num_tokens
-                      for g in groups for r in g.rows if r.live):
+            while any(
+                r.status is not RowStatus.RUNNING or r.num_cached < r.num_tokens
+                for g in groups
+                for r in g.rows
+                if r.live
+            ):
                 self._step(session=True, sample=False)
         except BaseException:
             session.close()
@@ -379,7 +520,9 @@ class Engine:
         if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
             prompts = prompts.tolist()
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-            raise TypeError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+            raise TypeError(
+                f"prompts must be a list of token-id lists, got {type(prompts).__name__}"
+            )
         if not prompts:
             raise ValueError("prompts must hold at least one prompt")
         return [self.check_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
@@ -392,7 +535,9 @@ class Engine:
             rows = sched.decode_rows()
             if rows:
                 assert sched.logits is not None  # set by the step that fed these rows
-                logits = sched.logits[torch.tensor(sched.index_of(rows), device=sched.logits.device)]
+                logits = sched.logits[
+                    torch.tensor(sched.index_of(rows), device=sched.logits.device)
+                ]
                 sample_rows(rows, logits)
                 out.sampled = rows
                 for r in rows:
@@ -418,16 +563,23 @@ class Engine:
             sched.postprocess(batch, logits)
         out.checks = sched.check_groups()
         out.finished = [] if session else sched.finished_groups()
-        if not session and batch is None and not out.sampled and not out.checks and \
-                sched.has_work():
+        if (
+            not session
+            and batch is None
+            and not out.sampled
+            and not out.checks
+            and sched.has_work()
+        ):
             stuck = [r for g in sched.groups for r in g.live_rows]
             longest = max(r.num_tokens for r in stuck)
             for g in list(sched.groups):
                 sched.end(g.rows, "aborted")
             sched.finished_groups()
-            raise CacheFullError(f"no path can advance: a path of {longest} tokens no longer fits "
-                                 f"the KV cache of {self.cache.num_blocks} blocks of "
-                                 f"{self.block_size} tokens beside the others")
+            raise CacheFullError(
+                f"no path can advance: a path of {longest} tokens no longer fits "
+                f"the KV cache of {self.cache.num_blocks} blocks of "
+                f"{self.block_size} tokens beside the others"
+            )
         return out
 
     def _forward(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -440,19 +592,21 @@ class Engine:
         for r, start, c in zip(batch.rows, batch.starts, batch.counts, strict=True):
             P = len(r.prompt)
             if start < P:
-                ids += r.prompt[start:start + c]
+                ids += r.prompt[start : start + c]
             if start + c > P:
-                ids += r.tokens[max(start - P, 0):start + c - P]
+                ids += r.tokens[max(start - P, 0) : start + c - P]
             positions += range(start, start + c)
             offset += c
             if start + c == r.num_tokens:
                 logits_at.append(offset - 1)
-        if len(batch.cache_rows) == self.cache.batch_size and \
-                batch.cache_rows == list(range(len(batch.cache_rows))):
+        if len(batch.cache_rows) == self.cache.batch_size and batch.cache_rows == list(
+            range(len(batch.cache_rows))
+        ):
             table = self.cache.block_table
         else:
             table = self.cache.block_table[torch.tensor(batch.cache_rows, device=dev)]
         fb = self.runner.batch(table, batch.starts, batch.counts, slots=batch.slots)
+
         def to(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=dev)
 
@@ -460,20 +614,29 @@ class Engine:
 
     def _check_idle(self) -> None:
         if self.scheduler.has_work():
-            raise RuntimeError("the engine is running other requests; generate, start and solve "
-                               "need it to themselves")
+            raise RuntimeError(
+                "the engine is running other requests; generate, start and solve "
+                "need it to themselves"
+            )
 
     def _check_no_session(self) -> None:
         if self._session is not None and not self._session.closed:
             raise RuntimeError("a Session is open on this engine: close it first")
 
-    def _blocks_from_memory(self, kv_cache_memory: int | float | None, max_num_seqs: int,
-                            max_batch_tokens: int) -> int:
+    def _blocks_from_memory(
+        self, kv_cache_memory: int | float | None, max_num_seqs: int, max_batch_tokens: int
+    ) -> int:
         config = self.model.config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        per_block = (text.num_hidden_layers * 2 * self.block_size * kv_heads
-                     * model_head_dim(text) * self.model.dtype.itemsize)
+        per_block = (
+            text.num_hidden_layers
+            * 2
+            * self.block_size
+            * kv_heads
+            * model_head_dim(text)
+            * self.model.dtype.itemsize
+        )
         if isinstance(kv_cache_memory, numbers.Integral) and not isinstance(kv_cache_memory, bool):
             budget = check_int("kv_cache_memory", kv_cache_memory, low=1)
         else:
@@ -482,9 +645,15 @@ class Engine:
             if kv_cache_memory is not None:
                 share = check_real("kv_cache_memory", kv_cache_memory, 0.0, 1.0, low_open=True)
             # room for one step's activations and the logits of every row
-            steps = (max_batch_tokens * (4 * text.hidden_size
-                                         + 2 * getattr(text, "intermediate_size", 4 * text.hidden_size))
-                     * self.model.dtype.itemsize + 3 * max_num_seqs * text.vocab_size * 4)
+            steps = (
+                max_batch_tokens
+                * (
+                    4 * text.hidden_size
+                    + 2 * getattr(text, "intermediate_size", 4 * text.hidden_size)
+                )
+                * self.model.dtype.itemsize
+                + 3 * max_num_seqs * text.vocab_size * 4
+            )
             if on_gpu:
                 total = torch.cuda.get_device_properties(self.device).total_memory
                 budget = int(share * total) - torch.cuda.memory_allocated(self.device) - steps
@@ -492,6 +661,8 @@ class Engine:
                 budget = int(share * _available_ram()) - steps
         num_blocks = budget // per_block
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory leaves {max(budget, 0)} bytes for the KV cache, less "
-                             f"than one block ({per_block} bytes)")
+            raise ValueError(
+                f"kv_cache_memory leaves {max(budget, 0)} bytes for the KV cache, less "
+                f"than one block ({per_block} bytes)"
+            )
         return int(num_blocks)

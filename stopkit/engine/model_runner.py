@@ -36,13 +36,29 @@ from stopkit.cache import PagedKVCache
 if TYPE_CHECKING:
     from stopkit.engine.compiled import CompiledDecode
 
-__all__ = ["ModelRunner", "ForwardBatch", "ATTENTION_NAME", "SUPPORTED_MODEL_TYPES", "model_head_dim"]
+__all__ = [
+    "ModelRunner",
+    "ForwardBatch",
+    "ATTENTION_NAME",
+    "SUPPORTED_MODEL_TYPES",
+    "model_head_dim",
+]
 
 ATTENTION_NAME = "stopkit_paged"
 # Families whose attention goes through AttentionInterface with RoPE, GQA and RMSNorm; each has a
 # greedy-equality test against model.generate in tests/test_engine.py.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "granite",
-                         "olmo2", "phi3", "gpt_oss")
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "granite",
+    "olmo2",
+    "phi3",
+    "gpt_oss",
+)
 
 
 @dataclass
@@ -58,9 +74,9 @@ class ForwardBatch:
 
     k_caches: list[torch.Tensor]
     v_caches: list[torch.Tensor]
-    slots: torch.Tensor | None              # int64 [T]; None: read-only (nothing is written)
-    max_seq_len: int                        # every row's tokens after the pass, at most (CUDA's
-                                            # split plan, without a device sync)
+    slots: torch.Tensor | None  # int64 [T]; None: read-only (nothing is written)
+    max_seq_len: int  # every row's tokens after the pass, at most (CUDA's
+    # split plan, without a device sync)
     single_index: torch.Tensor | None = None
     single_table: torch.Tensor | None = None
     single_lens: torch.Tensor | None = None
@@ -68,7 +84,7 @@ class ForwardBatch:
     piece_index: torch.Tensor | None = None
     piece_table: torch.Tensor | None = None
     piece_lens: torch.Tensor | None = None
-    differentiable: bool = False            # under autograd: the torch oracle, not the kernel
+    differentiable: bool = False  # under autograd: the torch oracle, not the kernel
 
 
 class _PagedCache(Cache):
@@ -79,17 +95,27 @@ class _PagedCache(Cache):
         super().__init__(layers=[])
         self.batch = batch
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """key_states, value_states ``[1, Hkv, T, D]`` (packed) or ``[T, Hkv, 1, D]`` (a decode
         step); returned as they are."""
         b = self.batch
         if b.slots is not None:
             Hkv, D = key_states.shape[1], key_states.shape[3]
-            ops.write_kv(key_states.transpose(1, 2).reshape(-1, Hkv, D),
-                         value_states.transpose(1, 2).reshape(-1, Hkv, D),
-                         b.k_caches[layer_idx], b.v_caches[layer_idx], b.slots,
-                         check_indices=False)  # the cache handed out these slots
+            ops.write_kv(
+                key_states.transpose(1, 2).reshape(-1, Hkv, D),
+                value_states.transpose(1, 2).reshape(-1, Hkv, D),
+                b.k_caches[layer_idx],
+                b.v_caches[layer_idx],
+                b.slots,
+                check_indices=False,
+            )  # the cache handed out these slots
         return key_states, value_states
 
 
@@ -98,11 +124,19 @@ def _pad_gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(1, *x.shape[1:])])[index]
 
 
-def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None = None,
-               dropout: float = 0.0, sliding_window: int | None = None,
-               s_aux: torch.Tensor | None = None, stopkit_batch: ForwardBatch | None = None,
-               **kwargs: Any) -> tuple[torch.Tensor, None]:
+def _attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    s_aux: torch.Tensor | None = None,
+    stopkit_batch: ForwardBatch | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """The registered attention function. query ``[1, H, T, D]``, key/value ``[1, Hkv, T, D]`` (this
     pass's tokens, packed) -> ``([1, T, H, D], None)``; in a decode step (``single_all``) the
     tokens are a batch instead: ``[T, H, 1, D]`` -> ``[T, 1, H, D]``."""
@@ -111,19 +145,25 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     b = stopkit_batch
     layer = cast(int, module.layer_idx)
     kc, vc = b.k_caches[layer], b.v_caches[layer]
-    extra: dict[str, Any] = {"scale": scaling, "window": sliding_window or None,
-             "sinks": None if s_aux is None else s_aux.detach().float(), "check_indices": False,
-             "max_seq_len": b.max_seq_len}
+    extra: dict[str, Any] = {
+        "scale": scaling,
+        "window": sliding_window or None,
+        "sinks": None if s_aux is None else s_aux.detach().float(),
+        "check_indices": False,
+        "max_seq_len": b.max_seq_len,
+    }
     if b.single_all:
         assert b.single_table is not None and b.single_lens is not None
-        return ops.paged_attention(query.transpose(1, 2), kc, vc, b.single_table, b.single_lens,
-                                   **extra), None
+        return ops.paged_attention(
+            query.transpose(1, 2), kc, vc, b.single_table, b.single_lens, **extra
+        ), None
     q = query[0].transpose(0, 1)  # [T, H, D]
     out = torch.zeros_like(q) if b.differentiable else torch.empty_like(q)
     if b.single_index is not None:
         assert b.single_table is not None and b.single_lens is not None
-        out[b.single_index] = ops.paged_attention(q[b.single_index][:, None], kc, vc, b.single_table,
-                                                  b.single_lens, **extra)[:, 0]
+        out[b.single_index] = ops.paged_attention(
+            q[b.single_index][:, None], kc, vc, b.single_table, b.single_lens, **extra
+        )[:, 0]
     if b.piece_lens is not None:
         assert b.piece_table is not None
         k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
@@ -131,13 +171,27 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
         if b.piece_index is None:  # the pieces tile the packed axis: a plain reshape
             P = b.piece_lens.shape[0]
             shape = (P, q.shape[0] // P)
-            res = attend(q.reshape(*shape, *q.shape[1:]), kc, vc, b.piece_table, b.piece_lens,
-                         suffix_k=k.reshape(*shape, *k.shape[1:]),
-                         suffix_v=v.reshape(*shape, *v.shape[1:]), **extra)
+            res = attend(
+                q.reshape(*shape, *q.shape[1:]),
+                kc,
+                vc,
+                b.piece_table,
+                b.piece_lens,
+                suffix_k=k.reshape(*shape, *k.shape[1:]),
+                suffix_v=v.reshape(*shape, *v.shape[1:]),
+                **extra,
+            )
             return res.reshape(1, *q.shape), None
-        res = attend(_pad_gather(q, b.piece_index), kc, vc, b.piece_table, b.piece_lens,
-                     suffix_k=_pad_gather(k, b.piece_index), suffix_v=_pad_gather(v, b.piece_index),
-                     **extra)
+        res = attend(
+            _pad_gather(q, b.piece_index),
+            kc,
+            vc,
+            b.piece_table,
+            b.piece_lens,
+            suffix_k=_pad_gather(k, b.piece_index),
+            suffix_v=_pad_gather(v, b.piece_index),
+            **extra,
+        )
         valid = b.piece_index < q.shape[0]
         out = out.index_put((b.piece_index[valid],), res[valid])
     return out[None], None
@@ -159,16 +213,22 @@ class ModelRunner:
         if hasattr(model, "get_base_model") and not isinstance(model, PreTrainedModel):
             model = model.get_base_model()  # peft.PeftModel
         if not isinstance(model, PreTrainedModel):
-            raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+            raise TypeError(
+                f"model must be a transformers PreTrainedModel, got {type(model).__name__}"
+            )
         config = model.config
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"unsupported model_type {model_type!r}: stopkit.Engine supports "
-                             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+            raise ValueError(
+                f"unsupported model_type {model_type!r}: stopkit.Engine supports "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         head_dim = model_head_dim(config)
         if head_dim % 16 or not ops.MIN_HEAD_DIM <= head_dim <= ops.MAX_HEAD_DIM:
-            raise ValueError(f"head_dim must be a multiple of 16 in {ops.MIN_HEAD_DIM}.."
-                             f"{ops.MAX_HEAD_DIM}, got {head_dim}")
+            raise ValueError(
+                f"head_dim must be a multiple of 16 in {ops.MIN_HEAD_DIM}.."
+                f"{ops.MAX_HEAD_DIM}, got {head_dim}"
+            )
         self.model = model
         self.backbone = getattr(model, model.base_model_prefix)
         self.norm = self.backbone.norm
@@ -176,8 +236,13 @@ class ModelRunner:
         self.vocab_size = config.vocab_size
         self.device, self.dtype = model.device, model.dtype
         # every config object an attention module may read its implementation from
-        self._configs = list({id(c): c for m in model.modules()
-                              if isinstance(c := getattr(m, "config", None), PretrainedConfig)}.values())
+        self._configs = list(
+            {
+                id(c): c
+                for m in model.modules()
+                if isinstance(c := getattr(m, "config", None), PretrainedConfig)
+            }.values()
+        )
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._k: list[torch.Tensor] = []
@@ -198,9 +263,15 @@ class ModelRunner:
         return self.norm.weight, float(eps)
 
     # ---- batches -----------------------------------------------------------------------------
-    def batch(self, block_table: torch.Tensor, starts: Sequence[int] | np.ndarray,
-              counts: Sequence[int] | np.ndarray, *,
-              slots: torch.Tensor | None, differentiable: bool = False) -> ForwardBatch:
+    def batch(
+        self,
+        block_table: torch.Tensor,
+        starts: Sequence[int] | np.ndarray,
+        counts: Sequence[int] | np.ndarray,
+        *,
+        slots: torch.Tensor | None,
+        differentiable: bool = False,
+    ) -> ForwardBatch:
         """The ForwardBatch of rows feeding ``counts[i]`` tokens after ``starts[i]`` cached ones.
 
         block_table int32 ``[R, M]``: the rows' block tables (rows in packed order). slots int64
@@ -227,7 +298,7 @@ class ModelRunner:
         npieces = -(-counts[multi] // Q)
         rows = np.repeat(multi, npieces)
         first = np.arange(rows.size) - np.repeat(np.cumsum(npieces) - npieces, npieces)  # piece no.
-        lo = first * Q                                                  # offset within the row
+        lo = first * Q  # offset within the row
         n = np.minimum(counts[rows] - lo, Q)
         tiled = not single.any() and bool((n == Q).all())
         if not tiled:
@@ -240,8 +311,13 @@ class ModelRunner:
 
     # ---- forwards ----------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, batch: ForwardBatch, token_ids: torch.Tensor, positions: torch.Tensor,
-                logits_at: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        batch: ForwardBatch,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        logits_at: torch.Tensor,
+    ) -> torch.Tensor:
         """One forward writing the cache. token_ids, positions int64 ``[T]``; logits_at int64
         ``[R]``: packed positions whose next-token logits are returned, float32 ``[R, V]``. A
         decode step (one token per row) runs as a batch of T rows, which spares the copies that
@@ -250,29 +326,47 @@ class ModelRunner:
         if batch.single_all:
             if self.compiled_decode is not None and self.compiled_decode.accepts(batch):
                 return self.compiled_decode(batch, token_ids, positions)[logits_at]
-            out = self.run(self.model, batch, input_ids=token_ids[:, None],
-                           position_ids=positions[:, None])
+            out = self.run(
+                self.model, batch, input_ids=token_ids[:, None], position_ids=positions[:, None]
+            )
             return out.logits[logits_at, -1].float()
-        out = self.run(self.model, batch, input_ids=token_ids[None], position_ids=positions[None],
-                       logits_to_keep=logits_at)
+        out = self.run(
+            self.model,
+            batch,
+            input_ids=token_ids[None],
+            position_ids=positions[None],
+            logits_to_keep=logits_at,
+        )
         return out.logits[0].float()
 
-    def forward_suffix(self, batch: ForwardBatch, inputs_embeds: torch.Tensor,
-                       positions: torch.Tensor,
-                       adapter: contextlib.AbstractContextManager | None = None, *,
-                       final_norm: bool = False) -> torch.Tensor:
+    def forward_suffix(
+        self,
+        batch: ForwardBatch,
+        inputs_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        adapter: contextlib.AbstractContextManager | None = None,
+        *,
+        final_norm: bool = False,
+    ) -> torch.Tensor:
         """A read-only pass of ``inputs_embeds`` ``[B, K, hidden]`` (K tokens after each row's
         cached ones, positions int64 ``[B, K]``) inside ``adapter``; returns the last decoder
         layer's hidden states ``[B, K, hidden]`` before the final norm (after it with
         ``final_norm``)."""
         B, K, d = inputs_embeds.shape
         captured: list[torch.Tensor] = []  # the final norm's input: the last layer's output
-        hook = None if final_norm else self.norm.register_forward_pre_hook(
-            lambda mod, args: captured.append(args[0]))
+        hook = (
+            None
+            if final_norm
+            else self.norm.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+        )
         try:
             with adapter if adapter is not None else contextlib.nullcontext():
-                out = self.run(self.backbone, batch, inputs_embeds=inputs_embeds.reshape(1, B * K, d),
-                               position_ids=positions.reshape(1, B * K))
+                out = self.run(
+                    self.backbone,
+                    batch,
+                    inputs_embeds=inputs_embeds.reshape(1, B * K, d),
+                    position_ids=positions.reshape(1, B * K),
+                )
         finally:
             if hook is not None:
                 hook.remove()
@@ -287,8 +381,9 @@ class ModelRunner:
     def call(self, module: torch.nn.Module, batch: ForwardBatch, **inputs):
         """``module``'s forward on stopkit's cache, inside :meth:`paged_attention` (traced by
         torch.compile in a compiled decode step)."""
-        return module(**inputs, **{self._cache_arg: _PagedCache(batch)}, use_cache=True,
-                      stopkit_batch=batch)
+        return module(
+            **inputs, **{self._cache_arg: _PagedCache(batch)}, use_cache=True, stopkit_batch=batch
+        )
 
     @contextlib.contextmanager
     def paged_attention(self):
@@ -303,8 +398,9 @@ class ModelRunner:
                 c._attn_implementation_internal = impl
 
 
-def enter(adapter: contextlib.AbstractContextManager | Callable | None
-          ) -> contextlib.AbstractContextManager | None:
+def enter(
+    adapter: contextlib.AbstractContextManager | Callable | None,
+) -> contextlib.AbstractContextManager | None:
     """A context manager from ``adapter``: one, a zero-argument callable returning one, or None."""
     if adapter is None or (hasattr(adapter, "__enter__") and hasattr(adapter, "__exit__")):
         return adapter
@@ -312,5 +408,7 @@ def enter(adapter: contextlib.AbstractContextManager | Callable | None
         ctx = adapter()
         if hasattr(ctx, "__enter__") and hasattr(ctx, "__exit__"):
             return ctx
-    raise TypeError(f"adapter must be a context manager or a callable returning one, got "
-                    f"{type(adapter).__name__}")
+    raise TypeError(
+        f"adapter must be a context manager or a callable returning one, got "
+        f"{type(adapter).__name__}"
+    )

@@ -43,8 +43,10 @@ def sample_rows(rows: list[Row], logits: torch.Tensor) -> list[int]:
     if lp_rows or top_k:
         logp = torch.log_softmax(logits, dim=-1)
     if lp_rows:
-        host += [logp.gather(1, tokens[:, None])[:, 0].double(),
-                 torch.special.entr(logp.exp()).sum(-1).double()]
+        host += [
+            logp.gather(1, tokens[:, None])[:, 0].double(),
+            torch.special.entr(logp.exp()).sum(-1).double(),
+        ]
     top: tuple[torch.Tensor, torch.Tensor] | None = None
     if top_k:
         t = torch.topk(logp, top_k, dim=-1)
@@ -57,7 +59,7 @@ def sample_rows(rows: list[Row], logits: torch.Tensor) -> list[int]:
         row_top = None
         if sp.top_logprobs:
             assert top is not None  # top_k >= sp.top_logprobs
-            row_top = (top[0][i, :sp.top_logprobs].clone(), top[1][i, :sp.top_logprobs].clone())
+            row_top = (top[0][i, : sp.top_logprobs].clone(), top[1][i, : sp.top_logprobs].clone())
         if sp.record_logprobs:
             r.record(token, values[i][1], values[i][2], row_top)
         else:

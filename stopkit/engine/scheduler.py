@@ -67,12 +67,12 @@ class SchedulerStats:
     """Counters since the scheduler was created."""
 
     steps: int = 0
-    preemptions: int = 0          # rows preempted (freed, to be recomputed)
-    recomputed_tokens: int = 0    # tokens fed again after a preemption
-    prefill_tokens: int = 0       # prompt and recomputed tokens fed
-    decode_tokens: int = 0        # sampled tokens fed
-    peak_blocks: int = 0          # most blocks in use at once
-    peak_rows: int = 0            # most rows in the cache at once
+    preemptions: int = 0  # rows preempted (freed, to be recomputed)
+    recomputed_tokens: int = 0  # tokens fed again after a preemption
+    prefill_tokens: int = 0  # prompt and recomputed tokens fed
+    decode_tokens: int = 0  # sampled tokens fed
+    peak_blocks: int = 0  # most blocks in use at once
+    peak_rows: int = 0  # most rows in the cache at once
 
 
 def _priority(row: Row) -> tuple[float, int]:
@@ -87,26 +87,32 @@ class Scheduler:
     watermark: share of the blocks admissions leave free.
     """
 
-    def __init__(self, cache: PagedKVCache, *, max_num_seqs: int, max_batch_tokens: int,
-                 watermark: float = WATERMARK) -> None:
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        *,
+        max_num_seqs: int,
+        max_batch_tokens: int,
+        watermark: float = WATERMARK,
+    ) -> None:
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
         self.watermark_blocks = math.ceil(watermark * cache.num_blocks)
         self.running: list[Row] = []
-        self.logits: torch.Tensor | None = None   # float32 [len(running), V]
-        self.groups: list[Group] = []             # unfinished groups, by priority
+        self.logits: torch.Tensor | None = None  # float32 [len(running), V]
+        self.groups: list[Group] = []  # unfinished groups, by priority
         self.stats = SchedulerStats()
-        self._waiting: list[Group] = []           # groups with waiting rows, by priority
-        self._ended: set[int] = set()             # id() of groups some row of which ended
-        self._pos: dict[int, int] | None = None   # id(row) -> cache row, rebuilt on demand
-        self._forks: dict[int, int] = {}          # id(group) -> groups forked from its rows
+        self._waiting: list[Group] = []  # groups with waiting rows, by priority
+        self._ended: set[int] = set()  # id() of groups some row of which ended
+        self._pos: dict[int, int] | None = None  # id(row) -> cache row, rebuilt on demand
+        self._forks: dict[int, int] = {}  # id(group) -> groups forked from its rows
         self._next_order = 0
         # state of the schedule() call in progress
         self._session = False
-        self._plan: dict[int, int] = {}           # id(row) -> tokens to feed
-        self._reserved = 0                        # blocks the plan takes (an upper bound)
-        self._budget = 0                          # tokens left in the step
+        self._plan: dict[int, int] = {}  # id(row) -> tokens to feed
+        self._reserved = 0  # blocks the plan takes (an upper bound)
+        self._budget = 0  # tokens left in the step
 
     # ---- checks (nothing changes) --------------------------------------------------------------
     def min_blocks(self, group: Group) -> int:
@@ -130,8 +136,9 @@ class Scheduler:
 
     def decode_rows(self) -> list[Row]:
         """Running rows that sample this step: fully cached, live, not at a check."""
-        return [r for r in self.running
-                if r.num_cached == r.num_tokens and r.live and not r.at_check]
+        return [
+            r for r in self.running if r.num_cached == r.num_tokens and r.live and not r.at_check
+        ]
 
     def check_groups(self) -> list[Group]:
         """Groups whose live rows are all in the cache, fully cached, at their next check."""
@@ -150,14 +157,19 @@ class Scheduler:
         if need > nb:
             raise CacheFullError(
                 f"a request of {group.n} paths with a {len(group.prompt)}-token prompt needs at "
-                f"least {need} blocks of {bs} tokens at once; the KV cache has {nb}")
+                f"least {need} blocks of {bs} tokens at once; the KV cache has {nb}"
+            )
         longest = len(group.prompt) + (group.sampling.max_new_tokens or 0)
         if -(-longest // bs) > nb:
-            raise CacheFullError(f"a path of {longest} tokens (prompt + max_new_tokens) needs "
-                                 f"{-(-longest // bs)} blocks of {bs} tokens; the KV cache has {nb}")
+            raise CacheFullError(
+                f"a path of {longest} tokens (prompt + max_new_tokens) needs "
+                f"{-(-longest // bs)} blocks of {bs} tokens; the KV cache has {nb}"
+            )
         if group.n > self.max_num_seqs and not session:
-            raise ValueError(f"n must be <= max_num_seqs ({self.max_num_seqs}) so that a request's "
-                             f"paths run together, got {group.n}")
+            raise ValueError(
+                f"n must be <= max_num_seqs ({self.max_num_seqs}) so that a request's "
+                f"paths run together, got {group.n}"
+            )
         group.order = self._next_order
         self._next_order += 1
         self.groups.append(group)
@@ -175,7 +187,7 @@ class Scheduler:
         group.started = True
         self.groups.insert(bisect.bisect([g.order for g in self.groups], group.order), group)
         idx = self.index_of([source])[0]
-        fork = group.rows[:max(0, self._seats())]
+        fork = group.rows[: max(0, self._seats())]
         if fork:
             self.cache.fork(idx, len(fork))
             for r in fork:
@@ -246,13 +258,16 @@ class Scheduler:
         counts = [self._plan[id(r)] for r in rows]
         slots = self.cache.extend(counts, rows=cache_rows)  # fits: the plan reserved a bound
         if slots.shape[1] > 1:
-            valid = torch.arange(slots.shape[1], device=slots.device) < torch.tensor(
-                counts, device=slots.device)[:, None]
+            valid = (
+                torch.arange(slots.shape[1], device=slots.device)
+                < torch.tensor(counts, device=slots.device)[:, None]
+            )
             slots = slots[valid]
         self.stats.steps += 1
         self._peaks()
-        return ScheduledBatch(rows, cache_rows, [r.num_cached for r in rows], counts,
-                              slots.reshape(-1))
+        return ScheduledBatch(
+            rows, cache_rows, [r.num_cached for r in rows], counts, slots.reshape(-1)
+        )
 
     def postprocess(self, batch: ScheduledBatch, logits: torch.Tensor) -> None:
         """Count the fed tokens; ``logits`` float32 ``[R, V]`` are those of the batch rows now
@@ -306,15 +321,22 @@ class Scheduler:
         want = min(row.num_tokens - row.num_cached, self._budget)
         while (need := self._blocks(row, want)) > self._available():
             if self._session:
-                raise CacheFullError(f"the KV cache needs {need} more blocks but only "
-                                     f"{self._available()} of {self.cache.num_blocks} are free")
-            victim = max((r for r in self.running if id(r) not in self._plan and r is not row),
-                         key=_priority, default=None)
+                raise CacheFullError(
+                    f"the KV cache needs {need} more blocks but only "
+                    f"{self._available()} of {self.cache.num_blocks} are free"
+                )
+            victim = max(
+                (r for r in self.running if id(r) not in self._plan and r is not row),
+                key=_priority,
+                default=None,
+            )
             if not preempt or victim is None or _priority(victim) < _priority(row):
                 lo, hi = 0, want  # the most tokens whose blocks fit
                 while lo < hi:
                     mid = (lo + hi + 1) // 2
-                    lo, hi = (mid, hi) if self._blocks(row, mid) <= self._available() else (lo, mid - 1)
+                    lo, hi = (
+                        (mid, hi) if self._blocks(row, mid) <= self._available() else (lo, mid - 1)
+                    )
                 want, need = lo, self._blocks(row, lo)
                 break
             self._preempt(victim)
@@ -341,28 +363,45 @@ class Scheduler:
                 # prompt block is one path's), and a seat for every path (beside the rows that
                 # started groups still have waiting)
                 reserve = len(group.prompt) // bs + group.n
-                promised = sum(r.status is RowStatus.WAITING and r.live
-                               for g in self._waiting if g.started for r in g.rows)
+                promised = sum(
+                    r.status is RowStatus.WAITING and r.live
+                    for g in self._waiting
+                    if g.started
+                    for r in g.rows
+                )
                 if self._seats() - promised < group.n or self._available() - watermark < reserve:
                     if self._session:
                         raise CacheFullError(
                             f"the prompts need {reserve} more blocks of {bs} tokens; the KV cache "
-                            f"has {self._available()} free")
+                            f"has {self._available()} free"
+                        )
                     return
                 group.started = True
                 self._start(waiting[0], None)
                 self._feed(waiting[0], preempt=False)
                 continue
-            caching_prompt = any(r.status is RowStatus.RUNNING and not r.tokens
-                                 and r.num_cached < r.num_tokens for r in group.rows)
+            caching_prompt = any(
+                r.status is RowStatus.RUNNING and not r.tokens and r.num_cached < r.num_tokens
+                for r in group.rows
+            )
             for row in waiting:
                 if self._budget == 0 or self._seats() <= 0:
                     return
                 if not row.tokens and caching_prompt:
                     continue  # forked from its sibling once the prompt is cached
                 shared = min(len(row.prompt), row.num_tokens - 1) // bs * bs
-                source = next((r for r in group.rows if r.status is RowStatus.RUNNING
-                               and r.num_cached >= shared), None) if shared else None
+                source = (
+                    next(
+                        (
+                            r
+                            for r in group.rows
+                            if r.status is RowStatus.RUNNING and r.num_cached >= shared
+                        ),
+                        None,
+                    )
+                    if shared
+                    else None
+                )
                 if source is None:
                     if shared and any(r.status is RowStatus.RUNNING for r in group.rows):
                         continue  # a sibling is caching the shared prefix: fork from it later
@@ -370,8 +409,11 @@ class Scheduler:
                 chunk = min(row.num_tokens - shared, self._budget)
                 need = -(-(shared + chunk) // bs) - shared // bs
                 while stalled and self._available() < need:
-                    idle = [r for r in self.running if id(r) not in self._plan
-                            and _priority(r) > _priority(row)]
+                    idle = [
+                        r
+                        for r in self.running
+                        if id(r) not in self._plan and _priority(r) > _priority(row)
+                    ]
                     if not idle:
                         break
                     self._preempt(max(idle, key=_priority))
@@ -403,9 +445,10 @@ class Scheduler:
     def _launch_forks(self, row: Row) -> None:
         """``row`` just cached its prompt (no tokens yet): fork it for each waiting sibling that
         has no tokens either, as seats allow."""
-        waiting = [r for r in row.group.rows
-                   if r.status is RowStatus.WAITING and r.live and not r.tokens]
-        waiting = waiting[:max(0, self._seats())]
+        waiting = [
+            r for r in row.group.rows if r.status is RowStatus.WAITING and r.live and not r.tokens
+        ]
+        waiting = waiting[: max(0, self._seats())]
         if not waiting:
             return
         idx = self.index_of([row])[0]
@@ -422,8 +465,12 @@ class Scheduler:
     def _preempt(self, row: Row) -> int:
         """Free a running row's blocks; it waits to be recomputed. Returns the blocks freed."""
         self.stats.preemptions += 1
-        log.debug("preempting row %d of request %d (%d tokens)", row.sample_index,
-                  row.group.index, row.num_tokens)
+        log.debug(
+            "preempting row %d of request %d (%d tokens)",
+            row.sample_index,
+            row.group.index,
+            row.num_tokens,
+        )
         freed = self._release([row], RowStatus.WAITING)
         self._sync_waiting(row.group)
         return freed
@@ -439,8 +486,9 @@ class Scheduler:
         self.running = [self.running[i] for i in keep]
         self._pos = None
         if self.logits is not None:
-            self.logits = self.logits[torch.tensor(keep, dtype=torch.int64,
-                                                   device=self.logits.device)]
+            self.logits = self.logits[
+                torch.tensor(keep, dtype=torch.int64, device=self.logits.device)
+            ]
         for r in rows:
             r.status, r.num_cached = status, 0
         return freed

@@ -119,8 +119,7 @@ class Row:
     @property
     def top_ids(self) -> torch.Tensor:
         """int64 ``[T, k]``: the token ids of :attr:`top_logprobs`."""
-        return (torch.stack(self._top_ids) if self._top_ids
-                else torch.zeros(0, 0, dtype=torch.int64))
+        return torch.stack(self._top_ids) if self._top_ids else torch.zeros(0, 0, dtype=torch.int64)
 
     def unrecord(self) -> None:
         """Undo the last :meth:`record`."""
@@ -132,8 +131,13 @@ class Row:
             self._top_values.pop()
             self._top_ids.pop()
 
-    def record(self, token: int, logprob: float | None, entropy: float | None,
-               top: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    def record(
+        self,
+        token: int,
+        logprob: float | None,
+        entropy: float | None,
+        top: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
         self.tokens.append(token)
         if logprob is not None and entropy is not None:  # both or neither
             self.logprobs.append(logprob)
@@ -167,8 +171,10 @@ class Group:
 
     def __post_init__(self) -> None:
         if not self.rows:
-            self.rows = [Row(self, s, stream=sample_key(self.sampling.seed, self.key, s))
-                         for s in range(self.n)]
+            self.rows = [
+                Row(self, s, stream=sample_key(self.sampling.seed, self.key, s))
+                for s in range(self.n)
+            ]
 
     @property
     def next_check(self) -> int | None:
@@ -188,5 +194,7 @@ class Group:
     def ready_for_check(self) -> bool:
         """Every live row is in the cache, fully cached and at the next check (and one is live)."""
         live = self.live_rows
-        return bool(live) and all(r.at_check and r.status is RowStatus.RUNNING
-                                  and r.num_cached == r.num_tokens for r in live)
+        return bool(live) and all(
+            r.at_check and r.status is RowStatus.RUNNING and r.num_cached == r.num_tokens
+            for r in live
+        )

@@ -59,15 +59,23 @@ class Session:
         return produced
 
     # ---- pruning -------------------------------------------------------------------------------
-    def prune(self, scores: Scores, *, keep: int | None = None, ratio: float | None = None,
-              threshold: float | None = None, min_keep: int = 1) -> PruneResult:
+    def prune(
+        self,
+        scores: Scores,
+        *,
+        keep: int | None = None,
+        ratio: float | None = None,
+        threshold: float | None = None,
+        min_keep: int = 1,
+    ) -> PruneResult:
         """Keep the best live rows by ``scores`` (``[len(rows)]``, higher is better) with
         :func:`stopkit.prune`'s criteria (NaN last, ties to the lower index); the others end as
         "pruned", their blocks freed. Returns the PruneResult (indices into the rows before)."""
         self._check_open()
         rows = self.rows
-        kept, dropped = select(scores, len(rows), keep=keep, ratio=ratio, threshold=threshold,
-                               min_keep=min_keep)
+        kept, dropped = select(
+            scores, len(rows), keep=keep, ratio=ratio, threshold=threshold, min_keep=min_keep
+        )
         freed = self.engine.end_rows([rows[i] for i in dropped.tolist()], "pruned")
         return PruneResult(kept, dropped, freed)
 
@@ -83,8 +91,13 @@ class Session:
         return self.engine.end_rows([live[i] for i in rows], "pruned")
 
     # ---- scoring -------------------------------------------------------------------------------
-    def forward_suffix(self, inputs_embeds: torch.Tensor, adapter: AbstractContextManager | Callable | None = None,
-                       *, final_norm: bool = False) -> torch.Tensor:
+    def forward_suffix(
+        self,
+        inputs_embeds: torch.Tensor,
+        adapter: AbstractContextManager | Callable | None = None,
+        *,
+        final_norm: bool = False,
+    ) -> torch.Tensor:
         """:meth:`Engine.forward_suffix` over every live row (``inputs_embeds`` ``[len(rows), K,
         hidden_size]``)."""
         self._check_open()
@@ -103,8 +116,9 @@ class Session:
 
     def _check_open(self) -> None:
         if self.closed:
-            raise RuntimeError("this session is closed (closed explicitly, or the engine started "
-                               "another one)")
+            raise RuntimeError(
+                "this session is closed (closed explicitly, or the engine started another one)"
+            )
 
     def __enter__(self) -> Session:
         return self

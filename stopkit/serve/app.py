@@ -58,10 +58,16 @@ __all__ = ["create_app", "Defaults", "ApiError"]
 log = logging.getLogger(__name__)
 
 # check_solve_args names its argument first in its messages; the request field it comes from
-_SOLVE_PARAMS = {"n": "n", "max_new_tokens": "max_tokens", "method": "stopkit.method",
-                 "keep": "stopkit.keep", "prefix_tokens": "stopkit.prefix_tokens",
-                 "vote": "stopkit.vote", "early_stop": "stopkit.early_stop",
-                 "schedule": "stopkit.schedule"}
+_SOLVE_PARAMS = {
+    "n": "n",
+    "max_new_tokens": "max_tokens",
+    "method": "stopkit.method",
+    "keep": "stopkit.keep",
+    "prefix_tokens": "stopkit.prefix_tokens",
+    "vote": "stopkit.vote",
+    "early_stop": "stopkit.early_stop",
+    "schedule": "stopkit.schedule",
+}
 
 
 @dataclass(frozen=True)
@@ -114,8 +120,15 @@ class _Accepted:
 class _Server:
     """The state the routes share, used on the event loop only."""
 
-    def __init__(self, reasoner: ParallelReasoner, *, model_name: str, defaults: Defaults,
-                 max_queue: int, progress_interval: float) -> None:
+    def __init__(
+        self,
+        reasoner: ParallelReasoner,
+        *,
+        model_name: str,
+        defaults: Defaults,
+        max_queue: int,
+        progress_interval: float,
+    ) -> None:
         self.reasoner = reasoner
         self.worker = Worker(reasoner, progress_interval=progress_interval)
         # the loop's own copy: the engine thread decodes with the reasoner's, and a fast
@@ -128,10 +141,16 @@ class _Server:
         self.vocab_size = engine.vocab_size
         self.max_num_seqs = engine.max_num_seqs
         self.has_scorer = reasoner.scorer is not None
-        check_solve_args(n=defaults.n, keep=defaults.keep, prefix_tokens=defaults.prefix_tokens,
-                         max_new_tokens=defaults.max_new_tokens, method=defaults.method,
-                         vote=defaults.vote, early_stop=defaults.early_stop,
-                         has_scorer=self.has_scorer)
+        check_solve_args(
+            n=defaults.n,
+            keep=defaults.keep,
+            prefix_tokens=defaults.prefix_tokens,
+            max_new_tokens=defaults.max_new_tokens,
+            method=defaults.method,
+            vote=defaults.vote,
+            early_stop=defaults.early_stop,
+            has_scorer=self.has_scorer,
+        )
         self.model_name, self.defaults = model_name, defaults
         self.max_queue = check_int("max_queue", max_queue, 1)
         self.created = int(time.time())
@@ -144,20 +163,30 @@ class _Server:
         for i, m in enumerate(messages):
             if isinstance(m.content, list):
                 if any(part.type != "text" or part.text is None for part in m.content):
-                    raise ApiError(400, "only text content parts are supported",
-                                   f"messages[{i}].content")
+                    raise ApiError(
+                        400, "only text content parts are supported", f"messages[{i}].content"
+                    )
                 texts.append("".join(part.text or "" for part in m.content))  # all str (above)
             else:
                 texts.append(m.content or "")
         if len(messages) == 1 and messages[0].role == "user":
             return prompt_ids(self.tokenizer, texts[0])
         if not getattr(self.tokenizer, "chat_template", None):
-            raise ApiError(400, "this model's tokenizer has no chat template: send a single user "
-                           "message (its text is the prompt) or use /v1/completions", "messages")
+            raise ApiError(
+                400,
+                "this model's tokenizer has no chat template: send a single user "
+                "message (its text is the prompt) or use /v1/completions",
+                "messages",
+            )
         try:
             text = self.tokenizer.apply_chat_template(
-                [{**(m.model_extra or {}), "role": m.role, "content": t} for m, t in zip(messages, texts, strict=True)],
-                tokenize=False, add_generation_prompt=True)
+                [
+                    {**(m.model_extra or {}), "role": m.role, "content": t}
+                    for m, t in zip(messages, texts, strict=True)
+                ],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
         except Exception as e:  # the template refuses these messages (e.g. roles)
             raise ApiError(400, f"the chat template refused the messages: {e}", "messages") from e
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -177,13 +206,19 @@ class _Server:
         """Check ``body`` (ApiError naming the field), build its job and count it in flight
         (ApiError 503 when ``max_queue`` are already)."""
         if body.model is not None and body.model != self.model_name:
-            raise ApiError(404, f"the model `{body.model}` does not exist; this server serves "
-                           f"`{self.model_name}`", "model")
+            raise ApiError(
+                404,
+                f"the model `{body.model}` does not exist; this server serves `{self.model_name}`",
+                "model",
+            )
         if (field := body.unsupported()) is not None:
             raise ApiError(400, f"{field} is not supported by stopkit serve", field)
         prompt_param = "messages" if kind == "chat" else "prompt"
-        prompt = (self.chat_prompt(body.messages) if isinstance(body, ChatCompletionRequest)
-                  else self.text_prompt(body.prompt))
+        prompt = (
+            self.chat_prompt(body.messages)
+            if isinstance(body, ChatCompletionRequest)
+            else self.text_prompt(body.prompt)
+        )
         o, d = body.stopkit or StopkitOptions(), self.defaults
         max_tokens = body.max_tokens
         if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
@@ -191,52 +226,86 @@ class _Server:
         if self.context is not None:
             room = self.context - len(prompt)
             if room < 2:
-                raise ApiError(400, f"the prompt has {len(prompt)} tokens; the model's context is "
-                               f"{self.context} tokens, with room for at least 2 new ones",
-                               prompt_param)
+                raise ApiError(
+                    400,
+                    f"the prompt has {len(prompt)} tokens; the model's context is "
+                    f"{self.context} tokens, with room for at least 2 new ones",
+                    prompt_param,
+                )
             if max_tokens is None:
                 max_tokens = min(d.max_new_tokens, room)
             elif max_tokens > room:
-                raise ApiError(400, f"max_tokens must be <= {room} (the model's context of "
-                               f"{self.context} tokens minus the prompt's {len(prompt)}), got "
-                               f"{max_tokens}", "max_tokens")
-        kwargs: dict[str, Any] = dict(n=_pick(body.n, d.n), keep=_pick(o.keep, d.keep),
-                      prefix_tokens=_pick(o.prefix_tokens, d.prefix_tokens),
-                      max_new_tokens=_pick(max_tokens, d.max_new_tokens),
-                      method=_pick(o.method, d.method), vote=_pick(o.vote, d.vote),
-                      early_stop=_pick(o.early_stop, d.early_stop),
-                      schedule=None if o.schedule is None else [tuple(s) for s in o.schedule])
+                raise ApiError(
+                    400,
+                    f"max_tokens must be <= {room} (the model's context of "
+                    f"{self.context} tokens minus the prompt's {len(prompt)}), got "
+                    f"{max_tokens}",
+                    "max_tokens",
+                )
+        kwargs: dict[str, Any] = dict(
+            n=_pick(body.n, d.n),
+            keep=_pick(o.keep, d.keep),
+            prefix_tokens=_pick(o.prefix_tokens, d.prefix_tokens),
+            max_new_tokens=_pick(max_tokens, d.max_new_tokens),
+            method=_pick(o.method, d.method),
+            vote=_pick(o.vote, d.vote),
+            early_stop=_pick(o.early_stop, d.early_stop),
+            schedule=None if o.schedule is None else [tuple(s) for s in o.schedule],
+        )
         try:
             check_solve_args(**kwargs, has_scorer=self.has_scorer)
         except (TypeError, ValueError) as e:
             name = str(e).split(" ", 1)[0].split("[", 1)[0]
-            raise ApiError(400, str(e).replace("max_new_tokens", "max_tokens"),
-                           _SOLVE_PARAMS.get(name)) from e
+            raise ApiError(
+                400, str(e).replace("max_new_tokens", "max_tokens"), _SOLVE_PARAMS.get(name)
+            ) from e
         if kwargs["n"] > self.max_num_seqs:
-            raise ApiError(400, f"n must be <= {self.max_num_seqs} (the server's --max-num-seqs: a "
-                           f"request's paths run together), got {kwargs['n']}", "n")
+            raise ApiError(
+                400,
+                f"n must be <= {self.max_num_seqs} (the server's --max-num-seqs: a "
+                f"request's paths run together), got {kwargs['n']}",
+                "n",
+            )
         seed = secrets.randbits(31) if body.seed is None else body.seed
         for name, check, value in (
-                ("temperature", lambda v: check_real("temperature", v, 0.0),
-                 _pick(body.temperature, d.temperature)),
-                ("top_p", lambda v: check_real("top_p", v, 0.0, 1.0, low_open=True),
-                 _pick(body.top_p, d.top_p)),
-                ("top_k", lambda v: check_int("top_k", v, 0), _pick(body.top_k, 0)),
-                ("min_p", lambda v: check_real("min_p", v, 0.0, 1.0), _pick(body.min_p, 0.0)),
-                ("seed", lambda v: check_int("seed", v, 0), seed)):
+            (
+                "temperature",
+                lambda v: check_real("temperature", v, 0.0),
+                _pick(body.temperature, d.temperature),
+            ),
+            (
+                "top_p",
+                lambda v: check_real("top_p", v, 0.0, 1.0, low_open=True),
+                _pick(body.top_p, d.top_p),
+            ),
+            ("top_k", lambda v: check_int("top_k", v, 0), _pick(body.top_k, 0)),
+            ("min_p", lambda v: check_real("min_p", v, 0.0, 1.0), _pick(body.min_p, 0.0)),
+            ("seed", lambda v: check_int("seed", v, 0), seed),
+        ):
             try:
                 kwargs[name] = check(value)
             except (TypeError, ValueError) as e:
                 raise ApiError(400, str(e), name) from e
         if len(self.in_flight) >= self.max_queue:
-            raise ApiError(503, f"the server is at its limit of {self.max_queue} requests in "
-                           "flight; retry later")
+            raise ApiError(
+                503,
+                f"the server is at its limit of {self.max_queue} requests in flight; retry later",
+            )
         job = Job(prompt, kwargs, asyncio.get_running_loop(), stream=body.stream)
         self.in_flight.add(job)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return _Accepted(job, kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
-                         int(time.time()), len(prompt), kwargs["method"], seed,
-                         o.return_token_ids, include_usage, time.perf_counter())
+        return _Accepted(
+            job,
+            kind,
+            f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+            int(time.time()),
+            len(prompt),
+            kwargs["method"],
+            seed,
+            o.return_token_ids,
+            include_usage,
+            time.perf_counter(),
+        )
 
     def finish(self, a: _Accepted, outcome: str) -> None:
         """The request is over (idempotent): count it, and abort its question when the client
@@ -269,14 +338,30 @@ class _Server:
         if kind == "accepted":  # stream: the engine took it; the rest goes as events
             return _EventStream(self._events(a), on_close=lambda: self.finish(a, "aborted"))
         self.finish(a, "ok")
-        return JSONResponse(completion_response(
-            a.kind, a.rid, a.created, self.model_name, payload, prompt_tokens=a.prompt_tokens,
-            method=a.method, seed=a.seed, token_ids=a.token_ids))
+        return JSONResponse(
+            completion_response(
+                a.kind,
+                a.rid,
+                a.created,
+                self.model_name,
+                payload,
+                prompt_tokens=a.prompt_tokens,
+                method=a.method,
+                seed=a.seed,
+                token_ids=a.token_ids,
+            )
+        )
 
     async def _events(self, a: _Accepted) -> AsyncIterator[str]:
-        yield sse(progress_chunk(a.kind, a.rid, a.created, self.model_name,
-                                 {"tokens": 0, "live_paths": a.job.kwargs["n"], "checks": 0,
-                                  "started": False}))
+        yield sse(
+            progress_chunk(
+                a.kind,
+                a.rid,
+                a.created,
+                self.model_name,
+                {"tokens": 0, "live_paths": a.job.kwargs["n"], "checks": 0, "started": False},
+            )
+        )
         while True:
             kind, payload = await a.job.events.get()
             if kind == "progress":
@@ -285,9 +370,17 @@ class _Server:
             if kind == "done":
                 self.finish(a, "ok")
                 for chunk in result_chunks(
-                        a.kind, a.rid, a.created, self.model_name, payload,
-                        prompt_tokens=a.prompt_tokens, method=a.method, seed=a.seed,
-                        token_ids=a.token_ids, include_usage=a.include_usage):
+                    a.kind,
+                    a.rid,
+                    a.created,
+                    self.model_name,
+                    payload,
+                    prompt_tokens=a.prompt_tokens,
+                    method=a.method,
+                    seed=a.seed,
+                    token_ids=a.token_ids,
+                    include_usage=a.include_usage,
+                ):
                     yield sse(chunk)
             else:
                 self.finish(a, "bad_request" if isinstance(payload, BadRequest) else "failed")
@@ -302,8 +395,9 @@ class _EventStream(StreamingResponse):
     included, even before the first event)."""
 
     def __init__(self, events: AsyncIterator[str], *, on_close: Callable[[], None]) -> None:
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache"})
+        super().__init__(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -365,28 +459,43 @@ def _param(loc: tuple) -> str | None:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif "[" in part or part in ("str", "int", "float", "bool", "list", "dict", "none") \
-                or part.startswith("function-"):
+        elif (
+            "[" in part
+            or part in ("str", "int", "float", "bool", "list", "dict", "none")
+            or part.startswith("function-")
+        ):
             continue
         else:
             out += f".{part}" if out else part
     return out or None
 
 
-def _error(status: int, message: str, param: str | None = None,
-           headers: dict | None = None) -> JSONResponse:
+def _error(
+    status: int, message: str, param: str | None = None, headers: dict | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
-def create_app(reasoner: ParallelReasoner, *, model_name: str, defaults: Defaults = Defaults(),
-               max_queue: int = 512, progress_interval: float = 0.2) -> FastAPI:
+def create_app(
+    reasoner: ParallelReasoner,
+    *,
+    model_name: str,
+    defaults: Defaults = Defaults(),
+    max_queue: int = 512,
+    progress_interval: float = 0.2,
+) -> FastAPI:
     """The server's app on ``reasoner`` (its engine is the server's own from now on: the engine
     thread starts with the app and stops with it). model_name: the id of ``/v1/models`` (a
     request naming another model gets 404); defaults: what requests leave out; max_queue:
     requests in flight (running and waiting) at most, more get 503; progress_interval: seconds
     between two progress chunks of a stream."""
-    server = _Server(reasoner, model_name=model_name, defaults=defaults, max_queue=max_queue,
-                     progress_interval=progress_interval)
+    server = _Server(
+        reasoner,
+        model_name=model_name,
+        defaults=defaults,
+        max_queue=max_queue,
+        progress_interval=progress_interval,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -396,8 +505,9 @@ def create_app(reasoner: ParallelReasoner, *, model_name: str, defaults: Default
         finally:
             await asyncio.to_thread(server.worker.stop)
 
-    app = FastAPI(title="stopkit", summary="OpenAI-compatible parallel reasoning with STOP",
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="stopkit", summary="OpenAI-compatible parallel reasoning with STOP", lifespan=lifespan
+    )
     app.state.server = server
 
     @app.exception_handler(ApiError)
@@ -432,9 +542,20 @@ def create_app(reasoner: ParallelReasoner, *, model_name: str, defaults: Default
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [
-            {"id": server.model_name, "object": "model", "created": server.created,
-             "owned_by": "stopkit", "max_model_len": server.context}]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": server.model_name,
+                        "object": "model",
+                        "created": server.created,
+                        "owned_by": "stopkit",
+                        "max_model_len": server.context,
+                    }
+                ],
+            }
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -444,7 +565,8 @@ def create_app(reasoner: ParallelReasoner, *, model_name: str, defaults: Default
         future = loop.create_future()
         server.worker.snapshot(loop, future)
         snapshot = await future
-        return Response(server.metrics.render(snapshot, len(server.in_flight)),
-                        media_type=CONTENT_TYPE)
+        return Response(
+            server.metrics.render(snapshot, len(server.in_flight)), media_type=CONTENT_TYPE
+        )
 
     return app

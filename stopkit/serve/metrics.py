@@ -50,35 +50,69 @@ class Metrics:
         def one(name: str, kind: str, help: str, value: float) -> None:
             family(name, kind, help, [("", value)])
 
-        one("stopkit_requests_in_flight", "gauge",
-            "Requests accepted and not answered yet (running or waiting).", in_flight)
-        one("stopkit_queue_length", "gauge",
+        one(
+            "stopkit_requests_in_flight",
+            "gauge",
+            "Requests accepted and not answered yet (running or waiting).",
+            in_flight,
+        )
+        one(
+            "stopkit_queue_length",
+            "gauge",
             "Requests accepted whose question has no path in the engine yet.",
-            max(0, in_flight - snapshot["running"]))
-        one("stopkit_running_questions", "gauge",
-            "Questions with paths admitted to the engine.", snapshot["running"])
+            max(0, in_flight - snapshot["running"]),
+        )
+        one(
+            "stopkit_running_questions",
+            "gauge",
+            "Questions with paths admitted to the engine.",
+            snapshot["running"],
+        )
         one("stopkit_running_paths", "gauge", "Paths in the KV cache.", snapshot["running_paths"])
         one("stopkit_kv_blocks_used", "gauge", "KV cache blocks in use.", snapshot["blocks_used"])
-        one("stopkit_kv_blocks_total", "gauge", "KV cache blocks (the budget).",
-            snapshot["blocks_total"])
-        one("stopkit_generated_tokens_total", "counter",
+        one(
+            "stopkit_kv_blocks_total",
+            "gauge",
+            "KV cache blocks (the budget).",
+            snapshot["blocks_total"],
+        )
+        one(
+            "stopkit_generated_tokens_total",
+            "counter",
             "Tokens sampled, over every path (pruned prefixes included).",
-            snapshot["generated_tokens"])
-        one("stopkit_generation_tokens_per_second", "gauge",
-            "Tokens sampled per second over the last seconds.", snapshot["tokens_per_second"])
-        one("stopkit_preemptions_total", "counter",
-            "Paths preempted (their blocks freed, recomputed later).", snapshot["preemptions"])
+            snapshot["generated_tokens"],
+        )
+        one(
+            "stopkit_generation_tokens_per_second",
+            "gauge",
+            "Tokens sampled per second over the last seconds.",
+            snapshot["tokens_per_second"],
+        )
+        one(
+            "stopkit_preemptions_total",
+            "counter",
+            "Paths preempted (their blocks freed, recomputed later).",
+            snapshot["preemptions"],
+        )
         one("stopkit_engine_steps_total", "counter", "Engine steps.", snapshot["steps"])
-        family("stopkit_requests_total", "counter", "Requests by outcome.",
-               [(f'{{outcome="{o}"}}', n) for o, n in self.requests.items()])
+        family(
+            "stopkit_requests_total",
+            "counter",
+            "Requests by outcome.",
+            [(f'{{outcome="{o}"}}', n) for o, n in self.requests.items()],
+        )
         cumulative = 0
         samples: list[tuple[str, float]] = []
         for le, n in zip((*LATENCY_BUCKETS, math.inf), self._buckets, strict=True):
             cumulative += n
             samples.append((f'_bucket{{le="{_number(le)}"}}', cumulative))
         samples += [("_sum", self._latency_sum), ("_count", cumulative)]
-        family("stopkit_request_latency_seconds", "histogram",
-               "Seconds from accepting a request to its answer (answered requests).", samples)
+        family(
+            "stopkit_request_latency_seconds",
+            "histogram",
+            "Seconds from accepting a request to its answer (answered requests).",
+            samples,
+        )
         return "\n".join(out) + "\n"
 
 

@@ -19,16 +19,43 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stopkit.reasoner import Solution
 
-__all__ = ["StopkitOptions", "ChatMessage", "ChatCompletionRequest", "CompletionRequest",
-           "UNSUPPORTED", "completion_response", "result_chunks", "progress_chunk", "error_body",
-           "sse"]
+__all__ = [
+    "StopkitOptions",
+    "ChatMessage",
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "UNSUPPORTED",
+    "completion_response",
+    "result_chunks",
+    "progress_chunk",
+    "error_body",
+    "sse",
+]
 
 Kind = Literal["chat", "text"]
 FINISH_REASONS = {"eos": "stop", "length": "length"}  # the voting paths' ends, in OpenAI's words
 # OpenAI fields stopkit cannot honour: refused when set to anything but their neutral value
-UNSUPPORTED = ("stop", "logprobs", "top_logprobs", "logit_bias", "presence_penalty",
-               "frequency_penalty", "tools", "functions", "echo", "suffix", "best_of")
-_NEUTRAL: tuple[object, ...] = (None, False, 0, [], {}, "")  # e.g. penalties 0, logprobs false (and best_of 1)
+UNSUPPORTED = (
+    "stop",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "presence_penalty",
+    "frequency_penalty",
+    "tools",
+    "functions",
+    "echo",
+    "suffix",
+    "best_of",
+)
+_NEUTRAL: tuple[object, ...] = (
+    None,
+    False,
+    0,
+    [],
+    {},
+    "",
+)  # e.g. penalties 0, logprobs false (and best_of 1)
 
 
 class StopkitOptions(BaseModel):
@@ -87,8 +114,14 @@ class _Request(BaseModel):
     def unsupported(self) -> str | None:
         """The first UNSUPPORTED field the request sets, None when it sets none."""
         extra = self.model_extra or {}
-        return next((f for f in UNSUPPORTED if extra.get(f) not in _NEUTRAL
-                     and not (f == "best_of" and extra[f] == 1)), None)
+        return next(
+            (
+                f
+                for f in UNSUPPORTED
+                if extra.get(f) not in _NEUTRAL and not (f == "best_of" and extra[f] == 1)
+            ),
+            None,
+        )
 
 
 class ChatCompletionRequest(_Request):
@@ -109,8 +142,13 @@ def _choices(kind: Kind, sol: Solution, token_ids: bool, *, delta: bool = False)
     out = []
     voters = [(index, path) for index, path in enumerate(sol.paths) if path.voted]
     for i, (index, path) in enumerate(voters):
-        info: dict[str, Any] = {"path": index, "answer": _answer(path.answer), "score": path.score,
-                "finished_in_prefix": path.finished_in_prefix, "num_tokens": len(path.tokens)}
+        info: dict[str, Any] = {
+            "path": index,
+            "answer": _answer(path.answer),
+            "score": path.score,
+            "finished_in_prefix": path.finished_in_prefix,
+            "num_tokens": len(path.tokens),
+        }
         if token_ids:
             info["token_ids"] = list(path.tokens)
         choice: dict[str, Any] = {"index": i}
@@ -127,61 +165,115 @@ def _choices(kind: Kind, sol: Solution, token_ids: bool, *, delta: bool = False)
 
 def _result(sol: Solution, *, method: str, seed: int) -> dict:
     paths = sol.paths
-    return {"answer": _answer(sol.answer), "votes": {str(a): w for a, w in sol.votes.items()},
-            "method": method, "seed": seed,
-            "paths": {"launched": len(paths), "voted": sum(p.voted for p in paths),
-                      "pruned": sum(p.pruned for p in paths),
-                      "finished_in_prefix": sum(p.finished_in_prefix for p in paths),
-                      "early_stopped": sum(p.finish_reason == "early_stop" for p in paths)},
-            "tokens": dict(sol.tokens), "phases": dict(sol.phases), "seconds": sol.seconds}
+    return {
+        "answer": _answer(sol.answer),
+        "votes": {str(a): w for a, w in sol.votes.items()},
+        "method": method,
+        "seed": seed,
+        "paths": {
+            "launched": len(paths),
+            "voted": sum(p.voted for p in paths),
+            "pruned": sum(p.pruned for p in paths),
+            "finished_in_prefix": sum(p.finished_in_prefix for p in paths),
+            "early_stopped": sum(p.finish_reason == "early_stop" for p in paths),
+        },
+        "tokens": dict(sol.tokens),
+        "phases": dict(sol.phases),
+        "seconds": sol.seconds,
+    }
 
 
 def _usage(prompt_tokens: int, sol: Solution) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": sol.generated_tokens,
-            "total_tokens": prompt_tokens + sol.generated_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": sol.generated_tokens,
+        "total_tokens": prompt_tokens + sol.generated_tokens,
+    }
 
 
 def _head(kind: Kind, rid: str, created: int, model: str, chunk: bool) -> dict:
-    obj = ("chat.completion.chunk" if chunk else "chat.completion") if kind == "chat" \
+    obj = (
+        ("chat.completion.chunk" if chunk else "chat.completion")
+        if kind == "chat"
         else "text_completion"
+    )
     return {"id": rid, "object": obj, "created": created, "model": model}
 
 
-def completion_response(kind: Kind, rid: str, created: int, model: str, sol: Solution, *,
-                        prompt_tokens: int, method: str, seed: int, token_ids: bool) -> dict:
+def completion_response(
+    kind: Kind,
+    rid: str,
+    created: int,
+    model: str,
+    sol: Solution,
+    *,
+    prompt_tokens: int,
+    method: str,
+    seed: int,
+    token_ids: bool,
+) -> dict:
     """The whole (non-streamed) response of a solved question."""
-    return {**_head(kind, rid, created, model, False), "choices": _choices(kind, sol, token_ids),
-            "usage": _usage(prompt_tokens, sol), "stopkit": _result(sol, method=method, seed=seed)}
+    return {
+        **_head(kind, rid, created, model, False),
+        "choices": _choices(kind, sol, token_ids),
+        "usage": _usage(prompt_tokens, sol),
+        "stopkit": _result(sol, method=method, seed=seed),
+    }
 
 
 def progress_chunk(kind: Kind, rid: str, created: int, model: str, progress: dict) -> dict:
     """A stream chunk with no choices and ``stopkit.progress``: phase ("queued": no path in the
     engine yet, "launch": decoding prefixes, "resume": past the first check), tokens sampled so
     far over all paths, paths still live."""
-    phase = ("queued" if not progress["started"] else "launch" if not progress["checks"]
-             else "resume")
-    return {**_head(kind, rid, created, model, True), "choices": [],
-            "stopkit": {"progress": {"phase": phase, "tokens": progress["tokens"],
-                                     "live_paths": progress["live_paths"]}}}
+    phase = (
+        "queued" if not progress["started"] else "launch" if not progress["checks"] else "resume"
+    )
+    return {
+        **_head(kind, rid, created, model, True),
+        "choices": [],
+        "stopkit": {
+            "progress": {
+                "phase": phase,
+                "tokens": progress["tokens"],
+                "live_paths": progress["live_paths"],
+            }
+        },
+    }
 
 
-def result_chunks(kind: Kind, rid: str, created: int, model: str, sol: Solution, *,
-                  prompt_tokens: int, method: str, seed: int, token_ids: bool,
-                  include_usage: bool) -> list[dict]:
+def result_chunks(
+    kind: Kind,
+    rid: str,
+    created: int,
+    model: str,
+    sol: Solution,
+    *,
+    prompt_tokens: int,
+    method: str,
+    seed: int,
+    token_ids: bool,
+    include_usage: bool,
+) -> list[dict]:
     """The stream's last chunks: one per voting path, then one with no choices carrying the
     ``stopkit`` result (and the usage when the client asked for it)."""
     head = _head(kind, rid, created, model, True)
     chunks = [{**head, "choices": [c]} for c in _choices(kind, sol, token_ids, delta=True)]
-    chunks.append({**head, "choices": [],
-                   "usage": _usage(prompt_tokens, sol) if include_usage else None,
-                   "stopkit": _result(sol, method=method, seed=seed)})
+    chunks.append(
+        {
+            **head,
+            "choices": [],
+            "usage": _usage(prompt_tokens, sol) if include_usage else None,
+            "stopkit": _result(sol, method=method, seed=seed),
+        }
+    )
     return chunks
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     """OpenAI's error object."""
-    kind = {400: "invalid_request_error", 404: "not_found_error",
-            503: "overloaded_error"}.get(status, "server_error")
+    kind = {400: "invalid_request_error", 404: "not_found_error", 503: "overloaded_error"}.get(
+        status, "server_error"
+    )
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 

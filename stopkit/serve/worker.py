@@ -61,7 +61,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     stream: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    index: int | None = None   # its index in the run, once added
+    index: int | None = None  # its index in the run, once added
     last_progress: dict | None = field(default=None, repr=False)
 
     def post(self, kind: str, payload: Any = None) -> None:
@@ -96,12 +96,12 @@ class Worker:
         self.reasoner = reasoner
         self.engine = reasoner.engine
         self.progress_interval = progress_interval
-        self.error: str | None = None        # set when the engine is unusable (health fails)
+        self.error: str | None = None  # set when the engine is unusable (health fails)
         self.run: ReasoningRun  # opened by start
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._jobs: dict[int, Job] = {}      # index in the run -> job
+        self._jobs: dict[int, Job] = {}  # index in the run -> job
         self._next_index = 0
-        self._tokens_before = 0              # tokens sampled by runs replaced after a failure
+        self._tokens_before = 0  # tokens sampled by runs replaced after a failure
         self._rate = _TokenRate()
         self._last_progress = 0.0
         self._thread: threading.Thread | None = None
@@ -142,7 +142,7 @@ class Worker:
             items = self._drain(block=not self.run.pending)
             for i, (kind, item) in enumerate(items):
                 if kind == "stop":
-                    self._close(items[i + 1:] + self._drain(block=False))
+                    self._close(items[i + 1 :] + self._drain(block=False))
                     return
                 try:
                     if kind == "add":
@@ -159,8 +159,11 @@ class Worker:
                     self._step()
                 except Exception as e:
                     log.exception("an engine step failed; failing the requests it was running")
-                    self._recover(RequestFailed(f"the engine failed while running this "
-                                                f"request: {type(e).__name__}: {e}"))
+                    self._recover(
+                        RequestFailed(
+                            f"the engine failed while running this request: {type(e).__name__}: {e}"
+                        )
+                    )
 
     def _reply(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
         snapshot = self._snapshot()
@@ -274,12 +277,17 @@ class Worker:
         running = sum(p["started"] for p in progress.values())
         cache, stats = self.engine.cache, self.engine.stats
         tokens = self._tokens()
-        return {"running": running, "waiting": len(progress) - running,
-                "running_paths": len(self.engine.scheduler.running),
-                "blocks_used": cache.num_blocks - cache.num_free_blocks,
-                "blocks_total": cache.num_blocks, "generated_tokens": tokens,
-                "tokens_per_second": self._rate.rate(time.perf_counter(), tokens),
-                "preemptions": stats.preemptions, "steps": stats.steps}
+        return {
+            "running": running,
+            "waiting": len(progress) - running,
+            "running_paths": len(self.engine.scheduler.running),
+            "blocks_used": cache.num_blocks - cache.num_free_blocks,
+            "blocks_total": cache.num_blocks,
+            "generated_tokens": tokens,
+            "tokens_per_second": self._rate.rate(time.perf_counter(), tokens),
+            "preemptions": stats.preemptions,
+            "steps": stats.steps,
+        }
 
 
 def _set_result(future: asyncio.Future, value: Any) -> None:

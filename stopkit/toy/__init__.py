@@ -29,10 +29,27 @@ from stopkit.toy.task import (
     write_jsonl,
 )
 
-__all__ = ["ASSETS", "MODEL_DIR", "ADAPTER_DIR", "TEMPERATURE", "PREFIX_TOKENS", "MAX_NEW_TOKENS",
-           "load_model", "P", "OPS", "MIN_STEPS", "MAX_STEPS", "Problem",
-           "generate", "split_of", "slip_rate", "extract_answer", "extract_steps", "check",
-           "write_jsonl"]
+__all__ = [
+    "ASSETS",
+    "MODEL_DIR",
+    "ADAPTER_DIR",
+    "TEMPERATURE",
+    "PREFIX_TOKENS",
+    "MAX_NEW_TOKENS",
+    "load_model",
+    "P",
+    "OPS",
+    "MIN_STEPS",
+    "MAX_STEPS",
+    "Problem",
+    "generate",
+    "split_of",
+    "slip_rate",
+    "extract_answer",
+    "extract_steps",
+    "check",
+    "write_jsonl",
+]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL_DIR = ASSETS / "model"
@@ -44,8 +61,9 @@ PREFIX_TOKENS = 12  # l_p: tokens decoded before the [STOP] check
 MAX_NEW_TOKENS = 100  # a 14-step solution is 87 tokens with eos
 
 
-def load_model(dtype: torch.dtype = torch.float32, path: str | Path | None = None
-               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(
+    dtype: torch.dtype = torch.float32, path: str | Path | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) of the shipped toy model (or the one saved at ``path``), eval, on CPU."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -53,8 +71,9 @@ def load_model(dtype: torch.dtype = torch.float32, path: str | Path | None = Non
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     path = Path(path) if path is not None else MODEL_DIR
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no toy model at {path}: build it with "
-                                "`python -m stopkit.toy.build --stage base`")
+        raise FileNotFoundError(
+            f"no toy model at {path}: build it with `python -m stopkit.toy.build --stage base`"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     return model.eval(), tokenizer

@@ -26,14 +26,14 @@ EXTRA_METHODS = ("entropy", "similarity")  # run when asked for, not by default
 class DemoConfig:
     """What the demo runs. Defaults: the README's table."""
 
-    problems: int = 128       # held-out problems
-    n: int = 32               # paths per problem
-    keep: int = 8             # paths resumed after the check (N*l_p + k*(T-l_p) ~ 38% of N*T)
+    problems: int = 128  # held-out problems
+    n: int = 32  # paths per problem
+    keep: int = 8  # paths resumed after the check (N*l_p + k*(T-l_p) ~ 38% of N*T)
     prefix_tokens: int = PREFIX_TOKENS  # l_p: tokens decoded before the check (the adapter's)
     seeds: tuple[int, ...] = (0,)
-    data_seed: int = 1234     # which held-out problems
+    data_seed: int = 1234  # which held-out problems
     methods: tuple[str, ...] = METHODS
-    threads: int = 1          # torch threads: a 2.4M-parameter model gains nothing from more
+    threads: int = 1  # torch threads: a 2.4M-parameter model gains nothing from more
 
     def __post_init__(self) -> None:
         """Checked when made, so a bad config fails before the model loads."""
@@ -46,12 +46,14 @@ class DemoConfig:
             raise ValueError("seeds must hold at least one seed, got ()")
         methods = self.methods
         if isinstance(methods, str) or not methods or len(set(methods)) != len(methods):
-            raise ValueError(f"methods must be a non-empty tuple of distinct method names, "
-                             f"got {self.methods!r}")
+            raise ValueError(
+                f"methods must be a non-empty tuple of distinct method names, got {self.methods!r}"
+            )
         unknown = [m for m in self.methods if m not in METHODS + EXTRA_METHODS]
         if unknown:
-            raise ValueError(f"methods must be among {', '.join(METHODS + EXTRA_METHODS)}, "
-                             f"got {unknown}")
+            raise ValueError(
+                f"methods must be among {', '.join(METHODS + EXTRA_METHODS)}, got {unknown}"
+            )
 
 
 def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True) -> dict:
@@ -77,12 +79,25 @@ def _run(config: DemoConfig, t0: float, progress: bool) -> dict:
     scorer = StopScorer.load(ADAPTER_DIR, model) if "stop" in config.methods else None
     reasoner = ParallelReasoner(model, tokenizer, scorer)
     problems = task.generate(config.problems, seed=config.data_seed, split="test")
-    log.info("loaded the toy model and adapter in %.1fs; %d held-out problems", time.perf_counter() - t0,
-             len(problems))
-    results = evaluate(reasoner, [{"question": p.question, "answer": p.answer} for p in problems],
-                       list(config.methods), n=config.n, keep=config.keep,
-                       prefix_tokens=config.prefix_tokens, max_new_tokens=MAX_NEW_TOKENS,
-                       seeds=config.seeds, checker=task.check, progress=progress, temperature=TEMPERATURE, top_p=1.0,
-                       extractor=task.extract_answer)
+    log.info(
+        "loaded the toy model and adapter in %.1fs; %d held-out problems",
+        time.perf_counter() - t0,
+        len(problems),
+    )
+    results = evaluate(
+        reasoner,
+        [{"question": p.question, "answer": p.answer} for p in problems],
+        list(config.methods),
+        n=config.n,
+        keep=config.keep,
+        prefix_tokens=config.prefix_tokens,
+        max_new_tokens=MAX_NEW_TOKENS,
+        seeds=config.seeds,
+        checker=task.check,
+        progress=progress,
+        temperature=TEMPERATURE,
+        top_p=1.0,
+        extractor=task.extract_answer,
+    )
     results["config"]["seconds_total"] = round(time.perf_counter() - t0, 2)
     return results

@@ -48,9 +48,25 @@ from pathlib import Path
 
 from stopkit._checks import check_choice, check_int
 
-__all__ = ["P", "OPS", "MIN_STEPS", "MAX_STEPS", "QUICK_SHARE", "APPROACHES", "Problem", "apply_op",
-           "quick_op", "generate", "split_of", "slip_rate", "extract_answer", "extract_steps",
-           "is_quick", "check", "write_jsonl"]
+__all__ = [
+    "P",
+    "OPS",
+    "MIN_STEPS",
+    "MAX_STEPS",
+    "QUICK_SHARE",
+    "APPROACHES",
+    "Problem",
+    "apply_op",
+    "quick_op",
+    "generate",
+    "split_of",
+    "slip_rate",
+    "extract_answer",
+    "extract_steps",
+    "is_quick",
+    "check",
+    "write_jsonl",
+]
 
 P = 31
 OPS = ("+", "-", "*")
@@ -168,8 +184,14 @@ def _draw(rng: random.Random, min_steps: int, max_steps: int) -> Problem:
     return Problem(rng.randrange(P), tuple(ops))
 
 
-def generate(n: int, seed: int, split: str = "train", *, min_steps: int = MIN_STEPS,
-             max_steps: int = MAX_STEPS) -> list[Problem]:
+def generate(
+    n: int,
+    seed: int,
+    split: str = "train",
+    *,
+    min_steps: int = MIN_STEPS,
+    max_steps: int = MAX_STEPS,
+) -> list[Problem]:
     """``n`` problems of ``split`` drawn with ``random.Random(seed)``; same arguments, same list."""
     n = check_int("n", n, 0)
     check_choice("split", split, SPLITS)

@@ -18,7 +18,16 @@ __all__ = ["SPECIAL_TOKENS", "STOP_TOKEN", "build_tokenizer"]
 
 PAD, BOS, EOS, UNK, STOP_TOKEN = "<pad>", "<s>", "</s>", "<unk>", "[STOP]"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, STOP_TOKEN)
-WORDS = (*OPS, "=", ",", "?", "mod", "answer:", *APPROACHES, *(f"#{i}" for i in range(1, MAX_STEPS + 1)))
+WORDS = (
+    *OPS,
+    "=",
+    ",",
+    "?",
+    "mod",
+    "answer:",
+    *APPROACHES,
+    *(f"#{i}" for i in range(1, MAX_STEPS + 1)),
+)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -27,7 +36,15 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-        additional_special_tokens=[STOP_TOKEN], padding_side="left", model_max_length=512)
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=[STOP_TOKEN],
+        padding_side="left",
+        model_max_length=512,
+    )

@@ -103,7 +103,7 @@ constexpr int kQueryTiles = MV % 2 == 0 ? 2 : 1;
 template <int MV>
 constexpr int64_t block_prefetch_steps(int64_t D) {
   constexpr int JT = kQueryTiles<MV>;
-  const int64_t s_steps = (D / 32) * kBlockTiles;             // per K tile and 32 dims
+  const int64_t s_steps = (D / 32) * kBlockTiles;              // per K tile and 32 dims
   const int64_t product_steps = (D / 16) * (kBlockTiles / 2);  // per V tile (16 slots, 32 keys)
   const int64_t softmax_steps = MV * kBlockTiles;              // per query vector and 16 keys
   return MV / JT * (s_steps + product_steps) + softmax_steps;
@@ -239,7 +239,7 @@ inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, c
                      bool changed, int64_t active, BlockBuffers& bb, Prefetcher& pf) {
   constexpr int JT = kQueryTiles<MV>, NG = 4 / JT;
   const int64_t d_len = kD ? kD : D, groups = d_len / 16;
-  const int steps = (blk.count + 1) / 2;  // 32 keys each
+  const int steps = (blk.count + 1) / 2;                                          // 32 keys each
   const int tiles_j = static_cast<int>((active + 16 * JT - 1) / (16 * JT)) * JT;  // query tiles run
   float* o = reinterpret_cast<float*>(w.ot.data());
   if (changed) {
@@ -252,9 +252,9 @@ inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, c
   const __m512i zero = _mm512_setzero_si512();
   // P^T of query tile j, step h: dword m of pair row i = (P[2i][m], P[2i+1][m]) as bf16, from the
   // two converted rows interleaved, then transposed.
-  const __m512i interleave = _mm512_set_epi16(
-      31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-      23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i interleave =
+      _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int j = 0; j < tiles_j; ++j) {
     for (int b = 0; b < 2 * steps; ++b) {
       __m512i pairs[8];
@@ -267,7 +267,8 @@ inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, c
           pairs[i] = zero;
         }
       }
-      auto* tile = reinterpret_cast<uint32_t*>(bb.p_tiles.data()) + (j * kBlockTiles / 2 + b / 2) * 256;
+      auto* tile =
+          reinterpret_cast<uint32_t*>(bb.p_tiles.data()) + (j * kBlockTiles / 2 + b / 2) * 256;
       transpose_8x16(pairs, tile + (b % 2) * 8, 16);
     }
   }
@@ -282,7 +283,8 @@ inline void block_pv(Pass<16, MV>& w, const Block& blk, int64_t rs, int64_t D, c
       for (int64_t i = 0; i < 8; ++i) {
         for (int64_t gg = 0; gg < ng; gg += 2) {
           const __m512i x0 = 2 * i < n ? _mm512_loadu_si512(v + 2 * i * rs + gg * 16) : zero;
-          const __m512i x1 = 2 * i + 1 < n ? _mm512_loadu_si512(v + (2 * i + 1) * rs + gg * 16) : zero;
+          const __m512i x1 =
+              2 * i + 1 < n ? _mm512_loadu_si512(v + (2 * i + 1) * rs + gg * 16) : zero;
           _mm512_storeu_si512(vp + gg * 512 + i * 32, _mm512_unpacklo_epi16(x0, x1));
           _mm512_storeu_si512(vp + (gg + 1) * 512 + i * 32, _mm512_unpackhi_epi16(x0, x1));
         }
@@ -355,8 +357,12 @@ inline void run_block(Pass<16, MV>& w, Block& blk, int64_t rs, int64_t D, float 
       switch (std::min(NB, blk.count - first)) {
         case 1: scores(std::integral_constant<int, 1>{}); break;
         case 2: scores(std::integral_constant<int, 2>{}); break;
-        case 3: if constexpr (NB > 2) scores(std::integral_constant<int, 3>{}); break;
-        default: if constexpr (NB > 2) scores(std::integral_constant<int, 4>{}); break;
+        case 3:
+          if constexpr (NB > 2) scores(std::integral_constant<int, 3>{});
+          break;
+        default:
+          if constexpr (NB > 2) scores(std::integral_constant<int, 4>{});
+          break;
       }
     }
   }

@@ -26,7 +26,8 @@ namespace {
 // back in dim order, two permutes per 32 dims.
 inline void slots_to_dims(const float* slots, int64_t D, float* dims) {
   const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __m512i second =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   int64_t d = 0;
   for (; d + 32 <= D; d += 32) {
     const __m512 lo = _mm512_loadu_ps(slots + d), hi = _mm512_loadu_ps(slots + d + 16);
@@ -88,7 +89,6 @@ inline void scores_bf16(Pass<W, MV>& w, const uint16_t* k, int64_t rs, int64_t n
   }
 }
 
-
 // n bf16 value rows, `rs` elements apart, as float32 rows [n][D'] (a bf16 is the top half of a
 // float32: one unpack with zero per 16 values), in the slot order above.
 inline void values_as_float(const uint16_t* v, int64_t rs, int64_t n, int64_t D, float* out) {
@@ -115,8 +115,8 @@ inline void values_as_float(const uint16_t* v, int64_t rs, int64_t n, int64_t D,
 // (stepping buf.prefetch per key of each span).
 template <int W, int MV, int kD>
 inline void attend_tile_bf16(Pass<W, MV>& w, const uint16_t* k, const uint16_t* v, int64_t rs,
-                             int64_t n, int64_t D, float scale, float pos0, bool masked, bool suffix,
-                             int64_t active, TileBuffers& buf) {
+                             int64_t n, int64_t D, float scale, float pos0, bool masked,
+                             bool suffix, int64_t active, TileBuffers& buf) {
   scores_bf16<W, MV, kD>(w, k, rs, n, D, scale);
   typename Vec<W>::f corr[MV];
   const bool changed = softmax_tile(w, n, pos0, masked, suffix, corr);

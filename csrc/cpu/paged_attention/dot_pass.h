@@ -28,7 +28,8 @@ inline typename Vec<W>::f fold_pair(typename Vec<W>::f a, typename Vec<W>::f b,
 // x[0..2H) -> x[0], whose lane i is the sum of the lanes of input x[i] (H = W / 2 at the top).
 template <int W, int H>
 inline void fold_lanes(typename Vec<W>::f* x) {
-  for (int i = 0; i < H; ++i) x[i] = fold_pair<W, H>(x[i], x[i + H], std::make_integer_sequence<int, W>{});
+  for (int i = 0; i < H; ++i)
+    x[i] = fold_pair<W, H>(x[i], x[i + H], std::make_integer_sequence<int, W>{});
   if constexpr (H > 1) fold_lanes<W, H / 2>(x);
 }
 
@@ -38,7 +39,7 @@ struct DotPass {
   std::vector<float> q, o;  // [MP][D]
   SoftmaxState<NaturalLog> st[MP];
   float lower[MP], qidx[MP];
-  float p[MP][kTile];       // scores, then probabilities, of the current tile
+  float p[MP][kTile];  // scores, then probabilities, of the current tile
 };
 
 constexpr int dot_pv_block(int mp) { return mp >= 4 ? 4 : 8; }
@@ -56,7 +57,11 @@ inline void dot_tile(DotPass<MP>& w, const float* k, const float* v, int64_t rs,
   using vfloat = typename V::f;
   const int64_t dv_len = (kD ? kD : D) / W;
   const int64_t d_len = dv_len * W;
-  auto load = [](const float* x) { vfloat r; std::memcpy(&r, x, sizeof(r)); return r; };
+  auto load = [](const float* x) {
+    vfloat r;
+    std::memcpy(&r, x, sizeof(r));
+    return r;
+  };
 
   // S: W keys at a time; x[t] holds the per-lane partial dot products of key t, folded into one
   // vector of W scores, sv[j][g] for keys g*W .. g*W+W-1 (lanes past n are masked below).
@@ -134,7 +139,8 @@ inline void dot_tile(DotPass<MP>& w, const float* k, const float* v, int64_t rs,
       pf.step();
     }
     for (int j = 0; j < MP; ++j)
-      for (int b = 0; b < B; ++b) std::memcpy(w.o.data() + j * d_len + (dv + b) * W, &acc[j][b], sizeof(vfloat));
+      for (int b = 0; b < B; ++b)
+        std::memcpy(w.o.data() + j * d_len + (dv + b) * W, &acc[j][b], sizeof(vfloat));
   };
   for (; dv + DB <= dv_len; dv += DB) pv(std::integral_constant<int, DB>{});
   for (; dv < dv_len; ++dv) pv(std::integral_constant<int, 1>{});

@@ -46,12 +46,15 @@ inline void scores_paired_block(Pass<16, MV>& w, const float* k, int64_t rs, int
     }
   }
   // evens of the first operand, then (16 + i: of the second) evens of the second
-  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i evens =
+      _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
 #pragma GCC unroll 8
   for (int b = 0; b < TB; ++b) {
     __m512 sums[P];
-    for (int v = 0; v < P; ++v) sums[v] = _mm512_add_ps(acc[b][v], _mm512_permute_ps(acc[b][v], 0xB1));
-    for (int j = 0; 2 * j + 1 < P; ++j) w.s[t + b][j] = _mm512_permutex2var_ps(sums[2 * j], evens, sums[2 * j + 1]);
+    for (int v = 0; v < P; ++v)
+      sums[v] = _mm512_add_ps(acc[b][v], _mm512_permute_ps(acc[b][v], 0xB1));
+    for (int j = 0; 2 * j + 1 < P; ++j)
+      w.s[t + b][j] = _mm512_permutex2var_ps(sums[2 * j], evens, sums[2 * j + 1]);
     if constexpr (P % 2 == 1) w.s[t + b][P / 2] = _mm512_permutexvar_ps(evens, sums[P - 1]);
   }
 }
@@ -179,9 +182,10 @@ constexpr bool kAvx512 = true;
 // latency). Always inlined: left to itself the compiler's choice moves with unrelated code, and a
 // call per span of every tile is measurably slower.
 template <int DC, int MQ>
-__attribute__((always_inline)) inline void pv_span(float* o, int64_t d_len, int64_t c, const float* p, int64_t p_stride,
-                    const float* v, int64_t vs, int64_t n, const float* corr, bool changed,
-                    Prefetcher* pf) {
+__attribute__((always_inline)) inline void pv_span(float* o, int64_t d_len, int64_t c,
+                                                   const float* p, int64_t p_stride, const float* v,
+                                                   int64_t vs, int64_t n, const float* corr,
+                                                   bool changed, Prefetcher* pf) {
   __m512 acc[DC][MQ];
   for (int i = 0; i < MQ; ++i)
     for (int h = 0; h < DC; ++h) {
@@ -237,8 +241,8 @@ inline void pv_queries(int64_t active, float* o, int64_t D, const float* p, int6
   for (int64_t m = 0; m < active; m += group) {
     if constexpr (MQ > 1) {
       if (std::min(group, active - m) < MQ)
-        return pv_queries<kD, MaxQ, MQ - 1>(active - m, o + m * d_len, D, p + m, p_stride, v, vs,
-                                            n, corr + m, changed, pf);
+        return pv_queries<kD, MaxQ, MQ - 1>(active - m, o + m * d_len, D, p + m, p_stride, v, vs, n,
+                                            corr + m, changed, pf);
     }
     pv<kD, MQ>(o + m * d_len, D, p + m, p_stride, v, vs, n, corr + m, changed, pf);
   }

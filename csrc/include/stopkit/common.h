@@ -31,8 +31,8 @@ inline DType dtype_from_code(int64_t code) {
 }
 
 // Thrown for bad arguments; pybind11 turns std::invalid_argument into ValueError.
-#define STOPKIT_CHECK(cond, msg)                                             \
-  do {                                                                        \
+#define STOPKIT_CHECK(cond, msg)                                                \
+  do {                                                                          \
     if (!(cond)) throw std::invalid_argument(std::string("stopkit: ") + (msg)); \
   } while (0)
 
@@ -47,7 +47,8 @@ STOPKIT_HOST_DEVICE float bf16_bits_to_float(uint16_t h) {
 STOPKIT_HOST_DEVICE uint16_t float_to_bf16_bits(float f) {
   uint32_t u;
   __builtin_memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+  if ((u & 0x7fffffffu) > 0x7f800000u)
+    return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }

@@ -22,22 +22,22 @@ struct CallContext {
 };
 
 struct PagedAttentionParams {
-  void* out;                  // [batch, q_len, num_heads, head_dim], dtype
-  float* lse;                 // [batch, q_len, num_heads] or nullptr
-  const void* q;              // [batch, q_len, num_heads, head_dim], dtype
-  const void* k_cache;        // [num_blocks, block_size, num_kv_heads, head_dim], dtype
-  const void* v_cache;        // same
-  const int32_t* block_table; // [batch, max_blocks_per_row]
-  const int32_t* seq_lens;    // [batch]
-  const void* suffix_k;       // [batch, q_len, num_kv_heads, head_dim] or nullptr (then suffix_v too)
+  void* out;                   // [batch, q_len, num_heads, head_dim], dtype
+  float* lse;                  // [batch, q_len, num_heads] or nullptr
+  const void* q;               // [batch, q_len, num_heads, head_dim], dtype
+  const void* k_cache;         // [num_blocks, block_size, num_kv_heads, head_dim], dtype
+  const void* v_cache;         // same
+  const int32_t* block_table;  // [batch, max_blocks_per_row]
+  const int32_t* seq_lens;     // [batch]
+  const void* suffix_k;  // [batch, q_len, num_kv_heads, head_dim] or nullptr (then suffix_v too)
   const void* suffix_v;
-  const float* sinks;         // [num_heads] or nullptr
+  const float* sinks;  // [num_heads] or nullptr
   int64_t batch, q_len, num_heads, num_kv_heads, head_dim;
   int64_t block_size, num_blocks, max_blocks_per_row;
-  float scale;                // softmax scale applied to q.k
-  int64_t window;             // <= 0: no window; else attend to the last `window` positions
+  float scale;     // softmax scale applied to q.k
+  int64_t window;  // <= 0: no window; else attend to the last `window` positions
   DType dtype;
-  int64_t max_seq_len;        // an upper bound of seq_lens (< 0: unknown); plans CUDA's splits
+  int64_t max_seq_len;  // an upper bound of seq_lens (< 0: unknown); plans CUDA's splits
 };
 
 // Query s of row b sits at absolute position seq_lens[b] + s when a suffix is given and sees
@@ -48,9 +48,9 @@ STOPKIT_HOST_DEVICE int64_t query_position(int64_t seq_len, int64_t s, bool has_
 }
 
 struct WriteKVParams {
-  const void* k;              // [num_tokens, num_kv_heads, head_dim]
+  const void* k;  // [num_tokens, num_kv_heads, head_dim]
   const void* v;
-  void* k_cache;              // [num_blocks, block_size, num_kv_heads, head_dim]
+  void* k_cache;  // [num_blocks, block_size, num_kv_heads, head_dim]
   void* v_cache;
   const int64_t* slot_mapping;  // [num_tokens], -1 skips the token
   int64_t num_tokens, num_kv_heads, head_dim, block_size, num_blocks;
@@ -74,13 +74,13 @@ static_assert(std::size(kActivationNames) == static_cast<size_t>(Activation::kTa
 
 // RMSNorm (optional) -> hidden layer + activation (optional) -> Linear(., 2) -> softmax[1].
 struct StopScoreParams {
-  float* out;                 // [batch] float32
-  const void* hidden;         // [batch, d], hidden_dtype
-  const void* norm_weight;    // [d] or nullptr, weight_dtype
-  const void* hidden_weight;  // [h, d] or nullptr
-  const void* hidden_bias;    // [h] or nullptr
-  const void* head_weight;    // [2, h or d]
-  const void* head_bias;      // [2] or nullptr
+  float* out;                      // [batch] float32
+  const void* hidden;              // [batch, d], hidden_dtype
+  const void* norm_weight;         // [d] or nullptr, weight_dtype
+  const void* hidden_weight;       // [h, d] or nullptr
+  const void* hidden_bias;         // [h] or nullptr
+  const void* head_weight;         // [2, h or d]
+  const void* head_bias;           // [2] or nullptr
   int64_t batch, dim, hidden_dim;  // hidden_dim = 0 without a hidden layer
   float eps;
   Activation activation;

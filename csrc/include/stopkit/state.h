@@ -22,7 +22,7 @@ struct NaturalLog {
 };
 
 struct Log2 {
-  static constexpr float kToNatural = 0.6931471805599453f;   // ln 2
+  static constexpr float kToNatural = 0.6931471805599453f;    // ln 2
   static constexpr float kFromNatural = 1.4426950408889634f;  // log2 e
   static STOPKIT_HOST_DEVICE float exp(float x) { return ::exp2f(x); }
   static STOPKIT_HOST_DEVICE float log(float x) { return ::log2f(x); }

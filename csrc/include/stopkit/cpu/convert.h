@@ -60,7 +60,7 @@ inline uint16_t float_to_fp16_bits(float f) {
   u &= 0x7fffffffu;
   if (u > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
   if (u >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to inf
-  if (u < 0x38800000u) {  // subnormal or zero in fp16
+  if (u < 0x38800000u) {                                               // subnormal or zero in fp16
     float a;
     std::memcpy(&a, &u, 4);
     a += 0.5f;  // aligns the fp16 subnormal grid to the float mantissa's last bits
@@ -74,18 +74,22 @@ inline uint16_t float_to_fp16_bits(float f) {
 #endif
 }
 
-template <DType D> struct Elem;
-template <> struct Elem<DType::kFloat32> {
+template <DType D>
+struct Elem;
+template <>
+struct Elem<DType::kFloat32> {
   using T = float;
   static inline float load(T x) { return x; }
   static inline T store(float x) { return x; }
 };
-template <> struct Elem<DType::kFloat16> {
+template <>
+struct Elem<DType::kFloat16> {
   using T = uint16_t;
   static inline float load(T x) { return fp16_bits_to_float(x); }
   static inline T store(float x) { return float_to_fp16_bits(x); }
 };
-template <> struct Elem<DType::kBFloat16> {
+template <>
+struct Elem<DType::kBFloat16> {
   using T = uint16_t;
   static inline float load(T x) { return bf16_bits_to_float(x); }
   static inline T store(float x) { return float_to_bf16_bits(x); }

@@ -18,8 +18,8 @@ namespace stopkit::cpu {
 // writes a partial result to merge); bench/RESULTS.md has the measurements.
 constexpr int64_t kSplitKeys = 1024;
 
-#define STOPKIT_DECLARE_ISA(isa) \
-  namespace isa {                \
+#define STOPKIT_DECLARE_ISA(isa)                       \
+  namespace isa {                                      \
   void paged_attention(const PagedAttentionParams& p); \
   }
 STOPKIT_CPU_ISAS(STOPKIT_DECLARE_ISA)

@@ -37,16 +37,20 @@ constexpr int kLanes = 4;
 #endif
 
 // The vector types themselves (GCC needs a literal vector_size: no template-dependent sizes).
-template <int W> struct VecTypes;
-template <> struct VecTypes<4> {
+template <int W>
+struct VecTypes;
+template <>
+struct VecTypes<4> {
   typedef float f __attribute__((vector_size(16)));
   typedef int32_t i __attribute__((vector_size(16)));
 };
-template <> struct VecTypes<8> {
+template <>
+struct VecTypes<8> {
   typedef float f __attribute__((vector_size(32)));
   typedef int32_t i __attribute__((vector_size(32)));
 };
-template <> struct VecTypes<16> {
+template <>
+struct VecTypes<16> {
   typedef float f __attribute__((vector_size(64)));
   typedef int32_t i __attribute__((vector_size(64)));
 };
@@ -73,8 +77,8 @@ struct Vec {
     x = x > 88.0f ? broadcast(88.0f) : x;
 #if defined(__AVX512F__)
     if constexpr (W == 16) {  // the same steps, n by vrndscaleps and p * 2^n by vscalefps
-      const __m512 n = _mm512_roundscale_ps((__m512)(x * kLog2e),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 n =
+          _mm512_roundscale_ps((__m512)(x * kLog2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       const f r = (x - (f)n * 0.693145751953125f) - (f)n * 1.428606765330187e-06f;
       return (f)_mm512_scalef_ps((__m512)taylor7(r), n);
     }

@@ -40,8 +40,9 @@ class DeviceGuard {
     check(cudaGetDevice(&prev_), "cudaGetDevice");
     device_ = device < 0 ? prev_ : device;
     if (device_ >= kMaxDevices) {
-      throw std::invalid_argument("stopkit CUDA: device " + std::to_string(device_) + " is past the " +
-                                  std::to_string(kMaxDevices) + " devices stopkit supports");
+      throw std::invalid_argument("stopkit CUDA: device " + std::to_string(device_) +
+                                  " is past the " + std::to_string(kMaxDevices) +
+                                  " devices stopkit supports");
     }
     if (device_ != prev_) check(cudaSetDevice(device_), "cudaSetDevice");
   }
@@ -72,11 +73,17 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162f
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
 template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
 // Two floats as one 32-bit register of two 16-bit values (low half = lo), for mma operands.
 template <typename T>
@@ -136,7 +143,9 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool pre
                : "memory");
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -165,7 +174,8 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 
 // D = A * B + D for one m16n8k16 tile, float32 accumulators; A row-major, B column-major.
 template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
   if constexpr (std::is_same_v<T, __half>) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "

@@ -23,7 +23,9 @@ constexpr int64_t kSmemReservedPerBlock = 1024;
 
 // The compile-time head_dim of the kernel instance that serves `head_dim` (any multiple of 16 in
 // 32..256 runs in the next of 64, 128, 256).
-constexpr int head_dim_bucket(int64_t head_dim) { return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256; }
+constexpr int head_dim_bucket(int64_t head_dim) {
+  return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256;
+}
 
 // Shared-memory layout of one kernel instance (element size, head_dim bucket), in this order:
 //   K and V tiles  [stages][2][keys][ld] elements (rows padded by 16 bytes: no bank conflicts)
@@ -43,10 +45,14 @@ struct TileLayout {
   constexpr bool mma() const { return elem_bytes == 2; }
   constexpr int64_t kv_stage_bytes() const { return int64_t(2) * keys() * ld() * elem_bytes; }
   constexpr int64_t kpos_offset(int stages) const { return stages * kv_stage_bytes(); }
-  constexpr int64_t p_offset(int stages) const { return kpos_offset(stages) + int64_t(stages) * keys() * 4; }
+  constexpr int64_t p_offset(int stages) const {
+    return kpos_offset(stages) + int64_t(stages) * keys() * 4;
+  }
   constexpr int64_t p_bytes() const { return mma() ? 0 : int64_t(kWarps) * 16 * kPLd * 4; }
   constexpr int64_t q_offset(int stages) const { return p_offset(stages) + p_bytes(); }
-  constexpr int64_t q_bytes(int query_slices) const { return int64_t(16) * query_slices * ld() * elem_bytes; }
+  constexpr int64_t q_bytes(int query_slices) const {
+    return int64_t(16) * query_slices * ld() * elem_bytes;
+  }
   constexpr int red_ld() const { return dmax + 4; }
   constexpr int64_t reduce_bytes() const { return int64_t(kWarps) * 16 * (red_ld() + 2) * 4; }
   constexpr int64_t smem_bytes(int stages, int query_slices) const {
@@ -57,7 +63,8 @@ struct TileLayout {
 // Blocks of `smem_bytes` that one multiprocessor holds on a device whose opt-in per-block limit
 // is `max_shared_memory`, at most kMinBlocksPerSm (registers bound the rest).
 constexpr int blocks_per_sm(int64_t smem_bytes, int64_t max_shared_memory) {
-  const int64_t by_smem = (max_shared_memory + kSmemReservedPerBlock) / (smem_bytes + kSmemReservedPerBlock);
+  const int64_t by_smem =
+      (max_shared_memory + kSmemReservedPerBlock) / (smem_bytes + kSmemReservedPerBlock);
   return static_cast<int>(std::min<int64_t>(by_smem, kMinBlocksPerSm));
 }
 
@@ -74,7 +81,8 @@ struct AttentionPlan {
 // The query tile covers the rows where it can (1, 2 or 4 slices of 16); then the most blocks per
 // multiprocessor, then the deepest pipeline that keeps them. A tile that cannot fit even 2 stages
 // takes fewer slices (more query tiles re-read the same keys). blocks_per_sm == 0 when nothing fits.
-inline AttentionPlan plan_paged_attention(int elem_bytes, int64_t head_dim, int64_t rows, int64_t max_shared_memory) {
+inline AttentionPlan plan_paged_attention(int elem_bytes, int64_t head_dim, int64_t rows,
+                                          int64_t max_shared_memory) {
   const TileLayout t{elem_bytes, head_dim_bucket(head_dim)};
   int slices = rows <= 16 ? 1 : rows <= 32 ? 2 : 4;
   for (;; slices /= 2) {
@@ -92,7 +100,7 @@ inline AttentionPlan plan_paged_attention(int elem_bytes, int64_t head_dim, int6
 // Split-KV cost model, in units of one key's work in one block: a block with k keys costs
 // k + kBlockCostKeys (queries, pipeline fill, epilogue), a wave of blocks as much as one block,
 // and any split adds the merge launch. Constants to be tuned on a device (bench/device_check.sh).
-constexpr int64_t kMinSplitKeys = 128;   // fewer keys per split than this are not worth a merge
+constexpr int64_t kMinSplitKeys = 128;  // fewer keys per split than this are not worth a merge
 constexpr int64_t kBlockCostKeys = 64;
 constexpr int64_t kMergeCostKeys = 128;
 

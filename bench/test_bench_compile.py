@@ -172,7 +172,7 @@ def test_decode(benchmark, device, model_name, mode):
     info = dict(
         tokens_per_s=per_s(statistics.median(timed)),
         eager_tokens_per_s=per_s(statistics.median(eager)),
-        speedup=statistics.median(e / t for e, t in zip(eager, timed)),
+        speedup=statistics.median(e / t for e, t in zip(eager, timed, strict=True)),
         compile_s=warmup[mode] - warmup["eager"],
         rows=rows,
         new_tokens=new_tokens,
@@ -183,6 +183,6 @@ def test_decode(benchmark, device, model_name, mode):
         f"\n{device} {model_name} {mode}: {info['tokens_per_s']:.0f} tokens/s, eager "
         f"{info['eager_tokens_per_s']:.0f} (medians of {ROUNDS[device]} alternating runs of {rows} x "
         f"{new_tokens} tokens), {info['speedup']:.2f}x eager (per-round ratios "
-        f"{' '.join(f'{e / t:.2f}' for e, t in zip(eager, timed))}), compile "
+        f"{' '.join(f'{e / t:.2f}' for e, t in zip(eager, timed, strict=True))}), compile "
         f"{info['compile_s']:.1f} s, {info['threads']} threads"
     )

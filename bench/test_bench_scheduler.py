@@ -75,7 +75,10 @@ def test_bench_scheduler(benchmark):
             questions_per_s=count / wall,
             questions_per_cpu_s=count / cpu,
             seconds=wall,
-            vote_accuracy=sum(sol.answer == p.answer for sol, p in zip(sols, problems)) / count,
+            vote_accuracy=sum(
+                sol.answer == p.answer for sol, p in zip(sols, problems, strict=False)
+            )
+            / count,
             tokens=sum(sol.generated_tokens for sol in sols) / count,
             peak_blocks=s.peak_blocks,
             peak_rows=s.peak_rows,

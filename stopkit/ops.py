@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any, Literal, overload
 
 import torch
 
@@ -51,9 +53,9 @@ _DTYPE_CODES = {getattr(torch, name): code for name, code in _C.dtype_codes().it
 _ACTIVATIONS = {None: _C.activation_codes()["none"], **_C.activation_codes()}
 
 try:  # built only where nvcc was found
-    from stopkit import _C_cuda  # type: ignore[attr-defined]
+    from stopkit import _C_cuda
 except ImportError:
-    _C_cuda = None
+    _C_cuda = None  # type: ignore[assignment]  # the module, or None where not built
 
 # The current stream of a device as a cudaStream_t address, without building a torch Stream
 # object per call (torch's inductor reads it the same way); the public route where absent.
@@ -153,7 +155,9 @@ def _addr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _tensor(name: str, t, *, ndim: int | None = None, dtype=None, device=None) -> torch.Tensor:
+def _tensor(
+    name: str, t: object, *, ndim: int | None = None, dtype: Any = None, device: Any = None
+) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
@@ -216,7 +220,7 @@ def check_block_table(
 _LIB = torch.library.Library("stopkit", "DEF")
 
 
-def _register(schema: str, impl, fake) -> None:
+def _register(schema: str, impl: Callable[..., Any], fake: Callable[..., Any]) -> None:
     name = schema.split("(", 1)[0]
     _LIB.define(schema)
     for key in ("CPU", "CUDA"):
@@ -225,20 +229,20 @@ def _register(schema: str, impl, fake) -> None:
 
 
 def _paged_attention_impl(
-    q,
-    k_cache,
-    v_cache,
-    block_table,
-    seq_lens,
-    suffix_k,
-    suffix_v,
-    sinks,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    suffix_k: torch.Tensor | None,
+    suffix_v: torch.Tensor | None,
+    sinks: torch.Tensor | None,
     scale: float,
     window: int,
     max_seq_len: int,
     return_lse: bool,
     check_indices: bool,
-):
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     device = q.device
     B, S, H, D = q.shape
     num_blocks, block_size, Hkv, _ = k_cache.shape
@@ -260,7 +264,7 @@ def _paged_attention_impl(
         check_block_table(block_table, seq_lens, block_size, num_blocks)
         longest = hi
     q, block_table, seq_lens = _dense(q), _dense(block_table), _dense(seq_lens)
-    if suffix_k is not None:
+    if suffix_k is not None and suffix_v is not None:
         suffix_k, suffix_v = _dense(suffix_k), _dense(suffix_v)
     if sinks is not None:
         sinks = _dense(sinks)
@@ -317,23 +321,22 @@ def _paged_attention_impl(
 
 
 def _paged_attention_fake(
-    q,
-    k_cache,
-    v_cache,
-    block_table,
-    seq_lens,
-    suffix_k,
-    suffix_v,
-    sinks,
-    scale,
-    window,
-    max_seq_len,
-    return_lse,
-    check_indices,
-):
-    return torch.empty_like(q), q.new_empty(
-        q.shape[:3], dtype=torch.float32
-    ) if return_lse else None
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    suffix_k: torch.Tensor | None,
+    suffix_v: torch.Tensor | None,
+    sinks: torch.Tensor | None,
+    scale: float,
+    window: int,
+    max_seq_len: int,
+    return_lse: bool,
+    check_indices: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32) if return_lse else None
+    return torch.empty_like(q), lse
 
 
 _register(
@@ -345,7 +348,14 @@ _register(
 )
 
 
-def _write_kv_impl(k, v, k_cache, v_cache, slot_mapping, check_indices: bool) -> None:
+def _write_kv_impl(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    check_indices: bool,
+) -> None:
     num_blocks, block_size, Hkv, D = k_cache.shape
     if k.shape[0] == 0:
         return
@@ -377,7 +387,9 @@ _register(
 )
 
 
-def _copy_blocks_impl(cache, src, dst, block_dim: int) -> None:
+def _copy_blocks_impl(
+    cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, block_dim: int
+) -> None:
     num_blocks = cache.shape[block_dim]
     P = src.shape[0]
     if P == 0:
@@ -415,21 +427,21 @@ _register(
 
 
 def _stop_score_impl(
-    hidden,
-    head_weight,
-    head_bias,
-    norm_weight,
-    hidden_weight,
-    hidden_bias,
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    hidden_weight: torch.Tensor | None,
+    hidden_bias: torch.Tensor | None,
     eps: float,
     activation: int,
-):
+) -> torch.Tensor:
     device = hidden.device
     B, d = hidden.shape
     h = 0 if hidden_weight is None else hidden_weight.shape[0]
-    hidden, head_weight, head_bias, norm_weight, hidden_weight, hidden_bias = (
-        None if t is None else _dense(t)
-        for t in (hidden, head_weight, head_bias, norm_weight, hidden_weight, hidden_bias)
+    hidden, head_weight, head_bias = _dense(hidden), _dense(head_weight), _dense(head_bias)
+    norm_weight, hidden_weight, hidden_bias = (
+        None if t is None else _dense(t) for t in (norm_weight, hidden_weight, hidden_bias)
     )
     out = torch.empty(B, dtype=torch.float32, device=device)
     if B == 0:
@@ -470,6 +482,44 @@ _register(
 
 
 # ---- the public functions: checks, then the custom op ----------------------------------------------
+@overload
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    suffix_k: torch.Tensor | None = ...,
+    suffix_v: torch.Tensor | None = ...,
+    scale: float | None = ...,
+    sinks: torch.Tensor | None = ...,
+    window: int | None = ...,
+    return_lse: Literal[False] = ...,
+    check_indices: bool = ...,
+    max_seq_len: int | None = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    suffix_k: torch.Tensor | None = ...,
+    suffix_v: torch.Tensor | None = ...,
+    scale: float | None = ...,
+    sinks: torch.Tensor | None = ...,
+    window: int | None = ...,
+    return_lse: Literal[True],
+    check_indices: bool = ...,
+    max_seq_len: int | None = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -485,7 +535,7 @@ def paged_attention(
     return_lse: bool = False,
     check_indices: bool = True,
     max_seq_len: int | None = None,
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of a few queries per row against that row's paged KV cache (and a causal suffix).
 
     q ``[B, S, H, D]`` (S in 1..16); k_cache, v_cache ``[num_blocks, block_size, Hkv, D]``;
@@ -508,7 +558,7 @@ def paged_attention(
     B, S, H, D = q.shape
     k_cache = _tensor("k_cache", k_cache, ndim=4, dtype=dtype, device=device)
     v_cache = _tensor("v_cache", v_cache, ndim=4, dtype=dtype, device=device)
-    num_blocks, block_size, Hkv, Dk = k_cache.shape
+    _, block_size, Hkv, Dk = k_cache.shape
     _shape("v_cache", v_cache, tuple(k_cache.shape))
     if not 1 <= S <= MAX_Q_LEN:
         raise ValueError(f"q_len (q.shape[1]) must be in 1..{MAX_Q_LEN}, got {S}")
@@ -603,7 +653,7 @@ def write_kv(
     device, dtype = k_cache.device, k_cache.dtype
     v_cache = _tensor("v_cache", v_cache, ndim=4, dtype=dtype, device=device)
     _shape("v_cache", v_cache, tuple(k_cache.shape))
-    num_blocks, block_size, Hkv, D = k_cache.shape
+    _, _, Hkv, D = k_cache.shape
     k = _tensor("k", k, ndim=3, dtype=dtype, device=device)
     T = k.shape[0]
     v = _tensor("v", v, ndim=3, dtype=dtype, device=device)
@@ -679,7 +729,7 @@ def stop_score(
     All weights share one dtype (float32, float16 or bfloat16); hidden may differ."""
     hidden = _tensor("hidden", hidden, ndim=2, dtype=tuple(_DTYPE_CODES))
     device = hidden.device
-    B, d = hidden.shape
+    d = hidden.shape[1]
     head_weight = _tensor(
         "head_weight", head_weight, ndim=2, dtype=tuple(_DTYPE_CODES), device=device
     )

@@ -171,7 +171,7 @@ def test_stop_lifecycle_equals_eager():
     seen = _count_steps(engine.runner.compiled_decode)
     paths, scores, votes = solve(engine)
     assert paths == want_paths and votes == want_votes
-    for got, want in zip(scores, want_scores):
+    for got, want in zip(scores, want_scores, strict=True):
         assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
     assert sum(p for s in want_paths for _, p, _ in s) > 0 and len(set(seen)) > 1
 

@@ -79,7 +79,9 @@ def _op_args(kw: dict, *, check_indices: bool = True) -> tuple:
 def _close(got, want, dtype: torch.dtype) -> None:
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for g, w in zip(
-        got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)
+        got if isinstance(got, tuple) else (got,),
+        want if isinstance(want, tuple) else (want,),
+        strict=True,
     ):
         torch.testing.assert_close(g.float(), w.float(), **tol)
 

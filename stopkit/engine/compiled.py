@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import types
+from typing import Any
 
 import torch
 
@@ -70,7 +71,7 @@ class CompiledDecode:
         self.cuda_graphs = cuda_graphs and dev.type == "cuda"
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.compiled: set[int] = set()  # the buckets run so far
-        self._pool = None
+        self._pool: Any = None  # the CUDA graphs' shared memory pool, from the first capture
         # One graph per bucket (static shapes). torch.compile caches graphs, and counts them
         # against its recompile limit, per code object: the step gets a code object of its own,
         # so that each engine's buckets are its own, and the limit is raised to the bucket count.
@@ -85,7 +86,10 @@ class CompiledDecode:
         """Whether the decode step ``batch`` fits the buckets and the block table's width."""
         table = batch.single_table
         return (
-            batch.single_all and table.shape[0] <= self.buckets[-1] and table.shape[1] <= self.width
+            batch.single_all
+            and table is not None
+            and table.shape[0] <= self.buckets[-1]
+            and table.shape[1] <= self.width
         )
 
     def bucket(self, rows: int) -> int:
@@ -98,14 +102,16 @@ class CompiledDecode:
     ) -> torch.Tensor:
         """The step ``batch`` (accepted; token_ids, positions int64 ``[T]``): float32 logits
         ``[T, V]``, a view of a buffer that the next step overwrites."""
+        table, lens, slots = batch.single_table, batch.single_lens, batch.slots
+        assert table is not None and lens is not None and slots is not None  # a decode step
         T = token_ids.shape[0]
         B = self.bucket(T)
-        w = batch.single_table.shape[1]
+        w = table.shape[1]
         self.ids[:T].copy_(token_ids)
         self.positions[:T].copy_(positions)
-        self.slots[:T].copy_(batch.slots)
-        self.table[:T, :w].copy_(batch.single_table)
-        self.lens[:T].copy_(batch.single_lens)
+        self.slots[:T].copy_(slots)
+        self.table[:T, :w].copy_(table)
+        self.lens[:T].copy_(lens)
         self.slots[T:B].fill_(-1)  # padding rows: written nowhere, attend to nothing
         self.lens[T:B].fill_(0)
         if B not in self.compiled:

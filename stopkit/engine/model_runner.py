@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -378,7 +378,7 @@ class ModelRunner:
         with self.paged_attention():
             return self.call(module, batch, **inputs)
 
-    def call(self, module: torch.nn.Module, batch: ForwardBatch, **inputs):
+    def call(self, module: torch.nn.Module, batch: ForwardBatch, **inputs: Any) -> Any:
         """``module``'s forward on stopkit's cache, inside :meth:`paged_attention` (traced by
         torch.compile in a compiled decode step)."""
         return module(
@@ -386,7 +386,7 @@ class ModelRunner:
         )
 
     @contextlib.contextmanager
-    def paged_attention(self):
+    def paged_attention(self) -> Iterator[None]:
         """The model's attention switched to stopkit's for the duration."""
         saved = [c._attn_implementation for c in self._configs]
         for c in self._configs:

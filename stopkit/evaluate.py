@@ -705,8 +705,8 @@ def format_table(results: dict) -> str:
             f"{100 * m['maj_at_k']:>6.1f}% {100 * m['vote_accuracy']:>6.1f}% "
             f"{m['tokens']:>8.0f} {m['scoring_tokens']:>7.0f} {m['external_tokens']:>8.0f}"
         )
-        if has_full:
-            line += f" {-100 * m['token_reduction']:>+7.0f}%"
+        if has_full:  # full's own row: no reduction to show
+            line += f" {'-':>8}" if name == "full" else f" {-100 * m['token_reduction']:>+7.0f}%"
         lines.append(line + f" {m['seconds']:>8.3f}")
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 // Argument structs of stopkit's native ops, shared by the CPU and CUDA backends.
 // All tensors are dense and row-major (stopkit/ops.py guarantees it); pointers are raw device or
-// host addresses. Shapes follow DESIGN.md section 3.
+// host addresses. Shapes follow docs/DESIGN.md section 3, "Data layouts".
 #pragma once
 
 #include <cstddef>

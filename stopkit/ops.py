@@ -429,7 +429,7 @@ _register(
 def _stop_score_impl(
     hidden: torch.Tensor,
     head_weight: torch.Tensor,
-    head_bias: torch.Tensor,
+    head_bias: torch.Tensor | None,
     norm_weight: torch.Tensor | None,
     hidden_weight: torch.Tensor | None,
     hidden_bias: torch.Tensor | None,
@@ -439,9 +439,10 @@ def _stop_score_impl(
     device = hidden.device
     B, d = hidden.shape
     h = 0 if hidden_weight is None else hidden_weight.shape[0]
-    hidden, head_weight, head_bias = _dense(hidden), _dense(head_weight), _dense(head_bias)
-    norm_weight, hidden_weight, hidden_bias = (
-        None if t is None else _dense(t) for t in (norm_weight, hidden_weight, hidden_bias)
+    hidden, head_weight = _dense(hidden), _dense(head_weight)
+    head_bias, norm_weight, hidden_weight, hidden_bias = (
+        None if t is None else _dense(t)
+        for t in (head_bias, norm_weight, hidden_weight, hidden_bias)
     )
     out = torch.empty(B, dtype=torch.float32, device=device)
     if B == 0:

@@ -5,47 +5,13 @@ and on CUDA the buckets replayed as CUDA graphs without host syncs or allocation
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-import transformers as T
+from test_engine import VOCAB, _cpu_model, _model  # the tiny random models of every family
 
 from stopkit import ops
 from stopkit.engine import Engine
 from stopkit.engine.compiled import CompiledDecode, decode_buckets
-
-VOCAB = 128
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    initializer_range=0.2,
-    bos_token_id=1,
-    eos_token_id=3,
-    pad_token_id=0,
-)
-FAMILIES = {
-    "llama": (T.LlamaConfig, {}),
-    "gpt_oss": (T.GptOssConfig, dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8)),
-}
-
-
-@functools.cache
-def _cpu_model(family: str) -> T.PreTrainedModel:
-    config_cls, extra = FAMILIES[family]
-    with torch.random.fork_rng():
-        torch.manual_seed(1234)
-        return T.AutoModelForCausalLM.from_config(config_cls(**COMMON, **extra)).eval()
-
-
-def _model(family: str, device) -> T.PreTrainedModel:
-    model = _cpu_model(family)
-    return model if torch.device(device).type == "cpu" else model.to(device)
 
 
 class CountingBackend:
